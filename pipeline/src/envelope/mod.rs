@@ -1,0 +1,489 @@
+//! The signed, sectioned container every shardrop object (but plain checkpoint shards) uses.
+//!
+//! Layout (normative text: `schemas/envelope.md`):
+//!
+//! ```text
+//! [0..8)    magic "SHARDROP"
+//! [8..10)   format version, u16 little-endian (1)
+//! [10..12)  kind code, u16 little-endian
+//! [12..16)  header length H, u32 little-endian
+//! [16..16+H)        header: canonical JSON (see `header`)
+//! [16+H..16+H+64)   ed25519 signature over bytes [0..16+H)
+//! [16+H+64..)       body: the sections, back to back, in table order
+//! ```
+//!
+//! Why this shape: a reader learns everything it needs to decide whether to trust an object
+//! from one small ranged GET (prefix + header + signature), and each section carries its own
+//! hash and sizes in the signed header, so a worker can fetch and verify one section alone.
+//! The signature covers the run, the window or step, the kind and every section hash, so an
+//! object copied under another key, window or run fails verification.
+
+mod header;
+mod read;
+mod section;
+mod write;
+
+pub use header::{Compression, Header, SectionEntry};
+pub use read::{fetch_head, read_section, read_sections, verify_sections, RemoteEnvelope};
+pub use section::SectionVerifier;
+pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope};
+
+use crate::identity::PeerId;
+
+/// The 8 bytes every envelope starts with.
+pub const MAGIC: &[u8; 8] = b"SHARDROP";
+/// The envelope format version this build reads and writes.
+pub const FORMAT_VERSION: u16 = 1;
+/// Bytes before the header: magic, version, kind, header length.
+pub const PREFIX_LEN: usize = 16;
+/// Bytes of the ed25519 signature that follows the header.
+pub const SIG_LEN: usize = 64;
+/// Largest integer a header may hold, so that every JSON reader (JavaScript included) reads
+/// it exactly.
+pub const MAX_SAFE_INT: u64 = (1 << 53) - 1;
+
+/// What an object is for. The code sits in the unsigned-looking prefix *and* the name in the
+/// signed header; they must agree, so the prefix cannot be edited to change the meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Blob,
+    Registry,
+    Grad,
+    Agg,
+    Manifest,
+    Weights,
+    Pointer,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Blob,
+        Kind::Registry,
+        Kind::Grad,
+        Kind::Agg,
+        Kind::Manifest,
+        Kind::Weights,
+        Kind::Pointer,
+    ];
+
+    pub fn code(self) -> u16 {
+        match self {
+            Kind::Blob => 1,
+            Kind::Registry => 2,
+            Kind::Grad => 3,
+            Kind::Agg => 4,
+            Kind::Manifest => 5,
+            Kind::Weights => 6,
+            Kind::Pointer => 7,
+        }
+    }
+
+    pub fn from_code(code: u16) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Blob => "blob",
+            Kind::Registry => "registry",
+            Kind::Grad => "grad",
+            Kind::Agg => "agg",
+            Kind::Manifest => "manifest",
+            Kind::Weights => "weights",
+            Kind::Pointer => "pointer",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Configurable ceilings checked *before* anything is allocated or decompressed in proportion
+/// to what an object claims. A peer controls what it uploads, not how much memory we spend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_len: u32,
+    pub max_sections: usize,
+    pub max_body_len: u64,
+    pub max_section_raw_len: u64,
+    pub max_raw_len: u64,
+    /// zstd frames may not ask for a window larger than 2^this bytes (decoder memory).
+    pub max_zstd_window_log: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_len: 1 << 20,
+            max_sections: 4096,
+            max_body_len: 64 << 30,
+            max_section_raw_len: 16 << 30,
+            max_raw_len: 256 << 30,
+            max_zstd_window_log: 23,
+        }
+    }
+}
+
+/// Why an object was refused. The codes are stable: ledgers record them and scripts match on
+/// them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    NotEnvelope,
+    UnsupportedVersion,
+    HeaderMalformed,
+    HeaderNotCanonical,
+    SectionTable,
+    OverLimit,
+    BadSignature,
+    UnexpectedSigner,
+    WrongRun,
+    WrongWindow,
+    WrongStep,
+    WrongKind,
+    Truncated,
+    TrailingBytes,
+    SectionHashMismatch,
+    SectionSize,
+    Decompress,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 17] = [
+        Reason::NotEnvelope,
+        Reason::UnsupportedVersion,
+        Reason::HeaderMalformed,
+        Reason::HeaderNotCanonical,
+        Reason::SectionTable,
+        Reason::OverLimit,
+        Reason::BadSignature,
+        Reason::UnexpectedSigner,
+        Reason::WrongRun,
+        Reason::WrongWindow,
+        Reason::WrongStep,
+        Reason::WrongKind,
+        Reason::Truncated,
+        Reason::TrailingBytes,
+        Reason::SectionHashMismatch,
+        Reason::SectionSize,
+        Reason::Decompress,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::NotEnvelope => "not_envelope",
+            Reason::UnsupportedVersion => "unsupported_version",
+            Reason::HeaderMalformed => "header_malformed",
+            Reason::HeaderNotCanonical => "header_not_canonical",
+            Reason::SectionTable => "section_table",
+            Reason::OverLimit => "over_limit",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnexpectedSigner => "unexpected_signer",
+            Reason::WrongRun => "wrong_run",
+            Reason::WrongWindow => "wrong_window",
+            Reason::WrongStep => "wrong_step",
+            Reason::WrongKind => "wrong_kind",
+            Reason::Truncated => "truncated",
+            Reason::TrailingBytes => "trailing_bytes",
+            Reason::SectionHashMismatch => "section_hash_mismatch",
+            Reason::SectionSize => "section_size",
+            Reason::Decompress => "decompress",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.code() == code)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A refusal: the stable reason plus a human detail.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Rejection {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+pub(crate) fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Rejection> {
+    Err(Rejection::new(reason, detail))
+}
+
+/// Anything that can go wrong reading or writing an envelope, always naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("{object}: rejected ({}): {}", .rejection.reason, .rejection.detail)]
+    Rejected { object: String, rejection: Rejection },
+    #[error("{object}: not found")]
+    NotFound { object: String },
+    #[error("{object}: {source}")]
+    Store {
+        object: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{object}: {source}")]
+    Io {
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build envelope: {0}")]
+    Build(String),
+}
+
+impl EnvelopeError {
+    /// The rejection, when the object itself was at fault (as opposed to the store or disk).
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            EnvelopeError::Rejected { rejection, .. } => Some(rejection),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn store(object: &str, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => EnvelopeError::NotFound {
+                object: object.to_string(),
+            },
+            source => EnvelopeError::Store {
+                object: object.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// What the reader requires of an object beyond a valid signature. Every field left `None`
+/// is not checked; callers that act on an object set all that apply.
+#[derive(Clone, Debug, Default)]
+pub struct Expect {
+    pub signer: Option<PeerId>,
+    pub run: Option<String>,
+    pub kind: Option<Kind>,
+    pub window: Option<u64>,
+    pub step: Option<u64>,
+}
+
+/// Parsed prefix, header and signature: everything learned from the first ranged GET.
+#[derive(Clone, Debug)]
+pub struct Head {
+    pub version: u16,
+    pub kind: Kind,
+    pub header: Header,
+    /// Bytes `[0..16+H)`, exactly what the signature covers.
+    pub signed: Vec<u8>,
+    pub signature: [u8; SIG_LEN],
+}
+
+/// Reads the 16-byte prefix: (version, kind code, header length). Checked before anything
+/// proportional to the header length is allocated.
+pub fn parse_prefix(bytes: &[u8], limits: &Limits) -> Result<(u16, Kind, u32), Rejection> {
+    if bytes.len() < PREFIX_LEN || &bytes[..8] != MAGIC {
+        return reject(
+            Reason::NotEnvelope,
+            "object does not start with the SHARDROP magic",
+        );
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != FORMAT_VERSION {
+        return reject(
+            Reason::UnsupportedVersion,
+            format!("format version {version}, this build reads {FORMAT_VERSION}"),
+        );
+    }
+    let code = u16::from_le_bytes([bytes[10], bytes[11]]);
+    let Some(kind) = Kind::from_code(code) else {
+        return reject(Reason::HeaderMalformed, format!("unknown kind code {code}"));
+    };
+    let header_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+    if header_len > limits.max_header_len {
+        return reject(
+            Reason::OverLimit,
+            format!(
+                "header length {header_len} over the limit {}",
+                limits.max_header_len
+            ),
+        );
+    }
+    Ok((version, kind, header_len))
+}
+
+impl Head {
+    /// Parses prefix, header and signature from the first bytes of an object. `bytes` may be
+    /// the whole object or only its beginning.
+    pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Head, Rejection> {
+        let (version, kind, header_len) = parse_prefix(bytes, limits)?;
+        let header_end = PREFIX_LEN + header_len as usize;
+        if bytes.len() < header_end + SIG_LEN {
+            return reject(
+                Reason::Truncated,
+                format!(
+                    "object ends at byte {} inside the header or signature (needs {})",
+                    bytes.len(),
+                    header_end + SIG_LEN
+                ),
+            );
+        }
+        let header = Header::parse(kind, &bytes[PREFIX_LEN..header_end], limits)?;
+        let mut signature = [0u8; SIG_LEN];
+        signature.copy_from_slice(&bytes[header_end..header_end + SIG_LEN]);
+        Ok(Head {
+            version,
+            kind,
+            header,
+            signed: bytes[..header_end].to_vec(),
+            signature,
+        })
+    }
+
+    /// Offset of the first body byte within the object.
+    pub fn body_start(&self) -> u64 {
+        (self.signed.len() + SIG_LEN) as u64
+    }
+
+    /// Total object length the header declares.
+    pub fn declared_len(&self) -> u64 {
+        self.body_start() + self.header.body_len
+    }
+
+    pub fn signer(&self) -> Result<PeerId, Rejection> {
+        PeerId::parse(&self.header.signer)
+            .map_err(|e| Rejection::new(Reason::HeaderMalformed, e.to_string()))
+    }
+
+    /// Checks the signature, then what the caller expects, then the object's real length.
+    pub fn verify(&self, object_len: u64, expect: &Expect) -> Result<PeerId, Rejection> {
+        let signer = self.signer()?;
+        if !signer.verify(&self.signed, &self.signature) {
+            return reject(
+                Reason::BadSignature,
+                format!("signature does not verify for signer {signer}"),
+            );
+        }
+        if let Some(want) = &expect.signer
+            && *want != signer
+        {
+            return reject(
+                Reason::UnexpectedSigner,
+                format!("signed by {signer}, expected {want}"),
+            );
+        }
+        let h = &self.header;
+        if let Some(run) = &expect.run
+            && *run != h.run
+        {
+            return reject(Reason::WrongRun, format!("run {:?}, expected {run:?}", h.run));
+        }
+        if let Some(kind) = expect.kind
+            && kind != self.kind
+        {
+            return reject(
+                Reason::WrongKind,
+                format!("kind {}, expected {kind}", self.kind),
+            );
+        }
+        if let Some(w) = expect.window
+            && h.window != Some(w)
+        {
+            return reject(
+                Reason::WrongWindow,
+                format!("window {}, expected {w}", show_opt(h.window)),
+            );
+        }
+        if let Some(s) = expect.step
+            && h.step != Some(s)
+        {
+            return reject(
+                Reason::WrongStep,
+                format!("step {}, expected {s}", show_opt(h.step)),
+            );
+        }
+        let declared = self.declared_len();
+        if object_len < declared {
+            return reject(
+                Reason::Truncated,
+                format!("object is {object_len} bytes, header declares {declared}"),
+            );
+        }
+        if object_len > declared {
+            return reject(
+                Reason::TrailingBytes,
+                format!("object is {object_len} bytes, header declares {declared}"),
+            );
+        }
+        Ok(signer)
+    }
+
+    pub fn section(&self, name: &str) -> Option<&SectionEntry> {
+        self.header.sections.iter().find(|s| s.name == name)
+    }
+}
+
+fn show_opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "none".to_string(), |v| v.to_string())
+}
+
+/// A fully verified in-memory envelope with its decompressed sections.
+#[derive(Clone, Debug)]
+pub struct Opened {
+    pub head: Head,
+    pub signer: PeerId,
+    pub sections: Vec<(String, Vec<u8>)>,
+}
+
+impl Opened {
+    pub fn section(&self, name: &str) -> Option<&[u8]> {
+        self.sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+    }
+}
+
+/// Verifies a whole envelope held in memory (small objects, tests, golden vectors).
+pub fn open_bytes(bytes: &[u8], limits: &Limits, expect: &Expect) -> Result<Opened, Rejection> {
+    let head = Head::parse(bytes, limits)?;
+    let signer = head.verify(bytes.len() as u64, expect)?;
+    let body = &bytes[head.body_start() as usize..];
+    let mut sections = Vec::with_capacity(head.header.sections.len());
+    for entry in &head.header.sections {
+        let start = entry.offset as usize;
+        let data = &body[start..start + entry.len as usize];
+        let mut v = SectionVerifier::new(entry, limits, Vec::new());
+        v.update(data);
+        let out = v.finish().map_err(|e| match e {
+            section::SectionError::Rejected(r) => r,
+            section::SectionError::Io(e) => Rejection::new(Reason::Decompress, e.to_string()),
+        })?;
+        sections.push((entry.name.clone(), out));
+    }
+    Ok(Opened {
+        head,
+        signer,
+        sections,
+    })
+}
+
+#[cfg(test)]
+mod tests;

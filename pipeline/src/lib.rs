@@ -1,0 +1,10 @@
+//! shardrop: exchange signed, compressed gradients and checkpoints through object storage only.
+//!
+//! Every participant writes only to its own bucket and reads everyone else's without trust:
+//! each object is a signed [`envelope`] that is verified before use, and every refusal carries
+//! a stable [`envelope::Reason`]. See `schemas/` for the normative formats and the README for
+//! the roles.
+
+pub mod envelope;
+pub mod identity;
+pub mod store;

@@ -1,0 +1,470 @@
+//! Store URLs to `ObjectStore`s, and the few store operations with shardrop semantics.
+//!
+//! Accepted URLs:
+//! - `s3://bucket/prefix`: S3, R2, MinIO, any S3-compatible service; endpoint, region and
+//!   credentials come from [`S3Options`] or the usual `AWS_*` variables;
+//! - `file:///abs/path` or a plain path (relative paths are made absolute): a local folder;
+//! - `memory://NAME`: a process-wide in-memory store, for unit tests.
+//!
+//! Behaviour is added by wrapping (see [`hooked`]): [`metrics::Metrics`] counts requests and
+//! bytes, [`fault::Faults`] injects failures in tests, [`local::LocalCas`] gives folders
+//! compare-and-swap. Retries and timeouts for S3 are object_store's own client settings
+//! (exponential backoff with jitter on 5xx, 429, connection resets and timeouts of safe
+//! requests), configured here.
+
+pub mod fault;
+pub mod hooked;
+pub mod local;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion, WriteMultipart,
+};
+
+pub use hooked::{Hooked, Op, StoreHooks};
+
+/// Why a store could not be opened or an operation failed; always names the object or URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{object}: not found")]
+    NotFound { object: String },
+    #[error("{object}: a different object already exists at this key (create-only put refused)")]
+    Conflict { object: String },
+    #[error("{object}: changed since it was read (compare-and-swap lost)")]
+    Precondition { object: String },
+    #[error("{object}: {source}")]
+    Store {
+        object: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{object}: {source}")]
+    Io {
+        object: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    pub fn from_store(object: &str, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                object: object.to_string(),
+            },
+            object_store::Error::AlreadyExists { .. } => StoreError::Conflict {
+                object: object.to_string(),
+            },
+            object_store::Error::Precondition { .. } => StoreError::Precondition {
+                object: object.to_string(),
+            },
+            source => StoreError::Store {
+                object: object.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// S3 settings; `None` falls back to the `AWS_*` environment variables, then defaults.
+#[derive(Clone, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+    /// Per-request timeout (default 60 s).
+    pub timeout: Option<Duration>,
+    /// Retries of transient failures (default 8).
+    pub max_retries: Option<usize>,
+}
+
+impl fmt::Debug for S3Options {
+    // Credentials never reach logs or error messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<set>"))
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<set>"))
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+/// An opened store plus the prefix all keys are under, and how to name objects in messages.
+#[derive(Clone)]
+pub struct Target {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+    /// `scheme://authority` part used to print object URLs (no credentials).
+    base: String,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Target({})", self.url())
+    }
+}
+
+impl Target {
+    /// The key of `rel` under this target's prefix.
+    pub fn path(&self, rel: &str) -> Path {
+        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
+        parts.extend(rel.split('/').filter(|s| !s.is_empty()).map(str::to_string));
+        Path::from_iter(parts)
+    }
+
+    /// How to print a key of this store (its URL).
+    pub fn url_of(&self, path: &Path) -> String {
+        format!("{}/{}", self.base, path)
+    }
+
+    /// This target's own URL.
+    pub fn url(&self) -> String {
+        self.url_of(&self.prefix)
+    }
+
+    /// Wraps the store (metrics, faults); keeps prefix and naming.
+    pub fn wrap<H: StoreHooks>(&self, hooks: Arc<H>) -> Target {
+        Target {
+            store: Arc::new(Hooked::new(Arc::clone(&self.store), hooks)),
+            prefix: self.prefix.clone(),
+            base: self.base.clone(),
+        }
+    }
+
+    /// A target for a sub-prefix (a peer's area inside a shared bucket, say).
+    pub fn join(&self, rel: &str) -> Target {
+        Target {
+            store: Arc::clone(&self.store),
+            prefix: self.path(rel),
+            base: self.base.clone(),
+        }
+    }
+}
+
+fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+fn env_flag(name: &str) -> Option<bool> {
+    std::env::var(name)
+        .ok()
+        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+fn bad_url(url: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::Url {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Opens a store URL (see the module docs).
+pub fn open(url: &str, s3: &S3Options) -> Result<Target, StoreError> {
+    if let Some(rest) = url.strip_prefix("memory://") {
+        let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let store = memory_stores()
+            .lock()
+            .map_err(|_| bad_url(url, "memory store registry poisoned"))?
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(InMemory::new()))
+            .clone();
+        return Ok(Target {
+            store,
+            prefix: Path::from(prefix),
+            base: format!("memory://{name}"),
+        });
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad_url(url, "no bucket name (expected s3://bucket/prefix)"));
+        }
+        let store = s3_store(bucket, s3).map_err(|e| bad_url(url, e.to_string()))?;
+        return Ok(Target {
+            store: Arc::new(store),
+            prefix: Path::from(prefix),
+            base: format!("s3://{bucket}"),
+        });
+    }
+    let local = if let Some(rest) = url.strip_prefix("file://") {
+        if !rest.starts_with('/') {
+            return Err(bad_url(url, "file URLs must be absolute (file:///path)"));
+        }
+        std::path::PathBuf::from(rest)
+    } else if url.contains("://") {
+        return Err(bad_url(url, "unknown scheme (use s3://, file://, memory:// or a path)"));
+    } else {
+        std::path::absolute(url).map_err(|e| bad_url(url, e.to_string()))?
+    };
+    let mut parts = Vec::new();
+    for c in local.components() {
+        match c {
+            std::path::Component::Normal(s) => parts.push(s.to_string_lossy().into_owned()),
+            std::path::Component::ParentDir => {
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+    Ok(Target {
+        store: Arc::new(Hooked::new(fs, Arc::new(local::LocalCas))),
+        prefix: Path::from_iter(parts),
+        base: "file://".to_string(),
+    })
+}
+
+/// Opens an object URL: the store plus the object's key.
+pub fn open_object(url: &str, s3: &S3Options) -> Result<(Target, Path), StoreError> {
+    let target = open(url, s3)?;
+    if target.prefix.as_ref().is_empty() {
+        return Err(bad_url(url, "names a store, not an object"));
+    }
+    let path = target.prefix.clone();
+    Ok((target, path))
+}
+
+fn s3_store(bucket: &str, o: &S3Options) -> object_store::Result<object_store::aws::AmazonS3> {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let endpoint = o
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+    // An explicit http:// endpoint is consent to plain HTTP (local servers, MinIO in compose).
+    let allow_http = o
+        .allow_http
+        .or_else(|| env_flag("AWS_ALLOW_HTTP"))
+        .unwrap_or_else(|| endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+    if let Some(e) = &endpoint {
+        b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+    }
+    let region = o
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".to_string());
+    b = b.with_region(region);
+    if let Some(k) = &o.access_key_id {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(s) = &o.secret_access_key {
+        b = b.with_secret_access_key(s);
+    }
+    let client = ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_timeout(o.timeout.unwrap_or(Duration::from_secs(60)))
+        .with_connect_timeout(Duration::from_secs(10));
+    let retry = RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            base: 2.0,
+        },
+        max_retries: o.max_retries.unwrap_or(8),
+        retry_timeout: Duration::from_secs(120),
+    };
+    b.with_client_options(client).with_retry(retry).build()
+}
+
+/// Something an upload can read from at any offset (an in-memory body, a signed envelope
+/// whose sections spilled to disk).
+pub trait PutSource: Sync {
+    fn len(&self) -> u64;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PutSource for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = offset as usize;
+        let src = self
+            .get(start..start + buf.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "past end"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl PutSource for crate::envelope::SignedEnvelope {
+    fn len(&self) -> u64 {
+        crate::envelope::SignedEnvelope::len(self)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        crate::envelope::SignedEnvelope::read_at(self, offset, buf)
+    }
+}
+
+/// Objects up to this size go up in one create-only PUT; larger ones in multipart parts.
+pub const SINGLE_PUT_MAX: u64 = 32 << 20;
+/// Multipart part size.
+pub const PART_SIZE: usize = 16 << 20;
+/// Parts in flight at once.
+pub const PART_CONCURRENCY: usize = 4;
+
+/// What a create-only put found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// The same bytes were already there: a retry after a lost response.
+    AlreadyIdentical,
+}
+
+/// Writes a final object exactly once. A retry with the same bytes succeeds; different bytes
+/// at the key are refused. Small objects use an atomic create-only PUT (`If-None-Match: *`).
+/// Large ones are checked first and then uploaded in parts (aborted on failure); as the only
+/// writer of its own bucket, a participant cannot race itself there.
+pub async fn put_create(
+    target: &Target,
+    path: &Path,
+    src: &(impl PutSource + ?Sized),
+) -> Result<PutOutcome, StoreError> {
+    let object = target.url_of(path);
+    let store = target.store.as_ref();
+    let len = src.len();
+    if len <= SINGLE_PUT_MAX {
+        let mut buf = vec![0u8; len as usize];
+        src.read_at(0, &mut buf).map_err(|e| io_error(&object, e))?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        return match store.put_opts(path, PutPayload::from(buf), opts).await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => same_or_conflict(target, path, src).await,
+            Err(e) => Err(StoreError::from_store(&object, e)),
+        };
+    }
+    match store.head(path).await {
+        Ok(_) => return same_or_conflict(target, path, src).await,
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(StoreError::from_store(&object, e)),
+    }
+    let upload = store
+        .put_multipart(path)
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut buf = vec![0u8; PART_SIZE];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(PART_SIZE as u64) as usize;
+        if let Err(e) = src.read_at(off, &mut buf[..n]) {
+            let _ = writer.abort().await;
+            return Err(io_error(&object, e));
+        }
+        if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
+            let _ = writer.abort().await;
+            return Err(StoreError::from_store(&object, e));
+        }
+        writer.put(Bytes::copy_from_slice(&buf[..n]));
+        off += n as u64;
+    }
+    writer
+        .finish()
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?;
+    Ok(PutOutcome::Created)
+}
+
+fn io_error(object: &str, source: io::Error) -> StoreError {
+    StoreError::Io {
+        object: object.to_string(),
+        source,
+    }
+}
+
+/// Compares the stored object with `src`, streaming, without holding either whole.
+async fn same_or_conflict(
+    target: &Target,
+    path: &Path,
+    src: &(impl PutSource + ?Sized),
+) -> Result<PutOutcome, StoreError> {
+    let object = target.url_of(path);
+    let got = target
+        .store
+        .get(path)
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?;
+    if got.meta.size != src.len() {
+        return Err(StoreError::Conflict { object });
+    }
+    let mut stream = got.into_stream();
+    let mut off = 0u64;
+    let mut mine = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| StoreError::from_store(&object, e))?;
+        if off + chunk.len() as u64 > src.len() {
+            return Err(StoreError::Conflict { object });
+        }
+        mine.resize(chunk.len(), 0);
+        src.read_at(off, &mut mine).map_err(|e| io_error(&object, e))?;
+        if mine != chunk {
+            return Err(StoreError::Conflict { object });
+        }
+        off += chunk.len() as u64;
+    }
+    if off != src.len() {
+        return Err(StoreError::Conflict { object });
+    }
+    Ok(PutOutcome::AlreadyIdentical)
+}
+
+/// Compare-and-swap: replaces the object only if its ETag is still `expected` (or creates it
+/// when `expected` is `None`). Returns the new ETag. Used for pointers such as `LATEST`.
+pub async fn put_cas(
+    target: &Target,
+    path: &Path,
+    body: Bytes,
+    expected: Option<String>,
+) -> Result<Option<String>, StoreError> {
+    let object = target.url_of(path);
+    let mode = match expected {
+        None => PutMode::Create,
+        Some(e_tag) => PutMode::Update(UpdateVersion {
+            e_tag: Some(e_tag),
+            version: None,
+        }),
+    };
+    let opts = PutOptions {
+        mode,
+        ..Default::default()
+    };
+    let r = target
+        .store
+        .put_opts(path, PutPayload::from(body), opts)
+        .await
+        .map_err(|e| match e {
+            object_store::Error::AlreadyExists { .. } => StoreError::Precondition {
+                object: object.clone(),
+            },
+            e => StoreError::from_store(&object, e),
+        })?;
+    Ok(r.e_tag)
+}
