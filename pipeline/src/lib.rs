@@ -7,4 +7,5 @@
 
 pub mod envelope;
 pub mod identity;
+pub mod layout;
 pub mod store;

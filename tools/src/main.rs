@@ -1,1 +1,83 @@
-fn main(){}
+//! `shardrop`: a thin command-line layer over the `shardrop` library.
+//!
+//! Every command prints a human summary, or with `--json` one JSON document on stdout.
+//! Errors go to stderr as one line naming the object and the reason. Exit codes: 0 success,
+//! 1 error, 2 usage, 3 the object was verified and rejected.
+
+mod cmd;
+mod out;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser};
+use shardrop::store::S3Options;
+
+#[derive(Parser)]
+#[command(name = "shardrop", version, about = "Exchange signed gradients and checkpoints through object storage only")]
+struct Cli {
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(subcommand)]
+    command: cmd::Command,
+}
+
+/// S3 connection settings; each falls back to the usual AWS_* variable.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "S3 store")]
+pub struct S3Args {
+    /// S3-compatible endpoint (R2, MinIO, a local server) [env: AWS_ENDPOINT_URL]
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
+    /// Region [env: AWS_REGION; default us-east-1]
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// Allow plain HTTP (implied by an http:// endpoint) [env: AWS_ALLOW_HTTP]
+    #[arg(long, global = true)]
+    allow_http: bool,
+    /// Per-request timeout in seconds
+    #[arg(long, global = true, default_value_t = 60)]
+    timeout_secs: u64,
+    /// Retries of transient store errors (5xx, 429, resets), with exponential backoff
+    #[arg(long, global = true, default_value_t = 8)]
+    retries: usize,
+}
+
+impl S3Args {
+    pub fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            // Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY only, so they
+            // never appear in a process list.
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: self.allow_http.then_some(true),
+            timeout: Some(std::time::Duration::from_secs(self.timeout_secs)),
+            max_retries: Some(self.retries),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    out::init_logging();
+    let ctx = cmd::Ctx {
+        json: cli.json,
+        s3: cli.s3.options(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shardrop: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(cmd::run(&ctx, cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => out::report_error(&ctx, &e),
+    }
+}

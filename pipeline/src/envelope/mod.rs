@@ -23,7 +23,7 @@ mod read;
 mod section;
 mod write;
 
-pub use header::{Compression, Header, SectionEntry};
+pub use header::{is_ident, Compression, Header, SectionEntry};
 pub use read::{fetch_head, read_section, read_sections, verify_sections, RemoteEnvelope};
 pub use section::SectionVerifier;
 pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope};

@@ -1,0 +1,41 @@
+//! Subcommands.
+
+mod demo;
+mod keys;
+mod object;
+
+use clap::Subcommand;
+use shardrop::store::S3Options;
+
+/// What every command gets besides its own arguments.
+pub struct Ctx {
+    pub json: bool,
+    pub s3: S3Options,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Make an ed25519 key file (mode 0600) and print its peer id.
+    Keygen(keys::KeygenArgs),
+    /// Sign files as the sections of one envelope and put it, create-only, at a URL.
+    Sign(object::SignArgs),
+    /// Fetch and fully verify an envelope; exit 3 with the reason if it is rejected.
+    Verify(object::VerifyArgs),
+    /// Print an envelope's header and section table, saying what is wrong if anything.
+    Inspect(object::InspectArgs),
+    /// Verify an envelope and write its decompressed sections into a folder.
+    Get(object::GetArgs),
+    /// Run the demonstration on a local folder store: no server, no keys to make by hand.
+    Demo(demo::DemoArgs),
+}
+
+pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Keygen(a) => keys::keygen(ctx, a),
+        Command::Sign(a) => object::sign(ctx, a).await,
+        Command::Verify(a) => object::verify(ctx, a).await,
+        Command::Inspect(a) => object::inspect(ctx, a).await,
+        Command::Get(a) => object::get(ctx, a).await,
+        Command::Demo(a) => demo::demo(ctx, a).await,
+    }
+}

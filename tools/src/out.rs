@@ -1,0 +1,69 @@
+//! Output plumbing: JSON or text, one-line errors, progress bars on a terminal and
+//! structured logs otherwise.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use shardrop::envelope::EnvelopeError;
+
+use crate::cmd::Ctx;
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDROP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.compact().init();
+    } else {
+        builder.json().init();
+    }
+}
+
+/// Prints the command's result.
+pub fn emit(ctx: &Ctx, json: &serde_json::Value, text: &str) {
+    if ctx.json {
+        println!("{json}");
+    } else {
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+    }
+}
+
+/// One line on stderr; with `--json` also a JSON error document on stdout. Rejections of
+/// an object exit 3 so scripts can tell "bad object" from "could not check".
+pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
+    let line = format!("{e:#}").replace('\n', " ");
+    eprintln!("shardrop: error: {line}");
+    let rejection = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<EnvelopeError>())
+        .and_then(|e| e.rejection());
+    if ctx.json {
+        let doc = serde_json::json!({
+            "ok": false,
+            "error": line,
+            "reason": rejection.map(|r| r.reason.code()),
+        });
+        println!("{doc}");
+    }
+    ExitCode::from(if rejection.is_some() { 3 } else { 1 })
+}
+
+/// A byte progress bar on a terminal (and not in JSON mode); hidden otherwise, in which case
+/// the caller logs milestones with tracing.
+pub fn bytes_bar(ctx: &Ctx, total: u64, what: &str) -> ProgressBar {
+    if ctx.json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
