@@ -26,7 +26,7 @@ mod write;
 pub use header::{is_ident, Compression, Header, SectionEntry};
 pub use read::{fetch_head, read_section, read_sections, verify_sections, RemoteEnvelope};
 pub use section::SectionVerifier;
-pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope};
+pub use write::{assemble_raw, EnvelopeBuilder, SectionData, SignedEnvelope};
 
 use crate::identity::PeerId;
 

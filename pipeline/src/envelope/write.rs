@@ -344,3 +344,19 @@ impl SignedEnvelope {
         Ok(())
     }
 }
+
+/// Signs arbitrary header bytes into an envelope, valid or not. Writers never need this;
+/// it exists to build hostile test vectors that carry a *correct* signature, so a verifier's
+/// later checks (section table, sizes, decompression) are exercised on their own.
+pub fn assemble_raw(kind_code: u16, header: &[u8], body: &[u8], id: &Identity) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + header.len() + 64 + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&kind_code.to_le_bytes());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(header);
+    let sig = id.sign(&out);
+    out.extend_from_slice(&sig);
+    out.extend_from_slice(body);
+    out
+}
