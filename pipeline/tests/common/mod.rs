@@ -1,0 +1,50 @@
+//! Shared test setup: the S3 target from `tools/s3-server env`, under a fresh prefix.
+#![allow(dead_code)]
+
+use shardrop::store::{self, S3Options, Target};
+
+/// A unique prefix per call, so tests never see each other's objects.
+pub fn unique(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{name}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The local S3-compatible server started by `tools/test`, or `None` when this run has none.
+/// With `SHARDROP_S3_REQUIRED=1` (set by `tools/test` and CI) a missing server fails the test
+/// instead of skipping it.
+pub fn s3(name: &str) -> Option<Target> {
+    match std::env::var("SHARDROP_TEST_S3") {
+        Ok(url) => Some(store::open(&format!("{url}/{}", unique(name)), &S3Options::default()).expect("open S3 test store")),
+        Err(_) => {
+            if std::env::var("SHARDROP_S3_REQUIRED").is_ok_and(|v| v == "1") {
+                panic!("SHARDROP_TEST_S3 is not set but SHARDROP_S3_REQUIRED=1: start it with tools/s3-server");
+            }
+            eprintln!("skipping the S3 part of {name}: no SHARDROP_TEST_S3 (run tools/test)");
+            None
+        }
+    }
+}
+
+pub fn local(dir: &std::path::Path) -> Target {
+    store::open(&dir.display().to_string(), &S3Options::default()).expect("open local store")
+}
+
+pub fn memory(name: &str) -> Target {
+    store::open(&format!("memory://{}", unique(name)), &S3Options::default()).expect("open memory store")
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
