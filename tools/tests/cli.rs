@@ -1,0 +1,203 @@
+//! The CLI as a user runs it: keygen, sign, verify, inspect, get and demo, against a local
+//! folder and the real S3 server; every rejection reason through `shardrop verify`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use object_store::{ObjectStoreExt, PutPayload};
+use serde_json::Value;
+use shardrop::store::{self, S3Options};
+
+fn shardrop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardrop")).args(args).output().expect("run shardrop")
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// Store roots to run against: always a local folder, and the S3 server when the test run
+/// has one (required under tools/test and CI).
+fn roots(tmp: &Path, name: &str) -> Vec<String> {
+    let mut v = vec![format!("file://{}", tmp.join("store").display())];
+    match std::env::var("SHARDROP_TEST_S3") {
+        Ok(s3) => v.push(format!("{s3}/{}", unique(name))),
+        Err(_) if std::env::var("SHARDROP_S3_REQUIRED").is_ok_and(|v| v == "1") => panic!("SHARDROP_TEST_S3 missing"),
+        Err(_) => eprintln!("no S3 server: only the local folder is tested"),
+    }
+    v
+}
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let out = shardrop(&["keygen", "--out", key.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["key_file"], key.to_str().unwrap());
+    (key, j["peer_id"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn keygen_writes_0600_refuses_overwrite_and_loose_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, peer) = keygen(tmp.path(), "k");
+    assert_eq!(peer.len(), 64);
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = shardrop(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("refusing to overwrite"), "{}", stderr(&again));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let input = tmp.path().join("a.txt");
+    std::fs::write(&input, "x").unwrap();
+    let to = format!("file://{}/o", tmp.path().display());
+    let out = shardrop(&["sign", "--key", key.to_str().unwrap(), "--kind", "blob", "--run", "r", input.to_str().unwrap(), "--to", &to]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("chmod 600 {}", key.display())), "names the file and the fix: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "errors are one line: {err}");
+}
+
+#[test]
+fn sign_verify_inspect_get_roundtrip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, peer) = keygen(tmp.path(), "miner.key");
+    let a = tmp.path().join("update.bin");
+    let b = tmp.path().join("notes.txt");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 27) as u8).collect();
+    std::fs::write(&a, &data).unwrap();
+    std::fs::write(&b, "window 9 notes\n").unwrap();
+    for root in roots(tmp.path(), "cli-roundtrip") {
+        let url = format!("{root}/runs/r1/grads/0000000009/{peer}.grad");
+        let sign = |extra: &[&str]| {
+            let mut args = vec!["sign", "--key", key.to_str().unwrap(), "--kind", "grad", "--run", "r1", "--window", "9", "--clock-ms", "1000", "--json"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&[a.to_str().unwrap(), b.to_str().unwrap(), "--to", &url]);
+            shardrop(&args)
+        };
+        let out = sign(&[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let j = json(&out);
+        assert_eq!(j["outcome"], "created");
+        assert_eq!(j["raw_bytes"], 3_000_000 + 15);
+        assert_eq!(sign(&[]).status.success(), true, "a retry with identical bytes succeeds");
+        assert_eq!(json(&sign(&[]))["outcome"], "already_identical");
+        let conflict = sign(&["--meta", "x=y"]);
+        assert_eq!(conflict.status.code(), Some(1));
+        assert!(stderr(&conflict).contains("already exists"), "{}", stderr(&conflict));
+
+        let v = shardrop(&["verify", &url, "--signer", &peer, "--run", "r1", "--window", "9", "--kind", "grad", "--json"]);
+        assert!(v.status.success(), "{}", stderr(&v));
+        let vj = json(&v);
+        assert_eq!(vj["valid"], true);
+        assert_eq!(vj["signer"], peer);
+        assert_eq!(vj["sections"], 2);
+
+        let i = shardrop(&["inspect", &url, "--json", "--deep"]);
+        let ij = json(&i);
+        assert_eq!(ij["valid"], true);
+        assert_eq!(ij["header"]["sections"][0]["name"], "update.bin");
+        let text = shardrop(&["inspect", &url]);
+        assert!(String::from_utf8_lossy(&text.stdout).contains("notes.txt"));
+
+        let out_dir = tmp.path().join(unique("out"));
+        let g = shardrop(&["get", &url, out_dir.to_str().unwrap(), "--signer", &peer]);
+        assert!(g.status.success(), "{}", stderr(&g));
+        assert_eq!(std::fs::read(out_dir.join("update.bin")).unwrap(), data);
+        assert_eq!(std::fs::read_to_string(out_dir.join("notes.txt")).unwrap(), "window 9 notes\n");
+        let one = tmp.path().join(unique("one"));
+        let g = shardrop(&["get", &url, one.to_str().unwrap(), "--section", "notes.txt"]);
+        assert!(g.status.success(), "{}", stderr(&g));
+        let names: Vec<_> = std::fs::read_dir(&one).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec!["notes.txt"]);
+    }
+}
+
+fn vectors() -> (PathBuf, Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/vectors/envelope-v1");
+    let cases = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    (dir, cases)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rejection_reason_through_verify_and_get() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, cases) = vectors();
+    for root in roots(tmp.path(), "cli-reasons") {
+        let target = store::open(&root, &S3Options::default()).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for case in cases["cases"].as_array().unwrap() {
+            let file = case["file"].as_str().unwrap();
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let path = target.path(file);
+            target.store.put(&path, PutPayload::from(bytes)).await.unwrap();
+            let url = target.url_of(&path);
+            let mut flags: Vec<String> = Vec::new();
+            let e = &case["expect"];
+            for (flag, k) in [("--signer", "signer"), ("--run", "run"), ("--kind", "kind"), ("--window", "window"), ("--step", "step")] {
+                match &e[k] {
+                    Value::String(s) => flags.extend([flag.to_string(), s.clone()]),
+                    Value::Number(n) => flags.extend([flag.to_string(), n.to_string()]),
+                    _ => {}
+                }
+            }
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let mut args = vec!["verify", url.as_str(), "--json"];
+            args.extend_from_slice(&flags);
+            let out = shardrop(&args);
+            let result = case["result"].as_str().unwrap();
+            let j = json(&out);
+            if result == "valid" {
+                assert!(out.status.success(), "{file}: {}", stderr(&out));
+            } else {
+                assert_eq!(out.status.code(), Some(3), "{file}: rejections exit 3; {}", stderr(&out));
+                assert_eq!(j["reason"], result, "{file}");
+                assert!(stderr(&out).contains(&url), "{file}: the error names the object");
+                seen.insert(result.to_string());
+                // get must refuse it too and leave nothing in the output folder.
+                let out_dir = tmp.path().join(unique("get"));
+                let mut args = vec!["get", url.as_str(), out_dir.to_str().unwrap()];
+                args.extend_from_slice(&flags);
+                let g = shardrop(&args);
+                assert_ne!(g.status.code(), Some(0), "{file}");
+                let left: Vec<_> = std::fs::read_dir(&out_dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+                assert!(left.is_empty(), "{file}: get left {left:?}");
+            }
+        }
+        for r in shardrop::envelope::Reason::ALL {
+            assert!(seen.contains(r.code()), "no CLI test produces {}", r.code());
+        }
+        // inspect says what is wrong instead of failing.
+        let url = target.url_of(&target.path("section-bitflip.bin"));
+        let i = json(&shardrop(&["inspect", &url, "--json", "--deep"]));
+        assert_eq!(i["valid"], false);
+        assert_eq!(i["problem"]["reason"], "section_hash_mismatch");
+        assert_eq!(i["header"]["run"], "golden-run");
+        let url = target.url_of(&target.path("bad-magic.bin"));
+        let i = json(&shardrop(&["inspect", &url, "--json"]));
+        assert_eq!(i["problem"]["reason"], "not_envelope");
+    }
+}
+
+#[test]
+fn demo_runs_on_the_embedded_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = shardrop(&["demo", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["ok"], true);
+    assert_eq!(j["checks"].as_array().unwrap().len(), 6);
+    assert_eq!(j["replay"]["caught"], true);
+    assert_eq!(j["replay"]["reason"], "unexpected_signer");
+    assert!(dir.join("keys/peer-0.key").exists());
+}
