@@ -22,7 +22,9 @@ const KEY_FILE_TAG: &str = "shardrop-ed25519-secret-v1";
 pub enum IdentityError {
     #[error("{path}: refusing to overwrite an existing key file")]
     Exists { path: PathBuf },
-    #[error("{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("{path}: not a shardrop key file ({reason})")]
     Format { path: PathBuf, reason: String },
@@ -47,7 +49,11 @@ impl PeerId {
             id: s.chars().take(80).collect(),
             reason: reason.to_string(),
         };
-        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(bad("expected 64 lowercase hex characters"));
         }
         let mut out = [0u8; 32];
@@ -196,7 +202,10 @@ mod tests {
         let id = Identity::generate();
         id.save_new(&path).unwrap();
         assert_eq!(Identity::load(&path).unwrap().peer_id(), id.peer_id());
-        assert!(matches!(id.save_new(&path), Err(IdentityError::Exists { .. })));
+        assert!(matches!(
+            id.save_new(&path),
+            Err(IdentityError::Exists { .. })
+        ));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use object_store::{ObjectStoreExt, PutPayload};
 use shardrop::envelope::{
-    read_section, verify_sections, Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, Reason,
-    RemoteEnvelope,
+    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, Reason, RemoteEnvelope,
+    read_section, verify_sections,
 };
 use shardrop::identity::Identity;
 use shardrop::store::fault::{Calls, FaultAction, FaultRule, Faults};
 use shardrop::store::metrics::Metrics;
-use shardrop::store::{put_create, Op, Target};
+use shardrop::store::{Op, Target, put_create};
 
 fn id() -> Identity {
     Identity::from_seed([11; 32])
@@ -31,12 +31,25 @@ fn envelope(big: usize) -> shardrop::envelope::SignedEnvelope {
 }
 
 fn expect() -> Expect {
-    Expect { signer: Some(id().peer_id()), run: Some("remote".into()), kind: Some(Kind::Grad), window: Some(3), step: None }
+    Expect {
+        signer: Some(id().peer_id()),
+        run: Some("remote".into()),
+        kind: Some(Kind::Grad),
+        window: Some(3),
+        step: None,
+    }
 }
 
 async fn open(t: &Target, key: &str) -> Result<RemoteEnvelope, EnvelopeError> {
     let path = t.path(key);
-    RemoteEnvelope::open(t.store.as_ref(), &path, &t.url_of(&path), &Limits::default(), &expect()).await
+    RemoteEnvelope::open(
+        t.store.as_ref(),
+        &path,
+        &t.url_of(&path),
+        &Limits::default(),
+        &expect(),
+    )
+    .await
 }
 
 async fn head_and_section_reads(t: Target) {
@@ -47,14 +60,36 @@ async fn head_and_section_reads(t: Target) {
     let env = open(&watched, "x.grad").await.unwrap();
     let first = metrics.get(Op::Get);
     assert_eq!(first.requests, 1, "the head must come with one GET");
-    assert!(first.bytes <= 64 << 10, "the head GET fetched {} bytes", first.bytes);
-    let small = read_section(watched.store.as_ref(), &env, "small.txt", Vec::new(), &Limits::default()).await.unwrap();
+    assert!(
+        first.bytes <= 64 << 10,
+        "the head GET fetched {} bytes",
+        first.bytes
+    );
+    let small = read_section(
+        watched.store.as_ref(),
+        &env,
+        "small.txt",
+        Vec::new(),
+        &Limits::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(small, b"just a few bytes");
     let after = metrics.get(Op::Get);
     assert_eq!(after.requests, 2);
-    assert_eq!(after.bytes - first.bytes, 16, "one section read fetches exactly that section");
-    verify_sections(watched.store.as_ref(), &env, &Limits::default(), &|_| {}).await.unwrap();
-    assert_eq!(metrics.get(Op::Get).requests, 3, "all sections come in one ranged GET");
+    assert_eq!(
+        after.bytes - first.bytes,
+        16,
+        "one section read fetches exactly that section"
+    );
+    verify_sections(watched.store.as_ref(), &env, &Limits::default(), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        metrics.get(Op::Get).requests,
+        3,
+        "all sections come in one ranged GET"
+    );
 }
 
 #[tokio::test]
@@ -71,25 +106,64 @@ async fn remote_reads_fetch_only_what_they_need_s3() {
 
 async fn hostile_objects(t: Target) {
     let good = envelope(10_000).to_vec().unwrap();
-    t.store.put(&t.path("cut.grad"), PutPayload::from(good[..good.len() - 10].to_vec())).await.unwrap();
+    t.store
+        .put(
+            &t.path("cut.grad"),
+            PutPayload::from(good[..good.len() - 10].to_vec()),
+        )
+        .await
+        .unwrap();
     let e = open(&t, "cut.grad").await.unwrap_err();
     assert_eq!(e.rejection().unwrap().reason, Reason::Truncated, "{e}");
-    assert!(e.to_string().contains("cut.grad"), "errors name the object: {e}");
-    t.store.put(&t.path("empty.grad"), PutPayload::from_static(b"")).await.unwrap();
-    assert_eq!(open(&t, "empty.grad").await.unwrap_err().rejection().unwrap().reason, Reason::NotEnvelope);
-    assert!(matches!(open(&t, "missing.grad").await, Err(EnvelopeError::NotFound { .. })));
+    assert!(
+        e.to_string().contains("cut.grad"),
+        "errors name the object: {e}"
+    );
+    t.store
+        .put(&t.path("empty.grad"), PutPayload::from_static(b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        open(&t, "empty.grad")
+            .await
+            .unwrap_err()
+            .rejection()
+            .unwrap()
+            .reason,
+        Reason::NotEnvelope
+    );
+    assert!(matches!(
+        open(&t, "missing.grad").await,
+        Err(EnvelopeError::NotFound { .. })
+    ));
     // A header over 64 KiB needs a second ranged GET and still verifies.
     let mut b = EnvelopeBuilder::new(Kind::Grad, "remote").window(3);
     for i in 0..1500 {
-        b = b.section(&format!("section-number-{i:05}"), format!("payload {i}").as_bytes(), Compression::None).unwrap();
+        b = b
+            .section(
+                &format!("section-number-{i:05}"),
+                format!("payload {i}").as_bytes(),
+                Compression::None,
+            )
+            .unwrap();
     }
     let many = b.sign(&id()).unwrap();
     assert!(many.head.len() > 64 << 10);
     put_create(&t, &t.path("many.grad"), &many).await.unwrap();
     let env = open(&t, "many.grad").await.unwrap();
-    let s = read_section(t.store.as_ref(), &env, "section-number-01234", Vec::new(), &Limits::default()).await.unwrap();
+    let s = read_section(
+        t.store.as_ref(),
+        &env,
+        "section-number-01234",
+        Vec::new(),
+        &Limits::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, b"payload 1234");
-    verify_sections(t.store.as_ref(), &env, &Limits::default(), &|_| {}).await.unwrap();
+    verify_sections(t.store.as_ref(), &env, &Limits::default(), &|_| {})
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -107,36 +181,97 @@ async fn hostile_objects_s3() {
 #[tokio::test]
 async fn injected_faults_are_errors_not_data() {
     let t = common::memory("faults");
-    put_create(&t, &t.path("x.grad"), &envelope(300_000)).await.unwrap();
+    put_create(&t, &t.path("x.grad"), &envelope(300_000))
+        .await
+        .unwrap();
     // A body cut short mid-section: the reader says truncated, never returns partial data.
     let faults = Arc::new(Faults::new(
         7,
-        vec![FaultRule { op: Some(Op::Get), path_contains: None, calls: Calls::Nth(vec![2]), action: FaultAction::Truncate(1000) }],
+        vec![FaultRule {
+            op: Some(Op::Get),
+            path_contains: None,
+            calls: Calls::Nth(vec![2]),
+            action: FaultAction::Truncate(1000),
+        }],
     ));
     let f = t.wrap(Arc::clone(&faults));
     let env = open(&f, "x.grad").await.unwrap();
-    let e = read_section(f.store.as_ref(), &env, "big.bin", Vec::new(), &Limits::default()).await.unwrap_err();
-    assert_eq!(e.rejection().map(|r| r.reason), Some(Reason::Truncated), "{e}");
+    let e = read_section(
+        f.store.as_ref(),
+        &env,
+        "big.bin",
+        Vec::new(),
+        &Limits::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.rejection().map(|r| r.reason),
+        Some(Reason::Truncated),
+        "{e}"
+    );
     assert_eq!(faults.injected(), 1);
     // A failed request is a store error (retryable), not a verdict on the object.
-    let f = t.wrap(Arc::new(Faults::new(7, vec![FaultRule { op: Some(Op::Get), path_contains: Some("x.grad".into()), calls: Calls::Nth(vec![1]), action: FaultAction::Fail }])));
+    let f = t.wrap(Arc::new(Faults::new(
+        7,
+        vec![FaultRule {
+            op: Some(Op::Get),
+            path_contains: Some("x.grad".into()),
+            calls: Calls::Nth(vec![1]),
+            action: FaultAction::Fail,
+        }],
+    )));
     let e = open(&f, "x.grad").await.unwrap_err();
-    assert!(e.rejection().is_none(), "a store failure must not be recorded as a rejection: {e}");
-    assert!(open(&f, "x.grad").await.is_ok(), "the second call is not faulted");
+    assert!(
+        e.rejection().is_none(),
+        "a store failure must not be recorded as a rejection: {e}"
+    );
+    assert!(
+        open(&f, "x.grad").await.is_ok(),
+        "the second call is not faulted"
+    );
     // A failing put leaves nothing behind; the retry then creates the object.
-    let f = t.wrap(Arc::new(Faults::new(1, vec![FaultRule { op: Some(Op::Put), path_contains: None, calls: Calls::Nth(vec![1]), action: FaultAction::Fail }])));
+    let f = t.wrap(Arc::new(Faults::new(
+        1,
+        vec![FaultRule {
+            op: Some(Op::Put),
+            path_contains: None,
+            calls: Calls::Nth(vec![1]),
+            action: FaultAction::Fail,
+        }],
+    )));
     let signed = envelope(1000);
     assert!(put_create(&f, &f.path("y.grad"), &signed).await.is_err());
     assert!(f.store.head(&f.path("y.grad")).await.is_err());
     assert!(put_create(&f, &f.path("y.grad"), &signed).await.is_ok());
     // Delays slow calls down without changing results; probabilistic faults are seeded.
-    let f = t.wrap(Arc::new(Faults::new(3, vec![FaultRule { op: None, path_contains: None, calls: Calls::Probability(1.0), action: FaultAction::Delay(std::time::Duration::from_millis(5)) }])));
+    let f = t.wrap(Arc::new(Faults::new(
+        3,
+        vec![FaultRule {
+            op: None,
+            path_contains: None,
+            calls: Calls::Probability(1.0),
+            action: FaultAction::Delay(std::time::Duration::from_millis(5)),
+        }],
+    )));
     assert!(open(&f, "x.grad").await.is_ok());
     let count = |seed| {
-        let faults = Faults::new(seed, vec![FaultRule { op: None, path_contains: None, calls: Calls::Probability(0.5), action: FaultAction::Fail }]);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let faults = Faults::new(
+            seed,
+            vec![FaultRule {
+                op: None,
+                path_contains: None,
+                calls: Calls::Probability(0.5),
+                action: FaultAction::Fail,
+            }],
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let t2 = t.wrap(Arc::new(faults));
-        (0..40).map(|_| rt.block_on(async { t2.store.head(&t2.path("x.grad")).await.is_err() })).collect::<Vec<_>>()
+        (0..40)
+            .map(|_| rt.block_on(async { t2.store.head(&t2.path("x.grad")).await.is_err() }))
+            .collect::<Vec<_>>()
     };
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| count(9));
@@ -152,8 +287,12 @@ async fn metrics_count_puts_and_lists() {
     let t = common::memory("metrics");
     let m = Arc::new(Metrics::default());
     let w = t.wrap(Arc::clone(&m));
-    put_create(&w, &w.path("a"), b"12345".as_ref()).await.unwrap();
-    let _ = futures::TryStreamExt::try_collect::<Vec<_>>(w.store.list(Some(&w.prefix))).await.unwrap();
+    put_create(&w, &w.path("a"), b"12345".as_ref())
+        .await
+        .unwrap();
+    let _ = futures::TryStreamExt::try_collect::<Vec<_>>(w.store.list(Some(&w.prefix)))
+        .await
+        .unwrap();
     let snap = m.snapshot();
     assert_eq!(snap["put"].requests, 1);
     assert_eq!(snap["put"].bytes, 5);

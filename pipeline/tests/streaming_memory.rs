@@ -7,7 +7,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use shardrop::envelope::{read_sections, Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope};
+use shardrop::envelope::{
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_sections,
+};
 use shardrop::identity::Identity;
 use shardrop::store::put_create;
 
@@ -86,13 +88,26 @@ async fn one_gib_section_streams_in_bounded_memory() {
     let base = CURRENT.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let limits = Limits::default();
-    let env = RemoteEnvelope::open(target.store.as_ref(), &path, "big.grad", &limits, &Expect::default()).await.unwrap();
+    let env = RemoteEnvelope::open(
+        target.store.as_ref(),
+        &path,
+        "big.grad",
+        &limits,
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
     let mut out = read_sections(
         target.store.as_ref(),
         &env,
         &[0],
         &limits,
-        |_| Ok(Check { seen: 0, hasher: blake3::Hasher::new() }),
+        |_| {
+            Ok(Check {
+                seen: 0,
+                hasher: blake3::Hasher::new(),
+            })
+        },
         &|_| {},
     )
     .await
@@ -100,7 +115,17 @@ async fn one_gib_section_streams_in_bounded_memory() {
     let check = out.pop().unwrap();
     let peak = PEAK.load(Ordering::Relaxed) - base;
     assert_eq!(check.seen, SIZE);
-    assert_eq!(check.hasher.finalize(), expected.finalize(), "delivered bytes are the original");
-    eprintln!("{label}: peak heap while reading a 1 GiB section: {:.1} MiB", peak as f64 / (1 << 20) as f64);
-    assert!(peak < 64 << 20, "reader used {peak} bytes of heap for a 1 GiB section");
+    assert_eq!(
+        check.hasher.finalize(),
+        expected.finalize(),
+        "delivered bytes are the original"
+    );
+    eprintln!(
+        "{label}: peak heap while reading a 1 GiB section: {:.1} MiB",
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        peak < 64 << 20,
+        "reader used {peak} bytes of heap for a 1 GiB section"
+    );
 }

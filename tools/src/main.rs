@@ -13,7 +13,11 @@ use clap::{Args, Parser};
 use shardrop::store::S3Options;
 
 #[derive(Parser)]
-#[command(name = "shardrop", version, about = "Exchange signed gradients and checkpoints through object storage only")]
+#[command(
+    name = "shardrop",
+    version,
+    about = "Exchange signed gradients and checkpoints through object storage only"
+)]
 struct Cli {
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
@@ -68,7 +72,10 @@ fn main() -> ExitCode {
         json: cli.json,
         s3: cli.s3.options(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("shardrop: cannot start the async runtime: {e}");

@@ -9,11 +9,19 @@ use serde_json::Value;
 use shardrop::store::{self, S3Options};
 
 fn shardrop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardrop")).args(args).output().expect("run shardrop")
+    Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(args)
+        .output()
+        .expect("run shardrop")
 }
 
 fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn stderr(out: &Output) -> String {
@@ -21,7 +29,10 @@ fn stderr(out: &Output) -> String {
 }
 
 fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{name}-{}-{nanos}", std::process::id())
 }
 
@@ -31,7 +42,9 @@ fn roots(tmp: &Path, name: &str) -> Vec<String> {
     let mut v = vec![format!("file://{}", tmp.join("store").display())];
     match std::env::var("SHARDROP_TEST_S3") {
         Ok(s3) => v.push(format!("{s3}/{}", unique(name))),
-        Err(_) if std::env::var("SHARDROP_S3_REQUIRED").is_ok_and(|v| v == "1") => panic!("SHARDROP_TEST_S3 missing"),
+        Err(_) if std::env::var("SHARDROP_S3_REQUIRED").is_ok_and(|v| v == "1") => {
+            panic!("SHARDROP_TEST_S3 missing")
+        }
         Err(_) => eprintln!("no S3 server: only the local folder is tested"),
     }
     v
@@ -52,18 +65,39 @@ fn keygen_writes_0600_refuses_overwrite_and_loose_permissions() {
     let tmp = tempfile::tempdir().unwrap();
     let (key, peer) = keygen(tmp.path(), "k");
     assert_eq!(peer.len(), 64);
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let again = shardrop(&["keygen", "--out", key.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(1));
-    assert!(stderr(&again).contains("refusing to overwrite"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("refusing to overwrite"),
+        "{}",
+        stderr(&again)
+    );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let input = tmp.path().join("a.txt");
     std::fs::write(&input, "x").unwrap();
     let to = format!("file://{}/o", tmp.path().display());
-    let out = shardrop(&["sign", "--key", key.to_str().unwrap(), "--kind", "blob", "--run", "r", input.to_str().unwrap(), "--to", &to]);
+    let out = shardrop(&[
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        "--kind",
+        "blob",
+        "--run",
+        "r",
+        input.to_str().unwrap(),
+        "--to",
+        &to,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(&format!("chmod 600 {}", key.display())), "names the file and the fix: {err}");
+    assert!(
+        err.contains(&format!("chmod 600 {}", key.display())),
+        "names the file and the fix: {err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "errors are one line: {err}");
 }
 
@@ -73,13 +107,28 @@ fn sign_verify_inspect_get_roundtrip() {
     let (key, peer) = keygen(tmp.path(), "miner.key");
     let a = tmp.path().join("update.bin");
     let b = tmp.path().join("notes.txt");
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 27) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 27) as u8)
+        .collect();
     std::fs::write(&a, &data).unwrap();
     std::fs::write(&b, "window 9 notes\n").unwrap();
     for root in roots(tmp.path(), "cli-roundtrip") {
         let url = format!("{root}/runs/r1/grads/0000000009/{peer}.grad");
         let sign = |extra: &[&str]| {
-            let mut args = vec!["sign", "--key", key.to_str().unwrap(), "--kind", "grad", "--run", "r1", "--window", "9", "--clock-ms", "1000", "--json"];
+            let mut args = vec![
+                "sign",
+                "--key",
+                key.to_str().unwrap(),
+                "--kind",
+                "grad",
+                "--run",
+                "r1",
+                "--window",
+                "9",
+                "--clock-ms",
+                "1000",
+                "--json",
+            ];
             args.extend_from_slice(extra);
             args.extend_from_slice(&[a.to_str().unwrap(), b.to_str().unwrap(), "--to", &url]);
             shardrop(&args)
@@ -89,13 +138,23 @@ fn sign_verify_inspect_get_roundtrip() {
         let j = json(&out);
         assert_eq!(j["outcome"], "created");
         assert_eq!(j["raw_bytes"], 3_000_000 + 15);
-        assert_eq!(sign(&[]).status.success(), true, "a retry with identical bytes succeeds");
+        assert!(
+            sign(&[]).status.success(),
+            "a retry with identical bytes succeeds"
+        );
         assert_eq!(json(&sign(&[]))["outcome"], "already_identical");
         let conflict = sign(&["--meta", "x=y"]);
         assert_eq!(conflict.status.code(), Some(1));
-        assert!(stderr(&conflict).contains("already exists"), "{}", stderr(&conflict));
+        assert!(
+            stderr(&conflict).contains("already exists"),
+            "{}",
+            stderr(&conflict)
+        );
 
-        let v = shardrop(&["verify", &url, "--signer", &peer, "--run", "r1", "--window", "9", "--kind", "grad", "--json"]);
+        let v = shardrop(&[
+            "verify", &url, "--signer", &peer, "--run", "r1", "--window", "9", "--kind", "grad",
+            "--json",
+        ]);
         assert!(v.status.success(), "{}", stderr(&v));
         let vj = json(&v);
         assert_eq!(vj["valid"], true);
@@ -113,18 +172,25 @@ fn sign_verify_inspect_get_roundtrip() {
         let g = shardrop(&["get", &url, out_dir.to_str().unwrap(), "--signer", &peer]);
         assert!(g.status.success(), "{}", stderr(&g));
         assert_eq!(std::fs::read(out_dir.join("update.bin")).unwrap(), data);
-        assert_eq!(std::fs::read_to_string(out_dir.join("notes.txt")).unwrap(), "window 9 notes\n");
+        assert_eq!(
+            std::fs::read_to_string(out_dir.join("notes.txt")).unwrap(),
+            "window 9 notes\n"
+        );
         let one = tmp.path().join(unique("one"));
         let g = shardrop(&["get", &url, one.to_str().unwrap(), "--section", "notes.txt"]);
         assert!(g.status.success(), "{}", stderr(&g));
-        let names: Vec<_> = std::fs::read_dir(&one).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&one)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec!["notes.txt"]);
     }
 }
 
 fn vectors() -> (PathBuf, Value) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/vectors/envelope-v1");
-    let cases = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     (dir, cases)
 }
 
@@ -139,11 +205,21 @@ async fn every_rejection_reason_through_verify_and_get() {
             let file = case["file"].as_str().unwrap();
             let bytes = std::fs::read(dir.join(file)).unwrap();
             let path = target.path(file);
-            target.store.put(&path, PutPayload::from(bytes)).await.unwrap();
+            target
+                .store
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .unwrap();
             let url = target.url_of(&path);
             let mut flags: Vec<String> = Vec::new();
             let e = &case["expect"];
-            for (flag, k) in [("--signer", "signer"), ("--run", "run"), ("--kind", "kind"), ("--window", "window"), ("--step", "step")] {
+            for (flag, k) in [
+                ("--signer", "signer"),
+                ("--run", "run"),
+                ("--kind", "kind"),
+                ("--window", "window"),
+                ("--step", "step"),
+            ] {
                 match &e[k] {
                     Value::String(s) => flags.extend([flag.to_string(), s.clone()]),
                     Value::Number(n) => flags.extend([flag.to_string(), n.to_string()]),
@@ -159,9 +235,17 @@ async fn every_rejection_reason_through_verify_and_get() {
             if result == "valid" {
                 assert!(out.status.success(), "{file}: {}", stderr(&out));
             } else {
-                assert_eq!(out.status.code(), Some(3), "{file}: rejections exit 3; {}", stderr(&out));
+                assert_eq!(
+                    out.status.code(),
+                    Some(3),
+                    "{file}: rejections exit 3; {}",
+                    stderr(&out)
+                );
                 assert_eq!(j["reason"], result, "{file}");
-                assert!(stderr(&out).contains(&url), "{file}: the error names the object");
+                assert!(
+                    stderr(&out).contains(&url),
+                    "{file}: the error names the object"
+                );
                 seen.insert(result.to_string());
                 // get must refuse it too and leave nothing in the output folder.
                 let out_dir = tmp.path().join(unique("get"));
@@ -169,7 +253,9 @@ async fn every_rejection_reason_through_verify_and_get() {
                 args.extend_from_slice(&flags);
                 let g = shardrop(&args);
                 assert_ne!(g.status.code(), Some(0), "{file}");
-                let left: Vec<_> = std::fs::read_dir(&out_dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+                let left: Vec<_> = std::fs::read_dir(&out_dir)
+                    .map(|d| d.map(|e| e.unwrap().path()).collect())
+                    .unwrap_or_default();
                 assert!(left.is_empty(), "{file}: get left {left:?}");
             }
         }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{reject, Kind, Limits, Reason, Rejection, MAX_SAFE_INT};
+use super::{Kind, Limits, MAX_SAFE_INT, Reason, Rejection, reject};
 
 /// How a section's bytes are stored in the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,18 +65,21 @@ pub fn is_ident(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s.starts_with('.')
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Free-text values: printable ASCII without `"` and `\`, at most 1024 bytes.
 pub fn is_text(s: &str) -> bool {
-    s.len() <= 1024 && s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    s.len() <= 1024
+        && s.bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 const MAX_MAP_ENTRIES: usize = 256;
@@ -112,13 +115,21 @@ impl Header {
             )));
         }
         if !is_ident(&self.run) {
-            return Err(malformed(format!("run id {:?} is not an identifier", self.run)));
+            return Err(malformed(format!(
+                "run id {:?} is not an identifier",
+                self.run
+            )));
         }
         if !is_ident(&self.codec) {
-            return Err(malformed(format!("codec {:?} is not an identifier", self.codec)));
+            return Err(malformed(format!(
+                "codec {:?} is not an identifier",
+                self.codec
+            )));
         }
         if !is_hex64(&self.signer) {
-            return Err(malformed("signer is not 64 lowercase hex characters".into()));
+            return Err(malformed(
+                "signer is not 64 lowercase hex characters".into(),
+            ));
         }
         for (what, map) in [("codec_params", &self.codec_params), ("meta", &self.meta)] {
             if map.len() > MAX_MAP_ENTRIES {
@@ -129,7 +140,9 @@ impl Header {
             }
             for (k, v) in map {
                 if !is_ident(k) || !is_text(v) {
-                    return Err(malformed(format!("{what} entry {k:?} has a bad key or value")));
+                    return Err(malformed(format!(
+                        "{what} entry {k:?} has a bad key or value"
+                    )));
                 }
             }
         }
@@ -147,13 +160,19 @@ impl Header {
         if self.body_len > limits.max_body_len {
             return reject(
                 Reason::OverLimit,
-                format!("body_len {} over the limit {}", self.body_len, limits.max_body_len),
+                format!(
+                    "body_len {} over the limit {}",
+                    self.body_len, limits.max_body_len
+                ),
             );
         }
         if self.raw_len > limits.max_raw_len {
             return reject(
                 Reason::OverLimit,
-                format!("raw_len {} over the limit {}", self.raw_len, limits.max_raw_len),
+                format!(
+                    "raw_len {} over the limit {}",
+                    self.raw_len, limits.max_raw_len
+                ),
             );
         }
         self.validate_sections(limits)
@@ -210,7 +229,10 @@ impl Header {
                 .checked_add(s.len)
                 .filter(|&o| o <= self.body_len)
                 .ok_or_else(|| {
-                    table(format!("section {:?} runs past the end of the body", s.name))
+                    table(format!(
+                        "section {:?} runs past the end of the body",
+                        s.name
+                    ))
                 })?;
             raw_total = raw_total
                 .checked_add(s.raw_len)

@@ -23,10 +23,10 @@ mod read;
 mod section;
 mod write;
 
-pub use header::{is_ident, Compression, Header, SectionEntry};
-pub use read::{fetch_head, read_section, read_sections, verify_sections, RemoteEnvelope};
+pub use header::{Compression, Header, SectionEntry, is_ident};
+pub use read::{RemoteEnvelope, fetch_head, read_section, read_sections, verify_sections};
 pub use section::SectionVerifier;
-pub use write::{assemble_raw, EnvelopeBuilder, SectionData, SignedEnvelope};
+pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope, assemble_raw};
 
 use crate::identity::PeerId;
 
@@ -233,7 +233,10 @@ pub(crate) fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
     #[error("{object}: rejected ({}): {}", .rejection.reason, .rejection.detail)]
-    Rejected { object: String, rejection: Rejection },
+    Rejected {
+        object: String,
+        rejection: Rejection,
+    },
     #[error("{object}: not found")]
     NotFound { object: String },
     #[error("{object}: {source}")]
@@ -393,7 +396,10 @@ impl Head {
         if let Some(run) = &expect.run
             && *run != h.run
         {
-            return reject(Reason::WrongRun, format!("run {:?}, expected {run:?}", h.run));
+            return reject(
+                Reason::WrongRun,
+                format!("run {:?}, expected {run:?}", h.run),
+            );
         }
         if let Some(kind) = expect.kind
             && kind != self.kind

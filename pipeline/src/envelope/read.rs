@@ -9,7 +9,9 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt};
 
 use super::section::SectionError;
-use super::{EnvelopeError, Expect, Head, Limits, SectionEntry, SectionVerifier, PREFIX_LEN, SIG_LEN};
+use super::{
+    EnvelopeError, Expect, Head, Limits, PREFIX_LEN, SIG_LEN, SectionEntry, SectionVerifier,
+};
 use crate::identity::PeerId;
 
 /// The first GET asks for this much: enough for the head of nearly every object.
@@ -27,11 +29,16 @@ pub async fn fetch_head(
     let first = match store.get_opts(path, opts).await {
         Ok(r) => r,
         Err(object_store::Error::NotFound { .. }) => {
-            return Err(EnvelopeError::NotFound { object: object.to_string() });
+            return Err(EnvelopeError::NotFound {
+                object: object.to_string(),
+            });
         }
         Err(e) => {
             // An empty object has no byte 0 to range over; anything else is the store's.
-            let meta = store.head(path).await.map_err(|_| EnvelopeError::store(object, e))?;
+            let meta = store
+                .head(path)
+                .await
+                .map_err(|_| EnvelopeError::store(object, e))?;
             if meta.size == 0 {
                 return Ok((meta, Bytes::new()));
             }
@@ -45,7 +52,10 @@ pub async fn fetch_head(
         }
     };
     let meta = first.meta.clone();
-    let bytes = first.bytes().await.map_err(|e| EnvelopeError::store(object, e))?;
+    let bytes = first
+        .bytes()
+        .await
+        .map_err(|e| EnvelopeError::store(object, e))?;
     if bytes.len() < PREFIX_LEN {
         return Ok((meta, bytes));
     }
@@ -145,19 +155,29 @@ pub async fn read_sections<W: Write>(
         while j < selected.len() && selected[j] == selected[j - 1] + 1 {
             j += 1;
         }
-        let run: Vec<&SectionEntry> = selected[i..j].iter().filter_map(|&k| table.get(k)).collect();
+        let run: Vec<&SectionEntry> = selected[i..j]
+            .iter()
+            .filter_map(|&k| table.get(k))
+            .collect();
         let start = run.first().map_or(0, |e| e.offset);
         let end = run.last().map_or(0, |e| e.offset + e.len);
         let mut idx = 0;
         let mut verifier = match run.first() {
-            Some(e) => Some(SectionVerifier::new(e, limits, open_sink(e).map_err(io_err(object))?)),
+            Some(e) => Some(SectionVerifier::new(
+                e,
+                limits,
+                open_sink(e).map_err(io_err(object))?,
+            )),
             None => None,
         };
         let mut left = run.first().map_or(0, |e| e.len);
         if end > start {
             let range = body_start + start..body_start + end;
             let got = store
-                .get_opts(&env.path, GetOptions::new().with_range(Some(GetRange::Bounded(range))))
+                .get_opts(
+                    &env.path,
+                    GetOptions::new().with_range(Some(GetRange::Bounded(range))),
+                )
                 .await
                 .map_err(|e| EnvelopeError::store(object, e))?;
             let mut stream = got.into_stream();
@@ -246,11 +266,15 @@ pub async fn read_section<W: Write>(
         env,
         &[idx],
         limits,
-        |_| sink.take().ok_or_else(|| io::Error::other("sink already used")),
+        |_| {
+            sink.take()
+                .ok_or_else(|| io::Error::other("sink already used"))
+        },
         &|_| {},
     )
     .await?;
-    out.pop().ok_or_else(|| EnvelopeError::Build("section reader returned nothing".into()))
+    out.pop()
+        .ok_or_else(|| EnvelopeError::Build("section reader returned nothing".into()))
 }
 
 /// Full verification: every section is fetched, hashed and decompressed into nothing.

@@ -30,7 +30,9 @@ impl<W: Write> Write for Capped<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.written + buf.len() as u64 > self.cap {
             self.overflowed = true;
-            return Err(io::Error::other("section decompresses past its declared size"));
+            return Err(io::Error::other(
+                "section decompresses past its declared size",
+            ));
         }
         match self.inner.write_all(buf) {
             Ok(()) => {
@@ -145,24 +147,34 @@ impl<W: Write> SectionVerifier<W> {
     /// sink.
     pub fn finish(mut self) -> Result<W, SectionError> {
         let name = self.entry.name.clone();
-        let rejected = |reason, detail: String| Err(SectionError::Rejected(Rejection::new(reason, detail)));
+        let rejected =
+            |reason, detail: String| Err(SectionError::Rejected(Rejection::new(reason, detail)));
         if self.received < self.entry.len {
             return rejected(
                 Reason::Truncated,
-                format!("section {name:?}: got {} of {} bytes", self.received, self.entry.len),
+                format!(
+                    "section {name:?}: got {} of {} bytes",
+                    self.received, self.entry.len
+                ),
             );
         }
         if self.received > self.entry.len {
             return rejected(
                 Reason::SectionSize,
-                format!("section {name:?}: got {} bytes, declared {}", self.received, self.entry.len),
+                format!(
+                    "section {name:?}: got {} bytes, declared {}",
+                    self.received, self.entry.len
+                ),
             );
         }
         let hash = self.hasher.finalize().to_hex().to_string();
         if hash != self.entry.hash {
             return rejected(
                 Reason::SectionHashMismatch,
-                format!("section {name:?}: blake3 {hash}, header says {}", self.entry.hash),
+                format!(
+                    "section {name:?}: blake3 {hash}, header says {}",
+                    self.entry.hash
+                ),
             );
         }
         if let Some(e) = self.setup_error.take() {
@@ -190,7 +202,9 @@ impl<W: Write> SectionVerifier<W> {
                             Reason::SectionSize,
                             format!("section {name:?} decompresses beyond its declared raw_len"),
                         ),
-                        false => Rejection::new(Reason::Decompress, format!("section {name:?}: {e}")),
+                        false => {
+                            Rejection::new(Reason::Decompress, format!("section {name:?}: {e}"))
+                        }
                     };
                     return Err(SectionError::Rejected(r));
                 }

@@ -24,7 +24,9 @@ fn sample() -> Vec<u8> {
 }
 
 fn reason(bytes: &[u8], expect: &Expect) -> Reason {
-    open_bytes(bytes, &Limits::default(), expect).unwrap_err().reason
+    open_bytes(bytes, &Limits::default(), expect)
+        .unwrap_err()
+        .reason
 }
 
 fn header_range(bytes: &[u8]) -> std::ops::Range<usize> {
@@ -66,8 +68,18 @@ fn file_and_memory_sections_give_identical_bytes() {
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let p = dir.path().join("d");
     std::fs::write(&p, &data).unwrap();
-    let mem = EnvelopeBuilder::new(Kind::Blob, "r").clock_ms(1).section("d", &data, Compression::Zstd).unwrap().sign(&key()).unwrap();
-    let file = EnvelopeBuilder::new(Kind::Blob, "r").clock_ms(1).section_file("d", &p, Compression::Zstd, None).unwrap().sign(&key()).unwrap();
+    let mem = EnvelopeBuilder::new(Kind::Blob, "r")
+        .clock_ms(1)
+        .section("d", &data, Compression::Zstd)
+        .unwrap()
+        .sign(&key())
+        .unwrap();
+    let file = EnvelopeBuilder::new(Kind::Blob, "r")
+        .clock_ms(1)
+        .section_file("d", &p, Compression::Zstd, None)
+        .unwrap()
+        .sign(&key())
+        .unwrap();
     assert_eq!(mem.to_vec().unwrap(), file.to_vec().unwrap());
     let whole = mem.to_vec().unwrap();
     let mut buf = vec![0u8; whole.len() - 101];
@@ -117,15 +129,65 @@ fn each_reason_is_produced() {
 
     // Non-canonical spacing, signed correctly.
     let spaced = text.replacen(",", ", ", 1);
-    let b = assemble_raw(Kind::Grad.code(), spaced.as_bytes(), &good[r.end + 64..], &key());
+    let b = assemble_raw(
+        Kind::Grad.code(),
+        spaced.as_bytes(),
+        &good[r.end + 64..],
+        &key(),
+    );
     assert_eq!(reason(&b, &d), Reason::HeaderNotCanonical);
 
     let other = Identity::from_seed([4; 32]).peer_id();
-    assert_eq!(reason(&good, &Expect { signer: Some(other), ..d.clone() }), Reason::UnexpectedSigner);
-    assert_eq!(reason(&good, &Expect { run: Some("run-b".into()), ..d.clone() }), Reason::WrongRun);
-    assert_eq!(reason(&good, &Expect { window: Some(8), ..d.clone() }), Reason::WrongWindow);
-    assert_eq!(reason(&good, &Expect { step: Some(1), ..d.clone() }), Reason::WrongStep);
-    assert_eq!(reason(&good, &Expect { kind: Some(Kind::Agg), ..d.clone() }), Reason::WrongKind);
+    assert_eq!(
+        reason(
+            &good,
+            &Expect {
+                signer: Some(other),
+                ..d.clone()
+            }
+        ),
+        Reason::UnexpectedSigner
+    );
+    assert_eq!(
+        reason(
+            &good,
+            &Expect {
+                run: Some("run-b".into()),
+                ..d.clone()
+            }
+        ),
+        Reason::WrongRun
+    );
+    assert_eq!(
+        reason(
+            &good,
+            &Expect {
+                window: Some(8),
+                ..d.clone()
+            }
+        ),
+        Reason::WrongWindow
+    );
+    assert_eq!(
+        reason(
+            &good,
+            &Expect {
+                step: Some(1),
+                ..d.clone()
+            }
+        ),
+        Reason::WrongStep
+    );
+    assert_eq!(
+        reason(
+            &good,
+            &Expect {
+                kind: Some(Kind::Agg),
+                ..d.clone()
+            }
+        ),
+        Reason::WrongKind
+    );
 
     assert_eq!(reason(&good[..good.len() - 1], &d), Reason::Truncated);
     assert_eq!(reason(&good[..20], &d), Reason::Truncated);
@@ -236,7 +298,10 @@ fn hostile_headers_fail_fast() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     assert_eq!(reason(&with_header(&deep), &d), Reason::HeaderMalformed);
     // Wrong types and unknown fields.
-    assert_eq!(reason(&with_header("{\"body_len\":\"x\"}"), &d), Reason::HeaderMalformed);
+    assert_eq!(
+        reason(&with_header("{\"body_len\":\"x\"}"), &d),
+        Reason::HeaderMalformed
+    );
     assert_eq!(reason(&with_header("7"), &d), Reason::HeaderMalformed);
     let good = sample();
     let r = header_range(&good);
@@ -244,7 +309,9 @@ fn hostile_headers_fail_fast() {
     let extra = text.replacen("{", "{\"zzz\":1,", 1);
     assert_eq!(reason(&with_header(&extra), &d), Reason::HeaderMalformed);
     // A section table claiming 2^40 sections in a tiny header cannot allocate them.
-    let huge_body = text.replace("\"body_len\":", "\"body_len\":9007199254740991").replacen("9007199254740991", "", 0);
+    let huge_body = text
+        .replace("\"body_len\":", "\"body_len\":9007199254740991")
+        .replacen("9007199254740991", "", 0);
     assert!(open_bytes(&with_header(&huge_body), &Limits::default(), &d).is_err());
     // Absurd lengths, properly signed: refused by limits before any read.
     let head = Head::parse(&good, &Limits::default()).unwrap();
@@ -256,15 +323,24 @@ fn hostile_headers_fail_fast() {
     h.raw_len = h.sections.iter().map(|s| s.raw_len).sum();
     assert_eq!(reason(&resign(&good, &h), &d), Reason::OverLimit);
     // Too many sections for the configured limit.
-    let tight = Limits { max_sections: 1, ..Limits::default() };
-    assert_eq!(open_bytes(&good, &tight, &d).unwrap_err().reason, Reason::OverLimit);
+    let tight = Limits {
+        max_sections: 1,
+        ..Limits::default()
+    };
+    assert_eq!(
+        open_bytes(&good, &tight, &d).unwrap_err().reason,
+        Reason::OverLimit
+    );
     // Names that would escape a folder.
     let mut h = head.header.clone();
     h.sections[0].name = "../x".into();
     assert_eq!(reason(&resign(&good, &h), &d), Reason::SectionTable);
     // Escapes in strings are never canonical (strings are restricted to plain ASCII).
     let escaped = text.replace("\"run-a\"", "\"run\\u002da\"");
-    assert_eq!(reason(&with_header(&escaped), &d), Reason::HeaderNotCanonical);
+    assert_eq!(
+        reason(&with_header(&escaped), &d),
+        Reason::HeaderNotCanonical
+    );
 }
 
 #[test]

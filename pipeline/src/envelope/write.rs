@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::{
-    Compression, EnvelopeError, Header, Kind, Limits, SectionEntry, FORMAT_VERSION, MAGIC,
+    Compression, EnvelopeError, FORMAT_VERSION, Header, Kind, Limits, MAGIC, SectionEntry,
 };
 use crate::identity::Identity;
 
@@ -17,7 +17,10 @@ use crate::identity::Identity;
 pub enum SectionData {
     Bytes(Bytes),
     /// A file (a spill file for compressed data, or the input itself when stored as-is).
-    File { file: std::fs::File, len: u64 },
+    File {
+        file: std::fs::File,
+        len: u64,
+    },
 }
 
 impl SectionData {
@@ -150,7 +153,14 @@ impl EnvelopeBuilder {
         self
     }
 
-    fn push(&mut self, name: &str, compression: Compression, raw_len: u64, hash: String, data: SectionData) {
+    fn push(
+        &mut self,
+        name: &str,
+        compression: Compression,
+        raw_len: u64,
+        hash: String,
+        data: SectionData,
+    ) {
         self.sections.push((
             SectionEntry {
                 compression,
@@ -165,14 +175,25 @@ impl EnvelopeBuilder {
     }
 
     /// Adds a section from memory.
-    pub fn section(mut self, name: &str, raw: &[u8], compression: Compression) -> Result<Self, EnvelopeError> {
+    pub fn section(
+        mut self,
+        name: &str,
+        raw: &[u8],
+        compression: Compression,
+    ) -> Result<Self, EnvelopeError> {
         let stored: Vec<u8> = match compression {
             Compression::None => raw.to_vec(),
             Compression::Zstd => zstd_into(raw, raw.len() as u64, self.level, Vec::new())
                 .map_err(|e| EnvelopeError::Build(format!("compress section {name:?}: {e}")))?,
         };
         let hash = blake3::hash(&stored).to_hex().to_string();
-        self.push(name, compression, raw.len() as u64, hash, SectionData::Bytes(stored.into()));
+        self.push(
+            name,
+            compression,
+            raw.len() as u64,
+            hash,
+            SectionData::Bytes(stored.into()),
+        );
         Ok(self)
     }
 
@@ -195,7 +216,13 @@ impl EnvelopeBuilder {
             Compression::None => {
                 let mut hasher = blake3::Hasher::new();
                 hasher.update_reader(&input).map_err(io_err)?;
-                (hasher.finalize().to_hex().to_string(), SectionData::File { file: input, len: raw_len })
+                (
+                    hasher.finalize().to_hex().to_string(),
+                    SectionData::File {
+                        file: input,
+                        len: raw_len,
+                    },
+                )
             }
             Compression::Zstd => {
                 let spill = match spill_dir {
@@ -211,7 +238,10 @@ impl EnvelopeBuilder {
                 let reader = io::BufReader::with_capacity(1 << 20, input);
                 let out = zstd_into(reader, raw_len, self.level, out).map_err(io_err)?;
                 let file = out.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
-                (out.hasher.finalize().to_hex().to_string(), SectionData::File { file, len: out.len })
+                (
+                    out.hasher.finalize().to_hex().to_string(),
+                    SectionData::File { file, len: out.len },
+                )
             }
         };
         self.push(name, compression, raw_len, hash, data);
@@ -265,7 +295,11 @@ impl EnvelopeBuilder {
         head.extend_from_slice(&json);
         let sig = id.sign(&head);
         head.extend_from_slice(&sig);
-        Ok(SignedEnvelope { head, parts, header })
+        Ok(SignedEnvelope {
+            head,
+            parts,
+            header,
+        })
     }
 }
 
@@ -339,7 +373,10 @@ impl SignedEnvelope {
             part_start = part_end;
         }
         if !buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past envelope end"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past envelope end",
+            ));
         }
         Ok(())
     }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::StreamExt;
-use object_store::path::Path;
+use futures::stream::BoxStream;
 use object_store::Result;
+use object_store::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,7 +119,11 @@ impl StoreHooks for Faults {
         apply(self.choose(op, path)).await
     }
 
-    fn get_stream(&self, path: &Path, stream: BoxStream<'static, Result<Bytes>>) -> BoxStream<'static, Result<Bytes>> {
+    fn get_stream(
+        &self,
+        path: &Path,
+        stream: BoxStream<'static, Result<Bytes>>,
+    ) -> BoxStream<'static, Result<Bytes>> {
         let actions = self.choose(Op::Get, Some(path));
         let cut = actions.iter().find_map(|a| match a {
             FaultAction::Truncate(n) => Some(*n),

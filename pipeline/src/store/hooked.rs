@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
@@ -137,13 +137,24 @@ impl<H: StoreHooks> MultipartUpload for HookedUpload<H> {
 
 #[async_trait]
 impl<H: StoreHooks> ObjectStore for Hooked<H> {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
         self.hooks.before(Op::Put, Some(location)).await?;
         self.hooks.sent(Op::Put, payload.content_length() as u64);
-        self.hooks.put(self.inner.as_ref(), location, payload, opts).await
+        self.hooks
+            .put(self.inner.as_ref(), location, payload, opts)
+            .await
     }
 
-    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
         self.hooks.before(Op::PutMultipart, Some(location)).await?;
         let inner = self.inner.put_multipart_opts(location, opts).await?;
         Ok(Box::new(HookedUpload {
@@ -186,7 +197,10 @@ impl<H: StoreHooks> ObjectStore for Hooked<H> {
         })
     }
 
-    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
         let hooks = Arc::clone(&self.hooks);
         let checked = locations
             .then(move |p| {

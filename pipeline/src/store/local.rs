@@ -7,7 +7,9 @@
 
 use async_trait::async_trait;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, PutResult, Result};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, PutResult, Result,
+};
 
 use super::hooked::StoreHooks;
 
@@ -24,12 +26,21 @@ fn generic(e: impl std::fmt::Display) -> object_store::Error {
 
 #[async_trait]
 impl StoreHooks for LocalCas {
-    async fn put(&self, inner: &dyn ObjectStore, path: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+    async fn put(
+        &self,
+        inner: &dyn ObjectStore,
+        path: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
         let PutMode::Update(version) = &opts.mode else {
             return inner.put_opts(path, payload, opts).await;
         };
         let dir = std::path::Path::new("/").join(path.as_ref());
-        let dir = dir.parent().map(|d| d.to_path_buf()).unwrap_or_else(|| "/".into());
+        let dir = dir
+            .parent()
+            .map(|d| d.to_path_buf())
+            .unwrap_or_else(|| "/".into());
         let lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
             let f = std::fs::File::open(&dir)?;
             f.lock()?;

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::StreamExt;
-use object_store::path::Path;
+use futures::stream::BoxStream;
 use object_store::Result;
+use object_store::path::Path;
 use serde::Serialize;
 
 use super::hooked::{Op, StoreHooks};
@@ -66,7 +66,11 @@ impl StoreHooks for Metrics {
         self.bump(op, 0, bytes);
     }
 
-    fn get_stream(&self, _path: &Path, stream: BoxStream<'static, Result<Bytes>>) -> BoxStream<'static, Result<Bytes>> {
+    fn get_stream(
+        &self,
+        _path: &Path,
+        stream: BoxStream<'static, Result<Bytes>>,
+    ) -> BoxStream<'static, Result<Bytes>> {
         let counter = Arc::clone(&self.get_bytes);
         stream
             .inspect(move |chunk| {

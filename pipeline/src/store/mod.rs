@@ -101,8 +101,14 @@ impl fmt::Debug for S3Options {
         f.debug_struct("S3Options")
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<set>"))
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<set>"))
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<set>"),
+            )
             .field("allow_http", &self.allow_http)
             .finish()
     }
@@ -126,7 +132,11 @@ impl fmt::Debug for Target {
 impl Target {
     /// The key of `rel` under this target's prefix.
     pub fn path(&self, rel: &str) -> Path {
-        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
+        let mut parts: Vec<String> = self
+            .prefix
+            .parts()
+            .map(|p| p.as_ref().to_string())
+            .collect();
         parts.extend(rel.split('/').filter(|s| !s.is_empty()).map(str::to_string));
         Path::from_iter(parts)
     }
@@ -212,7 +222,10 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Target, StoreError> {
         }
         std::path::PathBuf::from(rest)
     } else if url.contains("://") {
-        return Err(bad_url(url, "unknown scheme (use s3://, file://, memory:// or a path)"));
+        return Err(bad_url(
+            url,
+            "unknown scheme (use s3://, file://, memory:// or a path)",
+        ));
     } else {
         std::path::absolute(url).map_err(|e| bad_url(url, e.to_string()))?
     };
@@ -255,7 +268,11 @@ fn s3_store(bucket: &str, o: &S3Options) -> object_store::Result<object_store::a
     let allow_http = o
         .allow_http
         .or_else(|| env_flag("AWS_ALLOW_HTTP"))
-        .unwrap_or_else(|| endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+        .unwrap_or_else(|| {
+            endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"))
+        });
     if let Some(e) = &endpoint {
         b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
     }
@@ -357,7 +374,9 @@ pub async fn put_create(
         };
         return match store.put_opts(path, PutPayload::from(buf), opts).await {
             Ok(_) => Ok(PutOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => same_or_conflict(target, path, src).await,
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                same_or_conflict(target, path, src).await
+            }
             Err(e) => Err(StoreError::from_store(&object, e)),
         };
     }
@@ -424,7 +443,8 @@ async fn same_or_conflict(
             return Err(StoreError::Conflict { object });
         }
         mine.resize(chunk.len(), 0);
-        src.read_at(off, &mut mine).map_err(|e| io_error(&object, e))?;
+        src.read_at(off, &mut mine)
+            .map_err(|e| io_error(&object, e))?;
         if mine != chunk {
             return Err(StoreError::Conflict { object });
         }

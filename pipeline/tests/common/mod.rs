@@ -7,8 +7,15 @@ use shardrop::store::{self, S3Options, Target};
 pub fn unique(name: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{name}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{name}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The local S3-compatible server started by `tools/test`, or `None` when this run has none.
@@ -16,10 +23,15 @@ pub fn unique(name: &str) -> String {
 /// instead of skipping it.
 pub fn s3(name: &str) -> Option<Target> {
     match std::env::var("SHARDROP_TEST_S3") {
-        Ok(url) => Some(store::open(&format!("{url}/{}", unique(name)), &S3Options::default()).expect("open S3 test store")),
+        Ok(url) => Some(
+            store::open(&format!("{url}/{}", unique(name)), &S3Options::default())
+                .expect("open S3 test store"),
+        ),
         Err(_) => {
             if std::env::var("SHARDROP_S3_REQUIRED").is_ok_and(|v| v == "1") {
-                panic!("SHARDROP_TEST_S3 is not set but SHARDROP_S3_REQUIRED=1: start it with tools/s3-server");
+                panic!(
+                    "SHARDROP_TEST_S3 is not set but SHARDROP_S3_REQUIRED=1: start it with tools/s3-server"
+                );
             }
             eprintln!("skipping the S3 part of {name}: no SHARDROP_TEST_S3 (run tools/test)");
             None
@@ -32,7 +44,8 @@ pub fn local(dir: &std::path::Path) -> Target {
 }
 
 pub fn memory(name: &str) -> Target {
-    store::open(&format!("memory://{}", unique(name)), &S3Options::default()).expect("open memory store")
+    store::open(&format!("memory://{}", unique(name)), &S3Options::default())
+        .expect("open memory store")
 }
 
 /// Deterministic pseudo-random bytes.

@@ -7,12 +7,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
-use shardrop::envelope::{verify_sections, Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope};
+use object_store::ObjectStoreExt;
+use shardrop::envelope::{
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, verify_sections,
+};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use object_store::ObjectStoreExt;
 use shardrop::store::{self, Target};
 
 use super::Ctx;
@@ -59,10 +61,16 @@ async fn check(target: &Target, key: &str, expect: &Expect) -> Result<(), String
     let limits = Limits::default();
     let env = RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, expect)
         .await
-        .map_err(|e| e.rejection().map_or_else(|| e.to_string(), |r| r.reason.code().to_string()))?;
+        .map_err(|e| {
+            e.rejection()
+                .map_or_else(|| e.to_string(), |r| r.reason.code().to_string())
+        })?;
     verify_sections(target.store.as_ref(), &env, &limits, &|_| {})
         .await
-        .map_err(|e| e.rejection().map_or_else(|| e.to_string(), |r| r.reason.code().to_string()))
+        .map_err(|e| {
+            e.rejection()
+                .map_or_else(|| e.to_string(), |r| r.reason.code().to_string())
+        })
 }
 
 pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
@@ -70,7 +78,8 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         bail!("--peers must be at least 2");
     }
     let keys_dir = a.dir.join("keys");
-    std::fs::create_dir_all(&keys_dir).with_context(|| format!("{}: cannot create", keys_dir.display()))?;
+    std::fs::create_dir_all(&keys_dir)
+        .with_context(|| format!("{}: cannot create", keys_dir.display()))?;
     let store_url = match &a.store {
         Some(u) => u.clone(),
         None => a.dir.join("store").display().to_string(),
@@ -78,7 +87,10 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let root = store::open(&store_url, &ctx.s3)?;
     let run = format!(
         "demo-{}",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     );
     let window = 0;
     let mut peers = Vec::new();
@@ -90,7 +102,10 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     // 1. Every peer publishes one signed object into its own area.
     let mut published = Vec::new();
     for (i, (id, area)) in peers.iter().enumerate() {
-        let msg = format!("hello from peer {i} ({}) in run {run}, window {window}\n", id.peer_id());
+        let msg = format!(
+            "hello from peer {i} ({}) in run {run}, window {window}\n",
+            id.peer_id()
+        );
         let signed = EnvelopeBuilder::new(Kind::Blob, &run)
             .window(window)
             .section("message.txt", msg.as_bytes(), Compression::Zstd)?
@@ -103,7 +118,14 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     }
     // 2. Every peer verifies every other peer's object, expecting its signer, run and window.
     let mut checks = Vec::new();
-    let mut text = format!("run {run} on {}\n\n{:<8} {:<8} {:<10} {}\n", root.url(), "reader", "author", "verdict", "object");
+    let mut text = format!(
+        "run {run} on {}\n\n{:<8} {:<8} {:<10} {}\n",
+        root.url(),
+        "reader",
+        "author",
+        "verdict",
+        "object"
+    );
     for (r, _) in peers.iter().enumerate() {
         for (w, (author, area)) in peers.iter().enumerate() {
             if r == w {
@@ -118,7 +140,11 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 step: None,
             };
             let verdict = check(area, &key, &expect).await;
-            text += &format!("peer-{r:<3} peer-{w:<3} {:<10} {}\n", verdict.as_ref().map_or_else(|e| e.as_str(), |_| "valid"), area.url_of(&area.path(&key)));
+            text += &format!(
+                "peer-{r:<3} peer-{w:<3} {:<10} {}\n",
+                verdict.as_ref().map_or_else(|e| e.as_str(), |_| "valid"),
+                area.url_of(&area.path(&key))
+            );
             checks.push(serde_json::json!({"reader": r, "author": w, "valid": verdict.is_ok(), "reason": verdict.err()}));
         }
     }
@@ -159,7 +185,11 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         a.peers,
         published.len(),
         checks.len(),
-        if honest_ok { "all valid" } else { "WITH FAILURES" },
+        if honest_ok {
+            "all valid"
+        } else {
+            "WITH FAILURES"
+        },
         keys_dir.display(),
         root.url()
     );

@@ -21,7 +21,10 @@ pub fn keygen(ctx: &Ctx, a: KeygenArgs) -> anyhow::Result<()> {
     out::emit(
         ctx,
         &serde_json::json!({"peer_id": peer, "key_file": a.out.display().to_string()}),
-        &format!("{peer}\n(secret key written to {}, mode 0600)", a.out.display()),
+        &format!(
+            "{peer}\n(secret key written to {}, mode 0600)",
+            a.out.display()
+        ),
     );
     Ok(())
 }

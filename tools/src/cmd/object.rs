@@ -3,16 +3,16 @@
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
 use shardrop::envelope::{
-    self, fetch_head, parse_prefix, read_sections, verify_sections, Compression, EnvelopeBuilder,
-    Expect, Head, Kind, Limits, RemoteEnvelope, PREFIX_LEN,
+    self, Compression, EnvelopeBuilder, Expect, Head, Kind, Limits, PREFIX_LEN, RemoteEnvelope,
+    fetch_head, parse_prefix, read_sections, verify_sections,
 };
 use shardrop::identity::PeerId;
 use shardrop::store::{self, PutOutcome};
 
-use super::{keys, Ctx};
+use super::{Ctx, keys};
 use crate::out;
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -177,7 +177,14 @@ pub async fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<()> {
     let (target, path) = store::open_object(&a.url, &ctx.s3)?;
     let limits = Limits::default();
     let object = target.url_of(&path);
-    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &a.expect.expect()).await?;
+    let env = RemoteEnvelope::open(
+        target.store.as_ref(),
+        &path,
+        &object,
+        &limits,
+        &a.expect.expect(),
+    )
+    .await?;
     let bar = out::bytes_bar(ctx, env.head.header.body_len, "verifying");
     verify_sections(target.store.as_ref(), &env, &limits, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();
@@ -217,12 +224,24 @@ pub async fn inspect(ctx: &Ctx, a: InspectArgs) -> anyhow::Result<()> {
         "object": object, "bytes": meta.size,
         "last_modified": meta.last_modified.to_rfc3339(), "etag": meta.e_tag,
     });
-    let mut text = format!("object        {object}\nsize          {} bytes\nlast_modified {}\n", meta.size, meta.last_modified.to_rfc3339());
+    let mut text = format!(
+        "object        {object}\nsize          {} bytes\nlast_modified {}\n",
+        meta.size,
+        meta.last_modified.to_rfc3339()
+    );
     let mut problem: Option<envelope::Rejection> = None;
-    match parse_prefix(&bytes, &Limits { max_header_len: u32::MAX, ..limits.clone() }) {
+    match parse_prefix(
+        &bytes,
+        &Limits {
+            max_header_len: u32::MAX,
+            ..limits.clone()
+        },
+    ) {
         Ok((version, kind, header_len)) => {
             json["prefix"] = serde_json::json!({"version": version, "kind": kind.name(), "header_len": header_len});
-            text += &format!("prefix        SHARDROP v{version}, kind {kind}, header {header_len} bytes\n");
+            text += &format!(
+                "prefix        SHARDROP v{version}, kind {kind}, header {header_len} bytes\n"
+            );
             let end = (PREFIX_LEN + header_len as usize).min(bytes.len());
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes[PREFIX_LEN..end]) {
                 text += &header_text(&v);
@@ -233,7 +252,9 @@ pub async fn inspect(ctx: &Ctx, a: InspectArgs) -> anyhow::Result<()> {
     }
     let mut head_ok: Option<(Head, PeerId)> = None;
     if problem.is_none() {
-        match Head::parse(&bytes, &limits).and_then(|h| h.verify(meta.size, &Expect::default()).map(|s| (h, s))) {
+        match Head::parse(&bytes, &limits)
+            .and_then(|h| h.verify(meta.size, &Expect::default()).map(|s| (h, s)))
+        {
             Ok(hs) => head_ok = Some(hs),
             Err(r) => problem = Some(r),
         }
@@ -253,7 +274,11 @@ pub async fn inspect(ctx: &Ctx, a: InspectArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let checked = if a.deep { "signature, sizes and sections" } else { "signature and sizes (sections not fetched; --deep)" };
+    let checked = if a.deep {
+        "signature, sizes and sections"
+    } else {
+        "signature and sizes (sections not fetched; --deep)"
+    };
     match &problem {
         None => {
             text += &format!("verdict       valid: {checked}\n");
@@ -280,10 +305,30 @@ fn header_text(v: &serde_json::Value) -> String {
         }
     }
     if let Some(sections) = v.get("sections").and_then(|s| s.as_array()) {
-        t += &format!("sections      {}\n  {:<24} {:>12} {:>12} {:>12} {:<5} hash\n", sections.len(), "name", "offset", "len", "raw_len", "comp");
+        t += &format!(
+            "sections      {}\n  {:<24} {:>12} {:>12} {:>12} {:<5} hash\n",
+            sections.len(),
+            "name",
+            "offset",
+            "len",
+            "raw_len",
+            "comp"
+        );
         for s in sections {
-            let g = |k: &str| s.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
-            t += &format!("  {:<24} {:>12} {:>12} {:>12} {:<5} {}\n", g("name"), g("offset"), g("len"), g("raw_len"), g("compression"), g("hash"));
+            let g = |k: &str| {
+                s.get(k)
+                    .map(|v| v.to_string().trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            t += &format!(
+                "  {:<24} {:>12} {:>12} {:>12} {:<5} {}\n",
+                g("name"),
+                g("offset"),
+                g("len"),
+                g("raw_len"),
+                g("compression"),
+                g("hash")
+            );
         }
     }
     t
@@ -306,7 +351,14 @@ pub async fn get(ctx: &Ctx, a: GetArgs) -> anyhow::Result<()> {
     let (target, path) = store::open_object(&a.url, &ctx.s3)?;
     let limits = Limits::default();
     let object = target.url_of(&path);
-    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &a.expect.expect()).await?;
+    let env = RemoteEnvelope::open(
+        target.store.as_ref(),
+        &path,
+        &object,
+        &limits,
+        &a.expect.expect(),
+    )
+    .await?;
     let selected: Vec<usize> = match &a.section {
         None => (0..env.sections().len()).collect(),
         Some(name) => match env.sections().iter().position(|s| &s.name == name) {
@@ -314,7 +366,8 @@ pub async fn get(ctx: &Ctx, a: GetArgs) -> anyhow::Result<()> {
             None => bail!("{object}: no section named {name:?}"),
         },
     };
-    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("{}: cannot create", a.out_dir.display()))?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("{}: cannot create", a.out_dir.display()))?;
     // Sections land in a hidden folder inside OUT_DIR and move into place only when every
     // one verified; on any failure the folder (and all it holds) is removed on drop.
     let staging = tempfile::Builder::new()
@@ -329,19 +382,26 @@ pub async fn get(ctx: &Ctx, a: GetArgs) -> anyhow::Result<()> {
         &env,
         &selected,
         &limits,
-        |entry| Ok(BufWriter::with_capacity(1 << 20, std::fs::File::create(staging_path.join(&entry.name))?)),
+        |entry| {
+            Ok(BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(staging_path.join(&entry.name))?,
+            ))
+        },
         &|n| bar.inc(n),
     )
     .await?;
     bar.finish_and_clear();
     for mut sink in sinks {
-        sink.flush().with_context(|| format!("{}: write failed", a.out_dir.display()))?;
+        sink.flush()
+            .with_context(|| format!("{}: write failed", a.out_dir.display()))?;
     }
     let mut written = Vec::new();
     for &i in &selected {
         let entry = &env.sections()[i];
         let dest = a.out_dir.join(&entry.name);
-        std::fs::rename(staging_path.join(&entry.name), &dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+        std::fs::rename(staging_path.join(&entry.name), &dest)
+            .with_context(|| format!("{}: cannot move into place", dest.display()))?;
         written.push(serde_json::json!({"name": entry.name, "path": dest.display().to_string(), "bytes": entry.raw_len}));
     }
     drop(staging);
