@@ -5,6 +5,7 @@
 //! a stable [`envelope::Reason`]. See `schemas/` for the normative formats and the README for
 //! the roles.
 
+pub mod codec;
 pub mod envelope;
 pub mod identity;
 pub mod layout;

@@ -1,0 +1,312 @@
+//! The gradient codec: error feedback, chunked top-k, quantized values, packed or
+//! Elias–Fano indices (DESIGN §5; normative: `schemas/gradient.md`).
+//!
+//! A miner's update per tensor goes into an error-feedback buffer (`buf = beta·buf + update`);
+//! each chunk of `chunk` elements sends its `k` largest magnitudes (ties to the lower index),
+//! quantized; what the receiver will decode is subtracted from the buffer, so nothing is lost,
+//! only delayed. The codec knows nothing of stores or signatures: it turns tensors into
+//! section payloads (plain safetensors files) and back.
+
+mod bits;
+mod cpu;
+mod format;
+mod quant;
+mod state;
+
+pub use cpu::{accumulate, encode_tensor, to_sparse, validate};
+pub use format::{read_section, section_name, write_section, SECTION_CODEC};
+pub use quant::{bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize, ValueFormat};
+pub use state::EfState;
+
+use serde::{Deserialize, Serialize};
+
+/// How quantization scales are shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleMode {
+    /// One bf16 scale per chunk.
+    Chunk,
+    /// One bf16 scale for the whole tensor.
+    Tensor,
+}
+
+/// How the sorted indices of a chunk are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexEncoding {
+    /// log2(chunk) bits each.
+    Packed,
+    /// Elias–Fano: about 2 + log2(chunk/k) bits each.
+    Compact,
+}
+
+/// Parameters of one encoded tensor (the run fixes them; every tensor records them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecParams {
+    pub chunk: u32,
+    pub k: u32,
+    pub values: ValueFormat,
+    pub scales: ScaleMode,
+    pub indices: IndexEncoding,
+}
+
+impl Default for CodecParams {
+    /// Templar's operating point: C = 4096, k = 64 (1.56 %), 2-bit values.
+    fn default() -> Self {
+        CodecParams {
+            chunk: 4096,
+            k: 64,
+            values: ValueFormat::Int2,
+            scales: ScaleMode::Chunk,
+            indices: IndexEncoding::Compact,
+        }
+    }
+}
+
+impl CodecParams {
+    pub fn validate(&self) -> Result<(), CodecError> {
+        if !self.chunk.is_power_of_two() || !(64..=65536).contains(&self.chunk) {
+            return Err(CodecError::Params(format!("chunk {} must be a power of two in 64..=65536", self.chunk)));
+        }
+        if self.k == 0 {
+            return Err(CodecError::Params("k must be at least 1".into()));
+        }
+        if self.k > self.chunk {
+            return Err(CodecError::KOverChunk { k: self.k, chunk: self.chunk });
+        }
+        Ok(())
+    }
+
+    /// k for a density (fraction of each chunk kept), at least 1.
+    pub fn k_for_density(chunk: u32, density: f64) -> u32 {
+        ((density * chunk as f64).round() as u32).clamp(1, chunk)
+    }
+}
+
+/// Element types an update may come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl InDtype {
+    pub fn size(self) -> usize {
+        match self {
+            InDtype::F32 => 4,
+            InDtype::Bf16 | InDtype::F16 => 2,
+        }
+    }
+
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+        match d {
+            safetensors::Dtype::F32 => Some(InDtype::F32),
+            safetensors::Dtype::BF16 => Some(InDtype::Bf16),
+            safetensors::Dtype::F16 => Some(InDtype::F16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            InDtype::F32 => "f32",
+            InDtype::Bf16 => "bf16",
+            InDtype::F16 => "f16",
+        }
+    }
+}
+
+/// One tensor of a miner's update: raw little-endian bytes as a safetensors file holds them.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorInput<'a> {
+    pub name: &'a str,
+    pub shape: &'a [u64],
+    pub dtype: InDtype,
+    pub data: &'a [u8],
+}
+
+/// One tensor in compressed form: what a section holds for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedTensor {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: InDtype,
+    pub params: CodecParams,
+    /// Index blocks of all chunks, back to back.
+    pub idx: Vec<u8>,
+    /// Value blocks of all chunks, back to back (bf16 values little-endian).
+    pub val: Vec<u8>,
+    /// bf16 bit patterns: one per chunk, or one per tensor (empty for bf16 values).
+    pub scales: Vec<u16>,
+}
+
+impl EncodedTensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Elements sent.
+    pub fn kept(&self) -> u64 {
+        Layout::new(self.numel(), &self.params).kept()
+    }
+
+    /// Payload bytes (indices + values + scales), without container overhead.
+    pub fn payload_bytes(&self) -> u64 {
+        (self.idx.len() + self.val.len() + 2 * self.scales.len()) as u64
+    }
+}
+
+/// Block sizes and offsets of one tensor: every chunk's blocks start at computable offsets,
+/// which lets chunks be encoded and decoded independently and in parallel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub n: u64,
+    pub chunk: u32,
+    pub n_chunks: usize,
+    pub last_len: u32,
+    pub k_full: u32,
+    pub k_last: u32,
+    pub idx_full: usize,
+    pub idx_last: usize,
+    pub val_full: usize,
+    pub val_last: usize,
+    pub n_scales: usize,
+}
+
+impl Layout {
+    pub fn new(n: u64, p: &CodecParams) -> Layout {
+        let c = p.chunk as u64;
+        let n_chunks = n.div_ceil(c) as usize;
+        let last_len = if n_chunks == 0 { 0 } else { (n - (n_chunks as u64 - 1) * c) as u32 };
+        let k_full = p.k.min(p.chunk);
+        let k_last = p.k.min(last_len);
+        let compact = p.indices == IndexEncoding::Compact;
+        let log2 = p.chunk.ilog2();
+        let vb = |k: u32| (k as usize * p.values.bits() as usize).div_ceil(8);
+        Layout {
+            n,
+            chunk: p.chunk,
+            n_chunks,
+            last_len,
+            k_full,
+            k_last,
+            idx_full: bits::index_block_bytes(compact, k_full, p.chunk, log2),
+            idx_last: bits::index_block_bytes(compact, k_last, last_len.max(1), log2),
+            val_full: vb(k_full),
+            val_last: vb(k_last),
+            n_scales: match (p.values.scaled(), p.scales) {
+                (false, _) => 0,
+                (true, ScaleMode::Chunk) => n_chunks,
+                (true, ScaleMode::Tensor) => usize::from(n_chunks > 0),
+            },
+        }
+    }
+
+    fn total(&self, full: usize, last: usize) -> usize {
+        if self.n_chunks == 0 { 0 } else { (self.n_chunks - 1) * full + last }
+    }
+
+    pub fn idx_len(&self) -> usize {
+        self.total(self.idx_full, self.idx_last)
+    }
+
+    pub fn val_len(&self) -> usize {
+        self.total(self.val_full, self.val_last)
+    }
+
+    pub fn kept(&self) -> u64 {
+        self.total(self.k_full as usize, self.k_last as usize) as u64
+    }
+
+    pub fn chunk_len(&self, c: usize) -> u32 {
+        if c + 1 == self.n_chunks { self.last_len } else { self.chunk }
+    }
+
+    pub fn k_of(&self, c: usize) -> u32 {
+        if c + 1 == self.n_chunks { self.k_last } else { self.k_full }
+    }
+}
+
+/// Ceilings a decoder enforces before allocating for what a section claims.
+#[derive(Clone, Debug)]
+pub struct CodecLimits {
+    pub max_tensors: usize,
+    pub max_elements: u64,
+}
+
+impl Default for CodecLimits {
+    fn default() -> Self {
+        CodecLimits {
+            max_tensors: 100_000,
+            max_elements: 1 << 36,
+        }
+    }
+}
+
+/// The model a run trains: decoders refuse tensors it does not have, or of another shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub tensors: Vec<TensorSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: InDtype,
+}
+
+impl ModelSpec {
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// Why an update could not be encoded or a section was refused. `reason()` codes are stable
+/// and go into ledgers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodecError {
+    #[error("bad codec parameters: {0}")]
+    Params(String),
+    #[error("k {k} is larger than the chunk size {chunk}")]
+    KOverChunk { k: u32, chunk: u32 },
+    #[error("tensor {tensor:?}: index {index} out of range in chunk {chunk}")]
+    IndexOutOfRange { tensor: String, chunk: usize, index: u32 },
+    #[error("tensor {tensor:?}: indices not strictly increasing in chunk {chunk} (at {index})")]
+    IndicesNotIncreasing { tensor: String, chunk: usize, index: u32 },
+    #[error("tensor {tensor:?}: malformed index block in chunk {chunk}")]
+    IndexMalformed { tensor: String, chunk: usize },
+    #[error("tensor {tensor:?}: {what} is NaN or infinite")]
+    NonFinite { tensor: String, what: String },
+    #[error("tensor {tensor:?} is not in the run's model")]
+    UnknownTensor { tensor: String },
+    #[error("tensor {tensor:?}: shape {got:?}, the model says {want:?}")]
+    ShapeMismatch { tensor: String, got: Vec<u64>, want: Vec<u64> },
+    #[error("over limit: {0}")]
+    OverLimit(String),
+    #[error("tensor {tensor:?}: {what} is {got} bytes, expected {want}")]
+    SizeMismatch { tensor: String, what: String, got: usize, want: usize },
+    #[error("malformed section: {0}")]
+    Malformed(String),
+}
+
+impl CodecError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CodecError::Params(_) => "codec_params",
+            CodecError::KOverChunk { .. } => "k_over_chunk",
+            CodecError::IndexOutOfRange { .. } => "index_out_of_range",
+            CodecError::IndicesNotIncreasing { .. } => "indices_not_increasing",
+            CodecError::IndexMalformed { .. } => "index_malformed",
+            CodecError::NonFinite { .. } => "non_finite",
+            CodecError::UnknownTensor { .. } => "unknown_tensor",
+            CodecError::ShapeMismatch { .. } => "shape_mismatch",
+            CodecError::OverLimit(_) => "over_limit",
+            CodecError::SizeMismatch { .. } => "size_mismatch",
+            CodecError::Malformed(_) => "section_malformed",
+        }
+    }
+}
