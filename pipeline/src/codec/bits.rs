@@ -64,7 +64,11 @@ pub fn get(block: &[u8], bit: usize, width: u32) -> u32 {
 /// the length of the high-bit vector.
 #[inline]
 pub fn ef_shape(n: u32, universe: u32) -> (u32, usize) {
-    let low = if universe > n { (universe / n).ilog2() } else { 0 };
+    let low = if universe > n {
+        (universe / n).ilog2()
+    } else {
+        0
+    };
     let high = n as usize + (((universe - 1) >> low) as usize) + 1;
     (low, high)
 }
@@ -113,7 +117,13 @@ pub enum IndexFault {
 }
 
 /// Decodes `out.len()` indices, checking range and strict order.
-pub fn read_indices(block: &[u8], out: &mut [u32], compact: bool, universe: u32, chunk_log2: u32) -> Result<(), IndexFault> {
+pub fn read_indices(
+    block: &[u8],
+    out: &mut [u32],
+    compact: bool,
+    universe: u32,
+    chunk_log2: u32,
+) -> Result<(), IndexFault> {
     let n = out.len() as u32;
     if !compact {
         let mut prev: Option<u32> = None;
@@ -180,7 +190,10 @@ mod tests {
     fn ef_roundtrip_and_size() {
         let idx: Vec<u32> = (0..64).map(|i| i * 64 + (i % 7)).collect();
         let bytes = index_block_bytes(true, 64, 4096, 12);
-        assert_eq!(bytes, 64, "k=64 of C=4096: 6 low + 2 high bits = 8 bits per index");
+        assert_eq!(
+            bytes, 64,
+            "k=64 of C=4096: 6 low + 2 high bits = 8 bits per index"
+        );
         let mut block = vec![0u8; bytes];
         write_indices(&mut block, &idx, true, 4096, 12);
         let mut out = vec![0u32; 64];
@@ -194,8 +207,17 @@ mod tests {
 
     #[test]
     fn edge_shapes() {
-        for (n, u) in [(1u32, 1u32), (1, 64), (64, 64), (3, 5), (7, 100), (100, 65536)] {
-            let idx: Vec<u32> = (0..n).map(|i| (i as u64 * u as u64 / n as u64) as u32).collect();
+        for (n, u) in [
+            (1u32, 1u32),
+            (1, 64),
+            (64, 64),
+            (3, 5),
+            (7, 100),
+            (100, 65536),
+        ] {
+            let idx: Vec<u32> = (0..n)
+                .map(|i| (i as u64 * u as u64 / n as u64) as u32)
+                .collect();
             let mut block = vec![0u8; index_block_bytes(true, n, u, 16)];
             write_indices(&mut block, &idx, true, u, 16);
             let mut out = vec![0u32; n as usize];
@@ -209,13 +231,22 @@ mod tests {
         let mut block = vec![0u8; index_block_bytes(false, 3, 64, 6)];
         write_indices(&mut block, &[5, 5, 9], false, 64, 6);
         let mut out = vec![0u32; 3];
-        assert_eq!(read_indices(&block, &mut out, false, 64, 6), Err(IndexFault::NotIncreasing(5)));
+        assert_eq!(
+            read_indices(&block, &mut out, false, 64, 6),
+            Err(IndexFault::NotIncreasing(5))
+        );
         // A short last chunk: index 40 is out of range for a chunk of 40 elements.
         write_indices(&mut block, &[1, 2, 40], false, 64, 6);
-        assert_eq!(read_indices(&block, &mut out, false, 40, 6), Err(IndexFault::OutOfRange(40)));
+        assert_eq!(
+            read_indices(&block, &mut out, false, 40, 6),
+            Err(IndexFault::OutOfRange(40))
+        );
         // Elias–Fano with too few set high bits.
         let mut block = vec![0u8; index_block_bytes(true, 3, 64, 6)];
-        assert_eq!(read_indices(&block, &mut out, true, 64, 6), Err(IndexFault::Malformed));
+        assert_eq!(
+            read_indices(&block, &mut out, true, 64, 6),
+            Err(IndexFault::Malformed)
+        );
         block.fill(0xff);
         assert!(read_indices(&block, &mut out, true, 64, 6).is_err());
     }

@@ -5,8 +5,10 @@
 use rayon::prelude::*;
 
 use super::bits::{self, BitWriter, IndexFault};
-use super::quant::{bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize, ValueFormat};
-use super::{CodecError, CodecParams, EncodedTensor, InDtype, IndexEncoding, Layout, ScaleMode, TensorInput};
+use super::quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
+use super::{
+    CodecError, CodecParams, EncodedTensor, InDtype, IndexEncoding, Layout, ScaleMode, TensorInput,
+};
 
 const MAG: u32 = 0x7FFF_FFFF;
 const INF_BITS: u32 = 0x7F80_0000;
@@ -27,8 +29,18 @@ struct ChunkStats {
 }
 
 #[inline]
-fn ef_pass<F: Fn(&[u8]) -> f32>(state: &mut [f32], input: &[u8], size: usize, beta: f32, load: F) -> ChunkStats {
-    let mut st = ChunkStats { hist: [0; 256], max: 0, nonfinite: false };
+fn ef_pass<F: Fn(&[u8]) -> f32>(
+    state: &mut [f32],
+    input: &[u8],
+    size: usize,
+    beta: f32,
+    load: F,
+) -> ChunkStats {
+    let mut st = ChunkStats {
+        hist: [0; 256],
+        max: 0,
+        nonfinite: false,
+    };
     for (s, raw) in state.iter_mut().zip(input.chunks_exact(size)) {
         // Two rounded operations, never fused: the GPU kernels do the same.
         let v = beta * *s + load(raw);
@@ -43,9 +55,15 @@ fn ef_pass<F: Fn(&[u8]) -> f32>(state: &mut [f32], input: &[u8], size: usize, be
 
 fn ef_chunk(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
     match dtype {
-        InDtype::F32 => ef_pass(state, input, 4, beta, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        InDtype::Bf16 => ef_pass(state, input, 2, beta, |b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-        InDtype::F16 => ef_pass(state, input, 2, beta, |b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        InDtype::F32 => ef_pass(state, input, 4, beta, |b| {
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }),
+        InDtype::Bf16 => ef_pass(state, input, 2, beta, |b| {
+            bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+        }),
+        InDtype::F16 => ef_pass(state, input, 2, beta, |b| {
+            half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+        }),
     }
 }
 
@@ -106,13 +124,22 @@ fn emit(
     tensor: &str,
 ) -> Result<(), CodecError> {
     let universe = state.len() as u32;
-    bits::write_indices(idx_out, sel, p.indices == IndexEncoding::Compact, universe, p.chunk.ilog2());
+    bits::write_indices(
+        idx_out,
+        sel,
+        p.indices == IndexEncoding::Compact,
+        universe,
+        p.chunk.ilog2(),
+    );
     if p.values == ValueFormat::Bf16 {
         for (j, &i) in sel.iter().enumerate() {
             let v = state[i as usize];
             let h = f32_to_bf16(v);
             if h & 0x7F80 == 0x7F80 {
-                return Err(CodecError::NonFinite { tensor: tensor.into(), what: "a value rounded to bf16".into() });
+                return Err(CodecError::NonFinite {
+                    tensor: tensor.into(),
+                    what: "a value rounded to bf16".into(),
+                });
             }
             val_out[2 * j..2 * j + 2].copy_from_slice(&h.to_le_bytes());
             state[i as usize] = v - bf16_to_f32(h);
@@ -132,12 +159,20 @@ fn emit(
 }
 
 fn non_finite(tensor: &str) -> CodecError {
-    CodecError::NonFinite { tensor: tensor.into(), what: "the update (or error-feedback buffer)".into() }
+    CodecError::NonFinite {
+        tensor: tensor.into(),
+        what: "the update (or error-feedback buffer)".into(),
+    }
 }
 
 /// Encodes one tensor and advances its error-feedback buffer `state` (same length as the
 /// tensor, f32). On error `state` is left part-updated: reload it before trying again.
-pub fn encode_tensor(input: &TensorInput, state: &mut [f32], beta: f32, p: &CodecParams) -> Result<EncodedTensor, CodecError> {
+pub fn encode_tensor(
+    input: &TensorInput,
+    state: &mut [f32],
+    beta: f32,
+    p: &CodecParams,
+) -> Result<EncodedTensor, CodecError> {
     p.validate()?;
     let n: u64 = input.shape.iter().product();
     let size = input.dtype.size();
@@ -152,7 +187,11 @@ pub fn encode_tensor(input: &TensorInput, state: &mut [f32], beta: f32, p: &Code
     let lay = Layout::new(n, p);
     let mut idx = vec![0u8; lay.idx_len()];
     let mut val = vec![0u8; lay.val_len()];
-    let lv = if p.values.scaled() { levels(p.values.bits()) } else { Vec::new() };
+    let lv = if p.values.scaled() {
+        levels(p.values.bits())
+    } else {
+        Vec::new()
+    };
     let c = p.chunk as usize;
     let name = input.name;
     let chunk_mode = p.scales == ScaleMode::Chunk || !p.values.scaled();
@@ -174,7 +213,11 @@ pub fn encode_tensor(input: &TensorInput, state: &mut [f32], beta: f32, p: &Code
                 Ok(scale)
             })
             .collect::<Result<_, _>>()?;
-        if p.values.scaled() { per_chunk } else { Vec::new() }
+        if p.values.scaled() {
+            per_chunk
+        } else {
+            Vec::new()
+        }
     } else {
         // One scale for the tensor: select everywhere first, then quantize against the max.
         let mut sel_all = vec![0u32; lay.kept() as usize];
@@ -199,7 +242,11 @@ pub fn encode_tensor(input: &TensorInput, state: &mut [f32], beta: f32, p: &Code
             .zip(idx.par_chunks_mut(lay.idx_full))
             .zip(val.par_chunks_mut(lay.val_full))
             .try_for_each(|(((st, sel), io), vo)| emit(st, sel, scale, p, &lv, io, vo, name))?;
-        if lay.n_scales == 1 { vec![scale] } else { Vec::new() }
+        if lay.n_scales == 1 {
+            vec![scale]
+        } else {
+            Vec::new()
+        }
     };
     Ok(EncodedTensor {
         name: input.name.to_string(),
@@ -215,8 +262,16 @@ pub fn encode_tensor(input: &TensorInput, state: &mut [f32], beta: f32, p: &Code
 fn index_error(t: &EncodedTensor, chunk: usize, f: IndexFault) -> CodecError {
     let tensor = t.name.clone();
     match f {
-        IndexFault::OutOfRange(index) => CodecError::IndexOutOfRange { tensor, chunk, index },
-        IndexFault::NotIncreasing(index) => CodecError::IndicesNotIncreasing { tensor, chunk, index },
+        IndexFault::OutOfRange(index) => CodecError::IndexOutOfRange {
+            tensor,
+            chunk,
+            index,
+        },
+        IndexFault::NotIncreasing(index) => CodecError::IndicesNotIncreasing {
+            tensor,
+            chunk,
+            index,
+        },
         IndexFault::Malformed => CodecError::IndexMalformed { tensor, chunk },
     }
 }
@@ -230,52 +285,100 @@ pub fn validate(t: &EncodedTensor) -> Result<(), CodecError> {
         if got == want {
             Ok(())
         } else {
-            Err(CodecError::SizeMismatch { tensor: t.name.clone(), what: what.into(), got, want })
+            Err(CodecError::SizeMismatch {
+                tensor: t.name.clone(),
+                what: what.into(),
+                got,
+                want,
+            })
         }
     };
     size("index data", t.idx.len(), lay.idx_len())?;
     size("value data", t.val.len(), lay.val_len())?;
     size("scales", t.scales.len() * 2, lay.n_scales * 2)?;
-    if t.scales.iter().any(|&s| s & 0x8000 != 0 || s & 0x7F80 == 0x7F80) {
-        return Err(CodecError::NonFinite { tensor: t.name.clone(), what: "a scale (or it is negative)".into() });
+    if t.scales
+        .iter()
+        .any(|&s| s & 0x8000 != 0 || s & 0x7F80 == 0x7F80)
+    {
+        return Err(CodecError::NonFinite {
+            tensor: t.name.clone(),
+            what: "a scale (or it is negative)".into(),
+        });
     }
     let compact = t.params.indices == IndexEncoding::Compact;
     let log2 = t.params.chunk.ilog2();
     let bf16 = t.params.values == ValueFormat::Bf16;
-    (0..lay.n_chunks).into_par_iter().try_for_each_init(Vec::new, |buf: &mut Vec<u32>, c| {
-        let k = lay.k_of(c) as usize;
-        buf.resize(k, 0);
-        let io = c * lay.idx_full;
-        let block = &t.idx[io..io + if c + 1 == lay.n_chunks { lay.idx_last } else { lay.idx_full }];
-        bits::read_indices(block, buf, compact, lay.chunk_len(c), log2).map_err(|f| index_error(t, c, f))?;
-        if bf16 {
-            let vo = c * lay.val_full;
-            for j in 0..k {
-                let h = u16::from_le_bytes([t.val[vo + 2 * j], t.val[vo + 2 * j + 1]]);
-                if h & 0x7F80 == 0x7F80 {
-                    return Err(CodecError::NonFinite { tensor: t.name.clone(), what: format!("a value in chunk {c}") });
+    (0..lay.n_chunks)
+        .into_par_iter()
+        .try_for_each_init(Vec::new, |buf: &mut Vec<u32>, c| {
+            let k = lay.k_of(c) as usize;
+            buf.resize(k, 0);
+            let io = c * lay.idx_full;
+            let block = &t.idx[io..io
+                + if c + 1 == lay.n_chunks {
+                    lay.idx_last
+                } else {
+                    lay.idx_full
+                }];
+            bits::read_indices(block, buf, compact, lay.chunk_len(c), log2)
+                .map_err(|f| index_error(t, c, f))?;
+            if bf16 {
+                let vo = c * lay.val_full;
+                for j in 0..k {
+                    let h = u16::from_le_bytes([t.val[vo + 2 * j], t.val[vo + 2 * j + 1]]);
+                    if h & 0x7F80 == 0x7F80 {
+                        return Err(CodecError::NonFinite {
+                            tensor: t.name.clone(),
+                            what: format!("a value in chunk {c}"),
+                        });
+                    }
                 }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        })
 }
 
 /// Decodes chunk `c` into (local index, value) pairs via `f`. Call only after `validate`.
 #[inline]
-fn for_each_value(t: &EncodedTensor, lay: &Layout, lv: &[f32], c: usize, buf: &mut Vec<u32>, mut f: impl FnMut(u32, f32)) {
+fn for_each_value(
+    t: &EncodedTensor,
+    lay: &Layout,
+    lv: &[f32],
+    c: usize,
+    buf: &mut Vec<u32>,
+    mut f: impl FnMut(u32, f32),
+) {
     let k = lay.k_of(c) as usize;
     buf.resize(k, 0);
     let io = c * lay.idx_full;
-    let block = &t.idx[io..io + if c + 1 == lay.n_chunks { lay.idx_last } else { lay.idx_full }];
+    let block = &t.idx[io..io
+        + if c + 1 == lay.n_chunks {
+            lay.idx_last
+        } else {
+            lay.idx_full
+        }];
     let compact = t.params.indices == IndexEncoding::Compact;
-    if bits::read_indices(block, buf, compact, lay.chunk_len(c), t.params.chunk.ilog2()).is_err() {
+    if bits::read_indices(
+        block,
+        buf,
+        compact,
+        lay.chunk_len(c),
+        t.params.chunk.ilog2(),
+    )
+    .is_err()
+    {
         return;
     }
     let vo = c * lay.val_full;
     if t.params.values == ValueFormat::Bf16 {
         for (j, &i) in buf.iter().enumerate() {
-            f(i, bf16_to_f32(u16::from_le_bytes([t.val[vo + 2 * j], t.val[vo + 2 * j + 1]])));
+            f(
+                i,
+                bf16_to_f32(u16::from_le_bytes([
+                    t.val[vo + 2 * j],
+                    t.val[vo + 2 * j + 1],
+                ])),
+            );
         }
         return;
     }
@@ -297,9 +400,18 @@ pub fn accumulate(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(
     validate(t)?;
     let lay = Layout::new(t.numel(), &t.params);
     if dense.len() as u64 != lay.n {
-        return Err(CodecError::SizeMismatch { tensor: t.name.clone(), what: "dense accumulator".into(), got: dense.len(), want: lay.n as usize });
+        return Err(CodecError::SizeMismatch {
+            tensor: t.name.clone(),
+            what: "dense accumulator".into(),
+            got: dense.len(),
+            want: lay.n as usize,
+        });
     }
-    let lv = if t.params.values.scaled() { levels(t.params.values.bits()) } else { Vec::new() };
+    let lv = if t.params.values.scaled() {
+        levels(t.params.values.bits())
+    } else {
+        Vec::new()
+    };
     dense
         .par_chunks_mut(t.params.chunk as usize)
         .enumerate()
@@ -314,7 +426,11 @@ pub fn accumulate(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(
 pub fn to_sparse(t: &EncodedTensor) -> Result<(Vec<u64>, Vec<f32>), CodecError> {
     validate(t)?;
     let lay = Layout::new(t.numel(), &t.params);
-    let lv = if t.params.values.scaled() { levels(t.params.values.bits()) } else { Vec::new() };
+    let lv = if t.params.values.scaled() {
+        levels(t.params.values.bits())
+    } else {
+        Vec::new()
+    };
     let mut idx = Vec::with_capacity(lay.kept() as usize);
     let mut val = Vec::with_capacity(lay.kept() as usize);
     let mut buf = Vec::new();

@@ -10,7 +10,9 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use super::{validate, CodecError, CodecLimits, CodecParams, EncodedTensor, InDtype, ModelSpec, ValueFormat};
+use super::{
+    CodecError, CodecLimits, CodecParams, EncodedTensor, InDtype, ModelSpec, ValueFormat, validate,
+};
 
 /// Codec name recorded in sections and envelope headers.
 pub const SECTION_CODEC: &str = "topk-v1";
@@ -44,22 +46,37 @@ pub fn write_section(tensors: &[EncodedTensor]) -> Result<Vec<u8>, CodecError> {
         codec: SECTION_CODEC.to_string(),
         tensors: tensors
             .iter()
-            .map(|t| TensorMeta { name: t.name.clone(), shape: t.shape.clone(), dtype: t.dtype, params: t.params })
+            .map(|t| TensorMeta {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                params: t.params,
+            })
             .collect(),
     };
-    let meta_json = serde_json::to_string(&meta).map_err(|e| CodecError::Malformed(e.to_string()))?;
-    let scales: Vec<Vec<u8>> = tensors.iter().map(|t| t.scales.iter().flat_map(|s| s.to_le_bytes()).collect()).collect();
+    let meta_json =
+        serde_json::to_string(&meta).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let scales: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.scales.iter().flat_map(|s| s.to_le_bytes()).collect())
+        .collect();
     let mut views = Vec::with_capacity(tensors.len() * 3);
     let bad = |e: safetensors::SafeTensorError| CodecError::Malformed(e.to_string());
     for (t, sc) in tensors.iter().zip(&scales) {
-        views.push((format!("{}/idx", t.name), TensorView::new(Dtype::U8, vec![t.idx.len()], &t.idx).map_err(bad)?));
+        views.push((
+            format!("{}/idx", t.name),
+            TensorView::new(Dtype::U8, vec![t.idx.len()], &t.idx).map_err(bad)?,
+        ));
         let val = if t.params.values == ValueFormat::Bf16 {
             TensorView::new(Dtype::BF16, vec![t.val.len() / 2], &t.val)
         } else {
             TensorView::new(Dtype::U8, vec![t.val.len()], &t.val)
         };
         views.push((format!("{}/val", t.name), val.map_err(bad)?));
-        views.push((format!("{}/scale", t.name), TensorView::new(Dtype::BF16, vec![t.scales.len()], sc).map_err(bad)?));
+        views.push((
+            format!("{}/scale", t.name),
+            TensorView::new(Dtype::BF16, vec![t.scales.len()], sc).map_err(bad)?,
+        ));
     }
     let info: HashMap<String, String> = [("shardrop".to_string(), meta_json)].into();
     safetensors::serialize(views, Some(info)).map_err(bad)
@@ -67,37 +84,67 @@ pub fn write_section(tensors: &[EncodedTensor]) -> Result<Vec<u8>, CodecError> {
 
 /// Parses and fully validates a section payload: structure, limits, the model (when given),
 /// and every index and value. Returns the tensors in the section's order.
-pub fn read_section(bytes: &[u8], model: Option<&ModelSpec>, limits: &CodecLimits) -> Result<Vec<EncodedTensor>, CodecError> {
+pub fn read_section(
+    bytes: &[u8],
+    model: Option<&ModelSpec>,
+    limits: &CodecLimits,
+) -> Result<Vec<EncodedTensor>, CodecError> {
     let malformed = |what: String| CodecError::Malformed(what);
-    let st = SafeTensors::deserialize(bytes).map_err(|e| malformed(format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| malformed(format!("not a safetensors file: {e}")))?;
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| malformed(e.to_string()))?;
     let meta_json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("shardrop"))
         .ok_or_else(|| malformed("no shardrop metadata".into()))?;
-    let meta: SectionMeta = serde_json::from_str(meta_json).map_err(|e| malformed(format!("metadata: {e}")))?;
+    let meta: SectionMeta =
+        serde_json::from_str(meta_json).map_err(|e| malformed(format!("metadata: {e}")))?;
     if meta.codec != SECTION_CODEC {
-        return Err(malformed(format!("codec {:?}, expected {SECTION_CODEC}", meta.codec)));
+        return Err(malformed(format!(
+            "codec {:?}, expected {SECTION_CODEC}",
+            meta.codec
+        )));
     }
     if meta.tensors.len() > limits.max_tensors {
-        return Err(CodecError::OverLimit(format!("{} tensors (limit {})", meta.tensors.len(), limits.max_tensors)));
+        return Err(CodecError::OverLimit(format!(
+            "{} tensors (limit {})",
+            meta.tensors.len(),
+            limits.max_tensors
+        )));
     }
     if st.len() != meta.tensors.len() * 3 {
-        return Err(malformed(format!("{} arrays for {} tensors", st.len(), meta.tensors.len())));
+        return Err(malformed(format!(
+            "{} arrays for {} tensors",
+            st.len(),
+            meta.tensors.len()
+        )));
     }
     let mut out = Vec::with_capacity(meta.tensors.len());
     for tm in meta.tensors {
         let numel = tm.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         match numel {
             Some(n) if n <= limits.max_elements => {}
-            _ => return Err(CodecError::OverLimit(format!("tensor {:?} shape {:?}", tm.name, tm.shape))),
+            _ => {
+                return Err(CodecError::OverLimit(format!(
+                    "tensor {:?} shape {:?}",
+                    tm.name, tm.shape
+                )));
+            }
         }
         tm.params.validate()?;
         if let Some(model) = model {
-            let spec = model.get(&tm.name).ok_or_else(|| CodecError::UnknownTensor { tensor: tm.name.clone() })?;
+            let spec = model
+                .get(&tm.name)
+                .ok_or_else(|| CodecError::UnknownTensor {
+                    tensor: tm.name.clone(),
+                })?;
             if spec.shape != tm.shape {
-                return Err(CodecError::ShapeMismatch { tensor: tm.name.clone(), got: tm.shape.clone(), want: spec.shape.clone() });
+                return Err(CodecError::ShapeMismatch {
+                    tensor: tm.name.clone(),
+                    got: tm.shape.clone(),
+                    want: spec.shape.clone(),
+                });
             }
         }
         let get = |suffix: &str, dtypes: &[Dtype]| -> Result<Vec<u8>, CodecError> {
@@ -105,16 +152,28 @@ pub fn read_section(bytes: &[u8], model: Option<&ModelSpec>, limits: &CodecLimit
                 .tensor(&format!("{}/{suffix}", tm.name))
                 .map_err(|_| malformed(format!("tensor {:?} has no {suffix} array", tm.name)))?;
             if !dtypes.contains(&v.dtype()) || v.shape().len() != 1 {
-                return Err(malformed(format!("tensor {:?}: {suffix} array has dtype {:?} shape {:?}", tm.name, v.dtype(), v.shape())));
+                return Err(malformed(format!(
+                    "tensor {:?}: {suffix} array has dtype {:?} shape {:?}",
+                    tm.name,
+                    v.dtype(),
+                    v.shape()
+                )));
             }
             Ok(v.data().to_vec())
         };
-        let val_dtype = if tm.params.values == ValueFormat::Bf16 { Dtype::BF16 } else { Dtype::U8 };
+        let val_dtype = if tm.params.values == ValueFormat::Bf16 {
+            Dtype::BF16
+        } else {
+            Dtype::U8
+        };
         let scale_bytes = get("scale", &[Dtype::BF16])?;
         let t = EncodedTensor {
             idx: get("idx", &[Dtype::U8])?,
             val: get("val", &[val_dtype])?,
-            scales: scale_bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+            scales: scale_bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect(),
             name: tm.name,
             shape: tm.shape,
             dtype: tm.dtype,

@@ -14,8 +14,8 @@ mod quant;
 mod state;
 
 pub use cpu::{accumulate, encode_tensor, to_sparse, validate};
-pub use format::{read_section, section_name, write_section, SECTION_CODEC};
-pub use quant::{bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize, ValueFormat};
+pub use format::{SECTION_CODEC, read_section, section_name, write_section};
+pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::EfState;
 
 use serde::{Deserialize, Serialize};
@@ -67,13 +67,19 @@ impl Default for CodecParams {
 impl CodecParams {
     pub fn validate(&self) -> Result<(), CodecError> {
         if !self.chunk.is_power_of_two() || !(64..=65536).contains(&self.chunk) {
-            return Err(CodecError::Params(format!("chunk {} must be a power of two in 64..=65536", self.chunk)));
+            return Err(CodecError::Params(format!(
+                "chunk {} must be a power of two in 64..=65536",
+                self.chunk
+            )));
         }
         if self.k == 0 {
             return Err(CodecError::Params("k must be at least 1".into()));
         }
         if self.k > self.chunk {
-            return Err(CodecError::KOverChunk { k: self.k, chunk: self.chunk });
+            return Err(CodecError::KOverChunk {
+                k: self.k,
+                chunk: self.chunk,
+            });
         }
         Ok(())
     }
@@ -180,7 +186,11 @@ impl Layout {
     pub fn new(n: u64, p: &CodecParams) -> Layout {
         let c = p.chunk as u64;
         let n_chunks = n.div_ceil(c) as usize;
-        let last_len = if n_chunks == 0 { 0 } else { (n - (n_chunks as u64 - 1) * c) as u32 };
+        let last_len = if n_chunks == 0 {
+            0
+        } else {
+            (n - (n_chunks as u64 - 1) * c) as u32
+        };
         let k_full = p.k.min(p.chunk);
         let k_last = p.k.min(last_len);
         let compact = p.indices == IndexEncoding::Compact;
@@ -206,7 +216,11 @@ impl Layout {
     }
 
     fn total(&self, full: usize, last: usize) -> usize {
-        if self.n_chunks == 0 { 0 } else { (self.n_chunks - 1) * full + last }
+        if self.n_chunks == 0 {
+            0
+        } else {
+            (self.n_chunks - 1) * full + last
+        }
     }
 
     pub fn idx_len(&self) -> usize {
@@ -222,11 +236,19 @@ impl Layout {
     }
 
     pub fn chunk_len(&self, c: usize) -> u32 {
-        if c + 1 == self.n_chunks { self.last_len } else { self.chunk }
+        if c + 1 == self.n_chunks {
+            self.last_len
+        } else {
+            self.chunk
+        }
     }
 
     pub fn k_of(&self, c: usize) -> u32 {
-        if c + 1 == self.n_chunks { self.k_last } else { self.k_full }
+        if c + 1 == self.n_chunks {
+            self.k_last
+        } else {
+            self.k_full
+        }
     }
 }
 
@@ -274,9 +296,17 @@ pub enum CodecError {
     #[error("k {k} is larger than the chunk size {chunk}")]
     KOverChunk { k: u32, chunk: u32 },
     #[error("tensor {tensor:?}: index {index} out of range in chunk {chunk}")]
-    IndexOutOfRange { tensor: String, chunk: usize, index: u32 },
+    IndexOutOfRange {
+        tensor: String,
+        chunk: usize,
+        index: u32,
+    },
     #[error("tensor {tensor:?}: indices not strictly increasing in chunk {chunk} (at {index})")]
-    IndicesNotIncreasing { tensor: String, chunk: usize, index: u32 },
+    IndicesNotIncreasing {
+        tensor: String,
+        chunk: usize,
+        index: u32,
+    },
     #[error("tensor {tensor:?}: malformed index block in chunk {chunk}")]
     IndexMalformed { tensor: String, chunk: usize },
     #[error("tensor {tensor:?}: {what} is NaN or infinite")]
@@ -284,11 +314,20 @@ pub enum CodecError {
     #[error("tensor {tensor:?} is not in the run's model")]
     UnknownTensor { tensor: String },
     #[error("tensor {tensor:?}: shape {got:?}, the model says {want:?}")]
-    ShapeMismatch { tensor: String, got: Vec<u64>, want: Vec<u64> },
+    ShapeMismatch {
+        tensor: String,
+        got: Vec<u64>,
+        want: Vec<u64>,
+    },
     #[error("over limit: {0}")]
     OverLimit(String),
     #[error("tensor {tensor:?}: {what} is {got} bytes, expected {want}")]
-    SizeMismatch { tensor: String, what: String, got: usize, want: usize },
+    SizeMismatch {
+        tensor: String,
+        what: String,
+        got: usize,
+        want: usize,
+    },
     #[error("malformed section: {0}")]
     Malformed(String),
 }
@@ -310,3 +349,6 @@ impl CodecError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -76,7 +76,9 @@ pub fn bf16_ceil(m: f32) -> u16 {
 /// levels are symmetric and exclude zero, since kept values are the chunk's largest.
 pub fn levels(bits: u32) -> Vec<f32> {
     let m1 = ((1u32 << bits) - 1) as f32;
-    (0..(1u32 << bits)).map(|q| (2.0 * q as f32 - m1) / m1).collect()
+    (0..(1u32 << bits))
+        .map(|q| (2.0 * q as f32 - m1) / m1)
+        .collect()
 }
 
 /// Quantizes `v` against scale `s` (both f32, `s` ≥ |v|): q = clamp(floor((v/s + 1)·h + 0.5)),
@@ -120,7 +122,11 @@ mod tests {
         for bits in [2, 4, 8] {
             let l = levels(bits);
             for (q, &lv) in l.iter().enumerate() {
-                assert_eq!(quantize(lv * 3.0, 3.0, bits), q as u32, "bits {bits} level {q}");
+                assert_eq!(
+                    quantize(lv * 3.0, 3.0, bits),
+                    q as u32,
+                    "bits {bits} level {q}"
+                );
             }
             assert_eq!(quantize(10.0, 1.0, bits), (1 << bits) - 1);
             assert_eq!(quantize(-10.0, 1.0, bits), 0);

@@ -24,9 +24,16 @@ pub struct EfState {
 impl EfState {
     /// The buffer for `name`, created as zeros on first use; refuses a length change.
     pub fn buffer(&mut self, name: &str, len: usize) -> Result<&mut Vec<f32>, CodecError> {
-        let b = self.buffers.entry(name.to_string()).or_insert_with(|| vec![0.0; len]);
+        let b = self
+            .buffers
+            .entry(name.to_string())
+            .or_insert_with(|| vec![0.0; len]);
         if b.len() != len {
-            return Err(CodecError::ShapeMismatch { tensor: name.into(), got: vec![len as u64], want: vec![b.len() as u64] });
+            return Err(CodecError::ShapeMismatch {
+                tensor: name.into(),
+                got: vec![len as u64],
+                want: vec![b.len() as u64],
+            });
         }
         Ok(b)
     }
@@ -39,7 +46,12 @@ impl EfState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(EfState::default()),
             Err(e) => return Err(e),
         };
-        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()));
+        let bad = |e: String| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        };
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let mut buffers = BTreeMap::new();
         for (name, view) in st.iter() {
@@ -48,7 +60,10 @@ impl EfState {
             }
             buffers.insert(
                 name.to_string(),
-                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                view.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
             );
         }
         Ok(EfState { buffers })
@@ -57,15 +72,22 @@ impl EfState {
     /// Writes the state atomically into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), std::io::Error> {
         std::fs::create_dir_all(dir)?;
-        let bytes: Vec<Vec<u8>> = self.buffers.values().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> = self
+            .buffers
+            .values()
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
         let views = self
             .buffers
             .iter()
             .zip(&bytes)
-            .map(|((name, v), b)| TensorView::new(Dtype::F32, vec![v.len()], b).map(|t| (name.clone(), t)))
+            .map(|((name, v), b)| {
+                TensorView::new(Dtype::F32, vec![v.len()], b).map(|t| (name.clone(), t))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let data = safetensors::serialize(views, None).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let data = safetensors::serialize(views, None)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
         std::io::Write::write_all(&mut tmp, &data)?;
         tmp.as_file().sync_all()?;
