@@ -12,11 +12,16 @@ mod cpu;
 mod format;
 mod quant;
 mod state;
+mod update;
 
 pub use cpu::{accumulate, encode_tensor, to_sparse, validate};
 pub use format::{SECTION_CODEC, read_section, section_name, write_section};
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::EfState;
+pub use update::{
+    Dense, EncodeOptions, EncodedUpdate, UpdateStats, accumulate_section, dense_to_safetensors,
+    encode_update, model_of,
+};
 
 use serde::{Deserialize, Serialize};
 

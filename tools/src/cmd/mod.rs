@@ -1,6 +1,8 @@
 //! Subcommands.
 
+mod bench;
 mod demo;
+mod grad;
 mod keys;
 mod object;
 
@@ -25,6 +27,12 @@ pub enum Command {
     Inspect(object::InspectArgs),
     /// Verify an envelope and write its decompressed sections into a folder.
     Get(object::GetArgs),
+    /// The gradient codec: encode an update, decode sections.
+    #[command(subcommand)]
+    Grad(grad::GradCommand),
+    /// Benchmarks with baselines measured side by side.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Run the demonstration on a local folder store: no server, no keys to make by hand.
     Demo(demo::DemoArgs),
 }
@@ -36,6 +44,8 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Verify(a) => object::verify(ctx, a).await,
         Command::Inspect(a) => object::inspect(ctx, a).await,
         Command::Get(a) => object::get(ctx, a).await,
+        Command::Grad(c) => grad::run(ctx, c).await,
+        Command::Bench(c) => bench::run(ctx, c).await,
         Command::Demo(a) => demo::demo(ctx, a).await,
     }
 }

@@ -1,0 +1,172 @@
+//! Whole updates: a safetensors file of tensors in, section payloads out, and back to dense.
+//!
+//! Tensors are taken in name order (the model order every participant agrees on) and packed
+//! into sections of about `section_bytes` of payload, each named for its tensor range.
+
+use std::collections::BTreeMap;
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use super::{
+    CodecError, CodecLimits, CodecParams, EfState, EncodedTensor, InDtype, ModelSpec, TensorInput,
+    TensorSpec, accumulate, encode_tensor, read_section, section_name, write_section,
+};
+
+/// How a miner encodes.
+#[derive(Clone, Copy, Debug)]
+pub struct EncodeOptions {
+    pub params: CodecParams,
+    /// Error-feedback decay.
+    pub beta: f32,
+    /// Target payload bytes per section.
+    pub section_bytes: usize,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions {
+            params: CodecParams::default(),
+            beta: 0.9,
+            section_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Sizes of an encoded update, for reports and ledgers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UpdateStats {
+    pub tensors: usize,
+    pub elements: u64,
+    pub dense_bytes: u64,
+    pub kept: u64,
+    /// Index + value + scale bytes (no container overhead).
+    pub payload_bytes: u64,
+    /// Section files as written (safetensors, before zstd).
+    pub bytes: u64,
+}
+
+/// Section payloads in order, with their names.
+#[derive(Clone, Debug)]
+pub struct EncodedUpdate {
+    pub sections: Vec<(String, Vec<u8>)>,
+    pub stats: UpdateStats,
+}
+
+/// The model description (names, shapes, dtypes) of a safetensors file, in name order.
+pub fn model_of(bytes: &[u8]) -> Result<ModelSpec, CodecError> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| CodecError::Malformed(format!("update: {e}")))?;
+    let mut tensors: Vec<TensorSpec> = st
+        .iter()
+        .map(|(name, v)| {
+            let dtype = InDtype::from_safetensors(v.dtype()).ok_or_else(|| {
+                CodecError::Malformed(format!(
+                    "tensor {name:?} has dtype {:?}; use f32, bf16 or f16",
+                    v.dtype()
+                ))
+            })?;
+            Ok(TensorSpec {
+                name: name.to_string(),
+                shape: v.shape().iter().map(|&d| d as u64).collect(),
+                dtype,
+            })
+        })
+        .collect::<Result<_, CodecError>>()?;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(ModelSpec { tensors })
+}
+
+/// Encodes every tensor of a safetensors update, advancing `state`.
+pub fn encode_update(
+    bytes: &[u8],
+    state: &mut EfState,
+    opts: &EncodeOptions,
+) -> Result<EncodedUpdate, CodecError> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| CodecError::Malformed(format!("update: {e}")))?;
+    let model = model_of(bytes)?;
+    let mut stats = UpdateStats::default();
+    let mut sections = Vec::new();
+    let mut pending: Vec<EncodedTensor> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut first = 0usize;
+    let n = model.tensors.len();
+    for (i, spec) in model.tensors.iter().enumerate() {
+        let view = st
+            .tensor(&spec.name)
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+        let numel: u64 = spec.shape.iter().product();
+        let buf = state.buffer(&spec.name, numel as usize)?;
+        let input = TensorInput {
+            name: &spec.name,
+            shape: &spec.shape,
+            dtype: spec.dtype,
+            data: view.data(),
+        };
+        let t = encode_tensor(&input, buf, opts.beta, &opts.params)?;
+        stats.tensors += 1;
+        stats.elements += numel;
+        stats.dense_bytes += view.data().len() as u64;
+        stats.kept += t.kept();
+        stats.payload_bytes += t.payload_bytes();
+        pending_bytes += t.payload_bytes() as usize;
+        pending.push(t);
+        if pending_bytes >= opts.section_bytes || i + 1 == n {
+            let payload = write_section(&pending)?;
+            stats.bytes += payload.len() as u64;
+            sections.push((section_name(first, i), payload));
+            pending.clear();
+            pending_bytes = 0;
+            first = i + 1;
+        }
+    }
+    Ok(EncodedUpdate { sections, stats })
+}
+
+/// Dense f32 tensors by name, with their shapes.
+pub type Dense = BTreeMap<String, (Vec<u64>, Vec<f32>)>;
+
+/// Decodes sections and adds `weight ×` each tensor into `dense` (created as zeros). A
+/// section is validated whole before any of it is added.
+pub fn accumulate_section(
+    dense: &mut Dense,
+    section: &[u8],
+    model: Option<&ModelSpec>,
+    limits: &CodecLimits,
+    weight: f32,
+) -> Result<(), CodecError> {
+    let tensors = read_section(section, model, limits)?;
+    for t in tensors {
+        let entry = dense
+            .entry(t.name.clone())
+            .or_insert_with(|| (t.shape.clone(), vec![0.0; t.numel() as usize]));
+        if entry.0 != t.shape {
+            return Err(CodecError::ShapeMismatch {
+                tensor: t.name.clone(),
+                got: t.shape.clone(),
+                want: entry.0.clone(),
+            });
+        }
+        accumulate(&t, &mut entry.1, weight)?;
+    }
+    Ok(())
+}
+
+/// Writes dense tensors as an f32 safetensors file.
+pub fn dense_to_safetensors(dense: &Dense) -> Result<Vec<u8>, CodecError> {
+    let raw: Vec<Vec<u8>> = dense
+        .values()
+        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = dense
+        .iter()
+        .zip(&raw)
+        .map(|((name, (shape, _)), b)| {
+            TensorView::new(Dtype::F32, shape.iter().map(|&d| d as usize).collect(), b)
+                .map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    safetensors::serialize(views, None).map_err(|e| CodecError::Malformed(e.to_string()))
+}
