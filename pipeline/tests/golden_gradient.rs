@@ -6,11 +6,11 @@
 
 use std::path::PathBuf;
 
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+use safetensors::tensor::TensorView;
 use shardrop::codec::{
-    accumulate_section, dense_to_safetensors, encode_update, f32_to_bf16, CodecLimits, CodecParams, Dense, EfState,
-    EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
+    CodecLimits, CodecParams, Dense, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
+    accumulate_section, dense_to_safetensors, encode_update, f32_to_bf16,
 };
 
 fn dir() -> PathBuf {
@@ -18,16 +18,33 @@ fn dir() -> PathBuf {
 }
 
 fn wave(n: usize, step: u32) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 * 0.37 + step as f32).sin() * (1.0 + (i % 7) as f32)) * 0.01).collect()
+    (0..n)
+        .map(|i| ((i as f32 * 0.37 + step as f32).sin() * (1.0 + (i % 7) as f32)) * 0.01)
+        .collect()
 }
 
 fn update(step: u32) -> Vec<u8> {
-    let a: Vec<u8> = wave(300, step).iter().flat_map(|x| x.to_le_bytes()).collect();
-    let b: Vec<u8> = wave(130, step + 10).iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
-    let c: Vec<u8> = wave(64, step + 20).iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect();
+    let a: Vec<u8> = wave(300, step)
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let b: Vec<u8> = wave(130, step + 10)
+        .iter()
+        .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+        .collect();
+    let c: Vec<u8> = wave(64, step + 20)
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+        .collect();
     let views = vec![
-        ("a.weight", TensorView::new(Dtype::F32, vec![3, 100], &a).unwrap()),
-        ("b.bias", TensorView::new(Dtype::BF16, vec![130], &b).unwrap()),
+        (
+            "a.weight",
+            TensorView::new(Dtype::F32, vec![3, 100], &a).unwrap(),
+        ),
+        (
+            "b.bias",
+            TensorView::new(Dtype::BF16, vec![130], &b).unwrap(),
+        ),
         ("c.norm", TensorView::new(Dtype::F16, vec![64], &c).unwrap()),
     ];
     safetensors::serialize(views, None).unwrap()
@@ -37,7 +54,13 @@ fn cases() -> Vec<(&'static str, CodecParams)> {
     use IndexEncoding::*;
     use ScaleMode::*;
     use ValueFormat::*;
-    let p = |chunk, k, values, scales, indices| CodecParams { chunk, k, values, scales, indices };
+    let p = |chunk, k, values, scales, indices| CodecParams {
+        chunk,
+        k,
+        values,
+        scales,
+        indices,
+    };
     vec![
         ("int2-compact-chunk", p(64, 5, Int2, Chunk, Compact)),
         ("int4-packed-tensor", p(64, 8, Int4, Tensor, Packed)),
@@ -51,8 +74,13 @@ fn check(bless: bool, path: PathBuf, bytes: &[u8]) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, bytes).unwrap();
     }
-    let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (SHARDROP_BLESS=1 once)", path.display()));
-    assert!(stored == bytes, "{}: this build produces different bytes", path.display());
+    let stored = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (SHARDROP_BLESS=1 once)", path.display()));
+    assert!(
+        stored == bytes,
+        "{}: this build produces different bytes",
+        path.display()
+    );
 }
 
 #[test]
@@ -64,7 +92,11 @@ fn gradient_golden_vectors() {
     check(bless, d.join("update-2.safetensors"), &updates[1]);
     let mut index = Vec::new();
     for (name, params) in cases() {
-        let opts = EncodeOptions { params, beta: 0.5, section_bytes: 16 << 20 };
+        let opts = EncodeOptions {
+            params,
+            beta: 0.5,
+            section_bytes: 16 << 20,
+        };
         let mut state = EfState::default();
         let mut files = Vec::new();
         for (step, u) in updates.iter().enumerate() {
@@ -78,13 +110,21 @@ fn gradient_golden_vectors() {
             let mut dense = Dense::new();
             accumulate_section(&mut dense, &committed, None, &CodecLimits::default(), 1.0).unwrap();
             let dense_rel = format!("{name}/dense-{}.safetensors", step + 1);
-            check(bless, d.join(&dense_rel), &dense_to_safetensors(&dense).unwrap());
+            check(
+                bless,
+                d.join(&dense_rel),
+                &dense_to_safetensors(&dense).unwrap(),
+            );
             files.push(serde_json::json!({"update": format!("update-{}.safetensors", step + 1), "section": rel, "dense": dense_rel}));
         }
         let state_dir = tempfile::tempdir().unwrap();
         state.save(state_dir.path()).unwrap();
         let state_rel = format!("{name}/state-after-2.safetensors");
-        check(bless, d.join(&state_rel), &std::fs::read(state_dir.path().join("error-feedback.safetensors")).unwrap());
+        check(
+            bless,
+            d.join(&state_rel),
+            &std::fs::read(state_dir.path().join("error-feedback.safetensors")).unwrap(),
+        );
         index.push(serde_json::json!({"name": name, "params": params, "beta": 0.5, "steps": files, "state_after_step_2": state_rel}));
     }
     let doc = serde_json::to_string_pretty(&serde_json::json!({

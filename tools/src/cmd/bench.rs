@@ -183,7 +183,7 @@ fn bytes_of(v: &[f32]) -> &[u8] {
 fn codec_bench(a: CodecBench) -> anyhow::Result<serde_json::Value> {
     let p = a.codec.params()?;
     let n = (a.size / 4) as usize;
-    if n == 0 || n % p.chunk as usize != 0 {
+    if n == 0 || !n.is_multiple_of(p.chunk as usize) {
         bail!("--size must be a positive multiple of 4 x chunk bytes");
     }
     let values = make_data(n);

@@ -162,7 +162,7 @@ async fn encode(ctx: &Ctx, a: EncodeArgs) -> anyhow::Result<()> {
             "bits_per_kept": s.payload_bytes as f64 * 8.0 / s.kept.max(1) as f64,
             "bits_per_kept_with_container": s.bytes as f64 * 8.0 / s.kept.max(1) as f64,
             "density": s.kept as f64 / s.elements.max(1) as f64,
-            "params": opts.params, "beta": opts.beta, "encode_seconds": encode_secs,
+            "params": opts.params, "beta": (opts.beta as f64 * 1e6).round() / 1e6, "encode_seconds": encode_secs,
         }))
     })
     .await??;
@@ -261,7 +261,7 @@ async fn decode(ctx: &Ctx, a: DecodeArgs) -> anyhow::Result<()> {
             let limits = CodecLimits::default();
             for (name, bytes) in &sections {
                 accumulate_section(&mut dense, bytes, model.as_ref(), &limits, 1.0)
-                    .with_context(|| name.clone())?;
+                    .map_err(|e| anyhow::anyhow!("{name}: rejected ({}): {e}", e.reason()))?;
             }
             let out = dense_to_safetensors(&dense)?;
             std::fs::write(&out_path, out)
