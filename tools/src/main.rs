@@ -38,6 +38,14 @@ pub struct S3Args {
     /// Region [env: AWS_REGION; default us-east-1]
     #[arg(long, global = true)]
     region: Option<String>,
+    /// Access key id [env: AWS_ACCESS_KEY_ID]
+    #[arg(long, global = true)]
+    access_key_id: Option<String>,
+    /// File holding the secret access key (refused if group or others can read it); a
+    /// file rather than a flag so the secret never shows in a process list
+    /// [env: AWS_SECRET_ACCESS_KEY]
+    #[arg(long, global = true)]
+    secret_access_key_file: Option<std::path::PathBuf>,
     /// Allow plain HTTP (implied by an http:// endpoint) [env: AWS_ALLOW_HTTP]
     #[arg(long, global = true)]
     allow_http: bool,
@@ -50,28 +58,53 @@ pub struct S3Args {
 }
 
 impl S3Args {
-    pub fn options(&self) -> S3Options {
-        S3Options {
+    pub fn options(&self) -> anyhow::Result<S3Options> {
+        let secret_access_key = match &self.secret_access_key_file {
+            None => None,
+            Some(path) => Some(read_secret(path)?),
+        };
+        Ok(S3Options {
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
-            // Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY only, so they
-            // never appear in a process list.
-            access_key_id: None,
-            secret_access_key: None,
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key,
             allow_http: self.allow_http.then_some(true),
             timeout: Some(std::time::Duration::from_secs(self.timeout_secs)),
             max_retries: Some(self.retries),
-        }
+        })
     }
+}
+
+/// Reads a secret from a file that only its owner can read.
+fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{}: secret file is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(text.trim().to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     out::init_logging();
-    let ctx = cmd::Ctx {
-        json: cli.json,
-        s3: cli.s3.options(),
+    let s3 = match cli.s3.options() {
+        Ok(s3) => s3,
+        Err(e) => {
+            eprintln!("shardrop: error: {e:#}");
+            return ExitCode::from(1);
+        }
     };
+    let ctx = cmd::Ctx { json: cli.json, s3 };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -287,3 +287,73 @@ fn demo_runs_on_the_embedded_default() {
     assert_eq!(j["replay"]["reason"], "unexpected_signer");
     assert!(dir.join("keys/peer-0.key").exists());
 }
+
+#[test]
+fn s3_credentials_from_flags_and_a_secret_file() {
+    let Ok(s3) = std::env::var("SHARDROP_TEST_S3") else {
+        assert!(
+            std::env::var("SHARDROP_S3_REQUIRED").is_err(),
+            "SHARDROP_TEST_S3 missing"
+        );
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, _) = keygen(tmp.path(), "k");
+    let input = tmp.path().join("a.txt");
+    std::fs::write(&input, "flags").unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(
+        &secret,
+        format!("{}\n", std::env::var("AWS_SECRET_ACCESS_KEY").unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let id = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+    let url = format!("{s3}/{}/a.blob", unique("flags"));
+    let run = |secret: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_shardrop"))
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_ENDPOINT_URL")
+            .args([
+                "--endpoint",
+                &endpoint,
+                "--access-key-id",
+                &id,
+                "--secret-access-key-file",
+                secret.to_str().unwrap(),
+            ])
+            .args([
+                "sign",
+                "--key",
+                key.to_str().unwrap(),
+                "--kind",
+                "blob",
+                "--run",
+                "r",
+                input.to_str().unwrap(),
+                "--to",
+                &url,
+                "--retries",
+                "0",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run(&secret);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wrong = tmp.path().join("wrong");
+    std::fs::write(&wrong, "not-the-secret").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run(&wrong);
+    assert_eq!(out.status.code(), Some(1), "the server checks signatures");
+    assert!(
+        !stderr(&out).contains("not-the-secret"),
+        "secrets never reach messages"
+    );
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&wrong);
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+}
