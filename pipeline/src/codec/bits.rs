@@ -42,22 +42,18 @@ impl<'a> BitWriter<'a> {
     }
 }
 
-/// Reads a `width`-bit field at bit offset `bit`. Callers guarantee the block is long
-/// enough (sizes are validated before any field is read).
+/// Reads a `width`-bit field (width ≤ 32) at bit offset `bit`. Callers guarantee the block
+/// is long enough (sizes are validated before any field is read).
 #[inline]
 pub fn get(block: &[u8], bit: usize, width: u32) -> u32 {
-    let mut out: u64 = 0;
-    let mut got = 0usize;
-    let mut pos = bit;
-    while got < width as usize {
-        let byte = block[pos / 8] as u64;
-        let shift = pos % 8;
-        let take = (8 - shift).min(width as usize - got);
-        out |= ((byte >> shift) & ((1 << take) - 1)) << got;
-        got += take;
-        pos += take;
+    if width == 0 {
+        return 0;
     }
-    out as u32
+    let byte = bit / 8;
+    let mut w = [0u8; 8];
+    let avail = (block.len() - byte).min(8);
+    w[..avail].copy_from_slice(&block[byte..byte + avail]);
+    ((u64::from_le_bytes(w) >> (bit % 8)) & ((1u64 << width) - 1)) as u32
 }
 
 /// Elias–Fano parameters for `n` sorted values below `universe`: the low-bit width and
@@ -139,31 +135,25 @@ pub fn read_indices(
     let base = n as usize * low as usize;
     let mut j = 0usize;
     let mut prev: Option<u32> = None;
+    // Walk the high bit vector 32 bits at a time; each set bit is one element.
     let mut bit = 0usize;
     while bit < high_len {
-        let pos = base + bit;
-        // Skip whole zero bytes quickly.
-        let byte = block[pos / 8] >> (pos % 8);
-        if byte == 0 {
-            bit += 8 - pos % 8;
-            continue;
+        let take = (high_len - bit).min(32) as u32;
+        let mut word = get(block, base + bit, take);
+        while word != 0 {
+            let t = word.trailing_zeros() as usize;
+            word &= word - 1;
+            if j >= out.len() {
+                return Err(IndexFault::Malformed);
+            }
+            let high = (bit + t - j) as u32;
+            let v = (high << low) | get(block, j * low as usize, low);
+            check(v, prev, universe)?;
+            prev = Some(v);
+            out[j] = v;
+            j += 1;
         }
-        let t = byte.trailing_zeros() as usize;
-        bit += t;
-        if bit >= high_len {
-            break;
-        }
-        if j >= out.len() {
-            return Err(IndexFault::Malformed);
-        }
-        let high = (bit - j) as u32;
-        let lo = get(block, j * low as usize, low);
-        let v = (high << low) | lo;
-        check(v, prev, universe)?;
-        prev = Some(v);
-        out[j] = v;
-        j += 1;
-        bit += 1;
+        bit += take as usize;
     }
     if j != out.len() {
         return Err(IndexFault::Malformed);

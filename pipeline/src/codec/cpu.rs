@@ -17,17 +17,18 @@ const INF_BITS: u32 = 0x7F80_0000;
 #[derive(Default)]
 struct Scratch {
     cand: Vec<(u32, u32)>,
-    bitmap: Vec<u64>,
+    sub: Vec<(u32, u32)>,
     sel: Vec<u32>,
 }
 
 /// What the error-feedback pass learned about one chunk.
 struct ChunkStats {
-    hist: [u32; 256],
     max: u32,
     nonfinite: bool,
 }
 
+/// The streaming half: `e = beta·e + u` and the chunk's largest magnitude. Kept free of
+/// anything but arithmetic so that it vectorises; it is bound by memory bandwidth.
 #[inline]
 fn ef_pass<F: Fn(&[u8]) -> f32>(
     state: &mut [f32],
@@ -36,21 +37,18 @@ fn ef_pass<F: Fn(&[u8]) -> f32>(
     beta: f32,
     load: F,
 ) -> ChunkStats {
-    let mut st = ChunkStats {
-        hist: [0; 256],
-        max: 0,
-        nonfinite: false,
-    };
+    let mut max = 0u32;
     for (s, raw) in state.iter_mut().zip(input.chunks_exact(size)) {
         // Two rounded operations, never fused: the GPU kernels do the same.
         let v = beta * *s + load(raw);
         *s = v;
-        let m = v.to_bits() & MAG;
-        st.nonfinite |= m >= INF_BITS;
-        st.max = st.max.max(m);
-        st.hist[(m >> 23) as usize] += 1;
+        max = max.max(v.to_bits() & MAG);
     }
-    st
+    // Any NaN or infinity has a magnitude at or above the infinity pattern.
+    ChunkStats {
+        max,
+        nonfinite: max >= INF_BITS,
+    }
 }
 
 fn ef_chunk(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
@@ -67,9 +65,111 @@ fn ef_chunk(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> Chunk
     }
 }
 
+/// Exponent histogram of the chunk (now in cache), in four interleaved copies so that
+/// runs of equal exponents do not serialise on one counter.
+fn exponent_histogram(state: &[f32]) -> [u32; 256] {
+    let mut h = [[0u32; 256]; 4];
+    let mut quads = state.chunks_exact(4);
+    for q in &mut quads {
+        for (lane, v) in q.iter().enumerate() {
+            h[lane][((v.to_bits() & MAG) >> 23) as usize] += 1;
+        }
+    }
+    for v in quads.remainder() {
+        h[0][((v.to_bits() & MAG) >> 23) as usize] += 1;
+    }
+    let mut out = [0u32; 256];
+    for (b, o) in out.iter_mut().enumerate() {
+        *o = h[0][b] + h[1][b] + h[2][b] + h[3][b];
+    }
+    out
+}
+
 /// The k largest magnitudes of `state` (ties to the lower index), ascending, into `sc.sel`.
-/// A histogram of exponents finds the threshold bucket; only that bucket is ordered.
-fn select(state: &[f32], k: usize, hist: &[u32; 256], sc: &mut Scratch) {
+///
+/// The exponent histogram finds the bucket holding the k-th largest; everything at or above
+/// that bucket is collected branch-free in index order; only the threshold bucket is
+/// partially ordered to find the pivot (m, i) of the k-th element in (magnitude desc, index
+/// asc) order; the selection is then exactly the collected elements that rank before or at
+/// the pivot, already ascending.
+fn select(state: &[f32], k: usize, sc: &mut Scratch) {
+    if !select_sampled(state, k, sc) {
+        select_histogram(state, k, sc);
+    }
+}
+
+/// Exact top-k among the candidates in `sc.cand` (index order), given that every element
+/// outside them ranks below all of the true top k.
+fn finish_from_candidates(k: usize, sc: &mut Scratch) {
+    let order = |a: &(u32, u32), b: &(u32, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+    sc.sub.clear();
+    sc.sub.extend_from_slice(&sc.cand);
+    let pivot = *sc.sub.select_nth_unstable_by(k - 1, order).1;
+    sc.sel.clear();
+    sc.sel.extend(
+        sc.cand
+            .iter()
+            .filter(|&&(m, i)| m > pivot.0 || (m == pivot.0 && i <= pivot.1))
+            .map(|&(_, i)| i),
+    );
+}
+
+/// Fast path: a floor estimated from every 16th element, low enough that about twice k
+/// elements pass it; only those are collected and ordered. Returns false (and the caller
+/// falls back to the histogram) when fewer than k pass, so the result is always exact.
+fn select_sampled(state: &[f32], k: usize, sc: &mut Scratch) -> bool {
+    const STRIDE: usize = 16;
+    let samples = state.len() / STRIDE;
+    let rank = (2 * k).div_ceil(STRIDE) + 2;
+    if rank >= samples / 2 {
+        return false;
+    }
+    sc.sub.clear();
+    sc.sub
+        .extend(state.iter().step_by(STRIDE).map(|v| (v.to_bits() & MAG, 0)));
+    let floor = sc
+        .sub
+        .select_nth_unstable_by(rank - 1, |a, b| b.0.cmp(&a.0))
+        .1
+        .0;
+    collect_at_least(state, floor, &mut sc.cand);
+    if sc.cand.len() < k {
+        return false;
+    }
+    finish_from_candidates(k, sc);
+    true
+}
+
+/// Collects (magnitude, index) of every element with magnitude ≥ `floor`, in index order.
+/// Blocks of 16 become a bit mask with a compare the compiler vectorises, and only set bits
+/// are visited: most blocks hold no candidate.
+fn collect_at_least(state: &[f32], floor: u32, out: &mut Vec<(u32, u32)>) {
+    out.clear();
+    let mut blocks = state.chunks_exact(16);
+    let mut base = 0u32;
+    for b in &mut blocks {
+        let mut mask = 0u32;
+        for (j, v) in b.iter().enumerate() {
+            mask |= u32::from((v.to_bits() & MAG) >= floor) << j;
+        }
+        while mask != 0 {
+            let j = mask.trailing_zeros();
+            mask &= mask - 1;
+            out.push((b[j as usize].to_bits() & MAG, base + j));
+        }
+        base += 16;
+    }
+    for (j, v) in blocks.remainder().iter().enumerate() {
+        let m = v.to_bits() & MAG;
+        if m >= floor {
+            out.push((m, base + j as u32));
+        }
+    }
+}
+
+/// Exact path for any distribution: the exponent histogram bounds the threshold bucket.
+fn select_histogram(state: &[f32], k: usize, sc: &mut Scratch) {
+    let hist = exponent_histogram(state);
     let mut above = 0usize;
     let mut bstar = 0u32;
     for b in (0..256).rev() {
@@ -81,34 +181,18 @@ fn select(state: &[f32], k: usize, hist: &[u32; 256], sc: &mut Scratch) {
         above += h;
     }
     let need = k - above;
-    let words = state.len().div_ceil(64);
-    sc.bitmap.clear();
-    sc.bitmap.resize(words, 0);
+    let floor = bstar << 23;
     sc.cand.clear();
+    sc.cand.resize(state.len(), (0, 0));
+    let mut len = 0usize;
     for (i, v) in state.iter().enumerate() {
         let m = v.to_bits() & MAG;
-        let e = m >> 23;
-        if e > bstar {
-            sc.bitmap[i / 64] |= 1 << (i % 64);
-        } else if e == bstar {
-            sc.cand.push((m, i as u32));
-        }
+        sc.cand[len] = (m, i as u32);
+        len += usize::from(m >= floor);
     }
-    if sc.cand.len() > need {
-        sc.cand
-            .select_nth_unstable_by(need - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    }
-    for &(_, i) in &sc.cand[..need] {
-        sc.bitmap[i as usize / 64] |= 1 << (i % 64);
-    }
-    sc.sel.clear();
-    for (w, &word) in sc.bitmap.iter().enumerate() {
-        let mut x = word;
-        while x != 0 {
-            sc.sel.push((w * 64) as u32 + x.trailing_zeros());
-            x &= x - 1;
-        }
-    }
+    sc.cand.truncate(len);
+    debug_assert!(need >= 1 && sc.cand.len() >= k);
+    finish_from_candidates(k, sc);
 }
 
 /// Writes one chunk's index and value blocks and subtracts what was sent from the buffer.
@@ -207,7 +291,7 @@ pub fn encode_tensor(
                     return Err(non_finite(name));
                 }
                 let k = (p.k as usize).min(st.len());
-                select(st, k, &stats.hist, sc);
+                select(st, k, sc);
                 let scale = bf16_ceil(f32::from_bits(stats.max));
                 emit(st, &sc.sel, scale, p, &lv, io, vo, name)?;
                 Ok(scale)
@@ -230,7 +314,7 @@ pub fn encode_tensor(
                 if stats.nonfinite {
                     return Err(non_finite(name));
                 }
-                select(st, out.len(), &stats.hist, sc);
+                select(st, out.len(), sc);
                 out.copy_from_slice(&sc.sel);
                 Ok(stats.max)
             })
@@ -276,9 +360,69 @@ fn index_error(t: &EncodedTensor, chunk: usize, f: IndexFault) -> CodecError {
     }
 }
 
-/// Checks everything about an encoded tensor that does not need the model: parameters,
-/// block sizes, scales, every index and every value.
-pub fn validate(t: &EncodedTensor) -> Result<(), CodecError> {
+/// Decodes every chunk into fixed-offset sparse buffers (local index, value), checking
+/// each index and value. The first fault found is returned; nothing else is touched.
+fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
+    let kept = lay.kept() as usize;
+    let mut idx = vec![0u32; kept];
+    let mut val = vec![0f32; kept];
+    if kept == 0 {
+        return Ok((idx, val));
+    }
+    let compact = t.params.indices == IndexEncoding::Compact;
+    let log2 = t.params.chunk.ilog2();
+    let bits = t.params.values.bits();
+    let lv = if t.params.values.scaled() {
+        levels(bits)
+    } else {
+        Vec::new()
+    };
+    let kf = lay.k_full as usize;
+    idx.par_chunks_mut(kf)
+        .zip(val.par_chunks_mut(kf))
+        .enumerate()
+        .try_for_each(|(c, (io, vo))| {
+            let last = c + 1 == lay.n_chunks;
+            let ib = c * lay.idx_full;
+            let block = &t.idx[ib..ib + if last { lay.idx_last } else { lay.idx_full }];
+            bits::read_indices(block, io, compact, lay.chunk_len(c), log2)
+                .map_err(|f| index_error(t, c, f))?;
+            let vb = &t.val[c * lay.val_full
+                ..c * lay.val_full + if last { lay.val_last } else { lay.val_full }];
+            if t.params.values == ValueFormat::Bf16 {
+                for (o, h) in vo.iter_mut().zip(vb.chunks_exact(2)) {
+                    let h = u16::from_le_bytes([h[0], h[1]]);
+                    if h & 0x7F80 == 0x7F80 {
+                        return Err(CodecError::NonFinite {
+                            tensor: t.name.clone(),
+                            what: format!("a value in chunk {c}"),
+                        });
+                    }
+                    *o = bf16_to_f32(h);
+                }
+                return Ok(());
+            }
+            let s = bf16_to_f32(match t.params.scales {
+                ScaleMode::Chunk => t.scales[c],
+                ScaleMode::Tensor => t.scales[0],
+            });
+            if bits == 2 {
+                // Four codes per byte.
+                for (j, o) in vo.iter_mut().enumerate() {
+                    *o = s * lv[((vb[j / 4] >> (2 * (j % 4))) & 3) as usize];
+                }
+            } else {
+                for (j, o) in vo.iter_mut().enumerate() {
+                    *o = s * lv[bits::get(vb, j * bits as usize, bits) as usize];
+                }
+            }
+            Ok(())
+        })?;
+    Ok((idx, val))
+}
+
+/// Checks the parameters, block sizes and scales: everything that needs no decoding.
+fn check_shape(t: &EncodedTensor) -> Result<Layout, CodecError> {
     t.params.validate()?;
     let lay = Layout::new(t.numel(), &t.params);
     let size = |what: &str, got: usize, want: usize| {
@@ -305,100 +449,21 @@ pub fn validate(t: &EncodedTensor) -> Result<(), CodecError> {
             what: "a scale (or it is negative)".into(),
         });
     }
-    let compact = t.params.indices == IndexEncoding::Compact;
-    let log2 = t.params.chunk.ilog2();
-    let bf16 = t.params.values == ValueFormat::Bf16;
-    (0..lay.n_chunks)
-        .into_par_iter()
-        .try_for_each_init(Vec::new, |buf: &mut Vec<u32>, c| {
-            let k = lay.k_of(c) as usize;
-            buf.resize(k, 0);
-            let io = c * lay.idx_full;
-            let block = &t.idx[io..io
-                + if c + 1 == lay.n_chunks {
-                    lay.idx_last
-                } else {
-                    lay.idx_full
-                }];
-            bits::read_indices(block, buf, compact, lay.chunk_len(c), log2)
-                .map_err(|f| index_error(t, c, f))?;
-            if bf16 {
-                let vo = c * lay.val_full;
-                for j in 0..k {
-                    let h = u16::from_le_bytes([t.val[vo + 2 * j], t.val[vo + 2 * j + 1]]);
-                    if h & 0x7F80 == 0x7F80 {
-                        return Err(CodecError::NonFinite {
-                            tensor: t.name.clone(),
-                            what: format!("a value in chunk {c}"),
-                        });
-                    }
-                }
-            }
-            Ok(())
-        })
+    Ok(lay)
 }
 
-/// Decodes chunk `c` into (local index, value) pairs via `f`. Call only after `validate`.
-#[inline]
-fn for_each_value(
-    t: &EncodedTensor,
-    lay: &Layout,
-    lv: &[f32],
-    c: usize,
-    buf: &mut Vec<u32>,
-    mut f: impl FnMut(u32, f32),
-) {
-    let k = lay.k_of(c) as usize;
-    buf.resize(k, 0);
-    let io = c * lay.idx_full;
-    let block = &t.idx[io..io
-        + if c + 1 == lay.n_chunks {
-            lay.idx_last
-        } else {
-            lay.idx_full
-        }];
-    let compact = t.params.indices == IndexEncoding::Compact;
-    if bits::read_indices(
-        block,
-        buf,
-        compact,
-        lay.chunk_len(c),
-        t.params.chunk.ilog2(),
-    )
-    .is_err()
-    {
-        return;
-    }
-    let vo = c * lay.val_full;
-    if t.params.values == ValueFormat::Bf16 {
-        for (j, &i) in buf.iter().enumerate() {
-            f(
-                i,
-                bf16_to_f32(u16::from_le_bytes([
-                    t.val[vo + 2 * j],
-                    t.val[vo + 2 * j + 1],
-                ])),
-            );
-        }
-        return;
-    }
-    let s = bf16_to_f32(match t.params.scales {
-        ScaleMode::Chunk => t.scales[c],
-        ScaleMode::Tensor => t.scales[0],
-    });
-    let b = t.params.values.bits();
-    let vals = &t.val[vo..];
-    for (j, &i) in buf.iter().enumerate() {
-        f(i, s * lv[bits::get(vals, j * b as usize, b) as usize]);
-    }
+/// Checks everything about an encoded tensor that does not need the model: parameters,
+/// block sizes, scales, every index and every value.
+pub fn validate(t: &EncodedTensor) -> Result<(), CodecError> {
+    let lay = check_shape(t)?;
+    decode_sparse(t, &lay).map(|_| ())
 }
 
 /// Adds `weight × decoded` into `dense` (f32, the tensor's length). The whole tensor is
-/// validated first, so a bad tensor leaves `dense` untouched: a rejected shard never
-/// poisons a merge.
+/// decoded and checked first, so a bad tensor leaves `dense` untouched: a rejected shard
+/// never poisons a merge.
 pub fn accumulate(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(), CodecError> {
-    validate(t)?;
-    let lay = Layout::new(t.numel(), &t.params);
+    let lay = check_shape(t)?;
     if dense.len() as u64 != lay.n {
         return Err(CodecError::SizeMismatch {
             tensor: t.name.clone(),
@@ -407,39 +472,32 @@ pub fn accumulate(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(
             want: lay.n as usize,
         });
     }
-    let lv = if t.params.values.scaled() {
-        levels(t.params.values.bits())
-    } else {
-        Vec::new()
-    };
+    let (idx, val) = decode_sparse(t, &lay)?;
+    let kf = (lay.k_full as usize).max(1);
     dense
         .par_chunks_mut(t.params.chunk as usize)
-        .enumerate()
-        .for_each_init(Vec::new, |buf, (c, out)| {
-            // Two rounded operations, never fused (bit parity with the GPU path).
-            for_each_value(t, &lay, &lv, c, buf, |i, v| out[i as usize] += weight * v);
+        .zip(idx.par_chunks(kf).zip(val.par_chunks(kf)))
+        .for_each(|(out, (ic, vc))| {
+            for (&i, &v) in ic.iter().zip(vc) {
+                // Two rounded operations, never fused (bit parity with the GPU path).
+                out[i as usize] += weight * v;
+            }
         });
     Ok(())
 }
 
 /// The sparse form: global indices (ascending) and decoded values.
 pub fn to_sparse(t: &EncodedTensor) -> Result<(Vec<u64>, Vec<f32>), CodecError> {
-    validate(t)?;
-    let lay = Layout::new(t.numel(), &t.params);
-    let lv = if t.params.values.scaled() {
-        levels(t.params.values.bits())
-    } else {
-        Vec::new()
-    };
-    let mut idx = Vec::with_capacity(lay.kept() as usize);
-    let mut val = Vec::with_capacity(lay.kept() as usize);
-    let mut buf = Vec::new();
-    for c in 0..lay.n_chunks {
-        let base = c as u64 * t.params.chunk as u64;
-        for_each_value(t, &lay, &lv, c, &mut buf, |i, v| {
-            idx.push(base + i as u64);
-            val.push(v);
-        });
-    }
-    Ok((idx, val))
+    let lay = check_shape(t)?;
+    let (idx, val) = decode_sparse(t, &lay)?;
+    let kf = (lay.k_full as usize).max(1);
+    let global = idx
+        .chunks(kf)
+        .enumerate()
+        .flat_map(|(c, ic)| {
+            ic.iter()
+                .map(move |&i| c as u64 * t.params.chunk as u64 + i as u64)
+        })
+        .collect();
+    Ok((global, val))
 }

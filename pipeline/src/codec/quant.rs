@@ -91,14 +91,9 @@ pub fn quantize(v: f32, s: f32, bits: u32) -> u32 {
     let max = (1u32 << bits) - 1;
     let h = max as f32 * 0.5;
     let x = (v / s + 1.0) * h;
-    let q = (x + 0.5).floor();
-    if q <= 0.0 {
-        0
-    } else if q >= max as f32 {
-        max
-    } else {
-        q as u32
-    }
+    // floor(x + 0.5) clamped to [0, max]: for non-negative values truncation is floor, and
+    // the saturating cast sends negatives (and NaN) to 0, which the clamp would anyway.
+    ((x + 0.5) as u32).min(max)
 }
 
 #[cfg(test)]

@@ -438,3 +438,33 @@ proptest! {
         prop_assert_eq!(idx, brute_topk(&u, 64, p.k as usize));
     }
 }
+
+#[test]
+fn sampled_and_fallback_selection_agree_with_brute_force() {
+    let p = CodecParams {
+        chunk: 4096,
+        k: 64,
+        values: ValueFormat::Int8,
+        scales: ScaleMode::Chunk,
+        indices: IndexEncoding::Compact,
+    };
+    // Chunk 0: random (the sampled path). Chunk 1: the sampled positions hold a few huge
+    // values and the rest ties, so the sampled floor admits fewer than k (the fallback).
+    // Chunk 2: all equal (ties everywhere). Chunk 3: mostly zeros with a few values.
+    let mut u = noise(4096, 77);
+    let mut c1 = vec![1.0f32; 4096];
+    for s in 0..10 {
+        c1[s * 16] = 5.0;
+    }
+    u.extend(c1);
+    u.extend(vec![0.25f32; 4096]);
+    let mut c3 = vec![0.0f32; 4096];
+    for i in (0..4096).step_by(97) {
+        c3[i] = -(i as f32);
+    }
+    u.extend(c3);
+    let mut s = vec![0.0; u.len()];
+    let t = encode(&u, &[u.len() as u64], &mut s, 0.0, &p);
+    let (idx, _) = to_sparse(&t).unwrap();
+    assert_eq!(idx, brute_topk(&u, 4096, 64));
+}
