@@ -9,8 +9,7 @@ use shardrop::codec::{
     CodecLimits, CodecParams, Dense, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
     accumulate_section, dense_to_safetensors, encode_update, model_of,
 };
-use shardrop::envelope::{Expect, Limits, MAGIC, RemoteEnvelope, read_sections};
-use shardrop::store;
+use shardrop::envelope::{Expect, Limits, MAGIC, read_sections};
 
 use super::Ctx;
 use crate::out;
@@ -216,17 +215,9 @@ async fn load_sections(ctx: &Ctx, input: &str) -> anyhow::Result<Vec<(String, Ve
         }
     }
     // A gradient envelope: verified, then every section fetched.
-    let (target, path) = store::open_object(input, &ctx.s3)?;
+    let (target, env) = super::object::open_verified(ctx, input, &Expect::default()).await?;
     let limits = Limits::default();
-    let object = target.url_of(&path);
-    let env = RemoteEnvelope::open(
-        target.store.as_ref(),
-        &path,
-        &object,
-        &limits,
-        &Expect::default(),
-    )
-    .await?;
+    let object = env.object.clone();
     let all: Vec<usize> = (0..env.sections().len()).collect();
     let bufs = read_sections(
         target.store.as_ref(),

@@ -173,18 +173,29 @@ fn summary(env: &RemoteEnvelope) -> serde_json::Value {
     })
 }
 
-pub async fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<()> {
-    let (target, path) = store::open_object(&a.url, &ctx.s3)?;
-    let limits = Limits::default();
+/// Opens an object URL and verifies its head (signature, expectations, size): the first
+/// step of every command that reads an envelope.
+pub async fn open_verified(
+    ctx: &Ctx,
+    url: &str,
+    expect: &Expect,
+) -> anyhow::Result<(store::Target, RemoteEnvelope)> {
+    let (target, path) = store::open_object(url, &ctx.s3)?;
     let object = target.url_of(&path);
     let env = RemoteEnvelope::open(
         target.store.as_ref(),
         &path,
         &object,
-        &limits,
-        &a.expect.expect(),
+        &Limits::default(),
+        expect,
     )
     .await?;
+    Ok((target, env))
+}
+
+pub async fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<()> {
+    let (target, env) = open_verified(ctx, &a.url, &a.expect.expect()).await?;
+    let limits = Limits::default();
     let bar = out::bytes_bar(ctx, env.head.header.body_len, "verifying");
     verify_sections(target.store.as_ref(), &env, &limits, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();
@@ -348,17 +359,9 @@ pub struct GetArgs {
 }
 
 pub async fn get(ctx: &Ctx, a: GetArgs) -> anyhow::Result<()> {
-    let (target, path) = store::open_object(&a.url, &ctx.s3)?;
+    let (target, env) = open_verified(ctx, &a.url, &a.expect.expect()).await?;
     let limits = Limits::default();
-    let object = target.url_of(&path);
-    let env = RemoteEnvelope::open(
-        target.store.as_ref(),
-        &path,
-        &object,
-        &limits,
-        &a.expect.expect(),
-    )
-    .await?;
+    let object = env.object.clone();
     let selected: Vec<usize> = match &a.section {
         None => (0..env.sections().len()).collect(),
         Some(name) => match env.sections().iter().position(|s| &s.name == name) {
