@@ -5,8 +5,13 @@
 //! a stable [`envelope::Reason`]. See `schemas/` for the normative formats and the README for
 //! the roles.
 
+pub mod aggregate;
 pub mod codec;
 pub mod envelope;
+pub mod exchange;
 pub mod identity;
 pub mod layout;
+pub mod registry;
 pub mod store;
+pub mod tables;
+pub mod window;

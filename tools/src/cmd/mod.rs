@@ -5,6 +5,7 @@ mod demo;
 mod grad;
 mod keys;
 mod object;
+mod round;
 
 use clap::Subcommand;
 use shardrop::store::S3Options;
@@ -30,6 +31,15 @@ pub enum Command {
     /// The gradient codec: encode an update, decode sections.
     #[command(subcommand)]
     Grad(grad::GradCommand),
+    /// A run and its signed registry.
+    #[command(subcommand)]
+    Run(round::RunCommand),
+    /// Encode, sign and publish a miner's update for a window into its own store.
+    Publish(round::PublishArgs),
+    /// Verify and merge a window's shards; publish the ledger and the signed aggregate.
+    Aggregate(round::AggregateArgs),
+    /// Catch up: replay aggregates onto a base model.
+    Apply(round::ApplyArgs),
     /// Benchmarks with baselines measured side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -45,6 +55,10 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Inspect(a) => object::inspect(ctx, a).await,
         Command::Get(a) => object::get(ctx, a).await,
         Command::Grad(c) => grad::run(ctx, c).await,
+        Command::Run(c) => round::run_cmd(ctx, c).await,
+        Command::Publish(a) => round::publish_cmd(ctx, a).await,
+        Command::Aggregate(a) => round::aggregate_cmd(ctx, a).await,
+        Command::Apply(a) => round::apply_cmd(ctx, a).await,
         Command::Bench(c) => bench::run(ctx, c).await,
         Command::Demo(a) => demo::demo(ctx, a).await,
     }

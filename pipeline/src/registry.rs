@@ -1,0 +1,281 @@
+//! The run and its participants: one signed object, the trust root of a run.
+//!
+//! The registry names the run's clock (genesis, window length, grace), the model (tensor
+//! names, shapes, dtypes), the codec every miner must use, and every participant: its role,
+//! its public key (peer id) and where its store is. It is signed by the run's **operator**
+//! key and lives at `runs/<run>/registry` in the operator's store; only the operator may
+//! change it, by compare-and-swap on the object's ETag so that two edits never lose one.
+//! Credentials are never written into it: a participant entry says where the *reader's*
+//! credentials for that store come from (ambient `AWS_*`, or `<PREFIX>AWS_*` variables), so a
+//! validator can hold read-only keys per peer bucket.
+
+use bytes::Bytes;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{CodecParams, ModelSpec};
+use crate::envelope::{
+    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope, read_section,
+};
+use crate::identity::{Identity, PeerId};
+use crate::layout;
+use crate::store::{self, S3Options, StoreError, Target};
+
+/// What a participant does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Miner,
+    Aggregator,
+    Validator,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "miner" => Some(Role::Miner),
+            "aggregator" => Some(Role::Aggregator),
+            "validator" => Some(Role::Validator),
+            _ => None,
+        }
+    }
+}
+
+/// Where a reader finds credentials for a participant's store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "from")]
+pub enum Credentials {
+    /// The reader's own `AWS_*` environment (or none, for local folders).
+    #[default]
+    Ambient,
+    /// `<prefix>AWS_ACCESS_KEY_ID`, `<prefix>AWS_SECRET_ACCESS_KEY` and optionally
+    /// `<prefix>AWS_ENDPOINT_URL` / `<prefix>AWS_REGION`.
+    EnvPrefix { prefix: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Participant {
+    pub role: Role,
+    pub peer: String,
+    /// Store URL (bucket + prefix) the participant writes to.
+    pub store: String,
+    #[serde(default)]
+    pub credentials: Credentials,
+}
+
+/// Per-run limits every reader applies to what participants publish.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunLimits {
+    /// Largest gradient object accepted, bytes.
+    pub max_grad_bytes: u64,
+    /// Outlier rule: a shard whose L2 norm exceeds this many times the median norm of the
+    /// window's accepted shards is scaled down to it (with at least 3 shards).
+    pub clip_norm_ratio: f64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        RunLimits {
+            max_grad_bytes: 4 << 30,
+            clip_norm_ratio: 3.0,
+        }
+    }
+}
+
+/// The registry document (JSON inside the signed envelope).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    pub format: u32,
+    pub run: String,
+    pub operator: String,
+    pub revision: u64,
+    pub genesis_ms: u64,
+    pub window_secs: u64,
+    pub grace_secs: u64,
+    pub model: ModelSpec,
+    pub codec: CodecParams,
+    /// Error-feedback decay every miner uses.
+    pub beta: f32,
+    /// Outer learning rate: θ ← θ − outer_lr · aggregate.
+    pub outer_lr: f32,
+    pub limits: RunLimits,
+    pub participants: Vec<Participant>,
+}
+
+/// Why a registry could not be read, changed or used.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{object}: {reason}")]
+    Invalid { object: String, reason: String },
+}
+
+const SECTION: &str = "registry.json";
+
+impl Registry {
+    pub fn operator_id(&self) -> Result<PeerId, RegistryError> {
+        PeerId::parse(&self.operator).map_err(|e| RegistryError::Invalid {
+            object: "registry".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn participant(&self, peer: &PeerId, role: Role) -> Option<&Participant> {
+        let id = peer.to_string();
+        self.participants
+            .iter()
+            .find(|p| p.peer == id && p.role == role)
+    }
+
+    /// Participants of a role, ordered by peer id (the deterministic merge order).
+    pub fn with_role(&self, role: Role) -> Vec<&Participant> {
+        let mut v: Vec<&Participant> = self
+            .participants
+            .iter()
+            .filter(|p| p.role == role)
+            .collect();
+        v.sort_by(|a, b| a.peer.cmp(&b.peer));
+        v
+    }
+
+    /// Opens a participant's store with the credentials its entry names.
+    pub fn open_store(&self, p: &Participant, base: &S3Options) -> Result<Target, StoreError> {
+        let mut opts = base.clone();
+        if let Credentials::EnvPrefix { prefix } = &p.credentials {
+            let var = |name: &str| std::env::var(format!("{prefix}{name}")).ok();
+            opts.access_key_id = var("AWS_ACCESS_KEY_ID").or(opts.access_key_id);
+            opts.secret_access_key = var("AWS_SECRET_ACCESS_KEY").or(opts.secret_access_key);
+            opts.endpoint = var("AWS_ENDPOINT_URL").or(opts.endpoint);
+            opts.region = var("AWS_REGION").or(opts.region);
+        }
+        store::open(&p.store, &opts)
+    }
+
+    fn validate(&self, object: &str) -> Result<(), RegistryError> {
+        let bad = |reason: String| RegistryError::Invalid {
+            object: object.to_string(),
+            reason,
+        };
+        if self.format != 1 {
+            return Err(bad(format!(
+                "registry format {} (this build reads 1)",
+                self.format
+            )));
+        }
+        if self.window_secs == 0 {
+            return Err(bad("window_secs is 0".into()));
+        }
+        self.codec.validate().map_err(|e| bad(e.to_string()))?;
+        for p in &self.participants {
+            PeerId::parse(&p.peer).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Signs this registry with the operator's key.
+    fn sign(&self, operator: &Identity) -> Result<Vec<u8>, RegistryError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| RegistryError::Invalid {
+            object: "registry".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(EnvelopeBuilder::new(Kind::Registry, &self.run)
+            .codec("registry-v1", Default::default())
+            .section(SECTION, &json, Compression::Zstd)?
+            .sign(operator)?
+            .to_vec()
+            .map_err(|e| RegistryError::Invalid {
+                object: "registry".into(),
+                reason: e.to_string(),
+            })?)
+    }
+
+    /// Creates the registry object (refuses to replace an existing one).
+    pub async fn create(
+        &self,
+        target: &Target,
+        operator: &Identity,
+    ) -> Result<String, RegistryError> {
+        let path = target.path(&layout::registry(&self.run));
+        let object = target.url_of(&path);
+        self.validate(&object)?;
+        if self.operator != operator.peer_id().to_string() {
+            return Err(RegistryError::Invalid {
+                object,
+                reason: "the signing key is not the registry's operator".into(),
+            });
+        }
+        let bytes = self.sign(operator)?;
+        store::put_cas(target, &path, Bytes::from(bytes), None)
+            .await
+            .map_err(|e| match e {
+                StoreError::Precondition { object } => RegistryError::Invalid {
+                    object,
+                    reason: "a registry already exists for this run".into(),
+                },
+                e => e.into(),
+            })?;
+        Ok(object)
+    }
+
+    /// Loads and verifies a registry: signed by the operator it names (and by `operator`,
+    /// when the caller pins one). Returns it with the object's ETag for a later update.
+    pub async fn load(
+        url: &str,
+        s3: &S3Options,
+        operator: Option<PeerId>,
+    ) -> Result<(Registry, Option<String>), RegistryError> {
+        let (target, path) = store::open_object(url, s3)?;
+        let object = target.url_of(&path);
+        let limits = Limits::default();
+        let expect = Expect {
+            signer: operator,
+            kind: Some(Kind::Registry),
+            ..Default::default()
+        };
+        let env =
+            RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await?;
+        let json = read_section(target.store.as_ref(), &env, SECTION, Vec::new(), &limits).await?;
+        let reg: Registry = serde_json::from_slice(&json).map_err(|e| RegistryError::Invalid {
+            object: object.clone(),
+            reason: format!("registry JSON: {e}"),
+        })?;
+        reg.validate(&object)?;
+        if reg.operator != env.signer.to_string() || reg.run != env.head.header.run {
+            return Err(RegistryError::Invalid {
+                object,
+                reason: "signed by a key other than the operator it names, or for another run"
+                    .into(),
+            });
+        }
+        Ok((reg, env.meta.e_tag.clone()))
+    }
+
+    /// Replaces the registry at `url` with `self` (revision + 1), only if it is still the
+    /// version whose ETag is `etag`.
+    pub async fn update(
+        &mut self,
+        url: &str,
+        s3: &S3Options,
+        etag: Option<String>,
+        operator: &Identity,
+    ) -> Result<(), RegistryError> {
+        let (target, path) = store::open_object(url, s3)?;
+        let object = target.url_of(&path);
+        self.revision += 1;
+        self.validate(&object)?;
+        let bytes = self.sign(operator)?;
+        store::put_cas(&target, &path, Bytes::from(bytes), etag).await?;
+        Ok(())
+    }
+}
+
+/// The registry key under a store (for printing URLs).
+pub fn registry_path(target: &Target, run: &str) -> Path {
+    target.path(&layout::registry(run))
+}

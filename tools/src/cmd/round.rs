@@ -1,0 +1,395 @@
+//! The round: `run init|add|show`, `publish`, `aggregate`, `apply`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use shardrop::aggregate::{aggregate_window, apply_aggregates};
+use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
+use shardrop::exchange::{clock, publish};
+use shardrop::identity::PeerId;
+use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::store;
+use shardrop::window::store_now_ms;
+
+use super::grad::CodecArgs;
+use super::{Ctx, keys};
+use crate::out;
+
+#[derive(Subcommand)]
+pub enum RunCommand {
+    /// Create a run and its signed registry.
+    Init(InitArgs),
+    /// Add a participant (operator only; compare-and-swap on the registry).
+    Add(AddArgs),
+    /// Print a registry after verifying it.
+    Show(ShowArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    #[arg(long)]
+    run: String,
+    /// The operator's key: it signs the registry.
+    #[arg(long)]
+    key: PathBuf,
+    /// The operator's store; the registry goes to runs/RUN/registry under it.
+    #[arg(long)]
+    store: String,
+    /// A safetensors file with the model's tensors (names, shapes and dtypes are used).
+    #[arg(long)]
+    model: PathBuf,
+    /// RFC 3339 time, or `now` (the store's clock).
+    #[arg(long, default_value = "now")]
+    genesis: String,
+    #[arg(long, default_value_t = 60)]
+    window_secs: u64,
+    #[arg(long, default_value_t = 10)]
+    grace_secs: u64,
+    #[command(flatten)]
+    codec: CodecArgs,
+    #[arg(long, default_value_t = 0.9)]
+    beta: f32,
+    #[arg(long, default_value_t = 1.0)]
+    outer_lr: f32,
+}
+
+#[derive(Args)]
+pub struct AddArgs {
+    #[arg(long)]
+    registry: String,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, value_parser = ["miner", "aggregator", "validator"])]
+    role: String,
+    #[arg(long)]
+    peer: String,
+    /// The participant's store URL.
+    #[arg(long)]
+    store: String,
+    /// Readers take credentials for this store from PREFIXAWS_ACCESS_KEY_ID etc.
+    #[arg(long)]
+    credentials_env_prefix: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    #[arg(long)]
+    registry: String,
+    /// Require this operator key.
+    #[arg(long)]
+    operator: Option<String>,
+}
+
+#[derive(Args)]
+pub struct PublishArgs {
+    #[arg(long)]
+    registry: String,
+    /// The miner's key.
+    #[arg(long)]
+    key: PathBuf,
+    /// Default: the current window by the store's clock.
+    #[arg(long)]
+    window: Option<u64>,
+    /// The pseudo-gradient (θ_start − θ_end) as safetensors.
+    update: PathBuf,
+    /// Error-feedback state folder.
+    #[arg(long)]
+    state: PathBuf,
+}
+
+#[derive(Args)]
+pub struct AggregateArgs {
+    #[arg(long)]
+    registry: String,
+    /// The aggregator's key.
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, conflicts_with_all = ["once", "follow"])]
+    window: Option<u64>,
+    /// The newest closed window (for cron).
+    #[arg(long, conflicts_with = "follow")]
+    once: bool,
+    /// Every window, forever.
+    #[arg(long)]
+    follow: bool,
+    /// Miners fetched at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    #[arg(long)]
+    registry: String,
+    /// Base model (safetensors) holding θ after window --from-window.
+    #[arg(long)]
+    from: PathBuf,
+    #[arg(long)]
+    from_window: u64,
+    /// Last window to apply.
+    #[arg(long)]
+    through: u64,
+    /// Output: the dense f32 state.
+    out: PathBuf,
+}
+
+pub async fn run_cmd(ctx: &Ctx, cmd: RunCommand) -> anyhow::Result<()> {
+    match cmd {
+        RunCommand::Init(a) => init(ctx, a).await,
+        RunCommand::Add(a) => add(ctx, a).await,
+        RunCommand::Show(a) => show(ctx, a).await,
+    }
+}
+
+async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let target = store::open(&a.store, &ctx.s3)?;
+    let model_bytes =
+        std::fs::read(&a.model).with_context(|| format!("{}: cannot read", a.model.display()))?;
+    let model = model_of(&model_bytes).with_context(|| a.model.display().to_string())?;
+    let genesis_ms = if a.genesis == "now" {
+        store_now_ms(&target, &format!("runs/{}/clock/{}", a.run, id.peer_id())).await?
+    } else {
+        chrono::DateTime::parse_from_rfc3339(&a.genesis)
+            .with_context(|| format!("--genesis {:?}", a.genesis))?
+            .timestamp_millis()
+            .max(0) as u64
+    };
+    let reg = Registry {
+        format: 1,
+        run: a.run.clone(),
+        operator: id.peer_id().to_string(),
+        revision: 1,
+        genesis_ms,
+        window_secs: a.window_secs,
+        grace_secs: a.grace_secs,
+        model,
+        codec: a.codec.params()?,
+        beta: a.beta,
+        outer_lr: a.outer_lr,
+        limits: RunLimits::default(),
+        participants: Vec::new(),
+    };
+    let url = reg.create(&target, &id).await?;
+    out::emit(
+        ctx,
+        &serde_json::json!({"registry": url, "run": reg.run, "operator": reg.operator, "genesis_ms": genesis_ms, "tensors": reg.model.tensors.len()}),
+        &format!("run {} created; registry at {url}", reg.run),
+    );
+    Ok(())
+}
+
+async fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let peer = PeerId::parse(&a.peer)?;
+    let role = Role::parse(&a.role).context("--role")?;
+    let (mut reg, etag) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
+    if reg.participant(&peer, role).is_some() {
+        bail!(
+            "{}: {peer} is already a {} of run {}",
+            a.registry,
+            a.role,
+            reg.run
+        );
+    }
+    store::open(&a.store, &ctx.s3)?;
+    reg.participants.push(Participant {
+        role,
+        peer: peer.to_string(),
+        store: a.store.clone(),
+        credentials: match a.credentials_env_prefix {
+            Some(prefix) => Credentials::EnvPrefix { prefix },
+            None => Credentials::Ambient,
+        },
+    });
+    reg.update(&a.registry, &ctx.s3, etag, &id).await?;
+    out::emit(
+        ctx,
+        &serde_json::json!({"registry": a.registry, "revision": reg.revision, "participants": reg.participants.len()}),
+        &format!(
+            "added {} {peer} ({} participants, revision {})",
+            a.role,
+            reg.participants.len(),
+            reg.revision
+        ),
+    );
+    Ok(())
+}
+
+async fn show(ctx: &Ctx, a: ShowArgs) -> anyhow::Result<()> {
+    let operator = a.operator.as_deref().map(PeerId::parse).transpose()?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, operator).await?;
+    let mut text = format!(
+        "run {} (revision {}), operator {}\ngenesis {} ms, windows of {} s, grace {} s\nmodel: {} tensors; codec C={} k={} {} {:?} indices; beta {}; outer lr {}\n",
+        reg.run,
+        reg.revision,
+        reg.operator,
+        reg.genesis_ms,
+        reg.window_secs,
+        reg.grace_secs,
+        reg.model.tensors.len(),
+        reg.codec.chunk,
+        reg.codec.k,
+        reg.codec.values.name(),
+        reg.codec.indices,
+        reg.beta,
+        reg.outer_lr
+    );
+    for p in &reg.participants {
+        text += &format!(
+            "  {:<10} {} {}\n",
+            format!("{:?}", p.role).to_lowercase(),
+            p.peer,
+            p.store
+        );
+    }
+    out::emit(ctx, &serde_json::to_value(&reg)?, &text);
+    Ok(())
+}
+
+pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let update =
+        std::fs::read(&a.update).with_context(|| format!("{}: cannot read", a.update.display()))?;
+    let mut state = EfState::load(&a.state)
+        .with_context(|| format!("{}: cannot load state", a.state.display()))?;
+    let started = std::time::Instant::now();
+    let p = publish(&reg, &id, &ctx.s3, a.window, &update, &mut state).await?;
+    state
+        .save(&a.state)
+        .with_context(|| format!("{}: cannot save state", a.state.display()))?;
+    let mut json = serde_json::to_value(&p)?;
+    json["seconds"] = started.elapsed().as_secs_f64().into();
+    let text = format!(
+        "{}: window {}, {} bytes ({:.0}x smaller than the {} dense bytes){}",
+        p.object,
+        p.window,
+        p.bytes,
+        p.ratio,
+        p.dense_bytes,
+        if p.already_published {
+            " (already published)"
+        } else {
+            ""
+        }
+    );
+    out::emit(ctx, &json, &text);
+    Ok(())
+}
+
+pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let me = id.peer_id();
+    let agg = reg
+        .participant(&me, Role::Aggregator)
+        .with_context(|| format!("{me} is not an aggregator of run {}", reg.run))?;
+    let target = reg.open_store(agg, &ctx.s3)?;
+    let clk = clock(&reg);
+    let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+    let mut w = match (a.window, a.once || a.follow) {
+        (Some(w), _) => w,
+        (None, true) => clk.newest_closed(now).context("no window has closed yet")?,
+        (None, false) => bail!("give --window W, --once or --follow"),
+    };
+    loop {
+        let r = aggregate_window(&reg, &id, &ctx.s3, w, a.concurrency).await?;
+        let text = format!(
+            "window {}: {} accepted, {} rejected, {} missing, {} errors {:?} -> {}{}",
+            r.window,
+            r.accepted,
+            r.rejected,
+            r.missing,
+            r.errors,
+            r.reasons,
+            r.object,
+            if r.already_published {
+                " (already published, identical)"
+            } else {
+                ""
+            }
+        );
+        out::emit(ctx, &serde_json::to_value(&r)?, &text);
+        if !a.follow {
+            return Ok(());
+        }
+        w += 1;
+    }
+}
+
+/// Loads a safetensors file (f32, bf16 or f16) as f32 tensors with their shapes.
+pub fn load_dense(path: &std::path::Path) -> anyhow::Result<Dense> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| path.display().to_string())?;
+    let mut out = Dense::new();
+    for (name, v) in st.iter() {
+        let dtype = InDtype::from_safetensors(v.dtype())
+            .with_context(|| format!("{}: tensor {name} is {:?}", path.display(), v.dtype()))?;
+        let vals: Vec<f32> = match dtype {
+            InDtype::F32 => v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            InDtype::Bf16 => v
+                .data()
+                .chunks_exact(2)
+                .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            InDtype::F16 => v
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        };
+        out.insert(
+            name.to_string(),
+            (v.shape().iter().map(|&d| d as u64).collect(), vals),
+        );
+    }
+    Ok(out)
+}
+
+pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let base = load_dense(&a.from)?;
+    for t in &reg.model.tensors {
+        match base.get(&t.name) {
+            Some((shape, _)) if *shape == t.shape => {}
+            _ => bail!(
+                "{}: tensor {:?} {:?} of the run's model is missing or has another shape",
+                a.from.display(),
+                t.name,
+                t.shape
+            ),
+        }
+    }
+    let shapes: BTreeMap<String, Vec<u64>> = base
+        .iter()
+        .map(|(k, (s, _))| (k.clone(), s.clone()))
+        .collect();
+    let mut theta: BTreeMap<String, Vec<f32>> =
+        base.into_iter().map(|(k, (_, v))| (k, v)).collect();
+    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, a.from_window, a.through).await?;
+    let dense: Dense = theta
+        .into_iter()
+        .map(|(k, v)| (k.clone(), (shapes[&k].clone(), v)))
+        .collect();
+    std::fs::write(&a.out, dense_to_safetensors(&dense)?)
+        .with_context(|| format!("{}: cannot write", a.out.display()))?;
+    out::emit(
+        ctx,
+        &serde_json::json!({"out": a.out.display().to_string(), "applied": applied, "from_window": a.from_window, "through": a.through}),
+        &format!(
+            "applied {applied} aggregate(s) (windows {}..={}) -> {}",
+            a.from_window + 1,
+            a.through,
+            a.out.display()
+        ),
+    );
+    Ok(())
+}
