@@ -184,7 +184,7 @@ impl Registry {
             object: "registry".into(),
             reason: e.to_string(),
         })?;
-        Ok(EnvelopeBuilder::new(Kind::Registry, &self.run)
+        EnvelopeBuilder::new(Kind::Registry, &self.run)
             .codec("registry-v1", Default::default())
             .section(SECTION, &json, Compression::Zstd)?
             .sign(operator)?
@@ -192,7 +192,7 @@ impl Registry {
             .map_err(|e| RegistryError::Invalid {
                 object: "registry".into(),
                 reason: e.to_string(),
-            })?)
+            })
     }
 
     /// Creates the registry object (refuses to replace an existing one).

@@ -1,0 +1,441 @@
+//! A full round on the local S3 server: several miners (honest, late, forged, a copier that
+//! re-signs another's update as its own, a missing one, one whose bucket is unreachable),
+//! the aggregator's ledger, and the aggregate checked against an independent dense mean.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use object_store::ObjectStoreExt;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use shardrop::aggregate::{aggregate_window, apply_aggregates};
+use shardrop::codec::{self, CodecLimits, CodecParams, EfState};
+use shardrop::envelope::{
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_sections,
+};
+use shardrop::exchange::{ExchangeError, clock, codec_header, publish};
+use shardrop::identity::Identity;
+use shardrop::layout;
+use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::store::{S3Options, Target, put_create};
+use shardrop::tables::read_ledger;
+use shardrop::window::store_now_ms;
+
+fn update(seed: f32) -> Vec<u8> {
+    let w: Vec<u8> = (0..6000)
+        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..100)
+        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
+        .collect();
+    let views = vec![
+        ("w", TensorView::new(Dtype::F32, vec![60, 100], &w).unwrap()),
+        ("b", TensorView::new(Dtype::F32, vec![100], &b).unwrap()),
+    ];
+    safetensors::serialize(views, None).unwrap()
+}
+
+fn opts() -> S3Options {
+    S3Options {
+        max_retries: Some(0),
+        timeout: Some(std::time::Duration::from_secs(5)),
+        ..Default::default()
+    }
+}
+
+/// Decodes a published shard independently of the aggregator: dense f64 per tensor.
+async fn decode_shard(
+    t: &Target,
+    reg: &Registry,
+    w: u64,
+    id: &Identity,
+) -> BTreeMap<String, Vec<f64>> {
+    let path = t.path(&layout::grad(&reg.run, w, &id.peer_id()));
+    let env = RemoteEnvelope::open(
+        t.store.as_ref(),
+        &path,
+        "shard",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    let all: Vec<usize> = (0..env.sections().len()).collect();
+    let secs = read_sections(
+        t.store.as_ref(),
+        &env,
+        &all,
+        &Limits::default(),
+        |_| Ok(Vec::new()),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let mut out = BTreeMap::new();
+    for s in secs {
+        for tensor in codec::read_section(&s, None, &CodecLimits::default()).unwrap() {
+            let (idx, val) = codec::to_sparse(&tensor).unwrap();
+            let mut d = vec![0f64; tensor.numel() as usize];
+            for (i, v) in idx.iter().zip(val) {
+                d[*i as usize] = v as f64;
+            }
+            out.insert(tensor.name.clone(), d);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_round_on_s3() {
+    let Some(root) = common::s3("round") else {
+        return;
+    };
+    let s3 = opts();
+    let operator = Identity::generate();
+    let aggregator = Identity::generate();
+    let [
+        honest_a,
+        honest_b,
+        late,
+        forged,
+        copier,
+        absent,
+        unreachable,
+    ] = std::array::from_fn(|_| Identity::generate());
+    let area = |name: &str| root.join(name);
+    let model = codec::model_of(&update(0.0)).unwrap();
+    let reg = Registry {
+        format: 1,
+        run: "round-test".into(),
+        operator: operator.peer_id().to_string(),
+        revision: 1,
+        genesis_ms: store_now_ms(&area("op"), "clock").await.unwrap(),
+        window_secs: 3,
+        grace_secs: 1,
+        model,
+        codec: CodecParams {
+            chunk: 256,
+            k: 8,
+            ..CodecParams::default()
+        },
+        beta: 0.9,
+        outer_lr: 1.0,
+        limits: RunLimits::default(),
+        participants: Vec::new(),
+    };
+    let reg_url = reg.create(&area("op"), &operator).await.unwrap();
+    let part = |role, id: &Identity, name: &str| Participant {
+        role,
+        peer: id.peer_id().to_string(),
+        store: area(name).url(),
+        credentials: Credentials::Ambient,
+    };
+    let (mut r, etag) = Registry::load(&reg_url, &s3, Some(operator.peer_id()))
+        .await
+        .unwrap();
+    r.participants
+        .push(part(Role::Aggregator, &aggregator, "agg"));
+    for (id, name) in [
+        (&honest_a, "a"),
+        (&honest_b, "b"),
+        (&late, "late"),
+        (&forged, "forged"),
+        (&copier, "copier"),
+        (&absent, "absent"),
+    ] {
+        r.participants.push(part(Role::Miner, id, name));
+    }
+    let mut dead = part(Role::Miner, &unreachable, "dead");
+    dead.credentials = Credentials::EnvPrefix {
+        prefix: "SHARDROP_DEAD_".into(),
+    };
+    r.participants.push(dead);
+    // Only this test reads this variable.
+    unsafe { std::env::set_var("SHARDROP_DEAD_AWS_ENDPOINT_URL", "http://127.0.0.1:9") };
+    r.update(&reg_url, &s3, etag.clone(), &operator)
+        .await
+        .unwrap();
+    // A second edit from the same (now stale) version loses the compare-and-swap.
+    let mut stale = r.clone();
+    assert!(stale.update(&reg_url, &s3, etag, &operator).await.is_err());
+    // Someone else's key cannot pass for the operator.
+    assert!(
+        Registry::load(&reg_url, &s3, Some(aggregator.peer_id()))
+            .await
+            .is_err()
+    );
+    let (reg, _) = Registry::load(&reg_url, &s3, Some(operator.peer_id()))
+        .await
+        .unwrap();
+    assert_eq!(reg.participants.len(), 8);
+
+    // Window 0: honest miners publish through the real path.
+    let w = 0;
+    for (id, seed) in [(&honest_a, 1.0), (&honest_b, 2.0)] {
+        let mut st = EfState::default();
+        let p = publish(&reg, id, &s3, Some(w), &update(seed), &mut st)
+            .await
+            .unwrap();
+        assert!(!p.already_published);
+        assert!(p.ratio > 10.0);
+        // A retry after a "lost response" re-encodes from the old state: accepted as done.
+        let mut again = EfState::default();
+        assert!(
+            publish(&reg, id, &s3, Some(w), &update(seed), &mut again)
+                .await
+                .unwrap()
+                .already_published
+        );
+    }
+    // The forger writes into its own area a shard signed by someone else's key.
+    let sign_sections = |id: &Identity, sections: &[(String, Vec<u8>)]| {
+        let mut b = EnvelopeBuilder::new(Kind::Grad, &reg.run)
+            .window(w)
+            .codec(codec::SECTION_CODEC, codec_header(&reg));
+        for (n, s) in sections {
+            b = b.section(n, s, Compression::Zstd).unwrap();
+        }
+        b.sign(id).unwrap()
+    };
+    let enc = codec::encode_update(
+        &update(3.0),
+        &mut EfState::default(),
+        &codec::EncodeOptions {
+            params: reg.codec,
+            beta: reg.beta,
+            section_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let forged_area = area("forged");
+    put_create(
+        &forged_area,
+        &forged_area.path(&layout::grad(&reg.run, w, &forged.peer_id())),
+        &sign_sections(&honest_a, &enc.sections),
+    )
+    .await
+    .unwrap();
+    // The copier takes A's published sections and re-signs them as its own, later.
+    let a_area = area("a");
+    let a_env = RemoteEnvelope::open(
+        a_area.store.as_ref(),
+        &a_area.path(&layout::grad(&reg.run, w, &honest_a.peer_id())),
+        "a",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    let all: Vec<usize> = (0..a_env.sections().len()).collect();
+    let a_secs = read_sections(
+        a_area.store.as_ref(),
+        &a_env,
+        &all,
+        &Limits::default(),
+        |_| Ok(Vec::new()),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let named: Vec<(String, Vec<u8>)> = a_env
+        .sections()
+        .iter()
+        .map(|s| s.name.clone())
+        .zip(a_secs)
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let copier_area = area("copier");
+    put_create(
+        &copier_area,
+        &copier_area.path(&layout::grad(&reg.run, w, &copier.peer_id())),
+        &sign_sections(&copier, &named),
+    )
+    .await
+    .unwrap();
+
+    // After the window closes: publishing is refused, and a shard put anyway is late.
+    let clk = clock(&reg);
+    loop {
+        let now = store_now_ms(&area("late"), "clock").await.unwrap();
+        if now >= clk.closes(w) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(clk.closes(w) - now + 20)).await;
+    }
+    let refused = publish(
+        &reg,
+        &late,
+        &s3,
+        Some(w),
+        &update(4.0),
+        &mut EfState::default(),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ExchangeError::Refused(ref m)) if m.contains("closed")),
+        "{refused:?}"
+    );
+    let enc = codec::encode_update(
+        &update(4.0),
+        &mut EfState::default(),
+        &codec::EncodeOptions {
+            params: reg.codec,
+            beta: reg.beta,
+            section_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let late_area = area("late");
+    put_create(
+        &late_area,
+        &late_area.path(&layout::grad(&reg.run, w, &late.peer_id())),
+        &sign_sections(&late, &enc.sections),
+    )
+    .await
+    .unwrap();
+
+    let r1 = aggregate_window(&reg, &aggregator, &s3, w, 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r1.accepted, r1.rejected, r1.missing, r1.errors),
+        (2, 3, 1, 1),
+        "{r1:?}"
+    );
+    let agg_area = area("agg");
+    let ledger = read_ledger(
+        agg_area
+            .store
+            .get(&agg_area.path(&layout::ledger(&reg.run, w)))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let reason = |id: &Identity| {
+        ledger
+            .iter()
+            .find(|r| r.peer == id.peer_id().to_string())
+            .map(|r| (r.verdict.clone(), r.reason.clone()))
+            .unwrap()
+    };
+    assert_eq!(reason(&honest_a), ("accepted".into(), String::new()));
+    assert_eq!(reason(&honest_b), ("accepted".into(), String::new()));
+    assert_eq!(reason(&late), ("rejected".into(), "late".into()));
+    assert_eq!(
+        reason(&forged),
+        ("rejected".into(), "unexpected_signer".into())
+    );
+    assert_eq!(reason(&copier), ("rejected".into(), "duplicate".into()));
+    assert_eq!(reason(&absent), ("missing".into(), "missing".into()));
+    assert_eq!(reason(&unreachable), ("error".into(), "store_error".into()));
+    assert_eq!(ledger.len(), 7, "every registered miner has a row");
+    assert!(
+        ledger
+            .iter()
+            .filter(|r| r.verdict == "accepted")
+            .all(|r| (r.weight - 0.5).abs() < 1e-9)
+    );
+
+    // The aggregate equals the mean of the two accepted shards, decoded independently.
+    let da = decode_shard(&a_area, &reg, w, &honest_a).await;
+    let db = decode_shard(&area("b"), &reg, w, &honest_b).await;
+    let mut theta: BTreeMap<String, Vec<f32>> = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                vec![0f32; t.shape.iter().product::<u64>() as usize],
+            )
+        })
+        .collect();
+    assert_eq!(
+        apply_aggregates(&reg, &s3, &mut theta, 0, 0).await.unwrap(),
+        0
+    );
+    // Catch-up replays windows after the base's, so window 0's aggregate is read directly
+    // and added with weight −1 (θ = 0 − (−1)·aggregate = aggregate).
+    let agg_env = RemoteEnvelope::open(
+        agg_area.store.as_ref(),
+        &agg_area.path(&layout::agg(&reg.run, w)),
+        "agg",
+        &Limits::default(),
+        &Expect {
+            signer: Some(aggregator.peer_id()),
+            window: Some(w),
+            kind: Some(Kind::Agg),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let all: Vec<usize> = (0..agg_env.sections().len()).collect();
+    let secs = read_sections(
+        agg_area.store.as_ref(),
+        &agg_env,
+        &all,
+        &Limits::default(),
+        |_| Ok(Vec::new()),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    for s in &secs {
+        shardrop::aggregate::apply_agg_tensor(s, &reg.model, &mut theta, -1.0).unwrap();
+    }
+    for (name, got) in &theta {
+        for (i, g) in got.iter().enumerate() {
+            let want = (da[name][i] + db[name][i]) / 2.0;
+            assert!(
+                (*g as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{name}[{i}]: {g} vs {want}"
+            );
+        }
+    }
+    // A rerun (as after a crash) gives the same bytes.
+    let before = agg_area
+        .store
+        .get(&agg_area.path(&layout::agg(&reg.run, w)))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let r2 = aggregate_window(&reg, &aggregator, &s3, w, 4)
+        .await
+        .unwrap();
+    assert!(r2.already_published);
+    assert_eq!(
+        agg_area
+            .store
+            .get(&agg_area.path(&layout::agg(&reg.run, w)))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        before
+    );
+
+    // Window 1 is empty: the aggregate says so; catch-up over it changes nothing, and a
+    // missing aggregate (window 2) stops catch-up naming the window.
+    let r = aggregate_window(&reg, &aggregator, &s3, 1, 4)
+        .await
+        .unwrap();
+    assert_eq!(r.accepted, 0);
+    let snapshot = theta.clone();
+    assert_eq!(
+        apply_aggregates(&reg, &s3, &mut theta, 0, 1).await.unwrap(),
+        1
+    );
+    assert_eq!(theta, snapshot);
+    let e = apply_aggregates(&reg, &s3, &mut theta, 0, 2)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("window 2"), "{e}");
+}
