@@ -345,15 +345,15 @@ pub async fn aggregate_window(
     })
 }
 
-/// Replays the aggregates of windows `from_window + 1 ..= through` onto `theta` (f32 tensors
-/// by name): θ ← θ − outer_lr · aggregate, in window order. Stops at the first missing or
-/// invalid aggregate, naming the window.
+/// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name):
+/// θ ← θ − outer_lr · aggregate, in window order. Stops at the first missing or invalid
+/// aggregate, naming the window. Memory: the model plus one aggregate.
 pub async fn apply_aggregates(
     reg: &Registry,
     s3: &S3Options,
     theta: &mut BTreeMap<String, Vec<f32>>,
-    from_window: u64,
-    through: u64,
+    first: u64,
+    last: u64,
 ) -> Result<usize, ExchangeError> {
     let aggs = reg.with_role(Role::Aggregator);
     let agg = aggs
@@ -363,7 +363,7 @@ pub async fn apply_aggregates(
     let target = reg.open_store(agg, s3)?;
     let limits = Limits::default();
     let mut applied = 0;
-    for w in from_window + 1..=through {
+    for w in first..=last {
         let path = target.path(&layout::agg(&reg.run, w));
         let object = target.url_of(&path);
         let expect = Expect {

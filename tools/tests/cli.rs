@@ -275,17 +275,42 @@ async fn every_rejection_reason_through_verify_and_get() {
 }
 
 #[test]
-fn demo_runs_on_the_embedded_default() {
+fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let out = shardrop(&["demo", "--dir", dir.to_str().unwrap(), "--json"]);
+    let out = shardrop(&[
+        "demo",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--windows",
+        "3",
+        "--window-secs",
+        "1",
+        "--miners",
+        "3",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let j = json(&out);
     assert_eq!(j["ok"], true);
-    assert_eq!(j["checks"].as_array().unwrap().len(), 6);
-    assert_eq!(j["replay"]["caught"], true);
-    assert_eq!(j["replay"]["reason"], "unexpected_signer");
-    assert!(dir.join("keys/peer-0.key").exists());
+    let windows = j["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 3);
+    assert!(j["final_loss"].as_f64().unwrap() < 0.5 * j["initial_loss"].as_f64().unwrap());
+    for w in windows {
+        assert_eq!(w["accepted"], 3);
+        assert_eq!(
+            w["reasons"]["duplicate"], 1,
+            "the copier is caught every window"
+        );
+    }
+    assert_eq!(j["copier"]["caught_windows"], 3);
+    assert!(dir.join("keys/operator.key").exists());
+    assert!(dir.join("summary.json").exists());
+    // The registry it made verifies from the CLI.
+    let reg = j["registry"].as_str().unwrap();
+    let show = shardrop(&["run", "show", "--registry", reg, "--json"]);
+    assert!(show.status.success(), "{}", stderr(&show));
+    assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 5);
 }
 
 #[test]

@@ -1,36 +1,124 @@
-//! The demonstration job on an embedded default: a local folder store, keys made on the spot.
+//! The main job on an embedded default: a local folder store, keys made on the spot.
 //!
-//! Today it shows the trust model end to end: three peers each sign and publish an object
-//! into their own area, every peer verifies every other peer's object, and a replayed copy
-//! (one peer re-publishing another's signed object as its own) is caught. Later stages add
-//! training, aggregation, scoring and checkpoints.
+//! Miners train the same small model (a linear map learned from noisy samples, each miner on
+//! its own data) for a few inner steps per window, and publish the pseudo-gradient
+//! θ_start − θ_end through the real publish path (encode, sign, create-only put into their
+//! own area). After each window closes, the aggregator verifies and merges through the same
+//! code as `shardrop aggregate`, and every miner applies the signed aggregate through the
+//! same code as `shardrop apply`. One miner is a copier: it re-signs another miner's update
+//! as its own; the ledger must catch it. The demo fails loudly if the held-out loss does not
+//! fall or the copier is not caught.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use shardrop::aggregate::{aggregate_window, apply_aggregates};
+use shardrop::codec::{CodecParams, EfState, IndexEncoding, ScaleMode, ValueFormat};
 use shardrop::envelope::{
-    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, verify_sections,
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_sections,
 };
+use shardrop::exchange::{codec_header, publish};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::store::{self, Target};
+use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::store::{self, Target, put_create};
+use shardrop::tables::read_ledger;
+use shardrop::window::store_now_ms;
 
 use super::Ctx;
 use crate::out;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Folder for keys and the local store.
+    /// Folder for keys, the local store and the summary.
     #[arg(long, default_value = "./shardrop-demo")]
     dir: PathBuf,
     /// Store URL (default: DIR/store, a local folder).
     #[arg(long)]
     store: Option<String>,
-    /// Number of peers.
-    #[arg(long, default_value_t = 3)]
-    peers: usize,
+    /// Honest miners (a copier is added).
+    #[arg(long, default_value_t = 4)]
+    miners: usize,
+    /// Windows to train.
+    #[arg(long, default_value_t = 6)]
+    windows: u64,
+    /// Window length in seconds.
+    #[arg(long, default_value_t = 2)]
+    window_secs: u64,
+}
+
+const D_IN: usize = 128;
+const D_OUT: usize = 32;
+
+/// xorshift + Box–Muller-free bell curve: deterministic, dependency-free data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let u = |s: u64| ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+        (u(self.0) + u(self.0.rotate_left(21)) + u(self.0.rotate_left(42))) * 2.0
+    }
+}
+
+fn true_map() -> Vec<f32> {
+    let mut r = Rng(0xA11CE);
+    (0..D_IN * D_OUT).map(|_| r.next()).collect()
+}
+
+fn sample(r: &mut Rng, a: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let x: Vec<f32> = (0..D_IN).map(|_| r.next()).collect();
+    let y = (0..D_OUT)
+        .map(|o| (0..D_IN).map(|i| a[o * D_IN + i] * x[i]).sum::<f32>() + 0.01 * r.next())
+        .collect();
+    (x, y)
+}
+
+fn loss(w: &[f32], batch: &[(Vec<f32>, Vec<f32>)]) -> f64 {
+    let mut s = 0f64;
+    for (x, y) in batch {
+        for o in 0..D_OUT {
+            let p: f32 = (0..D_IN).map(|i| w[o * D_IN + i] * x[i]).sum();
+            s += ((p - y[o]) as f64).powi(2);
+        }
+    }
+    s / batch.len() as f64
+}
+
+/// `steps` SGD steps of mean squared error on this miner's data for this window.
+fn train(w: &mut [f32], miner: usize, window: u64, a: &[f32], steps: usize) {
+    let mut r = Rng(0x5EED ^ ((miner as u64 + 1) << 32) ^ (window + 1));
+    let lr = 0.02f32;
+    for _ in 0..steps {
+        let batch: Vec<_> = (0..8).map(|_| sample(&mut r, a)).collect();
+        let mut g = vec![0f32; w.len()];
+        for (x, y) in &batch {
+            for o in 0..D_OUT {
+                let p: f32 = (0..D_IN).map(|i| w[o * D_IN + i] * x[i]).sum();
+                let e = 2.0 * (p - y[o]) / batch.len() as f32;
+                for i in 0..D_IN {
+                    g[o * D_IN + i] += e * x[i];
+                }
+            }
+        }
+        for (wi, gi) in w.iter_mut().zip(&g) {
+            *wi -= lr * gi;
+        }
+    }
+}
+
+fn as_safetensors(name: &str, w: &[f32]) -> anyhow::Result<Vec<u8>> {
+    let raw: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(safetensors::serialize(
+        vec![(name, TensorView::new(Dtype::F32, vec![D_OUT, D_IN], &raw)?)],
+        None,
+    )?)
 }
 
 fn load_or_make(path: &std::path::Path) -> anyhow::Result<Identity> {
@@ -42,166 +130,236 @@ fn load_or_make(path: &std::path::Path) -> anyhow::Result<Identity> {
     Ok(id)
 }
 
-fn payload(peer: usize, len: usize) -> Vec<u8> {
-    // Deterministic bytes (xorshift) so each peer's data differs and reruns are comparable.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (peer as u64 + 1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 16) as u8
-        })
-        .collect()
-}
-
-async fn check(target: &Target, key: &str, expect: &Expect) -> Result<(), String> {
-    let path = target.path(key);
-    let object = target.url_of(&path);
-    let limits = Limits::default();
-    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, expect)
-        .await
-        .map_err(|e| {
-            e.rejection()
-                .map_or_else(|| e.to_string(), |r| r.reason.code().to_string())
-        })?;
-    verify_sections(target.store.as_ref(), &env, &limits, &|_| {})
-        .await
-        .map_err(|e| {
-            e.rejection()
-                .map_or_else(|| e.to_string(), |r| r.reason.code().to_string())
-        })
+/// The copier's move: fetch a victim's published sections and re-sign them as its own.
+async fn copy_as_own(
+    reg: &Registry,
+    victim: (&Identity, &Target),
+    copier: (&Identity, &Target),
+    w: u64,
+) -> anyhow::Result<()> {
+    let path = victim
+        .1
+        .path(&layout::grad(&reg.run, w, &victim.0.peer_id()));
+    let env = RemoteEnvelope::open(
+        victim.1.store.as_ref(),
+        &path,
+        "victim",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await?;
+    let all: Vec<usize> = (0..env.sections().len()).collect();
+    let secs = read_sections(
+        victim.1.store.as_ref(),
+        &env,
+        &all,
+        &Limits::default(),
+        |_| Ok(Vec::new()),
+        &|_| {},
+    )
+    .await?;
+    let mut b = EnvelopeBuilder::new(Kind::Grad, &reg.run)
+        .window(w)
+        .codec(shardrop::codec::SECTION_CODEC, codec_header(reg));
+    for (e, s) in env.sections().iter().zip(&secs) {
+        b = b.section(&e.name, s, Compression::Zstd)?;
+    }
+    let signed = b.sign(copier.0)?;
+    put_create(
+        copier.1,
+        &copier
+            .1
+            .path(&layout::grad(&reg.run, w, &copier.0.peer_id())),
+        &signed,
+    )
+    .await?;
+    Ok(())
 }
 
 pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
-    if a.peers < 2 {
-        bail!("--peers must be at least 2");
+    if a.miners < 2 || a.windows < 2 {
+        bail!("--miners and --windows must be at least 2");
     }
     let keys_dir = a.dir.join("keys");
     std::fs::create_dir_all(&keys_dir)
         .with_context(|| format!("{}: cannot create", keys_dir.display()))?;
     let store_url = match &a.store {
         Some(u) => u.clone(),
-        None => a.dir.join("store").display().to_string(),
+        None => std::path::absolute(a.dir.join("store"))?
+            .display()
+            .to_string(),
     };
     let root = store::open(&store_url, &ctx.s3)?;
-    let run = format!(
-        "demo-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    );
-    let window = 0;
-    let mut peers = Vec::new();
-    for i in 0..a.peers {
-        let id = load_or_make(&keys_dir.join(format!("peer-{i}.key")))?;
-        let area = root.join(&format!("peer-{i}"));
-        peers.push((id, area));
-    }
-    // 1. Every peer publishes one signed object into its own area.
-    let mut published = Vec::new();
-    for (i, (id, area)) in peers.iter().enumerate() {
-        let msg = format!(
-            "hello from peer {i} ({}) in run {run}, window {window}\n",
-            id.peer_id()
-        );
-        let signed = EnvelopeBuilder::new(Kind::Blob, &run)
-            .window(window)
-            .section("message.txt", msg.as_bytes(), Compression::Zstd)?
-            .section("data.bin", &payload(i, 256 << 10), Compression::Zstd)?
-            .sign(id)?;
-        let key = layout::blob(&run, window, &id.peer_id());
-        let path = area.path(&key);
-        store::put_create(area, &path, &signed).await?;
-        published.push(serde_json::json!({"peer": i, "peer_id": id.peer_id().to_string(), "object": area.url_of(&path), "bytes": signed.len()}));
-    }
-    // 2. Every peer verifies every other peer's object, expecting its signer, run and window.
-    let mut checks = Vec::new();
-    let mut text = format!(
-        "run {run} on {}\n\n{:<8} {:<8} {:<10} {}\n",
-        root.url(),
-        "reader",
-        "author",
-        "verdict",
-        "object"
-    );
-    for (r, _) in peers.iter().enumerate() {
-        for (w, (author, area)) in peers.iter().enumerate() {
-            if r == w {
-                continue;
-            }
-            let key = layout::blob(&run, window, &author.peer_id());
-            let expect = Expect {
-                signer: Some(author.peer_id()),
-                run: Some(run.clone()),
-                kind: Some(Kind::Blob),
-                window: Some(window),
-                step: None,
-            };
-            let verdict = check(area, &key, &expect).await;
-            text += &format!(
-                "peer-{r:<3} peer-{w:<3} {:<10} {}\n",
-                verdict.as_ref().map_or_else(|e| e.as_str(), |_| "valid"),
-                area.url_of(&area.path(&key))
-            );
-            checks.push(serde_json::json!({"reader": r, "author": w, "valid": verdict.is_ok(), "reason": verdict.err()}));
-        }
-    }
-    // 3. A replay: the last peer copies the first peer's signed object into its own area as
-    //    if it were its own. Readers expect the last peer's key there, so it must fail.
-    let (thief, thief_area) = &peers[a.peers - 1];
-    let (victim, victim_area) = &peers[0];
-    let stolen = victim_area
-        .store
-        .get(&victim_area.path(&layout::blob(&run, window, &victim.peer_id())))
-        .await
-        .context("reading the object to replay")?
-        .bytes()
-        .await?;
-    let replay_key = layout::blob(&run, window, &thief.peer_id());
-    let replay_path = thief_area.path(&format!("{replay_key}.replayed"));
-    store::put_create(thief_area, &replay_path, stolen.as_ref()).await?;
-    let expect = Expect {
-        signer: Some(thief.peer_id()),
-        run: Some(run.clone()),
-        kind: Some(Kind::Blob),
-        window: Some(window),
-        step: None,
-    };
-    let replay = check(thief_area, &format!("{replay_key}.replayed"), &expect).await;
-    let honest_ok = checks.iter().all(|c| c["valid"] == true);
-    let replay_caught = replay.is_err();
-    text += &format!(
-        "\nreplayed copy of peer-0's object published by peer-{}: {}\n",
-        a.peers - 1,
-        match &replay {
-            Err(reason) => format!("rejected ({reason})"),
-            Ok(()) => "ACCEPTED (this is a bug)".to_string(),
-        }
-    );
-    text += &format!(
-        "\n{} peers, {} objects published, {} cross-verifications {}; keys in {}, store at {}\n",
-        a.peers,
-        published.len(),
-        checks.len(),
-        if honest_ok {
-            "all valid"
-        } else {
-            "WITH FAILURES"
+    let key = |name: &str| load_or_make(&keys_dir.join(format!("{name}.key")));
+    let operator = key("operator")?;
+    let aggregator = key("aggregator")?;
+    let miners: Vec<Identity> = (0..=a.miners)
+        .map(|i| key(&format!("miner-{i}")))
+        .collect::<Result<_, _>>()?;
+    let copier_ix = a.miners; // the last one
+    let started = std::time::Instant::now();
+    let now = store_now_ms(&root, "clock/demo").await?;
+    let run = format!("demo-{now}");
+    let a_true = true_map();
+    let theta0 = vec![0f32; D_IN * D_OUT];
+    let model = shardrop::codec::model_of(&as_safetensors("linear.weight", &theta0)?)?;
+    let mut reg = Registry {
+        format: 1,
+        run: run.clone(),
+        operator: operator.peer_id().to_string(),
+        revision: 1,
+        genesis_ms: now,
+        window_secs: a.window_secs,
+        grace_secs: 1,
+        model,
+        codec: CodecParams {
+            chunk: 1024,
+            k: 48,
+            values: ValueFormat::Int4,
+            scales: ScaleMode::Chunk,
+            indices: IndexEncoding::Compact,
         },
-        keys_dir.display(),
-        root.url()
-    );
-    let json = serde_json::json!({
-        "run": run, "store": root.url(), "keys": keys_dir.display().to_string(),
-        "published": published, "checks": checks,
-        "replay": {"caught": replay_caught, "reason": replay.err()},
-        "ok": honest_ok && replay_caught,
+        beta: 0.9,
+        outer_lr: 1.0,
+        limits: RunLimits::default(),
+        participants: Vec::new(),
+    };
+    let area = |name: &str| root.join(name);
+    reg.participants.push(Participant {
+        role: Role::Aggregator,
+        peer: aggregator.peer_id().to_string(),
+        store: area("aggregator").url(),
+        credentials: Credentials::Ambient,
     });
-    out::emit(ctx, &json, &text);
-    if !honest_ok || !replay_caught {
-        bail!("demo failed: honest objects rejected or the replay accepted");
+    for (i, m) in miners.iter().enumerate() {
+        reg.participants.push(Participant {
+            role: Role::Miner,
+            peer: m.peer_id().to_string(),
+            store: area(&format!("miner-{i}")).url(),
+            credentials: Credentials::Ambient,
+        });
+    }
+    let reg_url = reg.create(&area("operator"), &operator).await?;
+    let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(operator.peer_id())).await?;
+
+    let mut eval_rng = Rng(0xE7A1);
+    let held_out: Vec<_> = (0..256).map(|_| sample(&mut eval_rng, &a_true)).collect();
+    let mut theta = theta0.clone();
+    let mut states: Vec<EfState> = (0..a.miners).map(|_| EfState::default()).collect();
+    let first_loss = loss(&theta, &held_out);
+    let mut table = format!(
+        "run {run}: {} miners + 1 copier, {} windows of {} s, store {}\n\n{:>6} {:>12} {:>10} {:>7} {:>8} {:>9}  {}\n{:>6} {:>12.4}\n",
+        a.miners,
+        a.windows,
+        a.window_secs,
+        root.url(),
+        "window",
+        "eval loss",
+        "bytes",
+        "ratio",
+        "accepted",
+        "rejected",
+        "reasons",
+        "start",
+        first_loss
+    );
+    let mut windows = Vec::new();
+    let mut copier_caught = 0;
+    for w in 0..a.windows {
+        // Miners train from the shared θ and publish θ_start − θ_end.
+        let mut bytes = 0u64;
+        let mut dense = 0u64;
+        for i in 0..a.miners {
+            let mut local = theta.clone();
+            train(&mut local, i, w, &a_true, 20);
+            let delta: Vec<f32> = theta.iter().zip(&local).map(|(s, e)| s - e).collect();
+            let p = publish(
+                &reg,
+                &miners[i],
+                &ctx.s3,
+                Some(w),
+                &as_safetensors("linear.weight", &delta)?,
+                &mut states[i],
+            )
+            .await?;
+            bytes += p.bytes;
+            dense += p.dense_bytes;
+        }
+        copy_as_own(
+            &reg,
+            (&miners[0], &area("miner-0")),
+            (&miners[copier_ix], &area(&format!("miner-{copier_ix}"))),
+            w,
+        )
+        .await?;
+        // The aggregator waits for the window to close by the store's clock, then merges.
+        let agg = aggregate_window(&reg, &aggregator, &ctx.s3, w, 8).await?;
+        let agg_area = area("aggregator");
+        let ledger = read_ledger(
+            agg_area
+                .store
+                .get(&agg_area.path(&layout::ledger(&run, w)))
+                .await?
+                .bytes()
+                .await?,
+        )?;
+        let copier_row = ledger
+            .iter()
+            .find(|r| r.peer == miners[copier_ix].peer_id().to_string());
+        if copier_row.is_some_and(|r| r.reason == "duplicate") {
+            copier_caught += 1;
+        }
+        // Everyone applies the signed aggregate (catch-up of one window).
+        let mut t: BTreeMap<String, Vec<f32>> =
+            [("linear.weight".to_string(), theta.clone())].into();
+        apply_aggregates(&reg, &ctx.s3, &mut t, w, w).await?;
+        theta = t.remove("linear.weight").context("model tensor")?;
+        let l = loss(&theta, &held_out);
+        table += &format!(
+            "{:>6} {:>12.4} {:>10} {:>6.1}x {:>8} {:>9}  {:?}\n",
+            w,
+            l,
+            bytes,
+            dense as f64 / bytes as f64,
+            agg.accepted,
+            agg.rejected,
+            agg.reasons
+        );
+        windows.push(serde_json::json!({
+            "window": w, "loss": l, "bytes": bytes, "dense_bytes": dense, "accepted": agg.accepted,
+            "rejected": agg.rejected, "reasons": agg.reasons, "aggregate": agg.object,
+        }));
+    }
+    let final_loss = loss(&theta, &held_out);
+    let learned = final_loss < first_loss * 0.5;
+    table += &format!(
+        "\nheld-out loss {first_loss:.4} -> {final_loss:.4} ({}); copier caught as duplicate in {copier_caught} of {} windows; {:.1} s\nkeys in {}, registry {reg_url}\n",
+        if learned { "learned" } else { "DID NOT LEARN" },
+        a.windows,
+        started.elapsed().as_secs_f64(),
+        keys_dir.display()
+    );
+    let summary = serde_json::json!({
+        "ok": learned && copier_caught == a.windows, "run": run, "registry": reg_url, "store": root.url(),
+        "keys": keys_dir.display().to_string(), "initial_loss": first_loss, "final_loss": final_loss,
+        "windows": windows, "copier": {"peer": miners[copier_ix].peer_id().to_string(), "caught_windows": copier_caught},
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        a.dir.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    out::emit(ctx, &summary, &table);
+    if !learned {
+        bail!(
+            "training through the pipeline did not reduce the held-out loss ({first_loss:.4} -> {final_loss:.4})"
+        );
+    }
+    if copier_caught != a.windows {
+        bail!(
+            "the copier was caught in only {copier_caught} of {} windows",
+            a.windows
+        );
     }
     Ok(())
 }

@@ -374,7 +374,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         .collect();
     let mut theta: BTreeMap<String, Vec<f32>> =
         base.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, a.from_window, a.through).await?;
+    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, a.from_window + 1, a.through).await?;
     let dense: Dense = theta
         .into_iter()
         .map(|(k, v)| (k.clone(), (shapes[&k].clone(), v)))
