@@ -319,13 +319,17 @@ pub async fn aggregate_window(
         .meta("missing", &missing.to_string())
         .meta("errors", &errors.to_string());
     if accepted > 0 {
-        for (i, (t, d)) in reg.model.tensors.iter().zip(&dense).enumerate() {
-            b = b.section(
-                &format!("t{i:05}"),
-                &agg_tensor(&t.name, &t.shape, d)?,
-                Compression::Zstd,
-            )?;
-        }
+        use rayon::prelude::*;
+        let payloads = reg
+            .model
+            .tensors
+            .par_iter()
+            .zip(dense.par_iter())
+            .enumerate()
+            .map(|(i, (t, d))| Ok((format!("t{i:05}"), agg_tensor(&t.name, &t.shape, d)?)))
+            .collect::<Result<Vec<_>, ExchangeError>>()?;
+        drop(dense);
+        b = b.sections(payloads, Compression::Zstd)?;
     }
     let signed = b.sign(id)?;
     let path = target.path(&layout::agg(&reg.run, w));

@@ -329,9 +329,15 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
         }
     };
     let mut tensors = Vec::new();
+    let mut sumsq = 0f64;
     for (entry, payload) in env.sections().iter().zip(&payloads) {
-        match codec::read_section(payload, Some(&reg.model), &CodecLimits::default()) {
-            Ok(ts) => tensors.extend(ts),
+        match codec::read_section_with_norms(payload, Some(&reg.model), &CodecLimits::default()) {
+            Ok(ts) => {
+                for (t, s) in ts {
+                    sumsq += s;
+                    tensors.push(t);
+                }
+            }
             Err(e) => {
                 return shard.fail(
                     "rejected",
@@ -341,6 +347,7 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
             }
         }
     }
+    drop(payloads);
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     let want: Vec<&str> = reg.model.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -355,19 +362,9 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
             ),
         );
     }
-    let mut sumsq = 0f64;
-    for t in &tensors {
-        if t.params != reg.codec {
-            return shard.fail(
-                "rejected",
-                "codec_mismatch",
-                format!("tensor {} uses {:?}", t.name, t.params),
-            );
-        }
-        match codec::to_sparse(t) {
-            Ok((_, vals)) => sumsq += vals.iter().map(|&v| v as f64 * v as f64).sum::<f64>(),
-            Err(e) => return shard.fail("rejected", e.reason(), e.to_string()),
-        }
+    if let Some(t) = tensors.iter().find(|t| t.params != reg.codec) {
+        let detail = format!("tensor {} uses {:?}", t.name, t.params);
+        return shard.fail("rejected", "codec_mismatch", detail);
     }
     let mut content = blake3::Hasher::new();
     for s in env.sections() {

@@ -7,6 +7,12 @@
 mod cmd;
 mod out;
 
+/// Aggregation and decoding allocate and free buffers of hundreds of MiB from many threads;
+/// glibc returns them to the kernel each time (page faults and TLB shootdowns that cost
+/// more than the work). mimalloc keeps and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::{Args, Parser};

@@ -453,16 +453,24 @@ fn check_shape(t: &EncodedTensor) -> Result<Layout, CodecError> {
 }
 
 /// Checks everything about an encoded tensor that does not need the model: parameters,
-/// block sizes, scales, every index and every value.
-pub fn validate(t: &EncodedTensor) -> Result<(), CodecError> {
+/// block sizes, scales, every index and every value. Returns the squared L2 norm of the
+/// decoded values, a by-product readers use for their norm checks.
+pub fn validate(t: &EncodedTensor) -> Result<f64, CodecError> {
     let lay = check_shape(t)?;
-    decode_sparse(t, &lay).map(|_| ())
+    let (_, val) = decode_sparse(t, &lay)?;
+    Ok(val.par_iter().map(|&v| v as f64 * v as f64).sum())
 }
 
 /// Adds `weight × decoded` into `dense` (f32, the tensor's length). The whole tensor is
 /// decoded and checked first, so a bad tensor leaves `dense` untouched: a rejected shard
 /// never poisons a merge.
 pub fn accumulate(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(), CodecError> {
+    accumulate_checked(t, dense, weight)
+}
+
+/// `accumulate`, under a name that says why it may be called without a prior `validate`:
+/// it decodes and checks the whole tensor before touching `dense`.
+fn accumulate_checked(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(), CodecError> {
     let lay = check_shape(t)?;
     if dense.len() as u64 != lay.n {
         return Err(CodecError::SizeMismatch {

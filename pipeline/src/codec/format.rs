@@ -89,6 +89,19 @@ pub fn read_section(
     model: Option<&ModelSpec>,
     limits: &CodecLimits,
 ) -> Result<Vec<EncodedTensor>, CodecError> {
+    Ok(read_section_with_norms(bytes, model, limits)?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect())
+}
+
+/// `read_section`, also returning each tensor's squared L2 norm (computed while validating,
+/// so a reader's norm check costs no second decode).
+pub fn read_section_with_norms(
+    bytes: &[u8],
+    model: Option<&ModelSpec>,
+    limits: &CodecLimits,
+) -> Result<Vec<(EncodedTensor, f64)>, CodecError> {
     let malformed = |what: String| CodecError::Malformed(what);
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| malformed(format!("not a safetensors file: {e}")))?;
@@ -179,8 +192,8 @@ pub fn read_section(
             dtype: tm.dtype,
             params: tm.params,
         };
-        validate(&t)?;
-        out.push(t);
+        let sumsq = validate(&t)?;
+        out.push((t, sumsq));
     }
     Ok(out)
 }

@@ -15,7 +15,9 @@ mod state;
 mod update;
 
 pub use cpu::{accumulate, encode_tensor, to_sparse, validate};
-pub use format::{SECTION_CODEC, read_section, section_name, write_section};
+pub use format::{
+    SECTION_CODEC, read_section, read_section_with_norms, section_name, write_section,
+};
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::EfState;
 pub use update::{

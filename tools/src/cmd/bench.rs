@@ -22,6 +22,8 @@ use crate::out;
 pub enum BenchCommand {
     /// Codec throughput vs a memory read pass and numpy.
     Codec(CodecBench),
+    /// One window with many miners: aggregation time vs a plain parallel download.
+    Round(super::bench_round::RoundBench),
 }
 
 #[derive(Args)]
@@ -62,6 +64,27 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> anyhow::Result<()> {
             let report = tokio::task::spawn_blocking(move || codec_bench(a)).await??;
             let text = render(&report);
             out::emit(ctx, &report, &text);
+            Ok(())
+        }
+        BenchCommand::Round(a) => {
+            let r = super::bench_round::round_bench(ctx, a).await?;
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            let text = format!(
+                "round bench: {} miners, {} parameters, {} accepted; shards {:.1} MiB each\n\
+                 aggregate (close -> published): {:.2} s   plain parallel download of the same shards: {:.2} s   ratio {:.2}x\n\
+                 aggregate object {:.1} MiB; aggregate process peak RSS {:.0} MiB (dense accumulator {:.0} MiB)\n",
+                r["miners"],
+                r["params"],
+                r["accepted"],
+                f("shard_bytes_each") / 1048576.0,
+                f("aggregate_seconds"),
+                f("plain_download_seconds"),
+                f("ratio_to_transfer_limit"),
+                f("aggregate_bytes") / 1048576.0,
+                f("aggregate_peak_rss_mib"),
+                f("accumulator_mib")
+            );
+            out::emit(ctx, &r, &text);
             Ok(())
         }
     }

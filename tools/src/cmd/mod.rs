@@ -1,6 +1,7 @@
 //! Subcommands.
 
 mod bench;
+mod bench_round;
 mod demo;
 mod grad;
 mod keys;

@@ -297,6 +297,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     };
     loop {
         let r = aggregate_window(&reg, &id, &ctx.s3, w, a.concurrency).await?;
+        let mut json = serde_json::to_value(&r)?;
+        json["peak_rss_mib"] = crate::out::peak_rss_mib().into();
         let text = format!(
             "window {}: {} accepted, {} rejected, {} missing, {} errors {:?} -> {}{}",
             r.window,
@@ -312,7 +314,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
                 ""
             }
         );
-        out::emit(ctx, &serde_json::to_value(&r)?, &text);
+        out::emit(ctx, &json, &text);
         if !a.follow {
             return Ok(());
         }
