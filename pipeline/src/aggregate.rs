@@ -23,7 +23,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::codec::{ModelSpec, accumulate};
 use crate::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
-    read_sections,
+    read_all_sections,
 };
 use crate::exchange::{ExchangeError, Shard, clock, fetch_shard};
 use crate::identity::{Identity, PeerId};
@@ -182,13 +182,7 @@ pub async fn aggregate_window(
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
     let me = id.peer_id();
-    let agg = reg.participant(&me, Role::Aggregator).ok_or_else(|| {
-        ExchangeError::Refused(format!(
-            "{me} is not registered as an aggregator of run {}",
-            reg.run
-        ))
-    })?;
-    let target = reg.open_store(agg, s3)?;
+    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
     let clk = clock(reg);
     // Wait until the window has closed by the store's clock.
     loop {
@@ -389,17 +383,9 @@ pub async fn apply_aggregates(
                 }
                 Err(e) => return Err(ExchangeError::Refused(format!("window {w}: {e}"))),
             };
-        let all: Vec<usize> = (0..env.sections().len()).collect();
-        let sections = read_sections(
-            target.store.as_ref(),
-            &env,
-            &all,
-            &limits,
-            |_| Ok(Vec::new()),
-            &|_| {},
-        )
-        .await
-        .map_err(|e| ExchangeError::Refused(format!("window {w}: {e}")))?;
+        let sections = read_all_sections(target.store.as_ref(), &env, &limits)
+            .await
+            .map_err(|e| ExchangeError::Refused(format!("window {w}: {e}")))?;
         for (entry, s) in env.sections().iter().zip(&sections) {
             apply_agg_tensor(s, &reg.model, theta, reg.outer_lr).map_err(|e| {
                 ExchangeError::Refused(format!("window {w}: {object} section {}: {e}", entry.name))

@@ -13,7 +13,7 @@ use crate::codec::{
 };
 use crate::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
-    read_sections,
+    read_all_sections,
 };
 use crate::identity::{Identity, PeerId};
 use crate::layout;
@@ -48,6 +48,24 @@ pub fn codec_header(reg: &Registry) -> BTreeMap<String, String> {
     .collect()
 }
 
+/// The store a participant writes to, after checking it is registered in that role.
+pub fn own_store(
+    reg: &Registry,
+    id: &Identity,
+    role: Role,
+    s3: &S3Options,
+) -> Result<crate::store::Target, ExchangeError> {
+    let me = id.peer_id();
+    let entry = reg.participant(&me, role).ok_or_else(|| {
+        ExchangeError::Refused(format!(
+            "{me} is not registered as a {} of run {}",
+            format!("{role:?}").to_lowercase(),
+            reg.run
+        ))
+    })?;
+    Ok(reg.open_store(entry, s3)?)
+}
+
 pub fn clock(reg: &Registry) -> RunClock {
     RunClock::new(reg.genesis_ms, reg.window_secs, reg.grace_secs)
 }
@@ -79,13 +97,7 @@ pub async fn publish(
     state: &mut EfState,
 ) -> Result<Published, ExchangeError> {
     let me = id.peer_id();
-    let miner = reg.participant(&me, Role::Miner).ok_or_else(|| {
-        ExchangeError::Refused(format!(
-            "{me} is not registered as a miner of run {}",
-            reg.run
-        ))
-    })?;
-    let target = reg.open_store(miner, s3)?;
+    let target = own_store(reg, id, Role::Miner, s3)?;
     let clk = clock(reg);
     let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
     let w = match window {
@@ -306,17 +318,7 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
             ),
         );
     }
-    let all: Vec<usize> = (0..env.sections().len()).collect();
-    let payloads = match read_sections(
-        target.store.as_ref(),
-        &env,
-        &all,
-        &limits,
-        |_| Ok(Vec::new()),
-        &|_| {},
-    )
-    .await
-    {
+    let payloads = match read_all_sections(target.store.as_ref(), &env, &limits).await {
         Ok(p) => p,
         Err(e) => {
             return match e.rejection() {

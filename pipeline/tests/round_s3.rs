@@ -12,7 +12,7 @@ use safetensors::tensor::TensorView;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
 use shardrop::codec::{self, CodecLimits, CodecParams, EfState};
 use shardrop::envelope::{
-    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_sections,
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 };
 use shardrop::exchange::{ExchangeError, clock, codec_header, publish};
 use shardrop::identity::Identity;
@@ -61,17 +61,9 @@ async fn decode_shard(
     )
     .await
     .unwrap();
-    let all: Vec<usize> = (0..env.sections().len()).collect();
-    let secs = read_sections(
-        t.store.as_ref(),
-        &env,
-        &all,
-        &Limits::default(),
-        |_| Ok(Vec::new()),
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    let secs = read_all_sections(t.store.as_ref(), &env, &Limits::default())
+        .await
+        .unwrap();
     let mut out = BTreeMap::new();
     for s in secs {
         for tensor in codec::read_section(&s, None, &CodecLimits::default()).unwrap() {
@@ -227,17 +219,9 @@ async fn full_round_on_s3() {
     )
     .await
     .unwrap();
-    let all: Vec<usize> = (0..a_env.sections().len()).collect();
-    let a_secs = read_sections(
-        a_area.store.as_ref(),
-        &a_env,
-        &all,
-        &Limits::default(),
-        |_| Ok(Vec::new()),
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    let a_secs = read_all_sections(a_area.store.as_ref(), &a_env, &Limits::default())
+        .await
+        .unwrap();
     let named: Vec<(String, Vec<u8>)> = a_env
         .sections()
         .iter()

@@ -24,7 +24,9 @@ mod section;
 mod write;
 
 pub use header::{Compression, Header, SectionEntry, is_ident};
-pub use read::{RemoteEnvelope, fetch_head, read_section, read_sections, verify_sections};
+pub use read::{
+    RemoteEnvelope, fetch_head, read_all_sections, read_section, read_sections, verify_sections,
+};
 pub use section::SectionVerifier;
 pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope, assemble_raw};
 

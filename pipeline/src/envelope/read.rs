@@ -288,3 +288,14 @@ pub async fn verify_sections(
     read_sections(store, env, &all, limits, |_| Ok(io::sink()), progress).await?;
     Ok(())
 }
+
+/// Every section, verified, into memory: for objects whose size the caller has already
+/// bounded (shards under the run's limit, aggregates, registries).
+pub async fn read_all_sections(
+    store: &dyn ObjectStore,
+    env: &RemoteEnvelope,
+    limits: &Limits,
+) -> Result<Vec<Vec<u8>>, EnvelopeError> {
+    let all: Vec<usize> = (0..env.sections().len()).collect();
+    read_sections(store, env, &all, limits, |_| Ok(Vec::new()), &|_| {}).await
+}

@@ -20,7 +20,7 @@ use safetensors::tensor::TensorView;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
 use shardrop::codec::{CodecParams, EfState, IndexEncoding, ScaleMode, ValueFormat};
 use shardrop::envelope::{
-    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_sections,
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 };
 use shardrop::exchange::{codec_header, publish};
 use shardrop::identity::Identity;
@@ -148,16 +148,7 @@ async fn copy_as_own(
         &Expect::default(),
     )
     .await?;
-    let all: Vec<usize> = (0..env.sections().len()).collect();
-    let secs = read_sections(
-        victim.1.store.as_ref(),
-        &env,
-        &all,
-        &Limits::default(),
-        |_| Ok(Vec::new()),
-        &|_| {},
-    )
-    .await?;
+    let secs = read_all_sections(victim.1.store.as_ref(), &env, &Limits::default()).await?;
     let mut b = EnvelopeBuilder::new(Kind::Grad, &reg.run)
         .window(w)
         .codec(shardrop::codec::SECTION_CODEC, codec_header(reg));

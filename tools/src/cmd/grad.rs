@@ -9,7 +9,7 @@ use shardrop::codec::{
     CodecLimits, CodecParams, Dense, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
     accumulate_section, dense_to_safetensors, encode_update, model_of,
 };
-use shardrop::envelope::{Expect, Limits, MAGIC, read_sections};
+use shardrop::envelope::{Expect, Limits, MAGIC, read_all_sections};
 
 use super::Ctx;
 use crate::out;
@@ -218,16 +218,7 @@ async fn load_sections(ctx: &Ctx, input: &str) -> anyhow::Result<Vec<(String, Ve
     let (target, env) = super::object::open_verified(ctx, input, &Expect::default()).await?;
     let limits = Limits::default();
     let object = env.object.clone();
-    let all: Vec<usize> = (0..env.sections().len()).collect();
-    let bufs = read_sections(
-        target.store.as_ref(),
-        &env,
-        &all,
-        &limits,
-        |_| Ok(Vec::new()),
-        &|_| {},
-    )
-    .await?;
+    let bufs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
     Ok(env
         .sections()
         .iter()
