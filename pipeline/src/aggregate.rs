@@ -13,6 +13,7 @@
 //! flat indices ascending, `NAME/val` F32), whichever is smaller.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -20,16 +21,16 @@ use object_store::{ObjectStoreExt, PutPayload};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::codec::{ModelSpec, accumulate};
+use crate::codec::{EncodedTensor, ModelSpec, accumulate};
 use crate::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
     read_all_sections,
 };
-use crate::exchange::{ExchangeError, Shard, clock, fetch_shard};
+use crate::exchange::{ExchangeError, RangeCheck, Shard, check_head, check_range, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::registry::{Registry, Role};
-use crate::store::{self, PutOutcome, S3Options, StoreError};
+use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::{LedgerRow, ledger_parquet};
 use crate::window::store_now_ms;
 
@@ -173,38 +174,21 @@ pub fn apply_agg_tensor(
     Ok(())
 }
 
-/// Merges window `w` and publishes its ledger and aggregate into the aggregator's store.
-pub async fn aggregate_window(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
-    w: u64,
-    concurrency: usize,
-) -> Result<Aggregated, ExchangeError> {
-    let me = id.peer_id();
-    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
-    let clk = clock(reg);
-    // Wait until the window has closed by the store's clock.
-    loop {
-        let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
-        if now >= clk.closes(w) {
-            break;
-        }
-        let wait = (clk.closes(w) - now).min(5_000);
-        tracing::info!(
-            window = w,
-            wait_ms = wait,
-            "waiting for the window to close"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
-    }
+/// Final verdicts and merge weights of a window, from the header pass and the range checks.
+struct Verdicts {
+    rows: Vec<LedgerRow>,
+    weights: Vec<f32>,
+}
+
+/// The header pass over every registered miner (bounded concurrency, peer-id order), with
+/// exact duplicates rejected: the earliest by `last_modified` (then the lower peer id) stays.
+async fn check_heads(reg: &Registry, s3: &S3Options, w: u64, concurrency: usize) -> Vec<Shard> {
     let miners = reg.with_role(Role::Miner);
     let mut shards: Vec<Shard> =
-        futures::stream::iter(miners.iter().map(|m| fetch_shard(reg, m, w, s3)))
+        futures::stream::iter(miners.iter().map(|m| check_head(reg, m, w, s3)))
             .buffered(concurrency.max(1))
             .collect()
             .await;
-    // Exact duplicates: keep the earliest (then the lower peer id); reject the rest.
     let mut first_of: HashMap<String, (i64, String)> = HashMap::new();
     for s in shards.iter().filter(|s| s.fault.is_none()) {
         if let (Some(c), Some(lm)) = (&s.content, s.last_modified_ms) {
@@ -219,31 +203,33 @@ pub async fn aggregate_window(
             && let Some((_, winner)) = s.content.as_ref().and_then(|c| first_of.get(c))
             && *winner != s.peer
         {
-            s.fault = Some((
-                "rejected",
-                "duplicate".into(),
-                format!("the same update as {winner}, published earlier"),
-            ));
-            s.tensors.clear();
+            let winner = winner.clone();
+            s.reject_duplicate(&winner);
         }
     }
-    // Outlier norms: clipped to ratio × median when there are at least 3 shards.
-    let mut norms: Vec<f64> = shards
-        .iter()
-        .filter(|s| s.fault.is_none())
-        .filter_map(|s| s.norm)
-        .collect();
-    norms.sort_by(f64::total_cmp);
-    let cap = (norms.len() >= 3).then(|| norms[norms.len() / 2] * reg.limits.clip_norm_ratio);
-    let n = norms.len();
-    let mut dense: Vec<Vec<f32>> = reg
-        .model
-        .tensors
-        .iter()
-        .map(|t| vec![0f32; t.shape.iter().product::<u64>() as usize])
-        .collect();
+    shards
+}
+
+/// Checks every header-valid shard's tensors in `range`, keeping the decoded tensors.
+async fn check_ranges(
+    reg: &Registry,
+    shards: &[Shard],
+    range: Range<usize>,
+    concurrency: usize,
+) -> Vec<(RangeCheck, Vec<EncodedTensor>)> {
+    futures::stream::iter(shards.iter().map(|s| check_range(reg, s, range.clone())))
+        .buffered(concurrency.max(1))
+        .collect()
+        .await
+}
+
+/// Combines the header pass and the range checks of all parts (in tensor order) into
+/// verdicts and weights. Deterministic: the first failing tensor decides a rejection, and
+/// norms are summed per tensor in model order, however the tensors were split.
+fn finalize(reg: &Registry, w: u64, shards: &[Shard], parts: &[Vec<RangeCheck>]) -> Verdicts {
     let mut rows = Vec::with_capacity(shards.len());
-    for s in &shards {
+    let mut norms: Vec<Option<f64>> = Vec::with_capacity(shards.len());
+    for (j, s) in shards.iter().enumerate() {
         let mut row = LedgerRow {
             window: w,
             peer: s.peer.clone(),
@@ -253,17 +239,42 @@ pub async fn aggregate_window(
             verdict: "accepted".into(),
             reason: String::new(),
             detail: String::new(),
-            norm: s.norm,
+            norm: None,
             weight: 0.0,
         };
-        if let Some((verdict, reason, detail)) = &s.fault {
-            row.verdict = verdict.to_string();
-            row.reason = reason.clone();
-            row.detail = detail.clone();
-            rows.push(row);
-            continue;
-        }
-        let norm = s.norm.unwrap_or(0.0);
+        let range_fault = parts
+            .iter()
+            .filter_map(|p| p[j].fault.as_ref())
+            .min_by_key(|(i, _)| *i)
+            .map(|(_, f)| f.clone());
+        let fault = s.fault.clone().or(range_fault);
+        let norm = match &fault {
+            Some(f) => {
+                row.verdict = f.verdict.clone();
+                row.reason = f.reason.clone();
+                row.detail = f.detail.clone();
+                None
+            }
+            None => {
+                let mut per: Vec<(usize, f64)> = parts
+                    .iter()
+                    .flat_map(|p| p[j].sumsq.iter().copied())
+                    .collect();
+                per.sort_by_key(|(i, _)| *i);
+                Some(per.iter().fold(0f64, |acc, (_, x)| acc + x).sqrt())
+            }
+        };
+        row.norm = norm;
+        norms.push(norm);
+        rows.push(row);
+    }
+    let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let cap = (n >= 3).then(|| sorted[n / 2] * reg.limits.clip_norm_ratio);
+    let mut weights = vec![0f32; shards.len()];
+    for (j, row) in rows.iter_mut().enumerate() {
+        let Some(norm) = norms[j] else { continue };
         let mut scale = 1.0f64;
         if let Some(cap) = cap
             && norm > cap
@@ -275,20 +286,57 @@ pub async fn aggregate_window(
                 reg.limits.clip_norm_ratio
             );
         }
-        let weight = (scale / n as f64) as f32;
-        row.weight = weight as f64;
-        for (t, d) in s.tensors.iter().zip(dense.iter_mut()) {
-            accumulate(t, d, weight)?;
-        }
-        rows.push(row);
+        weights[j] = (scale / n as f64) as f32;
+        row.weight = weights[j] as f64;
     }
+    Verdicts { rows, weights }
+}
+
+/// Merges the tensors of `range` (weighted, in peer-id order) into aggregate sections.
+fn merge_range(
+    reg: &Registry,
+    range: Range<usize>,
+    weights: &[f32],
+    decoded: &[(RangeCheck, Vec<EncodedTensor>)],
+) -> Result<Vec<(String, Vec<u8>)>, ExchangeError> {
+    use rayon::prelude::*;
+    range
+        .into_par_iter()
+        .map(|i| {
+            let spec = &reg.model.tensors[i];
+            let mut dense = vec![0f32; spec.shape.iter().product::<u64>() as usize];
+            for (j, (_, tensors)) in decoded.iter().enumerate() {
+                if weights[j] == 0.0 {
+                    continue;
+                }
+                if let Some(t) = tensors.iter().find(|t| t.name == spec.name) {
+                    accumulate(t, &mut dense, weights[j])?;
+                }
+            }
+            Ok((
+                format!("t{i:05}"),
+                agg_tensor(&spec.name, &spec.shape, &dense)?,
+            ))
+        })
+        .collect()
+}
+
+/// Writes the ledger, then signs and puts the aggregate (the commit point).
+async fn publish_aggregate(
+    reg: &Registry,
+    id: &Identity,
+    target: &Target,
+    w: u64,
+    v: &Verdicts,
+    sections: Vec<(String, Vec<u8>)>,
+) -> Result<Aggregated, ExchangeError> {
     let mut reasons = BTreeMap::new();
-    for r in &rows {
+    for r in &v.rows {
         if !r.reason.is_empty() {
             *reasons.entry(r.reason.clone()).or_insert(0) += 1;
         }
     }
-    let count = |v: &str| rows.iter().filter(|r| r.verdict == v).count();
+    let count = |x: &str| v.rows.iter().filter(|r| r.verdict == x).count();
     let (accepted, rejected, missing, errors) = (
         count("accepted"),
         count("rejected"),
@@ -296,7 +344,7 @@ pub async fn aggregate_window(
         count("error"),
     );
     let ledger =
-        ledger_parquet(&rows).map_err(|e| ExchangeError::Refused(format!("ledger: {e}")))?;
+        ledger_parquet(&v.rows).map_err(|e| ExchangeError::Refused(format!("ledger: {e}")))?;
     let ledger_path = target.path(&layout::ledger(&reg.run, w));
     let ledger_url = target.url_of(&ledger_path);
     target
@@ -307,28 +355,18 @@ pub async fn aggregate_window(
     let mut b = EnvelopeBuilder::new(Kind::Agg, &reg.run)
         .window(w)
         .codec(AGG_CODEC, Default::default())
-        .clock_ms(clk.closes(w))
+        .clock_ms(clock(reg).closes(w))
         .meta("accepted", &accepted.to_string())
         .meta("rejected", &rejected.to_string())
         .meta("missing", &missing.to_string())
         .meta("errors", &errors.to_string());
     if accepted > 0 {
-        use rayon::prelude::*;
-        let payloads = reg
-            .model
-            .tensors
-            .par_iter()
-            .zip(dense.par_iter())
-            .enumerate()
-            .map(|(i, (t, d))| Ok((format!("t{i:05}"), agg_tensor(&t.name, &t.shape, d)?)))
-            .collect::<Result<Vec<_>, ExchangeError>>()?;
-        drop(dense);
-        b = b.sections(payloads, Compression::Zstd)?;
+        b = b.sections(sections, Compression::Zstd)?;
     }
     let signed = b.sign(id)?;
     let path = target.path(&layout::agg(&reg.run, w));
     let object = target.url_of(&path);
-    let outcome = store::put_create(&target, &path, &signed).await?;
+    let outcome = store::put_create(target, &path, &signed).await?;
     Ok(Aggregated {
         window: w,
         object,
@@ -341,6 +379,247 @@ pub async fn aggregate_window(
         already_published: outcome == PutOutcome::AlreadyIdentical,
         reasons,
     })
+}
+
+/// Waits until window `w` has closed by the store's clock.
+async fn wait_for_close(
+    reg: &Registry,
+    target: &Target,
+    me: &PeerId,
+    w: u64,
+) -> Result<(), ExchangeError> {
+    let clk = clock(reg);
+    loop {
+        let now = store_now_ms(target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+        if now >= clk.closes(w) {
+            return Ok(());
+        }
+        let wait = (clk.closes(w) - now).min(5_000);
+        tracing::info!(
+            window = w,
+            wait_ms = wait,
+            "waiting for the window to close"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
+    }
+}
+
+/// Merges window `w` in one process and publishes its ledger and aggregate into the
+/// aggregator's store.
+pub async fn aggregate_window(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    concurrency: usize,
+) -> Result<Aggregated, ExchangeError> {
+    let me = id.peer_id();
+    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
+    wait_for_close(reg, &target, &me, w).await?;
+    let shards = check_heads(reg, s3, w, concurrency).await;
+    let all = 0..reg.model.tensors.len();
+    let decoded = check_ranges(reg, &shards, all.clone(), concurrency).await;
+    let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
+    let v = finalize(reg, w, &shards, &[checks]);
+    let sections = merge_range(reg, all, &v.weights, &decoded)?;
+    drop(decoded);
+    publish_aggregate(reg, id, &target, w, &v, sections).await
+}
+
+/// Tensor indices of part `i` of `k`: contiguous ranges in model order.
+pub fn part_range(tensors: usize, i: usize, k: usize) -> Range<usize> {
+    (i * tensors / k)..((i + 1) * tensors / k)
+}
+
+/// Reads a signed blob the aggregator key wrote, waiting until it exists.
+async fn wait_for_blob(
+    reg: &Registry,
+    target: &Target,
+    me: &PeerId,
+    key: &str,
+    w: u64,
+) -> Result<Vec<Vec<u8>>, ExchangeError> {
+    let path = target.path(key);
+    let object = target.url_of(&path);
+    let expect = Expect {
+        signer: Some(*me),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Blob),
+        window: Some(w),
+        step: None,
+    };
+    loop {
+        match RemoteEnvelope::open(
+            target.store.as_ref(),
+            &path,
+            &object,
+            &Limits::default(),
+            &expect,
+        )
+        .await
+        {
+            Ok(env) => {
+                return Ok(
+                    read_all_sections(target.store.as_ref(), &env, &Limits::default()).await?,
+                );
+            }
+            Err(EnvelopeError::NotFound { .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn put_blob(
+    reg: &Registry,
+    id: &Identity,
+    target: &Target,
+    key: &str,
+    w: u64,
+    codec: &str,
+    sections: Vec<(String, Vec<u8>)>,
+) -> Result<(), ExchangeError> {
+    let signed = EnvelopeBuilder::new(Kind::Blob, &reg.run)
+        .window(w)
+        .codec(codec, Default::default())
+        .clock_ms(clock(reg).closes(w))
+        .sections(sections, Compression::Zstd)?
+        .sign(id)?;
+    store::put_create(target, &target.path(key), &signed).await?;
+    Ok(())
+}
+
+/// One worker of a split merge (DESIGN §5): checks and merges only the tensors of part `i`
+/// of `k`, reading only the sections that hold them. It publishes its range checks, waits
+/// for every other worker's, derives the same verdicts as a single process would, and
+/// publishes its merged tensors. `aggregate_commit` assembles the aggregate.
+pub async fn aggregate_part(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    i: usize,
+    k: usize,
+    concurrency: usize,
+) -> Result<usize, ExchangeError> {
+    if k == 0 || i >= k {
+        return Err(ExchangeError::Refused(format!(
+            "part {i}/{k}: expected 0 <= i < k"
+        )));
+    }
+    let me = id.peer_id();
+    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
+    wait_for_close(reg, &target, &me, w).await?;
+    let shards = check_heads(reg, s3, w, concurrency).await;
+    let range = part_range(reg.model.tensors.len(), i, k);
+    let decoded = check_ranges(reg, &shards, range.clone(), concurrency).await;
+    let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
+    let json = serde_json::to_vec(&mine).map_err(|e| ExchangeError::Refused(e.to_string()))?;
+    put_blob(
+        reg,
+        id,
+        &target,
+        &layout::agg_checks(&reg.run, w, i, k),
+        w,
+        "agg-checks-v1",
+        vec![("checks.json".into(), json)],
+    )
+    .await?;
+    let parts = read_checks(reg, &target, &me, w, k).await?;
+    let v = finalize(reg, w, &shards, &parts);
+    let sections = merge_range(reg, range.clone(), &v.weights, &decoded)?;
+    put_blob(
+        reg,
+        id,
+        &target,
+        &layout::agg_part(&reg.run, w, i, k),
+        w,
+        "agg-part-v1",
+        sections,
+    )
+    .await?;
+    Ok(range.len())
+}
+
+async fn read_checks(
+    reg: &Registry,
+    target: &Target,
+    me: &PeerId,
+    w: u64,
+    k: usize,
+) -> Result<Vec<Vec<RangeCheck>>, ExchangeError> {
+    let mut parts = Vec::with_capacity(k);
+    for p in 0..k {
+        let secs =
+            wait_for_blob(reg, target, me, &layout::agg_checks(&reg.run, w, p, k), w).await?;
+        let checks: Vec<RangeCheck> = secs
+            .first()
+            .map(|j| serde_json::from_slice(j))
+            .transpose()
+            .map_err(|e| ExchangeError::Refused(format!("part {p} checks: {e}")))?
+            .unwrap_or_default();
+        parts.push(checks);
+    }
+    if parts
+        .iter()
+        .any(|p| p.len() != reg.with_role(Role::Miner).len())
+    {
+        return Err(ExchangeError::Refused(
+            "a part's checks do not cover every miner (was the registry changed mid-window?)"
+                .into(),
+        ));
+    }
+    Ok(parts)
+}
+
+/// The final step of a split merge: once every part exists, writes the ledger and the same
+/// aggregate, byte for byte, that a single process would.
+pub async fn aggregate_commit(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    k: usize,
+    concurrency: usize,
+) -> Result<Aggregated, ExchangeError> {
+    let me = id.peer_id();
+    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
+    wait_for_close(reg, &target, &me, w).await?;
+    let shards = check_heads(reg, s3, w, concurrency).await;
+    let parts = read_checks(reg, &target, &me, w, k).await?;
+    let v = finalize(reg, w, &shards, &parts);
+    let mut sections = Vec::with_capacity(reg.model.tensors.len());
+    for p in 0..k {
+        let key = layout::agg_part(&reg.run, w, p, k);
+        let path = target.path(&key);
+        let expect = Expect {
+            signer: Some(me),
+            run: Some(reg.run.clone()),
+            kind: Some(Kind::Blob),
+            window: Some(w),
+            step: None,
+        };
+        let payloads = wait_for_blob(reg, &target, &me, &key, w).await?;
+        let env = RemoteEnvelope::open(
+            target.store.as_ref(),
+            &path,
+            &target.url_of(&path),
+            &Limits::default(),
+            &expect,
+        )
+        .await?;
+        sections.extend(env.sections().iter().map(|s| s.name.clone()).zip(payloads));
+    }
+    let want: Vec<String> = (0..reg.model.tensors.len())
+        .map(|i| format!("t{i:05}"))
+        .collect();
+    if sections.iter().map(|(n, _)| n).ne(want.iter()) {
+        return Err(ExchangeError::Refused(
+            "the parts do not cover the model's tensors in order".into(),
+        ));
+    }
+    publish_aggregate(reg, id, &target, w, &v, sections).await
 }
 
 /// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name):

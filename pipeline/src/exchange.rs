@@ -13,12 +13,12 @@ use crate::codec::{
 };
 use crate::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
-    read_all_sections,
+    read_sections,
 };
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::registry::{Participant, Registry, Role};
-use crate::store::{self, PutOutcome, S3Options, StoreError};
+use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::window::{RunClock, store_now_ms};
 
 #[derive(Debug, thiserror::Error)]
@@ -197,7 +197,46 @@ pub async fn publish(
     })
 }
 
-/// One miner's shard as the aggregator (or validator) saw it.
+/// Why a shard is not merged: the verdict (`rejected`, `missing`, `error`), a stable reason
+/// code and a human detail naming the object.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Fault {
+    pub verdict: String,
+    pub reason: String,
+    pub detail: String,
+}
+
+impl Fault {
+    fn new(verdict: &str, reason: &str, detail: String) -> Fault {
+        Fault {
+            verdict: verdict.into(),
+            reason: reason.into(),
+            detail,
+        }
+    }
+
+    fn from_envelope(e: &EnvelopeError) -> Fault {
+        match e.rejection() {
+            Some(r) => Fault::new("rejected", r.reason.code(), e.to_string()),
+            None => Fault::store(e),
+        }
+    }
+
+    /// A store failure. The ledger gets a stable detail (the full error, with its retry
+    /// timings, goes to the log), so that reruns write the same ledger.
+    fn store(e: &dyn std::fmt::Display) -> Fault {
+        tracing::warn!(error = %e, "store error while reading a shard");
+        Fault::new(
+            "error",
+            "store_error",
+            "the store could not be read (timeout, 5xx or connection error); see the job's log"
+                .into(),
+        )
+    }
+}
+
+/// One miner's shard after the header pass: one small ranged GET per miner, the same for
+/// every worker of a split merge.
 #[derive(Clone, Debug)]
 pub struct Shard {
     pub peer: String,
@@ -205,25 +244,33 @@ pub struct Shard {
     pub found: bool,
     pub bytes: Option<u64>,
     pub last_modified_ms: Option<i64>,
-    /// `None` while acceptable; otherwise (verdict, reason, detail).
-    pub fault: Option<(&'static str, String, String)>,
-    /// Decoded tensors in model order (only when acceptable).
-    pub tensors: Vec<EncodedTensor>,
+    pub fault: Option<Fault>,
     /// blake3 over the section hashes: equal for byte-identical updates.
     pub content: Option<String>,
-    pub norm: Option<f64>,
+    env: Option<(Target, RemoteEnvelope)>,
 }
 
 impl Shard {
-    fn fail(mut self, verdict: &'static str, reason: &str, detail: String) -> Shard {
-        self.fault = Some((verdict, reason.to_string(), detail));
-        self.tensors.clear();
+    fn fail(mut self, verdict: &str, reason: &str, detail: String) -> Shard {
+        self.fault = Some(Fault::new(verdict, reason, detail));
+        self.env = None;
         self
+    }
+
+    /// Marks a header-valid shard as a duplicate of `winner`'s.
+    pub fn reject_duplicate(&mut self, winner: &str) {
+        self.fault = Some(Fault::new(
+            "rejected",
+            "duplicate",
+            format!("the same update as {winner}, published earlier"),
+        ));
+        self.env = None;
     }
 }
 
-/// Fetches and fully verifies one miner's shard for window `w`.
-pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Options) -> Shard {
+/// The header pass for one miner: signature, signer, run, window, kind, sizes, timeliness
+/// by the store's `last_modified`, and the codec. No section is fetched.
+pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Options) -> Shard {
     let mut shard = Shard {
         peer: miner.peer.clone(),
         object: String::new(),
@@ -231,9 +278,8 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
         bytes: None,
         last_modified_ms: None,
         fault: None,
-        tensors: Vec::new(),
         content: None,
-        norm: None,
+        env: None,
     };
     let peer = match PeerId::parse(&miner.peer) {
         Ok(p) => p,
@@ -241,14 +287,13 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
     };
     let target = match reg.open_store(miner, s3) {
         Ok(t) => t,
-        Err(e) => return shard.fail("error", "store_error", e.to_string()),
+        Err(e) => {
+            let f = Fault::store(&e);
+            return shard.fail(&f.verdict, &f.reason, f.detail);
+        }
     };
     let path = target.path(&layout::grad(&reg.run, w, &peer));
     shard.object = target.url_of(&path);
-    let limits = Limits {
-        max_body_len: reg.limits.max_grad_bytes,
-        ..Limits::default()
-    };
     let expect = Expect {
         signer: Some(peer),
         run: Some(reg.run.clone()),
@@ -260,7 +305,7 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
         target.store.as_ref(),
         &path,
         &shard.object,
-        &limits,
+        &shard_limits(reg),
         &expect,
     )
     .await
@@ -270,19 +315,16 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
             return shard.fail("missing", "missing", "no shard at the layout key".into());
         }
         Err(e) => {
-            shard.found = true;
-            return match e.rejection() {
-                Some(r) => {
-                    let reason = r.reason.code();
-                    shard.fail("rejected", reason, e.to_string())
-                }
-                None => shard.fail("error", "store_error", e.to_string()),
-            };
+            shard.found = e.rejection().is_some();
+            let f = Fault::from_envelope(&e);
+            return shard.fail(&f.verdict, &f.reason, f.detail);
         }
     };
     shard.found = true;
     shard.bytes = Some(env.meta.size);
-    let lm = env.meta.last_modified.timestamp_millis();
+    let lm = precise_last_modified(&target, &path)
+        .await
+        .unwrap_or_else(|| env.meta.last_modified.timestamp_millis());
     shard.last_modified_ms = Some(lm);
     let clk = clock(reg);
     if lm < 0 || lm as u64 >= clk.closes(w) {
@@ -307,65 +349,12 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
     }
     let h = &env.head.header;
     if h.codec != SECTION_CODEC || h.codec_params != codec_header(reg) {
-        return shard.fail(
-            "rejected",
-            "codec_mismatch",
-            format!(
-                "codec {} {:?}, the run uses {:?}",
-                h.codec,
-                h.codec_params,
-                codec_header(reg)
-            ),
+        let detail = format!(
+            "codec {} {:?}, the run uses {:?}",
+            h.codec,
+            h.codec_params,
+            codec_header(reg)
         );
-    }
-    let payloads = match read_all_sections(target.store.as_ref(), &env, &limits).await {
-        Ok(p) => p,
-        Err(e) => {
-            return match e.rejection() {
-                Some(r) => {
-                    let reason = r.reason.code();
-                    shard.fail("rejected", reason, e.to_string())
-                }
-                None => shard.fail("error", "store_error", e.to_string()),
-            };
-        }
-    };
-    let mut tensors = Vec::new();
-    let mut sumsq = 0f64;
-    for (entry, payload) in env.sections().iter().zip(&payloads) {
-        match codec::read_section_with_norms(payload, Some(&reg.model), &CodecLimits::default()) {
-            Ok(ts) => {
-                for (t, s) in ts {
-                    sumsq += s;
-                    tensors.push(t);
-                }
-            }
-            Err(e) => {
-                return shard.fail(
-                    "rejected",
-                    e.reason(),
-                    format!("section {}: {e}", entry.name),
-                );
-            }
-        }
-    }
-    drop(payloads);
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    let want: Vec<&str> = reg.model.tensors.iter().map(|t| t.name.as_str()).collect();
-    if names != want {
-        return shard.fail(
-            "rejected",
-            "incomplete",
-            format!(
-                "{} tensors, the model has {} (each exactly once)",
-                names.len(),
-                want.len()
-            ),
-        );
-    }
-    if let Some(t) = tensors.iter().find(|t| t.params != reg.codec) {
-        let detail = format!("tensor {} uses {:?}", t.name, t.params);
         return shard.fail("rejected", "codec_mismatch", detail);
     }
     let mut content = blake3::Hasher::new();
@@ -373,7 +362,164 @@ pub async fn fetch_shard(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opt
         content.update(s.hash.as_bytes());
     }
     shard.content = Some(content.finalize().to_hex().to_string());
-    shard.norm = Some(sumsq.sqrt());
-    shard.tensors = tensors;
+    shard.env = Some((target, env));
     shard
+}
+
+/// `last_modified` in milliseconds from a LIST of the object's folder. S3's GET and HEAD
+/// report `Last-Modified` to the second only, which would make deadlines coarse and leave
+/// "who published first" to chance between copies; listings carry milliseconds.
+async fn precise_last_modified(target: &Target, path: &object_store::path::Path) -> Option<i64> {
+    use futures::TryStreamExt;
+    let parent: object_store::path::Path = {
+        let parts: Vec<_> = path.parts().collect();
+        object_store::path::Path::from_iter(parts[..parts.len().saturating_sub(1)].iter().cloned())
+    };
+    let mut listing = target.store.list(Some(&parent));
+    while let Ok(Some(meta)) = listing.try_next().await {
+        if &meta.location == path {
+            return Some(meta.last_modified.timestamp_millis());
+        }
+    }
+    None
+}
+
+fn shard_limits(reg: &Registry) -> Limits {
+    Limits {
+        max_body_len: reg.limits.max_grad_bytes,
+        ..Limits::default()
+    }
+}
+
+/// What checking one shard's tensors in a range found: the first failing tensor (by model
+/// index) and each tensor's squared norm. Workers of a split merge exchange these.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RangeCheck {
+    pub fault: Option<(usize, Fault)>,
+    pub sumsq: Vec<(usize, f64)>,
+}
+
+/// The tensor range `tAAAAA-BBBBB` a gradient section holds, if its name says.
+fn section_range(name: &str) -> Option<(usize, usize)> {
+    let (a, b) = name.strip_prefix('t')?.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Fetches the sections of a header-valid shard that hold tensors of `range` (model
+/// indices), validates them against the model, and returns the check with the decoded
+/// tensors of the range in model order.
+pub async fn check_range(
+    reg: &Registry,
+    shard: &Shard,
+    range: std::ops::Range<usize>,
+) -> (RangeCheck, Vec<EncodedTensor>) {
+    let mut check = RangeCheck::default();
+    let Some((target, env)) = shard.env.as_ref() else {
+        return (check, Vec::new());
+    };
+    let selected: Vec<usize> = env
+        .sections()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            section_range(&s.name).is_none_or(|(a, b)| a < range.end && b >= range.start)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let first_of = |i: usize| section_range(&env.sections()[i].name).map_or(0, |(a, _)| a);
+    let payloads = match read_sections(
+        target.store.as_ref(),
+        env,
+        &selected,
+        &shard_limits(reg),
+        |_| Ok(Vec::new()),
+        &|_| {},
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            check.fault = Some((
+                selected.first().map_or(0, |&i| first_of(i)),
+                Fault::from_envelope(&e),
+            ));
+            return (check, Vec::new());
+        }
+    };
+    let index: BTreeMap<&str, usize> = reg
+        .model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let mut found: BTreeMap<usize, (EncodedTensor, f64)> = BTreeMap::new();
+    for (&si, payload) in selected.iter().zip(&payloads) {
+        let name = &env.sections()[si].name;
+        let decoded = match codec::read_section_with_norms(
+            payload,
+            Some(&reg.model),
+            &CodecLimits::default(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                check.fault = Some((
+                    first_of(si),
+                    Fault::new(
+                        "rejected",
+                        e.reason(),
+                        format!("{}: section {name}: {e}", shard.object),
+                    ),
+                ));
+                return (check, Vec::new());
+            }
+        };
+        for (t, s) in decoded {
+            let Some(&i) = index.get(t.name.as_str()) else {
+                continue;
+            };
+            if !range.contains(&i) {
+                continue;
+            }
+            if t.params != reg.codec {
+                let f = Fault::new(
+                    "rejected",
+                    "codec_mismatch",
+                    format!("{}: tensor {} uses {:?}", shard.object, t.name, t.params),
+                );
+                check.fault = Some((i, f));
+                return (check, Vec::new());
+            }
+            if found.insert(i, (t, s)).is_some() {
+                let f = Fault::new(
+                    "rejected",
+                    "incomplete",
+                    format!(
+                        "{}: tensor {} appears twice",
+                        shard.object, reg.model.tensors[i].name
+                    ),
+                );
+                check.fault = Some((i, f));
+                return (check, Vec::new());
+            }
+        }
+    }
+    if let Some(missing) = range.clone().find(|i| !found.contains_key(i)) {
+        let f = Fault::new(
+            "rejected",
+            "incomplete",
+            format!(
+                "{}: tensor {} is missing",
+                shard.object, reg.model.tensors[missing].name
+            ),
+        );
+        check.fault = Some((missing, f));
+        return (check, Vec::new());
+    }
+    let mut tensors = Vec::with_capacity(found.len());
+    for (i, (t, s)) in found {
+        check.sumsq.push((i, s));
+        tensors.push(t);
+    }
+    (check, tensors)
 }

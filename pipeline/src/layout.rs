@@ -19,6 +19,16 @@ pub fn agg(run: &str, window: u64) -> String {
     format!("runs/{run}/aggs/{window:010}.agg")
 }
 
+/// A split-merge worker's range checks for window `w` (part `i` of `k`).
+pub fn agg_checks(run: &str, window: u64, i: usize, k: usize) -> String {
+    format!("runs/{run}/aggs/{window:010}.checks-{i:04}-of-{k:04}")
+}
+
+/// A split-merge worker's merged tensors for window `w` (part `i` of `k`).
+pub fn agg_part(run: &str, window: u64, i: usize, k: usize) -> String {
+    format!("runs/{run}/aggs/{window:010}.part-{i:04}-of-{k:04}")
+}
+
 pub fn ledger(run: &str, window: u64) -> String {
     format!("runs/{run}/ledger/{window:010}.parquet")
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use object_store::ObjectStoreExt;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use shardrop::aggregate::{aggregate_window, apply_aggregates};
+use shardrop::aggregate::{aggregate_commit, aggregate_part, aggregate_window, apply_aggregates};
 use shardrop::codec::{self, CodecLimits, CodecParams, EfState};
 use shardrop::envelope::{
     Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
@@ -365,6 +365,49 @@ async fn full_round_on_s3() {
         .await
         .unwrap();
     assert!(r2.already_published);
+    // The split merge (DESIGN §5): K workers each check and merge only their tensors, and the
+    // commit publishes the same aggregate, byte for byte (its create-only put finds the
+    // single-process object identical), and the same ledger.
+    let ledger_path = agg_area.path(&layout::ledger(&reg.run, w));
+    let ledger_before = agg_area
+        .store
+        .get(&ledger_path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    for k in [2usize, 3] {
+        let workers = (0..k).map(|i| aggregate_part(&reg, &aggregator, &s3, w, i, k, 4));
+        let (parts, commit) = tokio::join!(
+            futures::future::join_all(workers),
+            aggregate_commit(&reg, &aggregator, &s3, w, k, 4)
+        );
+        let merged: usize = parts.into_iter().map(|p| p.unwrap()).sum();
+        assert_eq!(merged, reg.model.tensors.len());
+        let c = commit.unwrap();
+        assert!(
+            c.already_published,
+            "K={k}: the committed aggregate differs from the single-process one"
+        );
+        assert_eq!((c.accepted, c.rejected, c.missing, c.errors), (2, 3, 1, 1));
+        let after = read_ledger(
+            agg_area
+                .store
+                .get(&ledger_path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let before = read_ledger(ledger_before.clone()).unwrap();
+        assert_eq!(after.len(), before.len());
+        for (a, b) in after.iter().zip(&before) {
+            assert_eq!(a, b, "K={k}: ledger row differs");
+        }
+    }
     assert_eq!(
         agg_area
             .store

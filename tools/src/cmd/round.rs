@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use shardrop::aggregate::{aggregate_window, apply_aggregates};
+use shardrop::aggregate::{aggregate_commit, aggregate_part, aggregate_window, apply_aggregates};
 use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish};
 use shardrop::identity::PeerId;
@@ -117,6 +117,17 @@ pub struct AggregateArgs {
     /// Miners fetched at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Split merge: be worker I of K (0-based), checking and merging only its tensors.
+    #[arg(
+        long,
+        value_name = "I/K",
+        requires = "window",
+        conflicts_with = "commit"
+    )]
+    part: Option<String>,
+    /// Split merge: once all K parts exist, publish the ledger and the aggregate.
+    #[arg(long, value_name = "K", requires = "window")]
+    commit: Option<usize>,
 }
 
 #[derive(Args)]
@@ -295,8 +306,24 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
         (None, true) => clk.newest_closed(now).context("no window has closed yet")?,
         (None, false) => bail!("give --window W, --once or --follow"),
     };
+    if let Some(part) = &a.part {
+        let (i, k) = part
+            .split_once('/')
+            .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
+            .with_context(|| format!("--part {part:?}: expected I/K"))?;
+        let tensors = aggregate_part(&reg, &id, &ctx.s3, w, i, k, a.concurrency).await?;
+        out::emit(
+            ctx,
+            &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib()}),
+            &format!("window {w}: part {i}/{k} merged {tensors} tensor(s)"),
+        );
+        return Ok(());
+    }
     loop {
-        let r = aggregate_window(&reg, &id, &ctx.s3, w, a.concurrency).await?;
+        let r = match a.commit {
+            Some(k) => aggregate_commit(&reg, &id, &ctx.s3, w, k, a.concurrency).await?,
+            None => aggregate_window(&reg, &id, &ctx.s3, w, a.concurrency).await?,
+        };
         let mut json = serde_json::to_value(&r)?;
         json["peak_rss_mib"] = crate::out::peak_rss_mib().into();
         let text = format!(
