@@ -311,6 +311,47 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let show = shardrop(&["run", "show", "--registry", reg, "--json"]);
     assert!(show.status.success(), "{}", stderr(&show));
     assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 5);
+    // The split merge from the CLI: two workers and a commit reproduce window 0's aggregate
+    // byte for byte (the commit's create-only put finds the demo's identical object).
+    let key = dir.join("keys/aggregator.key");
+    let worker = |i: usize| {
+        Command::new(env!("CARGO_BIN_EXE_shardrop"))
+            .args([
+                "aggregate",
+                "--registry",
+                reg,
+                "--key",
+                key.to_str().unwrap(),
+                "--window",
+                "0",
+                "--part",
+                &format!("{i}/2"),
+                "--json",
+            ])
+            .spawn()
+            .unwrap()
+    };
+    let (mut w0, mut w1) = (worker(0), worker(1));
+    let commit = shardrop(&[
+        "aggregate",
+        "--registry",
+        reg,
+        "--key",
+        key.to_str().unwrap(),
+        "--window",
+        "0",
+        "--commit",
+        "2",
+        "--json",
+    ]);
+    assert!(w0.wait().unwrap().success() && w1.wait().unwrap().success());
+    assert!(commit.status.success(), "{}", stderr(&commit));
+    let c = json(&commit);
+    assert_eq!(
+        c["already_published"], true,
+        "the split merge must equal the single-process aggregate"
+    );
+    assert_eq!(c["accepted"], 3);
 }
 
 #[test]
