@@ -437,3 +437,228 @@ async fn full_round_on_s3() {
         .unwrap_err();
     assert!(e.to_string().contains("window 2"), "{e}");
 }
+
+/// Each kind of hostile shard ends in the ledger with its own reason, and the honest shard
+/// is still merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_shards_get_ledger_reasons() {
+    let Some(root) = common::s3("hostile-round") else {
+        return;
+    };
+    let s3 = opts();
+    let operator = Identity::generate();
+    let aggregator = Identity::generate();
+    let names = [
+        "honest",
+        "replay",
+        "other_run",
+        "truncated",
+        "bomb",
+        "nan",
+        "out_of_range",
+        "wrong_shape",
+    ];
+    let ids: Vec<Identity> = names.iter().map(|_| Identity::generate()).collect();
+    let area = |name: &str| root.join(name);
+    let mut reg = Registry {
+        format: 1,
+        run: "hostile".into(),
+        operator: operator.peer_id().to_string(),
+        revision: 1,
+        genesis_ms: store_now_ms(&area("op"), "clock").await.unwrap(),
+        window_secs: 3,
+        grace_secs: 1,
+        model: codec::model_of(&update(0.0)).unwrap(),
+        codec: CodecParams {
+            chunk: 256,
+            k: 8,
+            indices: codec::IndexEncoding::Packed,
+            ..CodecParams::default()
+        },
+        beta: 0.9,
+        outer_lr: 1.0,
+        limits: RunLimits::default(),
+        participants: Vec::new(),
+    };
+    reg.participants.push(Participant {
+        role: Role::Aggregator,
+        peer: aggregator.peer_id().to_string(),
+        store: area("agg").url(),
+        credentials: Credentials::Ambient,
+    });
+    for (id, n) in ids.iter().zip(names) {
+        reg.participants.push(Participant {
+            role: Role::Miner,
+            peer: id.peer_id().to_string(),
+            store: area(n).url(),
+            credentials: Credentials::Ambient,
+        });
+    }
+    reg.create(&area("op"), &operator).await.unwrap();
+    let w = 0;
+    let opts_enc = codec::EncodeOptions {
+        params: reg.codec,
+        beta: reg.beta,
+        section_bytes: 1 << 20,
+    };
+    let encoded = |seed: f32| {
+        codec::encode_update(&update(seed), &mut EfState::default(), &opts_enc)
+            .unwrap()
+            .sections
+    };
+    let signed = |id: &Identity, run: &str, window: u64, sections: &[(String, Vec<u8>)]| {
+        let mut b = EnvelopeBuilder::new(Kind::Grad, run)
+            .window(window)
+            .codec(codec::SECTION_CODEC, codec_header(&reg));
+        for (n, s) in sections {
+            b = b.section(n, s, Compression::Zstd).unwrap();
+        }
+        b.sign(id).unwrap().to_vec().unwrap()
+    };
+    // Re-encodes a section after `f` edits its first tensor.
+    let edited = |seed: f32, f: &dyn Fn(&mut codec::EncodedTensor)| {
+        let mut secs = encoded(seed);
+        let mut ts = codec::read_section(&secs[0].1, None, &CodecLimits::default()).unwrap();
+        f(&mut ts[0]);
+        secs[0].1 = codec::write_section(&ts).unwrap();
+        secs
+    };
+    let put = |i: usize, bytes: Vec<u8>| {
+        let t = area(names[i]);
+        let path = t.path(&layout::grad(&reg.run, w, &ids[i].peer_id()));
+        async move {
+            object_store::ObjectStoreExt::put(t.store.as_ref(), &path, bytes.into())
+                .await
+                .unwrap()
+        }
+    };
+    publish(
+        &reg,
+        &ids[0],
+        &s3,
+        Some(w),
+        &update(1.0),
+        &mut EfState::default(),
+    )
+    .await
+    .unwrap();
+    // A shard signed for another window, replayed under this window's key.
+    put(1, signed(&ids[1], &reg.run, 7, &encoded(2.0))).await;
+    put(2, signed(&ids[2], "another-run", w, &encoded(3.0))).await;
+    let whole = signed(&ids[3], &reg.run, w, &encoded(4.0));
+    put(3, whole[..whole.len() - 100].to_vec()).await;
+    // A bomb: a zstd section that inflates far past the raw length its header declares.
+    let bomb = zstd::bulk::compress(&vec![0u8; 8 << 20], 19).unwrap();
+    let h = shardrop::envelope::Header {
+        body_len: bomb.len() as u64,
+        clock_ms: 0,
+        codec: codec::SECTION_CODEC.into(),
+        codec_params: codec_header(&reg),
+        kind: "grad".into(),
+        meta: Default::default(),
+        raw_len: 1000,
+        run: reg.run.clone(),
+        sections: vec![shardrop::envelope::SectionEntry {
+            compression: Compression::Zstd,
+            hash: blake3::hash(&bomb).to_hex().to_string(),
+            len: bomb.len() as u64,
+            name: "t00000-00001".into(),
+            offset: 0,
+            raw_len: 1000,
+        }],
+        signer: ids[4].peer_id().to_string(),
+        step: None,
+        window: Some(w),
+    };
+    put(
+        4,
+        shardrop::envelope::assemble_raw(Kind::Grad.code(), &h.to_canonical(), &bomb, &ids[4]),
+    )
+    .await;
+    put(
+        5,
+        signed(
+            &ids[5],
+            &reg.run,
+            w,
+            &edited(5.0, &|t| t.scales[0] = 0x7FC0),
+        ),
+    )
+    .await;
+    put(
+        6,
+        signed(
+            &ids[6],
+            &reg.run,
+            w,
+            &edited(6.0, &|t| {
+                // The last chunk of "b" (100 elements, one chunk) gets index 200 >= 100.
+                let mut block = vec![0u8; t.idx.len()];
+                let idx: Vec<u32> = (0..7).chain([200]).collect();
+                let mut bits = 0u64;
+                let mut nbits = 0;
+                let mut pos = 0;
+                for i in idx {
+                    bits |= (i as u64) << nbits;
+                    nbits += 8;
+                    while nbits >= 8 {
+                        block[pos] = bits as u8;
+                        bits >>= 8;
+                        nbits -= 8;
+                        pos += 1;
+                    }
+                }
+                t.idx = block;
+            }),
+        ),
+    )
+    .await;
+    put(
+        7,
+        signed(
+            &ids[7],
+            &reg.run,
+            w,
+            &edited(7.0, &|t| t.shape = vec![50, 2]),
+        ),
+    )
+    .await;
+
+    let r = aggregate_window(&reg, &aggregator, &s3, w, 4)
+        .await
+        .unwrap();
+    let agg_area = area("agg");
+    let ledger = read_ledger(
+        agg_area
+            .store
+            .get(&agg_area.path(&layout::ledger(&reg.run, w)))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let reason = |i: usize| {
+        ledger
+            .iter()
+            .find(|row| row.peer == ids[i].peer_id().to_string())
+            .map(|row| row.reason.clone())
+            .unwrap()
+    };
+    let want = [
+        "",
+        "wrong_window",
+        "wrong_run",
+        "truncated",
+        "section_size",
+        "non_finite",
+        "index_out_of_range",
+        "shape_mismatch",
+    ];
+    for (i, expected) in want.iter().enumerate() {
+        assert_eq!(reason(i), *expected, "{}", names[i]);
+    }
+    assert_eq!(r.accepted, 1);
+    assert_eq!(r.rejected, 7);
+}
