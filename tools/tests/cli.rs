@@ -285,7 +285,7 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         "--windows",
         "3",
         "--window-secs",
-        "1",
+        "2",
         "--miners",
         "3",
         "--json",
