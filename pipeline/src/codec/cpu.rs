@@ -29,7 +29,7 @@ struct ChunkStats {
 
 /// The streaming half: `e = beta·e + u` and the chunk's largest magnitude. Kept free of
 /// anything but arithmetic so that it vectorises; it is bound by memory bandwidth.
-#[inline]
+#[inline(always)]
 fn ef_pass<F: Fn(&[u8]) -> f32>(
     state: &mut [f32],
     input: &[u8],
@@ -51,18 +51,30 @@ fn ef_pass<F: Fn(&[u8]) -> f32>(
     }
 }
 
-fn ef_chunk(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
+#[inline(always)]
+fn ef_chunk_generic(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
     match dtype {
-        InDtype::F32 => ef_pass(state, input, 4, beta, |b| {
-            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-        }),
-        InDtype::Bf16 => ef_pass(state, input, 2, beta, |b| {
-            bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
-        }),
-        InDtype::F16 => ef_pass(state, input, 2, beta, |b| {
-            half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
-        }),
+        InDtype::F32 => ef_pass(state, input, 4, beta, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        InDtype::Bf16 => ef_pass(state, input, 2, beta, |b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+        InDtype::F16 => ef_pass(state, input, 2, beta, |b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
     }
+}
+
+/// The same code compiled for AVX2 (wider vectors for the streaming pass). No FMA is
+/// enabled and Rust never contracts `a * b + c`, so results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn ef_chunk_avx2(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
+    ef_chunk_generic(state, input, dtype, beta)
+}
+
+fn ef_chunk(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { ef_chunk_avx2(state, input, dtype, beta) };
+    }
+    ef_chunk_generic(state, input, dtype, beta)
 }
 
 /// Exponent histogram of the chunk (now in cache), in four interleaved copies so that
@@ -144,6 +156,22 @@ fn select_sampled(state: &[f32], k: usize, sc: &mut Scratch) -> bool {
 /// Blocks of 16 become a bit mask with a compare the compiler vectorises, and only set bits
 /// are visited: most blocks hold no candidate.
 fn collect_at_least(state: &[f32], floor: u32, out: &mut Vec<(u32, u32)>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { collect_at_least_avx2(state, floor, out) };
+    }
+    collect_at_least_generic(state, floor, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn collect_at_least_avx2(state: &[f32], floor: u32, out: &mut Vec<(u32, u32)>) {
+    collect_at_least_generic(state, floor, out)
+}
+
+#[inline(always)]
+fn collect_at_least_generic(state: &[f32], floor: u32, out: &mut Vec<(u32, u32)>) {
     out.clear();
     let mut blocks = state.chunks_exact(16);
     let mut base = 0u32;
