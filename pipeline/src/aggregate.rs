@@ -189,6 +189,19 @@ async fn check_heads(reg: &Registry, s3: &S3Options, w: u64, concurrency: usize)
             .buffered(concurrency.max(1))
             .collect()
             .await;
+    // Byte-identical shards: order them by millisecond last_modified (a LIST each, only for
+    // shards that have a twin, since HEAD reports whole seconds on S3).
+    let mut twins: HashMap<String, usize> = HashMap::new();
+    for s in shards.iter().filter(|s| s.fault.is_none()) {
+        if let Some(c) = &s.content {
+            *twins.entry(c.clone()).or_insert(0) += 1;
+        }
+    }
+    for s in shards.iter_mut() {
+        if s.fault.is_none() && s.content.as_ref().is_some_and(|c| twins[c] > 1) {
+            s.refine_last_modified().await;
+        }
+    }
     let mut first_of: HashMap<String, (i64, String)> = HashMap::new();
     for s in shards.iter().filter(|s| s.fault.is_none()) {
         if let (Some(c), Some(lm)) = (&s.content, s.last_modified_ms) {

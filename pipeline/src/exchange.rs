@@ -257,6 +257,16 @@ impl Shard {
         self
     }
 
+    /// Re-reads `last_modified` with millisecond precision (a LIST): used to order
+    /// duplicates whose second-resolution times are too close to call.
+    pub async fn refine_last_modified(&mut self) {
+        if let Some((target, env)) = &self.env
+            && let Some(ms) = precise_last_modified(target, &env.path).await
+        {
+            self.last_modified_ms = Some(ms);
+        }
+    }
+
     /// Marks a header-valid shard as a duplicate of `winner`'s.
     pub fn reject_duplicate(&mut self, winner: &str) {
         self.fault = Some(Fault::new(
@@ -322,11 +332,20 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
     };
     shard.found = true;
     shard.bytes = Some(env.meta.size);
-    let lm = precise_last_modified(&target, &path)
-        .await
-        .unwrap_or_else(|| env.meta.last_modified.timestamp_millis());
-    shard.last_modified_ms = Some(lm);
     let clk = clock(reg);
+    // HEAD/GET report whole seconds on S3: the true time is within the next second. Only
+    // when that second straddles the window's start or close is the LIST (milliseconds)
+    // worth its request.
+    let coarse = env.meta.last_modified.timestamp_millis();
+    let straddles = |edge: u64| (coarse..coarse + 1000).contains(&(edge as i64));
+    let lm = if straddles(clk.start(w)) || straddles(clk.closes(w)) {
+        precise_last_modified(&target, &path)
+            .await
+            .unwrap_or(coarse)
+    } else {
+        coarse
+    };
+    shard.last_modified_ms = Some(lm);
     if lm < 0 || lm as u64 >= clk.closes(w) {
         return shard.fail(
             "rejected",
@@ -369,7 +388,10 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
 /// `last_modified` in milliseconds from a LIST of the object's folder. S3's GET and HEAD
 /// report `Last-Modified` to the second only, which would make deadlines coarse and leave
 /// "who published first" to chance between copies; listings carry milliseconds.
-async fn precise_last_modified(target: &Target, path: &object_store::path::Path) -> Option<i64> {
+pub async fn precise_last_modified(
+    target: &Target,
+    path: &object_store::path::Path,
+) -> Option<i64> {
     use futures::TryStreamExt;
     let parent: object_store::path::Path = {
         let parts: Vec<_> = path.parts().collect();

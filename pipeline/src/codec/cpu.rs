@@ -54,9 +54,15 @@ fn ef_pass<F: Fn(&[u8]) -> f32>(
 #[inline(always)]
 fn ef_chunk_generic(state: &mut [f32], input: &[u8], dtype: InDtype, beta: f32) -> ChunkStats {
     match dtype {
-        InDtype::F32 => ef_pass(state, input, 4, beta, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        InDtype::Bf16 => ef_pass(state, input, 2, beta, |b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-        InDtype::F16 => ef_pass(state, input, 2, beta, |b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        InDtype::F32 => ef_pass(state, input, 4, beta, |b| {
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }),
+        InDtype::Bf16 => ef_pass(state, input, 2, beta, |b| {
+            bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+        }),
+        InDtype::F16 => ef_pass(state, input, 2, beta, |b| {
+            half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+        }),
     }
 }
 
