@@ -417,6 +417,22 @@ async fn wait_for_close(
     }
 }
 
+/// What every aggregation step starts with: the aggregator's own store, the window closed
+/// by the store's clock, and the header pass over every miner.
+async fn open_window(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    concurrency: usize,
+) -> Result<(PeerId, Target, Vec<Shard>), ExchangeError> {
+    let me = id.peer_id();
+    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
+    wait_for_close(reg, &target, &me, w).await?;
+    let shards = check_heads(reg, s3, w, concurrency).await;
+    Ok((me, target, shards))
+}
+
 /// Merges window `w` in one process and publishes its ledger and aggregate into the
 /// aggregator's store.
 pub async fn aggregate_window(
@@ -426,10 +442,7 @@ pub async fn aggregate_window(
     w: u64,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
-    let me = id.peer_id();
-    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
-    wait_for_close(reg, &target, &me, w).await?;
-    let shards = check_heads(reg, s3, w, concurrency).await;
+    let (_, target, shards) = open_window(reg, id, s3, w, concurrency).await?;
     let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all.clone(), concurrency).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -521,10 +534,7 @@ pub async fn aggregate_part(
             "part {i}/{k}: expected 0 <= i < k"
         )));
     }
-    let me = id.peer_id();
-    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
-    wait_for_close(reg, &target, &me, w).await?;
-    let shards = check_heads(reg, s3, w, concurrency).await;
+    let (me, target, shards) = open_window(reg, id, s3, w, concurrency).await?;
     let range = part_range(reg.model.tensors.len(), i, k);
     let decoded = check_ranges(reg, &shards, range.clone(), concurrency).await;
     let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -596,10 +606,7 @@ pub async fn aggregate_commit(
     k: usize,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
-    let me = id.peer_id();
-    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
-    wait_for_close(reg, &target, &me, w).await?;
-    let shards = check_heads(reg, s3, w, concurrency).await;
+    let (me, target, shards) = open_window(reg, id, s3, w, concurrency).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());
