@@ -66,6 +66,23 @@ pub fn own_store(
     Ok(reg.open_store(entry, s3)?)
 }
 
+/// A `grad` envelope for `run`/`w` with the run's codec header and these section payloads
+/// (zstd); the caller may set the clock, then signs. The one place a shard's shape is built.
+pub fn shard_builder(
+    reg: &Registry,
+    run: &str,
+    w: u64,
+    sections: &[(String, Vec<u8>)],
+) -> Result<EnvelopeBuilder, EnvelopeError> {
+    let mut b = EnvelopeBuilder::new(Kind::Grad, run)
+        .window(w)
+        .codec(SECTION_CODEC, codec_header(reg));
+    for (name, payload) in sections {
+        b = b.section(name, payload, Compression::Zstd)?;
+    }
+    Ok(b)
+}
+
 pub fn clock(reg: &Registry) -> RunClock {
     RunClock::new(reg.genesis_ms, reg.window_secs, reg.grace_secs)
 }
@@ -147,14 +164,9 @@ pub async fn publish(
         section_bytes: 16 << 20,
     };
     let encoded = encode_update(update, &mut trial, &opts)?;
-    let mut b = EnvelopeBuilder::new(Kind::Grad, &reg.run)
-        .window(w)
-        .codec(SECTION_CODEC, codec_header(reg))
-        .clock_ms(now);
-    for (name, payload) in &encoded.sections {
-        b = b.section(name, payload, Compression::Zstd)?;
-    }
-    let signed = b.sign(id)?;
+    let signed = shard_builder(reg, &reg.run, w, &encoded.sections)?
+        .clock_ms(now)
+        .sign(id)?;
     let path = target.path(&layout::grad(&reg.run, w, &me));
     let object = target.url_of(&path);
     let already = match store::put_create(&target, &path, &signed).await {

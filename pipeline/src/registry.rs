@@ -118,7 +118,47 @@ pub enum RegistryError {
 
 const SECTION: &str = "registry.json";
 
+impl Participant {
+    /// A participant whose store readers open with their own ambient credentials.
+    pub fn new(role: Role, peer: &PeerId, store: String) -> Participant {
+        Participant {
+            role,
+            peer: peer.to_string(),
+            store,
+            credentials: Credentials::Ambient,
+        }
+    }
+}
+
 impl Registry {
+    /// A first revision with no participants; `beta` 0.9, `outer_lr` 1 and default limits,
+    /// which callers may change before `create`.
+    pub fn new(
+        run: &str,
+        operator: &PeerId,
+        genesis_ms: u64,
+        window_secs: u64,
+        grace_secs: u64,
+        model: ModelSpec,
+        codec: CodecParams,
+    ) -> Registry {
+        Registry {
+            format: 1,
+            run: run.to_string(),
+            operator: operator.to_string(),
+            revision: 1,
+            genesis_ms,
+            window_secs,
+            grace_secs,
+            model,
+            codec,
+            beta: 0.9,
+            outer_lr: 1.0,
+            limits: RunLimits::default(),
+            participants: Vec::new(),
+        }
+    }
+
     pub fn operator_id(&self) -> Result<PeerId, RegistryError> {
         PeerId::parse(&self.operator).map_err(|e| RegistryError::Invalid {
             object: "registry".into(),

@@ -11,13 +11,11 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use shardrop::aggregate::{aggregate_commit, aggregate_part, aggregate_window, apply_aggregates};
 use shardrop::codec::{self, CodecLimits, CodecParams, EfState};
-use shardrop::envelope::{
-    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
-};
-use shardrop::exchange::{ExchangeError, clock, codec_header, publish};
+use shardrop::envelope::{Compression, Expect, Kind, Limits, RemoteEnvelope, read_all_sections};
+use shardrop::exchange::{ExchangeError, clock, codec_header, publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::registry::{Credentials, Participant, Registry, Role};
 use shardrop::store::{S3Options, Target, put_create};
 use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
@@ -97,25 +95,19 @@ async fn full_round_on_s3() {
     ] = std::array::from_fn(|_| Identity::generate());
     let area = |name: &str| root.join(name);
     let model = codec::model_of(&update(0.0)).unwrap();
-    let reg = Registry {
-        format: 1,
-        run: "round-test".into(),
-        operator: operator.peer_id().to_string(),
-        revision: 1,
-        genesis_ms: store_now_ms(&area("op"), "clock").await.unwrap(),
-        window_secs: 3,
-        grace_secs: 1,
+    let reg = Registry::new(
+        "round-test",
+        &operator.peer_id(),
+        store_now_ms(&area("op"), "clock").await.unwrap(),
+        3,
+        1,
         model,
-        codec: CodecParams {
+        CodecParams {
             chunk: 256,
             k: 8,
             ..CodecParams::default()
         },
-        beta: 0.9,
-        outer_lr: 1.0,
-        limits: RunLimits::default(),
-        participants: Vec::new(),
-    };
+    );
     let reg_url = reg.create(&area("op"), &operator).await.unwrap();
     let part = |role, id: &Identity, name: &str| Participant {
         role,
@@ -182,13 +174,10 @@ async fn full_round_on_s3() {
     }
     // The forger writes into its own area a shard signed by someone else's key.
     let sign_sections = |id: &Identity, sections: &[(String, Vec<u8>)]| {
-        let mut b = EnvelopeBuilder::new(Kind::Grad, &reg.run)
-            .window(w)
-            .codec(codec::SECTION_CODEC, codec_header(&reg));
-        for (n, s) in sections {
-            b = b.section(n, s, Compression::Zstd).unwrap();
-        }
-        b.sign(id).unwrap()
+        shard_builder(&reg, &reg.run, w, sections)
+            .unwrap()
+            .sign(id)
+            .unwrap()
     };
     let enc = codec::encode_update(
         &update(3.0),
@@ -460,39 +449,28 @@ async fn hostile_shards_get_ledger_reasons() {
     ];
     let ids: Vec<Identity> = names.iter().map(|_| Identity::generate()).collect();
     let area = |name: &str| root.join(name);
-    let mut reg = Registry {
-        format: 1,
-        run: "hostile".into(),
-        operator: operator.peer_id().to_string(),
-        revision: 1,
-        genesis_ms: store_now_ms(&area("op"), "clock").await.unwrap(),
-        window_secs: 3,
-        grace_secs: 1,
-        model: codec::model_of(&update(0.0)).unwrap(),
-        codec: CodecParams {
+    let mut reg = Registry::new(
+        "hostile",
+        &operator.peer_id(),
+        store_now_ms(&area("op"), "clock").await.unwrap(),
+        3,
+        1,
+        codec::model_of(&update(0.0)).unwrap(),
+        CodecParams {
             chunk: 256,
             k: 8,
             indices: codec::IndexEncoding::Packed,
             ..CodecParams::default()
         },
-        beta: 0.9,
-        outer_lr: 1.0,
-        limits: RunLimits::default(),
-        participants: Vec::new(),
-    };
-    reg.participants.push(Participant {
-        role: Role::Aggregator,
-        peer: aggregator.peer_id().to_string(),
-        store: area("agg").url(),
-        credentials: Credentials::Ambient,
-    });
+    );
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        area("agg").url(),
+    ));
     for (id, n) in ids.iter().zip(names) {
-        reg.participants.push(Participant {
-            role: Role::Miner,
-            peer: id.peer_id().to_string(),
-            store: area(n).url(),
-            credentials: Credentials::Ambient,
-        });
+        reg.participants
+            .push(Participant::new(Role::Miner, &id.peer_id(), area(n).url()));
     }
     reg.create(&area("op"), &operator).await.unwrap();
     let w = 0;
@@ -507,13 +485,12 @@ async fn hostile_shards_get_ledger_reasons() {
             .sections
     };
     let signed = |id: &Identity, run: &str, window: u64, sections: &[(String, Vec<u8>)]| {
-        let mut b = EnvelopeBuilder::new(Kind::Grad, run)
-            .window(window)
-            .codec(codec::SECTION_CODEC, codec_header(&reg));
-        for (n, s) in sections {
-            b = b.section(n, s, Compression::Zstd).unwrap();
-        }
-        b.sign(id).unwrap().to_vec().unwrap()
+        shard_builder(&reg, run, window, sections)
+            .unwrap()
+            .sign(id)
+            .unwrap()
+            .to_vec()
+            .unwrap()
     };
     // Re-encodes a section after `f` edits its first tensor.
     let edited = |seed: f32, f: &dyn Fn(&mut codec::EncodedTensor)| {

@@ -13,11 +13,10 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use shardrop::codec::{CodecParams, EfState, EncodeOptions, encode_update, model_of};
-use shardrop::envelope::{Compression, EnvelopeBuilder, Kind};
-use shardrop::exchange::{clock, codec_header};
+use shardrop::exchange::{clock, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::registry::{Participant, Registry, Role};
 use shardrop::store::{self, put_create};
 use shardrop::window::store_now_ms;
 
@@ -97,27 +96,20 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
     let operator = Identity::generate();
     let aggregator = Identity::generate();
     let miners: Vec<Identity> = (0..a.miners).map(|_| Identity::generate()).collect();
-    let mut reg = Registry {
-        format: 1,
-        run: run.clone(),
-        operator: operator.peer_id().to_string(),
-        revision: 1,
-        genesis_ms: 0,
-        window_secs: 1,
-        grace_secs: 0,
+    let mut reg = Registry::new(
+        &run,
+        &operator.peer_id(),
+        0,
+        1,
+        0,
         model,
-        codec: CodecParams::default(),
-        beta: 0.9,
-        outer_lr: 1.0,
-        limits: RunLimits::default(),
-        participants: Vec::new(),
-    };
-    reg.participants.push(Participant {
-        role: Role::Aggregator,
-        peer: aggregator.peer_id().to_string(),
-        store: root.join("aggregator").url(),
-        credentials: Credentials::Ambient,
-    });
+        CodecParams::default(),
+    );
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        root.join("aggregator").url(),
+    ));
     // Publish every miner's shard for window 0.
     let first = store_now_ms(&root, "clock").await?;
     let mut shard_bytes = 0u64;
@@ -132,13 +124,7 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         };
         let enc =
             tokio::task::block_in_place(|| encode_update(&upd, &mut EfState::default(), &opts))?;
-        let mut b = EnvelopeBuilder::new(Kind::Grad, &run)
-            .window(0)
-            .codec(shardrop::codec::SECTION_CODEC, codec_header(&reg));
-        for (n, s) in &enc.sections {
-            b = b.section(n, s, Compression::Zstd)?;
-        }
-        let signed = b.sign(m)?;
+        let signed = shard_builder(&reg, &run, 0, &enc.sections)?.sign(m)?;
         shard_bytes += signed.len();
         put_create(
             &area,
@@ -146,12 +132,8 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
             &signed,
         )
         .await?;
-        reg.participants.push(Participant {
-            role: Role::Miner,
-            peer: m.peer_id().to_string(),
-            store: area.url(),
-            credentials: Credentials::Ambient,
-        });
+        reg.participants
+            .push(Participant::new(Role::Miner, &m.peer_id(), area.url()));
     }
     let publish_secs = publish_started.elapsed().as_secs_f64();
     // Window 0 spans exactly the publishing, and closes a second later.

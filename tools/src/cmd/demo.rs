@@ -19,13 +19,11 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
 use shardrop::codec::{CodecParams, EfState, IndexEncoding, ScaleMode, ValueFormat};
-use shardrop::envelope::{
-    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
-};
-use shardrop::exchange::{codec_header, publish};
+use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
+use shardrop::exchange::{publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::registry::{Participant, Registry, Role};
 use shardrop::store::{self, Target, put_create};
 use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
@@ -149,13 +147,13 @@ async fn copy_as_own(
     )
     .await?;
     let secs = read_all_sections(victim.1.store.as_ref(), &env, &Limits::default()).await?;
-    let mut b = EnvelopeBuilder::new(Kind::Grad, &reg.run)
-        .window(w)
-        .codec(shardrop::codec::SECTION_CODEC, codec_header(reg));
-    for (e, s) in env.sections().iter().zip(&secs) {
-        b = b.section(&e.name, s, Compression::Zstd)?;
-    }
-    let signed = b.sign(copier.0)?;
+    let named: Vec<(String, Vec<u8>)> = env
+        .sections()
+        .iter()
+        .map(|e| e.name.clone())
+        .zip(secs)
+        .collect();
+    let signed = shard_builder(reg, &reg.run, w, &named)?.sign(copier.0)?;
     put_create(
         copier.1,
         &copier
@@ -194,41 +192,33 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let a_true = true_map();
     let theta0 = vec![0f32; D_IN * D_OUT];
     let model = shardrop::codec::model_of(&as_safetensors("linear.weight", &theta0)?)?;
-    let mut reg = Registry {
-        format: 1,
-        run: run.clone(),
-        operator: operator.peer_id().to_string(),
-        revision: 1,
-        genesis_ms: now,
-        window_secs: a.window_secs,
-        grace_secs: 1,
+    let mut reg = Registry::new(
+        &run,
+        &operator.peer_id(),
+        now,
+        a.window_secs,
+        1,
         model,
-        codec: CodecParams {
+        CodecParams {
             chunk: 1024,
             k: 48,
             values: ValueFormat::Int4,
             scales: ScaleMode::Chunk,
             indices: IndexEncoding::Compact,
         },
-        beta: 0.9,
-        outer_lr: 1.0,
-        limits: RunLimits::default(),
-        participants: Vec::new(),
-    };
+    );
     let area = |name: &str| root.join(name);
-    reg.participants.push(Participant {
-        role: Role::Aggregator,
-        peer: aggregator.peer_id().to_string(),
-        store: area("aggregator").url(),
-        credentials: Credentials::Ambient,
-    });
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        area("aggregator").url(),
+    ));
     for (i, m) in miners.iter().enumerate() {
-        reg.participants.push(Participant {
-            role: Role::Miner,
-            peer: m.peer_id().to_string(),
-            store: area(&format!("miner-{i}")).url(),
-            credentials: Credentials::Ambient,
-        });
+        reg.participants.push(Participant::new(
+            Role::Miner,
+            &m.peer_id(),
+            area(&format!("miner-{i}")).url(),
+        ));
     }
     let reg_url = reg.create(&area("operator"), &operator).await?;
     let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(operator.peer_id())).await?;

@@ -9,7 +9,7 @@ use shardrop::aggregate::{aggregate_commit, aggregate_part, aggregate_window, ap
 use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish};
 use shardrop::identity::PeerId;
-use shardrop::registry::{Credentials, Participant, Registry, Role, RunLimits};
+use shardrop::registry::{Credentials, Participant, Registry, Role};
 use shardrop::store;
 use shardrop::window::store_now_ms;
 
@@ -168,21 +168,17 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
             .timestamp_millis()
             .max(0) as u64
     };
-    let reg = Registry {
-        format: 1,
-        run: a.run.clone(),
-        operator: id.peer_id().to_string(),
-        revision: 1,
+    let mut reg = Registry::new(
+        &a.run,
+        &id.peer_id(),
         genesis_ms,
-        window_secs: a.window_secs,
-        grace_secs: a.grace_secs,
+        a.window_secs,
+        a.grace_secs,
         model,
-        codec: a.codec.params()?,
-        beta: a.beta,
-        outer_lr: a.outer_lr,
-        limits: RunLimits::default(),
-        participants: Vec::new(),
-    };
+        a.codec.params()?,
+    );
+    reg.beta = a.beta;
+    reg.outer_lr = a.outer_lr;
     let url = reg.create(&target, &id).await?;
     out::emit(
         ctx,
