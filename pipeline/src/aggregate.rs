@@ -94,14 +94,34 @@ fn agg_tensor(name: &str, shape: &[u64], dense: &[f32]) -> Result<Vec<u8>, Excha
     }
 }
 
-/// Adds `scale ×` an aggregate tensor section into `theta` (the model's tensor, f32),
-/// after checking it against the model.
-pub fn apply_agg_tensor(
-    section: &[u8],
-    model: &ModelSpec,
-    theta: &mut BTreeMap<String, Vec<f32>>,
-    scale: f32,
-) -> Result<(), String> {
+/// One tensor of an aggregate, decoded and checked against the model: every value finite,
+/// every index inside the tensor, so that callers can use it without further checks.
+pub struct AggTensor {
+    pub name: String,
+    pub values: AggValues,
+}
+
+/// The two forms an aggregate tensor travels in (whichever is smaller).
+pub enum AggValues {
+    Dense(Vec<f32>),
+    /// Flat indices ascending and their values.
+    Sparse(Vec<u32>, Vec<f32>),
+}
+
+impl AggTensor {
+    /// `(flat index, value)` of every stored entry (zeros included for the dense form).
+    pub fn entries(&self) -> Box<dyn Iterator<Item = (usize, f32)> + '_> {
+        match &self.values {
+            AggValues::Dense(v) => Box::new(v.iter().copied().enumerate()),
+            AggValues::Sparse(i, v) => {
+                Box::new(i.iter().map(|&i| i as usize).zip(v.iter().copied()))
+            }
+        }
+    }
+}
+
+/// Parses one aggregate tensor section.
+pub fn read_agg_tensor(section: &[u8], model: &ModelSpec) -> Result<AggTensor, String> {
     let st = SafeTensors::deserialize(section).map_err(|e| format!("not safetensors: {e}"))?;
     let (_, header) = SafeTensors::read_metadata(section).map_err(|e| e.to_string())?;
     let meta: serde_json::Value = header
@@ -114,26 +134,18 @@ pub fn apply_agg_tensor(
     let spec = model
         .get(name)
         .ok_or_else(|| format!("tensor {name:?} is not in the model"))?;
-    let dst = theta
-        .get_mut(name)
-        .ok_or_else(|| format!("tensor {name:?} missing from the base"))?;
-    let f32s = |b: &[u8]| {
-        b.chunks_exact(4)
+    let numel = spec.shape.iter().product::<u64>();
+    let f32s = |b: &[u8]| -> Result<Vec<f32>, String> {
+        let v: Vec<f32> = b
+            .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect::<Vec<f32>>()
-    };
-    // Two roundings, never fused: θ − (lr · a).
-    let mut add = |i: usize, v: f32| -> Result<(), String> {
-        if !v.is_finite() {
-            return Err(format!("tensor {name}: non-finite value"));
+            .collect();
+        match v.iter().all(|x| x.is_finite()) {
+            true => Ok(v),
+            false => Err(format!("tensor {name}: non-finite value")),
         }
-        let slot = dst
-            .get_mut(i)
-            .ok_or_else(|| format!("tensor {name}: index {i} out of range"))?;
-        *slot -= scale * v;
-        Ok(())
     };
-    match meta["form"].as_str() {
+    let values = match meta["form"].as_str() {
         Some("dense") => {
             let t = st.tensor(name).map_err(|e| e.to_string())?;
             if t.dtype() != Dtype::F32
@@ -143,9 +155,7 @@ pub fn apply_agg_tensor(
                     "tensor {name}: dense form has the wrong dtype or shape"
                 ));
             }
-            for (i, v) in f32s(t.data()).into_iter().enumerate() {
-                add(i, v)?;
-            }
+            AggValues::Dense(f32s(t.data())?)
         }
         Some("sparse") => {
             let idx = st
@@ -165,24 +175,36 @@ pub fn apply_agg_tensor(
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            for (&i, v) in ids.iter().zip(f32s(val.data())) {
-                add(i as usize, v)?;
+            if let Some(bad) = ids.iter().find(|&&i| i as u64 >= numel) {
+                return Err(format!("tensor {name}: index {bad} out of range"));
             }
+            if ids.windows(2).any(|p| p[0] >= p[1]) {
+                return Err(format!("tensor {name}: indices not increasing"));
+            }
+            AggValues::Sparse(ids, f32s(val.data())?)
         }
         _ => return Err(format!("tensor {name}: unknown form")),
-    }
-    Ok(())
+    };
+    Ok(AggTensor {
+        name: name.to_string(),
+        values,
+    })
 }
 
 /// Final verdicts and merge weights of a window, from the header pass and the range checks.
-struct Verdicts {
-    rows: Vec<LedgerRow>,
-    weights: Vec<f32>,
+pub(crate) struct Verdicts {
+    pub(crate) rows: Vec<LedgerRow>,
+    pub(crate) weights: Vec<f32>,
 }
 
 /// The header pass over every registered miner (bounded concurrency, peer-id order), with
 /// exact duplicates rejected: the earliest by `last_modified` (then the lower peer id) stays.
-async fn check_heads(reg: &Registry, s3: &S3Options, w: u64, concurrency: usize) -> Vec<Shard> {
+pub(crate) async fn check_heads(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    concurrency: usize,
+) -> Vec<Shard> {
     let miners = reg.with_role(Role::Miner);
     let mut shards: Vec<Shard> =
         futures::stream::iter(miners.iter().map(|m| check_head(reg, m, w, s3)))
@@ -224,7 +246,7 @@ async fn check_heads(reg: &Registry, s3: &S3Options, w: u64, concurrency: usize)
 }
 
 /// Checks every header-valid shard's tensors in `range`, keeping the decoded tensors.
-async fn check_ranges(
+pub(crate) async fn check_ranges(
     reg: &Registry,
     shards: &[Shard],
     range: Range<usize>,
@@ -239,7 +261,12 @@ async fn check_ranges(
 /// Combines the header pass and the range checks of all parts (in tensor order) into
 /// verdicts and weights. Deterministic: the first failing tensor decides a rejection, and
 /// norms are summed per tensor in model order, however the tensors were split.
-fn finalize(reg: &Registry, w: u64, shards: &[Shard], parts: &[Vec<RangeCheck>]) -> Verdicts {
+pub(crate) fn finalize(
+    reg: &Registry,
+    w: u64,
+    shards: &[Shard],
+    parts: &[Vec<RangeCheck>],
+) -> Verdicts {
     let mut rows = Vec::with_capacity(shards.len());
     let mut norms: Vec<Option<f64>> = Vec::with_capacity(shards.len());
     for (j, s) in shards.iter().enumerate() {
@@ -395,7 +422,7 @@ async fn publish_aggregate(
 }
 
 /// Waits until window `w` has closed by the store's clock.
-async fn wait_for_close(
+pub(crate) async fn wait_for_close(
     reg: &Registry,
     target: &Target,
     me: &PeerId,
@@ -417,17 +444,18 @@ async fn wait_for_close(
     }
 }
 
-/// What every aggregation step starts with: the aggregator's own store, the window closed
-/// by the store's clock, and the header pass over every miner.
-async fn open_window(
+/// What every aggregation or validation step starts with: the job's own store, the window
+/// closed by the store's clock, and the header pass over every miner.
+pub(crate) async fn open_window(
     reg: &Registry,
     id: &Identity,
+    role: Role,
     s3: &S3Options,
     w: u64,
     concurrency: usize,
 ) -> Result<(PeerId, Target, Vec<Shard>), ExchangeError> {
     let me = id.peer_id();
-    let target = crate::exchange::own_store(reg, id, Role::Aggregator, s3)?;
+    let target = crate::exchange::own_store(reg, id, role, s3)?;
     wait_for_close(reg, &target, &me, w).await?;
     let shards = check_heads(reg, s3, w, concurrency).await;
     Ok((me, target, shards))
@@ -442,7 +470,7 @@ pub async fn aggregate_window(
     w: u64,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
-    let (_, target, shards) = open_window(reg, id, s3, w, concurrency).await?;
+    let (_, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
     let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all.clone(), concurrency).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -534,7 +562,7 @@ pub async fn aggregate_part(
             "part {i}/{k}: expected 0 <= i < k"
         )));
     }
-    let (me, target, shards) = open_window(reg, id, s3, w, concurrency).await?;
+    let (me, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
     let range = part_range(reg.model.tensors.len(), i, k);
     let decoded = check_ranges(reg, &shards, range.clone(), concurrency).await;
     let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -606,7 +634,7 @@ pub async fn aggregate_commit(
     k: usize,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
-    let (me, target, shards) = open_window(reg, id, s3, w, concurrency).await?;
+    let (me, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());
@@ -642,9 +670,61 @@ pub async fn aggregate_commit(
     publish_aggregate(reg, id, &target, w, &v, sections).await
 }
 
+/// The run's aggregator and its store (the first registered aggregator).
+fn aggregator_store(reg: &Registry, s3: &S3Options) -> Result<(PeerId, Target), ExchangeError> {
+    let agg = reg
+        .with_role(Role::Aggregator)
+        .first()
+        .copied()
+        .ok_or_else(|| ExchangeError::Refused(format!("run {} has no aggregator", reg.run)))?;
+    let id = PeerId::parse(&agg.peer).map_err(|e| ExchangeError::Refused(e.to_string()))?;
+    Ok((id, reg.open_store(agg, s3)?))
+}
+
+/// Fetches and verifies the aggregate of window `w` (signed by the run's aggregator), and
+/// parses every tensor. `NoAggregate` when it is not there (yet).
+pub async fn read_aggregate(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+) -> Result<Vec<AggTensor>, ExchangeError> {
+    let (agg_id, target) = aggregator_store(reg, s3)?;
+    let limits = Limits::default();
+    let path = target.path(&layout::agg(&reg.run, w));
+    let object = target.url_of(&path);
+    let expect = Expect {
+        signer: Some(agg_id),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Agg),
+        window: Some(w),
+        step: None,
+    };
+    let env =
+        match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await {
+            Ok(e) => e,
+            Err(EnvelopeError::NotFound { .. }) => {
+                return Err(ExchangeError::NoAggregate { window: w, object });
+            }
+            Err(e) => return Err(ExchangeError::Refused(format!("window {w}: {e}"))),
+        };
+    let sections = read_all_sections(target.store.as_ref(), &env, &limits)
+        .await
+        .map_err(|e| ExchangeError::Refused(format!("window {w}: {e}")))?;
+    env.sections()
+        .iter()
+        .zip(&sections)
+        .map(|(entry, s)| {
+            read_agg_tensor(s, &reg.model).map_err(|e| {
+                ExchangeError::Refused(format!("window {w}: {object} section {}: {e}", entry.name))
+            })
+        })
+        .collect()
+}
+
 /// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name):
 /// θ ← θ − outer_lr · aggregate, in window order. Stops at the first missing or invalid
-/// aggregate, naming the window. Memory: the model plus one aggregate.
+/// aggregate, naming the window; every aggregate is checked whole before it is applied, so
+/// `theta` then holds exactly the windows before it. Memory: the model plus one aggregate.
 pub async fn apply_aggregates(
     reg: &Registry,
     s3: &S3Options,
@@ -652,43 +732,30 @@ pub async fn apply_aggregates(
     first: u64,
     last: u64,
 ) -> Result<usize, ExchangeError> {
-    let aggs = reg.with_role(Role::Aggregator);
-    let agg = aggs
-        .first()
-        .ok_or_else(|| ExchangeError::Refused(format!("run {} has no aggregator", reg.run)))?;
-    let agg_id = PeerId::parse(&agg.peer).map_err(|e| ExchangeError::Refused(e.to_string()))?;
-    let target = reg.open_store(agg, s3)?;
-    let limits = Limits::default();
     let mut applied = 0;
     for w in first..=last {
-        let path = target.path(&layout::agg(&reg.run, w));
-        let object = target.url_of(&path);
-        let expect = Expect {
-            signer: Some(agg_id),
-            run: Some(reg.run.clone()),
-            kind: Some(Kind::Agg),
-            window: Some(w),
-            step: None,
-        };
-        let env =
-            match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
-                .await
-            {
-                Ok(e) => e,
-                Err(EnvelopeError::NotFound { .. }) => {
-                    return Err(ExchangeError::Refused(format!(
-                        "window {w}: no aggregate at {object}"
-                    )));
+        let tensors = read_aggregate(reg, s3, w).await?;
+        for t in &tensors {
+            let ok = theta.get(&t.name).is_some_and(|d| {
+                reg.model
+                    .get(&t.name)
+                    .map(|s| s.shape.iter().product::<u64>())
+                    == Some(d.len() as u64)
+            });
+            if !ok {
+                return Err(ExchangeError::Refused(format!(
+                    "window {w}: tensor {:?} is missing from the base or has another size",
+                    t.name
+                )));
+            }
+        }
+        for t in &tensors {
+            if let Some(dst) = theta.get_mut(&t.name) {
+                // Two roundings, never fused: θ − (lr · a).
+                for (i, v) in t.entries() {
+                    dst[i] -= reg.outer_lr * v;
                 }
-                Err(e) => return Err(ExchangeError::Refused(format!("window {w}: {e}"))),
-            };
-        let sections = read_all_sections(target.store.as_ref(), &env, &limits)
-            .await
-            .map_err(|e| ExchangeError::Refused(format!("window {w}: {e}")))?;
-        for (entry, s) in env.sections().iter().zip(&sections) {
-            apply_agg_tensor(s, &reg.model, theta, reg.outer_lr).map_err(|e| {
-                ExchangeError::Refused(format!("window {w}: {object} section {}: {e}", entry.name))
-            })?;
+            }
         }
         applied += 1;
     }

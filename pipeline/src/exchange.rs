@@ -31,6 +31,9 @@ pub enum ExchangeError {
     Envelope(#[from] EnvelopeError),
     #[error("codec: {0}")]
     Codec(#[from] codec::CodecError),
+    /// Not (yet) published: callers that replay may wait and retry.
+    #[error("window {window}: no aggregate at {object}")]
+    NoAggregate { window: u64, object: String },
 }
 
 /// The run's codec parameters as envelope header parameters.
@@ -259,6 +262,8 @@ pub struct Shard {
     pub fault: Option<Fault>,
     /// blake3 over the section hashes: equal for byte-identical updates.
     pub content: Option<String>,
+    /// The earlier publisher of the same bytes, when this shard was rejected as a duplicate.
+    pub duplicate_of: Option<String>,
     env: Option<(Target, RemoteEnvelope)>,
 }
 
@@ -286,6 +291,7 @@ impl Shard {
             "duplicate",
             format!("the same update as {winner}, published earlier"),
         ));
+        self.duplicate_of = Some(winner.to_string());
         self.env = None;
     }
 }
@@ -301,6 +307,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
         last_modified_ms: None,
         fault: None,
         content: None,
+        duplicate_of: None,
         env: None,
     };
     let peer = match PeerId::parse(&miner.peer) {

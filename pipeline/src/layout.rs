@@ -37,6 +37,16 @@ pub fn scores(run: &str, window: u64) -> String {
     format!("runs/{run}/scores/{window:010}.parquet")
 }
 
+/// The folder of score tables (listed by `scores show --last` and `scores history`).
+pub fn scores_dir(run: &str) -> String {
+    format!("runs/{run}/scores/")
+}
+
+/// The validator's signed weights for window `w` (it also binds the score table's hash).
+pub fn weights(run: &str, window: u64) -> String {
+    format!("runs/{run}/weights/{window:010}.weights")
+}
+
 pub fn ckpt_dir(run: &str, step: u64) -> String {
     format!("runs/{run}/ckpt/{step:012}/")
 }

@@ -8,10 +8,13 @@
 pub mod aggregate;
 pub mod codec;
 pub mod envelope;
+pub mod evaluate;
 pub mod exchange;
 pub mod identity;
 pub mod layout;
+pub mod refmodel;
 pub mod registry;
+pub mod score;
 pub mod store;
 pub mod tables;
 pub mod window;

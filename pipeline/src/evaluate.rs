@@ -1,0 +1,286 @@
+//! Usefulness: the loss on an evaluation batch before and after applying one miner's update.
+//!
+//! The validator does not know the model's framework, so the measurement is behind the
+//! [`Evaluator`] trait. Two implementations:
+//! - [`ReferenceEvaluator`]: the built-in reference task ([`crate::refmodel`]), the model the
+//!   demo trains; it rebuilds θ_w by replaying the run's aggregates.
+//! - [`CommandEvaluator`]: runs a user command (a PyTorch validator, say) per miner with the
+//!   decoded update as safetensors and reads `{"loss_before": .., "loss_after": ..}` from the
+//!   last line of its standard output, under a timeout.
+//!
+//! An evaluator's failure is never the miner's fault: the validator records it and carries the
+//! miner's rating over unchanged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::aggregate::apply_aggregates;
+use crate::codec::{Dense, dense_to_safetensors};
+use crate::exchange::ExchangeError;
+use crate::refmodel::{LinearTask, TENSOR};
+use crate::registry::Registry;
+use crate::store::S3Options;
+
+/// Loss on the evaluation batch with θ_w, and with θ_w − outer_lr · update.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Losses {
+    pub loss_before: f64,
+    pub loss_after: f64,
+}
+
+/// Measures how much one miner's update helps. Errors are strings recorded in the score table.
+#[async_trait::async_trait]
+pub trait Evaluator: Send {
+    /// Recorded in the signed weights object, so readers know what the scores mean.
+    fn name(&self) -> String;
+
+    /// Called once per window before any miner: bring the model to θ_w (after the aggregates
+    /// of windows `..w`). An error here is recorded for every miner of the window.
+    async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), String>;
+
+    async fn evaluate(
+        &mut self,
+        reg: &Registry,
+        w: u64,
+        peer: &str,
+        update: &Dense,
+    ) -> Result<Losses, String>;
+}
+
+/// The built-in evaluator on the reference task.
+pub struct ReferenceEvaluator {
+    task: LinearTask,
+    theta: Vec<f32>,
+    /// The last window whose aggregate is in `theta` (`None`: the initial parameters).
+    through: Option<u64>,
+    /// How long to wait for a missing aggregate of `w − 1` (the aggregator may still be
+    /// merging it when the validator starts on `w`).
+    wait: Duration,
+}
+
+impl ReferenceEvaluator {
+    pub fn new(task: LinearTask, wait: Duration) -> ReferenceEvaluator {
+        let theta = task.init();
+        ReferenceEvaluator {
+            task,
+            theta,
+            through: None,
+            wait,
+        }
+    }
+
+    /// θ_w as prepared (for tests and the demo's cross-checks).
+    pub fn theta(&self) -> &[f32] {
+        &self.theta
+    }
+}
+
+#[async_trait::async_trait]
+impl Evaluator for ReferenceEvaluator {
+    fn name(&self) -> String {
+        format!(
+            "reference linear {}x{} (eval batch of 64 per window)",
+            self.task.d_out, self.task.d_in
+        )
+    }
+
+    async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), String> {
+        if !self.task.matches(&reg.model) {
+            return Err(format!(
+                "the run's model is not the reference model ({TENSOR} {}x{})",
+                self.task.d_out, self.task.d_in
+            ));
+        }
+        let Some(target) = w.checked_sub(1) else {
+            self.theta = self.task.init();
+            self.through = None;
+            return Ok(());
+        };
+        if self.through.is_some_and(|t| t > target) {
+            self.theta = self.task.init();
+            self.through = None;
+        }
+        let start = std::time::Instant::now();
+        let mut theta: BTreeMap<String, Vec<f32>> =
+            [(TENSOR.to_string(), std::mem::take(&mut self.theta))].into();
+        let mut next = self.through.map_or(0, |t| t + 1);
+        let result = loop {
+            if next > target {
+                break Ok(());
+            }
+            match apply_aggregates(reg, s3, &mut theta, next, next).await {
+                Ok(_) => {
+                    self.through = Some(next);
+                    next += 1;
+                }
+                Err(ExchangeError::NoAggregate { .. }) if start.elapsed() < self.wait => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => break Err(format!("cannot rebuild the model of window {w}: {e}")),
+            }
+        };
+        self.theta = theta.remove(TENSOR).unwrap_or_default();
+        if result.is_err() {
+            // A partial replay is not θ_w; start over next time.
+            self.theta = self.task.init();
+            self.through = None;
+        }
+        result
+    }
+
+    async fn evaluate(
+        &mut self,
+        reg: &Registry,
+        w: u64,
+        _peer: &str,
+        update: &Dense,
+    ) -> Result<Losses, String> {
+        let (_, u) = update
+            .get(TENSOR)
+            .ok_or_else(|| format!("the update has no {TENSOR}"))?;
+        if u.len() != self.theta.len() {
+            return Err(format!(
+                "{TENSOR} has {} values, not {}",
+                u.len(),
+                self.theta.len()
+            ));
+        }
+        let batch = self.task.eval_batch(w);
+        // The same arithmetic as applying an aggregate: θ − (lr · u), two roundings.
+        let after: Vec<f32> = self
+            .theta
+            .iter()
+            .zip(u)
+            .map(|(t, v)| t - reg.outer_lr * v)
+            .collect();
+        Ok(Losses {
+            loss_before: self.task.loss(&self.theta, &batch),
+            loss_after: self.task.loss(&after, &batch),
+        })
+    }
+}
+
+/// Runs `sh -c 'CMD "$@"' shardrop-eval --update FILE --window W --peer PEER --run RUN` once
+/// per miner (documented in `schemas/scores.md`).
+pub struct CommandEvaluator {
+    cmd: String,
+    timeout: Duration,
+    dir: tempfile::TempDir,
+}
+
+impl CommandEvaluator {
+    pub fn new(cmd: &str, timeout: Duration) -> std::io::Result<CommandEvaluator> {
+        Ok(CommandEvaluator {
+            cmd: cmd.to_string(),
+            timeout,
+            dir: tempfile::Builder::new()
+                .prefix("shardrop-eval-")
+                .tempdir()?,
+        })
+    }
+}
+
+/// The last line of the output that parses as the losses object.
+fn parse_losses(stdout: &str) -> Result<Losses, String> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .ok_or("the command printed nothing")?;
+    let l: Losses = serde_json::from_str(line.trim()).map_err(|e| {
+        format!("the last output line is not {{\"loss_before\":..,\"loss_after\":..}}: {e}")
+    })?;
+    if !l.loss_before.is_finite() || !l.loss_after.is_finite() {
+        return Err("the command reported a non-finite loss".into());
+    }
+    Ok(l)
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    let cut = s.len().saturating_sub(300);
+    let start = (cut..=s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    s[start..].to_string()
+}
+
+#[async_trait::async_trait]
+impl Evaluator for CommandEvaluator {
+    fn name(&self) -> String {
+        format!("command: {}", self.cmd)
+    }
+
+    async fn prepare(&mut self, _: &Registry, _: &S3Options, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn evaluate(
+        &mut self,
+        reg: &Registry,
+        w: u64,
+        peer: &str,
+        update: &Dense,
+    ) -> Result<Losses, String> {
+        let file = self
+            .dir
+            .path()
+            .join(format!("update-{w}-{peer}.safetensors"));
+        let bytes = dense_to_safetensors(update).map_err(|e| e.to_string())?;
+        std::fs::write(&file, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        let child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} \"$@\"", self.cmd))
+            .arg("shardrop-eval")
+            .arg("--update")
+            .arg(&file)
+            .args([
+                "--window",
+                &w.to_string(),
+                "--peer",
+                peer,
+                "--run",
+                &reg.run,
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start sh: {e}"));
+        let result = match child {
+            Err(e) => Err(e),
+            Ok(child) => match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
+                Err(_) => Err(format!(
+                    "timed out after {:.0} s",
+                    self.timeout.as_secs_f64()
+                )),
+                Ok(Err(e)) => Err(format!("waiting for the command: {e}")),
+                Ok(Ok(out)) if !out.status.success() => {
+                    Err(format!("exited with {}: {}", out.status, tail(&out.stderr)))
+                }
+                Ok(Ok(out)) => parse_losses(&String::from_utf8_lossy(&out.stdout)),
+            },
+        };
+        let _ = std::fs::remove_file(&file);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_come_from_the_last_line() {
+        let l =
+            parse_losses("warming up\n{\"loss_before\": 2.5, \"loss_after\": 2.0}\n\n").unwrap();
+        assert_eq!((l.loss_before, l.loss_after), (2.5, 2.0));
+        assert!(parse_losses("").is_err());
+        assert!(parse_losses("{\"loss_before\": 1}").is_err());
+        assert!(parse_losses("{\"loss_before\": 1, \"loss_after\": \"x\"}").is_err());
+        assert!(tail("é".repeat(400).as_bytes()).chars().count() <= 300);
+    }
+}

@@ -1,0 +1,763 @@
+//! The validator: judge every registered miner each window and publish the judgement.
+//!
+//! A validator sees exactly what the aggregator sees: it runs the same header pass, range
+//! checks and verdicts (`aggregate::open_window`, `check_ranges`, `finalize`), so a miner's
+//! verdict and reason are the ledger's. On top it measures, per accepted miner:
+//! - **agreement**: cosine of the decoded update with the sum of the other eligible miners'
+//!   updates (the leave-one-out mean has the same direction);
+//! - **copying**: index-set overlap and value cosine against every other miner of the window
+//!   and against the last few aggregates; the later publisher of a near-identical pair (by
+//!   the store's `last_modified`, then peer id) is the copier;
+//! - **usefulness**: evaluation loss before and after applying the update (an [`Evaluator`]).
+//!
+//! Scores become a rating (an exponential moving average across windows) and the rating
+//! becomes weights: non-negative, summing to 1, zero for anyone absent, rejected or copying.
+//! The table (`scores/<w>.parquet`) and a signed weights object that binds the table's hash
+//! are written create-only; every input is fixed once the window has closed, so a rerun
+//! produces the same bytes. Formulas and thresholds: `schemas/scores.md`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use object_store::ObjectStoreExt;
+
+use crate::aggregate::{AggTensor, check_ranges, finalize, open_window, read_aggregate};
+use crate::codec::{CodecError, Dense, EncodedTensor, ModelSpec, accumulate, to_sparse};
+use crate::envelope::{Compression, EnvelopeBuilder, Kind};
+use crate::evaluate::Evaluator;
+use crate::exchange::{ExchangeError, RangeCheck, clock};
+use crate::identity::Identity;
+use crate::layout;
+use crate::registry::{Registry, Role};
+use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
+use crate::tables::{ScoreRow, read_scores, scores_parquet};
+
+pub const WEIGHTS_CODEC: &str = "weights-v1";
+
+/// When two updates count as copies. Calibrated on the reference task (see
+/// `schemas/scores.md` for the measured margins).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct CopyThresholds {
+    /// Jaccard overlap of two miners' kept index sets.
+    pub overlap: f64,
+    /// Cosine of their values (with `overlap`: a copy).
+    pub similarity: f64,
+    /// Share of a miner's kept indices inside a past aggregate's support.
+    pub agg_containment: f64,
+    /// Cosine with the past aggregate on the miner's support.
+    pub agg_similarity: f64,
+}
+
+impl Default for CopyThresholds {
+    fn default() -> Self {
+        CopyThresholds {
+            overlap: 0.5,
+            similarity: 0.8,
+            agg_containment: 0.8,
+            agg_similarity: 0.75,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ValidateOptions {
+    /// Miners fetched at once.
+    pub concurrency: usize,
+    /// Weight of this window's score in the rating: `r ← (1 − α)·r + α·s`.
+    pub alpha: f64,
+    pub copy: CopyThresholds,
+    /// Past aggregates (windows `w−1 ..= w−n`) a miner is compared with.
+    pub copy_lookback: u64,
+    /// How far back to look for the previous score table (a validator that missed windows
+    /// carries ratings over from the newest table it finds).
+    pub rating_lookback: u64,
+}
+
+impl Default for ValidateOptions {
+    fn default() -> Self {
+        ValidateOptions {
+            concurrency: 16,
+            alpha: 0.25,
+            copy: CopyThresholds::default(),
+            copy_lookback: 2,
+            rating_lookback: 16,
+        }
+    }
+}
+
+/// A decoded update as one sparse vector over the whole model (tensors concatenated in
+/// model order), indices ascending.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparseUpdate {
+    pub idx: Vec<u64>,
+    pub val: Vec<f32>,
+    pub norm: f64,
+}
+
+fn offsets(model: &ModelSpec) -> HashMap<&str, u64> {
+    let mut off = 0u64;
+    model
+        .tensors
+        .iter()
+        .map(|t| {
+            let o = off;
+            off += t.shape.iter().product::<u64>();
+            (t.name.as_str(), o)
+        })
+        .collect()
+}
+
+impl SparseUpdate {
+    fn from_pairs(mut pairs: Vec<(u64, f32)>) -> SparseUpdate {
+        pairs.sort_by_key(|p| p.0);
+        let norm = pairs
+            .iter()
+            .map(|(_, v)| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let (idx, val) = pairs.into_iter().unzip();
+        SparseUpdate { idx, val, norm }
+    }
+
+    /// From a miner's checked tensors (zeros dropped).
+    pub fn from_tensors(model: &ModelSpec, tensors: &[EncodedTensor]) -> Result<Self, CodecError> {
+        let off = offsets(model);
+        let mut pairs = Vec::new();
+        for t in tensors {
+            let base = off.get(t.name.as_str()).copied().unwrap_or(0);
+            let (idx, val) = to_sparse(t)?;
+            pairs.extend(
+                idx.into_iter()
+                    .zip(val)
+                    .filter(|(_, v)| *v != 0.0)
+                    .map(|(i, v)| (base + i, v)),
+            );
+        }
+        Ok(SparseUpdate::from_pairs(pairs))
+    }
+
+    /// From an aggregate's tensors (zeros dropped).
+    pub fn from_aggregate(model: &ModelSpec, tensors: &[AggTensor]) -> SparseUpdate {
+        let off = offsets(model);
+        let mut pairs = Vec::new();
+        for t in tensors {
+            let base = off.get(t.name.as_str()).copied().unwrap_or(0);
+            pairs.extend(
+                t.entries()
+                    .filter(|(_, v)| *v != 0.0)
+                    .map(|(i, v)| (base + i as u64, v)),
+            );
+        }
+        SparseUpdate::from_pairs(pairs)
+    }
+}
+
+/// `(shared indices, dot product over them)` of two ascending sparse vectors.
+fn intersect(a: &SparseUpdate, b: &SparseUpdate) -> (usize, f64, f64) {
+    let (mut i, mut j, mut n, mut dot, mut b_on_a) = (0, 0, 0usize, 0f64, 0f64);
+    while i < a.idx.len() && j < b.idx.len() {
+        match a.idx[i].cmp(&b.idx[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                dot += a.val[i] as f64 * b.val[j] as f64;
+                b_on_a += (b.val[j] as f64).powi(2);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (n, dot, b_on_a.sqrt())
+}
+
+/// Jaccard overlap of the index sets and cosine of the values of two miners' updates.
+pub fn similarity(a: &SparseUpdate, b: &SparseUpdate) -> (f64, f64) {
+    let (n, dot, _) = intersect(a, b);
+    let union = a.idx.len() + b.idx.len() - n;
+    let jaccard = if union == 0 {
+        0.0
+    } else {
+        n as f64 / union as f64
+    };
+    let cos = if a.norm > 0.0 && b.norm > 0.0 {
+        dot / (a.norm * b.norm)
+    } else {
+        0.0
+    };
+    (jaccard, cos)
+}
+
+/// Containment of `a`'s indices in the aggregate's support, and the cosine of `a` with the
+/// aggregate restricted to `a`'s indices (an aggregate has many more non-zeros than one
+/// miner, so the whole-vector cosine would hide a re-encoded copy).
+pub fn similarity_to_aggregate(a: &SparseUpdate, g: &SparseUpdate) -> (f64, f64) {
+    let (n, dot, g_on_a) = intersect(a, g);
+    let containment = if a.idx.is_empty() {
+        0.0
+    } else {
+        n as f64 / a.idx.len() as f64
+    };
+    let cos = if a.norm > 0.0 && g_on_a > 0.0 {
+        dot / (a.norm * g_on_a)
+    } else {
+        0.0
+    };
+    (containment, cos)
+}
+
+/// What copy detection found for one miner.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CopyInfo {
+    pub nearest: Option<String>,
+    pub overlap: Option<f64>,
+    pub similarity: Option<f64>,
+    pub copier: bool,
+}
+
+/// Bottom-k MinHash sketch: a cheap Jaccard estimate that lets hundreds of miners be
+/// compared without a full merge for every pair.
+const SKETCH: usize = 128;
+
+fn sketch(u: &SparseUpdate) -> Vec<u64> {
+    let mix = |x: u64| {
+        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut h: Vec<u64> = u.idx.iter().map(|&i| mix(i)).collect();
+    let k = SKETCH.min(h.len());
+    if k > 0 && k < h.len() {
+        h.select_nth_unstable(k - 1);
+    }
+    h.truncate(k);
+    h.sort_unstable();
+    h
+}
+
+fn estimate_jaccard(a: &[u64], b: &[u64]) -> f64 {
+    let (mut i, mut j, mut taken, mut both) = (0, 0, 0, 0);
+    while taken < SKETCH && (i < a.len() || j < b.len()) {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                both += 1;
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => i += 1,
+            (Some(_), None) => i += 1,
+            _ => j += 1,
+        }
+        taken += 1;
+    }
+    if taken == 0 {
+        0.0
+    } else {
+        both as f64 / taken as f64
+    }
+}
+
+/// One miner as copy detection sees it: its update (accepted miners only) and its
+/// publication order key `(last_modified_ms, peer)`.
+pub struct Candidate<'a> {
+    pub peer: &'a str,
+    pub order: (i64, &'a str),
+    pub update: Option<&'a SparseUpdate>,
+}
+
+/// Pairwise and past-aggregate copy detection. Deterministic: pairs are judged
+/// independently, and the later publisher of a near-identical pair is the copier.
+pub fn detect_copies(
+    miners: &[Candidate],
+    past: &[(u64, SparseUpdate)],
+    th: &CopyThresholds,
+) -> Vec<CopyInfo> {
+    use rayon::prelude::*;
+    let n = miners.len();
+    let sketches: Vec<Option<Vec<u64>>> = miners.iter().map(|m| m.update.map(sketch)).collect();
+    let work: usize = miners
+        .iter()
+        .filter_map(|m| m.update.map(|u| u.idx.len()))
+        .sum::<usize>()
+        * n;
+    // Small windows compare every pair exactly; large ones only pairs whose sketches say
+    // the overlap could reach the threshold (the estimate's error is ≈ 0.045 at 128).
+    let exhaustive = work <= 1 << 26;
+    let pairs: Vec<(usize, usize)> = (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .collect();
+    let judged: Vec<(usize, usize, f64, f64)> = pairs
+        .par_iter()
+        .filter_map(|&(i, j)| {
+            let (a, b) = (miners[i].update?, miners[j].update?);
+            if !exhaustive {
+                let est = estimate_jaccard(sketches[i].as_ref()?, sketches[j].as_ref()?);
+                if est < th.overlap - 0.25 {
+                    return None;
+                }
+            }
+            let (ov, cos) = similarity(a, b);
+            Some((i, j, ov, cos))
+        })
+        .collect();
+    let mut out = vec![CopyInfo::default(); n];
+    let mut consider = |k: usize, name: String, ov: f64, cos: f64, copy: bool| {
+        let o = &mut out[k];
+        let better = match (o.copier, copy) {
+            (false, true) => true,
+            (true, false) => false,
+            _ => o.similarity.is_none_or(|s| cos > s),
+        };
+        if better {
+            *o = CopyInfo {
+                nearest: Some(name),
+                overlap: Some(ov),
+                similarity: Some(cos),
+                copier: copy,
+            };
+        }
+    };
+    for &(i, j, ov, cos) in &judged {
+        let copy = ov >= th.overlap && cos >= th.similarity;
+        let (first, later) = if miners[i].order <= miners[j].order {
+            (i, j)
+        } else {
+            (j, i)
+        };
+        consider(later, miners[first].peer.to_string(), ov, cos, copy);
+        consider(first, miners[later].peer.to_string(), ov, cos, false);
+    }
+    for (k, m) in miners.iter().enumerate() {
+        let Some(u) = m.update else { continue };
+        for (aw, g) in past {
+            let (c, cos) = similarity_to_aggregate(u, g);
+            let copy = c >= th.agg_containment && cos >= th.agg_similarity;
+            consider(k, format!("agg:{aw}"), c, cos, copy);
+        }
+    }
+    out
+}
+
+/// Cosine of each accepted update with the sum of the other eligible ones (`None` when
+/// there is no other, or the update is not accepted).
+fn agreement(
+    total_len: usize,
+    updates: &[Option<SparseUpdate>],
+    eligible: &[bool],
+) -> Vec<Option<f64>> {
+    let mut sum = vec![0f64; total_len];
+    for (u, _) in updates.iter().zip(eligible).filter(|(_, e)| **e) {
+        if let Some(u) = u {
+            for (&i, &v) in u.idx.iter().zip(&u.val) {
+                sum[i as usize] += v as f64;
+            }
+        }
+    }
+    let sum_sq: f64 = sum.iter().map(|x| x * x).sum();
+    let others = eligible.iter().filter(|e| **e).count();
+    updates
+        .iter()
+        .zip(eligible)
+        .map(|(u, &e)| {
+            let u = u.as_ref()?;
+            if others < 1 + e as usize || u.norm == 0.0 {
+                return None;
+            }
+            let dot_s: f64 = u
+                .idx
+                .iter()
+                .zip(&u.val)
+                .map(|(&i, &v)| v as f64 * sum[i as usize])
+                .sum();
+            let uu = u.norm * u.norm;
+            let (dot, rest_sq) = if e {
+                (dot_s - uu, sum_sq - 2.0 * dot_s + uu)
+            } else {
+                (dot_s, sum_sq)
+            };
+            (rest_sq > 0.0).then(|| (dot / (u.norm * rest_sq.max(0.0).sqrt())).clamp(-1.0, 1.0))
+        })
+        .collect()
+}
+
+/// What one validation produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Validated {
+    pub window: u64,
+    pub scores: String,
+    pub weights: String,
+    pub evaluator: String,
+    pub rows: Vec<ScoreRow>,
+    /// The same table was already there (a rerun).
+    pub already_published: bool,
+}
+
+/// The newest ratings this validator published before window `w`.
+async fn previous_ratings(
+    reg: &Registry,
+    target: &Target,
+    w: u64,
+    lookback: u64,
+) -> Result<BTreeMap<String, f64>, ExchangeError> {
+    for v in (w.saturating_sub(lookback)..w).rev() {
+        let path = target.path(&layout::scores(&reg.run, v));
+        let url = target.url_of(&path);
+        match target.store.get(&path).await {
+            Ok(got) => {
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| StoreError::from_store(&url, e))?;
+                let rows = read_scores(bytes).map_err(|e| {
+                    ExchangeError::Refused(format!("{url}: not a score table: {e}"))
+                })?;
+                return Ok(rows.into_iter().map(|r| (r.peer, r.rating)).collect());
+            }
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(StoreError::from_store(&url, e).into()),
+        }
+    }
+    Ok(BTreeMap::new())
+}
+
+/// Dense f32 tensors of an update, for evaluators.
+fn dense_of(tensors: &[EncodedTensor]) -> Result<Dense, CodecError> {
+    let mut out = Dense::new();
+    for t in tensors {
+        let mut d = vec![0f32; t.numel() as usize];
+        accumulate(t, &mut d, 1.0)?;
+        out.insert(t.name.clone(), (t.shape.clone(), d));
+    }
+    Ok(out)
+}
+
+/// Scores window `w` and publishes the table and the signed weights into the validator's
+/// store. Any miner's failure (store, format, evaluator) is recorded in its row; the others
+/// are still scored.
+pub async fn validate_window(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    evaluator: &mut dyn Evaluator,
+    opts: &ValidateOptions,
+) -> Result<Validated, ExchangeError> {
+    let (_, target, mut shards) =
+        open_window(reg, id, Role::Validator, s3, w, opts.concurrency).await?;
+    let all = 0..reg.model.tensors.len();
+    let decoded = check_ranges(reg, &shards, all, opts.concurrency).await;
+    let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
+    let verdicts = finalize(reg, w, &shards, &[checks]);
+    let accepted: Vec<bool> = verdicts
+        .rows
+        .iter()
+        .map(|r| r.verdict == "accepted")
+        .collect();
+    let mut updates: Vec<Option<SparseUpdate>> = Vec::with_capacity(shards.len());
+    for (j, (_, tensors)) in decoded.iter().enumerate() {
+        updates.push(match accepted[j] {
+            true => Some(SparseUpdate::from_tensors(&reg.model, tensors)?),
+            false => None,
+        });
+    }
+    let mut past = Vec::new();
+    for aw in (w.saturating_sub(opts.copy_lookback)..w).rev() {
+        match read_aggregate(reg, s3, aw).await {
+            Ok(t) => past.push((aw, SparseUpdate::from_aggregate(&reg.model, &t))),
+            Err(e) => tracing::warn!(window = aw, error = %e, "past aggregate not compared"),
+        }
+    }
+    let detect = |shards: &[crate::exchange::Shard]| {
+        let miners: Vec<Candidate> = shards
+            .iter()
+            .zip(&updates)
+            .map(|(s, u)| Candidate {
+                peer: &s.peer,
+                order: (s.last_modified_ms.unwrap_or(i64::MAX), &s.peer),
+                update: u.as_ref(),
+            })
+            .collect();
+        detect_copies(&miners, &past, &opts.copy)
+    };
+    let mut copies = detect(&shards);
+    // HEAD times are whole seconds on S3: order close calls by the LIST's milliseconds.
+    let coarse: Vec<usize> = copies
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.copier)
+        .filter_map(|(k, c)| {
+            let other = shards
+                .iter()
+                .position(|s| Some(&s.peer) == c.nearest.as_ref())?;
+            let (a, b) = (shards[k].last_modified_ms?, shards[other].last_modified_ms?);
+            ((a - b).abs() < 1000).then_some([k, other])
+        })
+        .flatten()
+        .collect();
+    if !coarse.is_empty() {
+        for k in coarse {
+            shards[k].refine_last_modified().await;
+        }
+        copies = detect(&shards);
+    }
+    for (s, c) in shards.iter().zip(copies.iter_mut()) {
+        if let Some(winner) = &s.duplicate_of {
+            *c = CopyInfo {
+                nearest: Some(winner.clone()),
+                overlap: Some(1.0),
+                similarity: Some(1.0),
+                copier: true,
+            };
+        }
+    }
+    let eligible: Vec<bool> = (0..shards.len())
+        .map(|j| accepted[j] && !copies[j].copier)
+        .collect();
+    let total_len: u64 = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
+    let agree = agreement(total_len as usize, &updates, &eligible);
+    drop(updates);
+
+    let mut losses: Vec<Result<crate::evaluate::Losses, String>> =
+        vec![Err(String::new()); shards.len()];
+    let prepared = evaluator.prepare(reg, s3, w).await;
+    for (j, (_, tensors)) in decoded.iter().enumerate() {
+        if !eligible[j] {
+            continue;
+        }
+        losses[j] = match &prepared {
+            Err(e) => Err(e.clone()),
+            Ok(()) => match dense_of(tensors) {
+                Ok(d) => evaluator.evaluate(reg, w, &shards[j].peer, &d).await,
+                Err(e) => Err(e.to_string()),
+            },
+        };
+    }
+    drop(decoded);
+    let gain = |j: usize| {
+        losses[j]
+            .as_ref()
+            .ok()
+            .map(|l| l.loss_before - l.loss_after)
+    };
+    let best = (0..shards.len())
+        .filter_map(gain)
+        .fold(0f64, |a, g| a.max(g));
+
+    let prev = previous_ratings(reg, &target, w, opts.rating_lookback).await?;
+    let clk = clock(reg);
+    let mut rows: Vec<ScoreRow> = Vec::with_capacity(shards.len());
+    for (j, (s, l)) in shards.iter().zip(&verdicts.rows).enumerate() {
+        let score = if !eligible[j] {
+            Some(0.0)
+        } else {
+            match &losses[j] {
+                Ok(_) => gain(j).map(|g| if best > 0.0 { g.max(0.0) / best } else { 0.0 }),
+                Err(_) => None,
+            }
+        };
+        let before = prev.get(&s.peer).copied().unwrap_or(0.0);
+        let rating = score.map_or(before, |s| (1.0 - opts.alpha) * before + opts.alpha * s);
+        let (lb, la, err) = match &losses[j] {
+            Ok(x) => (Some(x.loss_before), Some(x.loss_after), None),
+            Err(e) if eligible[j] => (None, None, Some(e.clone())),
+            Err(_) => (None, None, None),
+        };
+        let c = &copies[j];
+        rows.push(ScoreRow {
+            window: w,
+            peer: s.peer.clone(),
+            present: s.found,
+            last_modified_ms: s.last_modified_ms,
+            secs_before_deadline: s
+                .last_modified_ms
+                .map(|lm| (clk.deadline(w) as f64 - lm as f64) / 1000.0),
+            verdict: l.verdict.clone(),
+            reason: l.reason.clone(),
+            detail: l.detail.clone(),
+            norm: l.norm,
+            agreement: agree[j],
+            nearest: c.nearest.clone(),
+            overlap: c.overlap,
+            similarity: c.similarity,
+            copier: c.copier,
+            loss_before: lb,
+            loss_after: la,
+            usefulness: gain(j),
+            eval_error: err,
+            score,
+            rating,
+            weight: 0.0,
+        });
+    }
+    let total: f64 = rows
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| eligible[*j])
+        .map(|(_, r)| r.rating)
+        .sum();
+    if total > 0.0 {
+        for (j, r) in rows.iter_mut().enumerate() {
+            if eligible[j] {
+                r.weight = r.rating / total;
+            }
+        }
+    }
+    publish_scores(reg, id, &target, w, evaluator.name(), rows).await
+}
+
+async fn publish_scores(
+    reg: &Registry,
+    id: &Identity,
+    target: &Target,
+    w: u64,
+    evaluator: String,
+    rows: Vec<ScoreRow>,
+) -> Result<Validated, ExchangeError> {
+    let table =
+        scores_parquet(&rows).map_err(|e| ExchangeError::Refused(format!("scores: {e}")))?;
+    let table_hash = blake3::hash(&table).to_hex().to_string();
+    let path = target.path(&layout::scores(&reg.run, w));
+    let scores_url = target.url_of(&path);
+    let outcome = match store::put_create(target, &path, table.as_slice()).await {
+        Ok(o) => o,
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ExchangeError::Refused(format!(
+                "{scores_url}: window {w} was already scored with different results (is the evaluator deterministic?)"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let weights: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::json!({"peer": r.peer, "weight": r.weight, "rating": r.rating}))
+        .collect();
+    let body = serde_json::json!({
+        "run": reg.run, "window": w, "evaluator": evaluator,
+        "scores": layout::scores(&reg.run, w), "scores_blake3": table_hash, "weights": weights,
+    });
+    let signed = EnvelopeBuilder::new(Kind::Weights, &reg.run)
+        .window(w)
+        .codec(WEIGHTS_CODEC, Default::default())
+        .clock_ms(clock(reg).closes(w))
+        .meta("scores_blake3", &table_hash)
+        .section(
+            "weights.json",
+            &body.to_string().into_bytes(),
+            Compression::None,
+        )?
+        .sign(id)?;
+    let wpath = target.path(&layout::weights(&reg.run, w));
+    let weights_url = target.url_of(&wpath);
+    match store::put_create(target, &wpath, &signed).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ExchangeError::Refused(format!(
+                "{weights_url}: other weights for window {w} are already published"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Validated {
+        window: w,
+        scores: scores_url,
+        weights: weights_url,
+        evaluator,
+        rows,
+        already_published: outcome == PutOutcome::AlreadyIdentical,
+    })
+}
+
+/// Reads and verifies a validator's weights object, and the score table it binds.
+pub async fn read_scored_window(
+    reg: &Registry,
+    validator: &crate::registry::Participant,
+    s3: &S3Options,
+    w: u64,
+) -> Result<(Vec<ScoreRow>, serde_json::Value), ExchangeError> {
+    use crate::envelope::{EnvelopeError, Expect, Limits, RemoteEnvelope, read_all_sections};
+    let peer = crate::identity::PeerId::parse(&validator.peer)
+        .map_err(|e| ExchangeError::Refused(e.to_string()))?;
+    let target = reg.open_store(validator, s3)?;
+    let wpath = target.path(&layout::weights(&reg.run, w));
+    let wurl = target.url_of(&wpath);
+    let expect = Expect {
+        signer: Some(peer),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Weights),
+        window: Some(w),
+        step: None,
+    };
+    let limits = Limits::default();
+    let env =
+        match RemoteEnvelope::open(target.store.as_ref(), &wpath, &wurl, &limits, &expect).await {
+            Err(EnvelopeError::NotFound { .. }) => {
+                return Err(ExchangeError::Refused(format!(
+                    "window {w} has no weights at {wurl}"
+                )));
+            }
+            r => r?,
+        };
+    let secs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
+    let body: serde_json::Value = secs
+        .first()
+        .and_then(|s| serde_json::from_slice(s).ok())
+        .ok_or_else(|| ExchangeError::Refused(format!("{wurl}: no weights.json section")))?;
+    let path = target.path(&layout::scores(&reg.run, w));
+    let url = target.url_of(&path);
+    let table: Bytes = target
+        .store
+        .get(&path)
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))?
+        .bytes()
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))?;
+    let hash = blake3::hash(&table).to_hex().to_string();
+    if body["scores_blake3"].as_str() != Some(hash.as_str()) {
+        return Err(ExchangeError::Refused(format!(
+            "{url}: the table's blake3 {hash} is not the one the signed weights name"
+        )));
+    }
+    let rows = read_scores(table)
+        .map_err(|e| ExchangeError::Refused(format!("{url}: not a score table: {e}")))?;
+    Ok((rows, body))
+}
+
+/// Windows that have a score table under a validator's store, ascending (one LIST).
+pub async fn scored_windows(
+    reg: &Registry,
+    validator: &crate::registry::Participant,
+    s3: &S3Options,
+) -> Result<Vec<u64>, ExchangeError> {
+    use futures::TryStreamExt;
+    let target = reg.open_store(validator, s3)?;
+    let dir = target.path(&layout::scores_dir(&reg.run));
+    let url = target.url_of(&dir);
+    let metas: Vec<object_store::ObjectMeta> = target
+        .store
+        .list(Some(&dir))
+        .try_collect()
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))?;
+    let mut ws: Vec<u64> = metas
+        .iter()
+        .filter_map(|m| {
+            m.location
+                .filename()?
+                .strip_suffix(".parquet")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ws.sort_unstable();
+    Ok(ws)
+}
+
+#[cfg(test)]
+mod tests;

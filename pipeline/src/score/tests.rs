@@ -1,0 +1,261 @@
+use super::*;
+use crate::codec::{
+    CodecLimits, CodecParams, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
+    encode_update, read_section,
+};
+use crate::refmodel::LinearTask;
+
+fn sparse(pairs: &[(u64, f32)]) -> SparseUpdate {
+    SparseUpdate::from_pairs(pairs.to_vec())
+}
+
+#[test]
+fn similarity_of_identical_disjoint_and_scaled() {
+    let a = sparse(&[(1, 1.0), (5, -2.0), (9, 0.5)]);
+    let (ov, cos) = similarity(&a, &a);
+    assert_eq!(ov, 1.0);
+    assert!((cos - 1.0).abs() < 1e-12);
+    let b = sparse(&[(2, 1.0), (6, 1.0)]);
+    assert_eq!(similarity(&a, &b), (0.0, 0.0));
+    let c = sparse(&[(1, -2.0), (5, 4.0), (9, -1.0)]);
+    let (ov, cos) = similarity(&a, &c);
+    assert_eq!(ov, 1.0);
+    assert!((cos + 1.0).abs() < 1e-12, "opposite direction: {cos}");
+    // Half the indices shared.
+    let d = sparse(&[(1, 1.0), (5, -2.0), (7, 3.0), (8, 1.0)]);
+    assert!((similarity(&a, &d).0 - 2.0 / 5.0).abs() < 1e-12);
+    // Containment in an aggregate, cosine on the miner's support only.
+    let g = sparse(&[(1, 2.0), (3, 7.0), (5, -4.0), (9, 1.0), (11, -9.0)]);
+    let (c, cos) = similarity_to_aggregate(&a, &g);
+    assert_eq!(c, 1.0);
+    assert!((cos - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn sketch_estimates_jaccard() {
+    let a = sparse(&(0..20_000u64).map(|i| (i * 3, 1.0)).collect::<Vec<_>>());
+    // b shares exactly half of a's indices: Jaccard 10000 / 30000.
+    let b = sparse(
+        &(0..20_000u64)
+            .map(|i| {
+                if i % 2 == 0 {
+                    (i * 3, 1.0)
+                } else {
+                    (i * 3 + 1, 1.0)
+                }
+            })
+            .collect::<Vec<_>>(),
+    );
+    let est = estimate_jaccard(&sketch(&a), &sketch(&b));
+    assert!((est - 1.0 / 3.0).abs() < 0.15, "estimate {est}");
+    assert_eq!(estimate_jaccard(&sketch(&a), &sketch(&a)), 1.0);
+}
+
+#[test]
+fn agreement_is_leave_one_out() {
+    let a = sparse(&[(0, 1.0)]);
+    let b = sparse(&[(0, 1.0), (1, 1.0)]);
+    let c = sparse(&[(1, -1.0)]);
+    let ups = vec![Some(a), Some(b), Some(c), None];
+    let got = agreement(2, &ups, &[true, true, true, false]);
+    // a vs b + c = (1, 0): cosine 1; b vs a + c = (1, -1): 0; c vs a + b = (2, 1): -1/√5.
+    assert!((got[0].unwrap() - 1.0).abs() < 1e-12);
+    assert!(got[1].unwrap().abs() < 1e-12);
+    assert!((got[2].unwrap() + 1.0 / 5f64.sqrt()).abs() < 1e-12);
+    assert_eq!(got[3], None);
+    // An ineligible (copying) miner is compared with all eligible ones, and is not in
+    // their reference.
+    let got = agreement(2, &ups, &[true, false, true, false]);
+    assert!((got[0].unwrap() - 0.0).abs() < 1e-12, "a vs c only");
+    assert!((got[1].unwrap() - 0.0).abs() < 1e-12, "b vs a + c = (1,-1)");
+    // Alone: nothing to agree with.
+    assert_eq!(agreement(2, &ups, &[true, false, false, false])[0], None);
+}
+
+/// The demo's codec on the reference task.
+fn params() -> CodecParams {
+    CodecParams {
+        chunk: 1024,
+        k: 48,
+        values: ValueFormat::Int4,
+        scales: ScaleMode::Chunk,
+        indices: IndexEncoding::Compact,
+    }
+}
+
+fn encode(task: &LinearTask, update: &[f32], state: &mut EfState) -> Vec<EncodedTensor> {
+    let opts = EncodeOptions {
+        params: params(),
+        beta: 0.9,
+        section_bytes: 1 << 20,
+    };
+    let enc = encode_update(&task.to_safetensors(update).unwrap(), state, &opts).unwrap();
+    enc.sections
+        .iter()
+        .flat_map(|(_, s)| read_section(s, None, &CodecLimits::default()).unwrap())
+        .collect()
+}
+
+fn decoded(task: &LinearTask, tensors: &[EncodedTensor]) -> (SparseUpdate, Vec<f32>) {
+    let mut d = vec![0f32; task.d_in * task.d_out];
+    for t in tensors {
+        accumulate(t, &mut d, 1.0).unwrap();
+    }
+    (
+        SparseUpdate::from_tensors(&task.model_spec(), tensors).unwrap(),
+        d,
+    )
+}
+
+struct Seen {
+    pair: (f64, f64),
+    agg: (f64, f64),
+    copy_pair: (f64, f64),
+    copy_agg: (f64, f64),
+    flags_on_honest: usize,
+    copies_caught: usize,
+    copies: usize,
+}
+
+/// Honest miners train the reference task on their own slices of the same distribution
+/// (similar data), with error feedback, for several windows; a copier re-encodes one
+/// miner's decoded update through its own codec state, another re-encodes the previous
+/// aggregate. Returns what detection saw.
+fn simulate(windows: u64, honest: usize) -> Seen {
+    let task = LinearTask::standard();
+    let th = CopyThresholds::default();
+    let mut theta = task.init();
+    let mut states = vec![EfState::default(); honest];
+    let (mut copier_state, mut agg_copier_state) = (EfState::default(), EfState::default());
+    let mut past: Vec<(u64, SparseUpdate)> = Vec::new();
+    let mut prev_agg: Option<Vec<f32>> = None;
+    let mut seen = Seen {
+        pair: (0.0, -1.0),
+        agg: (0.0, -1.0),
+        copy_pair: (1.0, 1.0),
+        copy_agg: (1.0, 1.0),
+        flags_on_honest: 0,
+        copies_caught: 0,
+        copies: 0,
+    };
+    for w in 0..windows {
+        let mut ups = Vec::new();
+        let mut dense = Vec::new();
+        for (i, st) in states.iter_mut().enumerate() {
+            let g = task.pseudo_gradient(&theta, i as u64, w, 20);
+            let (u, d) = decoded(&task, &encode(&task, &g, st));
+            ups.push(u);
+            dense.push(d);
+        }
+        // Copier: the decoded update of miner 0, re-encoded with its own state.
+        let (copy, _) = decoded(&task, &encode(&task, &dense[0], &mut copier_state));
+        ups.push(copy);
+        // Aggregate copier: re-encodes the previous aggregate (from window 1 on).
+        let agg_copy = prev_agg
+            .as_ref()
+            .map(|a| decoded(&task, &encode(&task, a, &mut agg_copier_state)).0);
+        if let Some(u) = &agg_copy {
+            ups.push(u.clone());
+        }
+        let peers: Vec<String> = (0..ups.len()).map(|i| format!("p{i:02}")).collect();
+        let miners: Vec<Candidate> = ups
+            .iter()
+            .enumerate()
+            .map(|(i, u)| Candidate {
+                peer: &peers[i],
+                order: (i as i64, &peers[i]),
+                update: Some(u),
+            })
+            .collect();
+        let found = detect_copies(&miners, &past, &th);
+        for i in 0..honest {
+            seen.flags_on_honest += found[i].copier as usize;
+            for j in i + 1..honest {
+                let (ov, cos) = similarity(&ups[i], &ups[j]);
+                seen.pair = (seen.pair.0.max(ov), seen.pair.1.max(cos));
+            }
+            for (_, g) in &past {
+                let (c, cos) = similarity_to_aggregate(&ups[i], g);
+                seen.agg = (seen.agg.0.max(c), seen.agg.1.max(cos));
+            }
+        }
+        let (ov, cos) = similarity(&ups[honest], &ups[0]);
+        seen.copy_pair = (seen.copy_pair.0.min(ov), seen.copy_pair.1.min(cos));
+        seen.copies += 1;
+        seen.copies_caught +=
+            (found[honest].copier && found[honest].nearest.as_deref() == Some("p00")) as usize;
+        if agg_copy.is_some() {
+            let (c, cos) = similarity_to_aggregate(&ups[honest + 1], &past[0].1);
+            seen.copy_agg = (seen.copy_agg.0.min(c), seen.copy_agg.1.min(cos));
+            seen.copies += 1;
+            seen.copies_caught += (found[honest + 1].copier
+                && found[honest + 1].nearest.as_deref() == Some(&format!("agg:{}", w - 1)))
+                as usize;
+        }
+        // The aggregate: the honest miners' mean.
+        let mut agg = vec![0f32; theta.len()];
+        for d in &dense {
+            for (a, x) in agg.iter_mut().zip(d) {
+                *a += x / honest as f32;
+            }
+        }
+        for (t, a) in theta.iter_mut().zip(&agg) {
+            *t -= a;
+        }
+        let pairs: Vec<(u64, f32)> = agg
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(i, v)| (i as u64, *v))
+            .collect();
+        past.insert(0, (w, SparseUpdate::from_pairs(pairs)));
+        past.truncate(2);
+        prev_agg = Some(agg);
+    }
+    seen
+}
+
+#[test]
+fn copies_are_caught_and_honest_miners_on_similar_data_are_not() {
+    let s = simulate(12, 8);
+    eprintln!(
+        "honest pairs: max overlap {:.3}, max cosine {:.3}; honest vs past aggregates: max containment {:.3}, max cosine {:.3}",
+        s.pair.0, s.pair.1, s.agg.0, s.agg.1
+    );
+    eprintln!(
+        "re-encoded copy of a miner: min overlap {:.3}, min cosine {:.3}; of the previous aggregate: min containment {:.3}, min cosine {:.3}",
+        s.copy_pair.0, s.copy_pair.1, s.copy_agg.0, s.copy_agg.1
+    );
+    assert_eq!(s.flags_on_honest, 0, "an honest miner was flagged");
+    assert_eq!(s.copies_caught, s.copies, "a copy went unnoticed");
+}
+
+#[test]
+fn the_later_publisher_is_the_copier() {
+    let a = sparse(&[(1, 1.0), (5, -2.0), (9, 0.5)]);
+    let b = a.clone();
+    let miners = [
+        Candidate {
+            peer: "early",
+            order: (2_000, "early"),
+            update: Some(&b),
+        },
+        Candidate {
+            peer: "late",
+            order: (1_000, "late"),
+            update: Some(&a),
+        },
+        Candidate {
+            peer: "absent",
+            order: (i64::MAX, "absent"),
+            update: None,
+        },
+    ];
+    let found = detect_copies(&miners, &[], &CopyThresholds::default());
+    // "late" published at 1000 ms, before "early": "early" is the copier.
+    assert!(found[0].copier);
+    assert_eq!(found[0].nearest.as_deref(), Some("late"));
+    assert!(!found[1].copier);
+    assert_eq!(found[1].nearest.as_deref(), Some("early"));
+    assert_eq!(found[2], CopyInfo::default());
+}
