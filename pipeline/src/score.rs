@@ -440,7 +440,7 @@ pub async fn validate_window(
     id: &Identity,
     s3: &S3Options,
     w: u64,
-    evaluator: &mut dyn Evaluator,
+    mut evaluator: Option<&mut dyn Evaluator>,
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
     let (_, target, mut shards) =
@@ -525,18 +525,20 @@ pub async fn validate_window(
 
     let mut losses: Vec<Result<crate::evaluate::Losses, String>> =
         vec![Err(String::new()); shards.len()];
-    let prepared = evaluator.prepare(reg, s3, w).await;
-    for (j, (_, tensors)) in decoded.iter().enumerate() {
-        if !eligible[j] {
-            continue;
+    if let Some(ev) = evaluator.as_deref_mut() {
+        let prepared = ev.prepare(reg, s3, w).await;
+        for (j, (_, tensors)) in decoded.iter().enumerate() {
+            if !eligible[j] {
+                continue;
+            }
+            losses[j] = match &prepared {
+                Err(e) => Err(e.clone()),
+                Ok(()) => match dense_of(tensors) {
+                    Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d).await,
+                    Err(e) => Err(e.to_string()),
+                },
+            };
         }
-        losses[j] = match &prepared {
-            Err(e) => Err(e.clone()),
-            Ok(()) => match dense_of(tensors) {
-                Ok(d) => evaluator.evaluate(reg, w, &shards[j].peer, &d).await,
-                Err(e) => Err(e.to_string()),
-            },
-        };
     }
     drop(decoded);
     let gain = |j: usize| {
@@ -555,6 +557,8 @@ pub async fn validate_window(
     for (j, (s, l)) in shards.iter().zip(&verdicts.rows).enumerate() {
         let score = if !eligible[j] {
             Some(0.0)
+        } else if evaluator.is_none() {
+            agree[j].map(|a| a.max(0.0))
         } else {
             match &losses[j] {
                 Ok(_) => gain(j).map(|g| if best > 0.0 { g.max(0.0) / best } else { 0.0 }),
@@ -565,7 +569,7 @@ pub async fn validate_window(
         let rating = score.map_or(before, |s| (1.0 - opts.alpha) * before + opts.alpha * s);
         let (lb, la, err) = match &losses[j] {
             Ok(x) => (Some(x.loss_before), Some(x.loss_after), None),
-            Err(e) if eligible[j] => (None, None, Some(e.clone())),
+            Err(e) if eligible[j] && evaluator.is_some() => (None, None, Some(e.clone())),
             Err(_) => (None, None, None),
         };
         let c = &copies[j];
@@ -608,7 +612,8 @@ pub async fn validate_window(
             }
         }
     }
-    publish_scores(reg, id, &target, w, evaluator.name(), rows).await
+    let name = evaluator.map_or("none (score = agreement)".to_string(), |e| e.name());
+    publish_scores(reg, id, &target, w, name, rows).await
 }
 
 async fn publish_scores(

@@ -7,6 +7,7 @@ mod grad;
 mod keys;
 mod object;
 mod round;
+mod validate;
 
 use clap::Subcommand;
 use shardrop::store::S3Options;
@@ -41,6 +42,11 @@ pub enum Command {
     Aggregate(round::AggregateArgs),
     /// Catch up: replay aggregates onto a base model.
     Apply(round::ApplyArgs),
+    /// Score every miner of a window; publish the score table and signed weights.
+    Validate(validate::ValidateArgs),
+    /// Read a validator's published scores.
+    #[command(subcommand)]
+    Scores(validate::ScoresCommand),
     /// Benchmarks with baselines measured side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,6 +66,8 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Publish(a) => round::publish_cmd(ctx, a).await,
         Command::Aggregate(a) => round::aggregate_cmd(ctx, a).await,
         Command::Apply(a) => round::apply_cmd(ctx, a).await,
+        Command::Validate(a) => validate::validate_cmd(ctx, a).await,
+        Command::Scores(c) => validate::scores_cmd(ctx, c).await,
         Command::Bench(c) => bench::run(ctx, c).await,
         Command::Demo(a) => demo::demo(ctx, a).await,
     }

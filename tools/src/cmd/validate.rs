@@ -1,0 +1,334 @@
+//! The validator's commands: `validate` and `scores show|history`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use shardrop::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
+use shardrop::exchange::clock;
+use shardrop::identity::PeerId;
+use shardrop::refmodel::LinearTask;
+use shardrop::registry::{Participant, Registry, Role};
+use shardrop::score::{ValidateOptions, read_scored_window, scored_windows, validate_window};
+use shardrop::tables::ScoreRow;
+use shardrop::window::store_now_ms;
+
+use super::{Ctx, keys};
+use crate::out;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvaluatorKind {
+    /// `command` when --eval-cmd is given, `reference` when the run's model is the reference
+    /// model, else `none`.
+    Auto,
+    /// The built-in reference task (the demo's model).
+    Reference,
+    /// --eval-cmd, once per miner.
+    Command,
+    /// No loss measurement: the score is the agreement.
+    None,
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    #[arg(long)]
+    registry: String,
+    /// The validator's key.
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, conflicts_with_all = ["once", "follow"])]
+    window: Option<u64>,
+    /// The newest closed window (for cron).
+    #[arg(long, conflicts_with = "follow")]
+    once: bool,
+    /// Every window, forever.
+    #[arg(long)]
+    follow: bool,
+    /// Miners fetched at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    evaluator: EvaluatorKind,
+    /// Run as `sh -c 'CMD "$@"' shardrop-eval --update FILE --window W --peer P --run R`;
+    /// the last line of its output must be {"loss_before": X, "loss_after": Y}.
+    #[arg(long)]
+    eval_cmd: Option<String>,
+    #[arg(long, default_value_t = 120)]
+    eval_timeout_secs: u64,
+    /// Seed of the reference task (the demo's by default).
+    #[arg(long, default_value_t = shardrop::refmodel::DEFAULT_SEED)]
+    reference_seed: u64,
+    /// Rating update weight: rating ← (1 − α)·rating + α·score.
+    #[arg(long, default_value_t = 0.25)]
+    alpha: f64,
+    /// Past aggregates each miner is compared with for copying.
+    #[arg(long, default_value_t = 2)]
+    copy_lookback: u64,
+}
+
+#[derive(Subcommand)]
+pub enum ScoresCommand {
+    /// Print a validator's verified score table for a window (or the last N).
+    Show(ShowArgs),
+    /// One miner across windows.
+    History(HistoryArgs),
+}
+
+#[derive(Args)]
+pub struct Which {
+    /// The run's registry URL.
+    registry: String,
+    /// The validator (peer id) when the run has several.
+    #[arg(long)]
+    validator: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    which: Which,
+    #[arg(long, conflicts_with = "last")]
+    window: Option<u64>,
+    /// The last N scored windows (default 1).
+    #[arg(long)]
+    last: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    which: Which,
+    /// The miner's peer id.
+    #[arg(long)]
+    peer: String,
+    /// Only the last N scored windows.
+    #[arg(long)]
+    last: Option<usize>,
+}
+
+fn evaluator(a: &ValidateArgs, reg: &Registry) -> anyhow::Result<Option<Box<dyn Evaluator>>> {
+    let task = || LinearTask::new(a.reference_seed, 128, 32);
+    let kind = match a.evaluator {
+        EvaluatorKind::Auto if a.eval_cmd.is_some() => EvaluatorKind::Command,
+        EvaluatorKind::Auto if task().matches(&reg.model) => EvaluatorKind::Reference,
+        EvaluatorKind::Auto => EvaluatorKind::None,
+        k => k,
+    };
+    Ok(match kind {
+        EvaluatorKind::Reference => {
+            if !task().matches(&reg.model) {
+                bail!(
+                    "--evaluator reference: run {} does not train the reference model; use --eval-cmd",
+                    reg.run
+                );
+            }
+            Some(Box::new(ReferenceEvaluator::new(
+                task(),
+                Duration::from_secs(reg.window_secs.max(5)),
+            )))
+        }
+        EvaluatorKind::Command => {
+            let cmd = a
+                .eval_cmd
+                .as_deref()
+                .context("--evaluator command needs --eval-cmd")?;
+            Some(Box::new(CommandEvaluator::new(
+                cmd,
+                Duration::from_secs(a.eval_timeout_secs),
+            )?))
+        }
+        _ => None,
+    })
+}
+
+fn short(peer: &str) -> String {
+    peer.chars().take(10).collect()
+}
+
+fn opt(x: Option<f64>, prec: usize) -> String {
+    x.map_or("-".into(), |v| format!("{v:.prec$}"))
+}
+
+/// The readable table (also used by the demo).
+pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
+    let mut t = format!(
+        "{}{:<10} {:<22} {:>7} {:>6} {:<12} {:>6} {:>10} {:>5} {:>6} {:>6}\n",
+        if with_window { "window " } else { "" },
+        "peer",
+        "verdict",
+        "early s",
+        "agree",
+        "nearest",
+        "sim",
+        "useful",
+        "score",
+        "rating",
+        "weight"
+    );
+    for r in rows {
+        let verdict = match (r.verdict.as_str(), r.reason.as_str(), r.copier) {
+            (_, _, true) if r.verdict == "accepted" => "copier".to_string(),
+            (v, "", _) => v.to_string(),
+            (v, reason, _) => format!("{v}:{reason}"),
+        };
+        t += &format!(
+            "{}{:<10} {:<22} {:>7} {:>6} {:<12} {:>6} {:>10} {:>5} {:>6.3} {:>6.3}{}\n",
+            if with_window {
+                format!("{:>6} ", r.window)
+            } else {
+                String::new()
+            },
+            short(&r.peer),
+            verdict,
+            opt(r.secs_before_deadline, 1),
+            opt(r.agreement, 2),
+            r.nearest
+                .as_deref()
+                .map_or("-".into(), |n| if n.starts_with("agg:") {
+                    n.to_string()
+                } else {
+                    short(n)
+                }),
+            opt(r.similarity, 2),
+            r.usefulness.map_or("-".into(), |u| format!("{u:.3e}")),
+            opt(r.score, 2),
+            r.rating,
+            r.weight,
+            r.eval_error
+                .as_deref()
+                .map_or(String::new(), |e| format!("  (evaluator: {e})"))
+        );
+    }
+    t
+}
+
+pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let me = id.peer_id();
+    let entry = reg
+        .participant(&me, Role::Validator)
+        .with_context(|| format!("{me} is not a validator of run {}", reg.run))?;
+    let target = reg.open_store(entry, &ctx.s3)?;
+    let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+    let mut w = match (a.window, a.once || a.follow) {
+        (Some(w), _) => w,
+        (None, true) => clock(&reg)
+            .newest_closed(now)
+            .context("no window has closed yet")?,
+        (None, false) => bail!("give --window W, --once or --follow"),
+    };
+    let mut ev = evaluator(&a, &reg)?;
+    let opts = ValidateOptions {
+        concurrency: a.concurrency,
+        alpha: a.alpha,
+        copy_lookback: a.copy_lookback,
+        ..ValidateOptions::default()
+    };
+    loop {
+        let v = validate_window(
+            &reg,
+            &id,
+            &ctx.s3,
+            w,
+            ev.as_mut().map(|e| e.as_mut() as &mut dyn Evaluator),
+            &opts,
+        )
+        .await?;
+        let text = format!(
+            "window {} scored by {} -> {}{}\n{}",
+            v.window,
+            v.evaluator,
+            v.scores,
+            if v.already_published {
+                " (already published, identical)"
+            } else {
+                ""
+            },
+            format_rows(&v.rows, false)
+        );
+        out::emit(ctx, &serde_json::to_value(&v)?, &text);
+        if !a.follow {
+            return Ok(());
+        }
+        w += 1;
+    }
+}
+
+async fn pick_validator(ctx: &Ctx, which: &Which) -> anyhow::Result<(Registry, Participant)> {
+    let (reg, _) = Registry::load(&which.registry, &ctx.s3, None).await?;
+    let validators = reg.with_role(Role::Validator);
+    let v = match &which.validator {
+        Some(p) => {
+            let p = PeerId::parse(p)?;
+            reg.participant(&p, Role::Validator)
+                .with_context(|| format!("{p} is not a validator of run {}", reg.run))?
+        }
+        None => match validators.as_slice() {
+            [one] => one,
+            [] => bail!("run {} has no validator", reg.run),
+            _ => bail!(
+                "run {} has {} validators; pick one with --validator",
+                reg.run,
+                validators.len()
+            ),
+        },
+    };
+    let v = v.clone();
+    Ok((reg, v))
+}
+
+pub async fn scores_cmd(ctx: &Ctx, c: ScoresCommand) -> anyhow::Result<()> {
+    match c {
+        ScoresCommand::Show(a) => {
+            let (reg, v) = pick_validator(ctx, &a.which).await?;
+            let windows = match a.window {
+                Some(w) => vec![w],
+                None => {
+                    let all = scored_windows(&reg, &v, &ctx.s3).await?;
+                    let n = a.last.unwrap_or(1);
+                    all[all.len().saturating_sub(n)..].to_vec()
+                }
+            };
+            if windows.is_empty() {
+                bail!(
+                    "validator {} has not scored any window of run {}",
+                    v.peer,
+                    reg.run
+                );
+            }
+            let mut json = Vec::new();
+            let mut text = String::new();
+            for w in windows {
+                let (rows, body) = read_scored_window(&reg, &v, &ctx.s3, w).await?;
+                text += &format!(
+                    "window {w} (verified: signed weights bind the table), evaluator {}\n{}\n",
+                    body["evaluator"].as_str().unwrap_or("?"),
+                    format_rows(&rows, false)
+                );
+                json.push(
+                    serde_json::json!({"window": w, "evaluator": body["evaluator"], "rows": rows}),
+                );
+            }
+            out::emit(ctx, &serde_json::Value::Array(json), text.trim_end());
+        }
+        ScoresCommand::History(a) => {
+            let (reg, v) = pick_validator(ctx, &a.which).await?;
+            let peer = PeerId::parse(&a.peer)?.to_string();
+            let all = scored_windows(&reg, &v, &ctx.s3).await?;
+            let n = a.last.unwrap_or(all.len());
+            let mut rows = Vec::new();
+            for w in &all[all.len().saturating_sub(n)..] {
+                let (r, _) = read_scored_window(&reg, &v, &ctx.s3, *w).await?;
+                rows.extend(r.into_iter().filter(|r| r.peer == peer));
+            }
+            if rows.is_empty() {
+                bail!("{peer} has no row in validator {}'s tables", v.peer);
+            }
+            let text = format!("{peer}\n{}", format_rows(&rows, true));
+            out::emit(ctx, &serde_json::to_value(&rows)?, text.trim_end());
+        }
+    }
+    Ok(())
+}
