@@ -21,7 +21,7 @@ use crate::refmodel::{LinearTask, TENSOR};
 use crate::registry::Registry;
 use crate::store::S3Options;
 
-/// Loss on the evaluation batch with θ_w, and with θ_w − outer_lr · update.
+/// Loss on the evaluation batch with θ_w, and with θ_w − scale · update.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Losses {
     pub loss_before: f64,
@@ -38,12 +38,16 @@ pub trait Evaluator: Send {
     /// of windows `..w`). An error here is recorded for every miner of the window.
     async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), String>;
 
+    /// `scale` is the step this update contributes to the aggregate: `outer_lr / n` for `n`
+    /// eligible miners. A whole step of one miner's noisy update overshoots where the mean of
+    /// `n` does not, so the marginal step is what says whether the update helps.
     async fn evaluate(
         &mut self,
         reg: &Registry,
         w: u64,
         peer: &str,
         update: &Dense,
+        scale: f32,
     ) -> Result<Losses, String>;
 }
 
@@ -130,10 +134,11 @@ impl Evaluator for ReferenceEvaluator {
 
     async fn evaluate(
         &mut self,
-        reg: &Registry,
+        _reg: &Registry,
         w: u64,
         _peer: &str,
         update: &Dense,
+        scale: f32,
     ) -> Result<Losses, String> {
         let (_, u) = update
             .get(TENSOR)
@@ -146,12 +151,12 @@ impl Evaluator for ReferenceEvaluator {
             ));
         }
         let batch = self.task.eval_batch(w);
-        // The same arithmetic as applying an aggregate: θ − (lr · u), two roundings.
+        // The same arithmetic as applying an aggregate: θ − (scale · u), two roundings.
         let after: Vec<f32> = self
             .theta
             .iter()
             .zip(u)
-            .map(|(t, v)| t - reg.outer_lr * v)
+            .map(|(t, v)| t - scale * v)
             .collect();
         Ok(Losses {
             loss_before: self.task.loss(&self.theta, &batch),
@@ -160,8 +165,8 @@ impl Evaluator for ReferenceEvaluator {
     }
 }
 
-/// Runs `sh -c 'CMD "$@"' shardrop-eval --update FILE --window W --peer PEER --run RUN` once
-/// per miner (documented in `schemas/scores.md`).
+/// Runs `sh -c 'CMD "$@"' shardrop-eval --update FILE --window W --peer PEER --run RUN
+/// --scale S` once per miner (documented in `schemas/scores.md`).
 pub struct CommandEvaluator {
     cmd: String,
     timeout: Duration,
@@ -222,6 +227,7 @@ impl Evaluator for CommandEvaluator {
         w: u64,
         peer: &str,
         update: &Dense,
+        scale: f32,
     ) -> Result<Losses, String> {
         let file = self
             .dir
@@ -243,6 +249,8 @@ impl Evaluator for CommandEvaluator {
                 peer,
                 "--run",
                 &reg.run,
+                "--scale",
+                &scale.to_string(),
             ])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())

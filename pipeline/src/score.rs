@@ -527,6 +527,8 @@ pub async fn validate_window(
         vec![Err(String::new()); shards.len()];
     if let Some(ev) = evaluator.as_deref_mut() {
         let prepared = ev.prepare(reg, s3, w).await;
+        let n = eligible.iter().filter(|e| **e).count().max(1);
+        let scale = reg.outer_lr / n as f32;
         for (j, (_, tensors)) in decoded.iter().enumerate() {
             if !eligible[j] {
                 continue;
@@ -534,7 +536,7 @@ pub async fn validate_window(
             losses[j] = match &prepared {
                 Err(e) => Err(e.clone()),
                 Ok(()) => match dense_of(tensors) {
-                    Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d).await,
+                    Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d, scale).await,
                     Err(e) => Err(e.to_string()),
                 },
             };

@@ -310,7 +310,60 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let reg = j["registry"].as_str().unwrap();
     let show = shardrop(&["run", "show", "--registry", reg, "--json"]);
     assert!(show.status.success(), "{}", stderr(&show));
-    assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 5);
+    assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 6);
+    // The validator's tables, read back and verified from the CLI.
+    for w in windows {
+        let weights = w["weights"].as_object().unwrap();
+        assert_eq!(weights["copier"], 0.0);
+        let total: f64 = weights.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{weights:?}");
+    }
+    let shown = shardrop(&["scores", "show", reg, "--last", "2", "--json"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let shown = json(&shown);
+    assert_eq!(shown.as_array().unwrap().len(), 2);
+    assert_eq!(shown[1]["window"], 2);
+    let rows = shown[1]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let copier = j["copier"]["peer"].as_str().unwrap();
+    let c = rows.iter().find(|r| r["peer"] == copier).unwrap();
+    assert_eq!(
+        (c["copier"].as_bool(), c["weight"].as_f64()),
+        (Some(true), Some(0.0))
+    );
+    let text = shardrop(&["scores", "show", reg, "--window", "0"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("rejected:duplicate"));
+    let honest = rows.iter().find(|r| r["peer"] != copier).unwrap()["peer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hist = shardrop(&["scores", "history", reg, "--peer", &honest, "--json"]);
+    assert!(hist.status.success(), "{}", stderr(&hist));
+    let hist = json(&hist);
+    let ratings: Vec<f64> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rating"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ratings.len(), 3);
+    assert!(ratings.windows(2).all(|p| p[1] > p[0]), "{ratings:?}");
+    // Rerunning the validator on a scored window gives the same table.
+    let vkey = dir.join("keys/validator.key");
+    let again = shardrop(&[
+        "validate",
+        "--registry",
+        reg,
+        "--key",
+        vkey.to_str().unwrap(),
+        "--window",
+        "1",
+        "--json",
+    ]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(json(&again)["already_published"], true);
+    assert_eq!(json(&again)["rows"], shown[0]["rows"]);
     // The split merge from the CLI: two workers and a commit reproduce window 0's aggregate
     // byte for byte (the commit's create-only put finds the demo's identical object).
     let key = dir.join("keys/aggregator.key");

@@ -15,15 +15,16 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
 use shardrop::codec::{CodecParams, EfState, IndexEncoding, ScaleMode, ValueFormat};
 use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
+use shardrop::evaluate::{Evaluator, ReferenceEvaluator};
 use shardrop::exchange::{publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
+use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::registry::{Participant, Registry, Role};
+use shardrop::score::{ValidateOptions, validate_window};
 use shardrop::store::{self, Target, put_create};
 use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
@@ -48,75 +49,6 @@ pub struct DemoArgs {
     /// Window length in seconds.
     #[arg(long, default_value_t = 2)]
     window_secs: u64,
-}
-
-const D_IN: usize = 128;
-const D_OUT: usize = 32;
-
-/// xorshift + Box–Muller-free bell curve: deterministic, dependency-free data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        let u = |s: u64| ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
-        (u(self.0) + u(self.0.rotate_left(21)) + u(self.0.rotate_left(42))) * 2.0
-    }
-}
-
-fn true_map() -> Vec<f32> {
-    let mut r = Rng(0xA11CE);
-    (0..D_IN * D_OUT).map(|_| r.next()).collect()
-}
-
-fn sample(r: &mut Rng, a: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let x: Vec<f32> = (0..D_IN).map(|_| r.next()).collect();
-    let y = (0..D_OUT)
-        .map(|o| (0..D_IN).map(|i| a[o * D_IN + i] * x[i]).sum::<f32>() + 0.01 * r.next())
-        .collect();
-    (x, y)
-}
-
-fn loss(w: &[f32], batch: &[(Vec<f32>, Vec<f32>)]) -> f64 {
-    let mut s = 0f64;
-    for (x, y) in batch {
-        for o in 0..D_OUT {
-            let p: f32 = (0..D_IN).map(|i| w[o * D_IN + i] * x[i]).sum();
-            s += ((p - y[o]) as f64).powi(2);
-        }
-    }
-    s / batch.len() as f64
-}
-
-/// `steps` SGD steps of mean squared error on this miner's data for this window.
-fn train(w: &mut [f32], miner: usize, window: u64, a: &[f32], steps: usize) {
-    let mut r = Rng(0x5EED ^ ((miner as u64 + 1) << 32) ^ (window + 1));
-    let lr = 0.02f32;
-    for _ in 0..steps {
-        let batch: Vec<_> = (0..8).map(|_| sample(&mut r, a)).collect();
-        let mut g = vec![0f32; w.len()];
-        for (x, y) in &batch {
-            for o in 0..D_OUT {
-                let p: f32 = (0..D_IN).map(|i| w[o * D_IN + i] * x[i]).sum();
-                let e = 2.0 * (p - y[o]) / batch.len() as f32;
-                for i in 0..D_IN {
-                    g[o * D_IN + i] += e * x[i];
-                }
-            }
-        }
-        for (wi, gi) in w.iter_mut().zip(&g) {
-            *wi -= lr * gi;
-        }
-    }
-}
-
-fn as_safetensors(name: &str, w: &[f32]) -> anyhow::Result<Vec<u8>> {
-    let raw: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
-    Ok(safetensors::serialize(
-        vec![(name, TensorView::new(Dtype::F32, vec![D_OUT, D_IN], &raw)?)],
-        None,
-    )?)
 }
 
 fn load_or_make(path: &std::path::Path) -> anyhow::Result<Identity> {
@@ -182,6 +114,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let key = |name: &str| load_or_make(&keys_dir.join(format!("{name}.key")));
     let operator = key("operator")?;
     let aggregator = key("aggregator")?;
+    let validator = key("validator")?;
     let miners: Vec<Identity> = (0..=a.miners)
         .map(|i| key(&format!("miner-{i}")))
         .collect::<Result<_, _>>()?;
@@ -189,9 +122,8 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let now = store_now_ms(&root, "clock/demo").await?;
     let run = format!("demo-{now}");
-    let a_true = true_map();
-    let theta0 = vec![0f32; D_IN * D_OUT];
-    let model = shardrop::codec::model_of(&as_safetensors("linear.weight", &theta0)?)?;
+    let task = LinearTask::standard();
+    let model = task.model_spec();
     let mut reg = Registry::new(
         &run,
         &operator.peer_id(),
@@ -213,6 +145,11 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         &aggregator.peer_id(),
         area("aggregator").url(),
     ));
+    reg.participants.push(Participant::new(
+        Role::Validator,
+        &validator.peer_id(),
+        area("validator").url(),
+    ));
     for (i, m) in miners.iter().enumerate() {
         reg.participants.push(Participant::new(
             Role::Miner,
@@ -223,17 +160,39 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let reg_url = reg.create(&area("operator"), &operator).await?;
     let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(operator.peer_id())).await?;
 
-    let mut eval_rng = Rng(0xE7A1);
-    let held_out: Vec<_> = (0..256).map(|_| sample(&mut eval_rng, &a_true)).collect();
-    let mut theta = theta0.clone();
+    let held_out = task.held_out();
+    let mut theta = task.init();
     let mut states: Vec<EfState> = (0..a.miners).map(|_| EfState::default()).collect();
-    let first_loss = loss(&theta, &held_out);
-    let mut table = format!(
-        "run {run}: {} miners + 1 copier, {} windows of {} s, store {}\n\n{:>6} {:>12} {:>10} {:>7} {:>8} {:>9}  {}\n{:>6} {:>12.4}\n",
+    let first_loss = task.loss(&theta, &held_out);
+    let mut evaluator = ReferenceEvaluator::new(task.clone(), std::time::Duration::from_secs(10));
+    let names: BTreeMap<String, String> = miners
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let n = if i == copier_ix {
+                "copier".to_string()
+            } else {
+                format!("miner-{i}")
+            };
+            (m.peer_id().to_string(), n)
+        })
+        .collect();
+    let say = |text: &str| {
+        if !ctx.json {
+            use std::io::Write;
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        }
+    };
+    say(&format!(
+        "run {run}: {} miners + 1 copier, {} windows of {} s, store {}\n\n",
         a.miners,
         a.windows,
         a.window_secs,
-        root.url(),
+        root.url()
+    ));
+    let mut table = format!(
+        "{:>6} {:>12} {:>10} {:>7} {:>8} {:>9}  {}\n{:>6} {:>12.4}\n",
         "window",
         "eval loss",
         "bytes",
@@ -251,15 +210,13 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         let mut bytes = 0u64;
         let mut dense = 0u64;
         for i in 0..a.miners {
-            let mut local = theta.clone();
-            train(&mut local, i, w, &a_true, 20);
-            let delta: Vec<f32> = theta.iter().zip(&local).map(|(s, e)| s - e).collect();
+            let delta = task.pseudo_gradient(&theta, i as u64, w, 20);
             let p = publish(
                 &reg,
                 &miners[i],
                 &ctx.s3,
                 Some(w),
-                &as_safetensors("linear.weight", &delta)?,
+                &task.to_safetensors(&delta)?,
                 &mut states[i],
             )
             .await?;
@@ -287,16 +244,30 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         let copier_row = ledger
             .iter()
             .find(|r| r.peer == miners[copier_ix].peer_id().to_string());
-        if copier_row.is_some_and(|r| r.reason == "duplicate") {
+        let scored = validate_window(
+            &reg,
+            &validator,
+            &ctx.s3,
+            w,
+            Some(&mut evaluator as &mut dyn Evaluator),
+            &ValidateOptions::default(),
+        )
+        .await?;
+        let copier_score = scored
+            .rows
+            .iter()
+            .find(|r| r.peer == miners[copier_ix].peer_id().to_string());
+        if copier_row.is_some_and(|r| r.reason == "duplicate")
+            && copier_score.is_some_and(|r| r.copier && r.weight == 0.0)
+        {
             copier_caught += 1;
         }
         // Everyone applies the signed aggregate (catch-up of one window).
-        let mut t: BTreeMap<String, Vec<f32>> =
-            [("linear.weight".to_string(), theta.clone())].into();
+        let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), theta.clone())].into();
         apply_aggregates(&reg, &ctx.s3, &mut t, w, w).await?;
-        theta = t.remove("linear.weight").context("model tensor")?;
-        let l = loss(&theta, &held_out);
-        table += &format!(
+        theta = t.remove(TENSOR).context("model tensor")?;
+        let l = task.loss(&theta, &held_out);
+        let line = format!(
             "{:>6} {:>12.4} {:>10} {:>6.1}x {:>8} {:>9}  {:?}\n",
             w,
             l,
@@ -306,15 +277,39 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             agg.rejected,
             agg.reasons
         );
+        table += &line;
+        let weights: BTreeMap<&str, f64> = scored
+            .rows
+            .iter()
+            .map(|r| (names.get(&r.peer).map_or("?", |n| n.as_str()), r.weight))
+            .collect();
+        // The live view: the window's line, then its scores as the validator published them.
+        let mut rows = scored.rows.clone();
+        for r in &mut rows {
+            r.peer = names.get(&r.peer).cloned().unwrap_or_default();
+            if let Some(n) = r.nearest.as_ref().and_then(|n| names.get(n)) {
+                r.nearest = Some(n.clone());
+            }
+        }
+        say(&format!(
+            "window {w}: eval loss {l:.4}, {bytes} bytes published ({:.1}x smaller), {} accepted, {} rejected {:?}\nvalidator ({}):\n{}\n",
+            dense as f64 / bytes as f64,
+            agg.accepted,
+            agg.rejected,
+            agg.reasons,
+            scored.evaluator,
+            super::validate::format_rows(&rows, false)
+        ));
         windows.push(serde_json::json!({
             "window": w, "loss": l, "bytes": bytes, "dense_bytes": dense, "accepted": agg.accepted,
             "rejected": agg.rejected, "reasons": agg.reasons, "aggregate": agg.object,
+            "scores": scored.scores, "weights": weights,
         }));
     }
-    let final_loss = loss(&theta, &held_out);
+    let final_loss = task.loss(&theta, &held_out);
     let learned = final_loss < first_loss * 0.5;
     table += &format!(
-        "\nheld-out loss {first_loss:.4} -> {final_loss:.4} ({}); copier caught as duplicate in {copier_caught} of {} windows; {:.1} s\nkeys in {}, registry {reg_url}\n",
+        "\nheld-out loss {first_loss:.4} -> {final_loss:.4} ({}); copier caught (ledger: duplicate; validator: copier, weight 0) in {copier_caught} of {} windows; {:.1} s\nkeys in {}, registry {reg_url}\n",
         if learned { "learned" } else { "DID NOT LEARN" },
         a.windows,
         started.elapsed().as_secs_f64(),
