@@ -77,7 +77,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     let [operator, aggregator, validator, validator_b] =
         std::array::from_fn(|_| Identity::generate());
     let honest: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
-    let [copier, noise, absent] = std::array::from_fn(|_| Identity::generate());
+    let [copier, noise, absent, unreachable] = std::array::from_fn(|_| Identity::generate());
     let area = |name: &str| root.join(name);
     let mut reg = Registry::new(
         "validate-test",
@@ -126,6 +126,14 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
             area(name).url(),
         ));
     }
+    // A miner whose bucket cannot be reached: a store failure, recorded, not fatal.
+    let mut dead = Participant::new(Role::Miner, &unreachable.peer_id(), area("dead").url());
+    dead.credentials = shardrop::registry::Credentials::EnvPrefix {
+        prefix: "SHARDROP_DEAD_".into(),
+    };
+    reg.participants.push(dead);
+    // Only this test binary reads this variable.
+    unsafe { std::env::set_var("SHARDROP_DEAD_AWS_ENDPOINT_URL", "http://127.0.0.1:9") };
     let reg_url = reg.create(&area("op"), &operator).await.unwrap();
     let (reg, _) = Registry::load(&reg_url, &s3, Some(operator.peer_id()))
         .await
@@ -263,6 +271,12 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         assert!(nz.usefulness.unwrap() < 0.0, "{nz:?}");
         assert_eq!((nz.score, nz.weight), (Some(0.0), 0.0), "{nz:?}");
         assert!(nz.agreement.unwrap() < row(rows, &honest[2]).agreement.unwrap());
+        let d = row(rows, &unreachable);
+        assert_eq!(
+            (d.verdict.as_str(), d.reason.as_str()),
+            ("error", "store_error")
+        );
+        assert_eq!((d.score, d.weight), (Some(0.0), 0.0));
         let a = row(rows, &absent);
         assert!(
             !a.present && a.verdict == "missing" && a.weight == 0.0,
@@ -318,7 +332,19 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     );
     let (rows, body) = read_scored_window(&reg, val_entry, &s3, 2).await.unwrap();
     assert_eq!(rows, v.rows);
-    assert_eq!(body["weights"].as_array().unwrap().len(), miners.len());
+    assert_eq!(
+        body["weights"].as_array().unwrap().len(),
+        rows.len(),
+        "{body}"
+    );
+    assert_eq!(
+        rows.len(),
+        miners.len() + 1,
+        "{:?}",
+        rows.iter()
+            .map(|r| (&r.peer, &r.verdict))
+            .collect::<Vec<_>>()
+    );
     // A tampered table no longer matches the signed hash.
     let val = area("val");
     let path = val.path(&layout::scores(&reg.run, 1));
@@ -365,7 +391,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
             .map(|f| f.name().clone())
             .collect();
         assert_eq!(report[0]["columns"], serde_json::json!(names));
-        assert_eq!(report[0]["rows"], miners.len());
+        assert_eq!(report[0]["rows"], miners.len() + 1);
         let py_total: f64 = report[0]["data"]
             .as_array()
             .unwrap()
@@ -373,7 +399,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
             .map(|r| r["weight"].as_f64().unwrap())
             .sum();
         assert!((py_total - 1.0).abs() < 1e-9);
-        assert_eq!(report[1]["rows"], miners.len());
+        assert_eq!(report[1]["rows"], miners.len() + 1);
         assert!(
             report[1]["columns"]
                 .as_array()
