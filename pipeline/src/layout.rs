@@ -55,8 +55,19 @@ pub fn ckpt_manifest(run: &str, step: u64) -> String {
     format!("runs/{run}/ckpt/{step:012}/manifest")
 }
 
-pub fn ckpt_shard(run: &str, step: u64, index: u32) -> String {
-    format!("runs/{run}/ckpt/{step:012}/{index:05}.safetensors")
+/// A shard or the HF index of checkpoint `step`, by its file name in the manifest.
+pub fn ckpt_object(run: &str, step: u64, file: &str) -> String {
+    format!("runs/{run}/ckpt/{step:012}/{file}")
+}
+
+/// A small file of the model folder (config, tokenizer…) that travels with checkpoint `step`.
+pub fn ckpt_file(run: &str, step: u64, name: &str) -> String {
+    format!("runs/{run}/ckpt/{step:012}/files/{name}")
+}
+
+/// The checkpoint folder of all runs' checkpoints (listed by `ckpt ls` and `gc`).
+pub fn ckpt_root(run: &str) -> String {
+    format!("runs/{run}/ckpt/")
 }
 
 pub fn ckpt_latest(run: &str) -> String {

@@ -6,6 +6,7 @@
 //! the roles.
 
 pub mod aggregate;
+pub mod checkpoint;
 pub mod codec;
 pub mod envelope;
 pub mod evaluate;

@@ -1,0 +1,220 @@
+//! Sharded checkpoints in buckets (DESIGN §6; normative format: `schemas/checkpoint.md`).
+//!
+//! A checkpoint is plain safetensors shards, the small files of a Hugging Face model folder,
+//! an HF `model.safetensors.index.json`, and a signed manifest written last (the commit
+//! point): every shard's size, blake3 and the blake3 of each of its 16 MiB chunks, every
+//! tensor's dtype, shape, shard, byte range and blake3. Chunk hashes let a pull verify each
+//! parallel ranged GET as it lands and resume inside a shard; tensor hashes let a partial
+//! pull verify exactly the tensors it fetched.
+//!
+//! - [`push`]: pack, hash, upload (parallel multipart, create-only: a rerun skips shards
+//!   already there with the same bytes), manifest, then `LATEST` by compare-and-swap.
+//! - [`pull`]: verify the manifest, fetch and verify, write only inside the target folder.
+//! - [`admin`]: list, full remote verification, retention.
+
+pub mod admin;
+mod packing;
+pub mod pull;
+pub mod push;
+
+use std::collections::HashSet;
+
+use crate::envelope::EnvelopeError;
+use crate::store::StoreError;
+
+pub const MANIFEST_FORMAT: &str = "shardrop-ckpt-v1";
+pub const MANIFEST_CODEC: &str = "ckpt-v1";
+pub const POINTER_CODEC: &str = "latest-v1";
+/// Chunk size for shard hashes and ranged GETs.
+pub const CHUNK: u64 = 16 << 20;
+/// The HF index file name.
+pub const HF_INDEX: &str = "model.safetensors.index.json";
+/// The verified manifest as a pull writes it next to the model (for `apply --from DIR`).
+pub const LOCAL_MANIFEST: &str = "shardrop-manifest.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CkptError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// Verification failures, one per bad object (a full verify reports them all).
+    #[error("{}", .0.join("; "))]
+    Bad(Vec<String>),
+}
+
+pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> CkptError {
+    CkptError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub size: u64,
+    pub blake3: String,
+    /// blake3 of each `chunk_bytes` piece of the file, in order.
+    pub chunks: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    /// safetensors dtype name (`F32`, `BF16`, …).
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    pub shard: usize,
+    /// Absolute byte range inside the shard file.
+    pub begin: u64,
+    pub end: u64,
+    pub blake3: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// The signed description of one checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub run: String,
+    pub step: u64,
+    /// The last window whose aggregate is in these parameters (catch-up starts after it).
+    pub window: Option<u64>,
+    /// The previous checkpoint's step, if any.
+    pub parent: Option<u64>,
+    pub chunk_bytes: u64,
+    pub shards: Vec<ShardEntry>,
+    pub tensors: Vec<TensorEntry>,
+    pub files: Vec<FileEntry>,
+}
+
+/// Bytes per element of a safetensors dtype name.
+pub fn dtype_size(d: &str) -> Option<u64> {
+    Some(match d {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// A file name from a manifest that is safe to create inside the target folder: one plain
+/// component, no leading dot, no separators, no control characters.
+pub fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Manifest {
+    /// Everything a reader relies on before fetching a byte: names safe, every tensor inside
+    /// its shard with the size its dtype and shape say, no overlaps, chunk lists complete.
+    pub fn validate(&self) -> Result<(), CkptError> {
+        let bad = |m: String| Err(CkptError::Invalid(format!("manifest: {m}")));
+        if self.format != MANIFEST_FORMAT {
+            return bad(format!("format {:?}, expected {MANIFEST_FORMAT}", self.format));
+        }
+        if self.chunk_bytes == 0 || self.chunk_bytes > 1 << 30 {
+            return bad(format!("chunk_bytes {}", self.chunk_bytes));
+        }
+        let mut names = HashSet::new();
+        for f in self
+            .shards
+            .iter()
+            .map(|s| &s.file)
+            .chain(self.files.iter().map(|f| &f.file))
+        {
+            if !safe_name(f) || f == HF_INDEX || f == LOCAL_MANIFEST {
+                return bad(format!("file name {f:?} is not allowed"));
+            }
+            if !names.insert(f.as_str()) {
+                return bad(format!("file {f:?} listed twice"));
+            }
+        }
+        for s in &self.shards {
+            if !s.file.ends_with(".safetensors") {
+                return bad(format!("shard {:?} is not a .safetensors file", s.file));
+            }
+            if s.chunks.len() as u64 != s.size.div_ceil(self.chunk_bytes) {
+                return bad(format!("shard {}: {} chunk hashes for {} bytes", s.file, s.chunks.len(), s.size));
+            }
+        }
+        let mut tnames = HashSet::new();
+        let mut ranges: Vec<(usize, u64, u64)> = Vec::new();
+        for t in &self.tensors {
+            if !tnames.insert(t.name.as_str()) {
+                return bad(format!("tensor {:?} listed twice", t.name));
+            }
+            let Some(shard) = self.shards.get(t.shard) else {
+                return bad(format!("tensor {}: shard {} does not exist", t.name, t.shard));
+            };
+            let Some(es) = dtype_size(&t.dtype) else {
+                return bad(format!("tensor {}: unknown dtype {}", t.name, t.dtype));
+            };
+            let numel = t
+                .shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .and_then(|n| n.checked_mul(es));
+            if t.begin > t.end || t.end > shard.size || numel != Some(t.end - t.begin) {
+                return bad(format!(
+                    "tensor {}: bytes {}..{} do not fit shard {} ({} bytes) or its dtype and shape",
+                    t.name, t.begin, t.end, shard.file, shard.size
+                ));
+            }
+            ranges.push((t.shard, t.begin, t.end));
+        }
+        ranges.sort_unstable();
+        if ranges
+            .windows(2)
+            .any(|p| p[0].0 == p[1].0 && p[1].1 < p[0].2)
+        {
+            return bad("two tensors overlap".into());
+        }
+        Ok(())
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.size).sum::<u64>() + self.files.iter().map(|f| f.size).sum::<u64>()
+    }
+
+    /// The HF index for these tensors (`weight_map`: tensor → file), deterministic.
+    pub fn hf_index(&self, tensors: &[&TensorEntry], sizes: u64) -> Vec<u8> {
+        let map: std::collections::BTreeMap<&str, &str> = tensors
+            .iter()
+            .map(|t| (t.name.as_str(), self.shards[t.shard].file.as_str()))
+            .collect();
+        let v = serde_json::json!({"metadata": {"total_size": sizes, "format": "pt"}, "weight_map": map});
+        let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+}
+
+/// The pointer `LATEST` holds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Latest {
+    pub step: u64,
+    pub manifest: String,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,609 @@
+//! `ckpt pull`: verify the manifest, then fetch with parallel ranged GETs, verifying every
+//! piece before it is written, into a Hugging Face-loadable folder.
+//!
+//! Whole pulls fetch shards in `chunk_bytes` ranges, each checked against its chunk hash;
+//! a rerun re-hashes what a killed run left in `OUT/.shardrop-partial/` and fetches only the
+//! chunks that are missing or wrong. Partial pulls (`--tensors`, `--tp-*`) fetch only the
+//! selected tensors' byte ranges, each checked against its tensor hash, and write new
+//! shards holding just those. Finished files are recorded (name → blake3) in
+//! `OUT/.shardrop-pull.json`; a rerun skips them after re-hashing them locally. Nothing is
+//! ever written outside OUT, and no file appears under its final name until it is complete.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use object_store::{GetOptions, GetRange};
+
+use super::push::{read_latest, read_signed_json};
+use super::{CkptError, HF_INDEX, LOCAL_MANIFEST, Manifest, TensorEntry, dtype_size, io_err};
+use crate::envelope::{Expect, Kind};
+use crate::identity::PeerId;
+use crate::layout;
+use crate::registry::{Registry, Role};
+use crate::store::{self, S3Options, StoreError, Target};
+
+const PARTIAL: &str = ".shardrop-partial";
+const STATE: &str = ".shardrop-pull.json";
+
+/// Where a checkpoint lives and who must have signed it.
+#[derive(Clone)]
+pub struct Located {
+    pub target: Target,
+    pub run: String,
+    pub step: u64,
+    pub signer: PeerId,
+}
+
+fn aggregator(reg: &Registry, s3: &S3Options) -> Result<(Target, PeerId), CkptError> {
+    let a = reg
+        .with_role(Role::Aggregator)
+        .first()
+        .copied()
+        .ok_or_else(|| CkptError::Invalid(format!("run {} has no aggregator", reg.run)))?;
+    let peer = PeerId::parse(&a.peer).map_err(|e| CkptError::Invalid(e.to_string()))?;
+    Ok((reg.open_store(a, s3)?, peer))
+}
+
+/// `latest` (with a registry), or a manifest URL `…/runs/<run>/ckpt/<step>/manifest`, whose
+/// signer is the registry's aggregator or `signer`.
+pub async fn locate(
+    what: &str,
+    reg: Option<&Registry>,
+    signer: Option<PeerId>,
+    s3: &S3Options,
+) -> Result<Located, CkptError> {
+    if what == "latest" {
+        let reg = reg.ok_or_else(|| {
+            CkptError::Invalid("`latest` needs --registry (to find the checkpoint store)".into())
+        })?;
+        let (target, peer) = aggregator(reg, s3)?;
+        let (latest, _) = read_latest(&target, &reg.run, &peer).await?.ok_or_else(|| {
+            CkptError::Invalid(format!(
+                "{}: no LATEST checkpoint yet",
+                target.url_of(&target.path(&layout::ckpt_latest(&reg.run)))
+            ))
+        })?;
+        return Ok(Located {
+            target,
+            run: reg.run.clone(),
+            step: latest.step,
+            signer: peer,
+        });
+    }
+    let parts: Vec<&str> = what.trim_end_matches('/').rsplitn(6, '/').collect();
+    let (run, step) = match parts[..] {
+        ["manifest", step, "ckpt", run, "runs", base] if !base.is_empty() => {
+            let step: u64 = step
+                .parse()
+                .map_err(|_| CkptError::Invalid(format!("{what}: bad step {step:?}")))?;
+            (run.to_string(), step)
+        }
+        _ => {
+            return Err(CkptError::Invalid(format!(
+                "{what}: expected `latest` or a manifest URL ending in runs/<run>/ckpt/<step>/manifest"
+            )));
+        }
+    };
+    let base = &what[..what.len() - format!("runs/{run}/ckpt/{step:012}/manifest").len()];
+    let target = store::open(base.trim_end_matches('/'), s3)?;
+    let signer = match (reg, signer) {
+        (_, Some(p)) => p,
+        (Some(reg), None) => {
+            if reg.run != run {
+                return Err(CkptError::Invalid(format!(
+                    "{what} belongs to run {run}, the registry to run {}",
+                    reg.run
+                )));
+            }
+            aggregator(reg, s3)?.1
+        }
+        (None, None) => {
+            return Err(CkptError::Invalid(
+                "say who must have signed the manifest: --registry URL or --signer PEER".into(),
+            ));
+        }
+    };
+    Ok(Located {
+        target,
+        run,
+        step,
+        signer,
+    })
+}
+
+/// Fetches and verifies the manifest (signature, signer, run, step, structure).
+pub async fn fetch_manifest(loc: &Located) -> Result<(Manifest, Vec<u8>, String), CkptError> {
+    let expect = Expect {
+        signer: Some(loc.signer),
+        run: Some(loc.run.clone()),
+        kind: Some(Kind::Manifest),
+        window: None,
+        step: Some(loc.step),
+    };
+    let (env, body) =
+        read_signed_json(&loc.target, &layout::ckpt_manifest(&loc.run, loc.step), &expect).await?;
+    let m: Manifest = serde_json::from_slice(&body)
+        .map_err(|e| CkptError::Invalid(format!("{}: manifest is not valid JSON: {e}", env.object)))?;
+    if m.run != loc.run || m.step != loc.step || env.head.header.window != m.window {
+        return Err(CkptError::Invalid(format!(
+            "{}: the manifest's run, step or window disagrees with its signed header",
+            env.object
+        )));
+    }
+    m.validate()
+        .map_err(|e| CkptError::Invalid(format!("{}: {e}", env.object)))?;
+    Ok((m, body, env.object))
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PullOptions {
+    /// Only tensors matching one of these globs (all when empty).
+    pub tensors: Vec<String>,
+    /// `(rank, size)`: slice 2-D tensors for tensor parallelism (`schemas/checkpoint.md`).
+    pub tp: Option<(u64, u64)>,
+    /// Ranged GETs in flight.
+    pub concurrency: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Pulled {
+    pub out: String,
+    pub step: u64,
+    pub window: Option<u64>,
+    pub files: usize,
+    pub tensors: usize,
+    /// Bytes fetched from the store in this run.
+    pub fetched_bytes: u64,
+    /// Bytes found already present and correct (a resumed pull).
+    pub reused_bytes: u64,
+    pub written_bytes: u64,
+}
+
+/// How a tensor is cut for tensor parallelism: the dimension, or `None` (replicated).
+/// Row-parallel layers (output projections) split their input dimension (1); everything
+/// else 2-D splits dimension 0 (column-parallel layers, embeddings, the LM head).
+pub fn tp_dim(name: &str, shape: &[u64]) -> Option<usize> {
+    if shape.len() != 2 {
+        return None;
+    }
+    const ROW_PARALLEL: [&str; 6] = ["o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "c_proj"];
+    if ROW_PARALLEL.iter().any(|p| name.contains(p)) {
+        Some(1)
+    } else {
+        Some(0)
+    }
+}
+
+/// One tensor of a partial pull: where it goes and how it is cut.
+struct Item {
+    tensor: usize,
+    dst: u64,
+    len: u64,
+    cut: Option<(usize, u64, u64)>,
+}
+
+enum Plan {
+    Whole { shard: usize },
+    Subset { shard: usize, header: Vec<u8>, items: Vec<Item> },
+}
+
+struct OutFile {
+    name: String,
+    size: u64,
+    plan: Plan,
+}
+
+fn plan_subset(m: &Manifest, selected: &[usize], tp: Option<(u64, u64)>) -> Result<Vec<OutFile>, CkptError> {
+    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &i in selected {
+        by_shard.entry(m.tensors[i].shard).or_default().push(i);
+    }
+    let mut out = Vec::new();
+    for (shard, mut ts) in by_shard {
+        ts.sort_by_key(|&i| m.tensors[i].begin);
+        let mut obj = serde_json::Map::new();
+        obj.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut items = Vec::new();
+        let mut off = 0u64;
+        for i in ts {
+            let t = &m.tensors[i];
+            let es = dtype_size(&t.dtype).unwrap_or(1);
+            let (shape, cut) = match (tp, tp_dim(&t.name, &t.shape)) {
+                (Some((rank, n)), Some(d)) => {
+                    if t.shape[d] % n != 0 {
+                        return Err(CkptError::Invalid(format!(
+                            "tensor {}: dimension {d} ({}) is not divisible by --tp-size {n}",
+                            t.name, t.shape[d]
+                        )));
+                    }
+                    let part = t.shape[d] / n;
+                    let mut s = t.shape.clone();
+                    s[d] = part;
+                    (s, Some((d, rank * part, part)))
+                }
+                _ => (t.shape.clone(), None),
+            };
+            let len = shape.iter().product::<u64>() * es;
+            obj.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": t.dtype, "shape": shape, "data_offsets": [off, off + len]}),
+            );
+            items.push(Item {
+                tensor: i,
+                dst: off,
+                len,
+                cut,
+            });
+            off += len;
+        }
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap_or_default();
+        while (8 + h.len()) % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut header = (h.len() as u64).to_le_bytes().to_vec();
+        header.extend_from_slice(&h);
+        let base = header.len() as u64;
+        for it in &mut items {
+            it.dst += base;
+        }
+        out.push(OutFile {
+            name: m.shards[shard].file.clone(),
+            size: base + off,
+            plan: Plan::Subset { shard, header, items },
+        });
+    }
+    Ok(out)
+}
+
+fn blake3_file(path: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(File::open(path)?)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// A path inside OUT that is not a link (a pull never writes through one).
+fn inside(out: &Path, name: &str) -> Result<PathBuf, CkptError> {
+    let p = out.join(name);
+    if let Ok(meta) = std::fs::symlink_metadata(&p)
+        && (meta.file_type().is_symlink() || meta.is_dir())
+    {
+        return Err(CkptError::Invalid(format!(
+            "{}: is a link or a folder; refusing to write through it",
+            p.display()
+        )));
+    }
+    Ok(p)
+}
+
+async fn get_range(target: &Target, key: &str, r: std::ops::Range<u64>) -> Result<bytes::Bytes, CkptError> {
+    let path = target.path(key);
+    let url = target.url_of(&path);
+    let got = target
+        .store
+        .get_opts(
+            &path,
+            GetOptions {
+                range: Some(GetRange::Bounded(r.clone())),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))?;
+    let b = got.bytes().await.map_err(|e| StoreError::from_store(&url, e))?;
+    if b.len() as u64 != r.end - r.start {
+        return Err(CkptError::Bad(vec![format!(
+            "{url}: bytes {}..{} came back {} bytes long (truncated object?)",
+            r.start,
+            r.end,
+            b.len()
+        )]));
+    }
+    Ok(b)
+}
+
+/// Pulls a verified checkpoint into `out`.
+pub async fn pull(
+    loc: &Located,
+    out: &Path,
+    opts: &PullOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Pulled, CkptError> {
+    let (m, body, murl) = fetch_manifest(loc).await?;
+    let selected: Vec<usize> = if opts.tensors.is_empty() {
+        (0..m.tensors.len()).collect()
+    } else {
+        let mut b = globset::GlobSetBuilder::new();
+        for g in &opts.tensors {
+            b.add(globset::Glob::new(g).map_err(|e| CkptError::Invalid(format!("--tensors {g:?}: {e}")))?);
+        }
+        let set = b.build().map_err(|e| CkptError::Invalid(e.to_string()))?;
+        for g in &opts.tensors {
+            let one = globset::Glob::new(g)
+                .map_err(|e| CkptError::Invalid(e.to_string()))?
+                .compile_matcher();
+            if !m.tensors.iter().any(|t| one.is_match(&t.name)) {
+                return Err(CkptError::Invalid(format!("--tensors {g:?} matches no tensor of {murl}")));
+            }
+        }
+        (0..m.tensors.len()).filter(|&i| set.is_match(&m.tensors[i].name)).collect()
+    };
+    if let Some((rank, n)) = opts.tp
+        && (n == 0 || rank >= n)
+    {
+        return Err(CkptError::Invalid(format!("--tp-rank {rank} --tp-size {n}: expected rank < size")));
+    }
+    let whole = opts.tensors.is_empty() && opts.tp.is_none();
+    let files: Vec<OutFile> = if whole {
+        m.shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| OutFile { name: s.file.clone(), size: s.size, plan: Plan::Whole { shard: k } })
+            .collect()
+    } else {
+        plan_subset(&m, &selected, opts.tp)?
+    };
+
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let partial = inside(out, PARTIAL)?;
+    std::fs::create_dir_all(&partial).map_err(|e| io_err(&partial, e))?;
+    // The state of an earlier pull into OUT counts only for the same manifest and selection.
+    let key = blake3::hash(
+        format!("{}|{:?}|{:?}", blake3::hash(&body).to_hex(), opts.tensors, opts.tp).as_bytes(),
+    )
+    .to_hex()
+    .to_string();
+    let state_path = inside(out, STATE)?;
+    let mut done: BTreeMap<String, String> = std::fs::read(&state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v["key"] == key)
+        .and_then(|v| serde_json::from_value(v["done"].clone()).ok())
+        .unwrap_or_default();
+    let save_state = |done: &BTreeMap<String, String>| -> Result<(), CkptError> {
+        let tmp = partial.join("state.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&serde_json::json!({"key": key, "done": done})).unwrap_or_default())
+            .map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, &state_path).map_err(|e| io_err(&state_path, e))
+    };
+
+    let mut result = Pulled {
+        out: out.display().to_string(),
+        step: m.step,
+        window: m.window,
+        files: files.len(),
+        tensors: selected.len(),
+        fetched_bytes: 0,
+        reused_bytes: 0,
+        written_bytes: 0,
+    };
+    let concurrency = opts.concurrency.max(1);
+    let mut bad = Vec::new();
+    for f in &files {
+        let final_path = inside(out, &f.name)?;
+        if let Some(h) = done.get(&f.name)
+            && blake3_file(&final_path).ok().as_ref() == Some(h)
+        {
+            result.reused_bytes += f.size;
+            progress(f.size);
+            continue;
+        }
+        let part_path = partial.join(format!("{}.part", f.name));
+        let fresh = !part_path.exists();
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&part_path)
+                .map_err(|e| io_err(&part_path, e))?,
+        );
+        file.set_len(f.size).map_err(|e| io_err(&part_path, e))?;
+        let outcome = match &f.plan {
+            Plan::Whole { shard } => {
+                fetch_whole(loc, &m, *shard, &file, fresh, concurrency, progress).await
+            }
+            Plan::Subset { shard, header, items } => {
+                file.write_all_at(header, 0).map_err(|e| io_err(&part_path, e))?;
+                fetch_subset(loc, &m, *shard, items, &file, concurrency, progress).await
+            }
+        };
+        match outcome {
+            Ok((fetched, reused)) => {
+                result.fetched_bytes += fetched;
+                result.reused_bytes += reused;
+            }
+            Err(CkptError::Bad(v)) => {
+                bad.extend(v);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        drop(file);
+        let h = blake3_file(&part_path).map_err(|e| io_err(&part_path, e))?;
+        if let Plan::Whole { shard } = f.plan
+            && h != m.shards[shard].blake3
+        {
+            bad.push(format!("{}: whole-file blake3 differs from the manifest", f.name));
+            continue;
+        }
+        std::fs::rename(&part_path, &final_path).map_err(|e| io_err(&final_path, e))?;
+        result.written_bytes += f.size;
+        done.insert(f.name.clone(), h);
+        save_state(&done)?;
+    }
+    if !bad.is_empty() {
+        return Err(CkptError::Bad(bad));
+    }
+    for fe in &m.files {
+        let p = inside(out, &fe.file)?;
+        if std::fs::read(&p).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == fe.blake3) {
+            result.reused_bytes += fe.size;
+            continue;
+        }
+        let b = get_range(&loc.target, &layout::ckpt_file(&m.run, m.step, &fe.file), 0..fe.size).await?;
+        if blake3::hash(&b).to_hex().as_str() != fe.blake3 {
+            return Err(CkptError::Bad(vec![format!(
+                "{}: file {} does not match the manifest's blake3",
+                loc.target.url_of(&loc.target.path(&layout::ckpt_file(&m.run, m.step, &fe.file))),
+                fe.file
+            )]));
+        }
+        let tmp = partial.join(format!("{}.part", fe.file));
+        std::fs::write(&tmp, &b).map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| io_err(&p, e))?;
+        result.fetched_bytes += fe.size;
+        result.written_bytes += fe.size;
+    }
+    let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
+    let index = m.hf_index(&entries, files.iter().map(|f| f.size).sum());
+    let ip = inside(out, HF_INDEX)?;
+    std::fs::write(&ip, index).map_err(|e| io_err(&ip, e))?;
+    let lp = inside(out, LOCAL_MANIFEST)?;
+    let local = serde_json::json!({"source": murl, "tensors": opts.tensors, "tp": opts.tp, "manifest": m});
+    std::fs::write(&lp, serde_json::to_vec_pretty(&local).unwrap_or_default()).map_err(|e| io_err(&lp, e))?;
+    let _ = std::fs::remove_dir(&partial);
+    Ok(result)
+}
+
+/// Fetches a whole shard chunk by chunk; chunks a killed run already wrote correctly are
+/// kept. Returns `(fetched, reused)` bytes.
+async fn fetch_whole(
+    loc: &Located,
+    m: &Manifest,
+    shard: usize,
+    file: &Arc<File>,
+    fresh: bool,
+    concurrency: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(u64, u64), CkptError> {
+    let s = &m.shards[shard];
+    let key = layout::ckpt_object(&m.run, m.step, &s.file);
+    let url = loc.target.url_of(&loc.target.path(&key));
+    let cb = m.chunk_bytes;
+    let results: Vec<Result<(u64, u64), CkptError>> =
+        futures::stream::iter((0..s.chunks.len()).map(|c| {
+            let (file, key, url) = (Arc::clone(file), key.clone(), url.clone());
+            async move {
+                let range = c as u64 * cb..((c as u64 + 1) * cb).min(s.size);
+                let want = s.chunks[c].clone();
+                let n = range.end - range.start;
+                if !fresh {
+                    let (f2, w2, r2) = (Arc::clone(&file), want.clone(), range.clone());
+                    let ok = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; (r2.end - r2.start) as usize];
+                        f2.read_exact_at(&mut buf, r2.start).is_ok()
+                            && blake3::hash(&buf).to_hex().as_str() == w2
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if ok {
+                        progress(n);
+                        return Ok((0, n));
+                    }
+                }
+                let b = get_range(&loc.target, &key, range.clone()).await?;
+                let start = range.start;
+                let written = tokio::task::spawn_blocking(move || {
+                    if blake3::hash(&b).to_hex().as_str() != want {
+                        return Err(format!("{url}: chunk {c} (bytes {}..{}) does not match the manifest", range.start, range.end));
+                    }
+                    file.write_all_at(&b, start).map_err(|e| format!("writing chunk {c} of {url}: {e}"))
+                })
+                .await
+                .map_err(|e| CkptError::Invalid(e.to_string()))?;
+                written.map_err(|e| CkptError::Bad(vec![e]))?;
+                progress(n);
+                Ok((n, 0))
+            }
+        }))
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut totals = (0, 0);
+    let mut bad = Vec::new();
+    for r in results {
+        match r {
+            Ok((f, u)) => {
+                totals.0 += f;
+                totals.1 += u;
+            }
+            Err(CkptError::Bad(v)) => bad.extend(v),
+            Err(e) => return Err(e),
+        }
+    }
+    if !bad.is_empty() {
+        bad.sort();
+        bad.truncate(8);
+        return Err(CkptError::Bad(bad));
+    }
+    Ok(totals)
+}
+
+/// Fetches the selected tensors of one shard, each verified against its tensor hash, then
+/// cut (tensor parallelism) and written at its place in the new shard.
+async fn fetch_subset(
+    loc: &Located,
+    m: &Manifest,
+    shard: usize,
+    items: &[Item],
+    file: &Arc<File>,
+    concurrency: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(u64, u64), CkptError> {
+    let key = layout::ckpt_object(&m.run, m.step, &m.shards[shard].file);
+    let url = loc.target.url_of(&loc.target.path(&key));
+    let mut fetched = 0;
+    for it in items {
+        let t = &m.tensors[it.tensor];
+        // Large tensors come in parallel chunk-sized ranges; small ones in one GET.
+        let pieces: Vec<std::ops::Range<u64>> = (t.begin..t.end)
+            .step_by(m.chunk_bytes as usize)
+            .map(|a| a..(a + m.chunk_bytes).min(t.end))
+            .collect();
+        let parts: Vec<Result<bytes::Bytes, CkptError>> = futures::stream::iter(
+            pieces.into_iter().map(|r| get_range(&loc.target, &key, r)),
+        )
+        .buffered(concurrency)
+        .collect()
+        .await;
+        let mut data = Vec::with_capacity((t.end - t.begin) as usize);
+        for p in parts {
+            let b = p?;
+            progress(b.len() as u64);
+            data.extend_from_slice(&b);
+        }
+        fetched += data.len() as u64;
+        if blake3::hash(&data).to_hex().as_str() != t.blake3 {
+            return Err(CkptError::Bad(vec![format!(
+                "{url}: tensor {} (bytes {}..{}) does not match the manifest",
+                t.name, t.begin, t.end
+            )]));
+        }
+        let es = dtype_size(&t.dtype).unwrap_or(1);
+        let bytes: Vec<u8> = match it.cut {
+            None => data,
+            Some((0, start, part)) => {
+                let row = t.shape[1] * es;
+                data[(start * row) as usize..((start + part) * row) as usize].to_vec()
+            }
+            Some((_, start, part)) => {
+                let row = t.shape[1] * es;
+                let (a, n) = ((start * es) as usize, (part * es) as usize);
+                data.chunks_exact(row as usize)
+                    .flat_map(|r| r[a..a + n].iter().copied())
+                    .collect()
+            }
+        };
+        if bytes.len() as u64 != it.len {
+            return Err(CkptError::Invalid(format!("tensor {}: cut to the wrong size", t.name)));
+        }
+        file.write_all_at(&bytes, it.dst)
+            .map_err(|e| CkptError::Invalid(format!("writing tensor {}: {e}", t.name)))?;
+    }
+    Ok((fetched, 0))
+}

@@ -1,0 +1,327 @@
+//! `ckpt push`: pack, hash, upload, sign the manifest, move `LATEST`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::packing::{Inventory, PlannedShard, ShardSource, hash_shard, inventory, plan};
+use super::{
+    CkptError, FileEntry, HF_INDEX, Latest, MANIFEST_CODEC, MANIFEST_FORMAT, Manifest,
+    POINTER_CODEC, ShardEntry, TensorEntry, io_err,
+};
+use crate::envelope::{
+    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
+    read_all_sections,
+};
+use crate::exchange::own_store;
+use crate::identity::{Identity, PeerId};
+use crate::layout;
+use crate::registry::{Registry, Role};
+use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
+
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    pub step: u64,
+    pub window: Option<u64>,
+    /// Target shard size in bytes (a tensor larger than this gets a shard of its own).
+    pub shard_size: u64,
+    /// Shards uploaded at once (each in parallel multipart parts).
+    pub concurrency: usize,
+}
+
+/// What a push did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Pushed {
+    pub manifest: String,
+    pub step: u64,
+    pub window: Option<u64>,
+    pub parent: Option<u64>,
+    pub shards: usize,
+    pub tensors: usize,
+    pub files: usize,
+    pub bytes: u64,
+    /// Shards found already uploaded with the same bytes (a resumed push).
+    pub skipped_shards: usize,
+    /// The manifest was already there, identical (a rerun of a finished push).
+    pub already_published: bool,
+    /// `LATEST` now points here (false when it already pointed at a newer step).
+    pub latest: bool,
+}
+
+/// Reads and verifies a signed one-section JSON object this signer wrote.
+pub(crate) async fn read_signed_json(
+    target: &Target,
+    key: &str,
+    expect: &Expect,
+) -> Result<(RemoteEnvelope, Vec<u8>), EnvelopeError> {
+    let path = target.path(key);
+    let url = target.url_of(&path);
+    let limits = Limits::default();
+    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &url, &limits, expect).await?;
+    let mut secs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
+    let body = if secs.is_empty() {
+        Vec::new()
+    } else {
+        secs.swap_remove(0)
+    };
+    Ok((env, body))
+}
+
+/// `LATEST` of a run in this store, verified against `signer`, with its ETag.
+pub async fn read_latest(
+    target: &Target,
+    run: &str,
+    signer: &PeerId,
+) -> Result<Option<(Latest, Option<String>)>, CkptError> {
+    let expect = Expect {
+        signer: Some(*signer),
+        run: Some(run.to_string()),
+        kind: Some(Kind::Pointer),
+        window: None,
+        step: None,
+    };
+    match read_signed_json(target, &layout::ckpt_latest(run), &expect).await {
+        Ok((env, body)) => {
+            let l: Latest = serde_json::from_slice(&body).map_err(|e| {
+                CkptError::Invalid(format!("{}: not a LATEST pointer: {e}", env.object))
+            })?;
+            if env.head.header.step != Some(l.step) {
+                return Err(CkptError::Invalid(format!(
+                    "{}: the signed step and the pointer disagree",
+                    env.object
+                )));
+            }
+            Ok(Some((l, env.meta.e_tag.clone())))
+        }
+        Err(EnvelopeError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves `LATEST` to `step` by compare-and-swap, never backwards. Returns whether it moved.
+pub async fn move_latest(
+    target: &Target,
+    run: &str,
+    id: &Identity,
+    step: u64,
+) -> Result<bool, CkptError> {
+    let me = id.peer_id();
+    let path = target.path(&layout::ckpt_latest(run));
+    for _ in 0..8 {
+        let current = read_latest(target, run, &me).await?;
+        if let Some((l, _)) = &current
+            && l.step >= step
+        {
+            return Ok(l.step == step);
+        }
+        let body = serde_json::to_vec(&Latest {
+            step,
+            manifest: layout::ckpt_manifest(run, step),
+        })
+        .map_err(|e| CkptError::Invalid(e.to_string()))?;
+        let signed = EnvelopeBuilder::new(Kind::Pointer, run)
+            .step(step)
+            .codec(POINTER_CODEC, Default::default())
+            .section("pointer.json", &body, Compression::None)?
+            .sign(id)?;
+        let bytes = signed.to_vec().map_err(|e| io_err(std::path::Path::new("LATEST"), e))?;
+        match store::put_cas(target, &path, Bytes::from(bytes), current.and_then(|c| c.1)).await
+        {
+            Ok(_) => return Ok(true),
+            Err(StoreError::Precondition { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(CkptError::Invalid(format!(
+        "{}: LATEST kept changing under us; not moved",
+        target.url_of(&path)
+    )))
+}
+
+/// Pushes a checkpoint into the pusher's own store (it must be the run's aggregator).
+pub async fn push(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    srcs: &[PathBuf],
+    opts: &PushOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Pushed, CkptError> {
+    let target = own_store(reg, id, Role::Aggregator, s3)
+        .map_err(|e| CkptError::Invalid(e.to_string()))?;
+    let run = reg.run.clone();
+    let inv = inventory(srcs)?;
+    let shards = plan(&inv, opts.shard_size.max(1));
+    // Hash every shard (parallel over shards, reading the sources once).
+    let hashes = {
+        use rayon::prelude::*;
+        let quiet = |_: u64| {};
+        shards
+            .par_iter()
+            .map(|s| {
+                hash_shard(&ShardSource {
+                    inv: &inv,
+                    shard: s,
+                    progress: &quiet,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| io_err(std::path::Path::new("checkpoint sources"), e))?
+    };
+    let me = id.peer_id();
+    let parent = read_latest(&target, &run, &me)
+        .await?
+        .map(|(l, _)| l.step)
+        .filter(|&p| p < opts.step);
+    let mut manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        run: run.clone(),
+        step: opts.step,
+        window: opts.window,
+        parent,
+        chunk_bytes: super::CHUNK,
+        shards: Vec::new(),
+        tensors: Vec::new(),
+        files: Vec::new(),
+    };
+    for (k, (s, h)) in shards.iter().zip(&hashes).enumerate() {
+        manifest.shards.push(ShardEntry {
+            file: s.file.clone(),
+            size: s.size,
+            blake3: h.blake3.clone(),
+            chunks: h.chunks.clone(),
+        });
+        for (&(ti, b, e), th) in s.tensors.iter().zip(&h.tensors) {
+            let t = &inv.tensors[ti];
+            manifest.tensors.push(TensorEntry {
+                name: t.name.clone(),
+                dtype: t.dtype.clone(),
+                shape: t.shape.clone(),
+                shard: k,
+                begin: b,
+                end: e,
+                blake3: th.clone(),
+            });
+        }
+    }
+    let mut extras = Vec::new();
+    for (name, p) in &inv.extras {
+        let b = std::fs::read(p).map_err(|e| io_err(p, e))?;
+        manifest.files.push(FileEntry {
+            file: name.clone(),
+            size: b.len() as u64,
+            blake3: blake3::hash(&b).to_hex().to_string(),
+        });
+        extras.push((name.clone(), b));
+    }
+    manifest.validate()?;
+
+    let skipped = upload_shards(&target, &run, opts, &inv, &shards, progress).await?;
+    for (name, b) in &extras {
+        let path = target.path(&layout::ckpt_file(&run, opts.step, name));
+        store::put_create(&target, &path, b.as_slice()).await?;
+    }
+    let all: Vec<&TensorEntry> = manifest.tensors.iter().collect();
+    let index = manifest.hf_index(&all, shards.iter().map(|s| s.size).sum());
+    store::put_create(
+        &target,
+        &target.path(&layout::ckpt_object(&run, opts.step, HF_INDEX)),
+        index.as_slice(),
+    )
+    .await?;
+
+    // The manifest last: the commit point.
+    let body = serde_json::to_vec(&manifest).map_err(|e| CkptError::Invalid(e.to_string()))?;
+    let mut b = EnvelopeBuilder::new(Kind::Manifest, &run)
+        .step(opts.step)
+        .codec(MANIFEST_CODEC, Default::default());
+    if let Some(w) = opts.window {
+        b = b.window(w);
+    }
+    let signed = b.section("manifest.json", &body, Compression::Zstd)?.sign(id)?;
+    let mkey = layout::ckpt_manifest(&run, opts.step);
+    let mpath = target.path(&mkey);
+    let murl = target.url_of(&mpath);
+    let already = match store::put_create(&target, &mpath, &signed).await {
+        Ok(PutOutcome::Created) => false,
+        Ok(PutOutcome::AlreadyIdentical) => true,
+        Err(StoreError::Conflict { .. }) => {
+            // Another signing of the same manifest (the clock differs) is the same push.
+            let expect = Expect {
+                signer: Some(me),
+                run: Some(run.clone()),
+                kind: Some(Kind::Manifest),
+                window: None,
+                step: Some(opts.step),
+            };
+            let (_, existing) = read_signed_json(&target, &mkey, &expect).await?;
+            if existing != body {
+                return Err(CkptError::Invalid(format!(
+                    "{murl}: a different checkpoint is already published at step {}",
+                    opts.step
+                )));
+            }
+            true
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let latest = move_latest(&target, &run, id, opts.step).await?;
+    Ok(Pushed {
+        manifest: murl,
+        step: opts.step,
+        window: opts.window,
+        parent,
+        shards: shards.len(),
+        tensors: manifest.tensors.len(),
+        files: manifest.files.len(),
+        bytes: manifest.total_bytes(),
+        skipped_shards: skipped,
+        already_published: already,
+        latest,
+    })
+}
+
+async fn upload_shards(
+    target: &Target,
+    run: &str,
+    opts: &PushOptions,
+    inv: &Inventory,
+    shards: &[PlannedShard],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<usize, CkptError> {
+    let skipped = AtomicU64::new(0);
+    let results: Vec<Result<(), CkptError>> = futures::stream::iter(shards.iter().map(|s| {
+        let skipped = &skipped;
+        async move {
+            let path = target.path(&layout::ckpt_object(run, opts.step, &s.file));
+            let src = ShardSource {
+                inv,
+                shard: s,
+                progress,
+            };
+            match store::put_create(target, &path, &src).await {
+                Ok(PutOutcome::Created) => {
+                    tracing::info!(shard = %s.file, bytes = s.size, "uploaded");
+                    Ok(())
+                }
+                Ok(PutOutcome::AlreadyIdentical) => {
+                    tracing::info!(shard = %s.file, "already uploaded with the same bytes");
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(StoreError::Conflict { object }) => Err(CkptError::Invalid(format!(
+                    "{object}: another shard with different bytes is already there (a different checkpoint at step {}?)",
+                    opts.step
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }))
+    .buffer_unordered(opts.concurrency.max(1))
+    .collect()
+    .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(skipped.load(Ordering::Relaxed) as usize)
+}
