@@ -29,7 +29,10 @@ pub struct CkptInfo {
 }
 
 /// Every object under the run's checkpoint folder, grouped by step (one LIST).
-async fn objects_by_step(target: &Target, run: &str) -> Result<BTreeMap<u64, Vec<Path>>, CkptError> {
+async fn objects_by_step(
+    target: &Target,
+    run: &str,
+) -> Result<BTreeMap<u64, Vec<Path>>, CkptError> {
     let root = target.path(&layout::ckpt_root(run));
     let url = target.url_of(&root);
     let metas: Vec<object_store::ObjectMeta> = target
@@ -109,7 +112,9 @@ pub struct VerifyReport {
 /// header places every tensor where the manifest says.
 async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), String> {
     let s = &m.shards[k];
-    let path = loc.target.path(&layout::ckpt_object(&m.run, m.step, &s.file));
+    let path = loc
+        .target
+        .path(&layout::ckpt_object(&m.run, m.step, &s.file));
     let url = loc.target.url_of(&path);
     let got = loc
         .target
@@ -118,7 +123,10 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
         .await
         .map_err(|e| format!("{url}: {}", StoreError::from_store(&url, e)))?;
     if got.meta.size != s.size {
-        return Err(format!("{url}: {} bytes, the manifest says {}", got.meta.size, s.size));
+        return Err(format!(
+            "{url}: {} bytes, the manifest says {}",
+            got.meta.size, s.size
+        ));
     }
     let mut stream = got.into_stream();
     let mut whole = blake3::Hasher::new();
@@ -140,7 +148,9 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
             chunk.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
             if chunk.len() as u64 == m.chunk_bytes {
-                if s.chunks.get(c).map(String::as_str) != Some(blake3::hash(&chunk).to_hex().as_str()) {
+                if s.chunks.get(c).map(String::as_str)
+                    != Some(blake3::hash(&chunk).to_hex().as_str())
+                {
                     bad_chunks.push(c);
                 }
                 chunk.clear();
@@ -148,11 +158,16 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
             }
         }
     }
-    if !chunk.is_empty() && s.chunks.get(c).map(String::as_str) != Some(blake3::hash(&chunk).to_hex().as_str()) {
+    if !chunk.is_empty()
+        && s.chunks.get(c).map(String::as_str) != Some(blake3::hash(&chunk).to_hex().as_str())
+    {
         bad_chunks.push(c);
     }
     if seen != s.size {
-        return Err(format!("{url}: the body ended after {seen} of {} bytes", s.size));
+        return Err(format!(
+            "{url}: the body ended after {seen} of {} bytes",
+            s.size
+        ));
     }
     if !bad_chunks.is_empty() || whole.finalize().to_hex().as_str() != s.blake3 {
         return Err(format!(
@@ -174,8 +189,14 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
             t.begin.checked_sub(8 + n).unwrap_or(u64::MAX),
             t.end.checked_sub(8 + n).unwrap_or(u64::MAX),
         ];
-        if h["dtype"] != t.dtype.as_str() || h["shape"] != serde_json::json!(t.shape) || h["data_offsets"] != serde_json::json!(off) {
-            return Err(format!("{url}: tensor {} is not where the manifest puts it", t.name));
+        if h["dtype"] != t.dtype.as_str()
+            || h["shape"] != serde_json::json!(t.shape)
+            || h["data_offsets"] != serde_json::json!(off)
+        {
+            return Err(format!(
+                "{url}: tensor {} is not where the manifest puts it",
+                t.name
+            ));
         }
     }
     Ok(())
@@ -202,7 +223,9 @@ pub async fn verify(loc: &Located, concurrency: usize) -> Result<VerifyReport, C
             Err(e) => bad.push(format!("{url}: {}", StoreError::from_store(&url, e))),
         }
     }
-    let ipath = loc.target.path(&layout::ckpt_object(&m.run, m.step, HF_INDEX));
+    let ipath = loc
+        .target
+        .path(&layout::ckpt_object(&m.run, m.step, HF_INDEX));
     if let Err(e) = loc.target.store.head(&ipath).await {
         let url = loc.target.url_of(&ipath);
         bad.push(format!("{url}: {}", StoreError::from_store(&url, e)));

@@ -130,7 +130,10 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), CkptError> {
         let bad = |m: String| Err(CkptError::Invalid(format!("manifest: {m}")));
         if self.format != MANIFEST_FORMAT {
-            return bad(format!("format {:?}, expected {MANIFEST_FORMAT}", self.format));
+            return bad(format!(
+                "format {:?}, expected {MANIFEST_FORMAT}",
+                self.format
+            ));
         }
         if self.chunk_bytes == 0 || self.chunk_bytes > 1 << 30 {
             return bad(format!("chunk_bytes {}", self.chunk_bytes));
@@ -154,7 +157,12 @@ impl Manifest {
                 return bad(format!("shard {:?} is not a .safetensors file", s.file));
             }
             if s.chunks.len() as u64 != s.size.div_ceil(self.chunk_bytes) {
-                return bad(format!("shard {}: {} chunk hashes for {} bytes", s.file, s.chunks.len(), s.size));
+                return bad(format!(
+                    "shard {}: {} chunk hashes for {} bytes",
+                    s.file,
+                    s.chunks.len(),
+                    s.size
+                ));
             }
         }
         let mut tnames = HashSet::new();
@@ -164,7 +172,10 @@ impl Manifest {
                 return bad(format!("tensor {:?} listed twice", t.name));
             }
             let Some(shard) = self.shards.get(t.shard) else {
-                return bad(format!("tensor {}: shard {} does not exist", t.name, t.shard));
+                return bad(format!(
+                    "tensor {}: shard {} does not exist",
+                    t.name, t.shard
+                ));
             };
             let Some(es) = dtype_size(&t.dtype) else {
                 return bad(format!("tensor {}: unknown dtype {}", t.name, t.dtype));
@@ -193,7 +204,8 @@ impl Manifest {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.size).sum::<u64>() + self.files.iter().map(|f| f.size).sum::<u64>()
+        self.shards.iter().map(|s| s.size).sum::<u64>()
+            + self.files.iter().map(|f| f.size).sum::<u64>()
     }
 
     /// The HF index for these tensors (`weight_map`: tensor → file), deterministic.

@@ -43,7 +43,9 @@ fn read_header(path: &Path, f: &File, fi: usize) -> Result<Vec<SrcTensor>, CkptE
     f.read_exact_at(&mut h, 8).map_err(|e| io_err(path, e))?;
     let v: serde_json::Value =
         serde_json::from_slice(&h).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not an object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("header is not an object".into()))?;
     let data = 8 + n;
     let mut out = Vec::new();
     for (name, t) in obj {
@@ -51,7 +53,8 @@ fn read_header(path: &Path, f: &File, fi: usize) -> Result<Vec<SrcTensor>, CkptE
             continue;
         }
         let dtype = t["dtype"].as_str().unwrap_or_default().to_string();
-        let es = dtype_size(&dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype:?}")))?;
+        let es =
+            dtype_size(&dtype).ok_or_else(|| bad(format!("tensor {name}: dtype {dtype:?}")))?;
         let shape: Vec<u64> = t["shape"]
             .as_array()
             .map(|a| a.iter().filter_map(|d| d.as_u64()).collect())
@@ -96,9 +99,17 @@ pub(crate) fn inventory(srcs: &[PathBuf]) -> Result<Inventory, CkptError> {
                 .collect();
             entries.sort();
             for p in entries {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+                let name = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("")
+                    .to_string();
                 let m = std::fs::metadata(&p).map_err(|e| io_err(&p, e))?;
-                if !m.is_file() || name.starts_with('.') || name == HF_INDEX || name == LOCAL_MANIFEST {
+                if !m.is_file()
+                    || name.starts_with('.')
+                    || name == HF_INDEX
+                    || name == LOCAL_MANIFEST
+                {
                     continue;
                 }
                 if name.ends_with(".safetensors") {
@@ -148,34 +159,47 @@ pub(crate) struct PlannedShard {
     pub size: u64,
 }
 
-fn shard_header(inv: &Inventory, members: &[usize]) -> (Vec<u8>, Vec<(usize, u64, u64)>) {
+/// A safetensors header for tensors laid out back to back in this order, padded so the
+/// data starts 8-aligned, with `format: pt` metadata (transformers requires it). Returns
+/// the header and each tensor's absolute begin offset.
+pub(crate) fn st_header(entries: &[(&str, &str, &[u64], u64)]) -> (Vec<u8>, Vec<u64>) {
     let mut obj = serde_json::Map::new();
-    obj.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt"}),
-    );
+    obj.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut off = 0u64;
-    let mut rel = Vec::with_capacity(members.len());
-    for &i in members {
-        let t = &inv.tensors[i];
+    let mut rel = Vec::with_capacity(entries.len());
+    for (name, dtype, shape, len) in entries {
         obj.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.len]}),
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + len]}),
         );
-        rel.push((i, off, off + t.len));
-        off += t.len;
+        rel.push(off);
+        off += len;
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap_or_default();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut header = (h.len() as u64).to_le_bytes().to_vec();
     header.extend_from_slice(&h);
     let base = header.len() as u64;
-    (
-        header,
-        rel.into_iter().map(|(i, b, e)| (i, base + b, base + e)).collect(),
-    )
+    (header, rel.into_iter().map(|r| base + r).collect())
+}
+
+fn shard_header(inv: &Inventory, members: &[usize]) -> (Vec<u8>, Vec<(usize, u64, u64)>) {
+    let entries: Vec<(&str, &str, &[u64], u64)> = members
+        .iter()
+        .map(|&i| {
+            let t = &inv.tensors[i];
+            (t.name.as_str(), t.dtype.as_str(), t.shape.as_slice(), t.len)
+        })
+        .collect();
+    let (header, begins) = st_header(&entries);
+    let placed = members
+        .iter()
+        .zip(begins)
+        .map(|(&i, b)| (i, b, b + inv.tensors[i].len))
+        .collect();
+    (header, placed)
 }
 
 /// Greedy packing in source order: a new shard starts when the next tensor would take the

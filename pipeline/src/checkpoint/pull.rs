@@ -61,12 +61,14 @@ pub async fn locate(
             CkptError::Invalid("`latest` needs --registry (to find the checkpoint store)".into())
         })?;
         let (target, peer) = aggregator(reg, s3)?;
-        let (latest, _) = read_latest(&target, &reg.run, &peer).await?.ok_or_else(|| {
-            CkptError::Invalid(format!(
-                "{}: no LATEST checkpoint yet",
-                target.url_of(&target.path(&layout::ckpt_latest(&reg.run)))
-            ))
-        })?;
+        let (latest, _) = read_latest(&target, &reg.run, &peer)
+            .await?
+            .ok_or_else(|| {
+                CkptError::Invalid(format!(
+                    "{}: no LATEST checkpoint yet",
+                    target.url_of(&target.path(&layout::ckpt_latest(&reg.run)))
+                ))
+            })?;
         return Ok(Located {
             target,
             run: reg.run.clone(),
@@ -75,12 +77,12 @@ pub async fn locate(
         });
     }
     let parts: Vec<&str> = what.trim_end_matches('/').rsplitn(6, '/').collect();
-    let (run, step) = match parts[..] {
+    let (run, step, base) = match parts[..] {
         ["manifest", step, "ckpt", run, "runs", base] if !base.is_empty() => {
             let step: u64 = step
                 .parse()
                 .map_err(|_| CkptError::Invalid(format!("{what}: bad step {step:?}")))?;
-            (run.to_string(), step)
+            (run.to_string(), step, base)
         }
         _ => {
             return Err(CkptError::Invalid(format!(
@@ -88,8 +90,7 @@ pub async fn locate(
             )));
         }
     };
-    let base = &what[..what.len() - format!("runs/{run}/ckpt/{step:012}/manifest").len()];
-    let target = store::open(base.trim_end_matches('/'), s3)?;
+    let target = store::open(base, s3)?;
     let signer = match (reg, signer) {
         (_, Some(p)) => p,
         (Some(reg), None) => {
@@ -124,10 +125,15 @@ pub async fn fetch_manifest(loc: &Located) -> Result<(Manifest, Vec<u8>, String)
         window: None,
         step: Some(loc.step),
     };
-    let (env, body) =
-        read_signed_json(&loc.target, &layout::ckpt_manifest(&loc.run, loc.step), &expect).await?;
-    let m: Manifest = serde_json::from_slice(&body)
-        .map_err(|e| CkptError::Invalid(format!("{}: manifest is not valid JSON: {e}", env.object)))?;
+    let (env, body) = read_signed_json(
+        &loc.target,
+        &layout::ckpt_manifest(&loc.run, loc.step),
+        &expect,
+    )
+    .await?;
+    let m: Manifest = serde_json::from_slice(&body).map_err(|e| {
+        CkptError::Invalid(format!("{}: manifest is not valid JSON: {e}", env.object))
+    })?;
     if m.run != loc.run || m.step != loc.step || env.head.header.window != m.window {
         return Err(CkptError::Invalid(format!(
             "{}: the manifest's run, step or window disagrees with its signed header",
@@ -170,7 +176,14 @@ pub fn tp_dim(name: &str, shape: &[u64]) -> Option<usize> {
     if shape.len() != 2 {
         return None;
     }
-    const ROW_PARALLEL: [&str; 6] = ["o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "c_proj"];
+    const ROW_PARALLEL: [&str; 6] = [
+        "o_proj",
+        "down_proj",
+        "out_proj",
+        "fc2",
+        "dense_4h_to_h",
+        "c_proj",
+    ];
     if ROW_PARALLEL.iter().any(|p| name.contains(p)) {
         Some(1)
     } else {
@@ -187,8 +200,14 @@ struct Item {
 }
 
 enum Plan {
-    Whole { shard: usize },
-    Subset { shard: usize, header: Vec<u8>, items: Vec<Item> },
+    Whole {
+        shard: usize,
+    },
+    Subset {
+        shard: usize,
+        header: Vec<u8>,
+        items: Vec<Item>,
+    },
 }
 
 struct OutFile {
@@ -197,7 +216,11 @@ struct OutFile {
     plan: Plan,
 }
 
-fn plan_subset(m: &Manifest, selected: &[usize], tp: Option<(u64, u64)>) -> Result<Vec<OutFile>, CkptError> {
+fn plan_subset(
+    m: &Manifest,
+    selected: &[usize],
+    tp: Option<(u64, u64)>,
+) -> Result<Vec<OutFile>, CkptError> {
     let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for &i in selected {
         by_shard.entry(m.tensors[i].shard).or_default().push(i);
@@ -205,16 +228,13 @@ fn plan_subset(m: &Manifest, selected: &[usize], tp: Option<(u64, u64)>) -> Resu
     let mut out = Vec::new();
     for (shard, mut ts) in by_shard {
         ts.sort_by_key(|&i| m.tensors[i].begin);
-        let mut obj = serde_json::Map::new();
-        obj.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-        let mut items = Vec::new();
-        let mut off = 0u64;
-        for i in ts {
+        let mut cuts = Vec::with_capacity(ts.len());
+        for &i in &ts {
             let t = &m.tensors[i];
             let es = dtype_size(&t.dtype).unwrap_or(1);
             let (shape, cut) = match (tp, tp_dim(&t.name, &t.shape)) {
                 (Some((rank, n)), Some(d)) => {
-                    if t.shape[d] % n != 0 {
+                    if !t.shape[d].is_multiple_of(n) {
                         return Err(CkptError::Invalid(format!(
                             "tensor {}: dimension {d} ({}) is not divisible by --tp-size {n}",
                             t.name, t.shape[d]
@@ -228,32 +248,37 @@ fn plan_subset(m: &Manifest, selected: &[usize], tp: Option<(u64, u64)>) -> Resu
                 _ => (t.shape.clone(), None),
             };
             let len = shape.iter().product::<u64>() * es;
-            obj.insert(
-                t.name.clone(),
-                serde_json::json!({"dtype": t.dtype, "shape": shape, "data_offsets": [off, off + len]}),
-            );
-            items.push(Item {
+            cuts.push((shape, cut, len));
+        }
+        let entries: Vec<(&str, &str, &[u64], u64)> = ts
+            .iter()
+            .zip(&cuts)
+            .map(|(&i, (shape, _, len))| {
+                let t = &m.tensors[i];
+                (t.name.as_str(), t.dtype.as_str(), shape.as_slice(), *len)
+            })
+            .collect();
+        let (header, begins) = super::packing::st_header(&entries);
+        let items: Vec<Item> = ts
+            .iter()
+            .zip(&cuts)
+            .zip(begins)
+            .map(|((&i, (_, cut, len)), dst)| Item {
                 tensor: i,
-                dst: off,
-                len,
-                cut,
-            });
-            off += len;
-        }
-        let mut h = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap_or_default();
-        while (8 + h.len()) % 8 != 0 {
-            h.push(b' ');
-        }
-        let mut header = (h.len() as u64).to_le_bytes().to_vec();
-        header.extend_from_slice(&h);
-        let base = header.len() as u64;
-        for it in &mut items {
-            it.dst += base;
-        }
+                dst,
+                len: *len,
+                cut: *cut,
+            })
+            .collect();
+        let size = header.len() as u64 + cuts.iter().map(|c| c.2).sum::<u64>();
         out.push(OutFile {
             name: m.shards[shard].file.clone(),
-            size: base + off,
-            plan: Plan::Subset { shard, header, items },
+            size,
+            plan: Plan::Subset {
+                shard,
+                header,
+                items,
+            },
         });
     }
     Ok(out)
@@ -279,7 +304,11 @@ fn inside(out: &Path, name: &str) -> Result<PathBuf, CkptError> {
     Ok(p)
 }
 
-async fn get_range(target: &Target, key: &str, r: std::ops::Range<u64>) -> Result<bytes::Bytes, CkptError> {
+async fn get_range(
+    target: &Target,
+    key: &str,
+    r: std::ops::Range<u64>,
+) -> Result<bytes::Bytes, CkptError> {
     let path = target.path(key);
     let url = target.url_of(&path);
     let got = target
@@ -293,7 +322,10 @@ async fn get_range(target: &Target, key: &str, r: std::ops::Range<u64>) -> Resul
         )
         .await
         .map_err(|e| StoreError::from_store(&url, e))?;
-    let b = got.bytes().await.map_err(|e| StoreError::from_store(&url, e))?;
+    let b = got
+        .bytes()
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))?;
     if b.len() as u64 != r.end - r.start {
         return Err(CkptError::Bad(vec![format!(
             "{url}: bytes {}..{} came back {} bytes long (truncated object?)",
@@ -318,7 +350,10 @@ pub async fn pull(
     } else {
         let mut b = globset::GlobSetBuilder::new();
         for g in &opts.tensors {
-            b.add(globset::Glob::new(g).map_err(|e| CkptError::Invalid(format!("--tensors {g:?}: {e}")))?);
+            b.add(
+                globset::Glob::new(g)
+                    .map_err(|e| CkptError::Invalid(format!("--tensors {g:?}: {e}")))?,
+            );
         }
         let set = b.build().map_err(|e| CkptError::Invalid(e.to_string()))?;
         for g in &opts.tensors {
@@ -326,33 +361,55 @@ pub async fn pull(
                 .map_err(|e| CkptError::Invalid(e.to_string()))?
                 .compile_matcher();
             if !m.tensors.iter().any(|t| one.is_match(&t.name)) {
-                return Err(CkptError::Invalid(format!("--tensors {g:?} matches no tensor of {murl}")));
+                return Err(CkptError::Invalid(format!(
+                    "--tensors {g:?} matches no tensor of {murl}"
+                )));
             }
         }
-        (0..m.tensors.len()).filter(|&i| set.is_match(&m.tensors[i].name)).collect()
+        (0..m.tensors.len())
+            .filter(|&i| set.is_match(&m.tensors[i].name))
+            .collect()
     };
     if let Some((rank, n)) = opts.tp
         && (n == 0 || rank >= n)
     {
-        return Err(CkptError::Invalid(format!("--tp-rank {rank} --tp-size {n}: expected rank < size")));
+        return Err(CkptError::Invalid(format!(
+            "--tp-rank {rank} --tp-size {n}: expected rank < size"
+        )));
     }
     let whole = opts.tensors.is_empty() && opts.tp.is_none();
     let files: Vec<OutFile> = if whole {
         m.shards
             .iter()
             .enumerate()
-            .map(|(k, s)| OutFile { name: s.file.clone(), size: s.size, plan: Plan::Whole { shard: k } })
+            .map(|(k, s)| OutFile {
+                name: s.file.clone(),
+                size: s.size,
+                plan: Plan::Whole { shard: k },
+            })
             .collect()
     } else {
         plan_subset(&m, &selected, opts.tp)?
     };
 
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
-    let partial = inside(out, PARTIAL)?;
+    let partial = out.join(PARTIAL);
+    if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(CkptError::Invalid(format!(
+            "{}: is a link; refusing to write through it",
+            partial.display()
+        )));
+    }
     std::fs::create_dir_all(&partial).map_err(|e| io_err(&partial, e))?;
     // The state of an earlier pull into OUT counts only for the same manifest and selection.
     let key = blake3::hash(
-        format!("{}|{:?}|{:?}", blake3::hash(&body).to_hex(), opts.tensors, opts.tp).as_bytes(),
+        format!(
+            "{}|{:?}|{:?}",
+            blake3::hash(&body).to_hex(),
+            opts.tensors,
+            opts.tp
+        )
+        .as_bytes(),
     )
     .to_hex()
     .to_string();
@@ -365,8 +422,11 @@ pub async fn pull(
         .unwrap_or_default();
     let save_state = |done: &BTreeMap<String, String>| -> Result<(), CkptError> {
         let tmp = partial.join("state.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&serde_json::json!({"key": key, "done": done})).unwrap_or_default())
-            .map_err(|e| io_err(&tmp, e))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&serde_json::json!({"key": key, "done": done})).unwrap_or_default(),
+        )
+        .map_err(|e| io_err(&tmp, e))?;
         std::fs::rename(&tmp, &state_path).map_err(|e| io_err(&state_path, e))
     };
 
@@ -407,8 +467,13 @@ pub async fn pull(
             Plan::Whole { shard } => {
                 fetch_whole(loc, &m, *shard, &file, fresh, concurrency, progress).await
             }
-            Plan::Subset { shard, header, items } => {
-                file.write_all_at(header, 0).map_err(|e| io_err(&part_path, e))?;
+            Plan::Subset {
+                shard,
+                header,
+                items,
+            } => {
+                file.write_all_at(header, 0)
+                    .map_err(|e| io_err(&part_path, e))?;
                 fetch_subset(loc, &m, *shard, items, &file, concurrency, progress).await
             }
         };
@@ -421,6 +486,11 @@ pub async fn pull(
                 bad.extend(v);
                 continue;
             }
+            // A missing or unreadable shard: report it with the others, keep going.
+            Err(e @ CkptError::Store(_)) => {
+                bad.push(e.to_string());
+                continue;
+            }
             Err(e) => return Err(e),
         }
         drop(file);
@@ -428,7 +498,10 @@ pub async fn pull(
         if let Plan::Whole { shard } = f.plan
             && h != m.shards[shard].blake3
         {
-            bad.push(format!("{}: whole-file blake3 differs from the manifest", f.name));
+            bad.push(format!(
+                "{}: whole-file blake3 differs from the manifest",
+                f.name
+            ));
             continue;
         }
         std::fs::rename(&part_path, &final_path).map_err(|e| io_err(&final_path, e))?;
@@ -445,11 +518,19 @@ pub async fn pull(
             result.reused_bytes += fe.size;
             continue;
         }
-        let b = get_range(&loc.target, &layout::ckpt_file(&m.run, m.step, &fe.file), 0..fe.size).await?;
+        let b = get_range(
+            &loc.target,
+            &layout::ckpt_file(&m.run, m.step, &fe.file),
+            0..fe.size,
+        )
+        .await?;
         if blake3::hash(&b).to_hex().as_str() != fe.blake3 {
             return Err(CkptError::Bad(vec![format!(
                 "{}: file {} does not match the manifest's blake3",
-                loc.target.url_of(&loc.target.path(&layout::ckpt_file(&m.run, m.step, &fe.file))),
+                loc.target.url_of(
+                    &loc.target
+                        .path(&layout::ckpt_file(&m.run, m.step, &fe.file))
+                ),
                 fe.file
             )]));
         }
@@ -464,8 +545,10 @@ pub async fn pull(
     let ip = inside(out, HF_INDEX)?;
     std::fs::write(&ip, index).map_err(|e| io_err(&ip, e))?;
     let lp = inside(out, LOCAL_MANIFEST)?;
-    let local = serde_json::json!({"source": murl, "tensors": opts.tensors, "tp": opts.tp, "manifest": m});
-    std::fs::write(&lp, serde_json::to_vec_pretty(&local).unwrap_or_default()).map_err(|e| io_err(&lp, e))?;
+    let local =
+        serde_json::json!({"source": murl, "tensors": opts.tensors, "tp": opts.tp, "manifest": m});
+    std::fs::write(&lp, serde_json::to_vec_pretty(&local).unwrap_or_default())
+        .map_err(|e| io_err(&lp, e))?;
     let _ = std::fs::remove_dir(&partial);
     Ok(result)
 }
@@ -510,9 +593,13 @@ async fn fetch_whole(
                 let start = range.start;
                 let written = tokio::task::spawn_blocking(move || {
                     if blake3::hash(&b).to_hex().as_str() != want {
-                        return Err(format!("{url}: chunk {c} (bytes {}..{}) does not match the manifest", range.start, range.end));
+                        return Err(format!(
+                            "{url}: chunk {c} (bytes {}..{}) does not match the manifest",
+                            range.start, range.end
+                        ));
                     }
-                    file.write_all_at(&b, start).map_err(|e| format!("writing chunk {c} of {url}: {e}"))
+                    file.write_all_at(&b, start)
+                        .map_err(|e| format!("writing chunk {c} of {url}: {e}"))
                 })
                 .await
                 .map_err(|e| CkptError::Invalid(e.to_string()))?;
@@ -565,12 +652,11 @@ async fn fetch_subset(
             .step_by(m.chunk_bytes as usize)
             .map(|a| a..(a + m.chunk_bytes).min(t.end))
             .collect();
-        let parts: Vec<Result<bytes::Bytes, CkptError>> = futures::stream::iter(
-            pieces.into_iter().map(|r| get_range(&loc.target, &key, r)),
-        )
-        .buffered(concurrency)
-        .collect()
-        .await;
+        let parts: Vec<Result<bytes::Bytes, CkptError>> =
+            futures::stream::iter(pieces.into_iter().map(|r| get_range(&loc.target, &key, r)))
+                .buffered(concurrency)
+                .collect()
+                .await;
         let mut data = Vec::with_capacity((t.end - t.begin) as usize);
         for p in parts {
             let b = p?;
@@ -600,7 +686,10 @@ async fn fetch_subset(
             }
         };
         if bytes.len() as u64 != it.len {
-            return Err(CkptError::Invalid(format!("tensor {}: cut to the wrong size", t.name)));
+            return Err(CkptError::Invalid(format!(
+                "tensor {}: cut to the wrong size",
+                t.name
+            )));
         }
         file.write_all_at(&bytes, it.dst)
             .map_err(|e| CkptError::Invalid(format!("writing tensor {}: {e}", t.name)))?;

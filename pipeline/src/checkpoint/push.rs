@@ -126,9 +126,10 @@ pub async fn move_latest(
             .codec(POINTER_CODEC, Default::default())
             .section("pointer.json", &body, Compression::None)?
             .sign(id)?;
-        let bytes = signed.to_vec().map_err(|e| io_err(std::path::Path::new("LATEST"), e))?;
-        match store::put_cas(target, &path, Bytes::from(bytes), current.and_then(|c| c.1)).await
-        {
+        let bytes = signed
+            .to_vec()
+            .map_err(|e| io_err(std::path::Path::new("LATEST"), e))?;
+        match store::put_cas(target, &path, Bytes::from(bytes), current.and_then(|c| c.1)).await {
             Ok(_) => return Ok(true),
             Err(StoreError::Precondition { .. }) => continue,
             Err(e) => return Err(e.into()),
@@ -149,8 +150,8 @@ pub async fn push(
     opts: &PushOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Pushed, CkptError> {
-    let target = own_store(reg, id, Role::Aggregator, s3)
-        .map_err(|e| CkptError::Invalid(e.to_string()))?;
+    let target =
+        own_store(reg, id, Role::Aggregator, s3).map_err(|e| CkptError::Invalid(e.to_string()))?;
     let run = reg.run.clone();
     let inv = inventory(srcs)?;
     let shards = plan(&inv, opts.shard_size.max(1));
@@ -240,7 +241,9 @@ pub async fn push(
     if let Some(w) = opts.window {
         b = b.window(w);
     }
-    let signed = b.section("manifest.json", &body, Compression::Zstd)?.sign(id)?;
+    let signed = b
+        .section("manifest.json", &body, Compression::Zstd)?
+        .sign(id)?;
     let mkey = layout::ckpt_manifest(&run, opts.step);
     let mpath = target.path(&mkey);
     let murl = target.url_of(&mpath);

@@ -368,17 +368,40 @@ pub async fn put_create(
     if len <= SINGLE_PUT_MAX {
         let mut buf = vec![0u8; len as usize];
         src.read_at(0, &mut buf).map_err(|e| io_error(&object, e))?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        return match store.put_opts(path, PutPayload::from(buf), opts).await {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                same_or_conflict(target, path, src).await
+        let body = Bytes::from(buf);
+        // object_store does not retry a PUT whose body write failed (a pooled connection the
+        // server had closed): the request may have landed. A create-only PUT is safe to
+        // repeat, since a landed first attempt makes the retry find the same bytes.
+        let mut attempt = 0;
+        loop {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match store
+                .put_opts(path, PutPayload::from(body.clone()), opts)
+                .await
+            {
+                Ok(_) => return Ok(PutOutcome::Created),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return same_or_conflict(target, path, src).await;
+                }
+                Err(object_store::Error::Generic { source, .. }) if attempt < 3 => {
+                    // Some servers (s3s-fs) answer a create-only PUT onto an existing key
+                    // before reading the body and close the connection: a large body then
+                    // fails as a broken pipe instead of "already exists". Look before retrying.
+                    match store.head(path).await {
+                        Ok(_) => return same_or_conflict(target, path, src).await,
+                        Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(StoreError::from_store(&object, e)),
+                    }
+                    attempt += 1;
+                    tracing::warn!(object = %object, error = %source, attempt, "create-only PUT failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => return Err(StoreError::from_store(&object, e)),
             }
-            Err(e) => Err(StoreError::from_store(&object, e)),
-        };
+        }
     }
     match store.head(path).await {
         Ok(_) => return same_or_conflict(target, path, src).await,

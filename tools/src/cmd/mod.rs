@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_round;
+mod ckpt;
 mod demo;
 mod grad;
 mod keys;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Read a validator's published scores.
     #[command(subcommand)]
     Scores(validate::ScoresCommand),
+    /// Sharded checkpoints: push, pull, ls, verify, gc.
+    #[command(subcommand)]
+    Ckpt(ckpt::CkptCommand),
     /// Benchmarks with baselines measured side by side.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,6 +72,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Apply(a) => round::apply_cmd(ctx, a).await,
         Command::Validate(a) => validate::validate_cmd(ctx, a).await,
         Command::Scores(c) => validate::scores_cmd(ctx, c).await,
+        Command::Ckpt(c) => ckpt::run(ctx, c).await,
         Command::Bench(c) => bench::run(ctx, c).await,
         Command::Demo(a) => demo::demo(ctx, a).await,
     }

@@ -134,11 +134,13 @@ pub struct AggregateArgs {
 pub struct ApplyArgs {
     #[arg(long)]
     registry: String,
-    /// Base model (safetensors) holding θ after window --from-window.
+    /// Base model holding θ after window --from-window: a safetensors file, or a folder
+    /// (a pulled checkpoint: every *.safetensors in it).
     #[arg(long)]
     from: PathBuf,
+    /// Default for a pulled checkpoint folder: the window its manifest names.
     #[arg(long)]
-    from_window: u64,
+    from_window: Option<u64>,
     /// Last window to apply.
     #[arg(long)]
     through: u64,
@@ -379,9 +381,38 @@ pub fn load_dense(path: &std::path::Path) -> anyhow::Result<Dense> {
     Ok(out)
 }
 
+/// A base model from a file or a pulled checkpoint folder, and the folder's window.
+fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)> {
+    if !path.is_dir() {
+        return Ok((load_dense(path)?, None));
+    }
+    let mut base = Dense::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot list", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for f in files {
+        base.extend(load_dense(&f)?);
+    }
+    let manifest = path.join(shardrop::checkpoint::LOCAL_MANIFEST);
+    let window = std::fs::read(&manifest)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["manifest"]["window"].as_u64());
+    Ok((base, window))
+}
+
 pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
-    let base = load_dense(&a.from)?;
+    let (base, ckpt_window) = load_base(&a.from)?;
+    let from_window = a.from_window.or(ckpt_window).with_context(|| {
+        format!(
+            "{}: give --from-window (the last window already in this base)",
+            a.from.display()
+        )
+    })?;
     for t in &reg.model.tensors {
         match base.get(&t.name) {
             Some((shape, _)) if *shape == t.shape => {}
@@ -399,7 +430,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         .collect();
     let mut theta: BTreeMap<String, Vec<f32>> =
         base.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, a.from_window + 1, a.through).await?;
+    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, from_window + 1, a.through).await?;
     let dense: Dense = theta
         .into_iter()
         .map(|(k, v)| (k.clone(), (shapes[&k].clone(), v)))
@@ -408,10 +439,10 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write", a.out.display()))?;
     out::emit(
         ctx,
-        &serde_json::json!({"out": a.out.display().to_string(), "applied": applied, "from_window": a.from_window, "through": a.through}),
+        &serde_json::json!({"out": a.out.display().to_string(), "applied": applied, "from_window": from_window, "through": a.through}),
         &format!(
             "applied {applied} aggregate(s) (windows {}..={}) -> {}",
-            a.from_window + 1,
+            from_window + 1,
             a.through,
             a.out.display()
         ),

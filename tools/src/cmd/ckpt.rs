@@ -1,0 +1,337 @@
+//! `ckpt push|pull|ls|verify|gc`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use shardrop::checkpoint::admin::{gc, list, verify};
+use shardrop::checkpoint::pull::{PullOptions, locate, pull};
+use shardrop::checkpoint::push::{PushOptions, push};
+use shardrop::identity::PeerId;
+use shardrop::registry::{Registry, Role};
+
+use super::{Ctx, keys};
+use crate::out;
+
+#[derive(Subcommand)]
+pub enum CkptCommand {
+    /// Pack safetensors (files or an HF model folder) into shards and push them with a signed manifest.
+    Push(PushArgs),
+    /// Fetch and verify a checkpoint into an HF-loadable folder (resumable).
+    Pull(PullArgs),
+    /// List a run's checkpoints.
+    Ls(LsArgs),
+    /// Verify every byte of a checkpoint in the store; report every bad object.
+    Verify(VerifyArgs),
+    /// Delete old checkpoints and the per-window objects older than the oldest kept one.
+    Gc(GcArgs),
+}
+
+/// Sizes like 2GiB, 512MiB, 100M, 4096.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mul: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("bad size unit in {s:?}")),
+    };
+    Ok((n * mul as f64) as u64)
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// Safetensors files, or one Hugging Face model folder.
+    #[arg(required = true)]
+    src: Vec<PathBuf>,
+    #[arg(long)]
+    registry: String,
+    /// The aggregator's key (checkpoints go into its store).
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    step: u64,
+    /// The last window whose aggregate these parameters include (catch-up starts after it).
+    #[arg(long)]
+    window: Option<u64>,
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    shard_size: u64,
+    /// Shards uploaded at once (each in 4 parallel multipart parts).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+/// Where a checkpoint is and who signed it.
+#[derive(Args)]
+pub struct From {
+    /// `latest` (needs --registry) or a manifest URL (…/runs/RUN/ckpt/STEP/manifest).
+    what: String,
+    /// The run's registry: the signer must be its aggregator.
+    #[arg(long)]
+    registry: Option<String>,
+    /// Or the signer's peer id.
+    #[arg(long)]
+    signer: Option<String>,
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    from: From,
+    /// The folder to write (created if missing; nothing is written outside it).
+    out: PathBuf,
+    /// Only tensors matching these globs (ranged reads of the shards).
+    #[arg(long, num_args = 1..)]
+    tensors: Vec<String>,
+    #[arg(long, requires = "tp_size")]
+    tp_rank: Option<u64>,
+    #[arg(long, requires = "tp_rank")]
+    tp_size: Option<u64>,
+    /// Ranged GETs in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    /// The run's registry URL.
+    registry: String,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    from: From,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+pub struct GcArgs {
+    /// The run's registry URL.
+    registry: String,
+    /// The aggregator's key (gc deletes in its own store only).
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    keep: usize,
+    /// Say what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub async fn run(ctx: &Ctx, c: CkptCommand) -> anyhow::Result<()> {
+    match c {
+        CkptCommand::Push(a) => push_cmd(ctx, a).await,
+        CkptCommand::Pull(a) => pull_cmd(ctx, a).await,
+        CkptCommand::Ls(a) => ls_cmd(ctx, a).await,
+        CkptCommand::Verify(a) => verify_cmd(ctx, a).await,
+        CkptCommand::Gc(a) => gc_cmd(ctx, a).await,
+    }
+}
+
+async fn push_cmd(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let total: u64 = a.src.iter().map(|p| dir_bytes(p)).sum();
+    let bar = out::bytes_bar(ctx, total, "push");
+    let started = std::time::Instant::now();
+    let opts = PushOptions {
+        step: a.step,
+        window: a.window,
+        shard_size: a.shard_size,
+        concurrency: a.concurrency,
+    };
+    let p = push(&reg, &id, &ctx.s3, &a.src, &opts, &|n| bar.inc(n)).await?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let mut json = serde_json::to_value(&p)?;
+    json["seconds"] = secs.into();
+    json["mib_per_s"] = (p.bytes as f64 / (1 << 20) as f64 / secs).into();
+    out::emit(
+        ctx,
+        &json,
+        &format!(
+            "step {}: {} shards, {} tensors, {} files, {:.1} MiB in {secs:.1} s{}{} -> {}{}",
+            p.step,
+            p.shards,
+            p.tensors,
+            p.files,
+            p.bytes as f64 / (1 << 20) as f64,
+            if p.skipped_shards > 0 {
+                format!(" ({} shards already there)", p.skipped_shards)
+            } else {
+                String::new()
+            },
+            if p.already_published {
+                " (already published)"
+            } else {
+                ""
+            },
+            p.manifest,
+            if p.latest {
+                "; LATEST points here"
+            } else {
+                "; LATEST is newer"
+            }
+        ),
+    );
+    Ok(())
+}
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                    .sum()
+            })
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+async fn located(ctx: &Ctx, f: &From) -> anyhow::Result<shardrop::checkpoint::pull::Located> {
+    let reg = match &f.registry {
+        Some(r) => Some(Registry::load(r, &ctx.s3, None).await?.0),
+        None => None,
+    };
+    let signer = f.signer.as_deref().map(PeerId::parse).transpose()?;
+    Ok(locate(&f.what, reg.as_ref(), signer, &ctx.s3).await?)
+}
+
+async fn pull_cmd(ctx: &Ctx, a: PullArgs) -> anyhow::Result<()> {
+    let loc = located(ctx, &a.from).await?;
+    let (m, _, _) = shardrop::checkpoint::pull::fetch_manifest(&loc).await?;
+    let bar = out::bytes_bar(ctx, m.total_bytes(), "pull");
+    let started = std::time::Instant::now();
+    let opts = PullOptions {
+        tensors: a.tensors.clone(),
+        tp: a.tp_rank.zip(a.tp_size),
+        concurrency: a.concurrency,
+    };
+    let p = pull(&loc, &a.out, &opts, &|n| bar.inc(n)).await?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let mut json = serde_json::to_value(&p)?;
+    json["seconds"] = secs.into();
+    json["mib_per_s"] = (p.fetched_bytes as f64 / (1 << 20) as f64 / secs).into();
+    out::emit(
+        ctx,
+        &json,
+        &format!(
+            "step {}: {} files, {} tensors verified into {} ({:.1} MiB fetched, {:.1} MiB already there) in {secs:.1} s",
+            p.step,
+            p.files,
+            p.tensors,
+            p.out,
+            p.fetched_bytes as f64 / (1 << 20) as f64,
+            p.reused_bytes as f64 / (1 << 20) as f64
+        ),
+    );
+    Ok(())
+}
+
+async fn aggregator_of(
+    ctx: &Ctx,
+    registry: &str,
+) -> anyhow::Result<(Registry, shardrop::store::Target, PeerId)> {
+    let (reg, _) = Registry::load(registry, &ctx.s3, None).await?;
+    let a = reg
+        .with_role(Role::Aggregator)
+        .first()
+        .copied()
+        .cloned()
+        .with_context(|| format!("run {} has no aggregator", reg.run))?;
+    let target = reg.open_store(&a, &ctx.s3)?;
+    Ok((reg, target, PeerId::parse(&a.peer)?))
+}
+
+async fn ls_cmd(ctx: &Ctx, a: LsArgs) -> anyhow::Result<()> {
+    let (reg, target, peer) = aggregator_of(ctx, &a.registry).await?;
+    let infos = list(&target, &reg.run, &peer).await?;
+    let mut text = format!(
+        "{:>12} {:>8} {:>7} {:>8} {:>12}  status\n",
+        "step", "window", "shards", "tensors", "MiB"
+    );
+    for i in &infos {
+        text += &format!(
+            "{:>12} {:>8} {:>7} {:>8} {:>12.1}  {}{}\n",
+            i.step,
+            i.window.map_or("-".into(), |w| w.to_string()),
+            i.shards,
+            i.tensors,
+            i.bytes as f64 / (1 << 20) as f64,
+            match (&i.problem, i.complete) {
+                (Some(p), _) => format!("BAD MANIFEST: {p}"),
+                (None, true) => "complete".into(),
+                (None, false) => "incomplete (no manifest)".into(),
+            },
+            if i.latest { " <- LATEST" } else { "" }
+        );
+    }
+    out::emit(ctx, &serde_json::to_value(&infos)?, text.trim_end());
+    Ok(())
+}
+
+async fn verify_cmd(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<()> {
+    let loc = located(ctx, &a.from).await?;
+    let r = verify(&loc, a.concurrency).await?;
+    let text = if r.bad.is_empty() {
+        format!(
+            "{}: ok ({} shards, {} files, {:.1} MiB verified)",
+            r.manifest,
+            r.shards,
+            r.files,
+            r.bytes as f64 / (1 << 20) as f64
+        )
+    } else {
+        format!(
+            "{}: {} problem(s)\n  {}",
+            r.manifest,
+            r.bad.len(),
+            r.bad.join("\n  ")
+        )
+    };
+    out::emit(ctx, &serde_json::to_value(&r)?, &text);
+    if !r.bad.is_empty() {
+        bail!("checkpoint step {} failed verification", r.step);
+    }
+    Ok(())
+}
+
+async fn gc_cmd(ctx: &Ctx, a: GcArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let me = id.peer_id();
+    let entry = reg
+        .participant(&me, Role::Aggregator)
+        .with_context(|| format!("{me} is not the aggregator of run {}", reg.run))?;
+    let target = reg.open_store(entry, &ctx.s3)?;
+    let r = gc(&target, &reg.run, &me, a.keep, a.dry_run).await?;
+    let text = format!(
+        "{}kept steps {:?}; deleted checkpoints {:?}{}; {} object(s){}",
+        if r.dry_run { "dry run: " } else { "" },
+        r.kept,
+        r.deleted_checkpoints,
+        r.windows_before.map_or(String::new(), |w| format!(
+            " and per-window objects before window {w}"
+        )),
+        r.deleted_objects,
+        if r.dry_run {
+            " would be deleted"
+        } else {
+            " deleted"
+        }
+    );
+    out::emit(ctx, &serde_json::to_value(&r)?, &text);
+    Ok(())
+}
