@@ -230,8 +230,10 @@ async fn injected_faults_are_errors_not_data() {
         open(&f, "x.grad").await.is_ok(),
         "the second call is not faulted"
     );
-    // A failing put leaves nothing behind; the retry then creates the object.
-    let f = t.wrap(Arc::new(Faults::new(
+    // A create-only put retries a failed request itself (safe: a landed attempt would be
+    // found identical); when every attempt fails it leaves nothing behind, and a later
+    // call creates the object.
+    let once = t.wrap(Arc::new(Faults::new(
         1,
         vec![FaultRule {
             op: Some(Op::Put),
@@ -241,6 +243,16 @@ async fn injected_faults_are_errors_not_data() {
         }],
     )));
     let signed = envelope(1000);
+    assert!(put_create(&once, &once.path("z.grad"), &signed).await.is_ok());
+    let f = t.wrap(Arc::new(Faults::new(
+        1,
+        vec![FaultRule {
+            op: Some(Op::Put),
+            path_contains: None,
+            calls: Calls::Nth(vec![1, 2, 3, 4]),
+            action: FaultAction::Fail,
+        }],
+    )));
     assert!(put_create(&f, &f.path("y.grad"), &signed).await.is_err());
     assert!(f.store.head(&f.path("y.grad")).await.is_err());
     assert!(put_create(&f, &f.path("y.grad"), &signed).await.is_ok());
