@@ -243,7 +243,11 @@ async fn injected_faults_are_errors_not_data() {
         }],
     )));
     let signed = envelope(1000);
-    assert!(put_create(&once, &once.path("z.grad"), &signed).await.is_ok());
+    assert!(
+        put_create(&once, &once.path("z.grad"), &signed)
+            .await
+            .is_ok()
+    );
     let f = t.wrap(Arc::new(Faults::new(
         1,
         vec![FaultRule {

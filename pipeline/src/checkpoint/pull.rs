@@ -441,74 +441,88 @@ pub async fn pull(
         written_bytes: 0,
     };
     let concurrency = opts.concurrency.max(1);
-    let mut bad = Vec::new();
-    for f in &files {
-        let final_path = inside(out, &f.name)?;
-        if let Some(h) = done.get(&f.name)
-            && blake3_file(&final_path).ok().as_ref() == Some(h)
-        {
-            result.reused_bytes += f.size;
-            progress(f.size);
-            continue;
+    // One budget of GETs in flight across all files, so shard boundaries never drain the
+    // pipeline; files finish (and are renamed and recorded) independently.
+    let gets = tokio::sync::Semaphore::new(concurrency);
+    let done_m = std::sync::Mutex::new(&mut done);
+    let fetch = Fetch {
+        loc,
+        m: &m,
+        gets: &gets,
+        concurrency,
+        progress,
+    };
+    let (done_r, partial_r, save_r, cx_r) = (&done_m, &partial, &save_state, &fetch);
+    let one_file = futures::stream::iter(files.iter().map(|f| {
+        let (done_m, partial, save_state, cx) = (done_r, partial_r, save_r, cx_r);
+        let m = cx.m;
+        async move {
+            let final_path = inside(out, &f.name)?;
+            let recorded = done_m.lock().ok().and_then(|d| d.get(&f.name).cloned());
+            if let Some(h) = recorded
+                && blake3_file(&final_path).ok() == Some(h)
+            {
+                progress(f.size);
+                return Ok::<_, CkptError>((0u64, f.size, 0u64));
+            }
+            let part_path = partial.join(format!("{}.part", f.name));
+            let fresh = !part_path.exists();
+            let file = Arc::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&part_path)
+                    .map_err(|e| io_err(&part_path, e))?,
+            );
+            file.set_len(f.size).map_err(|e| io_err(&part_path, e))?;
+            let (fetched, reused) = match &f.plan {
+                Plan::Whole { shard } => fetch_whole(cx, *shard, &file, fresh).await?,
+                Plan::Subset {
+                    shard,
+                    header,
+                    items,
+                } => {
+                    file.write_all_at(header, 0)
+                        .map_err(|e| io_err(&part_path, e))?;
+                    fetch_subset(cx, *shard, items, &file).await?
+                }
+            };
+            drop(file);
+            // A whole shard whose every chunk matched is the manifest's file; a new shard of
+            // a partial pull is hashed once for the resume record.
+            let h = match f.plan {
+                Plan::Whole { shard } => m.shards[shard].blake3.clone(),
+                Plan::Subset { .. } => {
+                    blake3_file(&part_path).map_err(|e| io_err(&part_path, e))?
+                }
+            };
+            std::fs::rename(&part_path, &final_path).map_err(|e| io_err(&final_path, e))?;
+            if let Ok(mut d) = done_m.lock() {
+                d.insert(f.name.clone(), h);
+                save_state(&d)?;
+            }
+            Ok((fetched, reused, f.size))
         }
-        let part_path = partial.join(format!("{}.part", f.name));
-        let fresh = !part_path.exists();
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&part_path)
-                .map_err(|e| io_err(&part_path, e))?,
-        );
-        file.set_len(f.size).map_err(|e| io_err(&part_path, e))?;
-        let outcome = match &f.plan {
-            Plan::Whole { shard } => {
-                fetch_whole(loc, &m, *shard, &file, fresh, concurrency, progress).await
-            }
-            Plan::Subset {
-                shard,
-                header,
-                items,
-            } => {
-                file.write_all_at(header, 0)
-                    .map_err(|e| io_err(&part_path, e))?;
-                fetch_subset(loc, &m, *shard, items, &file, concurrency, progress).await
-            }
-        };
-        match outcome {
-            Ok((fetched, reused)) => {
+    }));
+    let outcomes: Vec<Result<(u64, u64, u64), CkptError>> =
+        one_file.buffer_unordered(8).collect().await;
+    let mut bad = Vec::new();
+    for o in outcomes {
+        match o {
+            Ok((fetched, reused, written)) => {
                 result.fetched_bytes += fetched;
                 result.reused_bytes += reused;
+                result.written_bytes += written;
             }
-            Err(CkptError::Bad(v)) => {
-                bad.extend(v);
-                continue;
-            }
-            // A missing or unreadable shard: report it with the others, keep going.
-            Err(e @ CkptError::Store(_)) => {
-                bad.push(e.to_string());
-                continue;
-            }
+            Err(CkptError::Bad(v)) => bad.extend(v),
+            // A missing or unreadable shard: report it with the others.
+            Err(e @ CkptError::Store(_)) => bad.push(e.to_string()),
             Err(e) => return Err(e),
         }
-        drop(file);
-        let h = blake3_file(&part_path).map_err(|e| io_err(&part_path, e))?;
-        if let Plan::Whole { shard } = f.plan
-            && h != m.shards[shard].blake3
-        {
-            bad.push(format!(
-                "{}: whole-file blake3 differs from the manifest",
-                f.name
-            ));
-            continue;
-        }
-        std::fs::rename(&part_path, &final_path).map_err(|e| io_err(&final_path, e))?;
-        result.written_bytes += f.size;
-        done.insert(f.name.clone(), h);
-        save_state(&done)?;
     }
+    bad.sort();
     if !bad.is_empty() {
         return Err(CkptError::Bad(bad));
     }
@@ -553,17 +567,87 @@ pub async fn pull(
     Ok(result)
 }
 
+/// What every fetch of one pull shares.
+#[derive(Clone, Copy)]
+struct Fetch<'a> {
+    loc: &'a Located,
+    m: &'a Manifest,
+    /// GETs in flight across all files.
+    gets: &'a tokio::sync::Semaphore,
+    concurrency: usize,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+/// GETs `range` of `key`, writing each piece at its offset in `file` and hashing as it
+/// goes; fails (naming the object and bytes) if the body is short or the hash differs.
+async fn stream_range(
+    target: &Target,
+    key: &str,
+    range: std::ops::Range<u64>,
+    file: &File,
+    want: &str,
+) -> Result<(), CkptError> {
+    let path = target.path(key);
+    let url = target.url_of(&path);
+    let got = target
+        .store
+        .get_opts(
+            &path,
+            GetOptions {
+                range: Some(GetRange::Bounded(range.clone())),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))?;
+    let mut body = got.into_stream();
+    let mut hasher = blake3::Hasher::new();
+    let mut off = range.start;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| StoreError::from_store(&url, e))?;
+        if off + piece.len() as u64 > range.end {
+            return Err(CkptError::Bad(vec![format!(
+                "{url}: bytes {}..{} came back longer than asked",
+                range.start, range.end
+            )]));
+        }
+        hasher.update(&piece);
+        file.write_all_at(&piece, off)
+            .map_err(|e| CkptError::Invalid(format!("writing {url} bytes at {off}: {e}")))?;
+        off += piece.len() as u64;
+    }
+    if off != range.end {
+        return Err(CkptError::Bad(vec![format!(
+            "{url}: bytes {}..{} came back {} bytes long (truncated object?)",
+            range.start,
+            range.end,
+            off - range.start
+        )]));
+    }
+    if hasher.finalize().to_hex().as_str() != want {
+        return Err(CkptError::Bad(vec![format!(
+            "{url}: bytes {}..{} do not match the manifest's chunk hash",
+            range.start, range.end
+        )]));
+    }
+    Ok(())
+}
+
 /// Fetches a whole shard chunk by chunk; chunks a killed run already wrote correctly are
 /// kept. Returns `(fetched, reused)` bytes.
 async fn fetch_whole(
-    loc: &Located,
-    m: &Manifest,
+    cx: &Fetch<'_>,
     shard: usize,
     file: &Arc<File>,
     fresh: bool,
-    concurrency: usize,
-    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(u64, u64), CkptError> {
+    let Fetch {
+        loc,
+        m,
+        gets,
+        concurrency,
+        progress,
+    } = *cx;
     let s = &m.shards[shard];
     let key = layout::ckpt_object(&m.run, m.step, &s.file);
     let url = loc.target.url_of(&loc.target.path(&key));
@@ -589,21 +673,20 @@ async fn fetch_whole(
                         return Ok((0, n));
                     }
                 }
-                let b = get_range(&loc.target, &key, range.clone()).await?;
-                let start = range.start;
-                let written = tokio::task::spawn_blocking(move || {
-                    if blake3::hash(&b).to_hex().as_str() != want {
-                        return Err(format!(
-                            "{url}: chunk {c} (bytes {}..{}) does not match the manifest",
-                            range.start, range.end
-                        ));
-                    }
-                    file.write_all_at(&b, start)
-                        .map_err(|e| format!("writing chunk {c} of {url}: {e}"))
-                })
-                .await
-                .map_err(|e| CkptError::Invalid(e.to_string()))?;
-                written.map_err(|e| CkptError::Bad(vec![e]))?;
+                // Streamed: each piece is hashed and written where it belongs as it
+                // arrives (no chunk-sized buffer, no extra copy); the chunk counts only
+                // once its hash matches, and the file keeps its .part name until every
+                // chunk does.
+                let _permit = gets
+                    .acquire()
+                    .await
+                    .map_err(|e| CkptError::Invalid(e.to_string()))?;
+                stream_range(&loc.target, &key, range.clone(), &file, &want)
+                    .await
+                    .map_err(|e| match e {
+                        CkptError::Bad(_) | CkptError::Store(_) => e,
+                        other => CkptError::Bad(vec![format!("{url}: chunk {c}: {other}")]),
+                    })?;
                 progress(n);
                 Ok((n, 0))
             }
@@ -634,14 +717,18 @@ async fn fetch_whole(
 /// Fetches the selected tensors of one shard, each verified against its tensor hash, then
 /// cut (tensor parallelism) and written at its place in the new shard.
 async fn fetch_subset(
-    loc: &Located,
-    m: &Manifest,
+    cx: &Fetch<'_>,
     shard: usize,
     items: &[Item],
     file: &Arc<File>,
-    concurrency: usize,
-    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(u64, u64), CkptError> {
+    let Fetch {
+        loc,
+        m,
+        gets,
+        concurrency,
+        progress,
+    } = *cx;
     let key = layout::ckpt_object(&m.run, m.step, &m.shards[shard].file);
     let url = loc.target.url_of(&loc.target.path(&key));
     let mut fetched = 0;
@@ -653,10 +740,19 @@ async fn fetch_subset(
             .map(|a| a..(a + m.chunk_bytes).min(t.end))
             .collect();
         let parts: Vec<Result<bytes::Bytes, CkptError>> =
-            futures::stream::iter(pieces.into_iter().map(|r| get_range(&loc.target, &key, r)))
-                .buffered(concurrency)
-                .collect()
-                .await;
+            futures::stream::iter(pieces.into_iter().map(|r| {
+                let key = &key;
+                async move {
+                    let _permit = gets
+                        .acquire()
+                        .await
+                        .map_err(|e| CkptError::Invalid(e.to_string()))?;
+                    get_range(&loc.target, key, r).await
+                }
+            }))
+            .buffered(concurrency)
+            .collect()
+            .await;
         let mut data = Vec::with_capacity((t.end - t.begin) as usize);
         for p in parts {
             let b = p?;

@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Codec(CodecBench),
     /// One window with many miners: aggregation time vs a plain parallel download.
     Round(super::bench_round::RoundBench),
+    /// Checkpoint push and pull vs rclone, the AWS CLI, boto3 + safetensors and raw GETs.
+    Ckpt(super::bench_ckpt::CkptBench),
 }
 
 #[derive(Args)]
@@ -64,6 +66,36 @@ pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> anyhow::Result<()> {
             let report = tokio::task::spawn_blocking(move || codec_bench(a)).await??;
             let text = render(&report);
             out::emit(ctx, &report, &text);
+            Ok(())
+        }
+        BenchCommand::Ckpt(a) => {
+            let r = super::bench_ckpt::ckpt_bench(ctx, a).await?;
+            let mut text = format!(
+                "checkpoint bench: {:.0} MiB through {}\n{:<6} {:<48} {:>8} {:>9} {:>18}\n",
+                r["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                r["store"].as_str().unwrap_or("?"),
+                "phase",
+                "tool",
+                "seconds",
+                "MiB/s",
+                "shardrop faster by"
+            );
+            for row in r["rows"].as_array().into_iter().flatten() {
+                text += &format!(
+                    "{:<6} {:<48} {:>8.2} {:>9.0} {:>17.2}x\n",
+                    row["phase"].as_str().unwrap_or(""),
+                    row["tool"].as_str().unwrap_or(""),
+                    row["seconds"].as_f64().unwrap_or(0.0),
+                    row["mib_per_s"].as_f64().unwrap_or(0.0),
+                    row["shardrop_speedup"].as_f64().unwrap_or(0.0)
+                );
+            }
+            text += &format!(
+                "pull: {:.2}x the fastest baseline's speed; {:.2}x the raw parallel GET's time\n",
+                r["pull_vs_fastest_baseline"].as_f64().unwrap_or(0.0),
+                r["pull_over_raw_get"].as_f64().unwrap_or(0.0)
+            );
+            out::emit(ctx, &r, &text);
             Ok(())
         }
         BenchCommand::Round(a) => {

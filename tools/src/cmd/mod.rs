@@ -1,6 +1,7 @@
 //! Subcommands.
 
 mod bench;
+mod bench_ckpt;
 mod bench_round;
 mod ckpt;
 mod demo;
