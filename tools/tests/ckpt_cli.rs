@@ -1,0 +1,241 @@
+//! `shardrop ckpt` as a user runs it against the local S3 server: push → kill → resume →
+//! ls → pull → kill → resume → verify → corrupt → verify fails → gc --dry-run → apply from
+//! the pulled folder.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use object_store::ObjectStoreExt;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn shardrop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(args)
+        .output()
+        .expect("run shardrop")
+}
+
+fn ok_json(out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+/// Starts a command and kills it after `ms` (whether or not it has finished).
+fn start_and_kill(args: &[&str], ms: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn shardrop");
+    std::thread::sleep(Duration::from_millis(ms));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let bufs: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| {
+            (0..(16usize << 20))
+                .map(|j| ((j / 4) as u8) ^ i.wrapping_mul(37) ^ (j >> 12) as u8 & 0x3f)
+                .collect()
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            (
+                format!("layer.{i}.weight"),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1024, 4096], b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("config.json"), b"{\"hidden_size\": 4096}").unwrap();
+}
+
+fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let b = std::fs::read(&p).unwrap();
+            for (n, v) in SafeTensors::deserialize(&b).unwrap().tensors() {
+                out.insert(n, v.data().to_vec());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_kill_resume_pull_kill_resume_verify_gc_apply() {
+    let s3 = match std::env::var("SHARDROP_TEST_S3") {
+        Ok(u) => u,
+        Err(_) => {
+            assert!(
+                std::env::var("SHARDROP_S3_REQUIRED").is_err(),
+                "SHARDROP_TEST_S3 missing"
+            );
+            return;
+        }
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let base = format!("{s3}/ckpt-cli-{}-{nanos}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).display().to_string();
+    let src = tmp.path().join("src");
+    model(&src);
+    let op = ok_json(shardrop(&["keygen", "--out", &t("op.key"), "--json"]));
+    let _ = op;
+    let agg = ok_json(shardrop(&["keygen", "--out", &t("agg.key"), "--json"]));
+    let reg = ok_json(shardrop(&[
+        "run",
+        "init",
+        "--run",
+        "ckcli",
+        "--key",
+        &t("op.key"),
+        "--store",
+        &format!("{base}/op"),
+        "--model",
+        &format!("{}/model.safetensors", src.display()),
+        "--json",
+    ]))["registry"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok_json(shardrop(&[
+        "run",
+        "add",
+        "--registry",
+        &reg,
+        "--key",
+        &t("op.key"),
+        "--role",
+        "aggregator",
+        "--peer",
+        agg["peer_id"].as_str().unwrap(),
+        "--store",
+        &format!("{base}/agg"),
+        "--json",
+    ]));
+    let push_args = [
+        "ckpt",
+        "push",
+        src.to_str().unwrap(),
+        "--registry",
+        &reg,
+        "--key",
+        &t("agg.key"),
+        "--step",
+        "5",
+        "--window",
+        "4",
+        "--shard-size",
+        "16MiB",
+        "--json",
+    ];
+    start_and_kill(&push_args, 400);
+    let pushed = ok_json(shardrop(&push_args));
+    assert_eq!(pushed["shards"], 3);
+    assert_eq!(pushed["latest"], true);
+    let ls = ok_json(shardrop(&["ckpt", "ls", &reg, "--json"]));
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(
+        (
+            ls[0]["step"].as_u64(),
+            ls[0]["complete"].as_bool(),
+            ls[0]["latest"].as_bool()
+        ),
+        (Some(5), Some(true), Some(true))
+    );
+
+    let out = t("out");
+    let pull_args = ["ckpt", "pull", "latest", &out, "--registry", &reg, "--json"];
+    start_and_kill(&pull_args, 300);
+    let pulled = ok_json(shardrop(&pull_args));
+    assert_eq!(pulled["window"], 4);
+    assert_eq!(tensors(Path::new(&out)), tensors(&src));
+    assert!(
+        pulled["fetched_bytes"].as_u64().unwrap() + pulled["reused_bytes"].as_u64().unwrap()
+            >= 48 << 20
+    );
+    let verified = ok_json(shardrop(&[
+        "ckpt",
+        "verify",
+        "latest",
+        "--registry",
+        &reg,
+        "--json",
+    ]));
+    assert_eq!(verified["bad"], serde_json::json!([]));
+
+    // Corrupt one shard in the bucket: verify names it and fails.
+    let store = shardrop::store::open(&format!("{base}/agg"), &Default::default()).unwrap();
+    let key = store.path("runs/ckcli/ckpt/000000000005/00001.safetensors");
+    let mut b = store
+        .store
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    b[1 << 20] ^= 1;
+    store.store.put(&key, b.into()).await.unwrap();
+    let bad = shardrop(&["ckpt", "verify", "latest", "--registry", &reg]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("00001.safetensors"));
+
+    let gc = ok_json(shardrop(&[
+        "ckpt",
+        "gc",
+        &reg,
+        "--key",
+        &t("agg.key"),
+        "--keep",
+        "1",
+        "--dry-run",
+        "--json",
+    ]));
+    assert_eq!(gc["kept"], serde_json::json!([5]));
+    assert_eq!(gc["deleted_objects"], 0);
+
+    // The pulled folder is a catch-up base: its manifest names the window.
+    let applied = ok_json(shardrop(&[
+        "apply",
+        "--registry",
+        &reg,
+        "--from",
+        &out,
+        "--through",
+        "4",
+        &t("theta.safetensors"),
+        "--json",
+    ]));
+    assert_eq!(applied["from_window"], 4);
+    assert_eq!(applied["applied"], 0);
+    let theta = tensors(tmp.path())
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("layer."))
+        .count();
+    assert_eq!(theta, 3);
+}
