@@ -283,7 +283,7 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         "--dir",
         dir.to_str().unwrap(),
         "--windows",
-        "3",
+        "4",
         "--window-secs",
         "2",
         "--miners",
@@ -294,27 +294,55 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let j = json(&out);
     assert_eq!(j["ok"], true);
     let windows = j["windows"].as_array().unwrap();
-    assert_eq!(windows.len(), 3);
+    assert_eq!(windows.len(), 4);
     assert!(j["final_loss"].as_f64().unwrap() < 0.5 * j["initial_loss"].as_f64().unwrap());
-    for w in windows {
-        assert_eq!(w["accepted"], 3);
-        assert_eq!(
-            w["reasons"]["duplicate"], 1,
-            "the copier is caught every window"
-        );
+    // The adversary copies, sends noise, publishes late, copies: caught each time.
+    let expect = [
+        ("copy", "duplicate"),
+        ("noise", "clipped"),
+        ("late", "late"),
+        ("copy", "duplicate"),
+    ];
+    for (w, (attack, reason)) in windows.iter().zip(expect) {
+        assert_eq!(w["adversary"]["attack"], attack);
+        assert_eq!(w["adversary"]["reason"], reason, "{w}");
+        assert_eq!(w["adversary"]["caught"], true);
+        assert_eq!(w["reasons"][reason], 1);
     }
-    assert_eq!(j["copier"]["caught_windows"], 3);
+    assert_eq!(j["adversary"]["caught_windows"], 4);
+    // The late joiner bootstrapped from the checkpoint of window 1 and replayed window 2.
+    let lj = &j["late_joiner"];
+    assert_eq!(
+        (
+            lj["joined_window"].as_u64(),
+            lj["checkpoint_window"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+    assert_eq!(
+        (lj["replayed"].as_u64(), lj["matches"].as_bool()),
+        (Some(1), Some(true))
+    );
+    assert_eq!(
+        windows[3]["accepted"], 4,
+        "three miners and the late joiner"
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("chart.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
     assert!(dir.join("keys/operator.key").exists());
     assert!(dir.join("summary.json").exists());
     // The registry it made verifies from the CLI.
     let reg = j["registry"].as_str().unwrap();
     let show = shardrop(&["run", "show", "--registry", reg, "--json"]);
     assert!(show.status.success(), "{}", stderr(&show));
-    assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 6);
+    assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 7);
     // The validator's tables, read back and verified from the CLI.
     for w in windows {
         let weights = w["weights"].as_object().unwrap();
-        assert_eq!(weights["copier"], 0.0);
+        assert_eq!(weights["adversary"], 0.0);
         let total: f64 = weights.values().map(|v| v.as_f64().unwrap()).sum();
         assert!((total - 1.0).abs() < 1e-9, "{weights:?}");
     }
@@ -322,10 +350,10 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     assert!(shown.status.success(), "{}", stderr(&shown));
     let shown = json(&shown);
     assert_eq!(shown.as_array().unwrap().len(), 2);
-    assert_eq!(shown[1]["window"], 2);
+    assert_eq!(shown[1]["window"], 3);
     let rows = shown[1]["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4);
-    let copier = j["copier"]["peer"].as_str().unwrap();
+    assert_eq!(rows.len(), 5);
+    let copier = j["adversary"]["peer"].as_str().unwrap();
     let c = rows.iter().find(|r| r["peer"] == copier).unwrap();
     assert_eq!(
         (c["copier"].as_bool(), c["weight"].as_f64()),
@@ -334,7 +362,18 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let text = shardrop(&["scores", "show", reg, "--window", "0"]);
     assert!(text.status.success(), "{}", stderr(&text));
     assert!(String::from_utf8_lossy(&text.stdout).contains("rejected:duplicate"));
-    let honest = rows.iter().find(|r| r["peer"] != copier).unwrap()["peer"]
+    let honest = rows
+        .iter()
+        .find(|r| {
+            r["peer"] != copier
+                && r["present"] == true
+                && shown[0]["rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["peer"] == r["peer"] && x["present"] == true)
+        })
+        .unwrap()["peer"]
         .as_str()
         .unwrap()
         .to_string();
@@ -347,8 +386,11 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         .iter()
         .map(|r| r["rating"].as_f64().unwrap())
         .collect();
-    assert_eq!(ratings.len(), 3);
-    assert!(ratings.windows(2).all(|p| p[1] > p[0]), "{ratings:?}");
+    assert_eq!(ratings.len(), 4);
+    assert!(
+        ratings.iter().all(|r| *r > 0.0) && ratings[3] > ratings[0],
+        "{ratings:?}"
+    );
     // Rerunning the validator on a scored window gives the same table.
     let vkey = dir.join("keys/validator.key");
     let again = shardrop(&[
@@ -358,7 +400,7 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         "--key",
         vkey.to_str().unwrap(),
         "--window",
-        "1",
+        "2",
         "--json",
     ]);
     assert!(again.status.success(), "{}", stderr(&again));

@@ -1,32 +1,39 @@
 //! The main job on an embedded default: a local folder store, keys made on the spot.
 //!
-//! Miners train the same small model (a linear map learned from noisy samples, each miner on
-//! its own data) for a few inner steps per window, and publish the pseudo-gradient
-//! θ_start − θ_end through the real publish path (encode, sign, create-only put into their
-//! own area). After each window closes, the aggregator verifies and merges through the same
-//! code as `shardrop aggregate`, and every miner applies the signed aggregate through the
-//! same code as `shardrop apply`. One miner is a copier: it re-signs another miner's update
-//! as its own; the ledger must catch it. The demo fails loudly if the held-out loss does not
-//! fall or the copier is not caught.
+//! Honest miners train the reference task (`shardrop::refmodel`: a linear map learned from
+//! noisy samples, each miner on its own data) for a few inner steps per window and publish
+//! the pseudo-gradient θ_start − θ_end through the real publish path. After each window
+//! closes (by the store's clock) the aggregator and the validator run through the same code
+//! as `shardrop aggregate` and `shardrop validate`, and every miner applies the signed
+//! aggregate as `shardrop apply` does. Every second window the aggregator pushes a
+//! checkpoint as `shardrop ckpt push` does. One adversary cycles through copying another
+//! miner's shard, sending noise and publishing late; a late joiner bootstraps from the latest
+//! checkpoint in the last window, replays the aggregates since, and must then hold exactly
+//! the same parameters as everyone else. The demo fails loudly if the held-out loss does not
+//! fall, the adversary is not caught, or the late joiner does not match.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
-use shardrop::codec::{CodecParams, EfState, IndexEncoding, ScaleMode, ValueFormat};
+use shardrop::checkpoint::pull::{PullOptions, locate, pull};
+use shardrop::checkpoint::push::{PushOptions, push};
+use shardrop::codec::{
+    CodecParams, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat, encode_update,
+};
 use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
 use shardrop::evaluate::{Evaluator, ReferenceEvaluator};
-use shardrop::exchange::{publish, shard_builder};
+use shardrop::exchange::{clock, publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::registry::{Participant, Registry, Role};
 use shardrop::score::{ValidateOptions, validate_window};
 use shardrop::store::{self, Target, put_create};
-use shardrop::tables::read_ledger;
+use shardrop::tables::{LedgerRow, read_ledger};
 use shardrop::window::store_now_ms;
 
 use super::Ctx;
@@ -34,16 +41,16 @@ use crate::out;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Folder for keys, the local store and the summary.
+    /// Folder for keys, the local store, the chart and the summary.
     #[arg(long, default_value = "./shardrop-demo")]
     dir: PathBuf,
     /// Store URL (default: DIR/store, a local folder).
     #[arg(long)]
     store: Option<String>,
-    /// Honest miners (a copier is added).
+    /// Honest miners (an adversary and a late joiner come on top).
     #[arg(long, default_value_t = 4)]
     miners: usize,
-    /// Windows to train.
+    /// Windows to train (at least 3).
     #[arg(long, default_value_t = 6)]
     windows: u64,
     /// Window length in seconds.
@@ -51,13 +58,28 @@ pub struct DemoArgs {
     window_secs: u64,
 }
 
-fn load_or_make(path: &std::path::Path) -> anyhow::Result<Identity> {
+fn load_or_make(path: &Path) -> anyhow::Result<Identity> {
     if path.exists() {
         return Ok(Identity::load(path)?);
     }
     let id = Identity::generate();
     id.save_new(path)?;
     Ok(id)
+}
+
+/// What the adversary does in a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Attack {
+    Copy,
+    Noise,
+    Late,
+}
+
+impl Attack {
+    fn of(w: u64) -> Attack {
+        [Attack::Copy, Attack::Noise, Attack::Late][(w % 3) as usize]
+    }
 }
 
 /// The copier's move: fetch a victim's published sections and re-sign them as its own.
@@ -97,9 +119,76 @@ async fn copy_as_own(
     Ok(())
 }
 
+/// A valid, well-formed update pointing nowhere, ten times an honest update's size.
+fn noise(len: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+async fn wait_until_closed(reg: &Registry, root: &Target, w: u64) -> anyhow::Result<()> {
+    let closes = clock(reg).closes(w);
+    loop {
+        let now = store_now_ms(root, "clock/demo").await?;
+        if now >= closes {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(closes - now + 20)).await;
+    }
+}
+
+/// Loss and bytes per window as a two-panel SVG.
+fn chart(windows: &[(u64, f64, u64)], first_loss: f64) -> String {
+    let (w, h, pad) = (640.0, 200.0, 40.0);
+    let n = windows.len().max(1) as f64;
+    let x = |i: f64| pad + (w - 2.0 * pad) * (i + 0.5) / (n + 1.0);
+    let max_loss = first_loss.max(windows.iter().map(|r| r.1).fold(0.0, f64::max));
+    let max_bytes = windows.iter().map(|r| r.2).max().unwrap_or(1).max(1) as f64;
+    let ly = |l: f64| pad + (h - 2.0 * pad) * (1.0 - l / max_loss);
+    let mut pts = format!("{:.1},{:.1}", x(0.0), ly(first_loss));
+    for (i, r) in windows.iter().enumerate() {
+        pts += &format!(" {:.1},{:.1}", x(i as f64 + 1.0), ly(r.1));
+    }
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{pad}" y="20">held-out loss (start, then after each window's aggregate; max {max_loss:.1})</text>
+<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/>
+<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="#999"/>
+"##,
+        2.0 * h,
+        h - pad,
+        w - pad,
+        h - pad
+    );
+    svg += &format!(
+        "<text x=\"{pad}\" y=\"{}\">bytes published per window (max {max_bytes:.0})</text>\n",
+        h + 20.0
+    );
+    for (i, r) in windows.iter().enumerate() {
+        let bh = (h - 2.0 * pad) * r.2 as f64 / max_bytes;
+        svg += &format!(
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#ff7f0e\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            x(i as f64 + 1.0) - 10.0,
+            2.0 * h - pad - bh,
+            20.0,
+            x(i as f64 + 1.0) - 4.0,
+            2.0 * h - pad + 14.0,
+            r.0
+        );
+    }
+    svg + "</svg>\n"
+}
+
 pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
-    if a.miners < 2 || a.windows < 2 {
-        bail!("--miners and --windows must be at least 2");
+    if a.miners < 2 || a.windows < 3 {
+        bail!("--miners must be at least 2 and --windows at least 3");
     }
     let keys_dir = a.dir.join("keys");
     std::fs::create_dir_all(&keys_dir)
@@ -115,22 +204,22 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let operator = key("operator")?;
     let aggregator = key("aggregator")?;
     let validator = key("validator")?;
-    let miners: Vec<Identity> = (0..=a.miners)
+    let honest: Vec<Identity> = (0..a.miners)
         .map(|i| key(&format!("miner-{i}")))
         .collect::<Result<_, _>>()?;
-    let copier_ix = a.miners; // the last one
+    let adversary = key("adversary")?;
+    let joiner = key("late-joiner")?;
     let started = std::time::Instant::now();
     let now = store_now_ms(&root, "clock/demo").await?;
     let run = format!("demo-{now}");
     let task = LinearTask::standard();
-    let model = task.model_spec();
     let mut reg = Registry::new(
         &run,
         &operator.peer_id(),
         now,
         a.window_secs,
         1,
-        model,
+        task.model_spec(),
         CodecParams {
             chunk: 1024,
             k: 48,
@@ -140,17 +229,16 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         },
     );
     let area = |name: &str| root.join(name);
-    reg.participants.push(Participant::new(
-        Role::Aggregator,
-        &aggregator.peer_id(),
-        area("aggregator").url(),
-    ));
-    reg.participants.push(Participant::new(
-        Role::Validator,
-        &validator.peer_id(),
-        area("validator").url(),
-    ));
-    for (i, m) in miners.iter().enumerate() {
+    for (role, id, name) in [
+        (Role::Aggregator, &aggregator, "aggregator"),
+        (Role::Validator, &validator, "validator"),
+        (Role::Miner, &adversary, "adversary"),
+        (Role::Miner, &joiner, "late-joiner"),
+    ] {
+        reg.participants
+            .push(Participant::new(role, &id.peer_id(), area(name).url()));
+    }
+    for (i, m) in honest.iter().enumerate() {
         reg.participants.push(Participant::new(
             Role::Miner,
             &m.peer_id(),
@@ -159,24 +247,15 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     }
     let reg_url = reg.create(&area("operator"), &operator).await?;
     let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(operator.peer_id())).await?;
-
-    let held_out = task.held_out();
-    let mut theta = task.init();
-    let mut states: Vec<EfState> = (0..a.miners).map(|_| EfState::default()).collect();
-    let first_loss = task.loss(&theta, &held_out);
-    let mut evaluator = ReferenceEvaluator::new(task.clone(), std::time::Duration::from_secs(10));
-    let names: BTreeMap<String, String> = miners
+    let mut names: BTreeMap<String, String> = honest
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            let n = if i == copier_ix {
-                "copier".to_string()
-            } else {
-                format!("miner-{i}")
-            };
-            (m.peer_id().to_string(), n)
-        })
+        .map(|(i, m)| (m.peer_id().to_string(), format!("miner-{i}")))
         .collect();
+    names.insert(adversary.peer_id().to_string(), "adversary".into());
+    names.insert(joiner.peer_id().to_string(), "late-joiner".into());
+    let name_of = |p: &str| names.get(p).cloned().unwrap_or_else(|| p.to_string());
+
     let say = |text: &str| {
         if !ctx.json {
             use std::io::Write;
@@ -184,36 +263,78 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             let _ = std::io::stdout().flush();
         }
     };
+    let join_at = a.windows - 1;
     say(&format!(
-        "run {run}: {} miners + 1 copier, {} windows of {} s, store {}\n\n",
+        "run {run}: {} honest miners, an adversary (copy, noise, late in turn) and a late joiner (window {join_at}); {} windows of {} s; store {}\n\n",
         a.miners,
         a.windows,
         a.window_secs,
         root.url()
     ));
-    let mut table = format!(
-        "{:>6} {:>12} {:>10} {:>7} {:>8} {:>9}  {}\n{:>6} {:>12.4}\n",
-        "window",
-        "eval loss",
-        "bytes",
-        "ratio",
-        "accepted",
-        "rejected",
-        "reasons",
-        "start",
-        first_loss
-    );
+    let held_out = task.held_out();
+    let mut theta = task.init();
+    let mut states: Vec<EfState> = (0..a.miners).map(|_| EfState::default()).collect();
+    let (mut adv_state, mut joiner_state) = (EfState::default(), EfState::default());
+    let mut joiner_theta: Option<Vec<f32>> = None;
+    let first_loss = task.loss(&theta, &held_out);
+    let mut evaluator = ReferenceEvaluator::new(task.clone(), std::time::Duration::from_secs(10));
     let mut windows = Vec::new();
-    let mut copier_caught = 0;
+    let mut series = Vec::new();
+    let mut caught = 0u64;
+    let mut joiner_report = serde_json::Value::Null;
+    let mut checkpoints = Vec::new();
+    let ckpt_src = a.dir.join("checkpoint-source");
+    std::fs::create_dir_all(&ckpt_src)?;
     for w in 0..a.windows {
-        // Miners train from the shared θ and publish θ_start − θ_end.
+        // The late joiner bootstraps: the latest checkpoint, then the aggregates since.
+        if w == join_at {
+            let loc = locate("latest", Some(&reg), None, &ctx.s3).await?;
+            let out_dir = a.dir.join("late-joiner");
+            let pulled = pull(
+                &loc,
+                &out_dir,
+                &PullOptions {
+                    concurrency: 8,
+                    ..Default::default()
+                },
+                &|_| {},
+            )
+            .await?;
+            let base = super::round::load_dense(&out_dir.join("00000.safetensors"))?;
+            let mut t: BTreeMap<String, Vec<f32>> =
+                base.into_iter().map(|(k, (_, v))| (k, v)).collect();
+            let from = pulled.window.map_or(0, |x| x + 1);
+            let replayed = apply_aggregates(&reg, &ctx.s3, &mut t, from, w - 1).await?;
+            let mine = t
+                .remove(TENSOR)
+                .context("checkpoint lacks the model tensor")?;
+            let matches = mine.len() == theta.len()
+                && mine
+                    .iter()
+                    .zip(&theta)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+            say(&format!(
+                "late joiner: checkpoint step {} (window {:?}) + {replayed} aggregate(s) replayed -> parameters {} the others'\n\n",
+                pulled.step,
+                pulled.window,
+                if matches {
+                    "bit-identical to"
+                } else {
+                    "DIFFERENT FROM"
+                }
+            ));
+            joiner_report = serde_json::json!({"joined_window": w, "checkpoint_step": pulled.step,
+                "checkpoint_window": pulled.window, "replayed": replayed, "matches": matches});
+            joiner_theta = Some(mine);
+        }
+        // Honest miners (and the joiner once it has joined) train from the shared θ.
         let mut bytes = 0u64;
         let mut dense = 0u64;
-        for i in 0..a.miners {
+        for (i, m) in honest.iter().enumerate() {
             let delta = task.pseudo_gradient(&theta, i as u64, w, 20);
             let p = publish(
                 &reg,
-                &miners[i],
+                m,
                 &ctx.s3,
                 Some(w),
                 &task.to_safetensors(&delta)?,
@@ -223,27 +344,73 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             bytes += p.bytes;
             dense += p.dense_bytes;
         }
-        copy_as_own(
-            &reg,
-            (&miners[0], &area("miner-0")),
-            (&miners[copier_ix], &area(&format!("miner-{copier_ix}"))),
-            w,
-        )
-        .await?;
-        // The aggregator waits for the window to close by the store's clock, then merges.
-        let agg = aggregate_window(&reg, &aggregator, &ctx.s3, w, 8).await?;
-        let agg_area = area("aggregator");
-        let ledger = read_ledger(
-            agg_area
-                .store
-                .get(&agg_area.path(&layout::ledger(&run, w)))
+        if let Some(jt) = &joiner_theta {
+            let delta = task.pseudo_gradient(jt, a.miners as u64, w, 20);
+            let p = publish(
+                &reg,
+                &joiner,
+                &ctx.s3,
+                Some(w),
+                &task.to_safetensors(&delta)?,
+                &mut joiner_state,
+            )
+            .await?;
+            bytes += p.bytes;
+            dense += p.dense_bytes;
+        }
+        // The adversary.
+        let attack = Attack::of(w);
+        let adv_area = area("adversary");
+        let mut late_shard = None;
+        match attack {
+            Attack::Copy => {
+                copy_as_own(
+                    &reg,
+                    (&honest[0], &area("miner-0")),
+                    (&adversary, &adv_area),
+                    w,
+                )
                 .await?
-                .bytes()
-                .await?,
-        )?;
-        let copier_row = ledger
-            .iter()
-            .find(|r| r.peer == miners[copier_ix].peer_id().to_string());
+            }
+            Attack::Noise => {
+                let honest_delta = task.pseudo_gradient(&theta, 0, w, 20);
+                let rms = (honest_delta.iter().map(|x| x * x).sum::<f32>()
+                    / honest_delta.len() as f32)
+                    .sqrt();
+                let junk = noise(theta.len(), 10.0 * rms * 3f32.sqrt(), w + 7);
+                publish(
+                    &reg,
+                    &adversary,
+                    &ctx.s3,
+                    Some(w),
+                    &task.to_safetensors(&junk)?,
+                    &mut adv_state,
+                )
+                .await?;
+            }
+            Attack::Late => {
+                let delta = task.pseudo_gradient(&theta, 99, w, 20);
+                let opts = EncodeOptions {
+                    params: reg.codec,
+                    beta: reg.beta,
+                    section_bytes: 16 << 20,
+                };
+                let enc = encode_update(&task.to_safetensors(&delta)?, &mut adv_state, &opts)?;
+                late_shard =
+                    Some(shard_builder(&reg, &reg.run, w, &enc.sections)?.sign(&adversary)?);
+            }
+        }
+        wait_until_closed(&reg, &root, w).await?;
+        if let Some(s) = late_shard {
+            put_create(
+                &adv_area,
+                &adv_area.path(&layout::grad(&reg.run, w, &adversary.peer_id())),
+                &s,
+            )
+            .await?;
+        }
+        // The aggregator and the validator, as their commands run them.
+        let agg = aggregate_window(&reg, &aggregator, &ctx.s3, w, 8).await?;
         let scored = validate_window(
             &reg,
             &validator,
@@ -253,89 +420,194 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             &ValidateOptions::default(),
         )
         .await?;
-        let copier_score = scored
+        let agg_area = area("aggregator");
+        let ledger: Vec<LedgerRow> = read_ledger(
+            agg_area
+                .store
+                .get(&agg_area.path(&layout::ledger(&run, w)))
+                .await?
+                .bytes()
+                .await?,
+        )?;
+        let adv_id = adversary.peer_id().to_string();
+        let adv_ledger = ledger
+            .iter()
+            .find(|r| r.peer == adv_id)
+            .context("adversary row")?;
+        let adv_score = scored
             .rows
             .iter()
-            .find(|r| r.peer == miners[copier_ix].peer_id().to_string());
-        if copier_row.is_some_and(|r| r.reason == "duplicate")
-            && copier_score.is_some_and(|r| r.copier && r.weight == 0.0)
-        {
-            copier_caught += 1;
-        }
-        // Everyone applies the signed aggregate (catch-up of one window).
+            .find(|r| r.peer == adv_id)
+            .context("adversary score")?;
+        let ok = adv_score.weight == 0.0
+            && match attack {
+                Attack::Copy => adv_ledger.reason == "duplicate" && adv_score.copier,
+                Attack::Noise => adv_score.score == Some(0.0),
+                Attack::Late => adv_ledger.reason == "late",
+            };
+        caught += ok as u64;
+        // Everyone applies the signed aggregate.
         let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), theta.clone())].into();
         apply_aggregates(&reg, &ctx.s3, &mut t, w, w).await?;
         theta = t.remove(TENSOR).context("model tensor")?;
+        if let Some(jt) = joiner_theta.as_mut() {
+            let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), jt.clone())].into();
+            apply_aggregates(&reg, &ctx.s3, &mut t, w, w).await?;
+            *jt = t.remove(TENSOR).context("model tensor")?;
+        }
         let l = task.loss(&theta, &held_out);
-        let line = format!(
-            "{:>6} {:>12.4} {:>10} {:>6.1}x {:>8} {:>9}  {:?}\n",
-            w,
-            l,
-            bytes,
-            dense as f64 / bytes as f64,
-            agg.accepted,
-            agg.rejected,
-            agg.reasons
-        );
-        table += &line;
-        let weights: BTreeMap<&str, f64> = scored
+        // A checkpoint every second window, as `shardrop ckpt push` makes it.
+        let mut ckpt = None;
+        if w % 2 == 1 && w + 1 < a.windows {
+            std::fs::write(
+                ckpt_src.join("model.safetensors"),
+                task.to_safetensors(&theta)?,
+            )?;
+            let pushed = push(
+                &reg,
+                &aggregator,
+                &ctx.s3,
+                std::slice::from_ref(&ckpt_src),
+                &PushOptions {
+                    step: w + 1,
+                    window: Some(w),
+                    shard_size: 2 << 30,
+                    concurrency: 4,
+                },
+                &|_| {},
+            )
+            .await?;
+            checkpoints.push(
+                serde_json::json!({"step": pushed.step, "window": w, "manifest": pushed.manifest}),
+            );
+            ckpt = Some(pushed.step);
+        }
+        let mut top: Vec<(String, f64)> = scored
             .rows
             .iter()
-            .map(|r| (names.get(&r.peer).map_or("?", |n| n.as_str()), r.weight))
+            .map(|r| (name_of(&r.peer), r.weight))
             .collect();
-        // The live view: the window's line, then its scores as the validator published them.
+        top.sort_by(|x, y| y.1.total_cmp(&x.1));
         let mut rows = scored.rows.clone();
         for r in &mut rows {
-            r.peer = names.get(&r.peer).cloned().unwrap_or_default();
-            if let Some(n) = r.nearest.as_ref().and_then(|n| names.get(n)) {
-                r.nearest = Some(n.clone());
+            r.peer = name_of(&r.peer);
+            r.nearest = r.nearest.as_deref().map(|n| {
+                if n.starts_with("agg:") {
+                    n.to_string()
+                } else {
+                    name_of(n)
+                }
+            });
+        }
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &ledger {
+            if !r.reason.is_empty() {
+                *reasons.entry(r.reason.clone()).or_default() += 1;
             }
         }
         say(&format!(
-            "window {w}: eval loss {l:.4}, {bytes} bytes published ({:.1}x smaller), {} accepted, {} rejected {:?}\nvalidator ({}):\n{}\n",
-            dense as f64 / bytes as f64,
+            "window {w}: held-out loss {l:.2}, {bytes} bytes published ({:.1}x smaller than dense), {} accepted, {} rejected, {} missing {:?}; adversary {:?}: {} ({}){}\nvalidator scores:\n{}\n",
+            dense as f64 / bytes.max(1) as f64,
             agg.accepted,
             agg.rejected,
-            agg.reasons,
-            scored.evaluator,
+            agg.missing,
+            reasons,
+            attack,
+            if adv_ledger.reason.is_empty() {
+                adv_ledger.verdict.clone()
+            } else {
+                format!("{}:{}", adv_ledger.verdict, adv_ledger.reason)
+            },
+            if ok { "caught, weight 0" } else { "NOT CAUGHT" },
+            ckpt.map_or(String::new(), |s| format!("; checkpoint step {s} pushed")),
             super::validate::format_rows(&rows, false)
         ));
+        series.push((w, l, bytes));
         windows.push(serde_json::json!({
-            "window": w, "loss": l, "bytes": bytes, "dense_bytes": dense, "accepted": agg.accepted,
-            "rejected": agg.rejected, "reasons": agg.reasons, "aggregate": agg.object,
-            "scores": scored.scores, "weights": weights,
+            "window": w, "loss": l, "bytes": bytes, "dense_bytes": dense, "ratio": dense as f64 / bytes.max(1) as f64,
+            "accepted": agg.accepted, "rejected": agg.rejected, "missing": agg.missing, "reasons": reasons,
+            "aggregate": agg.object, "scores": scored.scores,
+            "weights": top.iter().cloned().collect::<BTreeMap<String, f64>>(),
+            "adversary": {"attack": attack, "verdict": adv_ledger.verdict, "reason": adv_ledger.reason,
+                          "weight": adv_score.weight, "caught": ok},
+            "checkpoint_step": ckpt,
         }));
     }
     let final_loss = task.loss(&theta, &held_out);
     let learned = final_loss < first_loss * 0.5;
-    table += &format!(
-        "\nheld-out loss {first_loss:.4} -> {final_loss:.4} ({}); copier caught (ledger: duplicate; validator: copier, weight 0) in {copier_caught} of {} windows; {:.1} s\nkeys in {}, registry {reg_url}\n",
-        if learned { "learned" } else { "DID NOT LEARN" },
-        a.windows,
-        started.elapsed().as_secs_f64(),
-        keys_dir.display()
-    );
+    let joined = joiner_report["matches"] == true;
+    let chart_path = a.dir.join("chart.svg");
+    std::fs::write(&chart_path, chart(&series, first_loss))?;
+    let ok = learned && caught == a.windows && joined;
     let summary = serde_json::json!({
-        "ok": learned && copier_caught == a.windows, "run": run, "registry": reg_url, "store": root.url(),
+        "ok": ok, "run": run, "registry": reg_url, "store": root.url(),
         "keys": keys_dir.display().to_string(), "initial_loss": first_loss, "final_loss": final_loss,
-        "windows": windows, "copier": {"peer": miners[copier_ix].peer_id().to_string(), "caught_windows": copier_caught},
-        "seconds": started.elapsed().as_secs_f64(),
+        "windows": windows, "adversary": {"peer": adversary.peer_id().to_string(), "caught_windows": caught},
+        "late_joiner": joiner_report, "checkpoints": checkpoints,
+        "chart": chart_path.display().to_string(), "seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(
         a.dir.join("summary.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
-    out::emit(ctx, &summary, &table);
+    let mut table = format!(
+        "{:>6} {:>12} {:>9} {:>7} {:>9} {:>9}  {:<7} {}\n{:>6} {:>12.2}\n",
+        "window",
+        "loss",
+        "bytes",
+        "ratio",
+        "accepted",
+        "rejected",
+        "attack",
+        "caught",
+        "start",
+        first_loss
+    );
+    for (wv, r) in windows.iter().enumerate() {
+        table += &format!(
+            "{:>6} {:>12.2} {:>9} {:>6.1}x {:>9} {:>9}  {:<7} {}\n",
+            wv,
+            r["loss"].as_f64().unwrap_or(0.0),
+            r["bytes"].as_u64().unwrap_or(0),
+            r["ratio"].as_f64().unwrap_or(0.0),
+            r["accepted"].as_u64().unwrap_or(0),
+            r["rejected"].as_u64().unwrap_or(0),
+            r["adversary"]["attack"].as_str().unwrap_or(""),
+            r["adversary"]["caught"]
+        );
+    }
+    let text = format!(
+        "{table}\nheld-out loss {first_loss:.2} -> {final_loss:.2} ({}); adversary caught in {caught} of {} windows; late joiner {}; {} checkpoint(s); {:.1} s\n\
+         on disk: store {} · keys {} · registry {reg_url}\n         chart {} · summary {} · late joiner's pulled checkpoint {}\n",
+        if learned { "learned" } else { "DID NOT LEARN" },
+        a.windows,
+        if joined {
+            "matched the others bit for bit"
+        } else {
+            "DID NOT MATCH"
+        },
+        checkpoints.len(),
+        started.elapsed().as_secs_f64(),
+        root.url(),
+        keys_dir.display(),
+        chart_path.display(),
+        a.dir.join("summary.json").display(),
+        a.dir.join("late-joiner").display(),
+    );
+    out::emit(ctx, &summary, &text);
     if !learned {
         bail!(
             "training through the pipeline did not reduce the held-out loss ({first_loss:.4} -> {final_loss:.4})"
         );
     }
-    if copier_caught != a.windows {
+    if caught != a.windows {
         bail!(
-            "the copier was caught in only {copier_caught} of {} windows",
+            "the adversary was caught in only {caught} of {} windows",
             a.windows
         );
+    }
+    if !joined {
+        bail!("the late joiner's parameters differ from the others' after bootstrapping");
     }
     Ok(())
 }
