@@ -1,7 +1,7 @@
 //! Every file in deploy/ that a tool can check is checked: YAML parses and has the expected
 //! kinds and services; systemd units pass `systemd-analyze verify` (where installed); and
-//! every `shardrop` command line in deploy/ (YAML, units, README) names subcommands and flags
-//! that the CLI really has.
+//! every `shardrop` command line in deploy/ (YAML, units, README) and in the top README's
+//! code blocks names subcommands and flags that the CLI really has.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -153,10 +153,10 @@ fn shell_commands(origin: &str, text: &str) -> Vec<(String, Vec<String>)> {
                 .map(|t| t.trim_matches(|c| c == '\'' || c == '"').to_string())
                 .take_while(|t| !t.starts_with('|') && !t.starts_with('>') && !t.starts_with(')'))
                 .collect();
-            if argv
-                .first()
-                .is_some_and(|a| a.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
-            {
+            if argv.first().is_some_and(|a| {
+                a.starts_with(|c: char| c.is_ascii_lowercase())
+                    && a.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            }) {
                 found.push((origin.to_string(), argv));
             }
         }
@@ -220,10 +220,12 @@ fn command_lines() -> Vec<(String, Vec<String>)> {
             }
         }
     }
-    // The README's code blocks only (its prose mentions the binary too).
-    let readme = std::fs::read_to_string(d.join("README.md")).unwrap();
-    for block in readme.split("```").skip(1).step_by(2) {
-        found.extend(shell_commands("deploy/README.md", block));
+    // The READMEs' code blocks only (their prose mentions the binary too).
+    for readme in [d.join("README.md"), d.join("../README.md")] {
+        let text = std::fs::read_to_string(&readme).unwrap();
+        for block in text.split("```").skip(1).step_by(2) {
+            found.extend(shell_commands(&readme.display().to_string(), block));
+        }
     }
     found
 }
