@@ -742,16 +742,8 @@ pub async fn scored_windows(
     validator: &crate::registry::Participant,
     s3: &S3Options,
 ) -> Result<Vec<u64>, ExchangeError> {
-    use futures::TryStreamExt;
     let target = reg.open_store(validator, s3)?;
-    let dir = target.path(&layout::scores_dir(&reg.run));
-    let url = target.url_of(&dir);
-    let metas: Vec<object_store::ObjectMeta> = target
-        .store
-        .list(Some(&dir))
-        .try_collect()
-        .await
-        .map_err(|e| StoreError::from_store(&url, e))?;
+    let metas = store::list_all(&target, &target.path(&layout::scores_dir(&reg.run))).await?;
     let mut ws: Vec<u64> = metas
         .iter()
         .filter_map(|m| {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use object_store::ObjectStoreExt;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
-use shardrop::codec::{CodecParams, EfState, IndexEncoding, ScaleMode, ValueFormat};
+use shardrop::codec::EfState;
 use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
 use shardrop::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
 use shardrop::exchange::{publish, shard_builder};
@@ -86,13 +86,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         3,
         1,
         task.model_spec(),
-        CodecParams {
-            chunk: 1024,
-            k: 48,
-            values: ValueFormat::Int4,
-            scales: ScaleMode::Chunk,
-            indices: IndexEncoding::Compact,
-        },
+        shardrop::refmodel::codec_params(),
     );
     reg.participants.push(Participant::new(
         Role::Aggregator,

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
@@ -11,7 +11,7 @@ use super::push::read_latest;
 use super::{CkptError, HF_INDEX, Manifest};
 use crate::identity::PeerId;
 use crate::layout;
-use crate::store::{StoreError, Target};
+use crate::store::{StoreError, Target, list_all};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CkptInfo {
@@ -34,13 +34,7 @@ async fn objects_by_step(
     run: &str,
 ) -> Result<BTreeMap<u64, Vec<Path>>, CkptError> {
     let root = target.path(&layout::ckpt_root(run));
-    let url = target.url_of(&root);
-    let metas: Vec<object_store::ObjectMeta> = target
-        .store
-        .list(Some(&root))
-        .try_collect()
-        .await
-        .map_err(|e| StoreError::from_store(&url, e))?;
+    let metas = list_all(target, &root).await?;
     let mut by: BTreeMap<u64, Vec<Path>> = BTreeMap::new();
     let depth = root.parts().count();
     for m in metas {
@@ -294,14 +288,8 @@ pub async fn gc(
     if let Some(wb) = windows_before {
         for folder in ["aggs", "ledger", "scores", "weights", "grads", "blobs"] {
             let root = target.path(&format!("runs/{run}/{folder}/"));
-            let url = target.url_of(&root);
             let depth = root.parts().count();
-            let metas: Vec<object_store::ObjectMeta> = target
-                .store
-                .list(Some(&root))
-                .try_collect()
-                .await
-                .map_err(|e| StoreError::from_store(&url, e))?;
+            let metas = list_all(target, &root).await?;
             for m in metas {
                 let w = m.location.parts().nth(depth).and_then(|p| {
                     let s = p.as_ref().to_string();

@@ -304,11 +304,12 @@ fn inside(out: &Path, name: &str) -> Result<PathBuf, CkptError> {
     Ok(p)
 }
 
-async fn get_range(
+/// Starts a ranged GET of `key`; the URL names the object in every error.
+async fn open_range(
     target: &Target,
     key: &str,
     r: std::ops::Range<u64>,
-) -> Result<bytes::Bytes, CkptError> {
+) -> Result<(String, object_store::GetResult), CkptError> {
     let path = target.path(key);
     let url = target.url_of(&path);
     let got = target
@@ -316,12 +317,21 @@ async fn get_range(
         .get_opts(
             &path,
             GetOptions {
-                range: Some(GetRange::Bounded(r.clone())),
+                range: Some(GetRange::Bounded(r)),
                 ..Default::default()
             },
         )
         .await
         .map_err(|e| StoreError::from_store(&url, e))?;
+    Ok((url, got))
+}
+
+async fn get_range(
+    target: &Target,
+    key: &str,
+    r: std::ops::Range<u64>,
+) -> Result<bytes::Bytes, CkptError> {
+    let (url, got) = open_range(target, key, r.clone()).await?;
     let b = got
         .bytes()
         .await
@@ -587,19 +597,7 @@ async fn stream_range(
     file: &File,
     want: &str,
 ) -> Result<(), CkptError> {
-    let path = target.path(key);
-    let url = target.url_of(&path);
-    let got = target
-        .store
-        .get_opts(
-            &path,
-            GetOptions {
-                range: Some(GetRange::Bounded(range.clone())),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| StoreError::from_store(&url, e))?;
+    let (url, got) = open_range(target, key, range.clone()).await?;
     let mut body = got.into_stream();
     let mut hasher = blake3::Hasher::new();
     let mut off = range.start;

@@ -1,8 +1,5 @@
 use super::*;
-use crate::codec::{
-    CodecLimits, CodecParams, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
-    encode_update, read_section,
-};
+use crate::codec::{CodecLimits, EfState, EncodeOptions, encode_update, read_section};
 use crate::refmodel::LinearTask;
 
 fn sparse(pairs: &[(u64, f32)]) -> SparseUpdate {
@@ -72,20 +69,9 @@ fn agreement_is_leave_one_out() {
     assert_eq!(agreement(2, &ups, &[true, false, false, false])[0], None);
 }
 
-/// The demo's codec on the reference task.
-fn params() -> CodecParams {
-    CodecParams {
-        chunk: 1024,
-        k: 48,
-        values: ValueFormat::Int4,
-        scales: ScaleMode::Chunk,
-        indices: IndexEncoding::Compact,
-    }
-}
-
 fn encode(task: &LinearTask, update: &[f32], state: &mut EfState) -> Vec<EncodedTensor> {
     let opts = EncodeOptions {
-        params: params(),
+        params: crate::refmodel::codec_params(),
         beta: 0.9,
         section_bytes: 1 << 20,
     };

@@ -305,6 +305,21 @@ fn s3_store(bucket: &str, o: &S3Options) -> object_store::Result<object_store::a
     b.with_client_options(client).with_retry(retry).build()
 }
 
+/// Every object under `dir` (one LIST, paged by the store), naming `dir` in errors.
+pub async fn list_all(
+    target: &Target,
+    dir: &Path,
+) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+    use futures::TryStreamExt;
+    let url = target.url_of(dir);
+    target
+        .store
+        .list(Some(dir))
+        .try_collect()
+        .await
+        .map_err(|e| StoreError::from_store(&url, e))
+}
+
 /// Something an upload can read from at any offset (an in-memory body, a signed envelope
 /// whose sections spilled to disk).
 pub trait PutSource: Sync {

@@ -21,9 +21,7 @@ use object_store::ObjectStoreExt;
 use shardrop::aggregate::{aggregate_window, apply_aggregates};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
-use shardrop::codec::{
-    CodecParams, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat, encode_update,
-};
+use shardrop::codec::{EfState, EncodeOptions, encode_update};
 use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
 use shardrop::evaluate::{Evaluator, ReferenceEvaluator};
 use shardrop::exchange::{clock, publish, shard_builder};
@@ -220,13 +218,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         a.window_secs,
         1,
         task.model_spec(),
-        CodecParams {
-            chunk: 1024,
-            k: 48,
-            values: ValueFormat::Int4,
-            scales: ScaleMode::Chunk,
-            indices: IndexEncoding::Compact,
-        },
+        shardrop::refmodel::codec_params(),
     );
     let area = |name: &str| root.join(name);
     for (role, id, name) in [

@@ -101,22 +101,8 @@ pub struct PublishArgs {
 
 #[derive(Args)]
 pub struct AggregateArgs {
-    #[arg(long)]
-    registry: String,
-    /// The aggregator's key.
-    #[arg(long)]
-    key: PathBuf,
-    #[arg(long, conflicts_with_all = ["once", "follow"])]
-    window: Option<u64>,
-    /// The newest closed window (for cron).
-    #[arg(long, conflicts_with = "follow")]
-    once: bool,
-    /// Every window, forever.
-    #[arg(long)]
-    follow: bool,
-    /// Miners fetched at once.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    #[command(flatten)]
+    job: JobArgs,
     /// Split merge: be worker I of K (0-based), checking and merging only its tensors.
     #[arg(
         long,
@@ -128,6 +114,60 @@ pub struct AggregateArgs {
     /// Split merge: once all K parts exist, publish the ledger and the aggregate.
     #[arg(long, value_name = "K", requires = "window")]
     commit: Option<usize>,
+}
+
+/// What every per-window job (aggregator, validator) takes: whose key, which run, which
+/// window(s).
+#[derive(Args)]
+pub struct JobArgs {
+    #[arg(long)]
+    pub registry: String,
+    /// The job's own key (its role is looked up in the registry).
+    #[arg(long)]
+    pub key: PathBuf,
+    #[arg(long, conflicts_with_all = ["once", "follow"])]
+    pub window: Option<u64>,
+    /// The newest closed window (for cron).
+    #[arg(long, conflicts_with = "follow")]
+    pub once: bool,
+    /// Every window, forever.
+    #[arg(long)]
+    pub follow: bool,
+    /// Miners fetched at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+}
+
+/// A job's start: its key and registry, checked to hold `role`, and the first window to do
+/// (`--window`, or the newest closed one by the store's clock).
+pub async fn start_job(
+    ctx: &Ctx,
+    a: &JobArgs,
+    role: Role,
+) -> anyhow::Result<(shardrop::identity::Identity, Registry, u64)> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let me = id.peer_id();
+    let entry = reg.participant(&me, role).with_context(|| {
+        format!(
+            "{me} is not a{} {} of run {}",
+            if role == Role::Aggregator { "n" } else { "" },
+            format!("{role:?}").to_lowercase(),
+            reg.run
+        )
+    })?;
+    let target = reg.open_store(entry, &ctx.s3)?;
+    let w = match (a.window, a.once || a.follow) {
+        (Some(w), _) => w,
+        (None, true) => {
+            let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+            clock(&reg)
+                .newest_closed(now)
+                .context("no window has closed yet")?
+        }
+        (None, false) => bail!("give --window W, --once or --follow"),
+    };
+    Ok((id, reg, w))
 }
 
 #[derive(Args)]
@@ -290,26 +330,14 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
 }
 
 pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
-    let id = keys::load(&a.key)?;
-    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
-    let me = id.peer_id();
-    let agg = reg
-        .participant(&me, Role::Aggregator)
-        .with_context(|| format!("{me} is not an aggregator of run {}", reg.run))?;
-    let target = reg.open_store(agg, &ctx.s3)?;
-    let clk = clock(&reg);
-    let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
-    let mut w = match (a.window, a.once || a.follow) {
-        (Some(w), _) => w,
-        (None, true) => clk.newest_closed(now).context("no window has closed yet")?,
-        (None, false) => bail!("give --window W, --once or --follow"),
-    };
+    let (id, reg, mut w) = start_job(ctx, &a.job, Role::Aggregator).await?;
+    let concurrency = a.job.concurrency;
     if let Some(part) = &a.part {
         let (i, k) = part
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
             .with_context(|| format!("--part {part:?}: expected I/K"))?;
-        let tensors = aggregate_part(&reg, &id, &ctx.s3, w, i, k, a.concurrency).await?;
+        let tensors = aggregate_part(&reg, &id, &ctx.s3, w, i, k, concurrency).await?;
         out::emit(
             ctx,
             &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib()}),
@@ -319,8 +347,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     }
     loop {
         let r = match a.commit {
-            Some(k) => aggregate_commit(&reg, &id, &ctx.s3, w, k, a.concurrency).await?,
-            None => aggregate_window(&reg, &id, &ctx.s3, w, a.concurrency).await?,
+            Some(k) => aggregate_commit(&reg, &id, &ctx.s3, w, k, concurrency).await?,
+            None => aggregate_window(&reg, &id, &ctx.s3, w, concurrency).await?,
         };
         let mut json = serde_json::to_value(&r)?;
         json["peak_rss_mib"] = crate::out::peak_rss_mib().into();
@@ -340,7 +368,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
             }
         );
         out::emit(ctx, &json, &text);
-        if !a.follow {
+        if !a.job.follow {
             return Ok(());
         }
         w += 1;

@@ -1,20 +1,17 @@
 //! The validator's commands: `validate` and `scores show|history`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use shardrop::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
-use shardrop::exchange::clock;
 use shardrop::identity::PeerId;
 use shardrop::refmodel::LinearTask;
 use shardrop::registry::{Participant, Registry, Role};
 use shardrop::score::{ValidateOptions, read_scored_window, scored_windows, validate_window};
 use shardrop::tables::ScoreRow;
-use shardrop::window::store_now_ms;
 
-use super::{Ctx, keys};
+use super::Ctx;
 use crate::out;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,22 +29,8 @@ pub enum EvaluatorKind {
 
 #[derive(Args)]
 pub struct ValidateArgs {
-    #[arg(long)]
-    registry: String,
-    /// The validator's key.
-    #[arg(long)]
-    key: PathBuf,
-    #[arg(long, conflicts_with_all = ["once", "follow"])]
-    window: Option<u64>,
-    /// The newest closed window (for cron).
-    #[arg(long, conflicts_with = "follow")]
-    once: bool,
-    /// Every window, forever.
-    #[arg(long)]
-    follow: bool,
-    /// Miners fetched at once.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    #[command(flatten)]
+    job: super::round::JobArgs,
     #[arg(long, value_enum, default_value = "auto")]
     evaluator: EvaluatorKind,
     /// Run as `sh -c 'CMD "$@"' shardrop-eval --update FILE --window W --peer P --run R`;
@@ -204,24 +187,10 @@ pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
 }
 
 pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
-    let id = keys::load(&a.key)?;
-    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
-    let me = id.peer_id();
-    let entry = reg
-        .participant(&me, Role::Validator)
-        .with_context(|| format!("{me} is not a validator of run {}", reg.run))?;
-    let target = reg.open_store(entry, &ctx.s3)?;
-    let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
-    let mut w = match (a.window, a.once || a.follow) {
-        (Some(w), _) => w,
-        (None, true) => clock(&reg)
-            .newest_closed(now)
-            .context("no window has closed yet")?,
-        (None, false) => bail!("give --window W, --once or --follow"),
-    };
+    let (id, reg, mut w) = super::round::start_job(ctx, &a.job, Role::Validator).await?;
     let mut ev = evaluator(&a, &reg)?;
     let opts = ValidateOptions {
-        concurrency: a.concurrency,
+        concurrency: a.job.concurrency,
         alpha: a.alpha,
         copy_lookback: a.copy_lookback,
         ..ValidateOptions::default()
@@ -249,7 +218,7 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
             format_rows(&v.rows, false)
         );
         out::emit(ctx, &serde_json::to_value(&v)?, &text);
-        if !a.follow {
+        if !a.job.follow {
             return Ok(());
         }
         w += 1;
