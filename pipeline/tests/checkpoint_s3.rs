@@ -180,7 +180,6 @@ fn pull_opts() -> PullOptions {
 }
 
 fn python_check(out: &Path, src: &Path) -> Option<serde_json::Value> {
-    let python = std::env::var("SHARDROP_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = r#"
 import json, os, sys
 import numpy as np
@@ -202,24 +201,11 @@ same = all(np.array_equal(seen[n], ref[n], equal_nan=False) or seen[n].tobytes()
 print(json.dumps({"tensors": len(seen), "files": len(set(wm.values())), "same": same,
                   "config": open(os.path.join(out, "config.json")).read()}))
 "#;
-    let got = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(out)
-        .arg(src)
-        .output();
-    let required = std::env::var("SHARDROP_NUMPY_REQUIRED").is_ok_and(|v| v == "1");
-    match got {
-        Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).unwrap()),
-        other => {
-            assert!(
-                !required,
-                "python safetensors could not load the pull: {other:?}"
-            );
-            eprintln!("skipping the Python check: {other:?}");
-            None
-        }
-    }
+    common::python_json(
+        "python safetensors loading the pull",
+        script,
+        &[out.as_os_str(), src.as_os_str()],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

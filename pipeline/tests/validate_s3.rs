@@ -40,7 +40,6 @@ fn row<'a>(rows: &'a [ScoreRow], id: &Identity) -> &'a ScoreRow {
 /// Reads Parquet files with pyarrow; returns its JSON report, or `None` when no Python with
 /// pyarrow is available and the run does not require one.
 fn pyarrow_read(files: &[std::path::PathBuf]) -> Option<serde_json::Value> {
-    let python = std::env::var("SHARDROP_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = r#"
 import json, sys
 import pyarrow.parquet as pq
@@ -51,20 +50,11 @@ for f in sys.argv[1:]:
                 "rows": t.num_rows, "data": t.to_pylist()})
 print(json.dumps(out, default=str))
 "#;
-    let got = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(files)
-        .output();
-    let required = std::env::var("SHARDROP_NUMPY_REQUIRED").is_ok_and(|v| v == "1");
-    match got {
-        Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).unwrap()),
-        other => {
-            assert!(!required, "pyarrow could not read the tables: {other:?}");
-            eprintln!("skipping the pyarrow check: {other:?}");
-            None
-        }
-    }
+    common::python_json(
+        "pyarrow reading the tables",
+        script,
+        &files.iter().map(|f| f.as_os_str()).collect::<Vec<_>>(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

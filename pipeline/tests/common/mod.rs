@@ -61,3 +61,28 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Runs a Python script (`$SHARDROP_PYTHON`, else `python3`) with these arguments and parses
+/// its standard output as JSON. `None` when Python or its packages are missing and the run
+/// does not require them (`SHARDROP_NUMPY_REQUIRED=1`, set by `tools/test`, makes that fail).
+pub fn python_json(
+    what: &str,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> Option<serde_json::Value> {
+    let python = std::env::var("SHARDROP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let got = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output();
+    let required = std::env::var("SHARDROP_NUMPY_REQUIRED").is_ok_and(|v| v == "1");
+    match got {
+        Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).expect("JSON")),
+        other => {
+            assert!(!required, "{what} failed: {other:?}");
+            eprintln!("skipping {what}: {other:?}");
+            None
+        }
+    }
+}
