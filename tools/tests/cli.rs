@@ -275,6 +275,37 @@ async fn every_rejection_reason_through_verify_and_get() {
 }
 
 #[test]
+fn demo_runs_through_a_real_bucket() {
+    let Ok(s3) = std::env::var("SHARDROP_TEST_S3") else {
+        assert!(
+            std::env::var("SHARDROP_S3_REQUIRED").is_err(),
+            "SHARDROP_TEST_S3 missing"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("{s3}/{}", unique("demo"));
+    let out = shardrop(&[
+        "demo",
+        "--dir",
+        tmp.path().to_str().unwrap(),
+        "--store",
+        &store,
+        "--windows",
+        "3",
+        "--miners",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = json(&out);
+    assert_eq!(j["ok"], true);
+    assert!(j["registry"].as_str().unwrap().starts_with("s3://"));
+    assert_eq!(j["late_joiner"]["matches"], true);
+    assert_eq!(j["adversary"]["caught_windows"], 3);
+}
+
+#[test]
 fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");

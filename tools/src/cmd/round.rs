@@ -330,7 +330,7 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
 }
 
 pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
-    let (id, reg, mut w) = start_job(ctx, &a.job, Role::Aggregator).await?;
+    let (id, mut reg, mut w) = start_job(ctx, &a.job, Role::Aggregator).await?;
     let concurrency = a.job.concurrency;
     if let Some(part) = &a.part {
         let (i, k) = part
@@ -372,6 +372,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         w += 1;
+        // Participants join between windows: follow the registry too.
+        reg = Registry::load(&a.job.registry, &ctx.s3, None).await?.0;
     }
 }
 

@@ -187,7 +187,7 @@ pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
 }
 
 pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
-    let (id, reg, mut w) = super::round::start_job(ctx, &a.job, Role::Validator).await?;
+    let (id, mut reg, mut w) = super::round::start_job(ctx, &a.job, Role::Validator).await?;
     let mut ev = evaluator(&a, &reg)?;
     let opts = ValidateOptions {
         concurrency: a.job.concurrency,
@@ -222,6 +222,8 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         w += 1;
+        // Participants join between windows: follow the registry too.
+        reg = Registry::load(&a.job.registry, &ctx.s3, None).await?.0;
     }
 }
 
