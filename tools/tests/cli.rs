@@ -295,6 +295,9 @@ fn demo_runs_through_a_real_bucket() {
         "3",
         "--miners",
         "4",
+        // Windows of 3 s leave room on a loaded CI machine (two demos run at once here).
+        "--window-secs",
+        "3",
         "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -316,7 +319,7 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         "--windows",
         "4",
         "--window-secs",
-        "2",
+        "3",
         "--miners",
         "3",
         "--json",
