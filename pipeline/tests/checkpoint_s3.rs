@@ -362,11 +362,34 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
     // Tensor parallelism: rank 1 of 2.
     let tp = tmp.path().join("tp");
     let po = PullOptions {
-        tensors: vec!["model.layers.0.*".into(), "model.norm.weight".into()],
+        tensors: vec![
+            "model.layers.0.*".into(),
+            "model.norm.weight".into(),
+            "model.embed_tokens.weight".into(),
+        ],
         tp: Some((1, 2)),
         ..pull_opts()
     };
-    pull(&loc, &tp, &po, &quiet).await.unwrap();
+    let p = pull(&loc, &tp, &po, &quiet).await.unwrap();
+    // The embedding's half (20 MiB of 40) comes from the two 16 MiB chunks that hold it, not
+    // the whole tensor; the small projections are fetched whole and cut.
+    let small: u64 = m.files.iter().map(|f| f.size).sum();
+    let whole_small = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.norm.weight",
+    ]
+    .iter()
+    .map(|n| tensors[*n].len() as u64)
+    .sum::<u64>();
+    assert!(
+        p.fetched_bytes <= small + whole_small + 2 * m.chunk_bytes,
+        "{p:?}"
+    );
+    assert!(
+        p.fetched_bytes < small + whole_small + tensors["model.embed_tokens.weight"].len() as u64
+    );
     let got = read_folder(&tp);
     let spec: BTreeMap<&str, (Dtype, Vec<usize>)> = tensors_a()
         .into_iter()
@@ -394,7 +417,11 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
             };
         assert_eq!(bytes, &expect, "{name}");
     }
-    assert_eq!(got.len(), 4, "q, o and down projections and the norm");
+    assert_eq!(
+        got.len(),
+        5,
+        "q, o and down projections, the norm and the embedding"
+    );
 
     // Full remote verification: clean, then two bad shards are both reported.
     assert!(verify(&loc, 4).await.unwrap().bad.is_empty());

@@ -729,54 +729,94 @@ async fn fetch_subset(
     } = *cx;
     let key = layout::ckpt_object(&m.run, m.step, &m.shards[shard].file);
     let url = loc.target.url_of(&loc.target.path(&key));
-    let mut fetched = 0;
-    for it in items {
-        let t = &m.tensors[it.tensor];
-        // Large tensors come in parallel chunk-sized ranges; small ones in one GET.
-        let pieces: Vec<std::ops::Range<u64>> = (t.begin..t.end)
-            .step_by(m.chunk_bytes as usize)
-            .map(|a| a..(a + m.chunk_bytes).min(t.end))
-            .collect();
-        let parts: Vec<Result<bytes::Bytes, CkptError>> =
-            futures::stream::iter(pieces.into_iter().map(|r| {
-                let key = &key;
-                async move {
+    let fetch_pieces = |pieces: Vec<std::ops::Range<u64>>| {
+        let key = &key;
+        async move {
+            let parts: Vec<Result<bytes::Bytes, CkptError>> =
+                futures::stream::iter(pieces.into_iter().map(|r| async move {
                     let _permit = gets
                         .acquire()
                         .await
                         .map_err(|e| CkptError::Invalid(e.to_string()))?;
                     get_range(&loc.target, key, r).await
-                }
-            }))
-            .buffered(concurrency)
-            .collect()
-            .await;
-        let mut data = Vec::with_capacity((t.end - t.begin) as usize);
-        for p in parts {
-            let b = p?;
-            progress(b.len() as u64);
-            data.extend_from_slice(&b);
+                }))
+                .buffered(concurrency)
+                .collect()
+                .await;
+            parts.into_iter().collect::<Result<Vec<_>, _>>()
         }
-        fetched += data.len() as u64;
-        if blake3::hash(&data).to_hex().as_str() != t.blake3 {
-            return Err(CkptError::Bad(vec![format!(
-                "{url}: tensor {} (bytes {}..{}) does not match the manifest",
-                t.name, t.begin, t.end
-            )]));
-        }
+    };
+    let shard_entry = &m.shards[shard];
+    let mut fetched = 0;
+    for it in items {
+        let t = &m.tensors[it.tensor];
         let es = dtype_size(&t.dtype).unwrap_or(1);
-        let bytes: Vec<u8> = match it.cut {
-            None => data,
+        let cb = m.chunk_bytes;
+        // A dimension-0 cut is one contiguous run of rows: when the chunks covering it are
+        // fewer bytes than the whole tensor, fetch only those, each checked against its chunk
+        // hash, and keep the rows.
+        let rows = match it.cut {
             Some((0, start, part)) => {
                 let row = t.shape[1] * es;
-                data[(start * row) as usize..((start + part) * row) as usize].to_vec()
+                let (lo, hi) = (t.begin + start * row, t.begin + (start + part) * row);
+                let (c0, c1) = (lo / cb, (hi.max(lo + 1) - 1) / cb);
+                ((c1 - c0 + 1) * cb < t.end - t.begin).then_some((lo, hi, c0, c1))
             }
-            Some((_, start, part)) => {
-                let row = t.shape[1] * es;
-                let (a, n) = ((start * es) as usize, (part * es) as usize);
-                data.chunks_exact(row as usize)
-                    .flat_map(|r| r[a..a + n].iter().copied())
-                    .collect()
+            _ => None,
+        };
+        let bytes: Vec<u8> = if let Some((lo, hi, c0, c1)) = rows {
+            let pieces: Vec<std::ops::Range<u64>> = (c0..=c1)
+                .map(|c| c * cb..((c + 1) * cb).min(shard_entry.size))
+                .collect();
+            let got = fetch_pieces(pieces).await?;
+            let mut data = Vec::with_capacity(((c1 - c0 + 1) * cb) as usize);
+            for (c, b) in (c0..=c1).zip(&got) {
+                progress(b.len() as u64);
+                if shard_entry.chunks.get(c as usize).map(String::as_str)
+                    != Some(blake3::hash(b).to_hex().as_str())
+                {
+                    return Err(CkptError::Bad(vec![format!(
+                        "{url}: chunk {c} (holding rows of tensor {}) does not match the manifest",
+                        t.name
+                    )]));
+                }
+                data.extend_from_slice(b);
+            }
+            fetched += data.len() as u64;
+            let off = (lo - c0 * cb) as usize;
+            data[off..off + (hi - lo) as usize].to_vec()
+        } else {
+            // Whole tensors (to keep, or to cut along dimension 1) in parallel chunk-sized
+            // ranges, checked against the tensor hash.
+            let pieces: Vec<std::ops::Range<u64>> = (t.begin..t.end)
+                .step_by(cb as usize)
+                .map(|a| a..(a + cb).min(t.end))
+                .collect();
+            let mut data = Vec::with_capacity((t.end - t.begin) as usize);
+            for b in fetch_pieces(pieces).await? {
+                progress(b.len() as u64);
+                data.extend_from_slice(&b);
+            }
+            fetched += data.len() as u64;
+            if blake3::hash(&data).to_hex().as_str() != t.blake3 {
+                return Err(CkptError::Bad(vec![format!(
+                    "{url}: tensor {} (bytes {}..{}) does not match the manifest",
+                    t.name, t.begin, t.end
+                )]));
+            }
+            match it.cut {
+                None => data,
+                Some((0, start, part)) => {
+                    let row = t.shape[1] * es;
+                    data[(start * row) as usize..((start + part) * row) as usize].to_vec()
+                }
+                Some((_, start, part)) => {
+                    let row = t.shape[1] * es;
+                    let (a, n) = ((start * es) as usize, (part * es) as usize);
+                    data.chunks_exact(row as usize)
+                        .flat_map(|r| r[a..a + n].iter().copied())
+                        .collect()
+                }
             }
         };
         if bytes.len() as u64 != it.len {
