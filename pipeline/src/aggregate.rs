@@ -22,11 +22,10 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::codec::{EncodedTensor, ModelSpec, accumulate};
-use crate::envelope::{
-    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
-    read_all_sections,
+use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind};
+use crate::exchange::{
+    ExchangeError, RangeCheck, Shard, check_head, check_range, clock, read_signed,
 };
-use crate::exchange::{ExchangeError, RangeCheck, Shard, check_head, check_range, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::registry::{Registry, Role};
@@ -485,16 +484,15 @@ pub fn part_range(tensors: usize, i: usize, k: usize) -> Range<usize> {
     (i * tensors / k)..((i + 1) * tensors / k)
 }
 
-/// Reads a signed blob the aggregator key wrote, waiting until it exists.
+/// Reads a signed blob the aggregator key wrote (its sections, named), waiting until it
+/// exists.
 async fn wait_for_blob(
     reg: &Registry,
     target: &Target,
     me: &PeerId,
     key: &str,
     w: u64,
-) -> Result<Vec<Vec<u8>>, ExchangeError> {
-    let path = target.path(key);
-    let object = target.url_of(&path);
+) -> Result<Vec<(String, Vec<u8>)>, ExchangeError> {
     let expect = Expect {
         signer: Some(*me),
         run: Some(reg.run.clone()),
@@ -503,19 +501,10 @@ async fn wait_for_blob(
         step: None,
     };
     loop {
-        match RemoteEnvelope::open(
-            target.store.as_ref(),
-            &path,
-            &object,
-            &Limits::default(),
-            &expect,
-        )
-        .await
-        {
-            Ok(env) => {
-                return Ok(
-                    read_all_sections(target.store.as_ref(), &env, &Limits::default()).await?,
-                );
+        match read_signed(target, key, &expect).await {
+            Ok((env, sections)) => {
+                let names = env.sections().iter().map(|s| s.name.clone());
+                return Ok(names.zip(sections).collect());
             }
             Err(EnvelopeError::NotFound { .. }) => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await
@@ -606,7 +595,7 @@ async fn read_checks(
             wait_for_blob(reg, target, me, &layout::agg_checks(&reg.run, w, p, k), w).await?;
         let checks: Vec<RangeCheck> = secs
             .first()
-            .map(|j| serde_json::from_slice(j))
+            .map(|(_, j)| serde_json::from_slice(j))
             .transpose()
             .map_err(|e| ExchangeError::Refused(format!("part {p} checks: {e}")))?
             .unwrap_or_default();
@@ -640,24 +629,7 @@ pub async fn aggregate_commit(
     let mut sections = Vec::with_capacity(reg.model.tensors.len());
     for p in 0..k {
         let key = layout::agg_part(&reg.run, w, p, k);
-        let path = target.path(&key);
-        let expect = Expect {
-            signer: Some(me),
-            run: Some(reg.run.clone()),
-            kind: Some(Kind::Blob),
-            window: Some(w),
-            step: None,
-        };
-        let payloads = wait_for_blob(reg, &target, &me, &key, w).await?;
-        let env = RemoteEnvelope::open(
-            target.store.as_ref(),
-            &path,
-            &target.url_of(&path),
-            &Limits::default(),
-            &expect,
-        )
-        .await?;
-        sections.extend(env.sections().iter().map(|s| s.name.clone()).zip(payloads));
+        sections.extend(wait_for_blob(reg, &target, &me, &key, w).await?);
     }
     let want: Vec<String> = (0..reg.model.tensors.len())
         .map(|i| format!("t{i:05}"))
@@ -670,17 +642,6 @@ pub async fn aggregate_commit(
     publish_aggregate(reg, id, &target, w, &v, sections).await
 }
 
-/// The run's aggregator and its store (the first registered aggregator).
-fn aggregator_store(reg: &Registry, s3: &S3Options) -> Result<(PeerId, Target), ExchangeError> {
-    let agg = reg
-        .with_role(Role::Aggregator)
-        .first()
-        .copied()
-        .ok_or_else(|| ExchangeError::Refused(format!("run {} has no aggregator", reg.run)))?;
-    let id = PeerId::parse(&agg.peer).map_err(|e| ExchangeError::Refused(e.to_string()))?;
-    Ok((id, reg.open_store(agg, s3)?))
-}
-
 /// Fetches and verifies the aggregate of window `w` (signed by the run's aggregator), and
 /// parses every tensor. `NoAggregate` when it is not there (yet).
 pub async fn read_aggregate(
@@ -688,10 +649,9 @@ pub async fn read_aggregate(
     s3: &S3Options,
     w: u64,
 ) -> Result<Vec<AggTensor>, ExchangeError> {
-    let (agg_id, target) = aggregator_store(reg, s3)?;
-    let limits = Limits::default();
-    let path = target.path(&layout::agg(&reg.run, w));
-    let object = target.url_of(&path);
+    let (agg_id, target) = reg.aggregator(s3)?;
+    let key = layout::agg(&reg.run, w);
+    let object = target.url_of(&target.path(&key));
     let expect = Expect {
         signer: Some(agg_id),
         run: Some(reg.run.clone()),
@@ -699,17 +659,13 @@ pub async fn read_aggregate(
         window: Some(w),
         step: None,
     };
-    let env =
-        match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await {
-            Ok(e) => e,
-            Err(EnvelopeError::NotFound { .. }) => {
-                return Err(ExchangeError::NoAggregate { window: w, object });
-            }
-            Err(e) => return Err(ExchangeError::Refused(format!("window {w}: {e}"))),
-        };
-    let sections = read_all_sections(target.store.as_ref(), &env, &limits)
-        .await
-        .map_err(|e| ExchangeError::Refused(format!("window {w}: {e}")))?;
+    let (env, sections) = match read_signed(&target, &key, &expect).await {
+        Ok(x) => x,
+        Err(EnvelopeError::NotFound { .. }) => {
+            return Err(ExchangeError::NoAggregate { window: w, object });
+        }
+        Err(e) => return Err(ExchangeError::Refused(format!("window {w}: {e}"))),
+    };
     env.sections()
         .iter()
         .zip(&sections)

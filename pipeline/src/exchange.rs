@@ -36,6 +36,32 @@ pub enum ExchangeError {
     NoAggregate { window: u64, object: String },
 }
 
+impl From<crate::registry::RegistryError> for ExchangeError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        match e {
+            crate::registry::RegistryError::Store(s) => ExchangeError::Store(s),
+            crate::registry::RegistryError::Envelope(s) => ExchangeError::Envelope(s),
+            other => ExchangeError::Refused(other.to_string()),
+        }
+    }
+}
+
+/// Opens the envelope at `key` of `target`, verifies it against `expect` and reads every
+/// section: the common case of a small signed object read whole (aggregates, manifests,
+/// pointers, weights, blobs). Default limits.
+pub async fn read_signed(
+    target: &Target,
+    key: &str,
+    expect: &Expect,
+) -> Result<(RemoteEnvelope, Vec<Vec<u8>>), EnvelopeError> {
+    let path = target.path(key);
+    let url = target.url_of(&path);
+    let limits = Limits::default();
+    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &url, &limits, expect).await?;
+    let sections = crate::envelope::read_all_sections(target.store.as_ref(), &env, &limits).await?;
+    Ok((env, sections))
+}
+
 /// The run's codec parameters as envelope header parameters.
 pub fn codec_header(reg: &Registry) -> BTreeMap<String, String> {
     let c = &reg.codec;

@@ -184,6 +184,22 @@ impl Registry {
         v
     }
 
+    /// The run's aggregator (the first registered one) and its store: where every peer reads
+    /// aggregates, ledgers and checkpoints from.
+    pub fn aggregator(&self, s3: &S3Options) -> Result<(PeerId, Target), RegistryError> {
+        let bad = |reason: String| RegistryError::Invalid {
+            object: format!("run {}", self.run),
+            reason,
+        };
+        let agg = self
+            .with_role(Role::Aggregator)
+            .first()
+            .copied()
+            .ok_or_else(|| bad("the registry names no aggregator".into()))?;
+        let id = PeerId::parse(&agg.peer).map_err(|e| bad(e.to_string()))?;
+        Ok((id, self.open_store(agg, s3)?))
+    }
+
     /// Opens a participant's store with the credentials its entry names.
     pub fn open_store(&self, p: &Participant, base: &S3Options) -> Result<Target, StoreError> {
         let mut opts = base.clone();

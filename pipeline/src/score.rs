@@ -687,12 +687,12 @@ pub async fn read_scored_window(
     s3: &S3Options,
     w: u64,
 ) -> Result<(Vec<ScoreRow>, serde_json::Value), ExchangeError> {
-    use crate::envelope::{EnvelopeError, Expect, Limits, RemoteEnvelope, read_all_sections};
+    use crate::envelope::{EnvelopeError, Expect};
     let peer = crate::identity::PeerId::parse(&validator.peer)
         .map_err(|e| ExchangeError::Refused(e.to_string()))?;
     let target = reg.open_store(validator, s3)?;
-    let wpath = target.path(&layout::weights(&reg.run, w));
-    let wurl = target.url_of(&wpath);
+    let wkey = layout::weights(&reg.run, w);
+    let wurl = target.url_of(&target.path(&wkey));
     let expect = Expect {
         signer: Some(peer),
         run: Some(reg.run.clone()),
@@ -700,17 +700,14 @@ pub async fn read_scored_window(
         window: Some(w),
         step: None,
     };
-    let limits = Limits::default();
-    let env =
-        match RemoteEnvelope::open(target.store.as_ref(), &wpath, &wurl, &limits, &expect).await {
-            Err(EnvelopeError::NotFound { .. }) => {
-                return Err(ExchangeError::Refused(format!(
-                    "window {w} has no weights at {wurl}"
-                )));
-            }
-            r => r?,
-        };
-    let secs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
+    let (_, secs) = match crate::exchange::read_signed(&target, &wkey, &expect).await {
+        Err(EnvelopeError::NotFound { .. }) => {
+            return Err(ExchangeError::Refused(format!(
+                "window {w} has no weights at {wurl}"
+            )));
+        }
+        r => r?,
+    };
     let body: serde_json::Value = secs
         .first()
         .and_then(|s| serde_json::from_slice(s).ok())

@@ -50,6 +50,16 @@ pub enum CkptError {
     Bad(Vec<String>),
 }
 
+impl From<crate::registry::RegistryError> for CkptError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        match e {
+            crate::registry::RegistryError::Store(s) => CkptError::Store(s),
+            crate::registry::RegistryError::Envelope(s) => CkptError::Envelope(s),
+            other => CkptError::Invalid(other.to_string()),
+        }
+    }
+}
+
 pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> CkptError {
     CkptError::Io {
         path: path.display().to_string(),

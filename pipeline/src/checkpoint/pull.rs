@@ -23,7 +23,7 @@ use super::{CkptError, HF_INDEX, LOCAL_MANIFEST, Manifest, TensorEntry, dtype_si
 use crate::envelope::{Expect, Kind};
 use crate::identity::PeerId;
 use crate::layout;
-use crate::registry::{Registry, Role};
+use crate::registry::Registry;
 use crate::store::{self, S3Options, StoreError, Target};
 
 const PARTIAL: &str = ".shardrop-partial";
@@ -38,16 +38,6 @@ pub struct Located {
     pub signer: PeerId,
 }
 
-fn aggregator(reg: &Registry, s3: &S3Options) -> Result<(Target, PeerId), CkptError> {
-    let a = reg
-        .with_role(Role::Aggregator)
-        .first()
-        .copied()
-        .ok_or_else(|| CkptError::Invalid(format!("run {} has no aggregator", reg.run)))?;
-    let peer = PeerId::parse(&a.peer).map_err(|e| CkptError::Invalid(e.to_string()))?;
-    Ok((reg.open_store(a, s3)?, peer))
-}
-
 /// `latest` (with a registry), or a manifest URL `…/runs/<run>/ckpt/<step>/manifest`, whose
 /// signer is the registry's aggregator or `signer`.
 pub async fn locate(
@@ -60,7 +50,7 @@ pub async fn locate(
         let reg = reg.ok_or_else(|| {
             CkptError::Invalid("`latest` needs --registry (to find the checkpoint store)".into())
         })?;
-        let (target, peer) = aggregator(reg, s3)?;
+        let (peer, target) = reg.aggregator(s3)?;
         let (latest, _) = read_latest(&target, &reg.run, &peer)
             .await?
             .ok_or_else(|| {
@@ -100,7 +90,7 @@ pub async fn locate(
                     reg.run
                 )));
             }
-            aggregator(reg, s3)?.1
+            reg.aggregator(s3)?.0
         }
         (None, None) => {
             return Err(CkptError::Invalid(

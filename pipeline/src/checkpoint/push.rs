@@ -11,10 +11,7 @@ use super::{
     CkptError, FileEntry, HF_INDEX, Latest, MANIFEST_CODEC, MANIFEST_FORMAT, Manifest,
     POINTER_CODEC, ShardEntry, TensorEntry, io_err,
 };
-use crate::envelope::{
-    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
-    read_all_sections,
-};
+use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, RemoteEnvelope};
 use crate::exchange::own_store;
 use crate::identity::{Identity, PeerId};
 use crate::layout;
@@ -50,23 +47,14 @@ pub struct Pushed {
     pub latest: bool,
 }
 
-/// Reads and verifies a signed one-section JSON object this signer wrote.
+/// Reads and verifies a signed one-section JSON object (manifest, pointer).
 pub(crate) async fn read_signed_json(
     target: &Target,
     key: &str,
     expect: &Expect,
 ) -> Result<(RemoteEnvelope, Vec<u8>), EnvelopeError> {
-    let path = target.path(key);
-    let url = target.url_of(&path);
-    let limits = Limits::default();
-    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &url, &limits, expect).await?;
-    let mut secs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
-    let body = if secs.is_empty() {
-        Vec::new()
-    } else {
-        secs.swap_remove(0)
-    };
-    Ok((env, body))
+    let (env, sections) = crate::exchange::read_signed(target, key, expect).await?;
+    Ok((env, sections.into_iter().next().unwrap_or_default()))
 }
 
 /// `LATEST` of a run in this store, verified against `signer`, with its ETag.

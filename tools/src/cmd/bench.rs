@@ -14,9 +14,10 @@ use shardrop::codec::{
     encode_tensor, f32_to_bf16,
 };
 
-use super::Ctx;
 use super::grad::CodecArgs;
+use super::{Ctx, parse_size};
 use crate::out;
+use shardrop::store::Target;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -48,16 +49,39 @@ pub struct CodecBench {
     no_numpy: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|e| format!("{s:?}: {e}"))
+/// The transfer limit both store benchmarks compare against: plain parallel GETs (whole
+/// objects, or byte ranges), bodies counted and discarded. Returns (bytes, seconds).
+pub(super) async fn plain_download(
+    gets: Vec<(
+        Target,
+        object_store::path::Path,
+        Option<std::ops::Range<u64>>,
+    )>,
+    concurrency: usize,
+) -> anyhow::Result<(u64, f64)> {
+    use futures::StreamExt;
+    use object_store::{GetOptions, GetRange};
+    let t = std::time::Instant::now();
+    let got: Vec<u64> = futures::stream::iter(gets.into_iter().map(|(target, p, r)| async move {
+        let opts = GetOptions {
+            range: r.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        target
+            .store
+            .get_opts(&p, opts)
+            .await?
+            .bytes()
+            .await
+            .map(|b| b.len() as u64)
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()
+    .map_err(|e| anyhow::anyhow!("plain download: {e}"))?;
+    Ok((got.iter().sum(), t.elapsed().as_secs_f64()))
 }
 
 pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> anyhow::Result<()> {

@@ -9,8 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use futures::StreamExt;
-use object_store::{GetOptions, GetRange, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 use rayon::prelude::*;
 use shardrop::codec::{CodecParams, ModelSpec};
 use shardrop::identity::Identity;
@@ -19,7 +18,7 @@ use shardrop::registry::{Participant, Registry, Role};
 use shardrop::store;
 
 use super::Ctx;
-use super::ckpt::parse_size;
+use super::parse_size;
 
 #[derive(Args)]
 pub struct CkptBench {
@@ -384,47 +383,30 @@ print(n)
         };
         shardrop::checkpoint::pull::fetch_manifest(&loc).await?
     };
-    let ranges: Vec<(object_store::path::Path, std::ops::Range<u64>)> = m
+    let ranges: Vec<_> = m
         .shards
         .iter()
         .flat_map(|s| {
             let p = area.path(&layout::ckpt_object(&run, 1, &s.file));
+            let area = area.clone();
             (0..s.size)
                 .step_by(m.chunk_bytes as usize)
-                .map(move |a0| (p.clone(), a0..(a0 + m.chunk_bytes).min(s.size)))
+                .map(move |a0| {
+                    (
+                        area.clone(),
+                        p.clone(),
+                        Some(a0..(a0 + m.chunk_bytes).min(s.size)),
+                    )
+                })
                 .collect::<Vec<_>>()
         })
         .collect();
-    let t = Instant::now();
-    let got: Vec<u64> = futures::stream::iter(ranges.into_iter().map(|(p, r)| {
-        let area = &area;
-        async move {
-            area.store
-                .get_opts(
-                    &p,
-                    GetOptions {
-                        range: Some(GetRange::Bounded(r)),
-                        ..Default::default()
-                    },
-                )
-                .await?
-                .bytes()
-                .await
-                .map(|b| b.len() as u64)
-        }
-    }))
-    .buffer_unordered(a.concurrency.max(1))
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()?;
-    let raw = t.elapsed().as_secs_f64();
+    let (raw_bytes, raw) = super::bench::plain_download(ranges, a.concurrency).await?;
     rows.push((
         "pull".into(),
         "raw parallel ranged GET (discarded)".into(),
         raw,
     ));
-    let raw_bytes: u64 = got.iter().sum();
 
     // Clean the bucket.
     for p in ["copies/", "agg/", "op/"] {

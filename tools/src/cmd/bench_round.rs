@@ -7,8 +7,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use futures::StreamExt;
-use object_store::ObjectStoreExt;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -188,23 +186,11 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
             (area, p)
         })
         .collect();
-    let t = Instant::now();
-    let got: Vec<u64> = futures::stream::iter(paths.iter().map(|(area, p)| async move {
-        area.store
-            .get(p)
-            .await?
-            .bytes()
-            .await
-            .map(|b| b.len() as u64)
-    }))
-    .buffer_unordered(a.concurrency.max(1))
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()
-    .context("plain download")?;
-    let download_secs = t.elapsed().as_secs_f64();
-    let downloaded: u64 = got.iter().sum();
+    let (downloaded, download_secs) = super::bench::plain_download(
+        paths.into_iter().map(|(area, p)| (area, p, None)).collect(),
+        a.concurrency,
+    )
+    .await?;
     Ok(serde_json::json!({
         "store": root.url(), "miners": a.miners, "params": per as u64 * 8, "accepted": agg["accepted"],
         "shard_bytes_total": shard_bytes, "shard_bytes_each": shard_bytes / a.miners.max(1) as u64,

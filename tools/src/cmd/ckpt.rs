@@ -10,7 +10,7 @@ use shardrop::checkpoint::push::{PushOptions, push};
 use shardrop::identity::PeerId;
 use shardrop::registry::{Registry, Role};
 
-use super::{Ctx, keys};
+use super::{Ctx, keys, parse_size};
 use crate::out;
 
 #[derive(Subcommand)]
@@ -25,23 +25,6 @@ pub enum CkptCommand {
     Verify(VerifyArgs),
     /// Delete old checkpoints and the per-window objects older than the oldest kept one.
     Gc(GcArgs),
-}
-
-/// Sizes like 2GiB, 512MiB, 100M, 4096.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mul: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("bad size unit in {s:?}")),
-    };
-    Ok((n * mul as f64) as u64)
 }
 
 #[derive(Args)]
@@ -240,23 +223,9 @@ async fn pull_cmd(ctx: &Ctx, a: PullArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn aggregator_of(
-    ctx: &Ctx,
-    registry: &str,
-) -> anyhow::Result<(Registry, shardrop::store::Target, PeerId)> {
-    let (reg, _) = Registry::load(registry, &ctx.s3, None).await?;
-    let a = reg
-        .with_role(Role::Aggregator)
-        .first()
-        .copied()
-        .cloned()
-        .with_context(|| format!("run {} has no aggregator", reg.run))?;
-    let target = reg.open_store(&a, &ctx.s3)?;
-    Ok((reg, target, PeerId::parse(&a.peer)?))
-}
-
 async fn ls_cmd(ctx: &Ctx, a: LsArgs) -> anyhow::Result<()> {
-    let (reg, target, peer) = aggregator_of(ctx, &a.registry).await?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let (peer, target) = reg.aggregator(&ctx.s3)?;
     let infos = list(&target, &reg.run, &peer).await?;
     let mut text = format!(
         "{:>12} {:>8} {:>7} {:>8} {:>12}  status\n",

@@ -14,6 +14,23 @@ mod validate;
 use clap::Subcommand;
 use shardrop::store::S3Options;
 
+/// Byte sizes for flags: 2GiB, 512MiB, 1G, 100M, 4096 (K/M/G/T are binary, as are KB/MB…).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mul: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("bad size unit in {s:?}")),
+    };
+    Ok((n * mul as f64) as u64)
+}
+
 /// What every command gets besides its own arguments.
 pub struct Ctx {
     pub json: bool,
