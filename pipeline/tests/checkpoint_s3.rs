@@ -428,18 +428,7 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
     let k0 = w
         .area
         .path(&layout::ckpt_object(&w.reg.run, 10, &m.shards[0].file));
-    let mut b = w
-        .area
-        .store
-        .get(&k0)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    b[10] ^= 1;
-    w.area.store.put(&k0, b.into()).await.unwrap();
+    common::flip_bit(&w.area, &k0, Some(10)).await;
     let k1 = w
         .area
         .path(&layout::ckpt_object(&w.reg.run, 10, &m.shards[1].file));

@@ -332,18 +332,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     // A tampered table no longer matches the signed hash.
     let val = area("val");
     let path = val.path(&layout::scores(&reg.run, 1));
-    let mut bytes = val
-        .store
-        .get(&path)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    let n = bytes.len();
-    bytes[n / 2] ^= 1;
-    val.store.put(&path, bytes.into()).await.unwrap();
+    common::flip_bit(&val, &path, None).await;
     let err = read_scored_window(&reg, val_entry, &s3, 1)
         .await
         .unwrap_err();

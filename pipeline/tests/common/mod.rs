@@ -86,3 +86,21 @@ pub fn python_json(
         }
     }
 }
+
+/// Flips one bit of a stored object at `at` (a byte offset, or the middle when `None`): what
+/// a damaged or tampered object looks like to a reader.
+pub async fn flip_bit(target: &Target, path: &object_store::path::Path, at: Option<usize>) {
+    use object_store::ObjectStoreExt;
+    let mut b = target
+        .store
+        .get(path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let i = at.unwrap_or(b.len() / 2);
+    b[i] ^= 1;
+    target.store.put(path, b.into()).await.unwrap();
+}
