@@ -11,12 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shardrop::codec::{
-    CodecParams, EncodedTensor, InDtype, IndexEncoding, Layout, ScaleMode, TensorInput,
-    ValueFormat, accumulate, encode_tensor, f32_to_bf16,
+    CodecParams, EncodedTensor, InDtype, IndexEncoding, Layout, ScaleMode, TensorInput, accumulate,
+    encode_tensor,
 };
+
+mod codec_cases;
+use codec_cases::{Data, damaged, decode_sets, encode_cases, to_bytes, values};
 
 fn harness() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -180,85 +183,6 @@ fn emu_accumulate(t: &EncodedTensor, dense: &[f32], weight: f32, block: u32) -> 
 
 const NO_FAULT: u32 = u32::MAX;
 
-#[derive(Clone, Copy, Debug)]
-enum Data {
-    Random,
-    /// Few distinct magnitudes: every selection ends in a tie.
-    Ties,
-    Zeros,
-    /// A NaN in the second chunk.
-    Nan,
-    /// Values that round to infinity in bf16.
-    Huge,
-    /// f16 subnormals and signed zeros.
-    Tiny,
-}
-
-fn values(data: Data, n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..n)
-        .map(|i| match data {
-            Data::Random => {
-                let v: f32 = rng.random_range(-1.0..1.0);
-                if rng.random_range(0..64) == 0 {
-                    v * 50.0
-                } else {
-                    v
-                }
-            }
-            Data::Ties => [0.0, 1.0, -1.0, 0.5, -0.5, 2.0][rng.random_range(0..6)],
-            Data::Zeros => 0.0,
-            Data::Nan => {
-                if i == n / 2 + 3 {
-                    f32::NAN
-                } else {
-                    rng.random_range(-1.0..1.0)
-                }
-            }
-            Data::Huge => {
-                if i % 17 == 0 {
-                    f32::MAX
-                } else {
-                    rng.random_range(-1.0..1.0)
-                }
-            }
-            Data::Tiny => {
-                let h = half::f16::from_bits(rng.random_range(0..0x0400) | (i as u16 & 1) << 15);
-                h.to_f32()
-            }
-        })
-        .collect()
-}
-
-fn to_bytes(v: &[f32], dtype: InDtype) -> Vec<u8> {
-    match dtype {
-        InDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        InDtype::Bf16 => v
-            .iter()
-            .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
-            .collect(),
-        InDtype::F16 => v
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
-            .collect(),
-    }
-}
-
-fn params(
-    chunk: u32,
-    k: u32,
-    values: ValueFormat,
-    scales: ScaleMode,
-    idx: IndexEncoding,
-) -> CodecParams {
-    CodecParams {
-        chunk,
-        k,
-        values,
-        scales,
-        indices: idx,
-    }
-}
-
 /// Encodes two windows (error feedback carried) on both sides and compares every byte.
 fn check_encode(name: &str, n: usize, dtype: InDtype, p: CodecParams, data: Data, block: u32) {
     let mut rng = ChaCha8Rng::seed_from_u64(n as u64 * 31 + p.k as u64);
@@ -304,126 +228,15 @@ fn check_encode(name: &str, n: usize, dtype: InDtype, p: CodecParams, data: Data
 
 #[test]
 fn encode_matches_the_cpu_codec() {
-    use IndexEncoding::*;
-    use ScaleMode::*;
-    use ValueFormat::*;
-    let cases: Vec<(&str, usize, InDtype, CodecParams, Data, u32)> = vec![
-        (
-            "default",
-            3 * 4096 + 1000,
-            InDtype::F32,
-            CodecParams::default(),
-            Data::Random,
-            64,
-        ),
-        (
-            "ties-int4",
-            700,
-            InDtype::F32,
-            params(128, 20, Int4, Chunk, Compact),
-            Data::Ties,
-            64,
-        ),
-        (
-            "ties-packed",
-            700,
-            InDtype::Bf16,
-            params(128, 20, Int8, Tensor, Packed),
-            Data::Ties,
-            32,
-        ),
-        (
-            "zeros",
-            300,
-            InDtype::F32,
-            params(64, 5, Int2, Chunk, Compact),
-            Data::Zeros,
-            64,
-        ),
-        (
-            "k-is-chunk",
-            200,
-            InDtype::F16,
-            params(64, 64, Int8, Chunk, Compact),
-            Data::Random,
-            64,
-        ),
-        (
-            "k-one",
-            1000,
-            InDtype::F32,
-            params(256, 1, Int2, Tensor, Packed),
-            Data::Random,
-            256,
-        ),
-        (
-            "bf16-values",
-            2000,
-            InDtype::Bf16,
-            params(512, 37, Bf16, Chunk, Compact),
-            Data::Random,
-            64,
-        ),
-        (
-            "f16-tiny",
-            600,
-            InDtype::F16,
-            params(64, 9, Int4, Chunk, Packed),
-            Data::Tiny,
-            64,
-        ),
-        (
-            "tiny-last-chunk",
-            64 * 3 + 1,
-            InDtype::F32,
-            params(64, 8, Int2, Chunk, Compact),
-            Data::Random,
-            32,
-        ),
-        (
-            "global-path",
-            16384 + 5000,
-            InDtype::Bf16,
-            params(16384, 100, Int2, Chunk, Compact),
-            Data::Random,
-            128,
-        ),
-        (
-            "nan",
-            1000,
-            InDtype::F32,
-            params(128, 8, Int2, Chunk, Compact),
-            Data::Nan,
-            64,
-        ),
-        (
-            "huge-bf16-values",
-            500,
-            InDtype::F32,
-            params(64, 8, Bf16, Chunk, Packed),
-            Data::Huge,
-            64,
-        ),
-    ];
-    for (name, n, dtype, p, data, block) in cases {
+    for (name, n, dtype, p, data, block) in encode_cases() {
         check_encode(name, n, dtype, p, data, block);
     }
 }
 
 #[test]
 fn decode_and_accumulate_match_and_refuse_what_the_cpu_refuses() {
-    use IndexEncoding::*;
-    use ScaleMode::*;
-    use ValueFormat::*;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let sets = [
-        params(128, 20, Int4, Chunk, Compact),
-        params(128, 20, Int8, Tensor, Packed),
-        params(64, 64, Int2, Chunk, Compact),
-        params(256, 3, Bf16, Chunk, Compact),
-        params(4096, 64, Int2, Chunk, Compact),
-    ];
-    for (s, p) in sets.iter().enumerate() {
+    for (s, p) in decode_sets().iter().enumerate() {
         let n = if p.chunk == 4096 { 9000 } else { 1000 };
         let v = values(Data::Random, n, &mut rng);
         let bytes = to_bytes(&v, InDtype::F32);
@@ -468,21 +281,7 @@ fn decode_and_accumulate_match_and_refuse_what_the_cpu_refuses() {
         // Damaged index and value blocks: whatever the CPU says, the kernels say.
         let mut refused = 0;
         for trial in 0..12 {
-            let mut bad = t.clone();
-            let (blk, at) = if trial % 3 == 2 && !bad.val.is_empty() {
-                let at = rng.random_range(0..bad.val.len());
-                (&mut bad.val, at)
-            } else {
-                let at = rng.random_range(0..bad.idx.len());
-                (&mut bad.idx, at)
-            };
-            blk[at] ^= 1 << rng.random_range(0..8);
-            if p.values == Bf16 && trial % 3 == 2 {
-                // An exponent of all ones: a non-finite value.
-                let pair = at & !1;
-                bad.val[pair + 1] |= 0x7F;
-                bad.val[pair] |= 0x80;
-            }
+            let bad = damaged(&t, trial, &mut rng);
             refused += usize::from(accumulate(&bad, &mut dense0.clone(), 1.0).is_err());
             check(&bad, &format!("damage {trial}"));
         }

@@ -456,7 +456,7 @@ fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>)
 }
 
 /// Checks the parameters, block sizes and scales: everything that needs no decoding.
-fn check_shape(t: &EncodedTensor) -> Result<Layout, CodecError> {
+pub(crate) fn check_shape(t: &EncodedTensor) -> Result<Layout, CodecError> {
     t.params.validate()?;
     let lay = Layout::new(t.numel(), &t.params);
     let size = |what: &str, got: usize, want: usize| {

@@ -10,6 +10,8 @@
 mod bits;
 mod cpu;
 mod format;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod quant;
 mod state;
 mod update;
@@ -22,7 +24,7 @@ pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quanti
 pub use state::EfState;
 pub use update::{
     Dense, EncodeOptions, EncodedUpdate, UpdateStats, accumulate_section, dense_to_safetensors,
-    encode_update, model_of,
+    encode_update, encode_update_with, model_of,
 };
 
 use serde::{Deserialize, Serialize};

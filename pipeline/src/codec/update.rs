@@ -83,6 +83,19 @@ pub fn encode_update(
     state: &mut EfState,
     opts: &EncodeOptions,
 ) -> Result<EncodedUpdate, CodecError> {
+    encode_update_with(bytes, state, opts, |input, buf| {
+        encode_tensor(input, buf, opts.beta, &opts.params)
+    })
+}
+
+/// `encode_update` with another tensor encoder (the GPU's): the tensor order, sectioning and
+/// statistics stay in one place, so both devices produce the same section files.
+pub fn encode_update_with<E: From<CodecError>>(
+    bytes: &[u8],
+    state: &mut EfState,
+    opts: &EncodeOptions,
+    mut encode: impl FnMut(&TensorInput, &mut [f32]) -> Result<EncodedTensor, E>,
+) -> Result<EncodedUpdate, E> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| CodecError::Malformed(format!("update: {e}")))?;
     let model = model_of(bytes)?;
@@ -104,7 +117,7 @@ pub fn encode_update(
             dtype: spec.dtype,
             data: view.data(),
         };
-        let t = encode_tensor(&input, buf, opts.beta, &opts.params)?;
+        let t = encode(&input, buf)?;
         stats.tensors += 1;
         stats.elements += numel;
         stats.dense_bytes += view.data().len() as u64;
