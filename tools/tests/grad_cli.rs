@@ -324,3 +324,73 @@ fn bench_codec_matches_numpy_byte_for_byte() {
         assert!(j["read_pass_gbps"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// `--device cuda:0` where no GPU can be used (no `cuda` feature, no driver): a warning
+/// naming the reason, the CPU codec, and the very bytes a CPU run writes. On a GPU machine
+/// (feature `cuda`) the same test checks the GPU's files against the CPU's.
+#[test]
+fn encode_device_cuda_falls_back_or_matches_the_cpu_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |s: &str| -> PathBuf { tmp.path().join(s) };
+    write_update(&t("u.safetensors"), 3.0);
+    let mut files = Vec::new();
+    for (dev, out, state) in [("cpu", "o-cpu", "s-cpu"), ("cuda:0", "o-gpu", "s-gpu")] {
+        for step in 0..2 {
+            let out = format!("{out}{step}");
+            let o = shardrop(&[
+                "grad",
+                "encode",
+                p(&t("u.safetensors")),
+                p(&t(&out)),
+                "--state",
+                p(&t(state)),
+                "--device",
+                dev,
+                "--json",
+            ]);
+            let j = ok_json(&o);
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            if dev == "cpu" {
+                assert_eq!(j["device"], "cpu");
+                assert!(j["device_fallback"].is_null());
+            } else if j["device"] == "cpu" {
+                let why = j["device_fallback"].as_str().expect("a fallback reason");
+                assert!(!why.is_empty());
+                assert!(
+                    stderr.contains("warning: --device cuda:0") && stderr.contains(why),
+                    "{stderr}"
+                );
+            } else {
+                assert!(j["device_fallback"].is_null(), "{j}");
+            }
+            let mut names: Vec<_> = std::fs::read_dir(t(&out))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            let bytes: Vec<Vec<u8>> = names.iter().map(|n| std::fs::read(n).unwrap()).collect();
+            files.push(bytes);
+        }
+        files.push(vec![
+            std::fs::read(t(&format!("{state}/error-feedback.safetensors"))).unwrap(),
+        ]);
+    }
+    assert_eq!(
+        files[0..3],
+        files[3..6],
+        "sections and state after two windows"
+    );
+
+    let bad = shardrop(&[
+        "grad",
+        "encode",
+        p(&t("u.safetensors")),
+        p(&t("o-bad")),
+        "--state",
+        p(&t("s-bad")),
+        "--device",
+        "gpu0",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N"));
+}

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use shardrop::codec::{
     CodecLimits, CodecParams, Dense, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
-    accumulate_section, dense_to_safetensors, encode_update, model_of,
+    accumulate_section, dense_to_safetensors, model_of,
 };
 use shardrop::envelope::{Expect, Limits, MAGIC, read_all_sections};
 
@@ -88,6 +88,9 @@ pub struct EncodeArgs {
     /// Target payload per section, MiB.
     #[arg(long, default_value_t = 16)]
     section_mib: usize,
+    /// Where to encode: cpu, cuda or cuda:N (GPU builds; falls back to the CPU, saying why).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -124,13 +127,16 @@ async fn encode(ctx: &Ctx, a: EncodeArgs) -> anyhow::Result<()> {
     let update = a.update.clone();
     let state_dir = a.state.clone();
     let out_dir = a.out.clone();
-    let started = Instant::now();
+    let device = a.device.clone();
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+        let chosen = super::device::choose(&device)?;
+        let started = Instant::now();
         let bytes =
             std::fs::read(&update).with_context(|| format!("{}: cannot read", update.display()))?;
         let mut state = EfState::load(&state_dir)
             .with_context(|| format!("{}: cannot load state", state_dir.display()))?;
-        let encoded = encode_update(&bytes, &mut state, &opts)
+        let encoded = chosen
+            .encode_update(&bytes, &mut state, &opts)
             .with_context(|| format!("{}", update.display()))?;
         let encode_secs = started.elapsed().as_secs_f64();
         std::fs::create_dir_all(&out_dir)
@@ -152,7 +158,7 @@ async fn encode(ctx: &Ctx, a: EncodeArgs) -> anyhow::Result<()> {
             .save(&state_dir)
             .with_context(|| format!("{}: cannot save state", state_dir.display()))?;
         let s = encoded.stats;
-        Ok(serde_json::json!({
+        let mut report = serde_json::json!({
             "sections": files, "tensors": s.tensors, "elements": s.elements,
             "dense_bytes": s.dense_bytes, "bytes": s.bytes, "zstd_bytes": zstd_bytes,
             "payload_bytes": s.payload_bytes, "kept": s.kept,
@@ -162,11 +168,15 @@ async fn encode(ctx: &Ctx, a: EncodeArgs) -> anyhow::Result<()> {
             "bits_per_kept_with_container": s.bytes as f64 * 8.0 / s.kept.max(1) as f64,
             "density": s.kept as f64 / s.elements.max(1) as f64,
             "params": opts.params, "beta": (opts.beta as f64 * 1e6).round() / 1e6, "encode_seconds": encode_secs,
-        }))
+        });
+        if let (Some(r), serde_json::Value::Object(d)) = (report.as_object_mut(), chosen.report()) {
+            r.extend(d);
+        }
+        Ok(report)
     })
     .await??;
     let text = format!(
-        "{} tensors, {} elements -> {} kept ({:.2}%), {} bytes ({} after zstd), ratio {:.1}x, {:.2} bits per kept element; {} section file(s) in {}",
+        "{} tensors, {} elements -> {} kept ({:.2}%), {} bytes ({} after zstd), ratio {:.1}x, {:.2} bits per kept element; {} section file(s) in {} (encoded on {})",
         report["tensors"],
         report["elements"],
         report["kept"],
@@ -176,7 +186,8 @@ async fn encode(ctx: &Ctx, a: EncodeArgs) -> anyhow::Result<()> {
         report["ratio"].as_f64().unwrap_or(0.0),
         report["bits_per_kept"].as_f64().unwrap_or(0.0),
         report["sections"].as_array().map_or(0, |v| v.len()),
-        a.out.display()
+        a.out.display(),
+        report["device"].as_str().unwrap_or("?")
     );
     out::emit(ctx, &report, &text);
     Ok(())

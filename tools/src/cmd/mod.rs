@@ -5,6 +5,7 @@ mod bench_ckpt;
 mod bench_round;
 mod ckpt;
 mod demo;
+mod device;
 mod grad;
 mod keys;
 mod object;

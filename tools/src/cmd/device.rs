@@ -1,0 +1,95 @@
+//! `--device cpu|cuda|cuda:N`: which codec runs. A GPU that cannot be used (a build without
+//! the `cuda` feature, no driver, no NVRTC, no such device) is never fatal: the command says
+//! why on stderr, records it in its report, and runs the CPU codec, whose bytes are the same.
+
+use anyhow::bail;
+use shardrop::codec::{EfState, EncodeOptions, EncodedUpdate, encode_update};
+
+/// The codec a command will run.
+pub enum Codec {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Gpu(shardrop::codec::gpu::Gpu),
+}
+
+/// What `--device` resolved to.
+pub struct Chosen {
+    pub codec: Codec,
+    /// "cpu", or the GPU's description.
+    pub used: String,
+    /// Why the GPU asked for is not used.
+    pub fallback: Option<String>,
+}
+
+/// Ordinal of `cuda` / `cuda:N`; `None` for `cpu`.
+fn parse(spec: &str) -> anyhow::Result<Option<usize>> {
+    match spec {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => bail!("--device {spec:?}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open(ordinal: usize) -> Result<Chosen, String> {
+    match shardrop::codec::gpu::Gpu::open(ordinal) {
+        Ok(g) => Ok(Chosen {
+            used: g.describe(),
+            codec: Codec::Gpu(g),
+            fallback: None,
+        }),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open(_ordinal: usize) -> Result<Chosen, String> {
+    Err(
+        "this shardrop was built without the cuda feature (cargo build --release --features cuda)"
+            .into(),
+    )
+}
+
+/// Resolves `--device`; see the module doc for the fallback.
+pub fn choose(spec: &str) -> anyhow::Result<Chosen> {
+    let Some(ordinal) = parse(spec)? else {
+        return Ok(Chosen {
+            codec: Codec::Cpu,
+            used: "cpu".into(),
+            fallback: None,
+        });
+    };
+    Ok(open(ordinal).unwrap_or_else(|why| {
+        eprintln!("shardrop: warning: --device {spec}: {why}; using the CPU codec (same bytes)");
+        tracing::warn!(device = spec, reason = %why, "GPU unavailable; CPU codec");
+        Chosen {
+            codec: Codec::Cpu,
+            used: "cpu".into(),
+            fallback: Some(why),
+        }
+    }))
+}
+
+impl Chosen {
+    /// `codec::encode_update` on the chosen device.
+    pub fn encode_update(
+        &self,
+        bytes: &[u8],
+        state: &mut EfState,
+        opts: &EncodeOptions,
+    ) -> anyhow::Result<EncodedUpdate> {
+        Ok(match &self.codec {
+            Codec::Cpu => encode_update(bytes, state, opts)?,
+            #[cfg(feature = "cuda")]
+            Codec::Gpu(g) => g.encode_update(bytes, state, opts)?,
+        })
+    }
+
+    /// Report fields: the device used and, when it is not the one asked for, why.
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({"device": self.used, "device_fallback": self.fallback})
+    }
+}
