@@ -31,22 +31,39 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct CodecBench {
-    /// Update size in bytes of f32 (suffixes K, M, G allowed).
+    /// Update size in bytes (of f32 on the CPU; of --dtype on a GPU; K, M, G suffixes).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
-    size: u64,
+    pub(super) size: u64,
     #[command(flatten)]
-    codec: CodecArgs,
+    pub(super) codec: CodecArgs,
     #[arg(long, default_value_t = 0.9)]
-    beta: f32,
+    pub(super) beta: f32,
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// Python with numpy for the baseline [env: SHARDROP_PYTHON, default python3].
+    pub(super) reps: usize,
+    /// Python with numpy (CPU) or PyTorch (GPU) for the baseline [env: SHARDROP_PYTHON,
+    /// default python3].
     #[arg(long)]
-    python: Option<String>,
-    /// Skip the numpy baseline.
+    pub(super) python: Option<String>,
+    /// Skip the numpy / PyTorch baseline.
     #[arg(long)]
-    no_numpy: bool,
+    pub(super) no_numpy: bool,
+    /// Where to run: cpu, or cuda / cuda:N for the GPU codec against a device copy and
+    /// PyTorch (falls back to the CPU bench, saying why, when no GPU is usable).
+    #[arg(long, default_value = "cpu")]
+    pub(super) device: String,
+    /// Element type of the update on a GPU (the CPU bench runs f32 and bf16).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub(super) dtype: String,
+}
+
+impl CodecBench {
+    pub(super) fn python_or_default(&self) -> String {
+        self.python
+            .clone()
+            .or_else(|| std::env::var("SHARDROP_PYTHON").ok())
+            .unwrap_or_else(|| "python3".into())
+    }
 }
 
 /// The transfer limit both store benchmarks compare against: plain parallel GETs (whole
@@ -87,8 +104,7 @@ pub(super) async fn plain_download(
 pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Codec(a) => {
-            let report = tokio::task::spawn_blocking(move || codec_bench(a)).await??;
-            let text = render(&report);
+            let (report, text) = tokio::task::spawn_blocking(move || codec_bench_on(a)).await??;
             out::emit(ctx, &report, &text);
             Ok(())
         }
@@ -259,6 +275,26 @@ fn bytes_of(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
+/// The codec bench on the device `--device` resolves to.
+fn codec_bench_on(a: CodecBench) -> anyhow::Result<(serde_json::Value, String)> {
+    let chosen = super::device::choose(&a.device)?;
+    #[cfg(feature = "cuda")]
+    if let super::device::Codec::Gpu(g) = &chosen.codec {
+        let r = super::bench_gpu::gpu_codec_bench(g, &a, &a.codec.params()?)?;
+        let text = super::bench_gpu::render(&r);
+        return Ok((r, text));
+    }
+    let mut r = codec_bench(a)?;
+    let mut text = render(&r);
+    if let Some(why) = &chosen.fallback {
+        text = format!("CPU codec bench (GPU unavailable: {why})\n{text}");
+    }
+    if let (Some(o), serde_json::Value::Object(d)) = (r.as_object_mut(), chosen.report()) {
+        o.extend(d);
+    }
+    Ok((r, text))
+}
+
 fn codec_bench(a: CodecBench) -> anyhow::Result<serde_json::Value> {
     let p = a.codec.params()?;
     let n = (a.size / 4) as usize;
@@ -316,11 +352,7 @@ fn numpy_baseline(
     if p.values == ValueFormat::Bf16 || p.scales == ScaleMode::Tensor {
         bail!("the numpy baseline implements integer values with per-chunk scales");
     }
-    let python = a
-        .python
-        .clone()
-        .or_else(|| std::env::var("SHARDROP_PYTHON").ok())
-        .unwrap_or_else(|| "python3".into());
+    let python = a.python_or_default();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("codec_numpy.py");
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("update.f32");

@@ -64,7 +64,6 @@ pub fn choose(spec: &str) -> anyhow::Result<Chosen> {
     };
     Ok(open(ordinal).unwrap_or_else(|why| {
         eprintln!("shardrop: warning: --device {spec}: {why}; using the CPU codec (same bytes)");
-        tracing::warn!(device = spec, reason = %why, "GPU unavailable; CPU codec");
         Chosen {
             codec: Codec::Cpu,
             used: "cpu".into(),

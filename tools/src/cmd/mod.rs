@@ -2,6 +2,8 @@
 
 mod bench;
 mod bench_ckpt;
+#[cfg(feature = "cuda")]
+mod bench_gpu;
 mod bench_round;
 mod ckpt;
 mod demo;
