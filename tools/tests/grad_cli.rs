@@ -394,3 +394,32 @@ fn encode_device_cuda_falls_back_or_matches_the_cpu_bytes() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N"));
 }
+
+/// `bench codec --device cuda:0` without a usable GPU runs the CPU bench and says why; with
+/// one (feature `cuda` on a GPU machine) it reports the GPU's figures and its CPU parity.
+#[test]
+fn bench_codec_device_cuda_reports_the_device_it_used() {
+    let o = shardrop(&[
+        "bench",
+        "codec",
+        "--device",
+        "cuda:0",
+        "--size",
+        "1M",
+        "--reps",
+        "1",
+        "--no-numpy",
+        "--json",
+    ]);
+    let j = ok_json(&o);
+    if j["device"] == "cpu" {
+        assert!(
+            j["device_fallback"].as_str().is_some_and(|s| !s.is_empty()),
+            "{j}"
+        );
+        assert!(j["f32"]["encode_gbps"].as_f64().unwrap() > 0.0);
+    } else {
+        assert_eq!(j["cpu_parity"], true, "{j}");
+        assert!(j["encode_vs_copy"].as_f64().unwrap() > 0.0);
+    }
+}

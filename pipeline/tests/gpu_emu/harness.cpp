@@ -58,7 +58,7 @@ int run_encode(Reader& r, Writer& w) {
     u32 chunks = (u32)((n + chunk - 1) / chunk);
     std::vector<u32> sel((size_t)chunks * k), maxes(chunks), tmax(1, 0), fault(2, NO_FAULT);
     int use_shared = chunk <= 8192 ? 1 : 0;
-    emu::launch(chunks, block, use_shared ? chunk * 4 : 0, [&] {
+    emu::launch(chunks, block, use_shared ? (chunk + chunk / 32) * 4 : 0, [&] {
         ef_select(in.data(), (int)dtype, state.data(), n, chunk, k, beta, sel.data(), maxes.data(),
                   tmax.data(), fault.data(), use_shared);
     });

@@ -172,9 +172,16 @@ __device__ u32 block_scan(u32 v, u32* total, u32* scratch) {
     return r;
 }
 
-// Magnitude bits of element i of the chunk: from shared memory when it holds the chunk,
-// else from the (already updated) error-feedback buffer.
-__device__ __forceinline__ u32 mag_at(const u32* src, u32 i) { return src[i] & MAG; }
+// Shared-memory slot of element i: one pad word per 32, so that both a warp reading 32
+// consecutive elements and threads reading their own contiguous segments (of 8, 16 or 32
+// elements) hit 32 distinct banks.
+__device__ __forceinline__ u32 pad_slot(u32 i) { return i + (i >> 5); }
+
+// Magnitude bits of element i of the chunk: from shared memory (padded) when it holds the
+// chunk, else from the (already updated) error-feedback buffer.
+__device__ __forceinline__ u32 mag_at(const u32* src, u32 i, int shared) {
+    return src[shared ? pad_slot(i) : i] & MAG;
+}
 
 // Pass 1 of encoding, one block per chunk: e = beta*e + u (two roundings), the chunk's
 // largest magnitude, and the exact top-k (ties to the lower index) as ascending local
@@ -209,7 +216,7 @@ extern "C" __global__ void ef_select(const void* in, int dtype, float* state, u6
         st[i] = v;
         u32 m = __float_as_uint(v) & MAG;
         if (use_shared) {
-            smem[i] = m;
+            smem[pad_slot(i)] = m;
         }
         mx = umax32(mx, m);
     }
@@ -240,7 +247,7 @@ extern "C" __global__ void ef_select(const void* in, int dtype, float* state, u6
         // once, through their leader, instead of queueing on one shared counter.
         for (u32 r0 = 0; r0 < len; r0 += nt) {
             u32 i = r0 + tid;
-            u32 m = i < len ? mag_at(src, i) : 0u;
+            u32 m = i < len ? mag_at(src, i, use_shared) : 0u;
             u32 key = (i < len && (m & pmask) == prefix) ? ((m >> shift) & 255u) : 256u;
             u32 peers = __match_any_sync(FULL_MASK, key);
             if (key != 256u && (u32)(__ffs(peers) - 1) == (tid & 31u)) {
@@ -272,25 +279,34 @@ extern "C" __global__ void ef_select(const void* in, int dtype, float* state, u6
     }
     const u32 T = prefix;
 
-    // 3. Compaction in index order, one round of nt elements at a time: everything above T,
-    // and the first `want` elements equal to T.
+    // 3. Compaction in index order. Thread t owns a contiguous segment; the selection is
+    // everything above T and the first `want` elements equal to T, so an element's output
+    // slot is (elements above T before it) + min(elements equal to T before it, want).
     u32* out = sel + c * (u64)k;
-    u32 eq_seen = 0;
-    u32 out_pos = 0;
-    for (u32 r0 = 0; r0 < len && out_pos < kk; r0 += nt) {
-        u32 i = r0 + tid;
-        u32 m = i < len ? mag_at(src, i) : 0u;
-        u32 is_eq = (i < len && m == T) ? 1u : 0u;
-        u32 eq_total;
-        u32 eq_before = block_scan(is_eq, &eq_total, scratch);
-        u32 is_sel = (i < len && (m > T || (is_eq && eq_seen + eq_before < want))) ? 1u : 0u;
-        u32 sel_total;
-        u32 sel_before = block_scan(is_sel, &sel_total, scratch);
-        if (is_sel) {
-            out[out_pos + sel_before] = i;
+    const u32 seg = (len + nt - 1u) / nt;
+    const u32 lo = umin32(tid * seg, len);
+    const u32 hi = umin32(lo + seg, len);
+    u32 gt = 0;
+    u32 eq = 0;
+    for (u32 i = lo; i < hi; i++) {
+        u32 m = mag_at(src, i, use_shared);
+        gt += m > T ? 1u : 0u;
+        eq += m == T ? 1u : 0u;
+    }
+    u32 total;
+    u32 gt_before = block_scan(gt, &total, scratch);
+    u32 eq_before = block_scan(eq, &total, scratch);
+    for (u32 i = lo; i < hi; i++) {
+        u32 m = mag_at(src, i, use_shared);
+        if (m > T) {
+            out[gt_before + umin32(eq_before, want)] = i;
+            gt_before++;
+        } else if (m == T) {
+            if (eq_before < want) {
+                out[gt_before + eq_before] = i;
+            }
+            eq_before++;
         }
-        eq_seen += eq_total;
-        out_pos += sel_total;
     }
 }
 

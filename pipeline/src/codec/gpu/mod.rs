@@ -223,7 +223,12 @@ impl Gpu {
         let mut tmax = s.alloc_zeros::<u32>(1)?;
         let mut fault = s.clone_htod(&[NO_FAULT, NO_FAULT])?;
         let use_shared = i32::from(p.chunk <= SHARED_CHUNK);
-        let shared = if use_shared == 1 { p.chunk * 4 } else { 0 };
+        // Magnitudes with one pad word per 32 (see `pad_slot` in kernels.cu).
+        let shared = if use_shared == 1 {
+            (p.chunk + p.chunk / 32) * 4
+        } else {
+            0
+        };
         let (dt, chunk) = (dtype_code(input.dtype), p.chunk);
         let mut b = s.launch_builder(&self.k.ef_select);
         b.arg(&input.data)
