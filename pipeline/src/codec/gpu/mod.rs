@@ -45,7 +45,10 @@ const NO_FAULT: u32 = u32::MAX;
 pub enum GpuError {
     #[error("no CUDA driver (libcuda.so) on this machine")]
     NoDriver,
-    #[error("no NVRTC library (libnvrtc.so) to compile the codec kernels")]
+    #[error(
+        "no NVRTC library (libnvrtc.so) to compile the codec kernels: install the CUDA \
+         toolkit, or `pip install nvidia-cuda-nvrtc-cu12` and put its lib/ on LD_LIBRARY_PATH"
+    )]
     NoNvrtc,
     #[error("no CUDA device {ordinal} ({count} present)")]
     NoDevice { ordinal: usize, count: i32 },
