@@ -331,14 +331,29 @@ pub(crate) fn finalize(
     Verdicts { rows, weights }
 }
 
+/// Where an aggregator's weighted merge runs. The GPU's decode-and-accumulate is
+/// bit-identical to the CPU's, so an aggregate's bytes do not depend on the choice (and a
+/// split merge may mix devices).
+#[derive(Clone, Default)]
+pub struct MergeOn {
+    #[cfg(feature = "cuda")]
+    pub gpu: Option<std::sync::Arc<crate::codec::gpu::Gpu>>,
+}
+
 /// Merges the tensors of `range` (weighted, in peer-id order) into aggregate sections.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn merge_range(
     reg: &Registry,
     range: Range<usize>,
     weights: &[f32],
     decoded: &[(RangeCheck, Vec<EncodedTensor>)],
+    on: &MergeOn,
 ) -> Result<Vec<(String, Vec<u8>)>, ExchangeError> {
     use rayon::prelude::*;
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = &on.gpu {
+        return merge_range_gpu(gpu, reg, range, weights, decoded);
+    }
     range
         .into_par_iter()
         .map(|i| {
@@ -355,6 +370,48 @@ fn merge_range(
             Ok((
                 format!("t{i:05}"),
                 agg_tensor(&spec.name, &spec.shape, &dense)?,
+            ))
+        })
+        .collect()
+}
+
+/// `merge_range` with each tensor's accumulator on the GPU (one tensor at a time: the
+/// device is parallel within it). Only the dense result comes back, to be written.
+#[cfg(feature = "cuda")]
+fn merge_range_gpu(
+    gpu: &crate::codec::gpu::Gpu,
+    reg: &Registry,
+    range: Range<usize>,
+    weights: &[f32],
+    decoded: &[(RangeCheck, Vec<EncodedTensor>)],
+) -> Result<Vec<(String, Vec<u8>)>, ExchangeError> {
+    use crate::codec::gpu::GpuError;
+    let dev = |e: GpuError| match e {
+        GpuError::Codec(c) => ExchangeError::Codec(c),
+        other => ExchangeError::Refused(format!("GPU merge: {other}")),
+    };
+    let s = gpu.stream();
+    range
+        .map(|i| {
+            let spec = &reg.model.tensors[i];
+            let n = spec.shape.iter().product::<u64>() as usize;
+            let mut host = vec![0f32; n];
+            if n > 0 {
+                let mut dense = s.clone_htod(&host).map_err(|e| dev(e.into()))?;
+                for (j, (_, tensors)) in decoded.iter().enumerate() {
+                    if weights[j] == 0.0 {
+                        continue;
+                    }
+                    if let Some(t) = tensors.iter().find(|t| t.name == spec.name) {
+                        gpu.accumulate(t, &mut dense, weights[j]).map_err(dev)?;
+                    }
+                }
+                s.memcpy_dtoh(&dense, &mut host)
+                    .map_err(|e| dev(e.into()))?;
+            }
+            Ok((
+                format!("t{i:05}"),
+                agg_tensor(&spec.name, &spec.shape, &host)?,
             ))
         })
         .collect()
@@ -469,12 +526,24 @@ pub async fn aggregate_window(
     w: u64,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
+    aggregate_window_on(reg, id, s3, w, concurrency, &MergeOn::default()).await
+}
+
+/// `aggregate_window` with the merge on `on`.
+pub async fn aggregate_window_on(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    concurrency: usize,
+    on: &MergeOn,
+) -> Result<Aggregated, ExchangeError> {
     let (_, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
     let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all.clone(), concurrency).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
     let v = finalize(reg, w, &shards, &[checks]);
-    let sections = merge_range(reg, all, &v.weights, &decoded)?;
+    let sections = merge_range(reg, all, &v.weights, &decoded, on)?;
     drop(decoded);
     publish_aggregate(reg, id, &target, w, &v, sections).await
 }
@@ -546,6 +615,21 @@ pub async fn aggregate_part(
     k: usize,
     concurrency: usize,
 ) -> Result<usize, ExchangeError> {
+    aggregate_part_on(reg, id, s3, w, i, k, concurrency, &MergeOn::default()).await
+}
+
+/// `aggregate_part` with the merge on `on`.
+#[allow(clippy::too_many_arguments)]
+pub async fn aggregate_part_on(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    w: u64,
+    i: usize,
+    k: usize,
+    concurrency: usize,
+    on: &MergeOn,
+) -> Result<usize, ExchangeError> {
     if k == 0 || i >= k {
         return Err(ExchangeError::Refused(format!(
             "part {i}/{k}: expected 0 <= i < k"
@@ -568,7 +652,7 @@ pub async fn aggregate_part(
     .await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     let v = finalize(reg, w, &shards, &parts);
-    let sections = merge_range(reg, range.clone(), &v.weights, &decoded)?;
+    let sections = merge_range(reg, range.clone(), &v.weights, &decoded, on)?;
     put_blob(
         reg,
         id,

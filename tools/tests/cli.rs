@@ -455,6 +455,10 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
                 "0",
                 "--part",
                 &format!("{i}/2"),
+                // One worker merges on a GPU where there is one (same bytes), else says
+                // why not and merges on the CPU.
+                "--device",
+                if i == 1 { "cuda:0" } else { "cpu" },
                 "--json",
             ])
             .spawn()

@@ -87,6 +87,17 @@ impl Chosen {
         })
     }
 
+    /// Where an aggregator's merge runs.
+    pub fn merge_on(self) -> shardrop::aggregate::MergeOn {
+        match self.codec {
+            Codec::Cpu => shardrop::aggregate::MergeOn::default(),
+            #[cfg(feature = "cuda")]
+            Codec::Gpu(g) => shardrop::aggregate::MergeOn {
+                gpu: Some(std::sync::Arc::new(g)),
+            },
+        }
+    }
+
     /// Report fields: the device used and, when it is not the one asked for, why.
     pub fn report(&self) -> serde_json::Value {
         serde_json::json!({"device": self.used, "device_fallback": self.fallback})

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use shardrop::aggregate::{aggregate_commit, aggregate_part, aggregate_window, apply_aggregates};
+use shardrop::aggregate::{
+    aggregate_commit, aggregate_part_on, aggregate_window_on, apply_aggregates,
+};
 use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish};
 use shardrop::identity::PeerId;
@@ -114,6 +116,10 @@ pub struct AggregateArgs {
     /// Split merge: once all K parts exist, publish the ledger and the aggregate.
     #[arg(long, value_name = "K", requires = "window")]
     commit: Option<usize>,
+    /// Where the weighted merge runs: cpu, cuda or cuda:N (GPU builds; the aggregate's
+    /// bytes are the same; falls back to the CPU, saying why).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// What every per-window job (aggregator, validator) takes: whose key, which run, which
@@ -332,15 +338,18 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
 pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     let (id, mut reg, mut w) = start_job(ctx, &a.job, Role::Aggregator).await?;
     let concurrency = a.job.concurrency;
+    let chosen = super::device::choose(&a.device)?;
+    let device = chosen.report();
+    let on = chosen.merge_on();
     if let Some(part) = &a.part {
         let (i, k) = part
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
             .with_context(|| format!("--part {part:?}: expected I/K"))?;
-        let tensors = aggregate_part(&reg, &id, &ctx.s3, w, i, k, concurrency).await?;
+        let tensors = aggregate_part_on(&reg, &id, &ctx.s3, w, i, k, concurrency, &on).await?;
         out::emit(
             ctx,
-            &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib()}),
+            &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib(), "device": device["device"], "device_fallback": device["device_fallback"]}),
             &format!("window {w}: part {i}/{k} merged {tensors} tensor(s)"),
         );
         return Ok(());
@@ -348,10 +357,12 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     loop {
         let r = match a.commit {
             Some(k) => aggregate_commit(&reg, &id, &ctx.s3, w, k, concurrency).await?,
-            None => aggregate_window(&reg, &id, &ctx.s3, w, concurrency).await?,
+            None => aggregate_window_on(&reg, &id, &ctx.s3, w, concurrency, &on).await?,
         };
         let mut json = serde_json::to_value(&r)?;
         json["peak_rss_mib"] = crate::out::peak_rss_mib().into();
+        json["device"] = device["device"].clone();
+        json["device_fallback"] = device["device_fallback"].clone();
         let text = format!(
             "window {}: {} accepted, {} rejected, {} missing, {} errors {:?} -> {}{}",
             r.window,
