@@ -74,6 +74,16 @@ inline unsigned __shfl_up_sync(unsigned, unsigned v, unsigned d) {
     return r;
 }
 
+inline unsigned __shfl_xor_sync(unsigned, unsigned v, unsigned d) {
+    unsigned lane = threadIdx.x & 31u;
+    emu::Warp& w = *emu::warps[threadIdx.x >> 5];
+    w.slot[lane] = v;
+    w.bar.arrive_and_wait();
+    unsigned r = w.slot[lane ^ d];
+    w.bar.arrive_and_wait();
+    return r;
+}
+
 inline unsigned __match_any_sync(unsigned, unsigned v) {
     unsigned lane = threadIdx.x & 31u;
     emu::Warp& w = *emu::warps[threadIdx.x >> 5];

@@ -220,7 +220,12 @@ extern "C" __global__ void ef_select(const void* in, int dtype, float* state, u6
         }
         mx = umax32(mx, m);
     }
-    atomicMax(&block_max, mx);
+    for (u32 d = 16; d > 0; d >>= 1) {
+        mx = umax32(mx, __shfl_xor_sync(FULL_MASK, mx, d));
+    }
+    if ((tid & 31u) == 0) {
+        atomicMax(&block_max, mx);
+    }
     __syncthreads();
     mx = block_max;
     if (tid == 0) {
