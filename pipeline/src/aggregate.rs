@@ -606,21 +606,9 @@ async fn put_blob(
 /// of `k`, reading only the sections that hold them. It publishes its range checks, waits
 /// for every other worker's, derives the same verdicts as a single process would, and
 /// publishes its merged tensors. `aggregate_commit` assembles the aggregate.
-pub async fn aggregate_part(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
-    w: u64,
-    i: usize,
-    k: usize,
-    concurrency: usize,
-) -> Result<usize, ExchangeError> {
-    aggregate_part_on(reg, id, s3, w, i, k, concurrency, &MergeOn::default()).await
-}
-
-/// `aggregate_part` with the merge on `on`.
+/// The merge runs on `on` (the CPU by default; workers may mix devices).
 #[allow(clippy::too_many_arguments)]
-pub async fn aggregate_part_on(
+pub async fn aggregate_part(
     reg: &Registry,
     id: &Identity,
     s3: &S3Options,

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use object_store::ObjectStoreExt;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use shardrop::aggregate::{aggregate_commit, aggregate_part, aggregate_window, apply_aggregates};
+use shardrop::aggregate::{
+    MergeOn, aggregate_commit, aggregate_part, aggregate_window, apply_aggregates,
+};
 use shardrop::codec::{self, CodecLimits, CodecParams, EfState};
 use shardrop::envelope::{Compression, Expect, Kind, Limits, RemoteEnvelope, read_all_sections};
 use shardrop::exchange::{ExchangeError, clock, codec_header, publish, shard_builder};
@@ -366,8 +368,9 @@ async fn full_round_on_s3() {
         .bytes()
         .await
         .unwrap();
+    let cpu = MergeOn::default();
     for k in [2usize, 3] {
-        let workers = (0..k).map(|i| aggregate_part(&reg, &aggregator, &s3, w, i, k, 4));
+        let workers = (0..k).map(|i| aggregate_part(&reg, &aggregator, &s3, w, i, k, 4, &cpu));
         let (parts, commit) = tokio::join!(
             futures::future::join_all(workers),
             aggregate_commit(&reg, &aggregator, &s3, w, k, 4)

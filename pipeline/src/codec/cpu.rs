@@ -455,6 +455,21 @@ fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>)
     Ok((idx, val))
 }
 
+/// `check_shape`, and that the accumulator (of `dense_len` elements) fits the tensor: what
+/// every accumulate, on any device, checks before decoding.
+pub(crate) fn check_accumulate(t: &EncodedTensor, dense_len: usize) -> Result<Layout, CodecError> {
+    let lay = check_shape(t)?;
+    if dense_len as u64 != lay.n {
+        return Err(CodecError::SizeMismatch {
+            tensor: t.name.clone(),
+            what: "dense accumulator".into(),
+            got: dense_len,
+            want: lay.n as usize,
+        });
+    }
+    Ok(lay)
+}
+
 /// Checks the parameters, block sizes and scales: everything that needs no decoding.
 pub(crate) fn check_shape(t: &EncodedTensor) -> Result<Layout, CodecError> {
     t.params.validate()?;
@@ -505,15 +520,7 @@ pub fn accumulate(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(
 /// `accumulate`, under a name that says why it may be called without a prior `validate`:
 /// it decodes and checks the whole tensor before touching `dense`.
 fn accumulate_checked(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Result<(), CodecError> {
-    let lay = check_shape(t)?;
-    if dense.len() as u64 != lay.n {
-        return Err(CodecError::SizeMismatch {
-            tensor: t.name.clone(),
-            what: "dense accumulator".into(),
-            got: dense.len(),
-            want: lay.n as usize,
-        });
-    }
+    let lay = check_accumulate(t, dense.len())?;
     let (idx, val) = decode_sparse(t, &lay)?;
     let kf = (lay.k_full as usize).max(1);
     dense

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use shardrop::aggregate::{
-    aggregate_commit, aggregate_part_on, aggregate_window_on, apply_aggregates,
+    aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates,
 };
 use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish};
@@ -346,7 +346,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
             .with_context(|| format!("--part {part:?}: expected I/K"))?;
-        let tensors = aggregate_part_on(&reg, &id, &ctx.s3, w, i, k, concurrency, &on).await?;
+        let tensors = aggregate_part(&reg, &id, &ctx.s3, w, i, k, concurrency, &on).await?;
         out::emit(
             ctx,
             &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib(), "device": device["device"], "device_fallback": device["device_fallback"]}),

@@ -132,6 +132,24 @@ __device__ __forceinline__ u32 ef_low(u32 n, u32 universe) {
     return universe > n ? ilog2_u32(universe / n) : 0u;
 }
 
+// Where block `blockIdx.x` works: chunk c, its first element, its length (the last chunk
+// may be short) and how many of its elements are kept.
+struct Span {
+    u64 c;
+    u64 base;
+    u32 len;
+    u32 kk;
+};
+
+__device__ __forceinline__ Span chunk_span(u64 n, u32 chunk, u32 k) {
+    Span sp;
+    sp.c = blockIdx.x;
+    sp.base = sp.c * (u64)chunk;
+    sp.len = (u32)((n - sp.base) < (u64)chunk ? (n - sp.base) : (u64)chunk);
+    sp.kk = umin32(k, sp.len);
+    return sp;
+}
+
 // Exclusive prefix sum of `v` over the block's threads in thread order; `*total` gets the
 // block's sum. `scratch` is shared memory of at least 33 words.
 __device__ u32 block_scan(u32 v, u32* total, u32* scratch) {
@@ -198,10 +216,11 @@ extern "C" __global__ void ef_select(const void* in, int dtype, float* state, u6
 
     const u32 tid = threadIdx.x;
     const u32 nt = blockDim.x;
-    const u64 c = blockIdx.x;
-    const u64 base = c * (u64)chunk;
-    const u32 len = (u32)((n - base) < (u64)chunk ? (n - base) : (u64)chunk);
-    const u32 kk = umin32(k, len);
+    const Span sp = chunk_span(n, chunk, k);
+    const u64 c = sp.c;
+    const u64 base = sp.base;
+    const u32 len = sp.len;
+    const u32 kk = sp.kk;
     float* st = state + base;
 
     if (tid == 0) {
@@ -326,10 +345,11 @@ extern "C" __global__ void emit(float* state, u64 n, u32 chunk, u32 k, const u32
                                 u32* val_out, u32 val_stride, u16* scales, u32* fault) {
     const u32 tid = threadIdx.x;
     const u32 nt = blockDim.x;
-    const u64 c = blockIdx.x;
-    const u64 base = c * (u64)chunk;
-    const u32 len = (u32)((n - base) < (u64)chunk ? (n - base) : (u64)chunk);
-    const u32 kk = umin32(k, len);
+    const Span sp = chunk_span(n, chunk, k);
+    const u64 c = sp.c;
+    const u64 base = sp.base;
+    const u32 len = sp.len;
+    const u32 kk = sp.kk;
     const u32* s = sel + c * (u64)k;
     u32* ib = idx_out + c * (u64)idx_stride;
     u32* vb = val_out + c * (u64)val_stride;
@@ -381,10 +401,10 @@ extern "C" __global__ void decode(const u8* idx, u64 idx_len, u32 idx_full, cons
     __shared__ u32 scratch[33];
     const u32 tid = threadIdx.x;
     const u32 nt = blockDim.x;
-    const u64 c = blockIdx.x;
-    const u64 base = c * (u64)chunk;
-    const u32 len = (u32)((n - base) < (u64)chunk ? (n - base) : (u64)chunk);
-    const u32 kk = umin32(k, len);
+    const Span sp = chunk_span(n, chunk, k);
+    const u64 c = sp.c;
+    const u32 len = sp.len;
+    const u32 kk = sp.kk;
     const u8* ib = idx + c * (u64)idx_full;
     const u64 ib_len = idx_len - c * (u64)idx_full;
     const u8* vb = val + c * (u64)val_full;
@@ -459,10 +479,10 @@ extern "C" __global__ void scatter_add(const u32* sp_idx, const float* sp_val, u
     if (*fault != NO_FAULT) {
         return;
     }
-    const u64 c = blockIdx.x;
-    const u64 base = c * (u64)chunk;
-    const u32 len = (u32)((n - base) < (u64)chunk ? (n - base) : (u64)chunk);
-    const u32 kk = umin32(k, len);
+    const Span sp = chunk_span(n, chunk, k);
+    const u64 c = sp.c;
+    const u64 base = sp.base;
+    const u32 kk = sp.kk;
     for (u32 j = threadIdx.x; j < kk; j += blockDim.x) {
         u64 at = base + sp_idx[c * (u64)k + j];
         dense[at] = __fadd_rn(dense[at], __fmul_rn(weight, sp_val[c * (u64)k + j]));

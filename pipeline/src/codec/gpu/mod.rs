@@ -23,7 +23,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::CompileOptions;
 
-use super::cpu::check_shape;
+use super::cpu::check_accumulate;
 use super::{
     CodecError, CodecParams, EfState, EncodeOptions, EncodedTensor, EncodedUpdate, InDtype,
     IndexEncoding, Layout, ScaleMode, ValueFormat, encode_update_with, validate,
@@ -316,16 +316,7 @@ impl Gpu {
         dense: &mut CudaSlice<f32>,
         weight: f32,
     ) -> Result<(), GpuError> {
-        let lay = check_shape(t)?;
-        if dense.len() as u64 != lay.n {
-            return Err(CodecError::SizeMismatch {
-                tensor: t.name.clone(),
-                what: "dense accumulator".into(),
-                got: dense.len(),
-                want: lay.n as usize,
-            }
-            .into());
-        }
+        let lay = check_accumulate(t, dense.len())?;
         if lay.n_chunks == 0 {
             return Ok(());
         }
