@@ -386,10 +386,7 @@ fn merge_range_gpu(
     decoded: &[(RangeCheck, Vec<EncodedTensor>)],
 ) -> Result<Vec<(String, Vec<u8>)>, ExchangeError> {
     use crate::codec::gpu::GpuError;
-    let dev = |e: GpuError| match e {
-        GpuError::Codec(c) => ExchangeError::Codec(c),
-        other => ExchangeError::Refused(format!("GPU merge: {other}")),
-    };
+    let dev = |e: cudarc::driver::DriverError| ExchangeError::from(GpuError::from(e));
     let s = gpu.stream();
     range
         .map(|i| {
@@ -397,17 +394,16 @@ fn merge_range_gpu(
             let n = spec.shape.iter().product::<u64>() as usize;
             let mut host = vec![0f32; n];
             if n > 0 {
-                let mut dense = s.clone_htod(&host).map_err(|e| dev(e.into()))?;
+                let mut dense = s.clone_htod(&host).map_err(dev)?;
                 for (j, (_, tensors)) in decoded.iter().enumerate() {
                     if weights[j] == 0.0 {
                         continue;
                     }
                     if let Some(t) = tensors.iter().find(|t| t.name == spec.name) {
-                        gpu.accumulate(t, &mut dense, weights[j]).map_err(dev)?;
+                        gpu.accumulate(t, &mut dense, weights[j])?;
                     }
                 }
-                s.memcpy_dtoh(&dense, &mut host)
-                    .map_err(|e| dev(e.into()))?;
+                s.memcpy_dtoh(&dense, &mut host).map_err(dev)?;
             }
             Ok((
                 format!("t{i:05}"),

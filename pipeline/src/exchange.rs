@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use crate::codec::{
-    self, CodecLimits, EfState, EncodeOptions, EncodedTensor, SECTION_CODEC, encode_update,
-    model_of,
+    self, CodecLimits, EfState, EncodeOptions, EncodedTensor, EncodedUpdate, SECTION_CODEC,
+    encode_update, model_of,
 };
 use crate::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
@@ -42,6 +42,18 @@ impl From<crate::registry::RegistryError> for ExchangeError {
             crate::registry::RegistryError::Store(s) => ExchangeError::Store(s),
             crate::registry::RegistryError::Envelope(s) => ExchangeError::Envelope(s),
             other => ExchangeError::Refused(other.to_string()),
+        }
+    }
+}
+
+/// A GPU codec failure: a codec verdict stays one; a device failure (driver, compile,
+/// memory) refuses the operation, which the caller may redo on the CPU.
+#[cfg(feature = "cuda")]
+impl From<crate::codec::gpu::GpuError> for ExchangeError {
+    fn from(e: crate::codec::gpu::GpuError) -> Self {
+        match e {
+            crate::codec::gpu::GpuError::Codec(c) => ExchangeError::Codec(c),
+            other => ExchangeError::Refused(format!("GPU: {other}")),
         }
     }
 }
@@ -142,6 +154,22 @@ pub async fn publish(
     update: &[u8],
     state: &mut EfState,
 ) -> Result<Published, ExchangeError> {
+    publish_with(reg, id, s3, window, update, state, |u, st, o| {
+        Ok(encode_update(u, st, o)?)
+    })
+    .await
+}
+
+/// `publish` with another update encoder (the GPU codec's, whose bytes are the same).
+pub async fn publish_with(
+    reg: &Registry,
+    id: &Identity,
+    s3: &S3Options,
+    window: Option<u64>,
+    update: &[u8],
+    state: &mut EfState,
+    encode: impl FnOnce(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, ExchangeError>,
+) -> Result<Published, ExchangeError> {
     let me = id.peer_id();
     let target = own_store(reg, id, Role::Miner, s3)?;
     let clk = clock(reg);
@@ -192,7 +220,7 @@ pub async fn publish(
         beta: reg.beta,
         section_bytes: 16 << 20,
     };
-    let encoded = encode_update(update, &mut trial, &opts)?;
+    let encoded = encode(update, &mut trial, &opts)?;
     let signed = shard_builder(reg, &reg.run, w, &encoded.sections)?
         .clock_ms(now)
         .sign(id)?;

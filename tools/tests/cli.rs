@@ -485,6 +485,71 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         "the split merge must equal the single-process aggregate"
     );
     assert_eq!(c["accepted"], 3);
+
+    // A miner publishing with `--device cuda:0`: on a GPU build with a GPU the shard is
+    // encoded there, else the command says why and uses the CPU; either way its sections
+    // are the bytes `grad encode` (CPU) makes with the run's codec.
+    let run = json(&shardrop(&["run", "show", "--registry", reg, "--json"]));
+    let update = dir.join("checkpoint-source/model.safetensors");
+    let mkey = dir.join("keys/miner-0.key");
+    let publish = shardrop(&[
+        "publish",
+        "--registry",
+        reg,
+        "--key",
+        mkey.to_str().unwrap(),
+        update.to_str().unwrap(),
+        "--state",
+        tmp.path().join("ef-gpu").to_str().unwrap(),
+        "--device",
+        "cuda:0",
+        "--json",
+    ]);
+    assert!(publish.status.success(), "{}", stderr(&publish));
+    let p = json(&publish);
+    assert!(
+        p["device"] != "cpu" || p["device_fallback"].as_str().is_some(),
+        "{p}"
+    );
+    let got = tmp.path().join("got");
+    let g = shardrop(&["get", p["object"].as_str().unwrap(), got.to_str().unwrap()]);
+    assert!(g.status.success(), "{}", stderr(&g));
+    let codec = &run["codec"];
+    let enc = tmp.path().join("enc");
+    let e = shardrop(&[
+        "grad",
+        "encode",
+        update.to_str().unwrap(),
+        enc.to_str().unwrap(),
+        "--state",
+        tmp.path().join("ef-cpu").to_str().unwrap(),
+        "--chunk",
+        &codec["chunk"].to_string(),
+        "--k",
+        &codec["k"].to_string(),
+        "--values",
+        codec["values"].as_str().unwrap(),
+        "--indices",
+        codec["indices"].as_str().unwrap(),
+        "--scales",
+        codec["scales"].as_str().unwrap(),
+        "--beta",
+        &(run["beta"].as_f64().unwrap() as f32).to_string(),
+    ]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let mut names: Vec<String> = std::fs::read_dir(&got)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert!(!names.is_empty());
+    for n in names {
+        assert_eq!(
+            std::fs::read(got.join(&n)).unwrap(),
+            std::fs::read(enc.join(format!("{n}.safetensors"))).unwrap(),
+            "section {n}"
+        );
+    }
 }
 
 #[test]

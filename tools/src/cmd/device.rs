@@ -4,6 +4,7 @@
 
 use anyhow::bail;
 use shardrop::codec::{EfState, EncodeOptions, EncodedUpdate, encode_update};
+use shardrop::exchange::ExchangeError;
 
 /// The codec a command will run.
 pub enum Codec {
@@ -79,7 +80,7 @@ impl Chosen {
         bytes: &[u8],
         state: &mut EfState,
         opts: &EncodeOptions,
-    ) -> anyhow::Result<EncodedUpdate> {
+    ) -> Result<EncodedUpdate, ExchangeError> {
         Ok(match &self.codec {
             Codec::Cpu => encode_update(bytes, state, opts)?,
             #[cfg(feature = "cuda")]

@@ -9,7 +9,7 @@ use shardrop::aggregate::{
     aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates,
 };
 use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
-use shardrop::exchange::{clock, publish};
+use shardrop::exchange::{clock, publish_with};
 use shardrop::identity::PeerId;
 use shardrop::registry::{Credentials, Participant, Registry, Role};
 use shardrop::store;
@@ -99,6 +99,10 @@ pub struct PublishArgs {
     /// Error-feedback state folder.
     #[arg(long)]
     state: PathBuf,
+    /// Where to encode: cpu, cuda or cuda:N (GPU builds; the shard's bytes are the same;
+    /// falls back to the CPU, saying why).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -311,13 +315,26 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
         std::fs::read(&a.update).with_context(|| format!("{}: cannot read", a.update.display()))?;
     let mut state = EfState::load(&a.state)
         .with_context(|| format!("{}: cannot load state", a.state.display()))?;
+    let chosen = super::device::choose(&a.device)?;
     let started = std::time::Instant::now();
-    let p = publish(&reg, &id, &ctx.s3, a.window, &update, &mut state).await?;
+    let p = publish_with(
+        &reg,
+        &id,
+        &ctx.s3,
+        a.window,
+        &update,
+        &mut state,
+        |u, st, o| chosen.encode_update(u, st, o),
+    )
+    .await?;
     state
         .save(&a.state)
         .with_context(|| format!("{}: cannot save state", a.state.display()))?;
     let mut json = serde_json::to_value(&p)?;
     json["seconds"] = started.elapsed().as_secs_f64().into();
+    if let (Some(o), serde_json::Value::Object(d)) = (json.as_object_mut(), chosen.report()) {
+        o.extend(d);
+    }
     let text = format!(
         "{}: window {}, {} bytes ({:.0}x smaller than the {} dense bytes){}",
         p.object,
