@@ -174,6 +174,15 @@ pub fn encode_cases() -> Vec<(&'static str, usize, InDtype, CodecParams, Data, u
             128,
         ),
         (
+            // 44 KB of index and value blocks per chunk: emit ORs into global staging.
+            "big-blocks",
+            16384 + 3000,
+            InDtype::F32,
+            params(16384, 16384, Int8, Chunk, Packed),
+            Data::Ties,
+            128,
+        ),
+        (
             "nan",
             1000,
             InDtype::F32,

@@ -65,10 +65,12 @@ int run_encode(Reader& r, Writer& w) {
     u32 idx_stride = (std::max(idx_full, idx_last) + 3) / 4, val_stride = (val_full + 3) / 4;
     std::vector<u32> idx_words((size_t)chunks * idx_stride + 1), val_words((size_t)chunks * val_stride + 1);
     std::vector<u16> scales(std::max<u32>(n_scales, 1));
-    emu::launch(chunks, block, 0, [&] {
+    // As codec::gpu: blocks assembled in shared memory when they fit in 32 KiB.
+    int emit_shared = (idx_stride + val_stride) * 4 <= (32u << 10) ? 1 : 0;
+    emu::launch(chunks, block, emit_shared ? (idx_stride + val_stride) * 4 : 0, [&] {
         emit(state.data(), n, chunk, k, sel.data(), maxes.data(), tmax.data(), vbits, (int)tensor_scale,
              (int)compact, idx_words.data(), idx_stride, val_words.data(), val_stride, scales.data(),
-             fault.data());
+             fault.data(), emit_shared);
     });
     std::vector<unsigned char> idx, val;
     for (u32 c = 0; c < chunks; c++) {

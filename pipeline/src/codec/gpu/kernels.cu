@@ -335,14 +335,18 @@ extern "C" __global__ void ef_select(const void* in, int dtype, float* state, u6
 }
 
 // Pass 2 of encoding, one block per chunk: quantize the selected values against the chunk's
-// (or the tensor's) bf16 scale, write index and value blocks into zeroed 32-bit staging
-// words (chunk c at c*idx_stride and c*val_stride words), subtract what the receiver will
-// decode from the error-feedback buffer. fault[1] gets the lowest chunk where a bf16 value
-// rounded to infinity.
+// (or the tensor's) bf16 scale, write index and value blocks into 32-bit staging words
+// (chunk c at c*idx_stride and c*val_stride words), subtract what the receiver will decode
+// from the error-feedback buffer. With `use_shared` the fields are assembled in shared
+// memory and copied out as whole words (the usual case: a chunk's blocks are tens of
+// bytes); else they are OR-ed into the zeroed staging words directly. fault[1] gets the
+// lowest chunk where a bf16 value rounded to infinity.
 extern "C" __global__ void emit(float* state, u64 n, u32 chunk, u32 k, const u32* sel,
                                 const u32* maxes, const u32* tensor_max, u32 vbits,
                                 int tensor_scale, int compact, u32* idx_out, u32 idx_stride,
-                                u32* val_out, u32 val_stride, u16* scales, u32* fault) {
+                                u32* val_out, u32 val_stride, u16* scales, u32* fault,
+                                int use_shared) {
+    DYN_SHARED(u32, blocks);
     const u32 tid = threadIdx.x;
     const u32 nt = blockDim.x;
     const Span sp = chunk_span(n, chunk, k);
@@ -351,8 +355,16 @@ extern "C" __global__ void emit(float* state, u64 n, u32 chunk, u32 k, const u32
     const u32 len = sp.len;
     const u32 kk = sp.kk;
     const u32* s = sel + c * (u64)k;
-    u32* ib = idx_out + c * (u64)idx_stride;
-    u32* vb = val_out + c * (u64)val_stride;
+    u32* ib_out = idx_out + c * (u64)idx_stride;
+    u32* vb_out = val_out + c * (u64)val_stride;
+    u32* ib = use_shared ? blocks : ib_out;
+    u32* vb = use_shared ? blocks + idx_stride : vb_out;
+    if (use_shared) {
+        for (u32 w = tid; w < idx_stride + val_stride; w += nt) {
+            blocks[w] = 0;
+        }
+        __syncthreads();
+    }
     const u32 log2c = ilog2_u32(chunk);
     const u32 low = compact ? ef_low(kk, len) : 0u;
     const u32 low_mask = (1u << low) - 1u;
@@ -386,6 +398,15 @@ extern "C" __global__ void emit(float* state, u64 n, u32 chunk, u32 k, const u32
             u32 q = quantize(v, scale_f, vbits);
             put_bits(vb, (u64)j * vbits, q, vbits);
             state[base + i] = __fsub_rn(v, __fmul_rn(scale_f, level(q, vbits)));
+        }
+    }
+    if (use_shared) {
+        __syncthreads();
+        for (u32 w = tid; w < idx_stride; w += nt) {
+            ib_out[w] = blocks[w];
+        }
+        for (u32 w = tid; w < val_stride; w += nt) {
+            vb_out[w] = blocks[idx_stride + w];
         }
     }
 }

@@ -38,6 +38,8 @@ const SELECT_THREADS: u32 = 256;
 const SPARSE_THREADS: u32 = 128;
 /// Chunks up to this size keep their magnitudes in shared memory during selection.
 const SHARED_CHUNK: u32 = 8192;
+/// A chunk's index and value blocks up to this size are assembled in shared memory.
+const EMIT_SHARED_BYTES: usize = 32 << 10;
 const NO_FAULT: u32 = u32::MAX;
 
 /// Why the GPU path is not available or failed.
@@ -259,6 +261,9 @@ impl Gpu {
         let tensor_scale = i32::from(p.scales == ScaleMode::Tensor);
         let compact = i32::from(p.indices == IndexEncoding::Compact);
         let (is, vs) = (idx_stride as u32, val_stride as u32);
+        // A chunk's blocks are assembled in shared memory when they fit (see `emit`).
+        let block_bytes = (idx_stride + val_stride) * 4;
+        let emit_shared = i32::from(block_bytes <= EMIT_SHARED_BYTES);
         let mut b = s.launch_builder(&self.k.emit);
         b.arg(&mut *state)
             .arg(&n)
@@ -275,10 +280,17 @@ impl Gpu {
             .arg(&mut val_w)
             .arg(&vs)
             .arg(&mut scales)
-            .arg(&mut fault);
+            .arg(&mut fault)
+            .arg(&emit_shared);
+        let shared = if emit_shared == 1 {
+            block_bytes as u32
+        } else {
+            0
+        };
         // SAFETY: matches `emit`; staging holds chunks*stride zeroed words, every field
-        // written lies inside its chunk's block (sizes from `Layout`).
-        unsafe { b.launch(launch_cfg(chunks, SPARSE_THREADS, 0)?) }?;
+        // written lies inside its chunk's block (sizes from `Layout`), and the shared
+        // memory holds both blocks when used.
+        unsafe { b.launch(launch_cfg(chunks, SPARSE_THREADS, shared)?) }?;
 
         let fault = s.clone_dtoh(&fault)?;
         if fault[0] != NO_FAULT {
