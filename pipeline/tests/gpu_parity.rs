@@ -9,7 +9,9 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use shardrop::codec::gpu::{DeviceTensor, Gpu, GpuError, compile, driver_present, nvrtc_present};
+use shardrop::codec::gpu::{
+    DeviceTensor, Gpu, GpuError, compile, compile_cubin, driver_present, nvrtc_present,
+};
 use shardrop::codec::{
     CodecParams, EfState, EncodeOptions, InDtype, TensorInput, accumulate, encode_tensor,
     encode_update,
@@ -62,6 +64,24 @@ fn kernels_compile_with_nvrtc() {
             .filter(|l| l.trim_start().starts_with("fma."))
             .count();
         assert_eq!(fused, 0, "{arch}: {fused} fused multiply-adds in the PTX");
+    }
+    // Machine code for a real architecture, which `Gpu::open` loads first.
+    for arch in ["sm_80", "sm_90"] {
+        let cubin = compile_cubin(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: not an ELF cubin");
+        for f in ["ef_select", "emit", "decode", "scatter_add", "fill_bench"] {
+            assert!(
+                cubin
+                    .windows(f.len() + 1)
+                    .any(|w| w[..f.len()] == *f.as_bytes() && w[f.len()] == 0),
+                "{arch}: no kernel {f} in the cubin"
+            );
+        }
+    }
+    // A broken option or architecture is an error naming it, not a panic.
+    match compile_cubin("sm_1") {
+        Err(GpuError::Compile(msg)) => assert!(msg.contains("sm_1"), "{msg}"),
+        other => panic!("sm_1 compiled: {:?}", other.map(|c| c.len())),
     }
 }
 

@@ -18,10 +18,14 @@
 
 use std::sync::Arc;
 
+use std::ffi::CString;
+
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, LaunchConfig,
+    PushKernelArg,
 };
-use cudarc::nvrtc::CompileOptions;
+use cudarc::nvrtc::result::{self as nvrtc_result, NvrtcError};
+use cudarc::nvrtc::{Ptx, sys as nvrtc_sys};
 
 use super::cpu::check_accumulate;
 use super::{
@@ -154,8 +158,7 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
         let name = ctx.name()?;
-        let (ptx, arch) = compile_for(major, minor)?;
-        let module = ctx.load_module(ptx)?;
+        let (module, arch) = load_kernels(&ctx, major, minor)?;
         let f = |n: &str| module.load_function(n);
         let k = Kernels {
             ef_select: f("ef_select")?,
@@ -447,42 +450,106 @@ impl Gpu {
     }
 }
 
-/// PTX for compute capability major.minor: the device's own architecture, or an older one
-/// the installed NVRTC knows (the driver JIT-compiles PTX forward).
-fn compile_for(major: i32, minor: i32) -> Result<(cudarc::nvrtc::Ptx, String), GpuError> {
+/// Compiles the kernels for a device of compute capability major.minor and loads them.
+/// Machine code for the device's own architecture comes first: it needs no JIT, and a
+/// driver older than the NVRTC at hand (same CUDA major version) loads it where it would
+/// refuse that NVRTC's PTX. PTX for the device's architecture, then for older ones the
+/// driver compiles forward, covers a GPU newer than the NVRTC. Every refusal is reported.
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    major: i32,
+    minor: i32,
+) -> Result<(Arc<CudaModule>, String), GpuError> {
     let mut tried = Vec::new();
-    for arch in [
-        format!("compute_{major}{minor}"),
-        "compute_90".into(),
-        "compute_80".into(),
-    ] {
-        if tried.contains(&arch) {
-            continue;
-        }
-        match compile(&arch) {
-            Ok(ptx) => return Ok((ptx, arch)),
+    let sm = format!("sm_{major}{minor}");
+    match compile_cubin(&sm).and_then(|c| Ok(ctx.load_module(Ptx::from_binary(c))?)) {
+        Ok(m) => return Ok((m, sm)),
+        Err(e) => tried.push(format!("{sm}: {e}")),
+    }
+    let mut archs: Vec<(i32, i32)> = vec![(major, minor), (9, 0), (8, 0)];
+    archs.retain(|&a| a <= (major, minor));
+    archs.dedup();
+    for (ma, mi) in archs {
+        let arch = format!("compute_{ma}{mi}");
+        match compile(&arch).and_then(|p| Ok(ctx.load_module(p)?)) {
+            Ok(m) => return Ok((m, arch)),
             Err(e) => tried.push(format!("{arch}: {e}")),
         }
     }
     Err(GpuError::Compile(tried.join("; ")))
 }
 
-/// Compiles the kernels for one virtual architecture, with the options that keep the
-/// arithmetic identical to the CPU reference.
-pub fn compile(arch: &str) -> Result<cudarc::nvrtc::Ptx, GpuError> {
-    let opts = CompileOptions {
-        ftz: Some(false),
-        prec_div: Some(true),
-        prec_sqrt: Some(true),
-        fmad: Some(false),
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-            GpuError::Compile(log.to_string_lossy().into_owned())
+/// The NVRTC options that keep the arithmetic identical to the CPU reference: no fused
+/// multiply-add, no flush to zero, IEEE division and square root.
+fn nvrtc_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".into(),
+        "--ftz=false".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+        "--std=c++17".into(),
+    ]
+}
+
+/// NVRTC's C strings (a log, PTX) as text, without the closing NUL.
+fn c_text(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Compiles the kernel source for `arch` with NVRTC and hands the program to `take`, which
+/// reads out what it needs (PTX or machine code) before the program is destroyed.
+fn nvrtc<T>(
+    arch: &str,
+    take: impl FnOnce(nvrtc_sys::nvrtcProgram) -> Result<T, NvrtcError>,
+) -> Result<T, GpuError> {
+    let src = CString::new(KERNELS).map_err(|e| GpuError::Compile(e.to_string()))?;
+    let prog = nvrtc_result::create_program(&src, None)
+        .map_err(|e| GpuError::Compile(format!("{arch}: creating the program: {e:?}")))?;
+    // SAFETY: `prog` was created above from `src`, which outlives it, and is destroyed
+    // exactly once, at the end.
+    let out = unsafe { nvrtc_result::compile_program(prog, &nvrtc_options(arch)) }
+        .map_err(|e| {
+            // SAFETY: as above; the log is read before the program is destroyed.
+            let log = unsafe { nvrtc_result::get_program_log(prog) }
+                .map(|l| c_text(&l))
+                .unwrap_or_default();
+            GpuError::Compile(format!("{arch}: {e:?}: {}", log.trim()))
+        })
+        .and_then(|()| take(prog).map_err(|e| GpuError::Compile(format!("{arch}: {e:?}"))));
+    // SAFETY: as above.
+    let _ = unsafe { nvrtc_result::destroy_program(prog) };
+    out
+}
+
+/// Compiles the kernels to PTX for one virtual architecture (`compute_XY`), which the
+/// driver compiles to machine code when it loads it.
+pub fn compile(arch: &str) -> Result<Ptx, GpuError> {
+    nvrtc(arch, |prog| {
+        // SAFETY: `prog` is a compiled program that `nvrtc` destroys after this returns.
+        let ptx = unsafe { nvrtc_result::get_ptx(prog) }?;
+        Ok(Ptx::from_src(c_text(&ptx)))
+    })
+}
+
+/// Compiles the kernels to machine code (an ELF cubin) for one real architecture
+/// (`sm_XY`).
+pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, GpuError> {
+    nvrtc(arch, |prog| {
+        let mut size = 0usize;
+        // SAFETY: `prog` is a compiled program that `nvrtc` destroys after this returns;
+        // the buffer holds the `size` bytes NVRTC reports.
+        unsafe {
+            nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+            let mut cubin = vec![0u8; size];
+            nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()).result()?;
+            Ok(cubin)
         }
-        other => GpuError::Compile(other.to_string()),
     })
 }
 
