@@ -16,9 +16,8 @@
 //! toolkit; `Gpu::open` says why no GPU is usable instead of panicking, and callers fall
 //! back to the CPU codec.
 
-use std::sync::Arc;
-
 use std::ffi::CString;
+use std::sync::Arc;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, LaunchConfig,
