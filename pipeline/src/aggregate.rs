@@ -14,6 +14,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -22,9 +25,9 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::codec::{EncodedTensor, ModelSpec, accumulate};
-use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind};
+use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
 use crate::exchange::{
-    ExchangeError, RangeCheck, Shard, check_head, check_range, clock, read_signed,
+    ExchangeError, Fault, RangeCheck, Shard, check_head, check_range, clock, read_signed,
 };
 use crate::identity::{Identity, PeerId};
 use crate::layout;
@@ -90,6 +93,28 @@ fn agg_tensor(name: &str, shape: &[u64], dense: &[f32]) -> Result<Vec<u8>, Excha
             .map_err(bad)?,
         )];
         safetensors::serialize(views, Some(info)).map_err(bad)
+    }
+}
+
+/// Envelope limits for what an aggregator signs for a window (the aggregate, split-merge
+/// parts and checks): at most every model tensor dense in f32, plus headers, plus 64 MiB for
+/// per-miner check tables. A reader's memory is then bounded by the model, not by the object.
+pub fn agg_limits(reg: &Registry) -> Limits {
+    let dense: u64 = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| {
+            let n = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            n.map_or(u64::MAX, |n| n.saturating_mul(4))
+                .saturating_add(4096 + 16 * t.name.len() as u64)
+        })
+        .fold(0u64, u64::saturating_add);
+    let cap = dense.saturating_add(64 << 20);
+    Limits {
+        max_section_raw_len: cap,
+        max_raw_len: cap,
+        ..Limits::default()
     }
 }
 
@@ -194,54 +219,85 @@ pub fn read_agg_tensor(section: &[u8], model: &ModelSpec) -> Result<AggTensor, S
 pub(crate) struct Verdicts {
     pub(crate) rows: Vec<LedgerRow>,
     pub(crate) weights: Vec<f32>,
+    /// For shards rejected as duplicates: the peer whose commit came first, if one did.
+    pub(crate) duplicate_of: Vec<Option<String>>,
 }
 
-/// The header pass over every registered miner (bounded concurrency, peer-id order), with
-/// exact duplicates rejected: the earliest by `last_modified` (then the lower peer id) stays.
+/// The header pass over every registered miner (bounded concurrency, peer-id order). For
+/// shards whose content another header-valid shard shares, the miners' commits are read
+/// too: `finalize` settles duplicates by them once every check has run.
 pub(crate) async fn check_heads(
     reg: &Registry,
     s3: &S3Options,
     w: u64,
     concurrency: usize,
+    deadline: Instant,
 ) -> Vec<Shard> {
     let miners = reg.with_role(Role::Miner);
-    let mut shards: Vec<Shard> =
-        futures::stream::iter(miners.iter().map(|m| check_head(reg, m, w, s3)))
-            .buffered(concurrency.max(1))
-            .collect()
-            .await;
-    // Byte-identical shards: order them by millisecond last_modified (a LIST each, only for
-    // shards that have a twin, since HEAD reports whole seconds on S3).
+    let mut shards: Vec<Shard> = futures::stream::iter(miners.iter().map(|m| async move {
+        match tokio::time::timeout_at(deadline, check_head(reg, m, w, s3)).await {
+            Ok(shard) => shard,
+            Err(_) => Shard::timed_out(&m.peer),
+        }
+    }))
+    .buffered(concurrency.max(1))
+    .collect()
+    .await;
     let mut twins: HashMap<String, usize> = HashMap::new();
     for s in shards.iter().filter(|s| s.fault.is_none()) {
         if let Some(c) = &s.content {
             *twins.entry(c.clone()).or_insert(0) += 1;
         }
     }
-    for s in shards.iter_mut() {
-        if s.fault.is_none() && s.content.as_ref().is_some_and(|c| twins[c] > 1) {
-            s.refine_last_modified().await;
-        }
-    }
-    let mut first_of: HashMap<String, (i64, String)> = HashMap::new();
-    for s in shards.iter().filter(|s| s.fault.is_none()) {
-        if let (Some(c), Some(lm)) = (&s.content, s.last_modified_ms) {
-            let e = first_of.entry(c.clone()).or_insert((lm, s.peer.clone()));
-            if (lm, s.peer.clone()) < *e {
-                *e = (lm, s.peer.clone());
-            }
-        }
-    }
-    for s in shards.iter_mut() {
-        if s.fault.is_none()
-            && let Some((_, winner)) = s.content.as_ref().and_then(|c| first_of.get(c))
-            && *winner != s.peer
-        {
-            let winner = winner.clone();
-            s.reject_duplicate(&winner);
-        }
-    }
+    let shared = |s: &Shard| s.fault.is_none() && s.content.as_ref().is_some_and(|c| twins[c] > 1);
+    futures::stream::iter(shards.iter_mut().filter(|s| shared(s)))
+        .for_each_concurrent(concurrency.max(1), |s| async move {
+            // A commit not read in time counts as none: its shard cannot win a tie.
+            let _ = tokio::time::timeout_at(deadline, s.fetch_commit(reg, w)).await;
+        })
+        .await;
     shards
+}
+
+/// The duplicate rule (`round.md`): among shards that passed every other check, those with
+/// byte-identical sections form a group; the one whose commit landed strictly first keeps
+/// its place, every other is `duplicate`. When no single commit is strictly first (none, or
+/// a tie within the store's resolution) every member is a duplicate: an honest miner's
+/// commit precedes its shard by a whole second, so only copiers and shards published
+/// without the protocol end there. Returns, per shard, the fault and whose copy it is.
+fn duplicates(shards: &[Shard], faults: &[Option<Fault>]) -> Vec<Option<(Fault, Option<String>)>> {
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (j, s) in shards.iter().enumerate() {
+        if faults[j].is_none()
+            && let Some(c) = &s.content
+        {
+            groups.entry(c.as_str()).or_default().push(j);
+        }
+    }
+    let mut out = vec![None; shards.len()];
+    for members in groups.values().filter(|m| m.len() > 1) {
+        let first = members.iter().filter_map(|&j| shards[j].commit_ms).min();
+        let winners: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&j| first.is_some() && shards[j].commit_ms == first)
+            .collect();
+        let winner = (winners.len() == 1).then(|| shards[winners[0]].peer.clone());
+        for &j in members {
+            if Some(&shards[j].peer) == winner.as_ref() {
+                continue;
+            }
+            let detail = match &winner {
+                Some(wp) => format!("the same update as {wp}, whose commit landed first"),
+                None => format!(
+                    "the same update as {} other shard(s), and no commit landed strictly first",
+                    members.len() - 1
+                ),
+            };
+            out[j] = Some((Fault::new("rejected", "duplicate", detail), winner.clone()));
+        }
+    }
+    out
 }
 
 /// Checks every header-valid shard's tensors in `range`, keeping the decoded tensors.
@@ -250,11 +306,20 @@ pub(crate) async fn check_ranges(
     shards: &[Shard],
     range: Range<usize>,
     concurrency: usize,
+    deadline: Instant,
 ) -> Vec<(RangeCheck, Vec<EncodedTensor>)> {
-    futures::stream::iter(shards.iter().map(|s| check_range(reg, s, range.clone())))
-        .buffered(concurrency.max(1))
-        .collect()
-        .await
+    futures::stream::iter(shards.iter().map(|s| {
+        let range = range.clone();
+        async move {
+            match tokio::time::timeout_at(deadline, check_range(reg, s, range.clone())).await {
+                Ok(checked) => checked,
+                Err(_) => (RangeCheck::timed_out(range.start), Vec::new()),
+            }
+        }
+    }))
+    .buffered(concurrency.max(1))
+    .collect()
+    .await
 }
 
 /// Combines the header pass and the range checks of all parts (in tensor order) into
@@ -268,6 +333,23 @@ pub(crate) fn finalize(
 ) -> Verdicts {
     let mut rows = Vec::with_capacity(shards.len());
     let mut norms: Vec<Option<f64>> = Vec::with_capacity(shards.len());
+    let faults: Vec<Option<Fault>> = shards
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let range_fault = parts
+                .iter()
+                .filter_map(|p| p[j].fault.as_ref())
+                .min_by_key(|(i, _)| *i)
+                .map(|(_, f)| f.clone());
+            s.fault.clone().or(range_fault)
+        })
+        .collect();
+    let dups = duplicates(shards, &faults);
+    let duplicate_of: Vec<Option<String>> = dups
+        .iter()
+        .map(|d| d.as_ref().and_then(|(_, w)| w.clone()))
+        .collect();
     for (j, s) in shards.iter().enumerate() {
         let mut row = LedgerRow {
             window: w,
@@ -281,12 +363,9 @@ pub(crate) fn finalize(
             norm: None,
             weight: 0.0,
         };
-        let range_fault = parts
-            .iter()
-            .filter_map(|p| p[j].fault.as_ref())
-            .min_by_key(|(i, _)| *i)
-            .map(|(_, f)| f.clone());
-        let fault = s.fault.clone().or(range_fault);
+        let fault = faults[j]
+            .clone()
+            .or_else(|| dups[j].as_ref().map(|(f, _)| f.clone()));
         let norm = match &fault {
             Some(f) => {
                 row.verdict = f.verdict.clone();
@@ -328,7 +407,11 @@ pub(crate) fn finalize(
         weights[j] = (scale / n as f64) as f32;
         row.weight = weights[j] as f64;
     }
-    Verdicts { rows, weights }
+    Verdicts {
+        rows,
+        weights,
+        duplicate_of,
+    }
 }
 
 /// Where an aggregator's weighted merge runs. The GPU's decode-and-accumulate is
@@ -338,6 +421,9 @@ pub(crate) fn finalize(
 pub struct MergeOn {
     #[cfg(feature = "cuda")]
     pub gpu: Option<std::sync::Arc<crate::codec::gpu::Gpu>>,
+    /// How long after the window's close the reads may take (`window_budget`); None: the
+    /// run's window length.
+    pub budget: Option<Duration>,
 }
 
 /// Merges the tensors of `range` (weighted, in peer-id order) into aggregate sections.
@@ -479,12 +565,12 @@ pub(crate) async fn wait_for_close(
     target: &Target,
     me: &PeerId,
     w: u64,
-) -> Result<(), ExchangeError> {
+) -> Result<u64, ExchangeError> {
     let clk = clock(reg);
     loop {
-        let now = store_now_ms(target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+        let now = store_now_ms(target, &layout::clock_probe(&reg.run, me)).await?;
         if now >= clk.closes(w) {
-            return Ok(());
+            return Ok(now);
         }
         let wait = (clk.closes(w) - now).min(5_000);
         tracing::info!(
@@ -505,12 +591,42 @@ pub(crate) async fn open_window(
     s3: &S3Options,
     w: u64,
     concurrency: usize,
-) -> Result<(PeerId, Target, Vec<Shard>), ExchangeError> {
+    budget: Option<Duration>,
+) -> Result<OpenWindow, ExchangeError> {
     let me = id.peer_id();
     let target = crate::exchange::own_store(reg, id, role, s3)?;
-    wait_for_close(reg, &target, &me, w).await?;
-    let shards = check_heads(reg, s3, w, concurrency).await;
-    Ok((me, target, shards))
+    let now = wait_for_close(reg, &target, &me, w).await?;
+    let deadline = window_deadline(reg, w, now, budget);
+    let shards = check_heads(reg, s3, w, concurrency, deadline).await;
+    Ok(OpenWindow {
+        me,
+        target,
+        shards,
+        deadline,
+    })
+}
+
+/// A closed window, its header pass done, and when its reads must end.
+pub(crate) struct OpenWindow {
+    pub(crate) me: PeerId,
+    pub(crate) target: Target,
+    pub(crate) shards: Vec<Shard>,
+    pub(crate) deadline: Instant,
+}
+
+/// When a job's reads of window `w` must end: `budget` (default: the run's window length)
+/// after the window's close by the store's clock, so a window is decided before the next
+/// one closes whatever the miners' stores do (hang, 503, refuse). A job that starts later
+/// than that (catching up an old window) gets the whole budget from now. A miner not read
+/// by then is `store_error` (timeout) and the window goes on without it.
+pub fn window_deadline(reg: &Registry, w: u64, store_now_ms: u64, budget: Option<Duration>) -> Instant {
+    let budget = budget.unwrap_or(Duration::from_secs(reg.window_secs.max(1)));
+    let end = clock(reg).closes(w) + budget.as_millis() as u64;
+    let left = match end.checked_sub(store_now_ms) {
+        Some(ms) if ms > 0 => Duration::from_millis(ms),
+        _ => budget,
+    };
+    Instant::now() + left
 }
 
 /// Merges window `w` in one process and publishes its ledger and aggregate into the
@@ -534,9 +650,14 @@ pub async fn aggregate_window_on(
     concurrency: usize,
     on: &MergeOn,
 ) -> Result<Aggregated, ExchangeError> {
-    let (_, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
+    let OpenWindow {
+        target,
+        shards,
+        deadline,
+        ..
+    } = open_window(reg, id, Role::Aggregator, s3, w, concurrency, on.budget).await?;
     let all = 0..reg.model.tensors.len();
-    let decoded = check_ranges(reg, &shards, all.clone(), concurrency).await;
+    let decoded = check_ranges(reg, &shards, all.clone(), concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
     let v = finalize(reg, w, &shards, &[checks]);
     let sections = merge_range(reg, all, &v.weights, &decoded, on)?;
@@ -566,7 +687,7 @@ async fn wait_for_blob(
         step: None,
     };
     loop {
-        match read_signed(target, key, &expect).await {
+        match read_signed(target, key, &expect, &agg_limits(reg)).await {
             Ok((env, sections)) => {
                 let names = env.sections().iter().map(|s| s.name.clone());
                 return Ok(names.zip(sections).collect());
@@ -619,9 +740,14 @@ pub async fn aggregate_part(
             "part {i}/{k}: expected 0 <= i < k"
         )));
     }
-    let (me, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
+    let OpenWindow {
+        me,
+        target,
+        shards,
+        deadline,
+    } = open_window(reg, id, Role::Aggregator, s3, w, concurrency, on.budget).await?;
     let range = part_range(reg.model.tensors.len(), i, k);
-    let decoded = check_ranges(reg, &shards, range.clone(), concurrency).await;
+    let decoded = check_ranges(reg, &shards, range.clone(), concurrency, deadline).await;
     let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
     let json = serde_json::to_vec(&mine).map_err(|e| ExchangeError::Refused(e.to_string()))?;
     put_blob(
@@ -691,7 +817,9 @@ pub async fn aggregate_commit(
     k: usize,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
-    let (me, target, shards) = open_window(reg, id, Role::Aggregator, s3, w, concurrency).await?;
+    let OpenWindow {
+        me, target, shards, ..
+    } = open_window(reg, id, Role::Aggregator, s3, w, concurrency, None).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());
@@ -727,7 +855,7 @@ pub async fn read_aggregate(
         window: Some(w),
         step: None,
     };
-    let (env, sections) = match read_signed(&target, &key, &expect).await {
+    let (env, sections) = match read_signed(&target, &key, &expect, &agg_limits(reg)).await {
         Ok(x) => x,
         Err(EnvelopeError::NotFound { .. }) => {
             return Err(ExchangeError::NoAggregate { window: w, object });

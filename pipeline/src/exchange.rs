@@ -59,19 +59,18 @@ impl From<crate::codec::gpu::GpuError> for ExchangeError {
 }
 
 /// Opens the envelope at `key` of `target`, verifies it against `expect` and reads every
-/// section: the common case of a small signed object read whole (aggregates, manifests,
-/// pointers, weights, blobs). Default limits.
+/// section: the common case of a signed object read whole (aggregates, manifests,
+/// pointers, weights, blobs), within `limits` (which bound the memory it takes).
 pub async fn read_signed(
     target: &Target,
     key: &str,
     expect: &Expect,
+    limits: &Limits,
 ) -> Result<(RemoteEnvelope, Vec<Vec<u8>>), EnvelopeError> {
     let path = target.path(key);
     let url = target.url_of(&path);
-    let limits = Limits::default();
-    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &url, &limits, expect).await?;
-    let sections = crate::envelope::read_all_sections(target.store.as_ref(), &env, &limits).await?;
-    Ok((env, sections))
+    crate::envelope::read_whole_consistent(target.store.as_ref(), &path, &url, limits, expect)
+        .await
 }
 
 /// The run's codec parameters as envelope header parameters.
@@ -173,7 +172,7 @@ pub async fn publish_with(
     let me = id.peer_id();
     let target = own_store(reg, id, Role::Miner, s3)?;
     let clk = clock(reg);
-    let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+    let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
     let w = match window {
         Some(w) => w,
         None => clk.window_at(now).ok_or_else(|| {
@@ -214,6 +213,19 @@ pub async fn publish_with(
             reg.model.tensors.len()
         )));
     }
+    if let Some(done) = state.window {
+        if done == w {
+            // This state already accounts for window w: a rerun after a publish that
+            // finished (or was killed after saving). Encoding again would count the update
+            // twice; report the stored shard instead.
+            return already_published(reg, &target, &me, w, now).await;
+        }
+        if done > w {
+            return Err(ExchangeError::Refused(format!(
+                "the error-feedback state already accounts for window {done}, later than {w}"
+            )));
+        }
+    }
     let mut trial = state.clone();
     let opts = EncodeOptions {
         params: reg.codec,
@@ -224,45 +236,192 @@ pub async fn publish_with(
     let signed = shard_builder(reg, &reg.run, w, &encoded.sections)?
         .clock_ms(now)
         .sign(id)?;
+    let content = content_hash(signed.header.sections.iter());
     let path = target.path(&layout::grad(&reg.run, w, &me));
     let object = target.url_of(&path);
-    let already = match store::put_create(&target, &path, &signed).await {
-        Ok(PutOutcome::Created) => false,
-        Ok(PutOutcome::AlreadyIdentical) => true,
-        Err(StoreError::Conflict { .. }) => {
-            // Our own valid shard for this window is already there: a retry whose first
-            // attempt landed (with another signer clock). Never overwrite it.
-            let limits = Limits::default();
-            let expect = Expect {
-                signer: Some(me),
-                run: Some(reg.run.clone()),
-                kind: Some(Kind::Grad),
-                window: Some(w),
-                step: None,
-            };
-            RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
-                .await
-                .map_err(|_| {
-                    ExchangeError::Refused(format!("{object}: another object is already there"))
-                })?;
-            true
+    let limits = Limits::default();
+    let expect = Expect {
+        signer: Some(me),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Grad),
+        window: Some(w),
+        step: None,
+    };
+    // Our shard may already be stored: a retry whose first attempt landed, or a rerun after
+    // a kill between the put and the state save. The same state and update give the same
+    // sections (only the signer's clock differs), and then this encoding's state is exactly
+    // the one to keep.
+    let stored = match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
+        .await
+    {
+        Ok(env) => Some(env),
+        Err(EnvelopeError::NotFound { .. }) => None,
+        Err(e) if e.rejection().is_some() => {
+            return Err(ExchangeError::Refused(format!(
+                "{object}: another object is already there ({e}); the state is unchanged"
+            )));
         }
         Err(e) => return Err(e.into()),
+    };
+    let already = match stored {
+        Some(env) => {
+            if content_hash(env.sections().iter()) != content {
+                return Err(ExchangeError::Refused(format!(
+                    "{object}: a different shard for window {w} is already published (another update, or another error-feedback state); the state is unchanged"
+                )));
+            }
+            true
+        }
+        None => {
+            commit_then_wait(reg, &target, id, w, &content).await?;
+            match store::put_create(&target, &path, &signed).await {
+                Ok(PutOutcome::Created) => false,
+                Ok(PutOutcome::AlreadyIdentical) => true,
+                Err(StoreError::Conflict { .. }) => {
+                    let env = RemoteEnvelope::open(
+                        target.store.as_ref(),
+                        &path,
+                        &object,
+                        &limits,
+                        &expect,
+                    )
+                    .await?;
+                    if content_hash(env.sections().iter()) != content {
+                        return Err(ExchangeError::Refused(format!(
+                            "{object}: a different shard for window {w} landed meanwhile; the state is unchanged"
+                        )));
+                    }
+                    true
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
     let meta = object_store::ObjectStoreExt::head(target.store.as_ref(), &path)
         .await
         .map_err(|e| StoreError::from_store(&object, e))?;
+    trial.window = Some(w);
     *state = trial;
     Ok(Published {
         object,
         window: w,
-        bytes: signed.len(),
+        bytes: meta.size,
         dense_bytes: encoded.stats.dense_bytes,
         kept: encoded.stats.kept,
-        ratio: encoded.stats.dense_bytes as f64 / signed.len() as f64,
+        ratio: encoded.stats.dense_bytes as f64 / meta.size.max(1) as f64,
         store_time_ms: now,
         last_modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
         already_published: already,
+    })
+}
+
+/// blake3 over the section hashes, in order: equal for byte-identical updates whoever
+/// signed them (the key of the duplicate rule and of a shard's commit).
+pub fn content_hash<'a>(sections: impl Iterator<Item = &'a crate::envelope::SectionEntry>) -> String {
+    let mut h = blake3::Hasher::new();
+    for s in sections {
+        h.update(s.hash.as_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Codec name of a shard's commit (`round.md`, "Duplicates").
+pub const COMMIT_CODEC: &str = "commit-v1";
+
+/// Puts the signed commit naming the shard's content, then waits until the store's clock is
+/// a whole second past the commit's own `last_modified`: whoever copies the shard after it
+/// becomes visible commits in a later second, so the first publisher of any content is
+/// decided by commit times even on stores that report whole seconds.
+async fn commit_then_wait(
+    reg: &Registry,
+    target: &Target,
+    id: &Identity,
+    w: u64,
+    content: &str,
+) -> Result<(), ExchangeError> {
+    let me = id.peer_id();
+    let signed = EnvelopeBuilder::new(Kind::Blob, &reg.run)
+        .window(w)
+        .codec(COMMIT_CODEC, Default::default())
+        .meta("content", content)
+        .sign(id)?;
+    let path = target.path(&layout::grad_commit(&reg.run, w, &me));
+    let object = target.url_of(&path);
+    let bytes = signed
+        .to_vec()
+        .map_err(|e| ExchangeError::Refused(format!("{object}: {e}")))?;
+    // No shard is stored yet, so any commit already here is a stale one of ours: replace it.
+    object_store::ObjectStoreExt::put(
+        target.store.as_ref(),
+        &path,
+        object_store::PutPayload::from(bytes::Bytes::from(bytes)),
+    )
+    .await
+    .map_err(|e| StoreError::from_store(&object, e))?;
+    let committed = object_store::ObjectStoreExt::head(target.store.as_ref(), &path)
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?
+        .last_modified
+        .timestamp_millis()
+        .max(0) as u64;
+    let probe = layout::clock_probe(&reg.run, &me);
+    let clk = clock(reg);
+    loop {
+        let now = store_now_ms(target, &probe).await?;
+        if now >= clk.closes(w) {
+            return Err(ExchangeError::Refused(format!(
+                "window {w} closed at {} ms while committing (the store's clock says {now} ms)",
+                clk.closes(w)
+            )));
+        }
+        if now >= committed + 1000 {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(committed + 1050 - now)).await;
+    }
+}
+
+/// What a rerun reports for a window the state already accounts for: the stored shard.
+async fn already_published(
+    reg: &Registry,
+    target: &Target,
+    me: &PeerId,
+    w: u64,
+    now: u64,
+) -> Result<Published, ExchangeError> {
+    let path = target.path(&layout::grad(&reg.run, w, me));
+    let object = target.url_of(&path);
+    let meta = match object_store::ObjectStoreExt::head(target.store.as_ref(), &path).await {
+        Ok(m) => m,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(ExchangeError::Refused(format!(
+                "{object}: the error-feedback state says window {w} was published, but no shard is there"
+            )));
+        }
+        Err(e) => return Err(StoreError::from_store(&object, e).into()),
+    };
+    let dense_bytes: u64 = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>() * t.dtype.size() as u64)
+        .sum();
+    let kept: u64 = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| codec::Layout::new(t.shape.iter().product(), &reg.codec).kept())
+        .sum();
+    Ok(Published {
+        object,
+        window: w,
+        bytes: meta.size,
+        dense_bytes,
+        kept,
+        ratio: dense_bytes as f64 / meta.size.max(1) as f64,
+        store_time_ms: now,
+        last_modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+        already_published: true,
     })
 }
 
@@ -276,7 +435,7 @@ pub struct Fault {
 }
 
 impl Fault {
-    fn new(verdict: &str, reason: &str, detail: String) -> Fault {
+    pub(crate) fn new(verdict: &str, reason: &str, detail: String) -> Fault {
         Fault {
             verdict: verdict.into(),
             reason: reason.into(),
@@ -289,6 +448,15 @@ impl Fault {
             Some(r) => Fault::new("rejected", r.reason.code(), e.to_string()),
             None => Fault::store(e),
         }
+    }
+
+    /// A store that did not answer within the window's budget.
+    pub fn timed_out() -> Fault {
+        Fault::new(
+            "error",
+            "store_error",
+            "timeout: the store did not answer within the window's budget".into(),
+        )
     }
 
     /// A store failure. The ledger gets a stable detail (the full error, with its retry
@@ -316,12 +484,28 @@ pub struct Shard {
     pub fault: Option<Fault>,
     /// blake3 over the section hashes: equal for byte-identical updates.
     pub content: Option<String>,
-    /// The earlier publisher of the same bytes, when this shard was rejected as a duplicate.
-    pub duplicate_of: Option<String>,
+    /// When the miner's signed commit to this content landed (the store's time), fetched
+    /// only for shards whose content another shard shares.
+    pub commit_ms: Option<i64>,
     env: Option<(Target, RemoteEnvelope)>,
 }
 
 impl Shard {
+    /// A miner whose store did not answer within the window's budget.
+    pub fn timed_out(peer: &str) -> Shard {
+        Shard {
+            peer: peer.to_string(),
+            object: String::new(),
+            found: false,
+            bytes: None,
+            last_modified_ms: None,
+            fault: Some(Fault::timed_out()),
+            content: None,
+            commit_ms: None,
+            env: None,
+        }
+    }
+
     fn fail(mut self, verdict: &str, reason: &str, detail: String) -> Shard {
         self.fault = Some(Fault::new(verdict, reason, detail));
         self.env = None;
@@ -338,15 +522,43 @@ impl Shard {
         }
     }
 
-    /// Marks a header-valid shard as a duplicate of `winner`'s.
-    pub fn reject_duplicate(&mut self, winner: &str) {
-        self.fault = Some(Fault::new(
-            "rejected",
-            "duplicate",
-            format!("the same update as {winner}, published earlier"),
-        ));
-        self.duplicate_of = Some(winner.to_string());
-        self.env = None;
+    /// Reads the miner's commit for this shard: its `last_modified` when it is a valid
+    /// commit (signed by this miner, this run and window) naming this shard's content.
+    pub async fn fetch_commit(&mut self, reg: &Registry, w: u64) {
+        let (Some((target, env)), Some(content)) = (&self.env, &self.content) else {
+            return;
+        };
+        let key = layout::grad_commit(&reg.run, w, &env.signer);
+        let expect = Expect {
+            signer: Some(env.signer),
+            run: Some(reg.run.clone()),
+            kind: Some(Kind::Blob),
+            window: Some(w),
+            step: None,
+        };
+        let path = target.path(&key);
+        let url = target.url_of(&path);
+        self.commit_ms = match RemoteEnvelope::open(
+            target.store.as_ref(),
+            &path,
+            &url,
+            &Limits::small_object(),
+            &expect,
+        )
+        .await
+        {
+            Ok(c)
+                if c.head.header.codec == COMMIT_CODEC
+                    && c.head.header.meta.get("content") == Some(content) =>
+            {
+                Some(c.meta.last_modified.timestamp_millis())
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::info!(object = %url, error = %e, "no valid commit");
+                None
+            }
+        };
     }
 }
 
@@ -361,7 +573,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
         last_modified_ms: None,
         fault: None,
         content: None,
-        duplicate_of: None,
+        commit_ms: None,
         env: None,
     };
     let peer = match PeerId::parse(&miner.peer) {
@@ -449,11 +661,11 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
         );
         return shard.fail("rejected", "codec_mismatch", detail);
     }
-    let mut content = blake3::Hasher::new();
-    for s in env.sections() {
-        content.update(s.hash.as_bytes());
+    if let Err(detail) = check_section_sizes(reg, &env) {
+        let detail = format!("{}: {detail}", shard.object);
+        return shard.fail("rejected", "section_size", detail);
     }
-    shard.content = Some(content.finalize().to_hex().to_string());
+    shard.content = Some(content_hash(env.sections().iter()));
     shard.env = Some((target, env));
     shard
 }
@@ -479,11 +691,41 @@ pub async fn precise_last_modified(
     None
 }
 
+/// Envelope limits for a shard: the run's byte cap on the stored body, and what the whole
+/// model can decompress to with the run's codec on the raw side (so the header alone, one
+/// small GET, already refuses a shard claiming more).
 fn shard_limits(reg: &Registry) -> Limits {
+    let all = codec::section_raw_bound(&reg.model.tensors, &reg.codec);
     Limits {
         max_body_len: reg.limits.max_grad_bytes,
+        max_section_raw_len: all,
+        max_raw_len: all,
         ..Limits::default()
     }
+}
+
+/// Every section of a shard must be named for a tensor range of the model (`tAAAAA-BBBBB`)
+/// and declare no more decompressed bytes than those tensors can take with the run's
+/// codec. Checked on the header, before any section byte is fetched or decompressed: a
+/// memory bound per shard of what the model implies, whatever the miner declares.
+fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), String> {
+    let n = reg.model.tensors.len();
+    for s in env.sections() {
+        let Some((a, b)) = section_range(&s.name).filter(|&(a, b)| a <= b && b < n) else {
+            return Err(format!(
+                "section {:?} does not name a tensor range of the model's {n} tensors",
+                s.name
+            ));
+        };
+        let bound = codec::section_raw_bound(&reg.model.tensors[a..=b], &reg.codec);
+        if s.raw_len > bound {
+            return Err(format!(
+                "section {:?} declares {} decompressed bytes; tensors {a}..={b} take at most {bound} with the run's codec",
+                s.name, s.raw_len
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What checking one shard's tensors in a range found: the first failing tensor (by model
@@ -492,6 +734,16 @@ fn shard_limits(reg: &Registry) -> Limits {
 pub struct RangeCheck {
     pub fault: Option<(usize, Fault)>,
     pub sumsq: Vec<(usize, f64)>,
+}
+
+impl RangeCheck {
+    /// The sections of a range were not read within the window's budget.
+    pub fn timed_out(first: usize) -> RangeCheck {
+        RangeCheck {
+            fault: Some((first, Fault::timed_out())),
+            sumsq: Vec::new(),
+        }
+    }
 }
 
 /// The tensor range `tAAAAA-BBBBB` a gradient section holds, if its name says.

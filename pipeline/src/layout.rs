@@ -11,6 +11,17 @@ pub fn grad(run: &str, window: u64, peer: &PeerId) -> String {
     format!("runs/{run}/grads/{window:010}/{peer}.grad")
 }
 
+/// The signed commit naming a shard's content, written a second before the shard
+/// (`round.md`, "Duplicates").
+pub fn grad_commit(run: &str, window: u64, peer: &PeerId) -> String {
+    format!("runs/{run}/grads/{window:010}/{peer}.commit")
+}
+
+/// The object a participant overwrites to read the store's clock.
+pub fn clock_probe(run: &str, peer: &PeerId) -> String {
+    format!("runs/{run}/clock/{peer}")
+}
+
 pub fn grads_dir(run: &str, window: u64) -> String {
     format!("runs/{run}/grads/{window:010}/")
 }

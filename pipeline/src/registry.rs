@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{CodecParams, ModelSpec};
 use crate::envelope::{
-    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope, read_section,
+    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits,
 };
 use crate::identity::{Identity, PeerId};
 use crate::layout;
@@ -288,15 +288,29 @@ impl Registry {
     ) -> Result<(Registry, Option<String>), RegistryError> {
         let (target, path) = store::open_object(url, s3)?;
         let object = target.url_of(&path);
-        let limits = Limits::default();
+        let limits = Limits::small_object();
         let expect = Expect {
             signer: operator,
             kind: Some(Kind::Registry),
             ..Default::default()
         };
-        let env =
-            RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await?;
-        let json = read_section(target.store.as_ref(), &env, SECTION, Vec::new(), &limits).await?;
+        let (env, sections) = crate::envelope::read_whole_consistent(
+            target.store.as_ref(),
+            &path,
+            &object,
+            &limits,
+            &expect,
+        )
+        .await?;
+        let json = env
+            .sections()
+            .iter()
+            .zip(sections)
+            .find_map(|(e, body)| (e.name == SECTION).then_some(body))
+            .ok_or_else(|| RegistryError::Invalid {
+                object: object.clone(),
+                reason: format!("no section named {SECTION:?}"),
+            })?;
         let reg: Registry = serde_json::from_slice(&json).map_err(|e| RegistryError::Invalid {
             object: object.clone(),
             reason: format!("registry JSON: {e}"),

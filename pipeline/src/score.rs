@@ -71,6 +71,8 @@ pub struct ValidateOptions {
     /// How far back to look for the previous score table (a validator that missed windows
     /// carries ratings over from the newest table it finds).
     pub rating_lookback: u64,
+    /// How long after the window's close the reads may take (`aggregate::window_deadline`).
+    pub budget: Option<std::time::Duration>,
 }
 
 impl Default for ValidateOptions {
@@ -81,6 +83,7 @@ impl Default for ValidateOptions {
             copy: CopyThresholds::default(),
             copy_lookback: 2,
             rating_lookback: 16,
+            budget: None,
         }
     }
 }
@@ -443,10 +446,14 @@ pub async fn validate_window(
     mut evaluator: Option<&mut dyn Evaluator>,
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
-    let (_, target, mut shards) =
-        open_window(reg, id, Role::Validator, s3, w, opts.concurrency).await?;
+    let crate::aggregate::OpenWindow {
+        target,
+        mut shards,
+        deadline,
+        ..
+    } = open_window(reg, id, Role::Validator, s3, w, opts.concurrency, opts.budget).await?;
     let all = 0..reg.model.tensors.len();
-    let decoded = check_ranges(reg, &shards, all, opts.concurrency).await;
+    let decoded = check_ranges(reg, &shards, all, opts.concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
     let verdicts = finalize(reg, w, &shards, &[checks]);
     let accepted: Vec<bool> = verdicts
@@ -501,8 +508,8 @@ pub async fn validate_window(
         }
         copies = detect(&shards);
     }
-    for (s, c) in shards.iter().zip(copies.iter_mut()) {
-        if let Some(winner) = &s.duplicate_of {
+    for (winner, c) in verdicts.duplicate_of.iter().zip(copies.iter_mut()) {
+        if let Some(winner) = winner {
             *c = CopyInfo {
                 nearest: Some(winner.clone()),
                 overlap: Some(1.0),
@@ -700,7 +707,7 @@ pub async fn read_scored_window(
         window: Some(w),
         step: None,
     };
-    let (_, secs) = match crate::exchange::read_signed(&target, &wkey, &expect).await {
+    let (_, secs) = match crate::exchange::read_signed(&target, &wkey, &expect, &crate::envelope::Limits::small_object()).await {
         Err(EnvelopeError::NotFound { .. }) => {
             return Err(ExchangeError::Refused(format!(
                 "window {w} has no weights at {wurl}"

@@ -112,6 +112,14 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
 }
 
+/// Ceilings on what a manifest may list. A 72 B model has ~1,000–2,000 tensors and the
+/// largest mixture-of-experts checkpoints under 100,000; 2^17 tensors of names up to 512
+/// bytes keep a reader's manifest and HF index under ~100 MB whatever a pusher signs.
+pub const MAX_TENSORS: usize = 1 << 17;
+pub const MAX_FILES: usize = 1 << 14;
+pub const MAX_TENSOR_NAME: usize = 512;
+pub const MAX_DIMS: usize = 8;
+
 /// Bytes per element of a safetensors dtype name.
 pub fn dtype_size(d: &str) -> Option<u64> {
     Some(match d {
@@ -143,6 +151,30 @@ impl Manifest {
             return bad(format!(
                 "format {:?}, expected {MANIFEST_FORMAT}",
                 self.format
+            ));
+        }
+        // Counts first: everything below allocates in proportion to them, and a reader's
+        // memory (and the HF index it writes) must not be the pusher's to choose.
+        if self.tensors.len() > MAX_TENSORS
+            || self.shards.len() > MAX_FILES
+            || self.files.len() > MAX_FILES
+        {
+            return bad(format!(
+                "{} tensors, {} shards, {} files (limits {MAX_TENSORS}, {MAX_FILES}, {MAX_FILES})",
+                self.tensors.len(),
+                self.shards.len(),
+                self.files.len()
+            ));
+        }
+        if let Some(t) = self
+            .tensors
+            .iter()
+            .find(|t| t.name.len() > MAX_TENSOR_NAME || t.shape.len() > MAX_DIMS)
+        {
+            return bad(format!(
+                "tensor name of {} bytes or {} dimensions (limits {MAX_TENSOR_NAME}, {MAX_DIMS})",
+                t.name.len(),
+                t.shape.len()
             ));
         }
         if self.chunk_bytes == 0 || self.chunk_bytes > 1 << 30 {

@@ -18,10 +18,11 @@ mod update;
 
 pub use cpu::{accumulate, encode_tensor, to_sparse, validate};
 pub use format::{
-    SECTION_CODEC, read_section, read_section_with_norms, section_name, write_section,
+    SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,
+    write_section,
 };
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
-pub use state::EfState;
+pub use state::{EfState, StateLock, lock_dir};
 pub use update::{
     Dense, EncodeOptions, EncodedUpdate, UpdateStats, accumulate_section, dense_to_safetensors,
     encode_update, encode_update_with, model_of,
@@ -266,6 +267,9 @@ impl Layout {
 pub struct CodecLimits {
     pub max_tensors: usize,
     pub max_elements: u64,
+    /// Elements a dense decode (`accumulate_section`) may allocate in all, checked before
+    /// each new tensor is allocated: a section's declared shapes cost 4 bytes per element.
+    pub max_dense_elements: u64,
 }
 
 impl Default for CodecLimits {
@@ -273,6 +277,7 @@ impl Default for CodecLimits {
         CodecLimits {
             max_tensors: 100_000,
             max_elements: 1 << 36,
+            max_dense_elements: 1 << 36,
         }
     }
 }

@@ -15,11 +15,63 @@ use super::CodecError;
 /// File name inside the state folder.
 pub const STATE_FILE: &str = "error-feedback.safetensors";
 
+/// Metadata key holding the last window the state accounts for.
+const WINDOW_KEY: &str = "shardrop_window";
+/// Prefix of the temporary files a save writes before its rename; a killed save leaves one,
+/// which the next lock of the folder removes.
+const TMP_PREFIX: &str = ".error-feedback.tmp";
+/// The lock file that keeps two publishes from sharing one state folder.
+pub const LOCK_FILE: &str = "state.lock";
+
 /// Error-feedback buffers by tensor name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EfState {
     pub buffers: BTreeMap<String, Vec<f32>>,
+    /// The last window whose shard these buffers already account for (set by publish):
+    /// a rerun for that window must not encode the same update a second time.
+    pub window: Option<u64>,
 }
+
+/// An exclusive lock on a state folder, held for one publish; released on drop.
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` for one writer (created if missing) and removes the temporary files of
+/// saves that were killed. Refuses when another process holds it.
+pub fn lock_dir(dir: &Path) -> Result<StateLock, std::io::Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(NOFOLLOW)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "{}: another process is publishing with this state folder",
+                    dir.display()
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(StateLock { _file: file })
+}
+
+/// State files are never opened through a symbolic link.
+const NOFOLLOW: i32 = libc::O_NOFOLLOW;
 
 impl EfState {
     /// The buffer for `name`, created as zeros on first use; refuses a length change.
@@ -41,7 +93,7 @@ impl EfState {
     /// Loads `dir/error-feedback.safetensors`, or an empty state when there is none yet.
     pub fn load(dir: &Path) -> Result<EfState, std::io::Error> {
         let path = dir.join(STATE_FILE);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match read_nofollow(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(EfState::default()),
             Err(e) => return Err(e),
@@ -53,6 +105,11 @@ impl EfState {
             )
         };
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let window = match header.metadata().as_ref().and_then(|m| m.get(WINDOW_KEY)) {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| bad(format!("{WINDOW_KEY} {v:?}")))?),
+        };
         let mut buffers = BTreeMap::new();
         for (name, view) in st.iter() {
             if view.dtype() != Dtype::F32 {
@@ -66,7 +123,7 @@ impl EfState {
                     .collect(),
             );
         }
-        Ok(EfState { buffers })
+        Ok(EfState { buffers, window })
     }
 
     /// Writes the state atomically into `dir`.
@@ -86,12 +143,39 @@ impl EfState {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let data = safetensors::serialize(views, None)
+        let meta = self
+            .window
+            .map(|w| [(WINDOW_KEY.to_string(), w.to_string())].into());
+        let data = safetensors::serialize(views, meta)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        // A fresh temporary file (created exclusively, so never through a planted link),
+        // synced, then renamed over the state (rename replaces a link, never follows it),
+        // then the folder synced: a kill at any point leaves the old state or the new one.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .tempfile_in(dir)?;
         std::io::Write::write_all(&mut tmp, &data)?;
         tmp.as_file().sync_all()?;
         tmp.persist(dir.join(STATE_FILE)).map_err(|e| e.error)?;
+        std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     }
+}
+
+fn read_nofollow(path: &Path) -> Result<Vec<u8>, std::io::Error> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(NOFOLLOW)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a regular file", path.display()),
+        ));
+    }
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
 }

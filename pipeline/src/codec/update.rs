@@ -150,6 +150,16 @@ pub fn accumulate_section(
     weight: f32,
 ) -> Result<(), CodecError> {
     let tensors = read_section(section, model, limits)?;
+    let mut total: u64 = dense.values().map(|(_, v)| v.len() as u64).sum();
+    for t in tensors.iter().filter(|t| !dense.contains_key(&t.name)) {
+        total = total.saturating_add(t.numel());
+        if total > limits.max_dense_elements {
+            return Err(CodecError::OverLimit(format!(
+                "decoding tensor {:?} would hold {total} dense elements (limit {})",
+                t.name, limits.max_dense_elements
+            )));
+        }
+    }
     for t in tensors {
         let entry = dense
             .entry(t.name.clone())

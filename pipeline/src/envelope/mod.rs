@@ -25,7 +25,8 @@ mod write;
 
 pub use header::{Compression, Header, SectionEntry, is_ident};
 pub use read::{
-    RemoteEnvelope, fetch_head, read_all_sections, read_section, read_sections, verify_sections,
+    RemoteEnvelope, fetch_head, read_all_sections, read_section, read_sections,
+    read_whole_consistent, replaced, verify_sections,
 };
 pub use section::SectionVerifier;
 pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope, assemble_raw};
@@ -129,6 +130,20 @@ impl Default for Limits {
             max_section_raw_len: 16 << 30,
             max_raw_len: 256 << 30,
             max_zstd_window_log: 23,
+        }
+    }
+}
+
+impl Limits {
+    /// For small signed objects read whole into memory (registries, pointers, manifests,
+    /// weights, split-merge check blobs): 64 MiB decompressed at most, whatever the header
+    /// declares, so a hostile or broken one costs a bounded amount of memory.
+    pub fn small_object() -> Self {
+        Limits {
+            max_body_len: 64 << 20,
+            max_section_raw_len: 64 << 20,
+            max_raw_len: 64 << 20,
+            ..Limits::default()
         }
     }
 }
@@ -255,6 +270,10 @@ pub enum EnvelopeError {
     },
     #[error("cannot build envelope: {0}")]
     Build(String),
+    /// The object was replaced between the reads of one verification (a mutable object such
+    /// as `LATEST` or the registry, mid-update). Not the object's fault: read it again.
+    #[error("{object}: changed while it was being read (an update landed); read it again")]
+    Changed { object: String },
 }
 
 impl EnvelopeError {
@@ -269,6 +288,9 @@ impl EnvelopeError {
     pub(crate) fn store(object: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => EnvelopeError::NotFound {
+                object: object.to_string(),
+            },
+            object_store::Error::Precondition { .. } => EnvelopeError::Changed {
                 object: object.to_string(),
             },
             source => EnvelopeError::Store {

@@ -68,8 +68,13 @@ pub async fn fetch_head(
     if need <= have || have >= meta.size {
         return Ok((meta, bytes));
     }
+    let mut opts = GetOptions::new().with_range(Some(GetRange::Bounded(have..need.min(meta.size))));
+    opts.if_match = meta.e_tag.clone();
     let rest = store
-        .get_range(path, have..need.min(meta.size))
+        .get_opts(path, opts)
+        .await
+        .map_err(|e| EnvelopeError::store(object, e))?
+        .bytes()
         .await
         .map_err(|e| EnvelopeError::store(object, e))?;
     let mut all = BytesMut::with_capacity(need as usize);
@@ -173,11 +178,12 @@ pub async fn read_sections<W: Write>(
         let mut left = run.first().map_or(0, |e| e.len);
         if end > start {
             let range = body_start + start..body_start + end;
+            // The same version as the verified head, or nothing: an object replaced between
+            // the two GETs (LATEST, the registry) must read as `Changed`, never as tampered.
+            let mut opts = GetOptions::new().with_range(Some(GetRange::Bounded(range)));
+            opts.if_match = env.meta.e_tag.clone();
             let got = store
-                .get_opts(
-                    &env.path,
-                    GetOptions::new().with_range(Some(GetRange::Bounded(range))),
-                )
+                .get_opts(&env.path, opts)
                 .await
                 .map_err(|e| EnvelopeError::store(object, e))?;
             let mut stream = got.into_stream();
@@ -289,6 +295,18 @@ pub async fn verify_sections(
     Ok(())
 }
 
+/// Whether the object at `env.path` is no longer the version `env` was opened from (its
+/// ETag moved): a failed verification of a mutable object is then a torn read, to be
+/// retried, not a verdict. Stores that answer If-Match never need this; it covers those
+/// that ignore it.
+pub async fn replaced(store: &dyn ObjectStore, env: &RemoteEnvelope) -> bool {
+    match (&env.meta.e_tag, store.head(&env.path).await) {
+        (Some(old), Ok(now)) => now.e_tag.as_ref() != Some(old),
+        (_, Err(object_store::Error::NotFound { .. })) => true,
+        _ => false,
+    }
+}
+
 /// Every section, verified, into memory: for objects whose size the caller has already
 /// bounded (shards under the run's limit, aggregates, registries).
 pub async fn read_all_sections(
@@ -298,4 +316,41 @@ pub async fn read_all_sections(
 ) -> Result<Vec<Vec<u8>>, EnvelopeError> {
     let all: Vec<usize> = (0..env.sections().len()).collect();
     read_sections(store, env, &all, limits, |_| Ok(Vec::new()), &|_| {}).await
+}
+
+/// Opens and reads a whole envelope that may be replaced while it is read (`LATEST`, the
+/// registry): a read that overlaps an update is retried from the head, up to 5 times, and
+/// a verification failure counts as a rejection only when the object did not change
+/// meanwhile. Immutable objects take the same path at no cost (one HEAD only on failure).
+pub async fn read_whole_consistent(
+    store: &dyn ObjectStore,
+    path: &Path,
+    object: &str,
+    limits: &Limits,
+    expect: &Expect,
+) -> Result<(RemoteEnvelope, Vec<Vec<u8>>), EnvelopeError> {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let torn = |e: &EnvelopeError| matches!(e, EnvelopeError::Changed { .. });
+        let env = match RemoteEnvelope::open(store, path, object, limits, expect).await {
+            Ok(env) => env,
+            Err(e) if torn(&e) && attempt < ATTEMPTS => continue,
+            Err(e) => return Err(e),
+        };
+        match read_all_sections(store, &env, limits).await {
+            Ok(sections) => return Ok((env, sections)),
+            Err(e) if attempt < ATTEMPTS && torn(&e) => {}
+            Err(e) if e.rejection().is_some() && replaced(store, &env).await => {
+                if attempt == ATTEMPTS {
+                    break;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tracing::info!(object, attempt, "object changed while being read; reading it again");
+        tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+    }
+    Err(EnvelopeError::Changed {
+        object: object.to_string(),
+    })
 }

@@ -52,7 +52,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 6)]
     windows: u64,
     /// Window length in seconds.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     window_secs: u64,
 }
 
@@ -216,7 +216,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         &operator.peer_id(),
         now,
         a.window_secs,
-        1,
+        2,
         task.model_spec(),
         shardrop::refmodel::codec_params(),
     );
@@ -322,36 +322,62 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         // Honest miners (and the joiner once it has joined) train from the shared θ.
         let mut bytes = 0u64;
         let mut dense = 0u64;
-        for (i, m) in honest.iter().enumerate() {
-            let delta = task.pseudo_gradient(&theta, i as u64, w, 20);
-            let p = publish(
-                &reg,
-                m,
-                &ctx.s3,
-                Some(w),
-                &task.to_safetensors(&delta)?,
-                &mut states[i],
-            )
-            .await?;
-            bytes += p.bytes;
-            dense += p.dense_bytes;
-        }
-        if let Some(jt) = &joiner_theta {
-            let delta = task.pseudo_gradient(jt, a.miners as u64, w, 20);
-            let p = publish(
-                &reg,
-                &joiner,
-                &ctx.s3,
-                Some(w),
-                &task.to_safetensors(&delta)?,
-                &mut joiner_state,
-            )
-            .await?;
-            bytes += p.bytes;
-            dense += p.dense_bytes;
-        }
-        // The adversary.
+        // Miners publish at once, as separate machines would (each waits a second between
+        // its commit and its shard); so does the adversary when it sends noise.
         let attack = Attack::of(w);
+        let updates: Vec<Vec<u8>> = (0..honest.len())
+            .map(|i| task.to_safetensors(&task.pseudo_gradient(&theta, i as u64, w, 20)))
+            .collect::<Result<_, _>>()?;
+        let honest_all = futures::future::try_join_all(
+            honest
+                .iter()
+                .zip(states.iter_mut())
+                .zip(&updates)
+                .map(|((m, st), u)| publish(&reg, m, &ctx.s3, Some(w), u, st)),
+        );
+        let joiner_update = match &joiner_theta {
+            Some(jt) => Some(task.to_safetensors(&task.pseudo_gradient(
+                jt,
+                a.miners as u64,
+                w,
+                20,
+            ))?),
+            None => None,
+        };
+        let joiner_fut = async {
+            match &joiner_update {
+                Some(u) => publish(&reg, &joiner, &ctx.s3, Some(w), u, &mut joiner_state)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        let noise_update = match attack {
+            Attack::Noise => {
+                let honest_delta = task.pseudo_gradient(&theta, 0, w, 20);
+                let rms = (honest_delta.iter().map(|x| x * x).sum::<f32>()
+                    / honest_delta.len() as f32)
+                    .sqrt();
+                let junk = noise(theta.len(), 10.0 * rms * 3f32.sqrt(), w + 7);
+                Some(task.to_safetensors(&junk)?)
+            }
+            _ => None,
+        };
+        let noise_fut = async {
+            match &noise_update {
+                Some(u) => publish(&reg, &adversary, &ctx.s3, Some(w), u, &mut adv_state)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        let (published, joined, _) =
+            futures::future::try_join3(honest_all, joiner_fut, noise_fut).await?;
+        for p in published.iter().chain(joined.iter()) {
+            bytes += p.bytes;
+            dense += p.dense_bytes;
+        }
+        // The adversary's other moves.
         let adv_area = area("adversary");
         let mut late_shard = None;
         match attack {
@@ -364,22 +390,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 )
                 .await?
             }
-            Attack::Noise => {
-                let honest_delta = task.pseudo_gradient(&theta, 0, w, 20);
-                let rms = (honest_delta.iter().map(|x| x * x).sum::<f32>()
-                    / honest_delta.len() as f32)
-                    .sqrt();
-                let junk = noise(theta.len(), 10.0 * rms * 3f32.sqrt(), w + 7);
-                publish(
-                    &reg,
-                    &adversary,
-                    &ctx.s3,
-                    Some(w),
-                    &task.to_safetensors(&junk)?,
-                    &mut adv_state,
-                )
-                .await?;
-            }
+            Attack::Noise => {}
             Attack::Late => {
                 let delta = task.pseudo_gradient(&theta, 99, w, 20);
                 let opts = EncodeOptions {

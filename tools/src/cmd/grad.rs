@@ -102,6 +102,10 @@ pub struct DecodeArgs {
     /// Refuse tensors not in this model (safetensors file; names and shapes are used).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Refuse input whose sections declare more decompressed bytes than this, or whose
+    /// tensors would decode to more dense f32 bytes (checked before allocating).
+    #[arg(long, default_value = "4GiB", value_parser = super::parse_size)]
+    max_bytes: u64,
 }
 
 pub async fn run(ctx: &Ctx, cmd: GradCommand) -> anyhow::Result<()> {
@@ -206,7 +210,11 @@ fn section_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-async fn load_sections(ctx: &Ctx, input: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+async fn load_sections(
+    ctx: &Ctx,
+    input: &str,
+    max_bytes: u64,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let local = Path::new(input);
     if !input.contains("://") && local.is_dir() {
         return section_files(local)?
@@ -227,8 +235,22 @@ async fn load_sections(ctx: &Ctx, input: &str) -> anyhow::Result<Vec<(String, Ve
     }
     // A gradient envelope: verified, then every section fetched.
     let (target, env) = super::object::open_verified(ctx, input, &Expect::default()).await?;
-    let limits = Limits::default();
+    let limits = Limits {
+        max_raw_len: max_bytes,
+        max_section_raw_len: max_bytes,
+        ..Limits::default()
+    };
     let object = env.object.clone();
+    if env.head.header.raw_len > max_bytes {
+        // The header check in `open_verified` used the default limits; this one is ours.
+        return Err(super::object::over_limit(
+            &object,
+            format!(
+                "the sections declare {} decompressed bytes, over --max-bytes {max_bytes}",
+                env.head.header.raw_len
+            ),
+        ));
+    }
     let bufs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
     Ok(env
         .sections()
@@ -245,13 +267,17 @@ async fn decode(ctx: &Ctx, a: DecodeArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let sections = load_sections(ctx, &a.input).await?;
+    let sections = load_sections(ctx, &a.input, a.max_bytes).await?;
     let out_path = a.out.clone();
+    let max_bytes = a.max_bytes;
     let n_sections = sections.len();
     let (tensors, elements) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, u64)> {
             let mut dense = Dense::new();
-            let limits = CodecLimits::default();
+            let limits = CodecLimits {
+                max_dense_elements: max_bytes / 4,
+                ..CodecLimits::default()
+            };
             for (name, bytes) in &sections {
                 accumulate_section(&mut dense, bytes, model.as_ref(), &limits, 1.0)
                     .map_err(|e| anyhow::anyhow!("{name}: rejected ({}): {e}", e.reason()))?;

@@ -34,6 +34,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mul as f64) as u64)
 }
 
+/// Free bytes on the file system holding `dir` (None when it cannot be asked).
+pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    fs4::available_space(dir).ok()
+}
+
 /// What every command gets besides its own arguments.
 pub struct Ctx {
     pub json: bool,

@@ -194,11 +194,29 @@ pub async fn open_verified(
 }
 
 pub async fn verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<()> {
-    let (target, env) = open_verified(ctx, &a.url, &a.expect.expect()).await?;
     let limits = Limits::default();
-    let bar = out::bytes_bar(ctx, env.head.header.body_len, "verifying");
-    verify_sections(target.store.as_ref(), &env, &limits, &|n| bar.inc(n)).await?;
-    bar.finish_and_clear();
+    // A mutable object (LATEST, a registry) replaced mid-verification is read again; only
+    // a failure of one unchanged version is a verdict.
+    let mut attempt = 0;
+    let env = loop {
+        attempt += 1;
+        let (target, env) = open_verified(ctx, &a.url, &a.expect.expect()).await?;
+        let bar = out::bytes_bar(ctx, env.head.header.body_len, "verifying");
+        let r = verify_sections(target.store.as_ref(), &env, &limits, &|n| bar.inc(n)).await;
+        bar.finish_and_clear();
+        match r {
+            Ok(()) => break env,
+            Err(e) if attempt < 5 => {
+                let torn = matches!(e, envelope::EnvelopeError::Changed { .. })
+                    || (e.rejection().is_some()
+                        && envelope::replaced(target.store.as_ref(), &env).await);
+                if !torn {
+                    return Err(e.into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let h = &env.head.header;
     let text = format!(
         "{}: valid {} (run {}, {}), signed by {}, {} bytes, {} sections",
@@ -345,6 +363,15 @@ fn header_text(v: &serde_json::Value) -> String {
     t
 }
 
+/// A refusal of `object` for declaring more than the caller allows (exit 3, `over_limit`).
+pub fn over_limit(object: &str, detail: String) -> anyhow::Error {
+    envelope::EnvelopeError::Rejected {
+        object: object.to_string(),
+        rejection: envelope::Rejection::new(envelope::Reason::OverLimit, detail),
+    }
+    .into()
+}
+
 #[derive(Args)]
 pub struct GetArgs {
     /// Object URL.
@@ -354,6 +381,10 @@ pub struct GetArgs {
     /// Fetch only this section (one ranged GET).
     #[arg(long)]
     section: Option<String>,
+    /// Refuse (before writing anything) an object whose selected sections declare more
+    /// decompressed bytes than this, or more than the disk has free.
+    #[arg(long, default_value = "1GiB", value_parser = super::parse_size)]
+    max_bytes: u64,
     #[command(flatten)]
     expect: ExpectArgs,
 }
@@ -369,8 +400,26 @@ pub async fn get(ctx: &Ctx, a: GetArgs) -> anyhow::Result<()> {
             None => bail!("{object}: no section named {name:?}"),
         },
     };
+    let raw: u64 = selected.iter().map(|&i| env.sections()[i].raw_len).sum();
+    if raw > a.max_bytes {
+        return Err(over_limit(
+            &object,
+            format!(
+                "the sections declare {raw} decompressed bytes, over --max-bytes {}",
+                a.max_bytes
+            ),
+        ));
+    }
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("{}: cannot create", a.out_dir.display()))?;
+    if let Some(free) = super::free_bytes(&a.out_dir)
+        && raw > free
+    {
+        bail!(
+            "{object}: refused: the sections declare {raw} decompressed bytes, {} has {free} free",
+            a.out_dir.display()
+        );
+    }
     // Sections land in a hidden folder inside OUT_DIR and move into place only when every
     // one verified; on any failure the folder (and all it holds) is removed on drop.
     let staging = tempfile::Builder::new()

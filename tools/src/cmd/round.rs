@@ -11,8 +11,8 @@ use shardrop::aggregate::{
 use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish_with};
 use shardrop::identity::PeerId;
-use shardrop::registry::{Credentials, Participant, Registry, Role};
-use shardrop::store;
+use shardrop::registry::{Credentials, Participant, Registry, RegistryError, Role};
+use shardrop::store::{self, StoreError};
 use shardrop::window::store_now_ms;
 
 use super::grad::CodecArgs;
@@ -244,26 +244,43 @@ async fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<()> {
     let id = keys::load(&a.key)?;
     let peer = PeerId::parse(&a.peer)?;
     let role = Role::parse(&a.role).context("--role")?;
-    let (mut reg, etag) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
-    if reg.participant(&peer, role).is_some() {
-        bail!(
-            "{}: {peer} is already a {} of run {}",
-            a.registry,
-            a.role,
-            reg.run
-        );
-    }
     store::open(&a.store, &ctx.s3)?;
-    reg.participants.push(Participant {
-        role,
-        peer: peer.to_string(),
-        store: a.store.clone(),
-        credentials: match a.credentials_env_prefix {
-            Some(prefix) => Credentials::EnvPrefix { prefix },
-            None => Credentials::Ambient,
-        },
-    });
-    reg.update(&a.registry, &ctx.s3, etag, &id).await?;
+    // Compare-and-swap: an operator racing another edit reads the new version and applies
+    // the addition to it (a lost race is retried, never reported as tampering).
+    let mut attempt = 0;
+    let reg = loop {
+        attempt += 1;
+        let (mut reg, etag) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
+        if reg.participant(&peer, role).is_some() {
+            bail!(
+                "{}: {peer} is already a {} of run {}",
+                a.registry,
+                a.role,
+                reg.run
+            );
+        }
+        reg.participants.push(Participant {
+            role,
+            peer: peer.to_string(),
+            store: a.store.clone(),
+            credentials: match &a.credentials_env_prefix {
+                Some(prefix) => Credentials::EnvPrefix {
+                    prefix: prefix.clone(),
+                },
+                None => Credentials::Ambient,
+            },
+        });
+        match reg.update(&a.registry, &ctx.s3, etag, &id).await {
+            Ok(()) => break reg,
+            Err(RegistryError::Store(StoreError::Precondition { .. })) if attempt < 8 => {
+                tracing::info!(attempt, "the registry changed since it was read; retrying");
+            }
+            Err(RegistryError::Store(StoreError::Precondition { object })) => bail!(
+                "{object}: lost the compare-and-swap race {attempt} times (other edits keep landing); retry"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    };
     out::emit(
         ctx,
         &serde_json::json!({"registry": a.registry, "revision": reg.revision, "participants": reg.participants.len()}),
@@ -313,8 +330,11 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let update =
         std::fs::read(&a.update).with_context(|| format!("{}: cannot read", a.update.display()))?;
+    let _lock = shardrop::codec::lock_dir(&a.state)
+        .with_context(|| format!("{}: cannot lock the state folder", a.state.display()))?;
     let mut state = EfState::load(&a.state)
         .with_context(|| format!("{}: cannot load state", a.state.display()))?;
+    let before = state.window;
     let chosen = super::device::choose(&a.device)?;
     let started = std::time::Instant::now();
     let p = publish_with(
@@ -327,9 +347,11 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
         |u, st, o| chosen.encode_update(u, st, o),
     )
     .await?;
-    state
-        .save(&a.state)
-        .with_context(|| format!("{}: cannot save state", a.state.display()))?;
+    if state.window != before {
+        state
+            .save(&a.state)
+            .with_context(|| format!("{}: cannot save state", a.state.display()))?;
+    }
     let mut json = serde_json::to_value(&p)?;
     json["seconds"] = started.elapsed().as_secs_f64().into();
     if let (Some(o), serde_json::Value::Object(d)) = (json.as_object_mut(), chosen.report()) {
