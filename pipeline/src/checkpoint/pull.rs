@@ -280,6 +280,100 @@ fn blake3_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// Opens (creating if missing) a file a pull writes, never through a symbolic link
+/// (`O_NOFOLLOW`) and only if it is a plain file: a link planted in OUT or its partial
+/// folder is refused, never followed.
+fn open_nofollow(path: &Path) -> Result<File, CkptError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => CkptError::Invalid(format!(
+                "{}: is a link; refusing to write through it",
+                path.display()
+            )),
+            _ => io_err(path, e),
+        })?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(file),
+        Ok(_) => Err(CkptError::Invalid(format!(
+            "{}: is not a plain file; refusing to write to it",
+            path.display()
+        ))),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+/// Writes `bytes` to `dest` through a new file in `tmp_dir` (created exclusively, so never
+/// through a planted link) renamed over it (a rename replaces a link, never follows it).
+fn write_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), CkptError> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".write-")
+        .tempfile_in(tmp_dir)
+        .map_err(|e| io_err(tmp_dir, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| io_err(dest, e))?;
+    tmp.persist(dest).map_err(|e| io_err(dest, e.error))?;
+    Ok(())
+}
+
+/// A pulled shard's own safetensors header must list exactly the manifest's tensors of that
+/// shard, with the same dtypes, shapes and byte ranges: a loader (transformers, safetensors)
+/// reads the header, not the manifest, so a pusher must not be able to sign one layout and
+/// ship another.
+fn check_shard_header(file: &File, m: &Manifest, shard: usize) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let size = m.shards[shard].size;
+    let mut n8 = [0u8; 8];
+    file.read_exact_at(&mut n8, 0).map_err(|e| e.to_string())?;
+    let n = u64::from_le_bytes(n8);
+    if n > 100 << 20 || 8 + n > size {
+        return Err(format!("header length {n} for a {size}-byte file"));
+    }
+    let mut raw = vec![0u8; n as usize];
+    file.read_exact_at(&mut raw, 8).map_err(|e| e.to_string())?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&raw).map_err(|e| format!("header JSON: {e}"))?;
+    let want: BTreeMap<&str, &TensorEntry> = m
+        .tensors
+        .iter()
+        .filter(|t| t.shard == shard)
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let got: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    if got.len() != want.len() {
+        return Err(format!(
+            "{} tensors in the header, {} in the manifest",
+            got.len(),
+            want.len()
+        ));
+    }
+    for name in got {
+        let t = want
+            .get(name.as_str())
+            .ok_or_else(|| format!("tensor {name:?} is not in the manifest"))?;
+        let v = &header[name];
+        let offsets: Option<Vec<u64>> = v["data_offsets"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let shape: Option<Vec<u64>> = v["shape"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let ok = t.begin >= 8 + n
+            && v["dtype"].as_str() == Some(t.dtype.as_str())
+            && shape.as_deref() == Some(t.shape.as_slice())
+            && offsets.as_deref() == Some(&[t.begin - 8 - n, t.end - 8 - n][..]);
+        if !ok {
+            return Err(format!("tensor {name:?}: dtype, shape or offsets differ"));
+        }
+    }
+    Ok(())
+}
+
 /// A path inside OUT that is not a link (a pull never writes through one).
 fn inside(out: &Path, name: &str) -> Result<PathBuf, CkptError> {
     let p = out.join(name);
@@ -421,13 +515,11 @@ pub async fn pull(
         .and_then(|v| serde_json::from_value(v["done"].clone()).ok())
         .unwrap_or_default();
     let save_state = |done: &BTreeMap<String, String>| -> Result<(), CkptError> {
-        let tmp = partial.join("state.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&serde_json::json!({"key": key, "done": done})).unwrap_or_default(),
+        write_replace(
+            &partial,
+            &state_path,
+            &serde_json::to_vec(&serde_json::json!({"key": key, "done": done})).unwrap_or_default(),
         )
-        .map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, &state_path).map_err(|e| io_err(&state_path, e))
     };
 
     let mut result = Pulled {
@@ -466,16 +558,8 @@ pub async fn pull(
                 return Ok::<_, CkptError>((0u64, f.size, 0u64));
             }
             let part_path = partial.join(format!("{}.part", f.name));
-            let fresh = !part_path.exists();
-            let file = Arc::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .read(true)
-                    .write(true)
-                    .open(&part_path)
-                    .map_err(|e| io_err(&part_path, e))?,
-            );
+            let fresh = std::fs::symlink_metadata(&part_path).is_err();
+            let file = Arc::new(open_nofollow(&part_path)?);
             file.set_len(f.size).map_err(|e| io_err(&part_path, e))?;
             let (fetched, reused) = match &f.plan {
                 Plan::Whole { shard } => fetch_whole(cx, *shard, &file, fresh).await?,
@@ -489,6 +573,14 @@ pub async fn pull(
                     fetch_subset(cx, *shard, items, &file).await?
                 }
             };
+            if let Plan::Whole { shard } = f.plan {
+                check_shard_header(&file, m, shard).map_err(|why| {
+                    CkptError::Bad(vec![format!(
+                        "{}: its safetensors header disagrees with the signed manifest: {why}",
+                        f.name
+                    )])
+                })?;
+            }
             drop(file);
             // A whole shard whose every chunk matched is the manifest's file; a new shard of
             // a partial pull is hashed once for the resume record.
@@ -548,21 +640,22 @@ pub async fn pull(
                 fe.file
             )]));
         }
-        let tmp = partial.join(format!("{}.part", fe.file));
-        std::fs::write(&tmp, &b).map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| io_err(&p, e))?;
+        write_replace(&partial, &p, &b)?;
         result.fetched_bytes += fe.size;
         result.written_bytes += fe.size;
     }
     let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
     let index = m.hf_index(&entries, files.iter().map(|f| f.size).sum());
     let ip = inside(out, HF_INDEX)?;
-    std::fs::write(&ip, index).map_err(|e| io_err(&ip, e))?;
+    write_replace(&partial, &ip, &index)?;
     let lp = inside(out, LOCAL_MANIFEST)?;
     let local =
         serde_json::json!({"source": murl, "tensors": opts.tensors, "tp": opts.tp, "manifest": m});
-    std::fs::write(&lp, serde_json::to_vec_pretty(&local).unwrap_or_default())
-        .map_err(|e| io_err(&lp, e))?;
+    write_replace(
+        &partial,
+        &lp,
+        &serde_json::to_vec_pretty(&local).unwrap_or_default(),
+    )?;
     let _ = std::fs::remove_dir(&partial);
     Ok(result)
 }

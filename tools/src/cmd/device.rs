@@ -95,6 +95,7 @@ impl Chosen {
             #[cfg(feature = "cuda")]
             Codec::Gpu(g) => shardrop::aggregate::MergeOn {
                 gpu: Some(std::sync::Arc::new(g)),
+                budget: None,
             },
         }
     }

@@ -146,6 +146,17 @@ pub struct JobArgs {
     /// Miners fetched at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Seconds after the window's close by which every read must end, whatever the miners'
+    /// stores do; a miner not read by then is recorded as `store_error` (timeout). Default:
+    /// the run's window length.
+    #[arg(long)]
+    pub budget_secs: Option<u64>,
+}
+
+impl JobArgs {
+    pub fn budget(&self) -> Option<std::time::Duration> {
+        self.budget_secs.map(std::time::Duration::from_secs)
+    }
 }
 
 /// A job's start: its key and registry, checked to hold `role`, and the first window to do
@@ -379,7 +390,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     let concurrency = a.job.concurrency;
     let chosen = super::device::choose(&a.device)?;
     let device = chosen.report();
-    let on = chosen.merge_on();
+    let mut on = chosen.merge_on();
+    on.budget = a.job.budget();
     if let Some(part) = &a.part {
         let (i, k) = part
             .split_once('/')

@@ -190,6 +190,7 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
     let (id, mut reg, mut w) = super::round::start_job(ctx, &a.job, Role::Validator).await?;
     let mut ev = evaluator(&a, &reg)?;
     let opts = ValidateOptions {
+        budget: a.job.budget(),
         concurrency: a.job.concurrency,
         alpha: a.alpha,
         copy_lookback: a.copy_lookback,
