@@ -521,6 +521,31 @@ async fn hostile_manifests_failing_stores_links_and_retention() {
     std::os::unix::fs::symlink(&victim, linked.join("00000.safetensors")).unwrap();
     assert!(pull(&loc, &linked, &pull_opts(), &quiet).await.is_err());
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    // ... nor through a link planted at any other path a pull writes: the partial shard, the
+    // resume state, the HF index, the local manifest.
+    for planted in [
+        ".shardrop-partial/00000.safetensors.part",
+        ".shardrop-pull.json",
+        shardrop::checkpoint::HF_INDEX,
+        shardrop::checkpoint::LOCAL_MANIFEST,
+    ] {
+        let out = tmp.path().join(format!("planted-{}", planted.replace('/', "_")));
+        let at = out.join(planted);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &at).unwrap();
+        let _ = pull(&loc, &out, &pull_opts(), &quiet).await;
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "written through {planted}");
+        for entry in std::fs::read_dir(&out).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.file_type().is_symlink() {
+                assert_eq!(
+                    entry.file_name().to_string_lossy(),
+                    planted,
+                    "a link moved to a shard's name"
+                );
+            }
+        }
+    }
 
     // A validly signed manifest that names paths outside OUT, or a tensor past its shard.
     let (m, _, _) = shardrop::checkpoint::pull::fetch_manifest(&loc)

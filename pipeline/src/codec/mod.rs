@@ -22,7 +22,7 @@ pub use format::{
     write_section,
 };
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
-pub use state::{EfState, StateLock, lock_dir};
+pub use state::{EfState, STATE_FILE, StateLock, lock_dir};
 pub use update::{
     Dense, EncodeOptions, EncodedUpdate, UpdateStats, accumulate_section, dense_to_safetensors,
     encode_update, encode_update_with, model_of,

@@ -39,6 +39,41 @@ pub fn s3(name: &str) -> Option<Target> {
     }
 }
 
+/// The moto server started by `tools/test` (atomic conditional writes, `last_modified` in
+/// whole seconds), with the credentials a registry names by the prefix `MOTO_PREFIX`.
+/// `None` when this run has none; `SHARDROP_MOTO_REQUIRED=1` makes that a failure.
+pub fn moto(name: &str) -> Option<Target> {
+    match std::env::var("SHARDROP_TEST_MOTO") {
+        Ok(url) => Some(
+            store::open(&format!("{url}/{}", unique(name)), &moto_options())
+                .expect("open moto test store"),
+        ),
+        Err(_) => {
+            if std::env::var("SHARDROP_MOTO_REQUIRED").is_ok_and(|v| v == "1") {
+                panic!("SHARDROP_TEST_MOTO is not set but SHARDROP_MOTO_REQUIRED=1");
+            }
+            eprintln!("skipping the moto part of {name}: no SHARDROP_TEST_MOTO (run tools/test)");
+            None
+        }
+    }
+}
+
+/// The registry credentials prefix that reaches the moto server.
+pub const MOTO_PREFIX: &str = "SHARDROP_MOTO_";
+
+pub fn moto_options() -> S3Options {
+    let var = |n: &str| std::env::var(format!("{MOTO_PREFIX}{n}")).ok();
+    S3Options {
+        endpoint: var("AWS_ENDPOINT_URL"),
+        region: var("AWS_REGION"),
+        access_key_id: var("AWS_ACCESS_KEY_ID"),
+        secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
+        allow_http: Some(true),
+        timeout: Some(std::time::Duration::from_secs(10)),
+        max_retries: Some(2),
+    }
+}
+
 pub fn local(dir: &std::path::Path) -> Target {
     store::open(&dir.display().to_string(), &S3Options::default()).expect("open local store")
 }

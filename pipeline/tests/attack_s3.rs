@@ -1,0 +1,474 @@
+//! Holding under attack (issue 14) on the local S3 servers: decompression bombs refused on
+//! the header, the copy rule on a store with 1-second timestamps (moto: a same-second
+//! copier with a ground lower peer id, a griefer re-signing the victim's sections over a
+//! damaged body), idempotent publish after a kill at each step, and registry reads that
+//! never report tampering while the registry is being replaced.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use object_store::ObjectStoreExt;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use shardrop::aggregate::aggregate_window;
+use shardrop::codec::{self, CodecParams, EfState};
+use shardrop::envelope::{
+    EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
+};
+use shardrop::exchange::{
+    COMMIT_CODEC, ExchangeError, clock, content_hash, publish, shard_builder,
+};
+use shardrop::identity::Identity;
+use shardrop::layout;
+use shardrop::registry::{Participant, Registry, Role};
+use shardrop::store::{S3Options, Target, put_create};
+use shardrop::tables::{LedgerRow, read_ledger};
+use shardrop::window::store_now_ms;
+
+fn update(seed: f32) -> Vec<u8> {
+    let w: Vec<u8> = (0..6000)
+        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..100)
+        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
+        .collect();
+    let views = vec![
+        ("w", TensorView::new(Dtype::F32, vec![60, 100], &w).unwrap()),
+        ("b", TensorView::new(Dtype::F32, vec![100], &b).unwrap()),
+    ];
+    safetensors::serialize(views, None).unwrap()
+}
+
+fn s3_opts() -> S3Options {
+    S3Options {
+        max_retries: Some(1),
+        timeout: Some(std::time::Duration::from_secs(10)),
+        ..Default::default()
+    }
+}
+
+/// A run in `root` whose miners are `miners` (name, key), each in its own area.
+async fn new_run(
+    root: &Target,
+    s3: &S3Options,
+    run: &str,
+    window_secs: u64,
+    grace_secs: u64,
+    aggregator: &Identity,
+    miners: &[(&str, &Identity)],
+) -> Registry {
+    let operator = Identity::generate();
+    let now = store_now_ms(&root.join("op"), "clock").await.unwrap();
+    let mut reg = Registry::new(
+        run,
+        &operator.peer_id(),
+        now,
+        window_secs,
+        grace_secs,
+        codec::model_of(&update(0.0)).unwrap(),
+        CodecParams {
+            chunk: 256,
+            k: 8,
+            ..CodecParams::default()
+        },
+    );
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        root.join("agg").url(),
+    ));
+    for (name, id) in miners {
+        reg.participants.push(Participant::new(
+            Role::Miner,
+            &id.peer_id(),
+            root.join(name).url(),
+        ));
+    }
+    let url = reg.create(&root.join("op"), &operator).await.unwrap();
+    Registry::load(&url, s3, Some(operator.peer_id()))
+        .await
+        .unwrap()
+        .0
+}
+
+async fn wait_closed(reg: &Registry, t: &Target, w: u64) {
+    let closes = clock(reg).closes(w);
+    loop {
+        let now = store_now_ms(t, "clock").await.unwrap();
+        if now >= closes {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(closes - now + 20)).await;
+    }
+}
+
+async fn ledger(root: &Target, reg: &Registry, w: u64) -> BTreeMap<String, LedgerRow> {
+    let agg = root.join("agg");
+    let bytes = agg
+        .store
+        .get(&agg.path(&layout::ledger(&reg.run, w)))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    read_ledger(bytes)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.peer.clone(), r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bomb_is_refused_on_its_header() {
+    let Some(root) = common::s3("bomb") else {
+        return;
+    };
+    let s3 = s3_opts();
+    let aggregator = Identity::generate();
+    let (honest, bomber) = (Identity::generate(), Identity::generate());
+    let reg = new_run(
+        &root,
+        &s3,
+        "bomb",
+        4,
+        2,
+        &aggregator,
+        &[("honest", &honest), ("bomber", &bomber)],
+    )
+    .await;
+    let w = 0;
+    publish(&reg, &honest, &s3, Some(w), &update(1.0), &mut EfState::default())
+        .await
+        .unwrap();
+    // 64 MiB of zeros, honestly declared: a few KB stored, 64 MiB claimed for two small
+    // tensors whose encoding with the run's codec takes a few KB.
+    let bomb = shard_builder(&reg, &reg.run, w, &[("t00000-00001".into(), vec![0u8; 64 << 20])])
+        .unwrap()
+        .sign(&bomber)
+        .unwrap();
+    assert!(bomb.len() < 1 << 20);
+    let area = root.join("bomber");
+    put_create(&area, &area.path(&layout::grad(&reg.run, w, &bomber.peer_id())), &bomb)
+        .await
+        .unwrap();
+    wait_closed(&reg, &root.join("agg"), w).await;
+    let agg = aggregate_window(&reg, &aggregator, &s3, w, 4).await.unwrap();
+    assert_eq!(agg.accepted, 1);
+    let rows = ledger(&root, &reg, w).await;
+    let row = &rows[&bomber.peer_id().to_string()];
+    // Refused from the header (before: fetched, inflated to 64 MiB, then `section_malformed`).
+    assert_eq!(row.reason, "section_size", "{row:?}");
+    assert!(row.detail.contains("67108864"), "{}", row.detail);
+}
+
+/// Puts `sections` re-signed by `by` as its own shard for `w`, with a commit naming them
+/// (the strongest copier: it commits the moment it has seen the content).
+async fn copy_as(
+    reg: &Registry,
+    by: &Identity,
+    area: &Target,
+    w: u64,
+    named: &[(String, Vec<u8>)],
+    damage: bool,
+) {
+    let signed = shard_builder(reg, &reg.run, w, named)
+        .unwrap()
+        .sign(by)
+        .unwrap();
+    let content = content_hash(signed.header.sections.iter());
+    let commit = EnvelopeBuilder::new(Kind::Blob, &reg.run)
+        .window(w)
+        .codec(COMMIT_CODEC, Default::default())
+        .meta("content", &content)
+        .sign(by)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    area.store
+        .put(
+            &area.path(&layout::grad_commit(&reg.run, w, &by.peer_id())),
+            commit.into(),
+        )
+        .await
+        .unwrap();
+    let mut bytes = signed.to_vec().unwrap();
+    if damage {
+        // The same signed section table over a damaged body: `section_hash_mismatch`.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+    }
+    area.store
+        .put(
+            &area.path(&layout::grad(&reg.run, w, &by.peer_id())),
+            bytes.into(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Someone whose peer id sorts before `than`'s (ground, as an attacker would).
+fn lower_than(than: &Identity) -> Identity {
+    loop {
+        let id = Identity::generate();
+        if id.peer_id().to_string() < than.peer_id().to_string() {
+            return id;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_rule_holds_with_one_second_timestamps() {
+    let Some(root) = common::moto("copy-rule") else {
+        return;
+    };
+    let s3 = common::moto_options();
+    let aggregator = Identity::generate();
+    const PAIRS: usize = 3;
+    let victims: Vec<Identity> = (0..PAIRS).map(|_| Identity::generate()).collect();
+    let copiers: Vec<Identity> = victims.iter().map(lower_than).collect();
+    let griefers: Vec<Identity> = victims.iter().map(lower_than).collect();
+    let names: Vec<String> = (0..PAIRS)
+        .flat_map(|i| [format!("victim{i}"), format!("copier{i}"), format!("griefer{i}")])
+        .collect();
+    let ids: Vec<&Identity> = (0..PAIRS)
+        .flat_map(|i| [&victims[i], &copiers[i], &griefers[i]])
+        .collect();
+    let miners: Vec<(&str, &Identity)> = names.iter().map(|n| n.as_str()).zip(ids).collect();
+    let reg = new_run(&root, &s3, "copy-rule", 8, 3, &aggregator, &miners).await;
+    let w = 0;
+    let (reg_r, s3_r) = (&reg, &s3);
+    futures::future::try_join_all(victims.iter().enumerate().map(|(i, v)| async move {
+        publish(reg_r, v, s3_r, Some(w), &update(i as f32), &mut EfState::default()).await
+    }))
+    .await
+    .unwrap();
+    for i in 0..PAIRS {
+        // Each reads the victim's shard as soon as it is visible and republishes it.
+        let area = root.join(&format!("victim{i}"));
+        let env = RemoteEnvelope::open(
+            area.store.as_ref(),
+            &area.path(&layout::grad(&reg.run, w, &victims[i].peer_id())),
+            "victim",
+            &Limits::default(),
+            &Expect::default(),
+        )
+        .await
+        .unwrap();
+        let secs = read_all_sections(area.store.as_ref(), &env, &Limits::default())
+            .await
+            .unwrap();
+        let named: Vec<(String, Vec<u8>)> = env
+            .sections()
+            .iter()
+            .map(|s| s.name.clone())
+            .zip(secs)
+            .collect();
+        let c = root.join(&format!("copier{i}"));
+        let g = root.join(&format!("griefer{i}"));
+        copy_as(&reg, &copiers[i], &c, w, &named, false).await;
+        copy_as(&reg, &griefers[i], &g, w, &named, true).await;
+    }
+    wait_closed(&reg, &root.join("agg"), w).await;
+    aggregate_window(&reg, &aggregator, &s3, w, 8).await.unwrap();
+    let rows = ledger(&root, &reg, w).await;
+    for i in 0..PAIRS {
+        let v = &rows[&victims[i].peer_id().to_string()];
+        let c = &rows[&copiers[i].peer_id().to_string()];
+        let g = &rows[&griefers[i].peer_id().to_string()];
+        assert_eq!((v.verdict.as_str(), v.reason.as_str()), ("accepted", ""), "victim {i}: {v:?}");
+        assert_eq!(c.reason, "duplicate", "copier {i}: {c:?}");
+        assert!(c.detail.contains(&victims[i].peer_id().to_string()), "{}", c.detail);
+        assert_eq!(g.reason, "section_hash_mismatch", "griefer {i}: {g:?}");
+        // The scenario really is a same-second race at this store's resolution.
+        assert_eq!(v.last_modified_ms.unwrap() % 1000, 0, "moto reports whole seconds");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_is_idempotent_after_a_kill_at_each_step() {
+    let Some(root) = common::s3("idempotent") else {
+        return;
+    };
+    let s3 = s3_opts();
+    let aggregator = Identity::generate();
+    let (reference, killed, stale) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
+    let reg = new_run(
+        &root,
+        &s3,
+        "idempotent",
+        60,
+        5,
+        &aggregator,
+        &[("reference", &reference), ("killed", &killed), ("stale", &stale)],
+    )
+    .await;
+    let w = 0;
+    let u = update(5.0);
+    // Uninterrupted.
+    let mut want = EfState::default();
+    publish(&reg, &reference, &s3, Some(w), &u, &mut want)
+        .await
+        .unwrap();
+    assert_eq!(want.window, Some(w));
+
+    // Killed after the put, before the state was saved: the rerun starts from the old state,
+    // finds its shard and ends with exactly the uninterrupted state.
+    let mut first = EfState::default();
+    let p1 = publish(&reg, &killed, &s3, Some(w), &u, &mut first).await.unwrap();
+    let mut rerun = EfState::default();
+    let p2 = publish(&reg, &killed, &s3, Some(w), &u, &mut rerun).await.unwrap();
+    assert!(p2.already_published);
+    assert_eq!(rerun, want);
+    assert_eq!(first, want);
+    // Killed after the save: the rerun encodes nothing and leaves the state alone.
+    let mut saved = first.clone();
+    let p3 = publish(&reg, &killed, &s3, Some(w), &u, &mut saved).await.unwrap();
+    assert!(p3.already_published);
+    assert_eq!(saved, want);
+    // Every report gives the stored object's real size.
+    let area = root.join("killed");
+    let path = area.path(&layout::grad(&reg.run, w, &killed.peer_id()));
+    let size = area.store.head(&path).await.unwrap().size;
+    assert_eq!((p1.bytes, p2.bytes, p3.bytes), (size, size, size));
+    // The saved state survives a restart, window included.
+    let dir = tempfile::tempdir().unwrap();
+    saved.save(dir.path()).unwrap();
+    assert_eq!(EfState::load(dir.path()).unwrap(), want);
+    // Another update from the old state while the first shard is stored: refused, state kept.
+    let mut old = EfState::default();
+    let refused = publish(&reg, &killed, &s3, Some(w), &update(6.0), &mut old).await;
+    assert!(
+        matches!(&refused, Err(ExchangeError::Refused(m)) if m.contains("different shard")),
+        "{refused:?}"
+    );
+    assert_eq!(old, EfState::default());
+
+    // Killed after a commit, before the shard: a stale commit (another content) is replaced.
+    let sarea = root.join("stale");
+    let junk = EnvelopeBuilder::new(Kind::Blob, &reg.run)
+        .window(w)
+        .codec(COMMIT_CODEC, Default::default())
+        .meta("content", "00")
+        .sign(&stale)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let cpath = sarea.path(&layout::grad_commit(&reg.run, w, &stale.peer_id()));
+    sarea.store.put(&cpath, junk.into()).await.unwrap();
+    let mut st = EfState::default();
+    publish(&reg, &stale, &s3, Some(w), &u, &mut st).await.unwrap();
+    assert_eq!(st, want);
+    let commit = RemoteEnvelope::open(
+        sarea.store.as_ref(),
+        &cpath,
+        "commit",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    let shard = RemoteEnvelope::open(
+        sarea.store.as_ref(),
+        &sarea.path(&layout::grad(&reg.run, w, &stale.peer_id())),
+        "shard",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        commit.head.header.meta.get("content"),
+        Some(&content_hash(shard.sections().iter()))
+    );
+}
+
+#[test]
+fn state_folder_lock_and_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A killed save's temporary file, and a link planted where the state goes.
+    std::fs::write(dir.path().join(".error-feedback.tmpXYZ"), b"junk").unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join(codec::STATE_FILE)).unwrap();
+    let lock = codec::lock_dir(dir.path()).unwrap();
+    assert!(!dir.path().join(".error-feedback.tmpXYZ").exists());
+    // A second publisher on the same folder is refused while the first holds it.
+    assert!(codec::lock_dir(dir.path()).is_err());
+    // Loading never reads through the link; saving replaces the link, never its target.
+    assert!(EfState::load(dir.path()).is_err());
+    let st = EfState {
+        window: Some(3),
+        ..EfState::default()
+    };
+    st.save(dir.path()).unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    assert_eq!(EfState::load(dir.path()).unwrap(), st);
+    drop(lock);
+    assert!(codec::lock_dir(dir.path()).is_ok());
+}
+
+/// Readers of the registry while its operator replaces it: never a tamper reason.
+async fn registry_reads_while_replaced(root: Target, s3: S3Options) {
+    let aggregator = Identity::generate();
+    let operator = Identity::generate();
+    let now = store_now_ms(&root.join("op"), "clock").await.unwrap();
+    let mut reg = Registry::new(
+        "torn",
+        &operator.peer_id(),
+        now,
+        60,
+        5,
+        codec::model_of(&update(0.0)).unwrap(),
+        CodecParams::default(),
+    );
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        root.join("agg").url(),
+    ));
+    let url = reg.create(&root.join("op"), &operator).await.unwrap();
+    let writer = {
+        let (url, s3) = (url.clone(), s3.clone());
+        tokio::spawn(async move {
+            for _ in 0..25 {
+                let (mut r, etag) = Registry::load(&url, &s3, None).await.unwrap();
+                // A bigger registry each time, so versions differ in size and content.
+                r.participants.push(Participant::new(
+                    Role::Miner,
+                    &Identity::generate().peer_id(),
+                    format!("memory://m{}", r.revision),
+                ));
+                r.update(&url, &s3, etag, &operator).await.unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() {
+        match Registry::load(&url, &s3, None).await {
+            Ok(_) => reads += 1,
+            Err(e) => panic!("read {reads} failed while the registry was replaced: {e}"),
+        }
+    }
+    writer.await.unwrap();
+    assert!(reads > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_reads_are_consistent_on_s3s() {
+    if let Some(root) = common::s3("torn") {
+        registry_reads_while_replaced(root, s3_opts()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_reads_are_consistent_on_moto() {
+    if let Some(root) = common::moto("torn") {
+        registry_reads_while_replaced(root, common::moto_options()).await;
+    }
+}
