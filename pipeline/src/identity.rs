@@ -160,6 +160,13 @@ impl Identity {
             source,
         };
         let meta = std::fs::metadata(path).map_err(io)?;
+        if !meta.is_file() {
+            // A FIFO or device would block or never end; a key is a small plain file.
+            return Err(IdentityError::Format {
+                path: path.to_path_buf(),
+                reason: "not a plain file".to_string(),
+            });
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

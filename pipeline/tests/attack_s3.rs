@@ -127,7 +127,11 @@ async fn bomb_is_refused_on_its_header() {
     };
     let s3 = s3_opts();
     let aggregator = Identity::generate();
-    let (honest, bomber) = (Identity::generate(), Identity::generate());
+    let (honest, bomber, sly) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
     let reg = new_run(
         &root,
         &s3,
@@ -135,7 +139,7 @@ async fn bomb_is_refused_on_its_header() {
         4,
         2,
         &aggregator,
-        &[("honest", &honest), ("bomber", &bomber)],
+        &[("honest", &honest), ("bomber", &bomber), ("sly", &sly)],
     )
     .await;
     let w = 0;
@@ -153,14 +157,35 @@ async fn bomb_is_refused_on_its_header() {
     put_create(&area, &area.path(&layout::grad(&reg.run, w, &bomber.peer_id())), &bomb)
         .await
         .unwrap();
+    // A subtler one: under the whole model's bound, but claiming for the small tensor alone
+    // more than its encoding can take.
+    let whole = codec::section_raw_bound(&reg.model.tensors, &reg.codec);
+    let one = codec::section_raw_bound(&reg.model.tensors[1..2], &reg.codec);
+    assert!(one + 100 < whole);
+    let sly_shard = shard_builder(
+        &reg,
+        &reg.run,
+        w,
+        &[("t00001-00001".into(), vec![0u8; (one + 50) as usize])],
+    )
+    .unwrap()
+    .sign(&sly)
+    .unwrap();
+    let area = root.join("sly");
+    put_create(&area, &area.path(&layout::grad(&reg.run, w, &sly.peer_id())), &sly_shard)
+        .await
+        .unwrap();
     wait_closed(&reg, &root.join("agg"), w).await;
     let agg = aggregate_window(&reg, &aggregator, &s3, w, 4).await.unwrap();
     assert_eq!(agg.accepted, 1);
     let rows = ledger(&root, &reg, w).await;
+    // Both refused from the header (before: fetched, inflated, then `section_malformed`).
     let row = &rows[&bomber.peer_id().to_string()];
-    // Refused from the header (before: fetched, inflated to 64 MiB, then `section_malformed`).
-    assert_eq!(row.reason, "section_size", "{row:?}");
+    assert_eq!(row.reason, "over_limit", "{row:?}");
     assert!(row.detail.contains("67108864"), "{}", row.detail);
+    let row = &rows[&sly.peer_id().to_string()];
+    assert_eq!(row.reason, "section_size", "{row:?}");
+    assert!(row.detail.contains("t00001-00001"), "{}", row.detail);
 }
 
 /// Puts `sections` re-signed by `by` as its own shard for `w`, with a commit naming them

@@ -83,20 +83,24 @@ impl S3Args {
 
 /// Reads a secret from a file that only its owner can read.
 fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
-    use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    // The path is never echoed: a secret pasted here by mistake must not reach a terminal
+    // or a log.
+    let meta = std::fs::metadata(path).map_err(|e| {
+        anyhow::anyhow!("--secret-access-key-file: cannot read that file ({}); the path is not shown", e.kind())
+    })?;
+    if !meta.is_file() {
+        anyhow::bail!("--secret-access-key-file: not a plain file; the path is not shown");
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         anyhow::bail!(
-            "{}: secret file is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
+            "--secret-access-key-file: the file is readable by group or others (mode {mode:o}); chmod 600 it"
         );
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!("--secret-access-key-file: cannot read that file ({})", e.kind())
+    })?;
     Ok(text.trim().to_string())
 }
 

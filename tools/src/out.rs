@@ -34,6 +34,19 @@ pub fn emit(ctx: &Ctx, json: &serde_json::Value, text: &str) {
     }
 }
 
+/// An error whose JSON document the command already printed (the demo's summary with
+/// `"ok": false`): `--json` output stays one document.
+#[derive(Debug)]
+pub struct Reported(pub String);
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Reported {}
+
 /// One line on stderr; with `--json` also a JSON error document on stdout. Rejections of
 /// an object exit 3 so scripts can tell "bad object" from "could not check".
 pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
@@ -43,7 +56,7 @@ pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
         .chain()
         .find_map(|c| c.downcast_ref::<EnvelopeError>())
         .and_then(|e| e.rejection());
-    if ctx.json {
+    if ctx.json && e.downcast_ref::<Reported>().is_none() {
         let doc = serde_json::json!({
             "ok": false,
             "error": line,

@@ -257,6 +257,37 @@ pub fn open_object(url: &str, s3: &S3Options) -> Result<(Target, Path), StoreErr
     Ok((target, path))
 }
 
+/// Whether some source of AWS credentials is configured: explicit keys, the environment's
+/// keys, or the container / web-identity / profile sources the SDKs read. Without one,
+/// object_store would silently ask the cloud instance-metadata address (and report only its
+/// 403); shardrop asks it only when `AWS_EC2_METADATA_DISABLED=false` or
+/// `SHARDROP_ALLOW_INSTANCE_METADATA=1` says so.
+fn credentials_configured(o: &S3Options) -> bool {
+    let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    (o.access_key_id.is_some() && o.secret_access_key.is_some())
+        || set("AWS_ACCESS_KEY_ID")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || env_flag("SHARDROP_ALLOW_INSTANCE_METADATA") == Some(true)
+        || std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("false"))
+}
+
+/// An endpoint URL that carries `user:password@` would put a secret into every error and
+/// log line that names a request: refused, and never echoed.
+fn check_endpoint(endpoint: &str) -> object_store::Result<()> {
+    let userinfo = url::Url::parse(endpoint)
+        .map(|u| !u.username().is_empty() || u.password().is_some())
+        .unwrap_or(endpoint.contains('@'));
+    if userinfo {
+        return Err(object_store::Error::Generic {
+            store: "S3",
+            source: "the endpoint URL carries credentials (user:password@); give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead (the URL is not shown)".into(),
+        });
+    }
+    Ok(())
+}
+
 fn s3_store(bucket: &str, o: &S3Options) -> object_store::Result<object_store::aws::AmazonS3> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let endpoint = o
@@ -264,6 +295,15 @@ fn s3_store(bucket: &str, o: &S3Options) -> object_store::Result<object_store::a
         .clone()
         .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
         .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+    if let Some(e) = &endpoint {
+        check_endpoint(e)?;
+    }
+    if !credentials_configured(o) {
+        return Err(object_store::Error::Generic {
+            store: "S3",
+            source: "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the registry's <PREFIX>AWS_* variables); to use the cloud instance-metadata service set SHARDROP_ALLOW_INSTANCE_METADATA=1".into(),
+        });
+    }
     // An explicit http:// endpoint is consent to plain HTTP (local servers, MinIO in compose).
     let allow_http = o
         .allow_http

@@ -598,19 +598,22 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         a.dir.join("late-joiner").display(),
     );
     out::emit(ctx, &summary, &text);
+    let failed = |m: String| Err(anyhow::Error::new(out::Reported(m)));
     if !learned {
-        bail!(
+        return failed(format!(
             "training through the pipeline did not reduce the held-out loss ({first_loss:.4} -> {final_loss:.4})"
-        );
+        ));
     }
     if caught != a.windows {
-        bail!(
+        return failed(format!(
             "the adversary was caught in only {caught} of {} windows",
             a.windows
-        );
+        ));
     }
     if !joined {
-        bail!("the late joiner's parameters differ from the others' after bootstrapping");
+        return failed(
+            "the late joiner's parameters differ from the others' after bootstrapping".into(),
+        );
     }
     Ok(())
 }

@@ -199,14 +199,33 @@ pub struct ApplyArgs {
     /// (a pulled checkpoint: every *.safetensors in it).
     #[arg(long)]
     from: PathBuf,
-    /// Default for a pulled checkpoint folder: the window its manifest names.
-    #[arg(long)]
-    from_window: Option<u64>,
+    /// The last window already in the base, or `genesis` for the run's initial model
+    /// (every window from 0 is applied). Default for a pulled checkpoint folder: the window
+    /// its manifest names.
+    #[arg(long, value_parser = parse_from_window)]
+    from_window: Option<FromWindow>,
     /// Last window to apply.
     #[arg(long)]
     through: u64,
     /// Output: the dense f32 state.
     out: PathBuf,
+}
+
+/// Where a base model stands: before window 0, or after window W.
+#[derive(Clone, Copy, Debug)]
+pub enum FromWindow {
+    Genesis,
+    After(u64),
+}
+
+fn parse_from_window(s: &str) -> Result<FromWindow, String> {
+    match s {
+        "genesis" => Ok(FromWindow::Genesis),
+        _ => s
+            .parse()
+            .map(FromWindow::After)
+            .map_err(|_| format!("{s:?}: expected a window number or `genesis`")),
+    }
 }
 
 pub async fn run_cmd(ctx: &Ctx, cmd: RunCommand) -> anyhow::Result<()> {
@@ -499,12 +518,23 @@ fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)> {
 pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let (base, ckpt_window) = load_base(&a.from)?;
-    let from_window = a.from_window.or(ckpt_window).with_context(|| {
-        format!(
-            "{}: give --from-window (the last window already in this base)",
-            a.from.display()
-        )
-    })?;
+    let from = a
+        .from_window
+        .or(ckpt_window.map(FromWindow::After))
+        .with_context(|| {
+            format!(
+                "{}: give --from-window (the last window already in this base, or genesis)",
+                a.from.display()
+            )
+        })?;
+    let first = match from {
+        FromWindow::Genesis => 0,
+        FromWindow::After(w) => w + 1,
+    };
+    let from_window = match from {
+        FromWindow::Genesis => serde_json::Value::from("genesis"),
+        FromWindow::After(w) => w.into(),
+    };
     for t in &reg.model.tensors {
         match base.get(&t.name) {
             Some((shape, _)) if *shape == t.shape => {}
@@ -522,7 +552,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         .collect();
     let mut theta: BTreeMap<String, Vec<f32>> =
         base.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, from_window + 1, a.through).await?;
+    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, first, a.through).await?;
     let dense: Dense = theta
         .into_iter()
         .map(|(k, v)| (k.clone(), (shapes[&k].clone(), v)))
@@ -533,8 +563,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         ctx,
         &serde_json::json!({"out": a.out.display().to_string(), "applied": applied, "from_window": from_window, "through": a.through}),
         &format!(
-            "applied {applied} aggregate(s) (windows {}..={}) -> {}",
-            from_window + 1,
+            "applied {applied} aggregate(s) (windows {first}..={}) -> {}",
             a.through,
             a.out.display()
         ),
