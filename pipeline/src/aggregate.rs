@@ -234,13 +234,16 @@ pub(crate) async fn check_heads(
     deadline: Instant,
 ) -> Vec<Shard> {
     let miners = reg.with_role(Role::Miner);
+    // Every miner's header at once: each is one small ranged GET (64 KiB at most), and a
+    // pool of `concurrency` slots would let a few stores that never answer hold every slot
+    // until the deadline while the honest miners queued behind them time out unread.
     let mut shards: Vec<Shard> = futures::stream::iter(miners.iter().map(|m| async move {
         match tokio::time::timeout_at(deadline, check_head(reg, m, w, s3)).await {
             Ok(shard) => shard,
             Err(_) => Shard::timed_out(&m.peer),
         }
     }))
-    .buffered(concurrency.max(1))
+    .buffered(miners.len().max(concurrency).max(1))
     .collect()
     .await;
     let mut twins: HashMap<String, usize> = HashMap::new();
@@ -426,6 +429,14 @@ pub struct MergeOn {
     pub budget: Option<Duration>,
 }
 
+impl MergeOn {
+    /// The same, with reads of a window ending `budget` after its close.
+    pub fn with_budget(mut self, budget: Option<Duration>) -> Self {
+        self.budget = budget;
+        self
+    }
+}
+
 /// Merges the tensors of `range` (weighted, in peer-id order) into aggregate sections.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn merge_range(
@@ -597,7 +608,11 @@ pub(crate) async fn open_window(
     let target = crate::exchange::own_store(reg, id, role, s3)?;
     let now = wait_for_close(reg, &target, &me, w).await?;
     let deadline = window_deadline(reg, w, now, budget);
-    let shards = check_heads(reg, s3, w, concurrency, deadline).await;
+    // The header pass gets the first half of what is left, the sections the rest: a store
+    // that never answers must not eat the time the others' sections need.
+    let start = Instant::now();
+    let heads_by = start + deadline.saturating_duration_since(start) / 2;
+    let shards = check_heads(reg, s3, w, concurrency, heads_by).await;
     Ok(OpenWindow {
         me,
         target,
@@ -617,9 +632,15 @@ pub(crate) struct OpenWindow {
 /// When a job's reads of window `w` must end: `budget` (default: the run's window length)
 /// after the window's close by the store's clock, so a window is decided before the next
 /// one closes whatever the miners' stores do (hang, 503, refuse). A job that starts later
-/// than that (catching up an old window) gets the whole budget from now. A miner not read
+/// than that (catching up an old window) gets the whole budget from now. The header pass
+/// may take the first half of the time left, the section reads the rest. A miner not read
 /// by then is `store_error` (timeout) and the window goes on without it.
-pub fn window_deadline(reg: &Registry, w: u64, store_now_ms: u64, budget: Option<Duration>) -> Instant {
+pub fn window_deadline(
+    reg: &Registry,
+    w: u64,
+    store_now_ms: u64,
+    budget: Option<Duration>,
+) -> Instant {
     let budget = budget.unwrap_or(Duration::from_secs(reg.window_secs.max(1)));
     let end = clock(reg).closes(w) + budget.as_millis() as u64;
     let left = match end.checked_sub(store_now_ms) {

@@ -69,8 +69,7 @@ pub async fn read_signed(
 ) -> Result<(RemoteEnvelope, Vec<Vec<u8>>), EnvelopeError> {
     let path = target.path(key);
     let url = target.url_of(&path);
-    crate::envelope::read_whole_consistent(target.store.as_ref(), &path, &url, limits, expect)
-        .await
+    crate::envelope::read_whole_consistent(target.store.as_ref(), &path, &url, limits, expect).await
 }
 
 /// The run's codec parameters as envelope header parameters.
@@ -251,18 +250,17 @@ pub async fn publish_with(
     // a kill between the put and the state save. The same state and update give the same
     // sections (only the signer's clock differs), and then this encoding's state is exactly
     // the one to keep.
-    let stored = match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
-        .await
-    {
-        Ok(env) => Some(env),
-        Err(EnvelopeError::NotFound { .. }) => None,
-        Err(e) if e.rejection().is_some() => {
-            return Err(ExchangeError::Refused(format!(
-                "{object}: another object is already there ({e}); the state is unchanged"
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let stored =
+        match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await {
+            Ok(env) => Some(env),
+            Err(EnvelopeError::NotFound { .. }) => None,
+            Err(e) if e.rejection().is_some() => {
+                return Err(ExchangeError::Refused(format!(
+                    "{object}: another object is already there ({e}); the state is unchanged"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
     let already = match stored {
         Some(env) => {
             if content_hash(env.sections().iter()) != content {
@@ -317,7 +315,9 @@ pub async fn publish_with(
 
 /// blake3 over the section hashes, in order: equal for byte-identical updates whoever
 /// signed them (the key of the duplicate rule and of a shard's commit).
-pub fn content_hash<'a>(sections: impl Iterator<Item = &'a crate::envelope::SectionEntry>) -> String {
+pub fn content_hash<'a>(
+    sections: impl Iterator<Item = &'a crate::envelope::SectionEntry>,
+) -> String {
     let mut h = blake3::Hasher::new();
     for s in sections {
         h.update(s.hash.as_bytes());

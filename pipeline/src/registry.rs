@@ -14,9 +14,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{CodecParams, ModelSpec};
-use crate::envelope::{
-    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits,
-};
+use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::store::{self, S3Options, StoreError, Target};

@@ -451,7 +451,16 @@ pub async fn validate_window(
         mut shards,
         deadline,
         ..
-    } = open_window(reg, id, Role::Validator, s3, w, opts.concurrency, opts.budget).await?;
+    } = open_window(
+        reg,
+        id,
+        Role::Validator,
+        s3,
+        w,
+        opts.concurrency,
+        opts.budget,
+    )
+    .await?;
     let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all, opts.concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -707,7 +716,14 @@ pub async fn read_scored_window(
         window: Some(w),
         step: None,
     };
-    let (_, secs) = match crate::exchange::read_signed(&target, &wkey, &expect, &crate::envelope::Limits::small_object()).await {
+    let (_, secs) = match crate::exchange::read_signed(
+        &target,
+        &wkey,
+        &expect,
+        &crate::envelope::Limits::small_object(),
+    )
+    .await
+    {
         Err(EnvelopeError::NotFound { .. }) => {
             return Err(ExchangeError::Refused(format!(
                 "window {w} has no weights at {wurl}"

@@ -143,20 +143,36 @@ async fn bomb_is_refused_on_its_header() {
     )
     .await;
     let w = 0;
-    publish(&reg, &honest, &s3, Some(w), &update(1.0), &mut EfState::default())
-        .await
-        .unwrap();
+    publish(
+        &reg,
+        &honest,
+        &s3,
+        Some(w),
+        &update(1.0),
+        &mut EfState::default(),
+    )
+    .await
+    .unwrap();
     // 64 MiB of zeros, honestly declared: a few KB stored, 64 MiB claimed for two small
     // tensors whose encoding with the run's codec takes a few KB.
-    let bomb = shard_builder(&reg, &reg.run, w, &[("t00000-00001".into(), vec![0u8; 64 << 20])])
-        .unwrap()
-        .sign(&bomber)
-        .unwrap();
+    let bomb = shard_builder(
+        &reg,
+        &reg.run,
+        w,
+        &[("t00000-00001".into(), vec![0u8; 64 << 20])],
+    )
+    .unwrap()
+    .sign(&bomber)
+    .unwrap();
     assert!(bomb.len() < 1 << 20);
     let area = root.join("bomber");
-    put_create(&area, &area.path(&layout::grad(&reg.run, w, &bomber.peer_id())), &bomb)
-        .await
-        .unwrap();
+    put_create(
+        &area,
+        &area.path(&layout::grad(&reg.run, w, &bomber.peer_id())),
+        &bomb,
+    )
+    .await
+    .unwrap();
     // A subtler one: under the whole model's bound, but claiming for the small tensor alone
     // more than its encoding can take.
     let whole = codec::section_raw_bound(&reg.model.tensors, &reg.codec);
@@ -172,11 +188,17 @@ async fn bomb_is_refused_on_its_header() {
     .sign(&sly)
     .unwrap();
     let area = root.join("sly");
-    put_create(&area, &area.path(&layout::grad(&reg.run, w, &sly.peer_id())), &sly_shard)
+    put_create(
+        &area,
+        &area.path(&layout::grad(&reg.run, w, &sly.peer_id())),
+        &sly_shard,
+    )
+    .await
+    .unwrap();
+    wait_closed(&reg, &root.join("agg"), w).await;
+    let agg = aggregate_window(&reg, &aggregator, &s3, w, 4)
         .await
         .unwrap();
-    wait_closed(&reg, &root.join("agg"), w).await;
-    let agg = aggregate_window(&reg, &aggregator, &s3, w, 4).await.unwrap();
     assert_eq!(agg.accepted, 1);
     let rows = ledger(&root, &reg, w).await;
     // Both refused from the header (before: fetched, inflated, then `section_malformed`).
@@ -255,7 +277,13 @@ async fn copy_rule_holds_with_one_second_timestamps() {
     let copiers: Vec<Identity> = victims.iter().map(lower_than).collect();
     let griefers: Vec<Identity> = victims.iter().map(lower_than).collect();
     let names: Vec<String> = (0..PAIRS)
-        .flat_map(|i| [format!("victim{i}"), format!("copier{i}"), format!("griefer{i}")])
+        .flat_map(|i| {
+            [
+                format!("victim{i}"),
+                format!("copier{i}"),
+                format!("griefer{i}"),
+            ]
+        })
         .collect();
     let ids: Vec<&Identity> = (0..PAIRS)
         .flat_map(|i| [&victims[i], &copiers[i], &griefers[i]])
@@ -265,7 +293,15 @@ async fn copy_rule_holds_with_one_second_timestamps() {
     let w = 0;
     let (reg_r, s3_r) = (&reg, &s3);
     futures::future::try_join_all(victims.iter().enumerate().map(|(i, v)| async move {
-        publish(reg_r, v, s3_r, Some(w), &update(i as f32), &mut EfState::default()).await
+        publish(
+            reg_r,
+            v,
+            s3_r,
+            Some(w),
+            &update(i as f32),
+            &mut EfState::default(),
+        )
+        .await
     }))
     .await
     .unwrap();
@@ -296,18 +332,32 @@ async fn copy_rule_holds_with_one_second_timestamps() {
         copy_as(&reg, &griefers[i], &g, w, &named, true).await;
     }
     wait_closed(&reg, &root.join("agg"), w).await;
-    aggregate_window(&reg, &aggregator, &s3, w, 8).await.unwrap();
+    aggregate_window(&reg, &aggregator, &s3, w, 8)
+        .await
+        .unwrap();
     let rows = ledger(&root, &reg, w).await;
     for i in 0..PAIRS {
         let v = &rows[&victims[i].peer_id().to_string()];
         let c = &rows[&copiers[i].peer_id().to_string()];
         let g = &rows[&griefers[i].peer_id().to_string()];
-        assert_eq!((v.verdict.as_str(), v.reason.as_str()), ("accepted", ""), "victim {i}: {v:?}");
+        assert_eq!(
+            (v.verdict.as_str(), v.reason.as_str()),
+            ("accepted", ""),
+            "victim {i}: {v:?}"
+        );
         assert_eq!(c.reason, "duplicate", "copier {i}: {c:?}");
-        assert!(c.detail.contains(&victims[i].peer_id().to_string()), "{}", c.detail);
+        assert!(
+            c.detail.contains(&victims[i].peer_id().to_string()),
+            "{}",
+            c.detail
+        );
         assert_eq!(g.reason, "section_hash_mismatch", "griefer {i}: {g:?}");
         // The scenario really is a same-second race at this store's resolution.
-        assert_eq!(v.last_modified_ms.unwrap() % 1000, 0, "moto reports whole seconds");
+        assert_eq!(
+            v.last_modified_ms.unwrap() % 1000,
+            0,
+            "moto reports whole seconds"
+        );
     }
 }
 
@@ -330,7 +380,11 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
         60,
         5,
         &aggregator,
-        &[("reference", &reference), ("killed", &killed), ("stale", &stale)],
+        &[
+            ("reference", &reference),
+            ("killed", &killed),
+            ("stale", &stale),
+        ],
     )
     .await;
     let w = 0;
@@ -345,15 +399,21 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     // Killed after the put, before the state was saved: the rerun starts from the old state,
     // finds its shard and ends with exactly the uninterrupted state.
     let mut first = EfState::default();
-    let p1 = publish(&reg, &killed, &s3, Some(w), &u, &mut first).await.unwrap();
+    let p1 = publish(&reg, &killed, &s3, Some(w), &u, &mut first)
+        .await
+        .unwrap();
     let mut rerun = EfState::default();
-    let p2 = publish(&reg, &killed, &s3, Some(w), &u, &mut rerun).await.unwrap();
+    let p2 = publish(&reg, &killed, &s3, Some(w), &u, &mut rerun)
+        .await
+        .unwrap();
     assert!(p2.already_published);
     assert_eq!(rerun, want);
     assert_eq!(first, want);
     // Killed after the save: the rerun encodes nothing and leaves the state alone.
     let mut saved = first.clone();
-    let p3 = publish(&reg, &killed, &s3, Some(w), &u, &mut saved).await.unwrap();
+    let p3 = publish(&reg, &killed, &s3, Some(w), &u, &mut saved)
+        .await
+        .unwrap();
     assert!(p3.already_published);
     assert_eq!(saved, want);
     // Every report gives the stored object's real size.
@@ -387,7 +447,9 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let cpath = sarea.path(&layout::grad_commit(&reg.run, w, &stale.peer_id()));
     sarea.store.put(&cpath, junk.into()).await.unwrap();
     let mut st = EfState::default();
-    publish(&reg, &stale, &s3, Some(w), &u, &mut st).await.unwrap();
+    publish(&reg, &stale, &s3, Some(w), &u, &mut st)
+        .await
+        .unwrap();
     assert_eq!(st, want);
     let commit = RemoteEnvelope::open(
         sarea.store.as_ref(),

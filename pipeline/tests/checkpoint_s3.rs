@@ -529,12 +529,18 @@ async fn hostile_manifests_failing_stores_links_and_retention() {
         shardrop::checkpoint::HF_INDEX,
         shardrop::checkpoint::LOCAL_MANIFEST,
     ] {
-        let out = tmp.path().join(format!("planted-{}", planted.replace('/', "_")));
+        let out = tmp
+            .path()
+            .join(format!("planted-{}", planted.replace('/', "_")));
         let at = out.join(planted);
         std::fs::create_dir_all(at.parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(&victim, &at).unwrap();
         let _ = pull(&loc, &out, &pull_opts(), &quiet).await;
-        assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "written through {planted}");
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"keep",
+            "written through {planted}"
+        );
         for entry in std::fs::read_dir(&out).unwrap().flatten() {
             let meta = std::fs::symlink_metadata(entry.path()).unwrap();
             if meta.file_type().is_symlink() {

@@ -102,7 +102,7 @@ async fn full_round_on_s3() {
         &operator.peer_id(),
         store_now_ms(&area("op"), "clock").await.unwrap(),
         3,
-        1,
+        2,
         model,
         CodecParams {
             chunk: 256,
@@ -457,7 +457,7 @@ async fn hostile_shards_get_ledger_reasons() {
         &operator.peer_id(),
         store_now_ms(&area("op"), "clock").await.unwrap(),
         3,
-        1,
+        2,
         codec::model_of(&update(0.0)).unwrap(),
         CodecParams {
             chunk: 256,

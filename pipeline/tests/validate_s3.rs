@@ -73,8 +73,8 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         "validate-test",
         &operator.peer_id(),
         store_now_ms(&area("op"), "clock").await.unwrap(),
-        3,
-        1,
+        6,
+        2,
         task.model_spec(),
         shardrop::refmodel::codec_params(),
     );
@@ -139,21 +139,25 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     let mut prev_b = None;
     for w in 0..3u64 {
         let mut honest_std = 0f64;
-        for (i, id) in honest.iter().enumerate() {
+        let mut updates = Vec::new();
+        for i in 0..honest.len() {
             let g = task.pseudo_gradient(&theta, i as u64, w, 20);
             honest_std =
                 (g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / g.len() as f64).sqrt();
-            publish(
-                &reg,
-                id,
-                &s3,
-                Some(w),
-                &task.to_safetensors(&g).unwrap(),
-                &mut states[i],
-            )
-            .await
-            .unwrap();
+            updates.push(task.to_safetensors(&g).unwrap());
         }
+        // Miners publish at once, as separate machines do (each waits a second between its
+        // commit and its shard).
+        let (reg_r, s3_r) = (&reg, &s3);
+        futures::future::try_join_all(
+            honest
+                .iter()
+                .zip(states.iter_mut())
+                .zip(&updates)
+                .map(|((id, st), u)| publish(reg_r, id, s3_r, Some(w), u, st)),
+        )
+        .await
+        .unwrap();
         // The noise miner: a valid, well-formed update that points nowhere.
         let mut x = 0x1234_5678_9abc_def1u64 ^ w;
         let junk: Vec<f32> = (0..theta.len())

@@ -87,7 +87,10 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
     // The path is never echoed: a secret pasted here by mistake must not reach a terminal
     // or a log.
     let meta = std::fs::metadata(path).map_err(|e| {
-        anyhow::anyhow!("--secret-access-key-file: cannot read that file ({}); the path is not shown", e.kind())
+        anyhow::anyhow!(
+            "--secret-access-key-file: cannot read that file ({}); the path is not shown",
+            e.kind()
+        )
     })?;
     if !meta.is_file() {
         anyhow::bail!("--secret-access-key-file: not a plain file; the path is not shown");
@@ -99,7 +102,10 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
         );
     }
     let text = std::fs::read_to_string(path).map_err(|e| {
-        anyhow::anyhow!("--secret-access-key-file: cannot read that file ({})", e.kind())
+        anyhow::anyhow!(
+            "--secret-access-key-file: cannot read that file ({})",
+            e.kind()
+        )
     })?;
     Ok(text.trim().to_string())
 }

@@ -53,7 +53,13 @@ pub(crate) async fn read_signed_json(
     key: &str,
     expect: &Expect,
 ) -> Result<(RemoteEnvelope, Vec<u8>), EnvelopeError> {
-    let (env, sections) = crate::exchange::read_signed(target, key, expect, &crate::envelope::Limits::small_object()).await?;
+    let (env, sections) = crate::exchange::read_signed(
+        target,
+        key,
+        expect,
+        &crate::envelope::Limits::small_object(),
+    )
+    .await?;
     Ok((env, sections.into_iter().next().unwrap_or_default()))
 }
 

@@ -347,7 +347,11 @@ pub async fn read_whole_consistent(
             }
             Err(e) => return Err(e),
         }
-        tracing::info!(object, attempt, "object changed while being read; reading it again");
+        tracing::info!(
+            object,
+            attempt,
+            "object changed while being read; reading it again"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
     }
     Err(EnvelopeError::Changed {

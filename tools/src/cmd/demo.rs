@@ -336,12 +336,9 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 .map(|((m, st), u)| publish(&reg, m, &ctx.s3, Some(w), u, st)),
         );
         let joiner_update = match &joiner_theta {
-            Some(jt) => Some(task.to_safetensors(&task.pseudo_gradient(
-                jt,
-                a.miners as u64,
-                w,
-                20,
-            ))?),
+            Some(jt) => {
+                Some(task.to_safetensors(&task.pseudo_gradient(jt, a.miners as u64, w, 20))?)
+            }
             None => None,
         };
         let joiner_fut = async {

@@ -409,8 +409,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     let concurrency = a.job.concurrency;
     let chosen = super::device::choose(&a.device)?;
     let device = chosen.report();
-    let mut on = chosen.merge_on();
-    on.budget = a.job.budget();
+    let on = chosen.merge_on().with_budget(a.job.budget());
     if let Some(part) = &a.part {
         let (i, k) = part
             .split_once('/')

@@ -1,0 +1,494 @@
+//! Issue 14 through the CLI as a user runs it: publish killed at every step and rerun,
+//! racing `run add`, the window-0 aggregate applied to the genesis model, size limits of
+//! `get` and `grad decode`, and secrets that never reach the terminal.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn shardrop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(args)
+        .output()
+        .expect("run shardrop")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok_json(out: Output) -> Value {
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A two-tensor f32 update, different per seed.
+fn write_update(path: &Path, seed: f32) {
+    let w: Vec<u8> = (0..4096)
+        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..64)
+        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
+        .collect();
+    let views = vec![
+        (
+            "w",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64, 64], &w)
+                .unwrap(),
+        ),
+        (
+            "b",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64], &b).unwrap(),
+        ),
+    ];
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+struct Run {
+    reg: String,
+    op_key: String,
+}
+
+/// `run init` on a local folder store (window_secs, grace 2 s) with an aggregator.
+fn init_run(dir: &Path, name: &str, window_secs: u64, agg_key: &Path) -> Run {
+    let op_key = dir.join("op.key");
+    if !op_key.exists() {
+        ok_json(shardrop(&["keygen", "--out", p(&op_key), "--json"]));
+    }
+    let model = dir.join("model.safetensors");
+    write_update(&model, 0.0);
+    let reg = ok_json(shardrop(&[
+        "run",
+        "init",
+        "--run",
+        name,
+        "--key",
+        p(&op_key),
+        "--store",
+        &format!("file://{}/{name}/op", dir.display()),
+        "--model",
+        p(&model),
+        "--window-secs",
+        &window_secs.to_string(),
+        "--grace-secs",
+        "2",
+        "--chunk",
+        "256",
+        "--k",
+        "8",
+        "--json",
+    ]))["registry"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run = Run {
+        reg,
+        op_key: p(&op_key).to_string(),
+    };
+    let agg = ok_json(shardrop(&["keygen", "--out", p(agg_key), "--json"]));
+    add(
+        &run,
+        dir,
+        name,
+        "aggregator",
+        agg["peer_id"].as_str().unwrap(),
+        "agg",
+    );
+    run
+}
+
+fn add(run: &Run, dir: &Path, name: &str, role: &str, peer: &str, area: &str) {
+    ok_json(shardrop(&[
+        "run",
+        "add",
+        "--registry",
+        &run.reg,
+        "--key",
+        &run.op_key,
+        "--role",
+        role,
+        "--peer",
+        peer,
+        "--store",
+        &format!("file://{}/{name}/{area}", dir.display()),
+        "--json",
+    ]));
+}
+
+fn publish_args<'a>(run: &'a Run, key: &'a str, update: &'a str, state: &'a str) -> Vec<&'a str> {
+    vec![
+        "publish",
+        "--registry",
+        &run.reg,
+        "--key",
+        key,
+        update,
+        "--state",
+        state,
+        "--window",
+        "0",
+        "--json",
+    ]
+}
+
+#[test]
+fn publish_killed_at_any_point_reruns_to_the_same_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let run = init_run(dir, "kills", 120, &dir.join("agg.key"));
+    let update = dir.join("update.safetensors");
+    write_update(&update, 3.0);
+    // Kill delays spread over a publish (encode, commit, the one-second wait, the put, the
+    // state save), each on its own miner so every trial starts from nothing.
+    let delays_ms = [0u64, 5, 20, 60, 150, 300, 600, 900, 1100, 1300, 1600, 2500];
+    let mut miners = Vec::new();
+    for i in 0..=delays_ms.len() {
+        let key = dir.join(format!("m{i}.key"));
+        let id = ok_json(shardrop(&["keygen", "--out", p(&key), "--json"]));
+        add(
+            &run,
+            dir,
+            "kills",
+            "miner",
+            id["peer_id"].as_str().unwrap(),
+            &format!("m{i}"),
+        );
+        miners.push(key);
+    }
+    // Uninterrupted reference.
+    let ref_state = dir.join("state-ref");
+    let reference = ok_json(shardrop(&publish_args(
+        &run,
+        p(&miners[0]),
+        p(&update),
+        p(&ref_state),
+    )));
+    let want = std::fs::read(ref_state.join("error-feedback.safetensors")).unwrap();
+    let mut killed_mid_publish = 0;
+    for (i, delay) in delays_ms.iter().enumerate() {
+        let key = &miners[i + 1];
+        let state = dir.join(format!("state-{i}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardrop"))
+            .args(publish_args(&run, p(key), p(&update), p(&state)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(*delay));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        killed_mid_publish += usize::from(!status.success());
+        let again = ok_json(shardrop(&publish_args(&run, p(key), p(&update), p(&state))));
+        // Exactly the state one uninterrupted publish leaves (window recorded, residual once).
+        assert_eq!(
+            std::fs::read(state.join("error-feedback.safetensors")).unwrap(),
+            want,
+            "kill after {delay} ms"
+        );
+        // The stored object's real size, and nothing left behind in the state folder.
+        assert_eq!(again["bytes"], reference["bytes"], "kill after {delay} ms");
+        let mut left: Vec<String> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["error-feedback.safetensors", "state.lock"],
+            "kill after {delay} ms"
+        );
+        // A further rerun encodes nothing and changes nothing.
+        let third = ok_json(shardrop(&publish_args(&run, p(key), p(&update), p(&state))));
+        assert_eq!(third["already_published"], true);
+        assert_eq!(
+            std::fs::read(state.join("error-feedback.safetensors")).unwrap(),
+            want
+        );
+    }
+    // The trials did interrupt publishes (not all finished before the kill).
+    assert!(killed_mid_publish > 0);
+}
+
+#[test]
+fn racing_run_add_all_land() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let run = init_run(dir, "race", 60, &dir.join("agg.key"));
+    let peers: Vec<String> = (0..6)
+        .map(|i| {
+            ok_json(shardrop(&[
+                "keygen",
+                "--out",
+                p(&dir.join(format!("r{i}.key"))),
+                "--json",
+            ]))["peer_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let children: Vec<_> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, peer)| {
+            Command::new(env!("CARGO_BIN_EXE_shardrop"))
+                .args([
+                    "run",
+                    "add",
+                    "--registry",
+                    &run.reg,
+                    "--key",
+                    &run.op_key,
+                    "--role",
+                    "miner",
+                    "--peer",
+                    peer,
+                    "--store",
+                    &format!("file://{}/race/r{i}", dir.display()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let shown = ok_json(shardrop(&["run", "show", "--registry", &run.reg, "--json"]));
+    let listed: Vec<&str> = shown["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["peer"].as_str().unwrap())
+        .collect();
+    for peer in &peers {
+        assert!(listed.contains(&peer.as_str()), "{peer} lost: {listed:?}");
+    }
+}
+
+#[test]
+fn the_window_zero_aggregate_applies_to_the_genesis_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agg_key = dir.join("agg.key");
+    let run = init_run(dir, "genesis", 3, &agg_key);
+    let mkey = dir.join("m.key");
+    let id = ok_json(shardrop(&["keygen", "--out", p(&mkey), "--json"]));
+    add(
+        &run,
+        dir,
+        "genesis",
+        "miner",
+        id["peer_id"].as_str().unwrap(),
+        "m",
+    );
+    let update = dir.join("update.safetensors");
+    write_update(&update, 1.0);
+    ok_json(shardrop(&publish_args(
+        &run,
+        p(&mkey),
+        p(&update),
+        p(&dir.join("state")),
+    )));
+    let agg = ok_json(shardrop(&[
+        "aggregate",
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&agg_key),
+        "--window",
+        "0",
+        "--json",
+    ]));
+    assert_eq!(agg["accepted"], 1);
+    let out = dir.join("theta.safetensors");
+    let applied = ok_json(shardrop(&[
+        "apply",
+        "--registry",
+        &run.reg,
+        "--from",
+        p(&dir.join("model.safetensors")),
+        "--from-window",
+        "genesis",
+        "--through",
+        "0",
+        p(&out),
+        "--json",
+    ]));
+    assert_eq!(applied["applied"], 1);
+    assert_eq!(applied["from_window"], "genesis");
+    assert_ne!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(dir.join("model.safetensors")).unwrap()
+    );
+    let bad = shardrop(&[
+        "apply",
+        "--registry",
+        &run.reg,
+        "--from",
+        p(&out),
+        "--from-window",
+        "yesterday",
+        "--through",
+        "0",
+        p(&out),
+    ]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("genesis"), "{}", stderr(&bad));
+}
+
+#[test]
+fn get_and_decode_refuse_what_declares_too_much() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = dir.join("k.key");
+    ok_json(shardrop(&["keygen", "--out", p(&key), "--json"]));
+    // 8 MiB of zeros: a few KB stored.
+    let zeros = dir.join("t00000-00000");
+    std::fs::write(&zeros, vec![0u8; 8 << 20]).unwrap();
+    let url = format!("file://{}/store/bomb.grad", dir.display());
+    ok_json(shardrop(&[
+        "sign",
+        "--key",
+        p(&key),
+        "--kind",
+        "grad",
+        "--run",
+        "r",
+        "--window",
+        "0",
+        p(&zeros),
+        "--to",
+        &url,
+        "--json",
+    ]));
+    let out = dir.join("out");
+    let got = shardrop(&["get", &url, p(&out), "--max-bytes", "1MiB", "--json"]);
+    assert_eq!(got.status.code(), Some(3), "{}", stderr(&got));
+    let doc: Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(doc["reason"], "over_limit");
+    assert!(std::fs::read_dir(&out).map_or(true, |mut d| d.next().is_none()));
+    let dec = shardrop(&[
+        "grad",
+        "decode",
+        &url,
+        p(&dir.join("dense.safetensors")),
+        "--max-bytes",
+        "1MiB",
+        "--json",
+    ]);
+    assert_eq!(dec.status.code(), Some(3), "{}", stderr(&dec));
+    assert!(!dir.join("dense.safetensors").exists());
+    // Within the limit, `get` writes it.
+    ok_json(shardrop(&[
+        "get",
+        &url,
+        p(&out),
+        "--max-bytes",
+        "16MiB",
+        "--json",
+    ]));
+    assert_eq!(
+        std::fs::metadata(out.join("t00000-00000")).unwrap().len(),
+        8 << 20
+    );
+}
+
+#[test]
+fn secrets_never_reach_the_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env_clear: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_shardrop"));
+        c.args(args);
+        if env_clear {
+            for (k, _) in std::env::vars() {
+                if k.starts_with("AWS_") {
+                    c.env_remove(k);
+                }
+            }
+        }
+        c.output().unwrap()
+    };
+    // An endpoint with credentials in it.
+    let out = run(
+        &[
+            "--endpoint",
+            "http://AKIDLEAK:hunter2secret@127.0.0.1:9",
+            "verify",
+            "s3://bucket/key",
+        ],
+        false,
+    );
+    assert!(!out.status.success());
+    let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !all.contains("hunter2secret") && !all.contains("AKIDLEAK"),
+        "{all}"
+    );
+    assert!(all.contains("carries credentials"), "{all}");
+    // A secret pasted where a file name belongs.
+    let out = run(
+        &[
+            "--secret-access-key-file",
+            "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
+            "keygen",
+            "--out",
+            "x",
+        ],
+        false,
+    );
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains("wJalrXUtnFEMI"), "{}", stderr(&out));
+    // No credentials at all: said plainly, no instance-metadata request.
+    let out = run(
+        &[
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "verify",
+            "s3://bucket/key",
+        ],
+        true,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no credentials"), "{}", stderr(&out));
+    // A FIFO as a key: refused at once instead of blocking forever.
+    let fifo = tmp.path().join("fifo.key");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let plain = tmp.path().join("plain");
+    std::fs::write(&plain, b"x").unwrap();
+    let out = run(
+        &[
+            "sign",
+            "--key",
+            p(&fifo),
+            "--kind",
+            "blob",
+            "--run",
+            "r",
+            p(&plain),
+            "--to",
+            "memory://x/y",
+        ],
+        false,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a plain file"),
+        "{}",
+        stderr(&out)
+    );
+}
