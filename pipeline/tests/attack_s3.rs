@@ -559,3 +559,84 @@ async fn registry_reads_are_consistent_on_moto() {
         registry_reads_while_replaced(root, common::moto_options()).await;
     }
 }
+
+/// Multipart uploads in progress under `prefix` on the moto server (its S3 listing API).
+async fn open_uploads(prefix: &str) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let endpoint = std::env::var("SHARDROP_MOTO_AWS_ENDPOINT_URL").unwrap();
+    let host = endpoint.trim_start_matches("http://").to_string();
+    let bucket = std::env::var("SHARDROP_TEST_MOTO")
+        .unwrap()
+        .trim_start_matches("s3://")
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let req = format!(
+        "GET /{bucket}?uploads&prefix={prefix} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.matches("<UploadId>").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_multipart_uploads_are_aborted() {
+    let Some(root) = common::moto("multipart") else {
+        return;
+    };
+    use object_store::multipart::MultipartStore;
+    // What a push killed mid-upload leaves: an open upload with a part, and its journal.
+    let raw = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(std::env::var("SHARDROP_MOTO_AWS_ENDPOINT_URL").unwrap())
+        .with_bucket_name(
+            std::env::var("SHARDROP_TEST_MOTO")
+                .unwrap()
+                .trim_start_matches("s3://"),
+        )
+        .with_access_key_id("moto")
+        .with_secret_access_key("moto")
+        .with_region("us-east-1")
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let orphan = |name: &str| {
+        let path = root.path(name);
+        let raw = &raw;
+        let root = &root;
+        async move {
+            let id = raw.create_multipart(&path).await.unwrap();
+            raw.put_part(&path, &id, 0, vec![7u8; 5 << 20].into())
+                .await
+                .unwrap();
+            root.store
+                .put(
+                    &shardrop::store::upload_journal(&path),
+                    id.into_bytes().into(),
+                )
+                .await
+                .unwrap();
+            path
+        }
+    };
+    let prefix = root.prefix.to_string();
+    let big = orphan("big.bin").await;
+    orphan("abandoned/other.bin").await;
+    assert_eq!(open_uploads(&prefix).await, 2);
+    // The rerun of the same upload aborts the orphan before its own.
+    let body = common::noise(40 << 20, 3);
+    put_create(&root, &big, &body[..]).await.unwrap();
+    assert_eq!(root.store.head(&big).await.unwrap().size, 40 << 20);
+    assert_eq!(open_uploads(&prefix).await, 1);
+    // `ckpt gc`'s sweep aborts what nobody reruns.
+    let n = shardrop::store::abort_orphaned_uploads(&root, "", std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(open_uploads(&prefix).await, 0);
+    assert!(
+        root.store
+            .head(&shardrop::store::upload_journal(&big))
+            .await
+            .is_err()
+    );
+}

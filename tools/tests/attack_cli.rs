@@ -2,138 +2,32 @@
 //! racing `run add`, the window-0 aggregate applied to the genesis model, size limits of
 //! `get` and `grad decode`, and secrets that never reach the terminal.
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod common;
 
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Run, ok_json, p, shardrop, stderr, write_update};
 use serde_json::Value;
 
-fn shardrop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardrop"))
-        .args(args)
-        .output()
-        .expect("run shardrop")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn ok_json(out: Output) -> Value {
-    assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// A two-tensor f32 update, different per seed.
-fn write_update(path: &Path, seed: f32) {
-    let w: Vec<u8> = (0..4096)
-        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
-        .collect();
-    let b: Vec<u8> = (0..64)
-        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
-        .collect();
-    let views = vec![
-        (
-            "w",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64, 64], &w)
-                .unwrap(),
-        ),
-        (
-            "b",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64], &b).unwrap(),
-        ),
-    ];
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-}
-
-struct Run {
-    reg: String,
-    op_key: String,
-}
-
-/// `run init` on a local folder store (window_secs, grace 2 s) with an aggregator.
+/// A run on a local folder store under `dir` (grace 2 s) with an aggregator.
 fn init_run(dir: &Path, name: &str, window_secs: u64, agg_key: &Path) -> Run {
-    let op_key = dir.join("op.key");
-    if !op_key.exists() {
-        ok_json(shardrop(&["keygen", "--out", p(&op_key), "--json"]));
-    }
-    let model = dir.join("model.safetensors");
-    write_update(&model, 0.0);
-    let reg = ok_json(shardrop(&[
-        "run",
-        "init",
-        "--run",
-        name,
-        "--key",
-        p(&op_key),
-        "--store",
-        &format!("file://{}/{name}/op", dir.display()),
-        "--model",
-        p(&model),
-        "--window-secs",
-        &window_secs.to_string(),
-        "--grace-secs",
-        "2",
-        "--chunk",
-        "256",
-        "--k",
-        "8",
-        "--json",
-    ]))["registry"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let run = Run {
-        reg,
-        op_key: p(&op_key).to_string(),
-    };
-    let agg = ok_json(shardrop(&["keygen", "--out", p(agg_key), "--json"]));
-    add(
-        &run,
+    Run::init(
         dir,
+        &format!("file://{}/{name}", dir.display()),
         name,
-        "aggregator",
-        agg["peer_id"].as_str().unwrap(),
-        "agg",
-    );
-    run
+        window_secs,
+        agg_key,
+        &[],
+    )
 }
 
-fn add(run: &Run, dir: &Path, name: &str, role: &str, peer: &str, area: &str) {
-    ok_json(shardrop(&[
-        "run",
-        "add",
-        "--registry",
-        &run.reg,
-        "--key",
-        &run.op_key,
-        "--role",
-        role,
-        "--peer",
-        peer,
-        "--store",
-        &format!("file://{}/{name}/{area}", dir.display()),
-        "--json",
-    ]));
+fn add(run: &Run, _dir: &Path, _name: &str, role: &str, peer: &str, area: &str) {
+    run.add(role, peer, area);
 }
 
 fn publish_args<'a>(run: &'a Run, key: &'a str, update: &'a str, state: &'a str) -> Vec<&'a str> {
-    vec![
-        "publish",
-        "--registry",
-        &run.reg,
-        "--key",
-        key,
-        update,
-        "--state",
-        state,
-        "--window",
-        "0",
-        "--json",
-    ]
+    run.publish_args(key, update, state)
 }
 
 #[test]

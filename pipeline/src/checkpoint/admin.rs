@@ -241,6 +241,8 @@ pub struct GcReport {
     /// Windows below this had their aggregates, ledgers, scores and gradients removed.
     pub windows_before: Option<u64>,
     pub deleted_objects: usize,
+    /// Multipart uploads that killed pushes left (journaled over an hour ago), aborted.
+    pub aborted_uploads: usize,
     pub dry_run: bool,
 }
 
@@ -254,6 +256,16 @@ pub async fn gc(
     keep: usize,
     dry_run: bool,
 ) -> Result<GcReport, CkptError> {
+    let aborted_uploads = if dry_run {
+        0
+    } else {
+        crate::store::abort_orphaned_uploads(
+            target,
+            &layout::ckpt_root(run),
+            std::time::Duration::from_secs(3600),
+        )
+        .await?
+    };
     let infos = list(target, run, signer).await?;
     let complete: Vec<&CkptInfo> = infos.iter().filter(|i| i.complete).collect();
     let latest = infos.iter().find(|i| i.latest).map(|i| i.step);
@@ -315,6 +327,7 @@ pub async fn gc(
         deleted_checkpoints: doomed,
         windows_before,
         deleted_objects: victims.len(),
+        aborted_uploads,
         dry_run,
     })
 }

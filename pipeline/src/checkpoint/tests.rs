@@ -87,12 +87,38 @@ fn hostile_manifests_are_refused() {
             "shape overflow",
             Box::new(|m| m.tensors[0].shape = vec![u64::MAX, 4]),
         ),
+        (
+            "too many tensors",
+            Box::new(|m| {
+                let t = m.tensors[0].clone();
+                m.tensors = (0..=super::MAX_TENSORS)
+                    .map(|i| TensorEntry {
+                        name: format!("t{i}"),
+                        ..t.clone()
+                    })
+                    .collect();
+            }),
+        ),
+        (
+            "long name",
+            Box::new(|m| m.tensors[0].name = "x".repeat(super::MAX_TENSOR_NAME + 1)),
+        ),
+        (
+            "too many dims",
+            Box::new(|m| m.tensors[0].shape = vec![1; 9]),
+        ),
     ];
     for (what, f) in cases {
         let mut m = manifest();
         f(&mut m);
         assert!(m.validate().is_err(), "{what} was accepted");
     }
+    // The count is refused before anything is built from it (not by a later overlap check).
+    let mut m = manifest();
+    let t = m.tensors[0].clone();
+    m.tensors = vec![t; super::MAX_TENSORS + 1];
+    let e = m.validate().unwrap_err().to_string();
+    assert!(e.contains("limits"), "{e}");
 }
 
 #[test]

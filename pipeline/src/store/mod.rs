@@ -28,6 +28,7 @@ use futures::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
@@ -121,6 +122,10 @@ pub struct Target {
     pub prefix: Path,
     /// `scheme://authority` part used to print object URLs (no credentials).
     base: String,
+    /// The same store's multipart API, where it has one (S3): large final objects go up
+    /// through it with their upload id journaled in the store, so that a rerun after a kill
+    /// aborts the orphaned upload (`put_create`).
+    multipart: Option<Arc<dyn MultipartStore>>,
 }
 
 impl fmt::Debug for Target {
@@ -157,6 +162,8 @@ impl Target {
             store: Arc::new(Hooked::new(Arc::clone(&self.store), hooks)),
             prefix: self.prefix.clone(),
             base: self.base.clone(),
+            // The hooks see every request: uploads take the plain path.
+            multipart: None,
         }
     }
 
@@ -166,6 +173,7 @@ impl Target {
             store: Arc::clone(&self.store),
             prefix: self.path(rel),
             base: self.base.clone(),
+            multipart: self.multipart.clone(),
         }
     }
 }
@@ -202,6 +210,7 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Target, StoreError> {
             store,
             prefix: Path::from(prefix),
             base: format!("memory://{name}"),
+            multipart: None,
         });
     }
     if let Some(rest) = url.strip_prefix("s3://") {
@@ -209,11 +218,12 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Target, StoreError> {
         if bucket.is_empty() {
             return Err(bad_url(url, "no bucket name (expected s3://bucket/prefix)"));
         }
-        let store = s3_store(bucket, s3).map_err(|e| bad_url(url, e.to_string()))?;
+        let store = Arc::new(s3_store(bucket, s3).map_err(|e| bad_url(url, e.to_string()))?);
         return Ok(Target {
-            store: Arc::new(store),
+            store: store.clone(),
             prefix: Path::from(prefix),
             base: format!("s3://{bucket}"),
+            multipart: Some(store),
         });
     }
     let local = if let Some(rest) = url.strip_prefix("file://") {
@@ -244,6 +254,7 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Target, StoreError> {
         store: Arc::new(Hooked::new(fs, Arc::new(local::LocalCas))),
         prefix: Path::from_iter(parts),
         base: "file://".to_string(),
+        multipart: None,
     })
 }
 
@@ -463,6 +474,9 @@ pub async fn put_create(
         Err(object_store::Error::NotFound { .. }) => {}
         Err(e) => return Err(StoreError::from_store(&object, e)),
     }
+    if let Some(mp) = &target.multipart {
+        return put_journaled(target, mp.as_ref(), path, src).await;
+    }
     let upload = store
         .put_multipart(path)
         .await
@@ -488,6 +502,127 @@ pub async fn put_create(
         .await
         .map_err(|e| StoreError::from_store(&object, e))?;
     Ok(PutOutcome::Created)
+}
+
+/// Where the id of an unfinished multipart upload of `path` is journaled: a small sibling
+/// object, written before the first part and deleted once the upload is completed or
+/// aborted. A process killed in between (SIGKILL runs no cleanup) leaves it behind, and the
+/// next upload of the same object, or `abort_orphaned_uploads`, aborts that upload, so no
+/// killed push keeps paying for its parts.
+pub fn upload_journal(path: &Path) -> Path {
+    Path::from(format!("{path}{UPLOAD_JOURNAL_SUFFIX}"))
+}
+
+/// Suffix of upload journal objects.
+pub const UPLOAD_JOURNAL_SUFFIX: &str = ".multipart-upload";
+
+/// Aborts the upload a journal names (if the store still has it) and removes the journal.
+async fn abort_journaled(target: &Target, mp: &dyn MultipartStore, journal: &Path) {
+    let Ok(got) = target.store.get(journal).await else {
+        return;
+    };
+    if let Ok(id) = got.bytes().await {
+        let id = String::from_utf8_lossy(&id).trim().to_string();
+        let object = Path::from(
+            journal
+                .as_ref()
+                .strip_suffix(UPLOAD_JOURNAL_SUFFIX)
+                .unwrap_or(journal.as_ref()),
+        );
+        match mp.abort_multipart(&object, &id).await {
+            Ok(()) => {
+                tracing::info!(object = %target.url_of(&object), "aborted an upload a killed run left")
+            }
+            Err(e) => {
+                tracing::info!(object = %target.url_of(&object), error = %e, "no upload left to abort")
+            }
+        }
+    }
+    let _ = target.store.delete(journal).await;
+}
+
+/// Aborts every journaled, unfinished multipart upload under `prefix` (relative to the
+/// target) whose journal is older than `min_age` (younger ones may belong to an upload still
+/// running): what killed uploads left. Returns how many it aborted.
+pub async fn abort_orphaned_uploads(
+    target: &Target,
+    prefix: &str,
+    min_age: Duration,
+) -> Result<usize, StoreError> {
+    let Some(mp) = &target.multipart else {
+        return Ok(0);
+    };
+    let under = target.path(prefix);
+    let cutoff = chrono::Utc::now() - min_age;
+    let journals: Vec<Path> = list_all(target, &under)
+        .await?
+        .into_iter()
+        .filter(|m| m.location.as_ref().ends_with(UPLOAD_JOURNAL_SUFFIX))
+        .filter(|m| m.last_modified < cutoff)
+        .map(|m| m.location)
+        .collect();
+    for j in &journals {
+        abort_journaled(target, mp.as_ref(), j).await;
+    }
+    Ok(journals.len())
+}
+
+/// A multipart upload whose id is journaled in the store while it runs (`upload_journal`).
+async fn put_journaled(
+    target: &Target,
+    mp: &dyn MultipartStore,
+    path: &Path,
+    src: &(impl PutSource + ?Sized),
+) -> Result<PutOutcome, StoreError> {
+    let object = target.url_of(path);
+    let journal = upload_journal(path);
+    abort_journaled(target, mp, &journal).await;
+    let id = mp
+        .create_multipart(path)
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?;
+    if let Err(e) = target
+        .store
+        .put(&journal, PutPayload::from(Bytes::from(id.clone())))
+        .await
+    {
+        let _ = mp.abort_multipart(path, &id).await;
+        return Err(StoreError::from_store(&object, e));
+    }
+    let len = src.len();
+    let parts = len.div_ceil(PART_SIZE as u64) as usize;
+    let uploaded: Result<Vec<object_store::multipart::PartId>, StoreError> =
+        futures::stream::iter((0..parts).map(|i| {
+            let id = &id;
+            let object = &object;
+            async move {
+                let off = i as u64 * PART_SIZE as u64;
+                let n = (len - off).min(PART_SIZE as u64) as usize;
+                let mut buf = vec![0u8; n];
+                src.read_at(off, &mut buf)
+                    .map_err(|e| io_error(object, e))?;
+                mp.put_part(path, id, i, PutPayload::from(Bytes::from(buf)))
+                    .await
+                    .map_err(|e| StoreError::from_store(object, e))
+            }
+        }))
+        .buffered(PART_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect();
+    let done = match uploaded {
+        Ok(part_ids) => mp
+            .complete_multipart(path, &id, part_ids)
+            .await
+            .map_err(|e| StoreError::from_store(&object, e)),
+        Err(e) => Err(e),
+    };
+    if done.is_err() {
+        let _ = mp.abort_multipart(path, &id).await;
+    }
+    let _ = target.store.delete(&journal).await;
+    done.map(|_| PutOutcome::Created)
 }
 
 fn io_error(object: &str, source: io::Error) -> StoreError {

@@ -1,0 +1,224 @@
+//! Helpers the CLI test binaries share: running the built `shardrop`, reading its JSON,
+//! killing it part-way, and a small update to publish.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// Runs `shardrop` with these arguments (and extra environment) to completion.
+pub fn shardrop_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run shardrop")
+}
+
+pub fn shardrop(args: &[&str]) -> Output {
+    shardrop_env(args, &[])
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The JSON document of a successful command (the test fails with its stderr otherwise).
+pub fn ok_json(out: Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+/// Starts a command, kills it after `ms` and says whether it had already finished.
+pub fn start_and_kill(args: &[&str], env: &[(&str, &str)], ms: u64) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn shardrop");
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    let finished = matches!(child.try_wait(), Ok(Some(_)));
+    let _ = child.kill();
+    let _ = child.wait();
+    finished
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A two-tensor f32 update (`w` 64×64, `b` 64), different per seed.
+pub fn write_update(path: &Path, seed: f32) {
+    let w: Vec<u8> = (0..4096)
+        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..64)
+        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
+        .collect();
+    let views = vec![
+        (
+            "w",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64, 64], &w)
+                .unwrap(),
+        ),
+        (
+            "b",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64], &b).unwrap(),
+        ),
+    ];
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Deterministic delays in `0..max_ms` (xorshift from `seed`): "random" kill points that
+/// a failing run reproduces.
+pub fn delays(seed: u64, n: usize, max_ms: u64) -> Vec<u64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % max_ms
+        })
+        .collect()
+}
+
+/// Appends one row to the chaos report (`tools/test` prints it at the end):
+/// scenario, trials, held, failed.
+pub fn report(scenario: &str, trials: usize, held: usize) {
+    use std::io::Write;
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.tsv");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{scenario}\t{trials}\t{held}\t{}", trials - held);
+    }
+}
+
+/// A run made through the CLI: its registry URL, operator key and the store base its
+/// participants' areas live under, with the environment every command gets.
+pub struct Run {
+    pub reg: String,
+    pub op_key: String,
+    pub base: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Run {
+    /// `run init` (window_secs, grace 2 s, chunk 256, k 8; the model is `write_update`'s) in
+    /// `base`, keys in `dir`, and an aggregator whose key goes to `agg_key`.
+    pub fn init(
+        dir: &Path,
+        base: &str,
+        name: &str,
+        window_secs: u64,
+        agg_key: &Path,
+        env: &[(&str, &str)],
+    ) -> Run {
+        let op_key = dir.join(format!("{name}-op.key"));
+        ok_json(shardrop(&["keygen", "--out", p(&op_key), "--json"]));
+        let model = dir.join("model.safetensors");
+        write_update(&model, 0.0);
+        let reg = ok_json(shardrop_env(
+            &[
+                "run",
+                "init",
+                "--run",
+                name,
+                "--key",
+                p(&op_key),
+                "--store",
+                &format!("{base}/op"),
+                "--model",
+                p(&model),
+                "--window-secs",
+                &window_secs.to_string(),
+                "--grace-secs",
+                "2",
+                "--chunk",
+                "256",
+                "--k",
+                "8",
+                "--json",
+            ],
+            env,
+        ))["registry"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let run = Run {
+            reg,
+            op_key: p(&op_key).to_string(),
+            base: base.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let agg = ok_json(shardrop(&["keygen", "--out", p(agg_key), "--json"]));
+        run.add("aggregator", agg["peer_id"].as_str().unwrap(), "agg");
+        run
+    }
+
+    pub fn env(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        shardrop_env(args, &self.env())
+    }
+
+    /// `run add` of `peer` in `role`, its store the area `area` under the run's base.
+    pub fn add(&self, role: &str, peer: &str, area: &str) {
+        ok_json(self.run(&[
+            "run",
+            "add",
+            "--registry",
+            &self.reg,
+            "--key",
+            &self.op_key,
+            "--role",
+            role,
+            "--peer",
+            peer,
+            "--store",
+            &format!("{}/{area}", self.base),
+            "--json",
+        ]));
+    }
+
+    /// A new key in `dir` registered as a miner with its own area; returns the key path.
+    pub fn new_miner(&self, dir: &Path, name: &str) -> std::path::PathBuf {
+        let key = dir.join(format!("{name}.key"));
+        let id = ok_json(shardrop(&["keygen", "--out", p(&key), "--json"]));
+        self.add("miner", id["peer_id"].as_str().unwrap(), name);
+        key
+    }
+
+    pub fn publish_args<'a>(
+        &'a self,
+        key: &'a str,
+        update: &'a str,
+        state: &'a str,
+    ) -> Vec<&'a str> {
+        vec![
+            "publish",
+            "--registry",
+            &self.reg,
+            "--key",
+            key,
+            update,
+            "--state",
+            state,
+            "--window",
+            "0",
+            "--json",
+        ]
+    }
+}
