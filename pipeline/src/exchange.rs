@@ -79,12 +79,23 @@ pub fn codec_header(reg: &Registry) -> BTreeMap<String, String> {
         ("chunk", c.chunk.to_string()),
         ("k", c.k.to_string()),
         ("values", c.values.name().to_string()),
-        ("scales", format!("{:?}", c.scales).to_lowercase()),
-        ("indices", format!("{:?}", c.indices).to_lowercase()),
+        ("scales", c.scales.name().to_string()),
+        ("indices", c.indices.name().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// The codec a shard's header names (the inverse of `codec_header`), if it names one.
+pub fn codec_of_header(p: &BTreeMap<String, String>) -> Option<codec::CodecParams> {
+    Some(codec::CodecParams {
+        chunk: p.get("chunk")?.parse().ok()?,
+        k: p.get("k")?.parse().ok()?,
+        values: codec::ValueFormat::parse(p.get("values")?)?,
+        scales: codec::ScaleMode::parse(p.get("scales")?)?,
+        indices: codec::IndexEncoding::parse(p.get("indices")?)?,
+    })
 }
 
 /// The store a participant writes to, after checking it is registered in that role.
@@ -869,4 +880,31 @@ pub async fn check_range(
         tensors.push(t);
     }
     (check, tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_header_round_trips_with_fixed_strings() {
+        let mut reg = Registry::new(
+            "r",
+            &Identity::generate().peer_id(),
+            0,
+            60,
+            10,
+            codec::ModelSpec::default(),
+            codec::CodecParams::default(),
+        );
+        let h = codec_header(&reg);
+        // The signed strings, spelled out: a renamed variant must not change them.
+        assert_eq!(h["scales"], "chunk");
+        assert_eq!(h["indices"], "compact");
+        assert_eq!(h["values"], "int2");
+        assert_eq!(codec_of_header(&h), Some(reg.codec));
+        reg.codec.scales = codec::ScaleMode::Tensor;
+        reg.codec.indices = codec::IndexEncoding::Packed;
+        assert_eq!(codec_of_header(&codec_header(&reg)), Some(reg.codec));
+    }
 }

@@ -386,3 +386,94 @@ fn secrets_never_reach_the_terminal() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_bomb_costs_the_aggregator_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agg_key = dir.join("agg.key");
+    let run = init_run(dir, "bomb", 3, &agg_key);
+    let honest = run.new_miner(dir, "honest");
+    let bomber = run.new_miner(dir, "bomber");
+    let update = dir.join("update.safetensors");
+    write_update(&update, 1.0);
+    ok_json(shardrop(&publish_args(
+        &run,
+        p(&honest),
+        p(&update),
+        p(&dir.join("s")),
+    )));
+    // 256 MiB of zeros as the section for both tensors, with the run's codec in the header.
+    let shown = ok_json(shardrop(&["run", "show", "--registry", &run.reg, "--json"]));
+    let c = &shown["codec"];
+    let section = dir.join("t00000-00001");
+    std::fs::write(&section, vec![0u8; 256 << 20]).unwrap();
+    let bomber_peer = shown["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|x| x["role"] == "miner")
+        .unwrap()["peer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!(
+        "file://{}/bomb/bomber/runs/bomb/grads/0000000000/{bomber_peer}.grad",
+        dir.display()
+    );
+    let signed = ok_json(shardrop(&[
+        "sign",
+        "--key",
+        p(&bomber),
+        "--kind",
+        "grad",
+        "--run",
+        "bomb",
+        "--window",
+        "0",
+        "--codec",
+        "topk-v1",
+        "--codec-param",
+        &format!("chunk={}", c["chunk"]),
+        "--codec-param",
+        &format!("k={}", c["k"]),
+        "--codec-param",
+        &format!("values={}", c["values"].as_str().unwrap()),
+        "--codec-param",
+        &format!("scales={}", c["scales"].as_str().unwrap()),
+        "--codec-param",
+        &format!("indices={}", c["indices"].as_str().unwrap()),
+        p(&section),
+        "--to",
+        &url,
+        "--json",
+    ]));
+    assert!(signed["bytes"].as_u64().unwrap() < 1 << 20);
+    let agg = ok_json(shardrop(&[
+        "aggregate",
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&agg_key),
+        "--window",
+        "0",
+        "--json",
+    ]));
+    assert_eq!(agg["accepted"], 1, "{agg}");
+    assert_eq!(agg["reasons"]["over_limit"], 1, "{agg}");
+    // Refused on the header: the aggregator never holds the 256 MiB it claims (before, the
+    // section was inflated into memory).
+    assert!(agg["peak_rss_mib"].as_f64().unwrap() < 200.0, "{agg}");
+    // `grad decode` with the model refuses it too, before decompressing.
+    let dec = shardrop(&[
+        "grad",
+        "decode",
+        &url,
+        p(&dir.join("dense.safetensors")),
+        "--model",
+        p(&dir.join("model.safetensors")),
+        "--json",
+    ]);
+    assert_eq!(dec.status.code(), Some(3), "{}", stderr(&dec));
+}

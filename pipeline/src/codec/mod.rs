@@ -40,6 +40,23 @@ pub enum ScaleMode {
     Tensor,
 }
 
+impl ScaleMode {
+    /// The name in signed headers and metadata (the serde name; never `Debug`, so renaming
+    /// a variant cannot silently change a signed format).
+    pub fn name(self) -> &'static str {
+        match self {
+            ScaleMode::Chunk => "chunk",
+            ScaleMode::Tensor => "tensor",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [ScaleMode::Chunk, ScaleMode::Tensor]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
+}
+
 /// How the sorted indices of a chunk are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +65,22 @@ pub enum IndexEncoding {
     Packed,
     /// Elias–Fano: about 2 + log2(chunk/k) bits each.
     Compact,
+}
+
+impl IndexEncoding {
+    /// The name in signed headers and metadata (the serde name; never `Debug`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IndexEncoding::Packed => "packed",
+            IndexEncoding::Compact => "compact",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [IndexEncoding::Packed, IndexEncoding::Compact]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
 }
 
 /// Parameters of one encoded tensor (the run fixes them; every tensor records them).

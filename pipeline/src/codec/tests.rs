@@ -468,3 +468,33 @@ fn sampled_and_fallback_selection_agree_with_brute_force() {
     let (idx, _) = to_sparse(&t).unwrap();
     assert_eq!(idx, brute_topk(&u, 4096, 64));
 }
+
+#[test]
+fn names_in_signed_headers_are_the_serde_names() {
+    for m in [ScaleMode::Chunk, ScaleMode::Tensor] {
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            format!("\"{}\"", m.name())
+        );
+        assert_eq!(ScaleMode::parse(m.name()), Some(m));
+    }
+    for e in [IndexEncoding::Packed, IndexEncoding::Compact] {
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            format!("\"{}\"", e.name())
+        );
+        assert_eq!(IndexEncoding::parse(e.name()), Some(e));
+    }
+    for v in [
+        ValueFormat::Bf16,
+        ValueFormat::Int8,
+        ValueFormat::Int4,
+        ValueFormat::Int2,
+    ] {
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            format!("\"{}\"", v.name())
+        );
+    }
+    assert_eq!(ScaleMode::parse("Chunk"), None);
+}

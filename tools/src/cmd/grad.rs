@@ -214,6 +214,7 @@ async fn load_sections(
     ctx: &Ctx,
     input: &str,
     max_bytes: u64,
+    model: Option<&shardrop::codec::ModelSpec>,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let local = Path::new(input);
     if !input.contains("://") && local.is_dir() {
@@ -251,6 +252,23 @@ async fn load_sections(
             ),
         ));
     }
+    // With the model and the codec the header names, no section may claim more than the
+    // whole model encodes to (checked before anything is decompressed).
+    if let (Some(m), Some(params)) = (
+        model,
+        shardrop::exchange::codec_of_header(&env.head.header.codec_params),
+    ) {
+        let bound = shardrop::codec::section_raw_bound(&m.tensors, &params);
+        if env.head.header.raw_len > bound {
+            return Err(super::object::over_limit(
+                &object,
+                format!(
+                    "the sections declare {} decompressed bytes; the model takes at most {bound} with this codec",
+                    env.head.header.raw_len
+                ),
+            ));
+        }
+    }
     let bufs = read_all_sections(target.store.as_ref(), &env, &limits).await?;
     Ok(env
         .sections()
@@ -267,7 +285,7 @@ async fn decode(ctx: &Ctx, a: DecodeArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let sections = load_sections(ctx, &a.input, a.max_bytes).await?;
+    let sections = load_sections(ctx, &a.input, a.max_bytes, model.as_ref()).await?;
     let out_path = a.out.clone();
     let max_bytes = a.max_bytes;
     let n_sections = sections.len();

@@ -52,6 +52,12 @@ pub struct SignArgs {
     /// Extra signed metadata, KEY=VALUE (repeatable).
     #[arg(long = "meta", value_name = "KEY=VALUE")]
     meta: Vec<String>,
+    /// The codec the sections are in (`topk-v1` for a gradient shard), recorded in the
+    /// signed header with its `--codec-param`s.
+    #[arg(long)]
+    codec: Option<String>,
+    #[arg(long = "codec-param", value_name = "KEY=VALUE", requires = "codec")]
+    codec_params: Vec<String>,
     /// Files; each becomes one section named after the file.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
@@ -82,6 +88,16 @@ pub async fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<()> {
             bail!("--meta {kv:?}: expected KEY=VALUE");
         };
         b = b.meta(k, v);
+    }
+    if let Some(codec) = &a.codec {
+        let mut params = std::collections::BTreeMap::new();
+        for kv in &a.codec_params {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--codec-param {kv:?}: expected KEY=VALUE");
+            };
+            params.insert(k.to_string(), v.to_string());
+        }
+        b = b.codec(codec, params);
     }
     for input in &a.inputs {
         let name = input
@@ -383,7 +399,7 @@ pub struct GetArgs {
     section: Option<String>,
     /// Refuse (before writing anything) an object whose selected sections declare more
     /// decompressed bytes than this, or more than the disk has free.
-    #[arg(long, default_value = "1GiB", value_parser = super::parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = super::parse_size)]
     max_bytes: u64,
     #[command(flatten)]
     expect: ExpectArgs,
