@@ -1,9 +1,9 @@
 //! The aggregator's merge and the catch-up replay.
 //!
-//! For a closed window the aggregator fetches every registered miner's shard (bounded
-//! concurrency), verifies each (`exchange::fetch_shard`), drops exact duplicates (the
-//! earliest by `last_modified` wins, then the lower peer id), clips outlier norms, and merges
-//! the rest as a weighted mean in peer-id order, in f32. It writes the ledger, then publishes
+//! For a closed window the aggregator reads every registered miner's shard within the
+//! window's budget (`exchange::check_head`, then `exchange::check_range`), settles exact
+//! duplicates among the shards that passed every check by their commits (`duplicates`),
+//! clips outlier norms, and merges the rest as a weighted mean in peer-id order, in f32. It writes the ledger, then publishes
 //! the aggregate create-only: the aggregate is the commit point, so no partial aggregate is
 //! ever visible, and since every input and the recorded clock are fixed by the window, a
 //! rerun (after a crash or not) produces the same bytes.
@@ -740,7 +740,7 @@ async fn put_blob(
     Ok(())
 }
 
-/// One worker of a split merge (DESIGN §5): checks and merges only the tensors of part `i`
+/// One worker of a split merge (`schemas/round.md`, "Split merge"): checks and merges only the tensors of part `i`
 /// of `k`, reading only the sections that hold them. It publishes its range checks, waits
 /// for every other worker's, derives the same verdicts as a single process would, and
 /// publishes its merged tensors. `aggregate_commit` assembles the aggregate.

@@ -356,7 +356,7 @@ async fn full_round_on_s3() {
         .await
         .unwrap();
     assert!(r2.already_published);
-    // The split merge (DESIGN §5): K workers each check and merge only their tensors, and the
+    // The split merge (`schemas/round.md`): K workers each check and merge only their tensors, and the
     // commit publishes the same aggregate, byte for byte (its create-only put finds the
     // single-process object identical), and the same ledger.
     let ledger_path = agg_area.path(&layout::ledger(&reg.run, w));

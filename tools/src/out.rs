@@ -47,20 +47,42 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// A verified input refused with a stable reason code that is not an envelope's (a codec
+/// reason, say): exits 3 like every rejection.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// One line on stderr; with `--json` also a JSON error document on stdout. Rejections of
 /// an object exit 3 so scripts can tell "bad object" from "could not check".
 pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
     let line = format!("{e:#}").replace('\n', " ");
     eprintln!("shardrop: error: {line}");
-    let rejection = e
+    let rejection: Option<&str> = e
         .chain()
         .find_map(|c| c.downcast_ref::<EnvelopeError>())
-        .and_then(|e| e.rejection());
+        .and_then(|e| e.rejection())
+        .map(|r| r.reason.code())
+        .or_else(|| {
+            e.chain()
+                .find_map(|c| c.downcast_ref::<Refusal>())
+                .map(|r| r.reason)
+        });
     if ctx.json && e.downcast_ref::<Reported>().is_none() {
         let doc = serde_json::json!({
             "ok": false,
             "error": line,
-            "reason": rejection.map(|r| r.reason.code()),
+            "reason": rejection,
         });
         println!("{doc}");
     }

@@ -280,7 +280,12 @@ fn get_and_decode_refuse_what_declares_too_much() {
     ]);
     assert_eq!(dec.status.code(), Some(3), "{}", stderr(&dec));
     assert!(!dir.join("dense.safetensors").exists());
-    // Within the limit, `get` writes it.
+    // Within the limit, `get` writes it, replacing a link planted at its name (never
+    // writing through it).
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("t00000-00000")).unwrap();
     ok_json(shardrop(&[
         "get",
         &url,
@@ -289,10 +294,10 @@ fn get_and_decode_refuse_what_declares_too_much() {
         "16MiB",
         "--json",
     ]));
-    assert_eq!(
-        std::fs::metadata(out.join("t00000-00000")).unwrap().len(),
-        8 << 20
-    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    let meta = std::fs::symlink_metadata(out.join("t00000-00000")).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.len(), 8 << 20);
 }
 
 #[test]

@@ -465,3 +465,47 @@ fn racing_writers_on_moto() {
     );
     assert_eq!(held, trials);
 }
+
+/// The demo through moto, whose timestamps are whole seconds: the copier (which republishes
+/// the moment it sees its victim's shard) must be caught every time, the honest miners never.
+#[test]
+fn demo_through_a_store_with_one_second_timestamps() {
+    let Some((base, env)) = moto_base("demo") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = common::shardrop_env(
+        &[
+            "demo",
+            "--dir",
+            p(tmp.path()),
+            "--store",
+            &base,
+            "--windows",
+            "3",
+            "--miners",
+            "4",
+            "--window-secs",
+            "3",
+            "--json",
+        ],
+        &borrow(&env),
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let caught = j["adversary"]["caught_windows"].as_u64().unwrap_or(0) as usize;
+    let honest_rejected: u64 = j["windows"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| w["rejected"].as_u64().unwrap_or(0).saturating_sub(1))
+                .sum()
+        })
+        .unwrap_or(u64::MAX);
+    report(
+        "demo on moto: adversary caught, honest miners accepted (windows)",
+        3,
+        if honest_rejected == 0 { caught } else { 0 },
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!((caught, honest_rejected), (3, 0), "{j}");
+}

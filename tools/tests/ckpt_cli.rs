@@ -2,42 +2,14 @@
 //! ls → pull → kill → resume → verify → corrupt → verify fails → gc --dry-run → apply from
 //! the pulled folder.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::Duration;
+
+use common::{ok_json, shardrop, start_and_kill};
 
 use object_store::ObjectStoreExt;
 use safetensors::SafeTensors;
-use serde_json::Value;
-
-fn shardrop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardrop"))
-        .args(args)
-        .output()
-        .expect("run shardrop")
-}
-
-fn ok_json(out: Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-/// Starts a command and kills it after `ms` (whether or not it has finished).
-fn start_and_kill(args: &[&str], ms: u64) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardrop"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn shardrop");
-    std::thread::sleep(Duration::from_millis(ms));
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 fn model(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
@@ -152,7 +124,7 @@ async fn push_kill_resume_pull_kill_resume_verify_gc_apply() {
         "16MiB",
         "--json",
     ];
-    start_and_kill(&push_args, 400);
+    start_and_kill(&push_args, &[], 400);
     let pushed = ok_json(shardrop(&push_args));
     assert_eq!(pushed["shards"], 3);
     assert_eq!(pushed["latest"], true);
@@ -169,7 +141,7 @@ async fn push_kill_resume_pull_kill_resume_verify_gc_apply() {
 
     let out = t("out");
     let pull_args = ["ckpt", "pull", "latest", &out, "--registry", &reg, "--json"];
-    start_and_kill(&pull_args, 300);
+    start_and_kill(&pull_args, &[], 300);
     let pulled = ok_json(shardrop(&pull_args));
     assert_eq!(pulled["window"], 4);
     assert_eq!(tensors(Path::new(&out)), tensors(&src));

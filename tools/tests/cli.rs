@@ -1,32 +1,16 @@
 //! The CLI as a user runs it: keygen, sign, verify, inspect, get and demo, against a local
 //! folder and the real S3 server; every rejection reason through `shardrop verify`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::{json, shardrop, stderr};
 
 use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::Value;
 use shardrop::store::{self, S3Options};
-
-fn shardrop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardrop"))
-        .args(args)
-        .output()
-        .expect("run shardrop")
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -1,27 +1,14 @@
 //! `shardrop grad encode|decode` and `bench codec` as a training loop would use them.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::{ok_json, p, shardrop};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use serde_json::Value;
-
-fn shardrop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardrop"))
-        .args(args)
-        .output()
-        .expect("run shardrop")
-}
-
-fn ok_json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
 
 fn wave(n: usize, seed: f32) -> Vec<f32> {
     (0..n)
@@ -67,16 +54,12 @@ fn read_f32(path: &Path, name: &str) -> Vec<f32> {
         .collect()
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 #[test]
 fn encode_decode_roundtrip_with_state_and_envelope() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |s: &str| -> PathBuf { tmp.path().join(s) };
     let (w, b) = write_update(&t("u1.safetensors"), 0.0);
-    let j = ok_json(&shardrop(&[
+    let j = ok_json(shardrop(&[
         "grad",
         "encode",
         p(&t("u1.safetensors")),
@@ -102,7 +85,7 @@ fn encode_decode_roundtrip_with_state_and_envelope() {
         "state persisted"
     );
 
-    ok_json(&shardrop(&[
+    ok_json(shardrop(&[
         "grad",
         "decode",
         p(&t("out1")),
@@ -142,7 +125,7 @@ fn encode_decode_roundtrip_with_state_and_envelope() {
     )
     .unwrap();
     write_update(&t("u2.safetensors"), 5.0);
-    ok_json(&shardrop(&[
+    ok_json(shardrop(&[
         "grad",
         "encode",
         p(&t("u2.safetensors")),
@@ -151,7 +134,7 @@ fn encode_decode_roundtrip_with_state_and_envelope() {
         p(&t("state")),
         "--json",
     ]));
-    ok_json(&shardrop(&[
+    ok_json(shardrop(&[
         "grad",
         "encode",
         p(&t("u2.safetensors")),
@@ -160,7 +143,7 @@ fn encode_decode_roundtrip_with_state_and_envelope() {
         p(&state_copy),
         "--json",
     ]));
-    ok_json(&shardrop(&[
+    ok_json(shardrop(&[
         "grad",
         "encode",
         p(&t("u2.safetensors")),
@@ -189,7 +172,7 @@ fn encode_decode_roundtrip_with_state_and_envelope() {
 
     // Signed into a grad envelope, decoded from the envelope: same dense tensors.
     let key = t("miner.key");
-    ok_json(&shardrop(&["keygen", "--out", p(&key), "--json"]));
+    ok_json(shardrop(&["keygen", "--out", p(&key), "--json"]));
     let env = format!("file://{}", t("store/w1.grad").display());
     let sections: Vec<String> = std::fs::read_dir(t("out1"))
         .unwrap()
@@ -210,8 +193,8 @@ fn encode_decode_roundtrip_with_state_and_envelope() {
         "--json",
     ];
     args.extend(sections.iter().map(String::as_str));
-    ok_json(&shardrop(&args));
-    ok_json(&shardrop(&[
+    ok_json(shardrop(&args));
+    ok_json(shardrop(&[
         "grad",
         "decode",
         &env,
@@ -229,7 +212,7 @@ fn decode_refuses_bad_sections_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let t = |s: &str| -> PathBuf { tmp.path().join(s) };
     write_update(&t("u.safetensors"), 1.0);
-    ok_json(&shardrop(&[
+    ok_json(shardrop(&[
         "grad",
         "encode",
         p(&t("u.safetensors")),
@@ -261,7 +244,8 @@ fn decode_refuses_bad_sections_with_the_reason() {
         "--model",
         p(&other),
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    // A codec rejection exits 3, like every verified-and-rejected input.
+    assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("unknown_tensor") && err.contains("t00000-00001"),
@@ -277,7 +261,8 @@ fn decode_refuses_bad_sections_with_the_reason() {
     bytes[offset + 1] |= 0x0F;
     std::fs::write(&sec, &bytes).unwrap();
     let out = shardrop(&["grad", "decode", p(&sec), p(&t("d.safetensors"))]);
-    assert_eq!(out.status.code(), Some(1));
+    // A codec rejection exits 3, like every verified-and-rejected input.
+    assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("indices_not_increasing"), "{err}");
     assert!(
@@ -318,7 +303,7 @@ fn bench_codec_matches_numpy_byte_for_byte() {
             "bench", "codec", "--size", "4M", "--reps", "1", "--python", &python, "--json",
         ];
         args.extend_from_slice(extra);
-        let j = ok_json(&shardrop(&args));
+        let j = ok_json(shardrop(&args));
         assert_eq!(j["numpy"]["identical"], true, "{extra:?}: {}", j["numpy"]);
         assert!(j["f32"]["encode_gbps"].as_f64().unwrap() > 0.0);
         assert!(j["read_pass_gbps"].as_f64().unwrap() > 0.0);

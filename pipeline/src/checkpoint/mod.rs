@@ -1,4 +1,4 @@
-//! Sharded checkpoints in buckets (DESIGN §6; normative format: `schemas/checkpoint.md`).
+//! Sharded checkpoints in buckets (normative format: `schemas/checkpoint.md`).
 //!
 //! A checkpoint is plain safetensors shards, the small files of a Hugging Face model folder,
 //! an HF `model.safetensors.index.json`, and a signed manifest written last (the commit

@@ -1,11 +1,38 @@
 //! The gradient codec: error feedback, chunked top-k, quantized values, packed or
-//! Elias–Fano indices (DESIGN §5; normative: `schemas/gradient.md`).
+//! Elias–Fano indices (normative: `schemas/gradient.md`).
 //!
 //! A miner's update per tensor goes into an error-feedback buffer (`buf = beta·buf + update`);
 //! each chunk of `chunk` elements sends its `k` largest magnitudes (ties to the lower index),
 //! quantized; what the receiver will decode is subtracted from the buffer, so nothing is lost,
 //! only delayed. The codec knows nothing of stores or signatures: it turns tensors into
 //! section payloads (plain safetensors files) and back.
+//!
+//! ```
+//! use shardrop::codec::{CodecLimits, CodecParams, EfState, EncodeOptions, accumulate_section,
+//!     encode_update, Dense};
+//! use safetensors::{Dtype, tensor::TensorView};
+//!
+//! // An update of one f32 tensor of 8192 values, as a training loop would write it.
+//! let raw: Vec<u8> = (0..8192).flat_map(|i| ((i as f32 * 0.1).sin()).to_le_bytes()).collect();
+//! let update = safetensors::serialize(
+//!     [("w", TensorView::new(Dtype::F32, vec![8192], &raw)?)],
+//!     None,
+//! )?;
+//! let mut state = EfState::default();
+//! let opts = EncodeOptions { params: CodecParams::default(), ..EncodeOptions::default() };
+//! let encoded = encode_update(&update, &mut state, &opts)?;
+//! // C = 4096, k = 64: 128 of 8192 values kept; the rest stays in the error feedback.
+//! assert_eq!(encoded.stats.kept, 128);
+//! assert!(state.buffers["w"].iter().any(|&x| x != 0.0));
+//!
+//! // A reader decodes the sections, every index and value checked first.
+//! let mut dense = Dense::new();
+//! for (_, section) in &encoded.sections {
+//!     accumulate_section(&mut dense, section, None, &CodecLimits::default(), 1.0)?;
+//! }
+//! assert_eq!(dense["w"].1.iter().filter(|&&x| x != 0.0).count(), 128);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod bits;
 mod cpu;

@@ -17,6 +17,41 @@
 //! hash and sizes in the signed header, so a worker can fetch and verify one section alone.
 //! The signature covers the run, the window or step, the kind and every section hash, so an
 //! object copied under another key, window or run fails verification.
+//!
+//! Sign, store, then read back as a reader must: header first (verified against what the
+//! reader expects), sections streamed and hashed.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use shardrop::envelope::{
+//!     Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
+//! };
+//! use shardrop::identity::Identity;
+//! use shardrop::store::{self, S3Options};
+//!
+//! let me = Identity::generate();
+//! let signed = EnvelopeBuilder::new(Kind::Blob, "run1")
+//!     .window(7)
+//!     .section("hello.txt", b"hello", Compression::Zstd)?
+//!     .sign(&me)?;
+//! let target = store::open("memory://envelope-doc", &S3Options::default())?;
+//! let path = target.path("runs/run1/blobs/x.blob");
+//! store::put_create(&target, &path, &signed).await?;
+//!
+//! let expect = Expect { signer: Some(me.peer_id()), window: Some(7), ..Default::default() };
+//! let limits = Limits::small_object();
+//! let env = RemoteEnvelope::open(target.store.as_ref(), &path, "x.blob", &limits, &expect).await?;
+//! let sections = read_all_sections(target.store.as_ref(), &env, &limits).await?;
+//! assert_eq!(sections, vec![b"hello".to_vec()]);
+//!
+//! // Another window is refused with a stable reason.
+//! let wrong = Expect { window: Some(8), ..Default::default() };
+//! let e = RemoteEnvelope::open(target.store.as_ref(), &path, "x.blob", &limits, &wrong).await;
+//! assert_eq!(e.unwrap_err().rejection().unwrap().reason.code(), "wrong_window");
+//! # Ok(())
+//! # }
+//! ```
 
 mod header;
 mod read;

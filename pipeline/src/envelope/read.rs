@@ -34,21 +34,12 @@ pub async fn fetch_head(
             });
         }
         Err(e) => {
-            // An empty object has no byte 0 to range over; anything else is the store's.
-            let meta = store
-                .head(path)
-                .await
-                .map_err(|_| EnvelopeError::store(object, e))?;
-            if meta.size == 0 {
-                return Ok((meta, Bytes::new()));
-            }
-            return Err(EnvelopeError::Store {
-                object: object.to_string(),
-                source: object_store::Error::Generic {
-                    store: "shardrop",
-                    source: "ranged read failed on a non-empty object".into(),
-                },
-            });
+            // An empty object has no byte 0 to range over; anything else is the store's own
+            // error (a 403, a timeout), passed on as it came so an operator sees the cause.
+            return match store.head(path).await {
+                Ok(meta) if meta.size == 0 => Ok((meta, Bytes::new())),
+                _ => Err(EnvelopeError::store(object, e)),
+            };
         }
     };
     let meta = first.meta.clone();

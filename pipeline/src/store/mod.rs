@@ -11,6 +11,28 @@
 //! compare-and-swap. Retries and timeouts for S3 are object_store's own client settings
 //! (exponential backoff with jitter on 5xx, 429, connection resets and timeouts of safe
 //! requests), configured here.
+//!
+//! Final objects are written once: a retry with the same bytes succeeds, other bytes at the
+//! key are refused.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use shardrop::store::{self, PutOutcome, S3Options, StoreError};
+//!
+//! let target = store::open("memory://store-doc/prefix", &S3Options::default())?;
+//! let path = target.path("runs/r/aggs/0000000001.agg");
+//! assert_eq!(store::put_create(&target, &path, &b"first"[..]).await?, PutOutcome::Created);
+//! assert_eq!(
+//!     store::put_create(&target, &path, &b"first"[..]).await?,
+//!     PutOutcome::AlreadyIdentical
+//! );
+//! let other = store::put_create(&target, &path, &b"other"[..]).await;
+//! assert!(matches!(other, Err(StoreError::Conflict { .. })));
+//! assert_eq!(target.url_of(&path), "memory://store-doc/prefix/runs/r/aggs/0000000001.agg");
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod fault;
 pub mod hooked;

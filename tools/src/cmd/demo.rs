@@ -216,7 +216,9 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         &operator.peer_id(),
         now,
         a.window_secs,
-        2,
+        // A window's publishes start after the previous window closed and was aggregated;
+        // a grace of one window leaves them the commit's second and the upload.
+        a.window_secs.max(2),
         task.model_spec(),
         shardrop::refmodel::codec_params(),
     );

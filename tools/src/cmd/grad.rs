@@ -297,8 +297,12 @@ async fn decode(ctx: &Ctx, a: DecodeArgs) -> anyhow::Result<()> {
                 ..CodecLimits::default()
             };
             for (name, bytes) in &sections {
-                accumulate_section(&mut dense, bytes, model.as_ref(), &limits, 1.0)
-                    .map_err(|e| anyhow::anyhow!("{name}: rejected ({}): {e}", e.reason()))?;
+                accumulate_section(&mut dense, bytes, model.as_ref(), &limits, 1.0).map_err(
+                    |e| crate::out::Refusal {
+                        reason: e.reason(),
+                        message: format!("{name}: rejected ({}): {e}", e.reason()),
+                    },
+                )?;
             }
             let out = dense_to_safetensors(&dense)?;
             std::fs::write(&out_path, out)

@@ -23,9 +23,20 @@ pub fn stderr(out: &Output) -> String {
 }
 
 /// The JSON document of a successful command (the test fails with its stderr otherwise).
-pub fn ok_json(out: Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", stderr(&out));
+pub fn ok_json(out: impl std::borrow::Borrow<Output>) -> serde_json::Value {
+    let out = out.borrow();
+    assert!(out.status.success(), "{}", stderr(out));
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+/// The JSON document on stdout, whatever the exit status.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// Starts a command, kills it after `ms` and says whether it had already finished.
