@@ -523,16 +523,6 @@ impl Shard {
         self
     }
 
-    /// Re-reads `last_modified` with millisecond precision (a LIST): used to order
-    /// duplicates whose second-resolution times are too close to call.
-    pub async fn refine_last_modified(&mut self) {
-        if let Some((target, env)) = &self.env
-            && let Some(ms) = precise_last_modified(target, &env.path).await
-        {
-            self.last_modified_ms = Some(ms);
-        }
-    }
-
     /// Reads the miner's commit for this shard: its `last_modified` when it is a valid
     /// commit (signed by this miner, this run and window) naming this shard's content.
     pub async fn fetch_commit(&mut self, reg: &Registry, w: u64) {

@@ -261,11 +261,13 @@ fn estimate_jaccard(a: &[u64], b: &[u64]) -> f64 {
     }
 }
 
-/// One miner as copy detection sees it: its update (accepted miners only) and its
-/// publication order key `(last_modified_ms, peer)`.
+/// One miner as copy detection sees it: its update (accepted miners only) and when its
+/// commit to that update landed (`round.md`, "Commit, then shard"; `None` without a valid
+/// commit). Commit times, not shard times or peer ids, decide who copied whom: a copier can
+/// only commit after it has seen the shard, a whole second after its publisher's commit.
 pub struct Candidate<'a> {
     pub peer: &'a str,
-    pub order: (i64, &'a str),
+    pub order: Option<i64>,
     pub update: Option<&'a SparseUpdate>,
 }
 
@@ -323,13 +325,25 @@ pub fn detect_copies(
     };
     for &(i, j, ov, cos) in &judged {
         let copy = ov >= th.overlap && cos >= th.similarity;
-        let (first, later) = if miners[i].order <= miners[j].order {
-            (i, j)
-        } else {
-            (j, i)
+        // The strictly earlier commit is the original; without one on either side, or in
+        // the same instant, neither can show it came first and both count as copies.
+        let order = match (miners[i].order, miners[j].order) {
+            (Some(a), Some(b)) if a < b => Some((i, j)),
+            (Some(a), Some(b)) if b < a => Some((j, i)),
+            (Some(_), None) => Some((i, j)),
+            (None, Some(_)) => Some((j, i)),
+            _ => None,
         };
-        consider(later, miners[first].peer.to_string(), ov, cos, copy);
-        consider(first, miners[later].peer.to_string(), ov, cos, false);
+        match order {
+            Some((first, later)) => {
+                consider(later, miners[first].peer.to_string(), ov, cos, copy);
+                consider(first, miners[later].peer.to_string(), ov, cos, false);
+            }
+            None => {
+                consider(i, miners[j].peer.to_string(), ov, cos, copy);
+                consider(j, miners[i].peer.to_string(), ov, cos, copy);
+            }
+        }
     }
     for (k, m) in miners.iter().enumerate() {
         let Some(u) = m.update else { continue };
@@ -484,39 +498,30 @@ pub async fn validate_window(
             Err(e) => tracing::warn!(window = aw, error = %e, "past aggregate not compared"),
         }
     }
-    let detect = |shards: &[crate::exchange::Shard]| {
-        let miners: Vec<Candidate> = shards
-            .iter()
-            .zip(&updates)
-            .map(|(s, u)| Candidate {
-                peer: &s.peer,
-                order: (s.last_modified_ms.unwrap_or(i64::MAX), &s.peer),
-                update: u.as_ref(),
-            })
-            .collect();
-        detect_copies(&miners, &past, &opts.copy)
-    };
-    let mut copies = detect(&shards);
-    // HEAD times are whole seconds on S3: order close calls by the LIST's milliseconds.
-    let coarse: Vec<usize> = copies
+    // Who committed first decides near-copies too: read the commits of every accepted
+    // shard (one small GET each, within the window's budget).
+    use futures::StreamExt;
+    futures::stream::iter(
+        shards
+            .iter_mut()
+            .zip(&accepted)
+            .filter(|(s, ok)| **ok && s.commit_ms.is_none())
+            .map(|(s, _)| s),
+    )
+    .for_each_concurrent(opts.concurrency.max(1), |s| async move {
+        let _ = tokio::time::timeout_at(deadline, s.fetch_commit(reg, w)).await;
+    })
+    .await;
+    let miners: Vec<Candidate> = shards
         .iter()
-        .enumerate()
-        .filter(|(_, c)| c.copier)
-        .filter_map(|(k, c)| {
-            let other = shards
-                .iter()
-                .position(|s| Some(&s.peer) == c.nearest.as_ref())?;
-            let (a, b) = (shards[k].last_modified_ms?, shards[other].last_modified_ms?);
-            ((a - b).abs() < 1000).then_some([k, other])
+        .zip(&updates)
+        .map(|(s, u)| Candidate {
+            peer: &s.peer,
+            order: s.commit_ms,
+            update: u.as_ref(),
         })
-        .flatten()
         .collect();
-    if !coarse.is_empty() {
-        for k in coarse {
-            shards[k].refine_last_modified().await;
-        }
-        copies = detect(&shards);
-    }
+    let mut copies = detect_copies(&miners, &past, &opts.copy);
     for (winner, c) in verdicts.duplicate_of.iter().zip(copies.iter_mut()) {
         if let Some(winner) = winner {
             *c = CopyInfo {

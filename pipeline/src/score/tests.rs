@@ -149,7 +149,7 @@ fn simulate(windows: u64, honest: usize) -> Seen {
             .enumerate()
             .map(|(i, u)| Candidate {
                 peer: &peers[i],
-                order: (i as i64, &peers[i]),
+                order: Some(i as i64),
                 update: Some(u),
             })
             .collect();
@@ -223,25 +223,63 @@ fn the_later_publisher_is_the_copier() {
     let miners = [
         Candidate {
             peer: "early",
-            order: (2_000, "early"),
+            order: Some(2_000),
             update: Some(&b),
         },
         Candidate {
             peer: "late",
-            order: (1_000, "late"),
+            order: Some(1_000),
             update: Some(&a),
         },
         Candidate {
             peer: "absent",
-            order: (i64::MAX, "absent"),
+            order: None,
             update: None,
         },
     ];
     let found = detect_copies(&miners, &[], &CopyThresholds::default());
-    // "late" published at 1000 ms, before "early": "early" is the copier.
+    // "late" committed at 1000 ms, before "early": "early" is the copier.
     assert!(found[0].copier);
     assert_eq!(found[0].nearest.as_deref(), Some("late"));
     assert!(!found[1].copier);
     assert_eq!(found[1].nearest.as_deref(), Some("early"));
     assert_eq!(found[2], CopyInfo::default());
+}
+
+#[test]
+fn peer_ids_never_decide_who_copied() {
+    let a = sparse(&[(1, 1.0), (5, -2.0), (9, 0.5)]);
+    let b = a.clone();
+    // The same second (a 1-second store), whatever the ids: both are copies of each other.
+    for (x, y) in [("aaa", "zzz"), ("zzz", "aaa")] {
+        let tie = [
+            Candidate {
+                peer: x,
+                order: Some(5_000),
+                update: Some(&a),
+            },
+            Candidate {
+                peer: y,
+                order: Some(5_000),
+                update: Some(&b),
+            },
+        ];
+        let found = detect_copies(&tie, &[], &CopyThresholds::default());
+        assert!(found[0].copier && found[1].copier, "{x} vs {y}");
+    }
+    // Without a commit, a shard cannot be first against one that has a commit.
+    let uncommitted = [
+        Candidate {
+            peer: "aaa",
+            order: None,
+            update: Some(&a),
+        },
+        Candidate {
+            peer: "zzz",
+            order: Some(9_000),
+            update: Some(&b),
+        },
+    ];
+    let found = detect_copies(&uncommitted, &[], &CopyThresholds::default());
+    assert!(found[0].copier && !found[1].copier);
 }
