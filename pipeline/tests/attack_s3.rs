@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Holding under attack (issue 14) on the local S3 servers: decompression bombs refused on
 //! the header, the copy rule on a store with 1-second timestamps (moto: a same-second
 //! copier with a ground lower peer id, a griefer re-signing the victim's sections over a

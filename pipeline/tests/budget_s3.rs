@@ -1,9 +1,10 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The window budget under faulty stores (issue 14): 64 miners on the local S3 server, of
 //! whom 6 have buckets that accept connections and never answer, 6 answer every request with
 //! 503, 6 refuse connections, and 4 truncate or damage what they serve. The aggregator must
 //! finish the window within its budget, record the silent ones as `store_error` (timeout),
-//! and aggregate the rest. Own test binary: it sets the credential variables that point
-//! those miners at the faulty endpoints before anything reads the environment.
+//! and aggregate the rest. The faulty endpoints run in the test process; the round runs in
+//! a child process whose environment points those miners' credential prefixes at them.
 
 mod common;
 
@@ -75,6 +76,37 @@ fn refusing() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
+    const CHILD: &str = "SHARDROP_BUDGET_ENDPOINTS";
+    if std::env::var(CHILD).is_err() {
+        // The faulty endpoints live here; the round runs in a child process of this test
+        // binary whose environment names them (tests never change their own environment).
+        if common::s3("budget").is_none() {
+            return;
+        }
+        let endpoints = [
+            ("HANG", hanging().await),
+            ("BUSY", unavailable().await),
+            ("DOWN", refusing()),
+        ];
+        let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_window_ends_within_its_budget_whatever_the_stores_do",
+                "--nocapture",
+            ])
+            .envs(endpoints.map(|(name, port)| {
+                (
+                    format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
+                    format!("http://127.0.0.1:{port}"),
+                )
+            }))
+            .env(CHILD, "1")
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "the round in the child process failed");
+        return;
+    }
     let Some(root) = common::s3("budget") else {
         return;
     };
@@ -85,20 +117,6 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
         timeout: Some(std::time::Duration::from_secs(60)),
         ..Default::default()
     };
-    let endpoints = [
-        ("HANG", hanging().await),
-        ("BUSY", unavailable().await),
-        ("DOWN", refusing()),
-    ];
-    for (name, port) in endpoints {
-        // This binary's only test; set before any store reads the variables.
-        unsafe {
-            std::env::set_var(
-                format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
-                format!("http://127.0.0.1:{port}"),
-            )
-        };
-    }
     let operator = Identity::generate();
     let aggregator = Identity::generate();
     let miners: Vec<Identity> = (0..64).map(|_| Identity::generate()).collect();

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Checkpoints on the local S3 server: push an HF-style folder, resume an interrupted push,
 //! pull it whole (and resume a killed pull), partial pulls (globs, tensor-parallel slices),
 //! full remote verification, hostile manifests and failing stores, retention, and Python

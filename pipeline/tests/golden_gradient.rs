@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Golden vectors for the gradient codec (`schemas/vectors/gradient-v1/`): fixed updates in
 //! f32, bf16 and f16 (with a short last chunk), two encode steps with error feedback, for
 //! several parameter sets. The test checks that this build reproduces every committed byte

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The GPU codec kernels (`pipeline/src/codec/gpu/kernels.cu`), executed on the CPU by a
 //! thread emulator (`tests/gpu_emu/`), against the CPU reference codec: same body bytes,
 //! same error-feedback buffer, same dense accumulation, same verdict on bad input.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The GPU codec (feature `cuda`) against the CPU reference, on a real device: same body
 //! bytes, same error-feedback buffer, same accumulation, same refusals.
 //!

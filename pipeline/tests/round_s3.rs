@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! A full round on the local S3 server: several miners (honest, late, forged, a copier that
 //! re-signs another's update as its own, a missing one, one whose bucket is unreachable),
 //! the aggregator's ledger, and the aggregate checked against an independent dense mean.
@@ -137,8 +138,11 @@ async fn full_round_on_s3() {
         prefix: "SHARDROP_DEAD_".into(),
     };
     r.participants.push(dead);
-    // Only this test reads this variable.
-    unsafe { std::env::set_var("SHARDROP_DEAD_AWS_ENDPOINT_URL", "http://127.0.0.1:9") };
+    // `tools/test` points this prefix at a closed port (tests never change the environment).
+    assert!(
+        std::env::var("SHARDROP_DEAD_AWS_ENDPOINT_URL").is_ok(),
+        "run under tools/test: SHARDROP_DEAD_AWS_ENDPOINT_URL names an unreachable endpoint"
+    );
     r.update(&reg_url, &s3, etag.clone(), &operator)
         .await
         .unwrap();

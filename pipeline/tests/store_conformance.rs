@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! One store conformance suite, run against memory, a local folder and the real S3 server.
 //! It pins every store behaviour shardrop relies on.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The validator on the local S3 server: honest miners training the reference task, a
 //! copier, a miner sending noise and an absent miner, over three windows. The copier and the
 //! noise miner must end with zero weight and the honest miners with all of it; an evaluator
@@ -116,8 +117,11 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         prefix: "SHARDROP_DEAD_".into(),
     };
     reg.participants.push(dead);
-    // Only this test binary reads this variable.
-    unsafe { std::env::set_var("SHARDROP_DEAD_AWS_ENDPOINT_URL", "http://127.0.0.1:9") };
+    // `tools/test` points this prefix at a closed port (tests never change the environment).
+    assert!(
+        std::env::var("SHARDROP_DEAD_AWS_ENDPOINT_URL").is_ok(),
+        "run under tools/test: SHARDROP_DEAD_AWS_ENDPOINT_URL names an unreachable endpoint"
+    );
     let reg_url = reg.create(&area("op"), &operator).await.unwrap();
     let (reg, _) = Registry::load(&reg_url, &s3, Some(operator.peer_id()))
         .await

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Issue 14 through the CLI as a user runs it: publish killed at every step and rerun,
 //! racing `run add`, the window-0 aggregate applied to the genesis model, size limits of
 //! `get` and `grad decode`, and secrets that never reach the terminal.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The chaos suite (issue 14), through the CLI against the local S3 servers: every writing
 //! command killed at pseudo-random points and rerun (the rerun must finish with the bytes an
 //! uninterrupted run writes, and nothing partial may ever be visible), and racing writers on

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! `shardrop ckpt` as a user runs it against the local S3 server: push → kill → resume →
 //! ls → pull → kill → resume → verify → corrupt → verify fails → gc --dry-run → apply from
 //! the pulled folder.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The CLI as a user runs it: keygen, sign, verify, inspect, get and demo, against a local
 //! folder and the real S3 server; every rejection reason through `shardrop verify`.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! `shardrop grad encode|decode` and `bench codec` as a training loop would use them.
 
 mod common;

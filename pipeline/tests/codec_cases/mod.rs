@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Inputs shared by the GPU codec tests (emulated and on a device): random data, ties,
 //! zeros, NaN, values that overflow bf16, f16 subnormals, short last chunks.
 #![allow(dead_code)]

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Shared test setup: the S3 target from `tools/s3-server env`, under a fresh prefix.
 #![allow(dead_code)]
 

@@ -271,7 +271,9 @@ fn run_side(
 }
 
 fn bytes_of(v: &[f32]) -> &[u8] {
-    // f32 has no padding and any bit pattern is a valid u8 sequence.
+    // SAFETY: the pointer and length come from a live `&[f32]` (so the bytes are
+    // initialised and borrowed for the result's lifetime), f32 has no padding, and u8 has
+    // alignment 1 and accepts any bit pattern.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Helpers the CLI test binaries share: running the built `shardrop`, reading its JSON,
 //! killing it part-way, and a small update to publish.
 #![allow(dead_code)]
