@@ -7,39 +7,20 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use common::{update, wait_closed};
 
 use object_store::ObjectStoreExt;
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 use shardrop::aggregate::aggregate_window;
 use shardrop::codec::{self, CodecParams, EfState};
 use shardrop::envelope::{
     EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 };
-use shardrop::exchange::{
-    COMMIT_CODEC, ExchangeError, clock, content_hash, publish, shard_builder,
-};
+use shardrop::exchange::{COMMIT_CODEC, ExchangeError, content_hash, publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::registry::{Participant, Registry, Role};
 use shardrop::store::{S3Options, Target, put_create};
-use shardrop::tables::{LedgerRow, read_ledger};
 use shardrop::window::store_now_ms;
-
-fn update(seed: f32) -> Vec<u8> {
-    let w: Vec<u8> = (0..6000)
-        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
-        .collect();
-    let b: Vec<u8> = (0..100)
-        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
-        .collect();
-    let views = vec![
-        ("w", TensorView::new(Dtype::F32, vec![60, 100], &w).unwrap()),
-        ("b", TensorView::new(Dtype::F32, vec![100], &b).unwrap()),
-    ];
-    safetensors::serialize(views, None).unwrap()
-}
 
 fn s3_opts() -> S3Options {
     S3Options {
@@ -91,34 +72,6 @@ async fn new_run(
         .await
         .unwrap()
         .0
-}
-
-async fn wait_closed(reg: &Registry, t: &Target, w: u64) {
-    let closes = clock(reg).closes(w);
-    loop {
-        let now = store_now_ms(t, "clock").await.unwrap();
-        if now >= closes {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(closes - now + 20)).await;
-    }
-}
-
-async fn ledger(root: &Target, reg: &Registry, w: u64) -> BTreeMap<String, LedgerRow> {
-    let agg = root.join("agg");
-    let bytes = agg
-        .store
-        .get(&agg.path(&layout::ledger(&reg.run, w)))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    read_ledger(bytes)
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.peer.clone(), r))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +154,7 @@ async fn bomb_is_refused_on_its_header() {
         .await
         .unwrap();
     assert_eq!(agg.accepted, 1);
-    let rows = ledger(&root, &reg, w).await;
+    let rows = common::ledger(&root.join("agg"), &reg, w).await;
     // Both refused from the header (before: fetched, inflated, then `section_malformed`).
     let row = &rows[&bomber.peer_id().to_string()];
     assert_eq!(row.reason, "over_limit", "{row:?}");
@@ -336,7 +289,7 @@ async fn copy_rule_holds_with_one_second_timestamps() {
     aggregate_window(&reg, &aggregator, &s3, w, 8)
         .await
         .unwrap();
-    let rows = ledger(&root, &reg, w).await;
+    let rows = common::ledger(&root.join("agg"), &reg, w).await;
     for i in 0..PAIRS {
         let v = &rows[&victims[i].peer_id().to_string()];
         let c = &rows[&copiers[i].peer_id().to_string()];

@@ -8,19 +8,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use object_store::ObjectStoreExt;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use shardrop::aggregate::{MergeOn, aggregate_window_on};
 use shardrop::codec::{self, CodecParams, EfState};
-use shardrop::exchange::{clock, publish};
+use shardrop::exchange::publish;
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::registry::{Credentials, Participant, Registry, Role};
 use shardrop::store::S3Options;
-use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -196,14 +193,7 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
         }
         area.store.put(&path, bytes.into()).await.unwrap();
     }
-    let closes = clock(&reg).closes(w);
-    loop {
-        let now = store_now_ms(&root.join("agg"), "clock").await.unwrap();
-        if now >= closes {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(closes - now + 20)).await;
-    }
+    common::wait_closed(&reg, &root.join("agg"), w).await;
     let on = MergeOn::default().with_budget(Some(std::time::Duration::from_secs(4)));
     // A liveness guard, not a speed claim: without a budget this window took minutes.
     let started = std::time::Instant::now();
@@ -218,21 +208,7 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
         "budget: window aggregated {:.1} s after its close with a 4 s budget",
         started.elapsed().as_secs_f64()
     );
-    let agg_area = root.join("agg");
-    let rows: BTreeMap<String, _> = read_ledger(
-        agg_area
-            .store
-            .get(&agg_area.path(&layout::ledger(&reg.run, w)))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap()
-    .into_iter()
-    .map(|r| (r.peer.clone(), r))
-    .collect();
+    let rows = common::ledger(&root.join("agg"), &reg, w).await;
     assert_eq!(agg.accepted, 42, "{agg:?} {rows:?}");
     for (j, m) in miners.iter().enumerate() {
         let r = &rows[&m.peer_id().to_string()];

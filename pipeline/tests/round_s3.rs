@@ -5,11 +5,11 @@
 
 mod common;
 
+use common::update;
+
 use std::collections::BTreeMap;
 
 use object_store::ObjectStoreExt;
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 use shardrop::aggregate::{
     MergeOn, aggregate_commit, aggregate_part, aggregate_window, apply_aggregates,
 };
@@ -22,20 +22,6 @@ use shardrop::registry::{Credentials, Participant, Registry, Role};
 use shardrop::store::{S3Options, Target, put_create};
 use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
-
-fn update(seed: f32) -> Vec<u8> {
-    let w: Vec<u8> = (0..6000)
-        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
-        .collect();
-    let b: Vec<u8> = (0..100)
-        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
-        .collect();
-    let views = vec![
-        ("w", TensorView::new(Dtype::F32, vec![60, 100], &w).unwrap()),
-        ("b", TensorView::new(Dtype::F32, vec![100], &b).unwrap()),
-    ];
-    safetensors::serialize(views, None).unwrap()
-}
 
 fn opts() -> S3Options {
     S3Options {

@@ -140,3 +140,53 @@ pub async fn flip_bit(target: &Target, path: &object_store::path::Path, at: Opti
     b[i] ^= 1;
     target.store.put(path, b.into()).await.unwrap();
 }
+
+/// The round tests' update: `w` 60×100 and `b` 100, f32, different per seed.
+pub fn update(seed: f32) -> Vec<u8> {
+    use safetensors::{Dtype, tensor::TensorView};
+    let w: Vec<u8> = (0..6000)
+        .flat_map(|i| (((i as f32) * 0.37 + seed).sin() * 0.01).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..100)
+        .flat_map(|i| (((i as f32) * 1.3 + seed).cos() * 0.02).to_le_bytes())
+        .collect();
+    let views = vec![
+        ("w", TensorView::new(Dtype::F32, vec![60, 100], &w).unwrap()),
+        ("b", TensorView::new(Dtype::F32, vec![100], &b).unwrap()),
+    ];
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Waits until window `w` of `reg` has closed by the clock of the store behind `t`.
+pub async fn wait_closed(reg: &shardrop::registry::Registry, t: &Target, w: u64) {
+    let closes = shardrop::exchange::clock(reg).closes(w);
+    loop {
+        let now = shardrop::window::store_now_ms(t, "clock").await.unwrap();
+        if now >= closes {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(closes - now + 20)).await;
+    }
+}
+
+/// The ledger the aggregator (whose area is `agg`) wrote for window `w`, by peer.
+pub async fn ledger(
+    agg: &Target,
+    reg: &shardrop::registry::Registry,
+    w: u64,
+) -> std::collections::BTreeMap<String, shardrop::tables::LedgerRow> {
+    use object_store::ObjectStoreExt;
+    let bytes = agg
+        .store
+        .get(&agg.path(&shardrop::layout::ledger(&reg.run, w)))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    shardrop::tables::read_ledger(bytes)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.peer.clone(), r))
+        .collect()
+}
