@@ -483,3 +483,71 @@ fn a_bomb_costs_the_aggregator_nothing() {
     ]);
     assert_eq!(dec.status.code(), Some(3), "{}", stderr(&dec));
 }
+
+#[test]
+fn grad_encode_and_decode_never_write_through_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let update = dir.join("u.safetensors");
+    write_update(&update, 2.0);
+    let encode = |out: &Path, state: &Path| {
+        ok_json(shardrop(&[
+            "grad",
+            "encode",
+            p(&update),
+            p(out),
+            "--state",
+            p(state),
+            "--json",
+        ]))
+    };
+    // Learn the section file names, then plant links at them in a fresh output folder.
+    let first = encode(&dir.join("probe"), &dir.join("s0"));
+    let names: Vec<String> = first["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            Path::new(x.as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for n in &names {
+        std::os::unix::fs::symlink(&victim, out.join(n)).unwrap();
+    }
+    // An output folder that is not empty (here: links at the section names) is refused.
+    let refused = shardrop(&[
+        "grad",
+        "encode",
+        p(&update),
+        p(&out),
+        "--state",
+        p(&dir.join("s1")),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("not empty"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    let out = dir.join("probe");
+    // The decoder's output path, a planted link: replaced, not written through.
+    let dense = dir.join("dense.safetensors");
+    std::os::unix::fs::symlink(&victim, &dense).unwrap();
+    ok_json(shardrop(&["grad", "decode", p(&out), p(&dense), "--json"]));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    assert!(
+        std::fs::symlink_metadata(&dense)
+            .unwrap()
+            .file_type()
+            .is_file()
+    );
+}
