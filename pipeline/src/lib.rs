@@ -11,6 +11,7 @@ pub mod codec;
 pub mod envelope;
 pub mod evaluate;
 pub mod exchange;
+pub mod files;
 pub mod identity;
 pub mod layout;
 pub mod refmodel;

@@ -309,16 +309,9 @@ fn open_nofollow(path: &Path) -> Result<File, CkptError> {
     }
 }
 
-/// Writes `bytes` to `dest` through a new file in `tmp_dir` (created exclusively, so never
-/// through a planted link) renamed over it (a rename replaces a link, never follows it).
+/// `files::write_replace`, naming the file in the error.
 fn write_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), CkptError> {
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".write-")
-        .tempfile_in(tmp_dir)
-        .map_err(|e| io_err(tmp_dir, e))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| io_err(dest, e))?;
-    tmp.persist(dest).map_err(|e| io_err(dest, e.error))?;
-    Ok(())
+    crate::files::write_replace(tmp_dir, dest, bytes).map_err(|e| io_err(dest, e))
 }
 
 /// A pulled shard's own safetensors header must list exactly the manifest's tensors of that

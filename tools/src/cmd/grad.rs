@@ -149,7 +149,7 @@ async fn encode(ctx: &Ctx, a: EncodeArgs) -> anyhow::Result<()> {
         let mut zstd_bytes = 0u64;
         for (name, payload) in &encoded.sections {
             let path = out_dir.join(format!("{name}.safetensors"));
-            super::write_replace(&path, payload)
+            shardrop::files::write_replace_beside(&path, payload)
                 .with_context(|| format!("{}: cannot write", path.display()))?;
             zstd_bytes += zstd::bulk::compress(payload, 3)
                 .map(|c| c.len() as u64)
@@ -305,7 +305,7 @@ async fn decode(ctx: &Ctx, a: DecodeArgs) -> anyhow::Result<()> {
                 )?;
             }
             let out = dense_to_safetensors(&dense)?;
-            super::write_replace(&out_path, &out)
+            shardrop::files::write_replace_beside(&out_path, &out)
                 .with_context(|| format!("{}: cannot write", out_path.display()))?;
             Ok((
                 dense.len(),

@@ -34,22 +34,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mul as f64) as u64)
 }
 
-/// Writes `bytes` to `path` through a new temporary file beside it, renamed over the name:
-/// never through a link planted there (a rename replaces the link), and never a partial
-/// file under the final name.
-pub fn write_replace(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".shardrop-write-")
-        .tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes)?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
-}
-
 /// Free bytes on the file system holding `dir` (None when it cannot be asked).
 pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     fs4::available_space(dir).ok()
