@@ -24,7 +24,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::codec::{EncodedTensor, ModelSpec, accumulate};
+use crate::codec::{CodecError, EncodedTensor, ModelSpec, accumulate};
 use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
 use crate::exchange::{
     ExchangeError, Fault, RangeCheck, Shard, check_head, check_range, clock, read_signed,
@@ -56,7 +56,7 @@ pub struct Aggregated {
 fn agg_tensor(name: &str, shape: &[u64], dense: &[f32]) -> Result<Vec<u8>, ExchangeError> {
     let nnz = dense.iter().filter(|&&x| x != 0.0).count();
     let bad = |e: safetensors::SafeTensorError| {
-        ExchangeError::Refused(format!("aggregate tensor {name}: {e}"))
+        ExchangeError::Internal(format!("aggregate tensor {name}: {e}"))
     };
     let sparse = nnz * 8 < dense.len() * 4;
     let meta = serde_json::json!({"codec": AGG_CODEC, "name": name, "shape": shape, "form": if sparse { "sparse" } else { "dense" }});
@@ -144,55 +144,62 @@ impl AggTensor {
     }
 }
 
-/// Parses one aggregate tensor section.
-pub fn read_agg_tensor(section: &[u8], model: &ModelSpec) -> Result<AggTensor, String> {
-    let st = SafeTensors::deserialize(section).map_err(|e| format!("not safetensors: {e}"))?;
-    let (_, header) = SafeTensors::read_metadata(section).map_err(|e| e.to_string())?;
+/// Parses one aggregate tensor section; a malformed one is refused with a codec reason
+/// (`section_malformed`, `unknown_tensor`, `non_finite`).
+pub fn read_agg_tensor(section: &[u8], model: &ModelSpec) -> Result<AggTensor, CodecError> {
+    let st = SafeTensors::deserialize(section)
+        .map_err(|e| malformed(format!("not safetensors: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(section).map_err(|e| malformed(e.to_string()))?;
     let meta: serde_json::Value = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("shardrop"))
         .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or("no shardrop metadata")?;
-    let name = meta["name"].as_str().ok_or("no tensor name")?;
-    let spec = model
-        .get(name)
-        .ok_or_else(|| format!("tensor {name:?} is not in the model"))?;
+        .ok_or_else(|| malformed("no shardrop metadata".into()))?;
+    let name = meta["name"]
+        .as_str()
+        .ok_or_else(|| malformed("no tensor name".into()))?;
+    let spec = model.get(name).ok_or_else(|| CodecError::UnknownTensor {
+        tensor: name.to_string(),
+    })?;
     let numel = spec.shape.iter().product::<u64>();
-    let f32s = |b: &[u8]| -> Result<Vec<f32>, String> {
+    let f32s = |b: &[u8]| -> Result<Vec<f32>, CodecError> {
         let v: Vec<f32> = b
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         match v.iter().all(|x| x.is_finite()) {
             true => Ok(v),
-            false => Err(format!("tensor {name}: non-finite value")),
+            false => Err(CodecError::NonFinite {
+                tensor: name.to_string(),
+                what: "a value".into(),
+            }),
         }
     };
     let values = match meta["form"].as_str() {
         Some("dense") => {
-            let t = st.tensor(name).map_err(|e| e.to_string())?;
+            let t = st.tensor(name).map_err(|e| malformed(e.to_string()))?;
             if t.dtype() != Dtype::F32
                 || t.shape().iter().map(|&d| d as u64).collect::<Vec<_>>() != spec.shape
             {
-                return Err(format!(
+                return Err(malformed(format!(
                     "tensor {name}: dense form has the wrong dtype or shape"
-                ));
+                )));
             }
             AggValues::Dense(f32s(t.data())?)
         }
         Some("sparse") => {
             let idx = st
                 .tensor(&format!("{name}/idx"))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| malformed(e.to_string()))?;
             let val = st
                 .tensor(&format!("{name}/val"))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| malformed(e.to_string()))?;
             if idx.dtype() != Dtype::U32 || val.dtype() != Dtype::F32 || idx.shape() != val.shape()
             {
-                return Err(format!(
+                return Err(malformed(format!(
                     "tensor {name}: sparse form has the wrong dtypes or shapes"
-                ));
+                )));
             }
             let ids: Vec<u32> = idx
                 .data()
@@ -200,19 +207,25 @@ pub fn read_agg_tensor(section: &[u8], model: &ModelSpec) -> Result<AggTensor, S
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
             if let Some(bad) = ids.iter().find(|&&i| i as u64 >= numel) {
-                return Err(format!("tensor {name}: index {bad} out of range"));
+                return Err(malformed(format!(
+                    "tensor {name}: index {bad} out of range"
+                )));
             }
             if ids.windows(2).any(|p| p[0] >= p[1]) {
-                return Err(format!("tensor {name}: indices not increasing"));
+                return Err(malformed(format!("tensor {name}: indices not increasing")));
             }
             AggValues::Sparse(ids, f32s(val.data())?)
         }
-        _ => return Err(format!("tensor {name}: unknown form")),
+        _ => return Err(malformed(format!("tensor {name}: unknown form"))),
     };
     Ok(AggTensor {
         name: name.to_string(),
         values,
     })
+}
+
+fn malformed(detail: String) -> CodecError {
+    CodecError::Malformed(detail)
 }
 
 /// Final verdicts and merge weights of a window, from the header pass and the range checks.
@@ -533,7 +546,7 @@ async fn publish_aggregate(
         count("error"),
     );
     let ledger =
-        ledger_parquet(&v.rows).map_err(|e| ExchangeError::Refused(format!("ledger: {e}")))?;
+        ledger_parquet(&v.rows).map_err(|e| ExchangeError::Internal(format!("ledger: {e}")))?;
     let ledger_path = target.path(&layout::ledger(&reg.run, w));
     let ledger_url = target.url_of(&ledger_path);
     target
@@ -757,7 +770,7 @@ pub async fn aggregate_part(
     on: &MergeOn,
 ) -> Result<usize, ExchangeError> {
     if k == 0 || i >= k {
-        return Err(ExchangeError::Refused(format!(
+        return Err(ExchangeError::Caller(format!(
             "part {i}/{k}: expected 0 <= i < k"
         )));
     }
@@ -770,7 +783,7 @@ pub async fn aggregate_part(
     let range = part_range(reg.model.tensors.len(), i, k);
     let decoded = check_ranges(reg, &shards, range.clone(), concurrency, deadline).await;
     let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
-    let json = serde_json::to_vec(&mine).map_err(|e| ExchangeError::Refused(e.to_string()))?;
+    let json = serde_json::to_vec(&mine).map_err(|e| ExchangeError::Internal(e.to_string()))?;
     put_blob(
         reg,
         id,
@@ -806,13 +819,17 @@ async fn read_checks(
 ) -> Result<Vec<Vec<RangeCheck>>, ExchangeError> {
     let mut parts = Vec::with_capacity(k);
     for p in 0..k {
-        let secs =
-            wait_for_blob(reg, target, me, &layout::agg_checks(&reg.run, w, p, k), w).await?;
+        let key = layout::agg_checks(&reg.run, w, p, k);
+        let secs = wait_for_blob(reg, target, me, &key, w).await?;
         let checks: Vec<RangeCheck> = secs
             .first()
             .map(|(_, j)| serde_json::from_slice(j))
             .transpose()
-            .map_err(|e| ExchangeError::Refused(format!("part {p} checks: {e}")))?
+            .map_err(|e| ExchangeError::Rejected {
+                object: target.url_of(&target.path(&key)),
+                reason: "part_malformed",
+                detail: format!("part {p} checks: {e}"),
+            })?
             .unwrap_or_default();
         parts.push(checks);
     }
@@ -820,10 +837,12 @@ async fn read_checks(
         .iter()
         .any(|p| p.len() != reg.with_role(Role::Miner).len())
     {
-        return Err(ExchangeError::Refused(
-            "a part's checks do not cover every miner (was the registry changed mid-window?)"
-                .into(),
-        ));
+        return Err(ExchangeError::Conflict {
+            object: target.url_of(&target.path(&layout::agg_checks(&reg.run, w, 0, k))),
+            detail:
+                "a part's checks do not cover every miner (was the registry changed mid-window?)"
+                    .into(),
+        });
     }
     Ok(parts)
 }
@@ -852,9 +871,11 @@ pub async fn aggregate_commit(
         .map(|i| format!("t{i:05}"))
         .collect();
     if sections.iter().map(|(n, _)| n).ne(want.iter()) {
-        return Err(ExchangeError::Refused(
-            "the parts do not cover the model's tensors in order".into(),
-        ));
+        return Err(ExchangeError::Rejected {
+            object: target.url_of(&target.path(&layout::agg_part(&reg.run, w, 0, k))),
+            reason: "part_malformed",
+            detail: "the parts do not cover the model's tensors in order".into(),
+        });
     }
     publish_aggregate(reg, id, &target, w, &v, sections).await
 }
@@ -881,14 +902,21 @@ pub async fn read_aggregate(
         Err(EnvelopeError::NotFound { .. }) => {
             return Err(ExchangeError::NoAggregate { window: w, object });
         }
-        Err(e) => return Err(ExchangeError::Refused(format!("window {w}: {e}"))),
+        Err(e) => {
+            return Err(ExchangeError::Aggregate {
+                window: w,
+                source: e,
+            });
+        }
     };
     env.sections()
         .iter()
         .zip(&sections)
         .map(|(entry, s)| {
-            read_agg_tensor(s, &reg.model).map_err(|e| {
-                ExchangeError::Refused(format!("window {w}: {object} section {}: {e}", entry.name))
+            read_agg_tensor(s, &reg.model).map_err(|e| ExchangeError::Rejected {
+                object: object.clone(),
+                reason: e.reason(),
+                detail: format!("window {w}: section {}: {e}", entry.name),
             })
         })
         .collect()
@@ -916,7 +944,7 @@ pub async fn apply_aggregates(
                     == Some(d.len() as u64)
             });
             if !ok {
-                return Err(ExchangeError::Refused(format!(
+                return Err(ExchangeError::Caller(format!(
                     "window {w}: tensor {:?} is missing from the base or has another size",
                     t.name
                 )));

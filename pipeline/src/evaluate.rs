@@ -28,7 +28,23 @@ pub struct Losses {
     pub loss_after: f64,
 }
 
-/// Measures how much one miner's update helps. Errors are strings recorded in the score table.
+/// Why an evaluator could not measure: recorded as text in the score table's `eval_error`,
+/// and never the miner's fault (its rating carries over).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    /// The evaluator cannot measure this run (its model is another one).
+    #[error("{0}")]
+    Unsupported(String),
+    /// θ_w could not be rebuilt (an aggregate missing or refused).
+    #[error("{0}")]
+    Model(String),
+    /// The measurement failed: the update is not what the evaluator expects, or the
+    /// command failed, timed out or printed no losses.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Measures how much one miner's update helps.
 #[async_trait::async_trait]
 pub trait Evaluator: Send {
     /// Recorded in the signed weights object, so readers know what the scores mean.
@@ -36,7 +52,7 @@ pub trait Evaluator: Send {
 
     /// Called once per window before any miner: bring the model to θ_w (after the aggregates
     /// of windows `..w`). An error here is recorded for every miner of the window.
-    async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), String>;
+    async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), EvalError>;
 
     /// `scale` is the step this update contributes to the aggregate: `outer_lr / n` for `n`
     /// eligible miners. A whole step of one miner's noisy update overshoots where the mean of
@@ -48,7 +64,7 @@ pub trait Evaluator: Send {
         peer: &str,
         update: &Dense,
         scale: f32,
-    ) -> Result<Losses, String>;
+    ) -> Result<Losses, EvalError>;
 }
 
 /// The built-in evaluator on the reference task.
@@ -88,12 +104,12 @@ impl Evaluator for ReferenceEvaluator {
         )
     }
 
-    async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), String> {
+    async fn prepare(&mut self, reg: &Registry, s3: &S3Options, w: u64) -> Result<(), EvalError> {
         if !self.task.matches(&reg.model) {
-            return Err(format!(
+            return Err(EvalError::Unsupported(format!(
                 "the run's model is not the reference model ({TENSOR} {}x{})",
                 self.task.d_out, self.task.d_in
-            ));
+            )));
         }
         let Some(target) = w.checked_sub(1) else {
             self.theta = self.task.init();
@@ -120,7 +136,11 @@ impl Evaluator for ReferenceEvaluator {
                 Err(ExchangeError::NoAggregate { .. }) if start.elapsed() < self.wait => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                Err(e) => break Err(format!("cannot rebuild the model of window {w}: {e}")),
+                Err(e) => {
+                    break Err(EvalError::Model(format!(
+                        "cannot rebuild the model of window {w}: {e}"
+                    )));
+                }
             }
         };
         self.theta = theta.remove(TENSOR).unwrap_or_default();
@@ -139,16 +159,16 @@ impl Evaluator for ReferenceEvaluator {
         _peer: &str,
         update: &Dense,
         scale: f32,
-    ) -> Result<Losses, String> {
+    ) -> Result<Losses, EvalError> {
         let (_, u) = update
             .get(TENSOR)
-            .ok_or_else(|| format!("the update has no {TENSOR}"))?;
+            .ok_or_else(|| EvalError::Failed(format!("the update has no {TENSOR}")))?;
         if u.len() != self.theta.len() {
-            return Err(format!(
+            return Err(EvalError::Failed(format!(
                 "{TENSOR} has {} values, not {}",
                 u.len(),
                 self.theta.len()
-            ));
+            )));
         }
         let batch = self.task.eval_batch(w);
         // The same arithmetic as applying an aggregate: θ − (scale · u), two roundings.
@@ -217,11 +237,27 @@ impl Evaluator for CommandEvaluator {
         format!("command: {}", self.cmd)
     }
 
-    async fn prepare(&mut self, _: &Registry, _: &S3Options, _: u64) -> Result<(), String> {
+    async fn prepare(&mut self, _: &Registry, _: &S3Options, _: u64) -> Result<(), EvalError> {
         Ok(())
     }
 
     async fn evaluate(
+        &mut self,
+        reg: &Registry,
+        w: u64,
+        peer: &str,
+        update: &Dense,
+        scale: f32,
+    ) -> Result<Losses, EvalError> {
+        self.run(reg, w, peer, update, scale)
+            .await
+            .map_err(EvalError::Failed)
+    }
+}
+
+impl CommandEvaluator {
+    /// One run of the command; the error is the text the score table records.
+    async fn run(
         &mut self,
         reg: &Registry,
         w: u64,

@@ -21,10 +21,26 @@ use crate::registry::{Participant, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::window::{RunClock, store_now_ms};
 
+/// Failures of publishing and of the round's jobs, by class ([`crate::error::ErrorClass`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
+    /// The call cannot be done as asked: not registered, a window that is closed or not
+    /// open, an update that is not the run's model, bad part numbers.
     #[error("{0}")]
-    Refused(String),
+    Caller(String),
+    /// An object was read and refused; `reason` is its stable code.
+    #[error("{object}: {detail}")]
+    Rejected {
+        object: String,
+        reason: &'static str,
+        detail: String,
+    },
+    /// Another object already holds the name, with other content; nothing was overwritten.
+    #[error("{object}: {detail}")]
+    Conflict { object: String, detail: String },
+    /// An object the call needs is not there.
+    #[error("{object}: {detail}")]
+    Missing { object: String, detail: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -34,6 +50,44 @@ pub enum ExchangeError {
     /// Not (yet) published: callers that replay may wait and retry.
     #[error("window {window}: no aggregate at {object}")]
     NoAggregate { window: u64, object: String },
+    /// Reading one window's aggregate failed; the source keeps its class and reason.
+    #[error("window {window}: {source}")]
+    Aggregate {
+        window: u64,
+        #[source]
+        source: EnvelopeError,
+    },
+    /// A failure of this program or its device (serialising its own output, a GPU), not of
+    /// any input.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl crate::error::Classified for ExchangeError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            ExchangeError::Caller(_) => ErrorClass::Caller,
+            ExchangeError::Rejected { .. } => ErrorClass::Rejected,
+            ExchangeError::Conflict { .. } => ErrorClass::Conflict,
+            ExchangeError::Missing { .. } | ExchangeError::NoAggregate { .. } => {
+                ErrorClass::NotFound
+            }
+            ExchangeError::Store(e) => e.class(),
+            ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.class(),
+            ExchangeError::Codec(e) => e.class(),
+            ExchangeError::Internal(_) => ErrorClass::Internal,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            ExchangeError::Rejected { reason, .. } => Some(reason),
+            ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.reason(),
+            ExchangeError::Codec(e) => crate::error::Classified::reason(e),
+            _ => None,
+        }
+    }
 }
 
 impl From<crate::registry::RegistryError> for ExchangeError {
@@ -41,19 +95,19 @@ impl From<crate::registry::RegistryError> for ExchangeError {
         match e {
             crate::registry::RegistryError::Store(s) => ExchangeError::Store(s),
             crate::registry::RegistryError::Envelope(s) => ExchangeError::Envelope(s),
-            other => ExchangeError::Refused(other.to_string()),
+            other => ExchangeError::Caller(other.to_string()),
         }
     }
 }
 
 /// A GPU codec failure: a codec verdict stays one; a device failure (driver, compile,
-/// memory) refuses the operation, which the caller may redo on the CPU.
+/// memory) fails the operation, which the caller may redo on the CPU.
 #[cfg(feature = "cuda")]
 impl From<crate::codec::gpu::GpuError> for ExchangeError {
     fn from(e: crate::codec::gpu::GpuError) -> Self {
         match e {
             crate::codec::gpu::GpuError::Codec(c) => ExchangeError::Codec(c),
-            other => ExchangeError::Refused(format!("GPU: {other}")),
+            other => ExchangeError::Internal(format!("GPU: {other}")),
         }
     }
 }
@@ -107,7 +161,7 @@ pub fn own_store(
 ) -> Result<crate::store::Target, ExchangeError> {
     let me = id.peer_id();
     let entry = reg.participant(&me, role).ok_or_else(|| {
-        ExchangeError::Refused(format!(
+        ExchangeError::Caller(format!(
             "{me} is not registered as a {} of run {}",
             format!("{role:?}").to_lowercase(),
             reg.run
@@ -186,20 +240,20 @@ pub async fn publish_with(
     let w = match window {
         Some(w) => w,
         None => clk.window_at(now).ok_or_else(|| {
-            ExchangeError::Refused(format!(
+            ExchangeError::Caller(format!(
                 "run {} has not started (store clock {now} ms)",
                 reg.run
             ))
         })?,
     };
     if now >= clk.closes(w) {
-        return Err(ExchangeError::Refused(format!(
+        return Err(ExchangeError::Caller(format!(
             "window {w} closed at {} ms (deadline + grace); the store's clock says {now} ms",
             clk.closes(w)
         )));
     }
     if now < clk.start(w) {
-        return Err(ExchangeError::Refused(format!(
+        return Err(ExchangeError::Caller(format!(
             "window {w} starts at {} ms; the store's clock says {now} ms",
             clk.start(w)
         )));
@@ -209,7 +263,7 @@ pub async fn publish_with(
         match reg.model.get(&t.name) {
             Some(spec) if spec.shape == t.shape => {}
             _ => {
-                return Err(ExchangeError::Refused(format!(
+                return Err(ExchangeError::Caller(format!(
                     "update tensor {:?} {:?} is not in the run's model",
                     t.name, t.shape
                 )));
@@ -217,7 +271,7 @@ pub async fn publish_with(
         }
     }
     if model.tensors.len() != reg.model.tensors.len() {
-        return Err(ExchangeError::Refused(format!(
+        return Err(ExchangeError::Caller(format!(
             "update has {} tensors, the model {}",
             model.tensors.len(),
             reg.model.tensors.len()
@@ -231,7 +285,7 @@ pub async fn publish_with(
             return already_published(reg, &target, &me, w, now).await;
         }
         if done > w {
-            return Err(ExchangeError::Refused(format!(
+            return Err(ExchangeError::Caller(format!(
                 "the error-feedback state already accounts for window {done}, later than {w}"
             )));
         }
@@ -261,23 +315,28 @@ pub async fn publish_with(
     // a kill between the put and the state save. The same state and update give the same
     // sections (only the signer's clock differs), and then this encoding's state is exactly
     // the one to keep.
-    let stored =
-        match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await {
-            Ok(env) => Some(env),
-            Err(EnvelopeError::NotFound { .. }) => None,
-            Err(e) if e.rejection().is_some() => {
-                return Err(ExchangeError::Refused(format!(
-                    "{object}: another object is already there ({e}); the state is unchanged"
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let stored = match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
+        .await
+    {
+        Ok(env) => Some(env),
+        Err(EnvelopeError::NotFound { .. }) => None,
+        Err(e) if e.rejection().is_some() => {
+            return Err(ExchangeError::Conflict {
+                object: object.to_string(),
+                detail: format!("another object is already there ({e}); the state is unchanged"),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let already = match stored {
         Some(env) => {
             if content_hash(env.sections().iter()) != content {
-                return Err(ExchangeError::Refused(format!(
-                    "{object}: a different shard for window {w} is already published (another update, or another error-feedback state); the state is unchanged"
-                )));
+                return Err(ExchangeError::Conflict {
+                    object: object.to_string(),
+                    detail: format!(
+                        "a different shard for window {w} is already published (another update, or another error-feedback state); the state is unchanged"
+                    ),
+                });
             }
             true
         }
@@ -296,9 +355,12 @@ pub async fn publish_with(
                     )
                     .await?;
                     if content_hash(env.sections().iter()) != content {
-                        return Err(ExchangeError::Refused(format!(
-                            "{object}: a different shard for window {w} landed meanwhile; the state is unchanged"
-                        )));
+                        return Err(ExchangeError::Conflict {
+                            object: object.to_string(),
+                            detail: format!(
+                                "a different shard for window {w} landed meanwhile; the state is unchanged"
+                            ),
+                        });
                     }
                     true
                 }
@@ -360,7 +422,7 @@ async fn commit_then_wait(
     let object = target.url_of(&path);
     let bytes = signed
         .to_vec()
-        .map_err(|e| ExchangeError::Refused(format!("{object}: {e}")))?;
+        .map_err(|e| ExchangeError::Internal(format!("{object}: {e}")))?;
     // No shard is stored yet, so any commit already here is a stale one of ours: replace it.
     object_store::ObjectStoreExt::put(
         target.store.as_ref(),
@@ -380,7 +442,7 @@ async fn commit_then_wait(
     loop {
         let now = store_now_ms(target, &probe).await?;
         if now >= clk.closes(w) {
-            return Err(ExchangeError::Refused(format!(
+            return Err(ExchangeError::Caller(format!(
                 "window {w} closed at {} ms while committing (the store's clock says {now} ms)",
                 clk.closes(w)
             )));
@@ -405,9 +467,12 @@ async fn already_published(
     let meta = match object_store::ObjectStoreExt::head(target.store.as_ref(), &path).await {
         Ok(m) => m,
         Err(object_store::Error::NotFound { .. }) => {
-            return Err(ExchangeError::Refused(format!(
-                "{object}: the error-feedback state says window {w} was published, but no shard is there"
-            )));
+            return Err(ExchangeError::Missing {
+                object: object.to_string(),
+                detail: format!(
+                    "the error-feedback state says window {w} was published, but no shard is there"
+                ),
+            });
         }
         Err(e) => return Err(StoreError::from_store(&object, e).into()),
     };

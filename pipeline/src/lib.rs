@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod checkpoint;
 pub mod codec;
 pub mod envelope;
+pub mod error;
 pub mod evaluate;
 pub mod exchange;
 pub mod files;

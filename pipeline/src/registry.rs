@@ -114,6 +114,23 @@ pub enum RegistryError {
     Invalid { object: String, reason: String },
 }
 
+impl crate::error::Classified for RegistryError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            RegistryError::Envelope(e) => e.class(),
+            RegistryError::Store(e) => e.class(),
+            RegistryError::Invalid { .. } => crate::error::ErrorClass::Caller,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            RegistryError::Envelope(e) => e.reason(),
+            _ => None,
+        }
+    }
+}
+
 const SECTION: &str = "registry.json";
 
 impl Participant {

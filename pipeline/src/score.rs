@@ -24,7 +24,7 @@ use object_store::ObjectStoreExt;
 use crate::aggregate::{AggTensor, check_ranges, finalize, open_window, read_aggregate};
 use crate::codec::{CodecError, Dense, EncodedTensor, ModelSpec, accumulate, to_sparse};
 use crate::envelope::{Compression, EnvelopeBuilder, Kind};
-use crate::evaluate::Evaluator;
+use crate::evaluate::{EvalError, Evaluator};
 use crate::exchange::{ExchangeError, RangeCheck, clock};
 use crate::identity::Identity;
 use crate::layout;
@@ -426,8 +426,10 @@ async fn previous_ratings(
                     .bytes()
                     .await
                     .map_err(|e| StoreError::from_store(&url, e))?;
-                let rows = read_scores(bytes).map_err(|e| {
-                    ExchangeError::Refused(format!("{url}: not a score table: {e}"))
+                let rows = read_scores(bytes).map_err(|e| ExchangeError::Rejected {
+                    object: url.to_string(),
+                    reason: "scores_malformed",
+                    detail: format!("not a score table: {e}"),
                 })?;
                 return Ok(rows.into_iter().map(|r| (r.peer, r.rating)).collect());
             }
@@ -544,8 +546,8 @@ pub async fn validate_window(
     let agree = agreement(total_len as usize, &updates, &eligible);
     drop(updates);
 
-    let mut losses: Vec<Result<crate::evaluate::Losses, String>> =
-        vec![Err(String::new()); shards.len()];
+    let mut losses: Vec<Result<crate::evaluate::Losses, EvalError>> =
+        vec![Err(EvalError::Failed(String::new())); shards.len()];
     if let Some(ev) = evaluator.as_deref_mut() {
         let prepared = ev.prepare(reg, s3, w).await;
         let n = eligible.iter().filter(|e| **e).count().max(1);
@@ -558,7 +560,7 @@ pub async fn validate_window(
                 Err(e) => Err(e.clone()),
                 Ok(()) => match dense_of(tensors) {
                     Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d, scale).await,
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(EvalError::Failed(e.to_string())),
                 },
             };
         }
@@ -592,7 +594,7 @@ pub async fn validate_window(
         let rating = score.map_or(before, |s| (1.0 - opts.alpha) * before + opts.alpha * s);
         let (lb, la, err) = match &losses[j] {
             Ok(x) => (Some(x.loss_before), Some(x.loss_after), None),
-            Err(e) if eligible[j] && evaluator.is_some() => (None, None, Some(e.clone())),
+            Err(e) if eligible[j] && evaluator.is_some() => (None, None, Some(e.to_string())),
             Err(_) => (None, None, None),
         };
         let c = &copies[j];
@@ -648,16 +650,19 @@ async fn publish_scores(
     rows: Vec<ScoreRow>,
 ) -> Result<Validated, ExchangeError> {
     let table =
-        scores_parquet(&rows).map_err(|e| ExchangeError::Refused(format!("scores: {e}")))?;
+        scores_parquet(&rows).map_err(|e| ExchangeError::Internal(format!("scores: {e}")))?;
     let table_hash = blake3::hash(&table).to_hex().to_string();
     let path = target.path(&layout::scores(&reg.run, w));
     let scores_url = target.url_of(&path);
     let outcome = match store::put_create(target, &path, table.as_slice()).await {
         Ok(o) => o,
         Err(StoreError::Conflict { .. }) => {
-            return Err(ExchangeError::Refused(format!(
-                "{scores_url}: window {w} was already scored with different results (is the evaluator deterministic?)"
-            )));
+            return Err(ExchangeError::Conflict {
+                object: scores_url,
+                detail: format!(
+                    "window {w} was already scored with different results (is the evaluator deterministic?)"
+                ),
+            });
         }
         Err(e) => return Err(e.into()),
     };
@@ -685,9 +690,10 @@ async fn publish_scores(
     match store::put_create(target, &wpath, &signed).await {
         Ok(_) => {}
         Err(StoreError::Conflict { .. }) => {
-            return Err(ExchangeError::Refused(format!(
-                "{weights_url}: other weights for window {w} are already published"
-            )));
+            return Err(ExchangeError::Conflict {
+                object: weights_url,
+                detail: format!("other weights for window {w} are already published"),
+            });
         }
         Err(e) => return Err(e.into()),
     }
@@ -710,7 +716,7 @@ pub async fn read_scored_window(
 ) -> Result<(Vec<ScoreRow>, serde_json::Value), ExchangeError> {
     use crate::envelope::{EnvelopeError, Expect};
     let peer = crate::identity::PeerId::parse(&validator.peer)
-        .map_err(|e| ExchangeError::Refused(e.to_string()))?;
+        .map_err(|e| ExchangeError::Caller(e.to_string()))?;
     let target = reg.open_store(validator, s3)?;
     let wkey = layout::weights(&reg.run, w);
     let wurl = target.url_of(&target.path(&wkey));
@@ -730,16 +736,21 @@ pub async fn read_scored_window(
     .await
     {
         Err(EnvelopeError::NotFound { .. }) => {
-            return Err(ExchangeError::Refused(format!(
-                "window {w} has no weights at {wurl}"
-            )));
+            return Err(ExchangeError::Missing {
+                object: wurl,
+                detail: format!("window {w} has no weights here"),
+            });
         }
         r => r?,
     };
     let body: serde_json::Value = secs
         .first()
         .and_then(|s| serde_json::from_slice(s).ok())
-        .ok_or_else(|| ExchangeError::Refused(format!("{wurl}: no weights.json section")))?;
+        .ok_or_else(|| ExchangeError::Rejected {
+            object: wurl.clone(),
+            reason: "weights_malformed",
+            detail: "no weights.json section".into(),
+        })?;
     let path = target.path(&layout::scores(&reg.run, w));
     let url = target.url_of(&path);
     let table: Bytes = target
@@ -752,12 +763,17 @@ pub async fn read_scored_window(
         .map_err(|e| StoreError::from_store(&url, e))?;
     let hash = blake3::hash(&table).to_hex().to_string();
     if body["scores_blake3"].as_str() != Some(hash.as_str()) {
-        return Err(ExchangeError::Refused(format!(
-            "{url}: the table's blake3 {hash} is not the one the signed weights name"
-        )));
+        return Err(ExchangeError::Rejected {
+            object: url,
+            reason: "scores_hash_mismatch",
+            detail: format!("the table's blake3 {hash} is not the one the signed weights name"),
+        });
     }
-    let rows = read_scores(table)
-        .map_err(|e| ExchangeError::Refused(format!("{url}: not a score table: {e}")))?;
+    let rows = read_scores(table).map_err(|e| ExchangeError::Rejected {
+        object: url.clone(),
+        reason: "scores_malformed",
+        detail: format!("not a score table: {e}"),
+    })?;
     Ok((rows, body))
 }
 

@@ -383,7 +383,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let mut old = EfState::default();
     let refused = publish(&reg, &killed, &s3, Some(w), &update(6.0), &mut old).await;
     assert!(
-        matches!(&refused, Err(ExchangeError::Refused(m)) if m.contains("different shard")),
+        matches!(&refused, Err(ExchangeError::Conflict { detail: m, .. }) if m.contains("different shard")),
         "{refused:?}"
     );
     assert_eq!(old, EfState::default());

@@ -606,7 +606,7 @@ async fn hostile_manifests_failing_stores_links_and_retention() {
         };
         let dir = tmp.path().join(format!("evil-{step}"));
         let e = pull(&l, &dir, &pull_opts(), &quiet).await.unwrap_err();
-        assert!(matches!(e, CkptError::Invalid(_)), "{e}");
+        assert!(matches!(e, CkptError::Rejected { .. }), "{e}");
         assert!(!tmp.path().join("escape.txt").exists());
     }
 

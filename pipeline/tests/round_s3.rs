@@ -238,7 +238,7 @@ async fn full_round_on_s3() {
     )
     .await;
     assert!(
-        matches!(refused, Err(ExchangeError::Refused(ref m)) if m.contains("closed")),
+        matches!(refused, Err(ExchangeError::Caller(ref m)) if m.contains("closed")),
         "{refused:?}"
     );
     let enc = codec::encode_update(

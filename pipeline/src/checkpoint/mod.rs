@@ -34,8 +34,28 @@ pub const LOCAL_MANIFEST: &str = "shardrop-manifest.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CkptError {
+    /// The call cannot be done as asked (arguments, a link or folder where a file goes).
     #[error("{0}")]
-    Invalid(String),
+    Caller(String),
+    /// A signed object was read and refused (a manifest or pointer that is not one);
+    /// `reason` is its stable code.
+    #[error("{object}: {detail}")]
+    Rejected {
+        object: String,
+        reason: &'static str,
+        detail: String,
+    },
+    /// Bytes that do not match the signed manifest, one entry per bad object (a full verify
+    /// reports them all). Nothing unverified is kept under its final name.
+    #[error("{}", .0.join("; "))]
+    Mismatch(Vec<String>),
+    /// Another checkpoint already holds the name, or `LATEST` kept moving; nothing was
+    /// overwritten.
+    #[error("{object}: {detail}")]
+    Conflict { object: String, detail: String },
+    /// An object the call needs is not there (yet).
+    #[error("{object}: {detail}")]
+    Missing { object: String, detail: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -45,9 +65,34 @@ pub enum CkptError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
-    /// Verification failures, one per bad object (a full verify reports them all).
-    #[error("{}", .0.join("; "))]
-    Bad(Vec<String>),
+    /// A failure of this program (serialising its own output), not of any input.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl crate::error::Classified for CkptError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            CkptError::Caller(_) => ErrorClass::Caller,
+            CkptError::Rejected { .. } | CkptError::Mismatch(_) => ErrorClass::Rejected,
+            CkptError::Conflict { .. } => ErrorClass::Conflict,
+            CkptError::Missing { .. } => ErrorClass::NotFound,
+            CkptError::Io { .. } => ErrorClass::Store,
+            CkptError::Store(e) => e.class(),
+            CkptError::Envelope(e) => e.class(),
+            CkptError::Internal(_) => ErrorClass::Internal,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            CkptError::Rejected { reason, .. } => Some(reason),
+            CkptError::Mismatch(_) => Some("checkpoint_mismatch"),
+            CkptError::Envelope(e) => e.reason(),
+            _ => None,
+        }
+    }
 }
 
 impl From<crate::registry::RegistryError> for CkptError {
@@ -55,7 +100,7 @@ impl From<crate::registry::RegistryError> for CkptError {
         match e {
             crate::registry::RegistryError::Store(s) => CkptError::Store(s),
             crate::registry::RegistryError::Envelope(s) => CkptError::Envelope(s),
-            other => CkptError::Invalid(other.to_string()),
+            other => CkptError::Caller(other.to_string()),
         }
     }
 }
@@ -146,7 +191,13 @@ impl Manifest {
     /// Everything a reader relies on before fetching a byte: names safe, every tensor inside
     /// its shard with the size its dtype and shape say, no overlaps, chunk lists complete.
     pub fn validate(&self) -> Result<(), CkptError> {
-        let bad = |m: String| Err(CkptError::Invalid(format!("manifest: {m}")));
+        let bad = |m: String| {
+            Err(CkptError::Rejected {
+                object: "manifest".into(),
+                reason: "manifest_malformed",
+                detail: m,
+            })
+        };
         if self.format != MANIFEST_FORMAT {
             return bad(format!(
                 "format {:?}, expected {MANIFEST_FORMAT}",

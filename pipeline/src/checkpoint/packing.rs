@@ -30,7 +30,7 @@ pub(crate) struct Inventory {
 
 /// The tensors of one safetensors file, in data order, with absolute offsets.
 fn read_header(path: &Path, f: &File, fi: usize) -> Result<Vec<SrcTensor>, CkptError> {
-    let bad = |m: String| CkptError::Invalid(format!("{}: {m}", path.display()));
+    let bad = |m: String| CkptError::Caller(format!("{}: {m}", path.display()));
     let file_len = f.metadata().map_err(|e| io_err(path, e))?.len();
     let mut n8 = [0u8; 8];
     f.read_exact_at(&mut n8, 0)
@@ -125,7 +125,7 @@ pub(crate) fn inventory(srcs: &[PathBuf]) -> Result<Inventory, CkptError> {
         }
     }
     if st_files.is_empty() {
-        return Err(CkptError::Invalid("no safetensors file to push".into()));
+        return Err(CkptError::Caller("no safetensors file to push".into()));
     }
     let mut files = Vec::new();
     let mut tensors: Vec<SrcTensor> = Vec::new();
@@ -137,7 +137,7 @@ pub(crate) fn inventory(srcs: &[PathBuf]) -> Result<Inventory, CkptError> {
     let mut seen = std::collections::HashSet::new();
     for t in &tensors {
         if !seen.insert(t.name.as_str()) {
-            return Err(CkptError::Invalid(format!(
+            return Err(CkptError::Caller(format!(
                 "tensor {:?} appears in more than one source file",
                 t.name
             )));

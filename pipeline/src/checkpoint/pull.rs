@@ -48,16 +48,14 @@ pub async fn locate(
 ) -> Result<Located, CkptError> {
     if what == "latest" {
         let reg = reg.ok_or_else(|| {
-            CkptError::Invalid("`latest` needs --registry (to find the checkpoint store)".into())
+            CkptError::Caller("`latest` needs --registry (to find the checkpoint store)".into())
         })?;
         let (peer, target) = reg.aggregator(s3)?;
         let (latest, _) = read_latest(&target, &reg.run, &peer)
             .await?
-            .ok_or_else(|| {
-                CkptError::Invalid(format!(
-                    "{}: no LATEST checkpoint yet",
-                    target.url_of(&target.path(&layout::ckpt_latest(&reg.run)))
-                ))
+            .ok_or_else(|| CkptError::Missing {
+                object: target.url_of(&target.path(&layout::ckpt_latest(&reg.run))),
+                detail: "no LATEST checkpoint yet".into(),
             })?;
         return Ok(Located {
             target,
@@ -71,11 +69,11 @@ pub async fn locate(
         ["manifest", step, "ckpt", run, "runs", base] if !base.is_empty() => {
             let step: u64 = step
                 .parse()
-                .map_err(|_| CkptError::Invalid(format!("{what}: bad step {step:?}")))?;
+                .map_err(|_| CkptError::Caller(format!("{what}: bad step {step:?}")))?;
             (run.to_string(), step, base)
         }
         _ => {
-            return Err(CkptError::Invalid(format!(
+            return Err(CkptError::Caller(format!(
                 "{what}: expected `latest` or a manifest URL ending in runs/<run>/ckpt/<step>/manifest"
             )));
         }
@@ -85,7 +83,7 @@ pub async fn locate(
         (_, Some(p)) => p,
         (Some(reg), None) => {
             if reg.run != run {
-                return Err(CkptError::Invalid(format!(
+                return Err(CkptError::Caller(format!(
                     "{what} belongs to run {run}, the registry to run {}",
                     reg.run
                 )));
@@ -93,7 +91,7 @@ pub async fn locate(
             reg.aggregator(s3)?.0
         }
         (None, None) => {
-            return Err(CkptError::Invalid(
+            return Err(CkptError::Caller(
                 "say who must have signed the manifest: --registry URL or --signer PEER".into(),
             ));
         }
@@ -121,17 +119,26 @@ pub async fn fetch_manifest(loc: &Located) -> Result<(Manifest, Vec<u8>, String)
         &expect,
     )
     .await?;
-    let m: Manifest = serde_json::from_slice(&body).map_err(|e| {
-        CkptError::Invalid(format!("{}: manifest is not valid JSON: {e}", env.object))
+    let m: Manifest = serde_json::from_slice(&body).map_err(|e| CkptError::Rejected {
+        object: env.object.clone(),
+        reason: "manifest_malformed",
+        detail: format!("manifest is not valid JSON: {e}"),
     })?;
     if m.run != loc.run || m.step != loc.step || env.head.header.window != m.window {
-        return Err(CkptError::Invalid(format!(
-            "{}: the manifest's run, step or window disagrees with its signed header",
-            env.object
-        )));
+        return Err(CkptError::Rejected {
+            object: env.object.clone(),
+            reason: "manifest_malformed",
+            detail: "the manifest's run, step or window disagrees with its signed header".into(),
+        });
     }
-    m.validate()
-        .map_err(|e| CkptError::Invalid(format!("{}: {e}", env.object)))?;
+    m.validate().map_err(|e| match e {
+        e @ CkptError::Rejected { reason, .. } => CkptError::Rejected {
+            object: env.object.clone(),
+            reason,
+            detail: e.to_string(),
+        },
+        other => other,
+    })?;
     Ok((m, body, env.object))
 }
 
@@ -225,7 +232,7 @@ fn plan_subset(
             let (shape, cut) = match (tp, tp_dim(&t.name, &t.shape)) {
                 (Some((rank, n)), Some(d)) => {
                     if !t.shape[d].is_multiple_of(n) {
-                        return Err(CkptError::Invalid(format!(
+                        return Err(CkptError::Caller(format!(
                             "tensor {}: dimension {d} ({}) is not divisible by --tp-size {n}",
                             t.name, t.shape[d]
                         )));
@@ -293,7 +300,7 @@ fn open_nofollow(path: &Path) -> Result<File, CkptError> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => CkptError::Invalid(format!(
+            Some(libc::ELOOP) => CkptError::Caller(format!(
                 "{}: is a link; refusing to write through it",
                 path.display()
             )),
@@ -301,7 +308,7 @@ fn open_nofollow(path: &Path) -> Result<File, CkptError> {
         })?;
     match file.metadata() {
         Ok(m) if m.is_file() => Ok(file),
-        Ok(_) => Err(CkptError::Invalid(format!(
+        Ok(_) => Err(CkptError::Caller(format!(
             "{}: is not a plain file; refusing to write to it",
             path.display()
         ))),
@@ -373,7 +380,7 @@ fn inside(out: &Path, name: &str) -> Result<PathBuf, CkptError> {
     if let Ok(meta) = std::fs::symlink_metadata(&p)
         && (meta.file_type().is_symlink() || meta.is_dir())
     {
-        return Err(CkptError::Invalid(format!(
+        return Err(CkptError::Caller(format!(
             "{}: is a link or a folder; refusing to write through it",
             p.display()
         )));
@@ -414,7 +421,7 @@ async fn get_range(
         .await
         .map_err(|e| StoreError::from_store(&url, e))?;
     if b.len() as u64 != r.end - r.start {
-        return Err(CkptError::Bad(vec![format!(
+        return Err(CkptError::Mismatch(vec![format!(
             "{url}: bytes {}..{} came back {} bytes long (truncated object?)",
             r.start,
             r.end,
@@ -439,16 +446,16 @@ pub async fn pull(
         for g in &opts.tensors {
             b.add(
                 globset::Glob::new(g)
-                    .map_err(|e| CkptError::Invalid(format!("--tensors {g:?}: {e}")))?,
+                    .map_err(|e| CkptError::Caller(format!("--tensors {g:?}: {e}")))?,
             );
         }
-        let set = b.build().map_err(|e| CkptError::Invalid(e.to_string()))?;
+        let set = b.build().map_err(|e| CkptError::Caller(e.to_string()))?;
         for g in &opts.tensors {
             let one = globset::Glob::new(g)
-                .map_err(|e| CkptError::Invalid(e.to_string()))?
+                .map_err(|e| CkptError::Caller(e.to_string()))?
                 .compile_matcher();
             if !m.tensors.iter().any(|t| one.is_match(&t.name)) {
-                return Err(CkptError::Invalid(format!(
+                return Err(CkptError::Caller(format!(
                     "--tensors {g:?} matches no tensor of {murl}"
                 )));
             }
@@ -460,7 +467,7 @@ pub async fn pull(
     if let Some((rank, n)) = opts.tp
         && (n == 0 || rank >= n)
     {
-        return Err(CkptError::Invalid(format!(
+        return Err(CkptError::Caller(format!(
             "--tp-rank {rank} --tp-size {n}: expected rank < size"
         )));
     }
@@ -482,7 +489,7 @@ pub async fn pull(
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let partial = out.join(PARTIAL);
     if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(CkptError::Invalid(format!(
+        return Err(CkptError::Caller(format!(
             "{}: is a link; refusing to write through it",
             partial.display()
         )));
@@ -568,7 +575,7 @@ pub async fn pull(
             };
             if let Plan::Whole { shard } = f.plan {
                 check_shard_header(&file, m, shard).map_err(|why| {
-                    CkptError::Bad(vec![format!(
+                    CkptError::Mismatch(vec![format!(
                         "{}: its safetensors header disagrees with the signed manifest: {why}",
                         f.name
                     )])
@@ -601,7 +608,7 @@ pub async fn pull(
                 result.reused_bytes += reused;
                 result.written_bytes += written;
             }
-            Err(CkptError::Bad(v)) => bad.extend(v),
+            Err(CkptError::Mismatch(v)) => bad.extend(v),
             // A missing or unreadable shard: report it with the others.
             Err(e @ CkptError::Store(_)) => bad.push(e.to_string()),
             Err(e) => return Err(e),
@@ -609,7 +616,7 @@ pub async fn pull(
     }
     bad.sort();
     if !bad.is_empty() {
-        return Err(CkptError::Bad(bad));
+        return Err(CkptError::Mismatch(bad));
     }
     for fe in &m.files {
         let p = inside(out, &fe.file)?;
@@ -624,7 +631,7 @@ pub async fn pull(
         )
         .await?;
         if blake3::hash(&b).to_hex().as_str() != fe.blake3 {
-            return Err(CkptError::Bad(vec![format!(
+            return Err(CkptError::Mismatch(vec![format!(
                 "{}: file {} does not match the manifest's blake3",
                 loc.target.url_of(
                     &loc.target
@@ -680,18 +687,20 @@ async fn stream_range(
     while let Some(piece) = body.next().await {
         let piece = piece.map_err(|e| StoreError::from_store(&url, e))?;
         if off + piece.len() as u64 > range.end {
-            return Err(CkptError::Bad(vec![format!(
+            return Err(CkptError::Mismatch(vec![format!(
                 "{url}: bytes {}..{} came back longer than asked",
                 range.start, range.end
             )]));
         }
         hasher.update(&piece);
-        file.write_all_at(&piece, off)
-            .map_err(|e| CkptError::Invalid(format!("writing {url} bytes at {off}: {e}")))?;
+        file.write_all_at(&piece, off).map_err(|e| CkptError::Io {
+            path: format!("writing {url} bytes at {off}"),
+            source: e,
+        })?;
         off += piece.len() as u64;
     }
     if off != range.end {
-        return Err(CkptError::Bad(vec![format!(
+        return Err(CkptError::Mismatch(vec![format!(
             "{url}: bytes {}..{} came back {} bytes long (truncated object?)",
             range.start,
             range.end,
@@ -699,7 +708,7 @@ async fn stream_range(
         )]));
     }
     if hasher.finalize().to_hex().as_str() != want {
-        return Err(CkptError::Bad(vec![format!(
+        return Err(CkptError::Mismatch(vec![format!(
             "{url}: bytes {}..{} do not match the manifest's chunk hash",
             range.start, range.end
         )]));
@@ -754,12 +763,12 @@ async fn fetch_whole(
                 let _permit = gets
                     .acquire()
                     .await
-                    .map_err(|e| CkptError::Invalid(e.to_string()))?;
+                    .map_err(|e| CkptError::Internal(e.to_string()))?;
                 stream_range(&loc.target, &key, range.clone(), &file, &want)
                     .await
                     .map_err(|e| match e {
-                        CkptError::Bad(_) | CkptError::Store(_) => e,
-                        other => CkptError::Bad(vec![format!("{url}: chunk {c}: {other}")]),
+                        CkptError::Mismatch(_) | CkptError::Store(_) => e,
+                        other => CkptError::Mismatch(vec![format!("{url}: chunk {c}: {other}")]),
                     })?;
                 progress(n);
                 Ok((n, 0))
@@ -776,14 +785,14 @@ async fn fetch_whole(
                 totals.0 += f;
                 totals.1 += u;
             }
-            Err(CkptError::Bad(v)) => bad.extend(v),
+            Err(CkptError::Mismatch(v)) => bad.extend(v),
             Err(e) => return Err(e),
         }
     }
     if !bad.is_empty() {
         bad.sort();
         bad.truncate(8);
-        return Err(CkptError::Bad(bad));
+        return Err(CkptError::Mismatch(bad));
     }
     Ok(totals)
 }
@@ -813,7 +822,7 @@ async fn fetch_subset(
                     let _permit = gets
                         .acquire()
                         .await
-                        .map_err(|e| CkptError::Invalid(e.to_string()))?;
+                        .map_err(|e| CkptError::Internal(e.to_string()))?;
                     get_range(&loc.target, key, r).await
                 }))
                 .buffered(concurrency)
@@ -851,7 +860,7 @@ async fn fetch_subset(
                 if shard_entry.chunks.get(c as usize).map(String::as_str)
                     != Some(blake3::hash(b).to_hex().as_str())
                 {
-                    return Err(CkptError::Bad(vec![format!(
+                    return Err(CkptError::Mismatch(vec![format!(
                         "{url}: chunk {c} (holding rows of tensor {}) does not match the manifest",
                         t.name
                     )]));
@@ -875,7 +884,7 @@ async fn fetch_subset(
             }
             fetched += data.len() as u64;
             if blake3::hash(&data).to_hex().as_str() != t.blake3 {
-                return Err(CkptError::Bad(vec![format!(
+                return Err(CkptError::Mismatch(vec![format!(
                     "{url}: tensor {} (bytes {}..{}) does not match the manifest",
                     t.name, t.begin, t.end
                 )]));
@@ -896,13 +905,16 @@ async fn fetch_subset(
             }
         };
         if bytes.len() as u64 != it.len {
-            return Err(CkptError::Invalid(format!(
+            return Err(CkptError::Internal(format!(
                 "tensor {}: cut to the wrong size",
                 t.name
             )));
         }
         file.write_all_at(&bytes, it.dst)
-            .map_err(|e| CkptError::Invalid(format!("writing tensor {}: {e}", t.name)))?;
+            .map_err(|e| CkptError::Io {
+                path: format!("writing tensor {}", t.name),
+                source: e,
+            })?;
     }
     Ok((fetched, 0))
 }

@@ -78,14 +78,17 @@ pub async fn read_latest(
     };
     match read_signed_json(target, &layout::ckpt_latest(run), &expect).await {
         Ok((env, body)) => {
-            let l: Latest = serde_json::from_slice(&body).map_err(|e| {
-                CkptError::Invalid(format!("{}: not a LATEST pointer: {e}", env.object))
+            let l: Latest = serde_json::from_slice(&body).map_err(|e| CkptError::Rejected {
+                object: env.object.clone(),
+                reason: "pointer_malformed",
+                detail: format!("not a LATEST pointer: {e}"),
             })?;
             if env.head.header.step != Some(l.step) {
-                return Err(CkptError::Invalid(format!(
-                    "{}: the signed step and the pointer disagree",
-                    env.object
-                )));
+                return Err(CkptError::Rejected {
+                    object: env.object.clone(),
+                    reason: "pointer_malformed",
+                    detail: "the signed step and the pointer disagree".into(),
+                });
             }
             Ok(Some((l, env.meta.e_tag.clone())))
         }
@@ -114,7 +117,7 @@ pub async fn move_latest(
             step,
             manifest: layout::ckpt_manifest(run, step),
         })
-        .map_err(|e| CkptError::Invalid(e.to_string()))?;
+        .map_err(|e| CkptError::Internal(e.to_string()))?;
         let signed = EnvelopeBuilder::new(Kind::Pointer, run)
             .step(step)
             .codec(POINTER_CODEC, Default::default())
@@ -129,10 +132,10 @@ pub async fn move_latest(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(CkptError::Invalid(format!(
-        "{}: LATEST kept changing under us; not moved",
-        target.url_of(&path)
-    )))
+    Err(CkptError::Conflict {
+        object: target.url_of(&path),
+        detail: "LATEST kept changing under us; not moved".into(),
+    })
 }
 
 /// Pushes a checkpoint into the pusher's own store (it must be the run's aggregator).
@@ -145,7 +148,7 @@ pub async fn push(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Pushed, CkptError> {
     let target =
-        own_store(reg, id, Role::Aggregator, s3).map_err(|e| CkptError::Invalid(e.to_string()))?;
+        own_store(reg, id, Role::Aggregator, s3).map_err(|e| CkptError::Caller(e.to_string()))?;
     let run = reg.run.clone();
     let inv = inventory(srcs)?;
     let shards = plan(&inv, opts.shard_size.max(1));
@@ -228,7 +231,7 @@ pub async fn push(
     .await?;
 
     // The manifest last: the commit point.
-    let body = serde_json::to_vec(&manifest).map_err(|e| CkptError::Invalid(e.to_string()))?;
+    let body = serde_json::to_vec(&manifest).map_err(|e| CkptError::Internal(e.to_string()))?;
     let mut b = EnvelopeBuilder::new(Kind::Manifest, &run)
         .step(opts.step)
         .codec(MANIFEST_CODEC, Default::default());
@@ -255,10 +258,13 @@ pub async fn push(
             };
             let (_, existing) = read_signed_json(&target, &mkey, &expect).await?;
             if existing != body {
-                return Err(CkptError::Invalid(format!(
-                    "{murl}: a different checkpoint is already published at step {}",
-                    opts.step
-                )));
+                return Err(CkptError::Conflict {
+                    object: murl,
+                    detail: format!(
+                        "a different checkpoint is already published at step {}",
+                        opts.step
+                    ),
+                });
             }
             true
         }
@@ -308,10 +314,13 @@ async fn upload_shards(
                     skipped.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
-                Err(StoreError::Conflict { object }) => Err(CkptError::Invalid(format!(
-                    "{object}: another shard with different bytes is already there (a different checkpoint at step {}?)",
-                    opts.step
-                ))),
+                Err(StoreError::Conflict { object }) => Err(CkptError::Conflict {
+                    object,
+                    detail: format!(
+                        "another shard with different bytes is already there (a different checkpoint at step {}?)",
+                        opts.step
+                    ),
+                }),
                 Err(e) => Err(e.into()),
             }
         }

@@ -406,6 +406,21 @@ pub enum CodecError {
     Malformed(String),
 }
 
+impl crate::error::Classified for CodecError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            CodecError::Params(_) | CodecError::KOverChunk { .. } => {
+                crate::error::ErrorClass::Caller
+            }
+            _ => crate::error::ErrorClass::Rejected,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        Some(CodecError::reason(self))
+    }
+}
+
 impl CodecError {
     pub fn reason(&self) -> &'static str {
         match self {

@@ -311,6 +311,23 @@ pub enum EnvelopeError {
     Changed { object: String },
 }
 
+impl crate::error::Classified for EnvelopeError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            EnvelopeError::Rejected { .. } => ErrorClass::Rejected,
+            EnvelopeError::NotFound { .. } => ErrorClass::NotFound,
+            EnvelopeError::Store { .. } | EnvelopeError::Io { .. } => ErrorClass::Store,
+            EnvelopeError::Build(_) => ErrorClass::Caller,
+            EnvelopeError::Changed { .. } => ErrorClass::Conflict,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        self.rejection().map(|r| r.reason.code())
+    }
+}
+
 impl EnvelopeError {
     /// The rejection, when the object itself was at fault (as opposed to the store or disk).
     pub fn rejection(&self) -> Option<&Rejection> {

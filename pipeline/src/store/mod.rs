@@ -84,6 +84,22 @@ pub enum StoreError {
     },
 }
 
+impl crate::error::Classified for StoreError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            StoreError::Url { .. } => ErrorClass::Caller,
+            StoreError::NotFound { .. } => ErrorClass::NotFound,
+            StoreError::Conflict { .. } | StoreError::Precondition { .. } => ErrorClass::Conflict,
+            StoreError::Store { .. } | StoreError::Io { .. } => ErrorClass::Store,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        None
+    }
+}
+
 impl StoreError {
     pub fn from_store(object: &str, source: object_store::Error) -> Self {
         match source {

@@ -1,0 +1,78 @@
+//! Failure classes shared by every error type of the library.
+//!
+//! Each error says which class it belongs to, so a caller decides what to do without
+//! parsing messages: fix the call, wait and retry, record a rejection, or alert an operator.
+//! The CLI turns the class into its exit code (`3` for [`ErrorClass::Rejected`], `1`
+//! otherwise) and the JSON document's `reason`.
+
+/// What kind of failure an error is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The call cannot be done as asked (arguments, registration, a window not open): the
+    /// caller fixes the call or its timing.
+    Caller,
+    /// Something the call needs is not (yet) there; waiting may help.
+    NotFound,
+    /// An object was read, verified and refused; the error carries a stable reason code.
+    Rejected,
+    /// Another object already holds the name with different content; nothing was
+    /// overwritten.
+    Conflict,
+    /// The store or the local disk failed (network, permissions, timeouts); the source
+    /// error is kept for the operator.
+    Store,
+    /// A failure of this program or its device, not of any input.
+    Internal,
+}
+
+impl ErrorClass {
+    /// The stable name used in logs and JSON documents.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Caller => "caller",
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::Rejected => "rejected",
+            ErrorClass::Conflict => "conflict",
+            ErrorClass::Store => "store",
+            ErrorClass::Internal => "internal",
+        }
+    }
+
+    /// The process exit code the CLI uses for this class: `3` means "verified and
+    /// rejected" so scripts can tell a bad object from a failure to check one.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorClass::Rejected => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Implemented by every error type of the library.
+pub trait Classified {
+    /// The failure class.
+    fn class(&self) -> ErrorClass;
+    /// The stable reason code, for rejections (`bad_signature`, `non_finite`, …).
+    fn reason(&self) -> Option<&'static str>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rejections_exit_3() {
+        let all = [
+            ErrorClass::Caller,
+            ErrorClass::NotFound,
+            ErrorClass::Rejected,
+            ErrorClass::Conflict,
+            ErrorClass::Store,
+            ErrorClass::Internal,
+        ];
+        let threes: Vec<_> = all.iter().filter(|c| c.exit_code() == 3).collect();
+        assert_eq!(threes, [&ErrorClass::Rejected]);
+        let names: std::collections::HashSet<_> = all.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), all.len());
+    }
+}
