@@ -5,7 +5,13 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use shardrop::checkpoint::CkptError;
+use shardrop::codec::CodecError;
 use shardrop::envelope::EnvelopeError;
+use shardrop::error::{Classified, ErrorClass};
+use shardrop::exchange::ExchangeError;
+use shardrop::registry::RegistryError;
+use shardrop::store::StoreError;
 
 use crate::cmd::Ctx;
 
@@ -63,30 +69,48 @@ impl std::fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
-/// One line on stderr; with `--json` also a JSON error document on stdout. Rejections of
-/// an object exit 3 so scripts can tell "bad object" from "could not check".
+/// The class and reason code of the first library error in the chain (the outermost one
+/// that says; wrappers delegate to what they wrap).
+fn classify(e: &anyhow::Error) -> Option<(ErrorClass, Option<&'static str>)> {
+    fn of<T: Classified + std::error::Error + 'static>(
+        c: &(dyn std::error::Error + 'static),
+    ) -> Option<(ErrorClass, Option<&'static str>)> {
+        c.downcast_ref::<T>().map(|t| (t.class(), t.reason()))
+    }
+    e.chain().find_map(|c| {
+        of::<ExchangeError>(c)
+            .or_else(|| of::<CkptError>(c))
+            .or_else(|| of::<EnvelopeError>(c))
+            .or_else(|| of::<RegistryError>(c))
+            .or_else(|| of::<StoreError>(c))
+            .or_else(|| of::<CodecError>(c))
+            .or_else(|| {
+                c.downcast_ref::<Refusal>()
+                    .map(|r| (ErrorClass::Rejected, Some(r.reason)))
+            })
+    })
+}
+
+/// One line on stderr; with `--json` also a JSON error document on stdout. The exit code
+/// comes from the error's class: 3 when an object was verified and rejected (its reason
+/// code goes into the JSON), so scripts can tell "bad object" from "could not check"; 1
+/// otherwise.
 pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
     let line = format!("{e:#}").replace('\n', " ");
     eprintln!("shardrop: error: {line}");
-    let rejection: Option<&str> = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<EnvelopeError>())
-        .and_then(|e| e.rejection())
-        .map(|r| r.reason.code())
-        .or_else(|| {
-            e.chain()
-                .find_map(|c| c.downcast_ref::<Refusal>())
-                .map(|r| r.reason)
-        });
+    // An error the CLI raised itself (arguments, local files) has no library class.
+    let (class, reason) = classify(e).map_or((None, None), |(c, r)| (Some(c), r));
+    let rejection = reason.filter(|_| class == Some(ErrorClass::Rejected));
     if ctx.json && e.downcast_ref::<Reported>().is_none() {
         let doc = serde_json::json!({
             "ok": false,
             "error": line,
+            "class": class.map(ErrorClass::name),
             "reason": rejection,
         });
         println!("{doc}");
     }
-    ExitCode::from(if rejection.is_some() { 3 } else { 1 })
+    ExitCode::from(class.map_or(1, ErrorClass::exit_code))
 }
 
 /// A byte progress bar on a terminal (and not in JSON mode); hidden otherwise, in which case
