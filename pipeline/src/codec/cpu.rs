@@ -395,13 +395,32 @@ fn index_error(t: &EncodedTensor, chunk: usize, f: IndexFault) -> CodecError {
 }
 
 /// Decodes every chunk into fixed-offset sparse buffers (local index, value), checking
-/// each index and value. The first fault found is returned; nothing else is touched.
+/// each index and value; nothing else is touched. A refusal names the lowest faulty chunk
+/// (its index block before its value block), however the chunks were scheduled: ledgers
+/// record the detail, and reruns must write the same ledger.
 fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
     let kept = lay.kept() as usize;
     let mut idx = vec![0u32; kept];
     let mut val = vec![0f32; kept];
+    match decode_chunks(t, lay, &mut idx, &mut val, true) {
+        Ok(()) => Ok((idx, val)),
+        // The parallel pass stops at whichever fault a thread met first: find the lowest
+        // one again in order (only on the refusal path, so the cost does not matter).
+        Err(_) => decode_chunks(t, lay, &mut idx, &mut val, false).map(|()| (idx, val)),
+    }
+}
+
+/// The chunk loop of `decode_sparse`, in parallel or strictly in chunk order.
+fn decode_chunks(
+    t: &EncodedTensor,
+    lay: &Layout,
+    idx: &mut [u32],
+    val: &mut [f32],
+    parallel: bool,
+) -> Result<(), CodecError> {
+    let kept = lay.kept() as usize;
     if kept == 0 {
-        return Ok((idx, val));
+        return Ok(());
     }
     let compact = t.params.indices == IndexEncoding::Compact;
     let log2 = t.params.chunk.ilog2();
@@ -412,47 +431,54 @@ fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>)
         Vec::new()
     };
     let kf = lay.k_full as usize;
-    idx.par_chunks_mut(kf)
-        .zip(val.par_chunks_mut(kf))
-        .enumerate()
-        .try_for_each(|(c, (io, vo))| {
-            let last = c + 1 == lay.n_chunks;
-            let ib = c * lay.idx_full;
-            let block = &t.idx[ib..ib + if last { lay.idx_last } else { lay.idx_full }];
-            bits::read_indices(block, io, compact, lay.chunk_len(c), log2)
-                .map_err(|f| index_error(t, c, f))?;
-            let vb = &t.val[c * lay.val_full
-                ..c * lay.val_full + if last { lay.val_last } else { lay.val_full }];
-            if t.params.values == ValueFormat::Bf16 {
-                for (o, h) in vo.iter_mut().zip(vb.chunks_exact(2)) {
-                    let h = u16::from_le_bytes([h[0], h[1]]);
-                    if h & 0x7F80 == 0x7F80 {
-                        return Err(CodecError::NonFinite {
-                            tensor: t.name.clone(),
-                            what: format!("a value in chunk {c}"),
-                        });
-                    }
-                    *o = bf16_to_f32(h);
+    let one = |c: usize, io: &mut [u32], vo: &mut [f32]| -> Result<(), CodecError> {
+        let last = c + 1 == lay.n_chunks;
+        let ib = c * lay.idx_full;
+        let block = &t.idx[ib..ib + if last { lay.idx_last } else { lay.idx_full }];
+        bits::read_indices(block, io, compact, lay.chunk_len(c), log2)
+            .map_err(|f| index_error(t, c, f))?;
+        let vb = &t.val
+            [c * lay.val_full..c * lay.val_full + if last { lay.val_last } else { lay.val_full }];
+        if t.params.values == ValueFormat::Bf16 {
+            for (o, h) in vo.iter_mut().zip(vb.chunks_exact(2)) {
+                let h = u16::from_le_bytes([h[0], h[1]]);
+                if h & 0x7F80 == 0x7F80 {
+                    return Err(CodecError::NonFinite {
+                        tensor: t.name.clone(),
+                        what: format!("a value in chunk {c}"),
+                    });
                 }
-                return Ok(());
+                *o = bf16_to_f32(h);
             }
-            let s = bf16_to_f32(match t.params.scales {
-                ScaleMode::Chunk => t.scales[c],
-                ScaleMode::Tensor => t.scales[0],
-            });
-            if bits == 2 {
-                // Four codes per byte.
-                for (j, o) in vo.iter_mut().enumerate() {
-                    *o = s * lv[((vb[j / 4] >> (2 * (j % 4))) & 3) as usize];
-                }
-            } else {
-                for (j, o) in vo.iter_mut().enumerate() {
-                    *o = s * lv[bits::get(vb, j * bits as usize, bits) as usize];
-                }
+            return Ok(());
+        }
+        let s = bf16_to_f32(match t.params.scales {
+            ScaleMode::Chunk => t.scales[c],
+            ScaleMode::Tensor => t.scales[0],
+        });
+        if bits == 2 {
+            // Four codes per byte.
+            for (j, o) in vo.iter_mut().enumerate() {
+                *o = s * lv[((vb[j / 4] >> (2 * (j % 4))) & 3) as usize];
             }
-            Ok(())
-        })?;
-    Ok((idx, val))
+        } else {
+            for (j, o) in vo.iter_mut().enumerate() {
+                *o = s * lv[bits::get(vb, j * bits as usize, bits) as usize];
+            }
+        }
+        Ok(())
+    };
+    if parallel {
+        idx.par_chunks_mut(kf)
+            .zip(val.par_chunks_mut(kf))
+            .enumerate()
+            .try_for_each(|(c, (io, vo))| one(c, io, vo))
+    } else {
+        idx.chunks_mut(kf)
+            .zip(val.chunks_mut(kf))
+            .enumerate()
+            .try_for_each(|(c, (io, vo))| one(c, io, vo))
+    }
 }
 
 /// `check_shape`, and that the accumulator (of `dense_len` elements) fits the tensor: what

@@ -498,3 +498,37 @@ fn names_in_signed_headers_are_the_serde_names() {
     }
     assert_eq!(ScaleMode::parse("Chunk"), None);
 }
+
+#[test]
+fn a_refusal_names_the_lowest_faulty_chunk_every_time() {
+    let p = CodecParams {
+        chunk: 64,
+        k: 4,
+        values: ValueFormat::Int8,
+        scales: ScaleMode::Chunk,
+        indices: IndexEncoding::Packed,
+    };
+    let n = 64 * 64;
+    let data: Vec<u8> = (0..n)
+        .flat_map(|i| (i as f32 * 0.3).sin().to_le_bytes())
+        .collect();
+    let shape = [n as u64];
+    let mut state = vec![0f32; n];
+    let input = TensorInput {
+        name: "t",
+        shape: &shape,
+        dtype: InDtype::F32,
+        data: &data,
+    };
+    let mut t = encode_tensor(&input, &mut state, 0.9, &p).unwrap();
+    // Four 6-bit fields per chunk, 3 bytes: all ones reads 63, 63, … (not increasing).
+    for c in [63usize, 40, 9] {
+        t.idx[c * 3..c * 3 + 3].fill(0xFF);
+    }
+    for _ in 0..50 {
+        match validate(&t) {
+            Err(CodecError::IndicesNotIncreasing { chunk: 9, .. }) => {}
+            other => panic!("expected chunk 9 to be named, got {other:?}"),
+        }
+    }
+}
