@@ -312,7 +312,8 @@ pub async fn read_all_sections(
 /// Opens and reads a whole envelope that may be replaced while it is read (`LATEST`, the
 /// registry): a read that overlaps an update is retried from the head, up to 5 times, and
 /// a verification failure counts as a rejection only when the object did not change
-/// meanwhile. Immutable objects take the same path at no cost (one HEAD only on failure).
+/// meanwhile and a second read fails too. Immutable objects take the same path at no cost
+/// (a HEAD and one more read, only on failure).
 pub async fn read_whole_consistent(
     store: &dyn ObjectStore,
     path: &Path,
@@ -321,6 +322,10 @@ pub async fn read_whole_consistent(
     expect: &Expect,
 ) -> Result<(RemoteEnvelope, Vec<Vec<u8>>), EnvelopeError> {
     const ATTEMPTS: usize = 5;
+    // A store may serve a read that overlaps a replacement under the old ETag (s3s-fs does:
+    // it writes in place), so one verification failure is read again from the head before
+    // it counts as a rejection; an object that fails twice the same way is bad.
+    let mut rejected_once = false;
     for attempt in 1..=ATTEMPTS {
         let torn = |e: &EnvelopeError| matches!(e, EnvelopeError::Changed { .. });
         let env = match RemoteEnvelope::open(store, path, object, limits, expect).await {
@@ -331,7 +336,11 @@ pub async fn read_whole_consistent(
         match read_all_sections(store, &env, limits).await {
             Ok(sections) => return Ok((env, sections)),
             Err(e) if attempt < ATTEMPTS && torn(&e) => {}
-            Err(e) if e.rejection().is_some() && replaced(store, &env).await => {
+            Err(e)
+                if e.rejection().is_some()
+                    && (replaced(store, &env).await
+                        || !std::mem::replace(&mut rejected_once, true)) =>
+            {
                 if attempt == ATTEMPTS {
                     break;
                 }

@@ -381,3 +381,29 @@ proptest! {
         let _ = open_bytes(&with_header(&s), &Limits::default(), &Expect::default());
     }
 }
+
+/// A damaged immutable object is read a second time (a store may serve a read overlapping
+/// a replacement under the old ETag) and then still refused with its reason, not reported as
+/// "changed".
+#[tokio::test]
+async fn a_damaged_object_is_refused_after_the_second_read() {
+    use object_store::ObjectStoreExt;
+    let store = object_store::memory::InMemory::new();
+    let mut bytes = sample();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let path = object_store::path::Path::from("runs/r/x.grad");
+    store
+        .put(&path, bytes::Bytes::from(bytes).into())
+        .await
+        .unwrap();
+    let expect = Expect::default();
+    let e = read_whole_consistent(&store, &path, "mem://x", &Limits::default(), &expect)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.rejection().map(|r| r.reason),
+        Some(Reason::SectionHashMismatch),
+        "{e}"
+    );
+}
