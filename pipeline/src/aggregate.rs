@@ -1,9 +1,8 @@
 //! The aggregator's merge and the catch-up replay.
 //!
-//! For a closed window the aggregator reads every registered miner's shard within the
-//! window's budget (`exchange::check_head`, then `exchange::check_range`), settles exact
-//! duplicates among the shards that passed every check by their commits (`duplicates`),
-//! clips outlier norms, and merges the rest as a weighted mean in peer-id order, in f32. It writes the ledger, then publishes
+//! For a closed window the aggregator takes every registered miner's verdict from the
+//! shared [`crate::verdict`] pipeline (header pass, range checks, duplicates settled by the
+//! miners' commits, outlier norms clipped), and merges the accepted shards as a weighted mean in peer-id order, in f32. It writes the ledger, then publishes
 //! the aggregate create-only: the aggregate is the commit point, so no partial aggregate is
 //! ever visible, and since every input and the recorded clock are fixed by the window, a
 //! rerun (after a crash or not) produces the same bytes.
@@ -16,25 +15,23 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
-use futures::StreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::codec::{CodecError, EncodedTensor, ModelSpec, accumulate};
+use crate::envelope::read_signed;
 use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
-use crate::exchange::{
-    ExchangeError, Fault, RangeCheck, Shard, check_head, check_range, clock, read_signed,
-};
+use crate::exchange::{ExchangeError, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::registry::{Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
-use crate::tables::{LedgerRow, ledger_parquet};
-use crate::window::store_now_ms;
+use crate::tables::ledger_parquet;
+use crate::verdict::{
+    OpenWindow, RangeCheck, Verdict, Verdicts, check_ranges, finalize, open_window,
+};
 
 pub const AGG_CODEC: &str = "agg-v1";
 
@@ -228,208 +225,6 @@ fn malformed(detail: String) -> CodecError {
     CodecError::Malformed(detail)
 }
 
-/// Final verdicts and merge weights of a window, from the header pass and the range checks.
-pub(crate) struct Verdicts {
-    pub(crate) rows: Vec<LedgerRow>,
-    pub(crate) weights: Vec<f32>,
-    /// For shards rejected as duplicates: the peer whose commit came first, if one did.
-    pub(crate) duplicate_of: Vec<Option<String>>,
-}
-
-/// The header pass over every registered miner (bounded concurrency, peer-id order). For
-/// shards whose content another header-valid shard shares, the miners' commits are read
-/// too: `finalize` settles duplicates by them once every check has run.
-pub(crate) async fn check_heads(
-    reg: &Registry,
-    s3: &S3Options,
-    w: u64,
-    concurrency: usize,
-    deadline: Instant,
-) -> Vec<Shard> {
-    let miners = reg.with_role(Role::Miner);
-    // Every miner's header at once: each is one small ranged GET (64 KiB at most), and a
-    // pool of `concurrency` slots would let a few stores that never answer hold every slot
-    // until the deadline while the honest miners queued behind them time out unread.
-    let mut shards: Vec<Shard> = futures::stream::iter(miners.iter().map(|m| async move {
-        match tokio::time::timeout_at(deadline, check_head(reg, m, w, s3)).await {
-            Ok(shard) => shard,
-            Err(_) => Shard::timed_out(&m.peer),
-        }
-    }))
-    .buffered(miners.len().max(concurrency).max(1))
-    .collect()
-    .await;
-    let mut twins: HashMap<String, usize> = HashMap::new();
-    for s in shards.iter().filter(|s| s.fault.is_none()) {
-        if let Some(c) = &s.content {
-            *twins.entry(c.clone()).or_insert(0) += 1;
-        }
-    }
-    let shared = |s: &Shard| s.fault.is_none() && s.content.as_ref().is_some_and(|c| twins[c] > 1);
-    futures::stream::iter(shards.iter_mut().filter(|s| shared(s)))
-        .for_each_concurrent(concurrency.max(1), |s| async move {
-            // A commit not read in time counts as none: its shard cannot win a tie.
-            let _ = tokio::time::timeout_at(deadline, s.fetch_commit(reg, w)).await;
-        })
-        .await;
-    shards
-}
-
-/// The duplicate rule (`round.md`): among shards that passed every other check, those with
-/// byte-identical sections form a group; the one whose commit landed strictly first keeps
-/// its place, every other is `duplicate`. When no single commit is strictly first (none, or
-/// a tie within the store's resolution) every member is a duplicate: an honest miner's
-/// commit precedes its shard by a whole second, so only copiers and shards published
-/// without the protocol end there. Returns, per shard, the fault and whose copy it is.
-fn duplicates(shards: &[Shard], faults: &[Option<Fault>]) -> Vec<Option<(Fault, Option<String>)>> {
-    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (j, s) in shards.iter().enumerate() {
-        if faults[j].is_none()
-            && let Some(c) = &s.content
-        {
-            groups.entry(c.as_str()).or_default().push(j);
-        }
-    }
-    let mut out = vec![None; shards.len()];
-    for members in groups.values().filter(|m| m.len() > 1) {
-        let first = members.iter().filter_map(|&j| shards[j].commit_ms).min();
-        let winners: Vec<usize> = members
-            .iter()
-            .copied()
-            .filter(|&j| first.is_some() && shards[j].commit_ms == first)
-            .collect();
-        let winner = (winners.len() == 1).then(|| shards[winners[0]].peer.clone());
-        for &j in members {
-            if Some(&shards[j].peer) == winner.as_ref() {
-                continue;
-            }
-            let detail = match &winner {
-                Some(wp) => format!("the same update as {wp}, whose commit landed first"),
-                None => format!(
-                    "the same update as {} other shard(s), and no commit landed strictly first",
-                    members.len() - 1
-                ),
-            };
-            out[j] = Some((Fault::new("rejected", "duplicate", detail), winner.clone()));
-        }
-    }
-    out
-}
-
-/// Checks every header-valid shard's tensors in `range`, keeping the decoded tensors.
-pub(crate) async fn check_ranges(
-    reg: &Registry,
-    shards: &[Shard],
-    range: Range<usize>,
-    concurrency: usize,
-    deadline: Instant,
-) -> Vec<(RangeCheck, Vec<EncodedTensor>)> {
-    futures::stream::iter(shards.iter().map(|s| {
-        let range = range.clone();
-        async move {
-            match tokio::time::timeout_at(deadline, check_range(reg, s, range.clone())).await {
-                Ok(checked) => checked,
-                Err(_) => (RangeCheck::timed_out(range.start), Vec::new()),
-            }
-        }
-    }))
-    .buffered(concurrency.max(1))
-    .collect()
-    .await
-}
-
-/// Combines the header pass and the range checks of all parts (in tensor order) into
-/// verdicts and weights. Deterministic: the first failing tensor decides a rejection, and
-/// norms are summed per tensor in model order, however the tensors were split.
-pub(crate) fn finalize(
-    reg: &Registry,
-    w: u64,
-    shards: &[Shard],
-    parts: &[Vec<RangeCheck>],
-) -> Verdicts {
-    let mut rows = Vec::with_capacity(shards.len());
-    let mut norms: Vec<Option<f64>> = Vec::with_capacity(shards.len());
-    let faults: Vec<Option<Fault>> = shards
-        .iter()
-        .enumerate()
-        .map(|(j, s)| {
-            let range_fault = parts
-                .iter()
-                .filter_map(|p| p[j].fault.as_ref())
-                .min_by_key(|(i, _)| *i)
-                .map(|(_, f)| f.clone());
-            s.fault.clone().or(range_fault)
-        })
-        .collect();
-    let dups = duplicates(shards, &faults);
-    let duplicate_of: Vec<Option<String>> = dups
-        .iter()
-        .map(|d| d.as_ref().and_then(|(_, w)| w.clone()))
-        .collect();
-    for (j, s) in shards.iter().enumerate() {
-        let mut row = LedgerRow {
-            window: w,
-            peer: s.peer.clone(),
-            found: s.found,
-            bytes: s.bytes,
-            last_modified_ms: s.last_modified_ms,
-            verdict: "accepted".into(),
-            reason: String::new(),
-            detail: String::new(),
-            norm: None,
-            weight: 0.0,
-        };
-        let fault = faults[j]
-            .clone()
-            .or_else(|| dups[j].as_ref().map(|(f, _)| f.clone()));
-        let norm = match &fault {
-            Some(f) => {
-                row.verdict = f.verdict.clone();
-                row.reason = f.reason.clone();
-                row.detail = f.detail.clone();
-                None
-            }
-            None => {
-                let mut per: Vec<(usize, f64)> = parts
-                    .iter()
-                    .flat_map(|p| p[j].sumsq.iter().copied())
-                    .collect();
-                per.sort_by_key(|(i, _)| *i);
-                Some(per.iter().fold(0f64, |acc, (_, x)| acc + x).sqrt())
-            }
-        };
-        row.norm = norm;
-        norms.push(norm);
-        rows.push(row);
-    }
-    let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let cap = (n >= 3).then(|| sorted[n / 2] * reg.limits.clip_norm_ratio);
-    let mut weights = vec![0f32; shards.len()];
-    for (j, row) in rows.iter_mut().enumerate() {
-        let Some(norm) = norms[j] else { continue };
-        let mut scale = 1.0f64;
-        if let Some(cap) = cap
-            && norm > cap
-        {
-            scale = cap / norm;
-            row.reason = "clipped".into();
-            row.detail = format!(
-                "norm {norm:.6e} over {:.1} x median; scaled by {scale:.6}",
-                reg.limits.clip_norm_ratio
-            );
-        }
-        weights[j] = (scale / n as f64) as f32;
-        row.weight = weights[j] as f64;
-    }
-    Verdicts {
-        rows,
-        weights,
-        duplicate_of,
-    }
-}
-
 /// Where an aggregator's weighted merge runs. The GPU's decode-and-accumulate is
 /// bit-identical to the CPU's, so an aggregate's bytes do not depend on the choice (and a
 /// split merge may mix devices).
@@ -538,12 +333,12 @@ async fn publish_aggregate(
             *reasons.entry(r.reason.clone()).or_insert(0) += 1;
         }
     }
-    let count = |x: &str| v.rows.iter().filter(|r| r.verdict == x).count();
+    let count = |x: Verdict| v.rows.iter().filter(|r| r.verdict == x).count();
     let (accepted, rejected, missing, errors) = (
-        count("accepted"),
-        count("rejected"),
-        count("missing"),
-        count("error"),
+        count(Verdict::Accepted),
+        count(Verdict::Rejected),
+        count(Verdict::Missing),
+        count(Verdict::Error),
     );
     let ledger =
         ledger_parquet(&v.rows).map_err(|e| ExchangeError::Internal(format!("ledger: {e}")))?;
@@ -581,86 +376,6 @@ async fn publish_aggregate(
         already_published: outcome == PutOutcome::AlreadyIdentical,
         reasons,
     })
-}
-
-/// Waits until window `w` has closed by the store's clock.
-pub(crate) async fn wait_for_close(
-    reg: &Registry,
-    target: &Target,
-    me: &PeerId,
-    w: u64,
-) -> Result<u64, ExchangeError> {
-    let clk = clock(reg);
-    loop {
-        let now = store_now_ms(target, &layout::clock_probe(&reg.run, me)).await?;
-        if now >= clk.closes(w) {
-            return Ok(now);
-        }
-        let wait = (clk.closes(w) - now).min(5_000);
-        tracing::info!(
-            window = w,
-            wait_ms = wait,
-            "waiting for the window to close"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
-    }
-}
-
-/// What every aggregation or validation step starts with: the job's own store, the window
-/// closed by the store's clock, and the header pass over every miner.
-pub(crate) async fn open_window(
-    reg: &Registry,
-    id: &Identity,
-    role: Role,
-    s3: &S3Options,
-    w: u64,
-    concurrency: usize,
-    budget: Option<Duration>,
-) -> Result<OpenWindow, ExchangeError> {
-    let me = id.peer_id();
-    let target = crate::exchange::own_store(reg, id, role, s3)?;
-    let now = wait_for_close(reg, &target, &me, w).await?;
-    let deadline = window_deadline(reg, w, now, budget);
-    // The header pass gets the first half of what is left, the sections the rest: a store
-    // that never answers must not eat the time the others' sections need.
-    let start = Instant::now();
-    let heads_by = start + deadline.saturating_duration_since(start) / 2;
-    let shards = check_heads(reg, s3, w, concurrency, heads_by).await;
-    Ok(OpenWindow {
-        me,
-        target,
-        shards,
-        deadline,
-    })
-}
-
-/// A closed window, its header pass done, and when its reads must end.
-pub(crate) struct OpenWindow {
-    pub(crate) me: PeerId,
-    pub(crate) target: Target,
-    pub(crate) shards: Vec<Shard>,
-    pub(crate) deadline: Instant,
-}
-
-/// When a job's reads of window `w` must end: `budget` (default: the run's window length)
-/// after the window's close by the store's clock, so a window is decided before the next
-/// one closes whatever the miners' stores do (hang, 503, refuse). A job that starts later
-/// than that (catching up an old window) gets the whole budget from now. The header pass
-/// may take the first half of the time left, the section reads the rest. A miner not read
-/// by then is `store_error` (timeout) and the window goes on without it.
-pub fn window_deadline(
-    reg: &Registry,
-    w: u64,
-    store_now_ms: u64,
-    budget: Option<Duration>,
-) -> Instant {
-    let budget = budget.unwrap_or(Duration::from_secs(reg.window_secs.max(1)));
-    let end = clock(reg).closes(w) + budget.as_millis() as u64;
-    let left = match end.checked_sub(store_now_ms) {
-        Some(ms) if ms > 0 => Duration::from_millis(ms),
-        _ => budget,
-    };
-    Instant::now() + left
 }
 
 /// Merges window `w` in one process and publishes its ledger and aggregate into the

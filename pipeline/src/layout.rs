@@ -85,6 +85,12 @@ pub fn ckpt_latest(run: &str) -> String {
     format!("runs/{run}/ckpt/LATEST")
 }
 
+/// The folder of one kind of per-window object (`aggs`, `ledger`, `scores`, `weights`,
+/// `grads`, `blobs`), for listings and retention.
+pub fn run_folder(run: &str, folder: &str) -> String {
+    format!("runs/{run}/{folder}/")
+}
+
 /// Generic signed objects (`shardrop sign`, the demo's first stage).
 pub fn blob(run: &str, window: u64, peer: &PeerId) -> String {
     format!("runs/{run}/blobs/{window:010}/{peer}.blob")

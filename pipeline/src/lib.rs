@@ -20,4 +20,5 @@ pub mod registry;
 pub mod score;
 pub mod store;
 pub mod tables;
+pub mod verdict;
 pub mod window;

@@ -29,6 +29,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// The name used in registries, messages and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Miner => "miner",
+            Role::Aggregator => "aggregator",
+            Role::Validator => "validator",
+        }
+    }
+
+    /// The inverse of [`Role::name`].
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "miner" => Some(Role::Miner),
@@ -112,6 +122,13 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
+    /// The caller's key is not in the registry in the role it acts in.
+    #[error("{peer} is not registered as a {} of run {run}", .role.name())]
+    NotRegistered {
+        peer: PeerId,
+        role: Role,
+        run: String,
+    },
 }
 
 impl crate::error::Classified for RegistryError {
@@ -119,7 +136,9 @@ impl crate::error::Classified for RegistryError {
         match self {
             RegistryError::Envelope(e) => e.class(),
             RegistryError::Store(e) => e.class(),
-            RegistryError::Invalid { .. } => crate::error::ErrorClass::Caller,
+            RegistryError::Invalid { .. } | RegistryError::NotRegistered { .. } => {
+                crate::error::ErrorClass::Caller
+            }
         }
     }
 
@@ -216,6 +235,24 @@ impl Registry {
     }
 
     /// Opens a participant's store with the credentials its entry names.
+    /// The store `id` writes to in `role`, after checking it is registered so.
+    pub fn own_store(
+        &self,
+        id: &crate::identity::Identity,
+        role: Role,
+        s3: &S3Options,
+    ) -> Result<Target, RegistryError> {
+        let peer = id.peer_id();
+        let entry = self
+            .participant(&peer, role)
+            .ok_or_else(|| RegistryError::NotRegistered {
+                peer,
+                role,
+                run: self.run.clone(),
+            })?;
+        Ok(self.open_store(entry, s3)?)
+    }
+
     pub fn open_store(&self, p: &Participant, base: &S3Options) -> Result<Target, StoreError> {
         let mut opts = base.clone();
         if let Credentials::EnvPrefix { prefix } = &p.credentials {

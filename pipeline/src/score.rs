@@ -1,7 +1,7 @@
 //! The validator: judge every registered miner each window and publish the judgement.
 //!
 //! A validator sees exactly what the aggregator sees: it runs the same header pass, range
-//! checks and verdicts (`aggregate::open_window`, `check_ranges`, `finalize`), so a miner's
+//! checks and verdicts (the shared [`crate::verdict`] pipeline: `open_window`, `check_ranges`, `finalize`), so a miner's
 //! verdict and reason are the ledger's. On top it measures, per accepted miner:
 //! - **agreement**: cosine of the decoded update with the sum of the other eligible miners'
 //!   updates (the leave-one-out mean has the same direction);
@@ -21,16 +21,19 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 
-use crate::aggregate::{AggTensor, check_ranges, finalize, open_window, read_aggregate};
+use crate::aggregate::{AggTensor, read_aggregate};
 use crate::codec::{CodecError, Dense, EncodedTensor, ModelSpec, accumulate, to_sparse};
 use crate::envelope::{Compression, EnvelopeBuilder, Kind};
 use crate::evaluate::{EvalError, Evaluator};
-use crate::exchange::{ExchangeError, RangeCheck, clock};
+use crate::exchange::{ExchangeError, clock};
 use crate::identity::Identity;
 use crate::layout;
 use crate::registry::{Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::{ScoreRow, read_scores, scores_parquet};
+use crate::verdict::{
+    MinerShard, RangeCheck, Verdict, Verdicts, check_ranges, finalize, open_window,
+};
 
 pub const WEIGHTS_CODEC: &str = "weights-v1";
 
@@ -71,7 +74,7 @@ pub struct ValidateOptions {
     /// How far back to look for the previous score table (a validator that missed windows
     /// carries ratings over from the newest table it finds).
     pub rating_lookback: u64,
-    /// How long after the window's close the reads may take (`aggregate::window_deadline`).
+    /// How long after the window's close the reads may take (`verdict::window_deadline`).
     pub budget: Option<std::time::Duration>,
 }
 
@@ -462,7 +465,8 @@ pub async fn validate_window(
     mut evaluator: Option<&mut dyn Evaluator>,
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
-    let crate::aggregate::OpenWindow {
+    // The aggregator's verdicts, from the same checks.
+    let crate::verdict::OpenWindow {
         target,
         mut shards,
         deadline,
@@ -484,7 +488,7 @@ pub async fn validate_window(
     let accepted: Vec<bool> = verdicts
         .rows
         .iter()
-        .map(|r| r.verdict == "accepted")
+        .map(|r| r.verdict == Verdict::Accepted)
         .collect();
     let mut updates: Vec<Option<SparseUpdate>> = Vec::with_capacity(shards.len());
     for (j, (_, tensors)) in decoded.iter().enumerate() {
@@ -493,6 +497,67 @@ pub async fn validate_window(
             false => None,
         });
     }
+    // Copying, then agreement, among the accepted.
+    let copies = find_copies(
+        reg,
+        s3,
+        w,
+        &mut shards,
+        &accepted,
+        &updates,
+        &verdicts,
+        opts,
+        deadline,
+    )
+    .await;
+    let eligible: Vec<bool> = (0..shards.len())
+        .map(|j| accepted[j] && !copies[j].copier)
+        .collect();
+    let total_len: u64 = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
+    let agree = agreement(total_len as usize, &updates, &eligible);
+    drop(updates);
+    // Usefulness on the evaluator's model.
+    let losses = match evaluator.as_deref_mut() {
+        Some(ev) => measure(ev, reg, s3, w, &shards, &decoded, &eligible).await,
+        None => vec![Err(EvalError::Failed(String::new())); shards.len()],
+    };
+    drop(decoded);
+    // Scores, ratings and weights.
+    let prev = previous_ratings(reg, &target, w, opts.rating_lookback).await?;
+    let judged = Judged {
+        shards: &shards,
+        verdicts: &verdicts,
+        copies: &copies,
+        eligible: &eligible,
+        agree: &agree,
+        losses: &losses,
+        evaluated: evaluator.is_some(),
+    };
+    let rows = score_rows(reg, w, &judged, &prev, opts.alpha);
+    let name = evaluator.map_or("none (score = agreement)".to_string(), |e| e.name());
+    publish_scores(reg, id, &target, w, name, rows).await
+}
+
+/// Near-copies among the accepted shards and of recent aggregates (`detect_copies`, who
+/// committed first deciding), with the aggregator's exact duplicates marked as copiers of
+/// the shard that kept its place.
+#[allow(clippy::too_many_arguments)]
+async fn find_copies(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    shards: &mut [MinerShard],
+    accepted: &[bool],
+    updates: &[Option<SparseUpdate>],
+    verdicts: &Verdicts,
+    opts: &ValidateOptions,
+    deadline: tokio::time::Instant,
+) -> Vec<CopyInfo> {
     let mut past = Vec::new();
     for aw in (w.saturating_sub(opts.copy_lookback)..w).rev() {
         match read_aggregate(reg, s3, aw).await {
@@ -506,7 +571,7 @@ pub async fn validate_window(
     futures::stream::iter(
         shards
             .iter_mut()
-            .zip(&accepted)
+            .zip(accepted)
             .filter(|(s, ok)| **ok && s.commit_ms.is_none())
             .map(|(s, _)| s),
     )
@@ -516,7 +581,7 @@ pub async fn validate_window(
     .await;
     let miners: Vec<Candidate> = shards
         .iter()
-        .zip(&updates)
+        .zip(updates)
         .map(|(s, u)| Candidate {
             peer: &s.peer,
             order: s.commit_ms,
@@ -534,70 +599,90 @@ pub async fn validate_window(
             };
         }
     }
-    let eligible: Vec<bool> = (0..shards.len())
-        .map(|j| accepted[j] && !copies[j].copier)
-        .collect();
-    let total_len: u64 = reg
-        .model
-        .tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<u64>())
-        .sum();
-    let agree = agreement(total_len as usize, &updates, &eligible);
-    drop(updates);
+    copies
+}
 
-    let mut losses: Vec<Result<crate::evaluate::Losses, EvalError>> =
-        vec![Err(EvalError::Failed(String::new())); shards.len()];
-    if let Some(ev) = evaluator.as_deref_mut() {
-        let prepared = ev.prepare(reg, s3, w).await;
-        let n = eligible.iter().filter(|e| **e).count().max(1);
-        let scale = reg.outer_lr / n as f32;
-        for (j, (_, tensors)) in decoded.iter().enumerate() {
-            if !eligible[j] {
-                continue;
-            }
-            losses[j] = match &prepared {
-                Err(e) => Err(e.clone()),
-                Ok(()) => match dense_of(tensors) {
-                    Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d, scale).await,
-                    Err(e) => Err(EvalError::Failed(e.to_string())),
-                },
-            };
+/// Each eligible miner's losses before and after its update on the evaluator's model
+/// (θ_w, prepared once per window); an evaluator failure is recorded, never the miner's.
+async fn measure(
+    ev: &mut dyn Evaluator,
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    shards: &[MinerShard],
+    decoded: &[(RangeCheck, Vec<EncodedTensor>)],
+    eligible: &[bool],
+) -> Vec<Result<crate::evaluate::Losses, EvalError>> {
+    let mut losses = vec![Err(EvalError::Failed(String::new())); shards.len()];
+    let prepared = ev.prepare(reg, s3, w).await;
+    let n = eligible.iter().filter(|e| **e).count().max(1);
+    let scale = reg.outer_lr / n as f32;
+    for (j, (_, tensors)) in decoded.iter().enumerate() {
+        if !eligible[j] {
+            continue;
         }
+        losses[j] = match &prepared {
+            Err(e) => Err(e.clone()),
+            Ok(()) => match dense_of(tensors) {
+                Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d, scale).await,
+                Err(e) => Err(EvalError::Failed(e.to_string())),
+            },
+        };
     }
-    drop(decoded);
-    let gain = |j: usize| {
-        losses[j]
+    losses
+}
+
+/// Everything `score_rows` combines, per miner in peer-id order.
+struct Judged<'a> {
+    shards: &'a [MinerShard],
+    verdicts: &'a Verdicts,
+    copies: &'a [CopyInfo],
+    eligible: &'a [bool],
+    agree: &'a [Option<f64>],
+    losses: &'a [Result<crate::evaluate::Losses, EvalError>],
+    evaluated: bool,
+}
+
+/// The score table's rows (`scores.md`): score from usefulness (relative to the best gain)
+/// or, without an evaluator, from agreement; rating as an exponential average; weights as
+/// ratings normalised over the eligible miners.
+fn score_rows(
+    reg: &Registry,
+    w: u64,
+    j: &Judged<'_>,
+    prev: &BTreeMap<String, f64>,
+    alpha: f64,
+) -> Vec<ScoreRow> {
+    let gain = |k: usize| {
+        j.losses[k]
             .as_ref()
             .ok()
             .map(|l| l.loss_before - l.loss_after)
     };
-    let best = (0..shards.len())
+    let best = (0..j.shards.len())
         .filter_map(gain)
         .fold(0f64, |a, g| a.max(g));
-
-    let prev = previous_ratings(reg, &target, w, opts.rating_lookback).await?;
     let clk = clock(reg);
-    let mut rows: Vec<ScoreRow> = Vec::with_capacity(shards.len());
-    for (j, (s, l)) in shards.iter().zip(&verdicts.rows).enumerate() {
-        let score = if !eligible[j] {
+    let mut rows: Vec<ScoreRow> = Vec::with_capacity(j.shards.len());
+    for (k, (s, l)) in j.shards.iter().zip(&j.verdicts.rows).enumerate() {
+        let score = if !j.eligible[k] {
             Some(0.0)
-        } else if evaluator.is_none() {
-            agree[j].map(|a| a.max(0.0))
+        } else if !j.evaluated {
+            j.agree[k].map(|a| a.max(0.0))
         } else {
-            match &losses[j] {
-                Ok(_) => gain(j).map(|g| if best > 0.0 { g.max(0.0) / best } else { 0.0 }),
+            match &j.losses[k] {
+                Ok(_) => gain(k).map(|g| if best > 0.0 { g.max(0.0) / best } else { 0.0 }),
                 Err(_) => None,
             }
         };
         let before = prev.get(&s.peer).copied().unwrap_or(0.0);
-        let rating = score.map_or(before, |s| (1.0 - opts.alpha) * before + opts.alpha * s);
-        let (lb, la, err) = match &losses[j] {
+        let rating = score.map_or(before, |s| (1.0 - alpha) * before + alpha * s);
+        let (lb, la, err) = match &j.losses[k] {
             Ok(x) => (Some(x.loss_before), Some(x.loss_after), None),
-            Err(e) if eligible[j] && evaluator.is_some() => (None, None, Some(e.to_string())),
+            Err(e) if j.eligible[k] && j.evaluated => (None, None, Some(e.to_string())),
             Err(_) => (None, None, None),
         };
-        let c = &copies[j];
+        let c = &j.copies[k];
         rows.push(ScoreRow {
             window: w,
             peer: s.peer.clone(),
@@ -606,18 +691,18 @@ pub async fn validate_window(
             secs_before_deadline: s
                 .last_modified_ms
                 .map(|lm| (clk.deadline(w) as f64 - lm as f64) / 1000.0),
-            verdict: l.verdict.clone(),
+            verdict: l.verdict,
             reason: l.reason.clone(),
             detail: l.detail.clone(),
             norm: l.norm,
-            agreement: agree[j],
+            agreement: j.agree[k],
             nearest: c.nearest.clone(),
             overlap: c.overlap,
             similarity: c.similarity,
             copier: c.copier,
             loss_before: lb,
             loss_after: la,
-            usefulness: gain(j),
+            usefulness: gain(k),
             eval_error: err,
             score,
             rating,
@@ -627,18 +712,17 @@ pub async fn validate_window(
     let total: f64 = rows
         .iter()
         .enumerate()
-        .filter(|(j, _)| eligible[*j])
+        .filter(|(k, _)| j.eligible[*k])
         .map(|(_, r)| r.rating)
         .sum();
     if total > 0.0 {
-        for (j, r) in rows.iter_mut().enumerate() {
-            if eligible[j] {
+        for (k, r) in rows.iter_mut().enumerate() {
+            if j.eligible[k] {
                 r.weight = r.rating / total;
             }
         }
     }
-    let name = evaluator.map_or("none (score = agreement)".to_string(), |e| e.name());
-    publish_scores(reg, id, &target, w, name, rows).await
+    rows
 }
 
 async fn publish_scores(
@@ -727,7 +811,7 @@ pub async fn read_scored_window(
         window: Some(w),
         step: None,
     };
-    let (_, secs) = match crate::exchange::read_signed(
+    let (_, secs) = match crate::envelope::read_signed(
         &target,
         &wkey,
         &expect,

@@ -13,6 +13,64 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+/// What became of one miner's shard in one window: the ledger's and the score table's
+/// `verdict` column. Its string forms are part of both formats (`round.md`, `scores.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Verified and merged (possibly clipped: see the reason).
+    Accepted,
+    /// Verified and refused; the reason code says why.
+    Rejected,
+    /// No shard at the layout key.
+    Missing,
+    /// The miner's store could not be read (timeout, 5xx): not the miner's verdict.
+    Error,
+}
+
+impl Verdict {
+    /// Every verdict, in the order the ledger documents them.
+    pub const ALL: [Verdict; 4] = [
+        Verdict::Accepted,
+        Verdict::Rejected,
+        Verdict::Missing,
+        Verdict::Error,
+    ];
+
+    /// The string stored in the tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::Rejected => "rejected",
+            Verdict::Missing => "missing",
+            Verdict::Error => "error",
+        }
+    }
+
+    /// The inverse of [`Verdict::as_str`].
+    pub fn parse(s: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lets a reader of a table compare with the documented strings (`row.verdict == "accepted"`).
+impl PartialEq<&str> for Verdict {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+fn parse_verdict(s: &str) -> Result<Verdict, parquet::errors::ParquetError> {
+    Verdict::parse(s)
+        .ok_or_else(|| parquet::errors::ParquetError::General(format!("unknown verdict {s:?}")))
+}
+
 /// One ledger row: what the aggregator saw of one registered miner in one window.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LedgerRow {
@@ -22,7 +80,7 @@ pub struct LedgerRow {
     pub bytes: Option<u64>,
     pub last_modified_ms: Option<i64>,
     /// `accepted`, `rejected`, `missing` or `error` (the store failed; not the miner's verdict).
-    pub verdict: String,
+    pub verdict: Verdict,
     /// Stable reason code (`""` when accepted as is).
     pub reason: String,
     pub detail: String,
@@ -123,7 +181,7 @@ pub fn read_ledger(bytes: bytes::Bytes) -> Result<Vec<LedgerRow>, parquet::error
                 found: found.as_boolean().value(i),
                 bytes: bytes_a.is_valid(i).then(|| bytes_a.value(i)),
                 last_modified_ms: lm_a.is_valid(i).then(|| lm_a.value(i)),
-                verdict: verdict.as_string::<i32>().value(i).to_string(),
+                verdict: parse_verdict(verdict.as_string::<i32>().value(i))?,
                 reason: reason.as_string::<i32>().value(i).to_string(),
                 detail: detail.as_string::<i32>().value(i).to_string(),
                 norm: norm_a.is_valid(i).then(|| norm_a.value(i)),
@@ -146,7 +204,7 @@ pub struct ScoreRow {
     /// Seconds between the store's `last_modified` and the window's end (negative: in grace).
     pub secs_before_deadline: Option<f64>,
     /// The same verdict, reason and detail as the aggregator's ledger.
-    pub verdict: String,
+    pub verdict: Verdict,
     pub reason: String,
     pub detail: String,
     pub norm: Option<f64>,
@@ -248,7 +306,7 @@ pub fn scores_parquet(rows: &[ScoreRow]) -> Result<Vec<u8>, parquet::errors::Par
             .with_timezone("UTC"),
         ),
         f64s(|r| r.secs_before_deadline),
-        strs(|r| Some(&r.verdict)),
+        strs(|r| Some(r.verdict.as_str())),
         strs(|r| Some(&r.reason)),
         strs(|r| Some(&r.detail)),
         f64s(|r| r.norm),
@@ -310,7 +368,7 @@ pub fn read_scores(bytes: bytes::Bytes) -> Result<Vec<ScoreRow>, parquet::errors
                 present: t("present", i),
                 last_modified_ms: lm.is_valid(i).then(|| lm.value(i)),
                 secs_before_deadline: f("secs_before_deadline", i),
-                verdict: s("verdict", i).unwrap_or_default(),
+                verdict: parse_verdict(&s("verdict", i).unwrap_or_default())?,
                 reason: s("reason", i).unwrap_or_default(),
                 detail: s("detail", i).unwrap_or_default(),
                 norm: f("norm", i),

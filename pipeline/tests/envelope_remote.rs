@@ -9,7 +9,7 @@ use std::sync::Arc;
 use object_store::{ObjectStoreExt, PutPayload};
 use shardrop::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, Reason, RemoteEnvelope,
-    read_section, verify_sections,
+    stream_section, verify_sections,
 };
 use shardrop::identity::Identity;
 use shardrop::store::fault::{Calls, FaultAction, FaultRule, Faults};
@@ -66,7 +66,7 @@ async fn head_and_section_reads(t: Target) {
         "the head GET fetched {} bytes",
         first.bytes
     );
-    let small = read_section(
+    let small = stream_section(
         watched.store.as_ref(),
         &env,
         "small.txt",
@@ -152,7 +152,7 @@ async fn hostile_objects(t: Target) {
     assert!(many.head.len() > 64 << 10);
     put_create(&t, &t.path("many.grad"), &many).await.unwrap();
     let env = open(&t, "many.grad").await.unwrap();
-    let s = read_section(
+    let s = stream_section(
         t.store.as_ref(),
         &env,
         "section-number-01234",
@@ -197,7 +197,7 @@ async fn injected_faults_are_errors_not_data() {
     ));
     let f = t.wrap(Arc::clone(&faults));
     let env = open(&f, "x.grad").await.unwrap();
-    let e = read_section(
+    let e = stream_section(
         f.store.as_ref(),
         &env,
         "big.bin",

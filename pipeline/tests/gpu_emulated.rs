@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shardrop::codec::{
-    CodecParams, EncodedTensor, InDtype, IndexEncoding, Layout, ScaleMode, TensorInput, accumulate,
-    encode_tensor,
+    ChunkLayout, CodecParams, EncodedTensor, InDtype, IndexEncoding, ScaleMode, TensorInput,
+    accumulate, encode_tensor,
 };
 
 mod codec_cases;
@@ -95,7 +95,7 @@ fn vbits(p: &CodecParams) -> u32 {
 /// The kernels' encode, through the harness.
 fn emu_encode(input: &TensorInput, state: &[f32], beta: f32, p: &CodecParams, block: u32) -> Out {
     let n: u64 = input.shape.iter().product();
-    let lay = Layout::new(n, p);
+    let lay = ChunkLayout::new(n, p);
     let mut job = Vec::new();
     let dt = match input.dtype {
         InDtype::F32 => 0u32,
@@ -152,7 +152,7 @@ fn emu_encode(input: &TensorInput, state: &[f32], beta: f32, p: &CodecParams, bl
 /// The kernels' decode + weighted scatter into `dense`; returns (fault, dense after).
 fn emu_accumulate(t: &EncodedTensor, dense: &[f32], weight: f32, block: u32) -> (u32, Vec<f32>) {
     let p = t.params;
-    let lay = Layout::new(t.numel(), &p);
+    let lay = ChunkLayout::new(t.numel(), &p);
     let mut job = Vec::new();
     job.extend(t.numel().to_le_bytes());
     for v in [

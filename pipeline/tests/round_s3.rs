@@ -284,7 +284,7 @@ async fn full_round_on_s3() {
         ledger
             .iter()
             .find(|r| r.peer == id.peer_id().to_string())
-            .map(|r| (r.verdict.clone(), r.reason.clone()))
+            .map(|r| (r.verdict.to_string(), r.reason.clone()))
             .unwrap()
     };
     assert_eq!(reason(&honest_a), ("accepted".into(), String::new()));

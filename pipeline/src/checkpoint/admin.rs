@@ -299,7 +299,7 @@ pub async fn gc(
         .and_then(|i| i.window);
     if let Some(wb) = windows_before {
         for folder in ["aggs", "ledger", "scores", "weights", "grads", "blobs"] {
-            let root = target.path(&format!("runs/{run}/{folder}/"));
+            let root = target.path(&layout::run_folder(run, folder));
             let depth = root.parts().count();
             let metas = list_all(target, &root).await?;
             for m in metas {

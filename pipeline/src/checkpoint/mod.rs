@@ -105,6 +105,36 @@ impl From<crate::registry::RegistryError> for CkptError {
     }
 }
 
+/// What `pull` leaves beside the files it wrote (`LOCAL_MANIFEST`): where they came from,
+/// what was selected, and the verified manifest (its `window` is the last window a replay
+/// from this checkpoint must skip). Fields in the file's key order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LocalManifest {
+    /// The signed manifest the files were checked against.
+    pub manifest: Manifest,
+    /// The manifest's URL.
+    pub source: String,
+    /// The `--tensors` globs of the pull (all tensors when empty).
+    pub tensors: Vec<String>,
+    /// The `(rank, size)` tensor-parallel slice of the pull, if any.
+    pub tp: Option<(u64, u64)>,
+}
+
+impl LocalManifest {
+    /// Reads the local manifest of a pulled folder; `None` when there is none. The folder is
+    /// the caller's own (written by a verified pull), so this is a convenience, not a check.
+    pub fn read(dir: &std::path::Path) -> Result<Option<LocalManifest>, CkptError> {
+        let path = dir.join(LOCAL_MANIFEST);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| CkptError::Caller(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+}
+
 pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> CkptError {
     CkptError::Io {
         path: path.display().to_string(),

@@ -431,7 +431,9 @@ async fn get_range(
     Ok(b)
 }
 
-/// Pulls a verified checkpoint into `out`.
+/// Pulls a verified checkpoint into `out`: the manifest, then every selected file (in
+/// parallel, resumable, each checked chunk by chunk and renamed into place once whole), the
+/// small files, the Hugging Face index and the local manifest.
 pub async fn pull(
     loc: &Located,
     out: &Path,
@@ -439,89 +441,10 @@ pub async fn pull(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Pulled, CkptError> {
     let (m, body, murl) = fetch_manifest(loc).await?;
-    let selected: Vec<usize> = if opts.tensors.is_empty() {
-        (0..m.tensors.len()).collect()
-    } else {
-        let mut b = globset::GlobSetBuilder::new();
-        for g in &opts.tensors {
-            b.add(
-                globset::Glob::new(g)
-                    .map_err(|e| CkptError::Caller(format!("--tensors {g:?}: {e}")))?,
-            );
-        }
-        let set = b.build().map_err(|e| CkptError::Caller(e.to_string()))?;
-        for g in &opts.tensors {
-            let one = globset::Glob::new(g)
-                .map_err(|e| CkptError::Caller(e.to_string()))?
-                .compile_matcher();
-            if !m.tensors.iter().any(|t| one.is_match(&t.name)) {
-                return Err(CkptError::Caller(format!(
-                    "--tensors {g:?} matches no tensor of {murl}"
-                )));
-            }
-        }
-        (0..m.tensors.len())
-            .filter(|&i| set.is_match(&m.tensors[i].name))
-            .collect()
-    };
-    if let Some((rank, n)) = opts.tp
-        && (n == 0 || rank >= n)
-    {
-        return Err(CkptError::Caller(format!(
-            "--tp-rank {rank} --tp-size {n}: expected rank < size"
-        )));
-    }
-    let whole = opts.tensors.is_empty() && opts.tp.is_none();
-    let files: Vec<OutFile> = if whole {
-        m.shards
-            .iter()
-            .enumerate()
-            .map(|(k, s)| OutFile {
-                name: s.file.clone(),
-                size: s.size,
-                plan: Plan::Whole { shard: k },
-            })
-            .collect()
-    } else {
-        plan_subset(&m, &selected, opts.tp)?
-    };
-
-    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
-    let partial = out.join(PARTIAL);
-    if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(CkptError::Caller(format!(
-            "{}: is a link; refusing to write through it",
-            partial.display()
-        )));
-    }
-    std::fs::create_dir_all(&partial).map_err(|e| io_err(&partial, e))?;
-    // The state of an earlier pull into OUT counts only for the same manifest and selection.
-    let key = blake3::hash(
-        format!(
-            "{}|{:?}|{:?}",
-            blake3::hash(&body).to_hex(),
-            opts.tensors,
-            opts.tp
-        )
-        .as_bytes(),
-    )
-    .to_hex()
-    .to_string();
-    let state_path = inside(out, STATE)?;
-    let mut done: BTreeMap<String, String> = std::fs::read(&state_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .filter(|v| v["key"] == key)
-        .and_then(|v| serde_json::from_value(v["done"].clone()).ok())
-        .unwrap_or_default();
-    let save_state = |done: &BTreeMap<String, String>| -> Result<(), CkptError> {
-        write_replace(
-            &partial,
-            &state_path,
-            &serde_json::to_vec(&serde_json::json!({"key": key, "done": done})).unwrap_or_default(),
-        )
-    };
-
+    let selected = select_tensors(&m, &opts.tensors, &murl)?;
+    let files = plan_files(&m, &selected, opts)?;
+    let partial = prepare_out(out)?;
+    let resume = Resume::load(out, &body, opts)?;
     let mut result = Pulled {
         out: out.display().to_string(),
         step: m.step,
@@ -536,7 +459,6 @@ pub async fn pull(
     // One budget of GETs in flight across all files, so shard boundaries never drain the
     // pipeline; files finish (and are renamed and recorded) independently.
     let gets = tokio::sync::Semaphore::new(concurrency);
-    let done_m = std::sync::Mutex::new(&mut done);
     let fetch = Fetch {
         loc,
         m: &m,
@@ -544,62 +466,15 @@ pub async fn pull(
         concurrency,
         progress,
     };
-    let (done_r, partial_r, save_r, cx_r) = (&done_m, &partial, &save_state, &fetch);
-    let one_file = futures::stream::iter(files.iter().map(|f| {
-        let (done_m, partial, save_state, cx) = (done_r, partial_r, save_r, cx_r);
-        let m = cx.m;
-        async move {
-            let final_path = inside(out, &f.name)?;
-            let recorded = done_m.lock().ok().and_then(|d| d.get(&f.name).cloned());
-            if let Some(h) = recorded
-                && blake3_file(&final_path).ok() == Some(h)
-            {
-                progress(f.size);
-                return Ok::<_, CkptError>((0u64, f.size, 0u64));
-            }
-            let part_path = partial.join(format!("{}.part", f.name));
-            let fresh = std::fs::symlink_metadata(&part_path).is_err();
-            let file = Arc::new(open_nofollow(&part_path)?);
-            file.set_len(f.size).map_err(|e| io_err(&part_path, e))?;
-            let (fetched, reused) = match &f.plan {
-                Plan::Whole { shard } => fetch_whole(cx, *shard, &file, fresh).await?,
-                Plan::Subset {
-                    shard,
-                    header,
-                    items,
-                } => {
-                    file.write_all_at(header, 0)
-                        .map_err(|e| io_err(&part_path, e))?;
-                    fetch_subset(cx, *shard, items, &file).await?
-                }
-            };
-            if let Plan::Whole { shard } = f.plan {
-                check_shard_header(&file, m, shard).map_err(|why| {
-                    CkptError::Mismatch(vec![format!(
-                        "{}: its safetensors header disagrees with the signed manifest: {why}",
-                        f.name
-                    )])
-                })?;
-            }
-            drop(file);
-            // A whole shard whose every chunk matched is the manifest's file; a new shard of
-            // a partial pull is hashed once for the resume record.
-            let h = match f.plan {
-                Plan::Whole { shard } => m.shards[shard].blake3.clone(),
-                Plan::Subset { .. } => {
-                    blake3_file(&part_path).map_err(|e| io_err(&part_path, e))?
-                }
-            };
-            std::fs::rename(&part_path, &final_path).map_err(|e| io_err(&final_path, e))?;
-            if let Ok(mut d) = done_m.lock() {
-                d.insert(f.name.clone(), h);
-                save_state(&d)?;
-            }
-            Ok((fetched, reused, f.size))
-        }
-    }));
-    let outcomes: Vec<Result<(u64, u64, u64), CkptError>> =
-        one_file.buffer_unordered(8).collect().await;
+    let resume = std::sync::Mutex::new(resume);
+    let outcomes: Vec<Result<(u64, u64, u64), CkptError>> = futures::stream::iter(
+        files
+            .iter()
+            .map(|f| pull_file(&fetch, out, &partial, f, &resume)),
+    )
+    .buffer_unordered(8)
+    .collect()
+    .await;
     let mut bad = Vec::new();
     for o in outcomes {
         match o {
@@ -618,46 +493,235 @@ pub async fn pull(
     if !bad.is_empty() {
         return Err(CkptError::Mismatch(bad));
     }
+    pull_small_files(loc, &m, out, &partial, &mut result).await?;
+    let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
+    let index = m.hf_index(&entries, files.iter().map(|f| f.size).sum());
+    write_replace(&partial, &inside(out, HF_INDEX)?, &index)?;
+    let local = super::LocalManifest {
+        manifest: m,
+        source: murl,
+        tensors: opts.tensors.clone(),
+        tp: opts.tp,
+    };
+    write_replace(
+        &partial,
+        &inside(out, LOCAL_MANIFEST)?,
+        &serde_json::to_vec_pretty(&local).unwrap_or_default(),
+    )?;
+    let _ = std::fs::remove_dir(&partial);
+    Ok(result)
+}
+
+/// The manifest's tensors the `--tensors` globs select (all when there are none); a glob
+/// that matches nothing is the caller's mistake, not an empty pull.
+fn select_tensors(m: &Manifest, globs: &[String], murl: &str) -> Result<Vec<usize>, CkptError> {
+    if globs.is_empty() {
+        return Ok((0..m.tensors.len()).collect());
+    }
+    let mut b = globset::GlobSetBuilder::new();
+    for g in globs {
+        b.add(
+            globset::Glob::new(g)
+                .map_err(|e| CkptError::Caller(format!("--tensors {g:?}: {e}")))?,
+        );
+    }
+    let set = b.build().map_err(|e| CkptError::Caller(e.to_string()))?;
+    for g in globs {
+        let one = globset::Glob::new(g)
+            .map_err(|e| CkptError::Caller(e.to_string()))?
+            .compile_matcher();
+        if !m.tensors.iter().any(|t| one.is_match(&t.name)) {
+            return Err(CkptError::Caller(format!(
+                "--tensors {g:?} matches no tensor of {murl}"
+            )));
+        }
+    }
+    Ok((0..m.tensors.len())
+        .filter(|&i| set.is_match(&m.tensors[i].name))
+        .collect())
+}
+
+/// The files a pull writes: the manifest's shards as they are, or new shards holding only
+/// the selected tensors (and tensor-parallel slices).
+fn plan_files(
+    m: &Manifest,
+    selected: &[usize],
+    opts: &PullOptions,
+) -> Result<Vec<OutFile>, CkptError> {
+    if let Some((rank, n)) = opts.tp
+        && (n == 0 || rank >= n)
+    {
+        return Err(CkptError::Caller(format!(
+            "--tp-rank {rank} --tp-size {n}: expected rank < size"
+        )));
+    }
+    if !opts.tensors.is_empty() || opts.tp.is_some() {
+        return plan_subset(m, selected, opts.tp);
+    }
+    Ok(m.shards
+        .iter()
+        .enumerate()
+        .map(|(k, s)| OutFile {
+            name: s.file.clone(),
+            size: s.size,
+            plan: Plan::Whole { shard: k },
+        })
+        .collect())
+}
+
+/// Creates `out` and its staging folder (never through a link); returns the staging folder.
+fn prepare_out(out: &Path) -> Result<PathBuf, CkptError> {
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let partial = out.join(PARTIAL);
+    if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(CkptError::Caller(format!(
+            "{}: is a link; refusing to write through it",
+            partial.display()
+        )));
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| io_err(&partial, e))?;
+    Ok(partial)
+}
+
+/// The files an earlier pull into the same folder already finished, with their blake3. It
+/// counts only for the same manifest and selection (its `key`).
+struct Resume {
+    key: String,
+    done: BTreeMap<String, String>,
+    path: PathBuf,
+    partial: PathBuf,
+}
+
+impl Resume {
+    fn load(out: &Path, manifest_body: &[u8], opts: &PullOptions) -> Result<Resume, CkptError> {
+        let key = blake3::hash(
+            format!(
+                "{}|{:?}|{:?}",
+                blake3::hash(manifest_body).to_hex(),
+                opts.tensors,
+                opts.tp
+            )
+            .as_bytes(),
+        )
+        .to_hex()
+        .to_string();
+        let path = inside(out, STATE)?;
+        let done = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(|v| v["key"] == key)
+            .and_then(|v| serde_json::from_value(v["done"].clone()).ok())
+            .unwrap_or_default();
+        Ok(Resume {
+            key,
+            done,
+            path,
+            partial: out.join(PARTIAL),
+        })
+    }
+
+    /// Records a finished file (by write and rename: a crash leaves the old record or the
+    /// new, never half of one).
+    fn record(&mut self, file: &str, blake3: String) -> Result<(), CkptError> {
+        self.done.insert(file.to_string(), blake3);
+        let doc = serde_json::json!({"key": self.key, "done": self.done});
+        write_replace(
+            &self.partial,
+            &self.path,
+            &serde_json::to_vec(&doc).unwrap_or_default(),
+        )
+    }
+}
+
+/// One output file: reused when an earlier pull finished it and it still hashes right;
+/// otherwise fetched into `NAME.part` (never through a link), checked, and renamed into
+/// place. Returns (fetched, reused, written) bytes.
+async fn pull_file(
+    cx: &Fetch<'_>,
+    out: &Path,
+    partial: &Path,
+    f: &OutFile,
+    resume: &std::sync::Mutex<Resume>,
+) -> Result<(u64, u64, u64), CkptError> {
+    let m = cx.m;
+    let final_path = inside(out, &f.name)?;
+    let recorded = resume
+        .lock()
+        .ok()
+        .and_then(|r| r.done.get(&f.name).cloned());
+    if let Some(h) = recorded
+        && blake3_file(&final_path).ok() == Some(h)
+    {
+        (cx.progress)(f.size);
+        return Ok((0, f.size, 0));
+    }
+    let part_path = partial.join(format!("{}.part", f.name));
+    let fresh = std::fs::symlink_metadata(&part_path).is_err();
+    let file = Arc::new(open_nofollow(&part_path)?);
+    file.set_len(f.size).map_err(|e| io_err(&part_path, e))?;
+    let (fetched, reused) = match &f.plan {
+        Plan::Whole { shard } => fetch_whole(cx, *shard, &file, fresh).await?,
+        Plan::Subset {
+            shard,
+            header,
+            items,
+        } => {
+            file.write_all_at(header, 0)
+                .map_err(|e| io_err(&part_path, e))?;
+            fetch_subset(cx, *shard, items, &file).await?
+        }
+    };
+    if let Plan::Whole { shard } = f.plan {
+        check_shard_header(&file, m, shard).map_err(|why| {
+            CkptError::Mismatch(vec![format!(
+                "{}: its safetensors header disagrees with the signed manifest: {why}",
+                f.name
+            )])
+        })?;
+    }
+    drop(file);
+    // A whole shard whose every chunk matched is the manifest's file; a new shard of a
+    // partial pull is hashed once for the resume record.
+    let h = match f.plan {
+        Plan::Whole { shard } => m.shards[shard].blake3.clone(),
+        Plan::Subset { .. } => blake3_file(&part_path).map_err(|e| io_err(&part_path, e))?,
+    };
+    std::fs::rename(&part_path, &final_path).map_err(|e| io_err(&final_path, e))?;
+    if let Ok(mut r) = resume.lock() {
+        r.record(&f.name, h)?;
+    }
+    Ok((fetched, reused, f.size))
+}
+
+/// The checkpoint's small files (configs, tokenizers), each checked whole against the
+/// manifest's blake3; a file already there with the right hash is kept.
+async fn pull_small_files(
+    loc: &Located,
+    m: &Manifest,
+    out: &Path,
+    partial: &Path,
+    result: &mut Pulled,
+) -> Result<(), CkptError> {
     for fe in &m.files {
         let p = inside(out, &fe.file)?;
         if std::fs::read(&p).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == fe.blake3) {
             result.reused_bytes += fe.size;
             continue;
         }
-        let b = get_range(
-            &loc.target,
-            &layout::ckpt_file(&m.run, m.step, &fe.file),
-            0..fe.size,
-        )
-        .await?;
+        let key = layout::ckpt_file(&m.run, m.step, &fe.file);
+        let b = get_range(&loc.target, &key, 0..fe.size).await?;
         if blake3::hash(&b).to_hex().as_str() != fe.blake3 {
             return Err(CkptError::Mismatch(vec![format!(
                 "{}: file {} does not match the manifest's blake3",
-                loc.target.url_of(
-                    &loc.target
-                        .path(&layout::ckpt_file(&m.run, m.step, &fe.file))
-                ),
+                loc.target.url_of(&loc.target.path(&key)),
                 fe.file
             )]));
         }
-        write_replace(&partial, &p, &b)?;
+        write_replace(partial, &p, &b)?;
         result.fetched_bytes += fe.size;
         result.written_bytes += fe.size;
     }
-    let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
-    let index = m.hf_index(&entries, files.iter().map(|f| f.size).sum());
-    let ip = inside(out, HF_INDEX)?;
-    write_replace(&partial, &ip, &index)?;
-    let lp = inside(out, LOCAL_MANIFEST)?;
-    let local =
-        serde_json::json!({"source": murl, "tensors": opts.tensors, "tp": opts.tp, "manifest": m});
-    write_replace(
-        &partial,
-        &lp,
-        &serde_json::to_vec_pretty(&local).unwrap_or_default(),
-    )?;
-    let _ = std::fs::remove_dir(&partial);
-    Ok(result)
+    Ok(())
 }
 
 /// What every fetch of one pull shares.

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::packing::{Inventory, PlannedShard, ShardSource, hash_shard, inventory, plan};
+use super::packing::{
+    Inventory, PlannedShard, ShardHashes, ShardSource, hash_shard, inventory, plan,
+};
 use super::{
     CkptError, FileEntry, HF_INDEX, Latest, MANIFEST_CODEC, MANIFEST_FORMAT, Manifest,
     POINTER_CODEC, ShardEntry, TensorEntry, io_err,
 };
 use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, RemoteEnvelope};
-use crate::exchange::own_store;
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::registry::{Registry, Role};
@@ -53,7 +54,7 @@ pub(crate) async fn read_signed_json(
     key: &str,
     expect: &Expect,
 ) -> Result<(RemoteEnvelope, Vec<u8>), EnvelopeError> {
-    let (env, sections) = crate::exchange::read_signed(
+    let (env, sections) = crate::envelope::read_signed(
         target,
         key,
         expect,
@@ -147,35 +148,82 @@ pub async fn push(
     opts: &PushOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Pushed, CkptError> {
-    let target =
-        own_store(reg, id, Role::Aggregator, s3).map_err(|e| CkptError::Caller(e.to_string()))?;
+    let target = reg.own_store(id, Role::Aggregator, s3)?;
     let run = reg.run.clone();
     let inv = inventory(srcs)?;
     let shards = plan(&inv, opts.shard_size.max(1));
-    // Hash every shard (parallel over shards, reading the sources once).
-    let hashes = {
-        use rayon::prelude::*;
-        let quiet = |_: u64| {};
-        shards
-            .par_iter()
-            .map(|s| {
-                hash_shard(&ShardSource {
-                    inv: &inv,
-                    shard: s,
-                    progress: &quiet,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| io_err(std::path::Path::new("checkpoint sources"), e))?
-    };
+    let hashes = hash_shards(&inv, &shards)?;
     let me = id.peer_id();
     let parent = read_latest(&target, &run, &me)
         .await?
         .map(|(l, _)| l.step)
         .filter(|&p| p < opts.step);
+    let (manifest, extras) = build_manifest(&run, opts, parent, &inv, &shards, &hashes)?;
+    // The data first, then the small files and the index, then the manifest: the commit
+    // point.
+    let skipped = upload_shards(&target, &run, opts, &inv, &shards, progress).await?;
+    for (name, b) in &extras {
+        let path = target.path(&layout::ckpt_file(&run, opts.step, name));
+        store::put_create(&target, &path, b.as_slice()).await?;
+    }
+    let all: Vec<&TensorEntry> = manifest.tensors.iter().collect();
+    let index = manifest.hf_index(&all, shards.iter().map(|s| s.size).sum());
+    store::put_create(
+        &target,
+        &target.path(&layout::ckpt_object(&run, opts.step, HF_INDEX)),
+        index.as_slice(),
+    )
+    .await?;
+    let (murl, already) = commit_manifest(&target, id, &run, opts, &manifest).await?;
+    let latest = move_latest(&target, &run, id, opts.step).await?;
+    Ok(Pushed {
+        manifest: murl,
+        step: opts.step,
+        window: opts.window,
+        parent,
+        shards: shards.len(),
+        tensors: manifest.tensors.len(),
+        files: manifest.files.len(),
+        bytes: manifest.total_bytes(),
+        skipped_shards: skipped,
+        already_published: already,
+        latest,
+    })
+}
+
+/// Hashes every planned shard (whole and per chunk, and each tensor's bytes), in parallel
+/// over shards, reading the sources once.
+fn hash_shards(inv: &Inventory, shards: &[PlannedShard]) -> Result<Vec<ShardHashes>, CkptError> {
+    use rayon::prelude::*;
+    let quiet = |_: u64| {};
+    shards
+        .par_iter()
+        .map(|s| {
+            hash_shard(&ShardSource {
+                inv,
+                shard: s,
+                progress: &quiet,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io_err(std::path::Path::new("checkpoint sources"), e))
+}
+
+/// A small file of the checkpoint (config, tokenizer): its name and bytes.
+type SmallFile = (String, Vec<u8>);
+
+/// The manifest of a push (validated), and the small files' bytes to upload beside it.
+fn build_manifest(
+    run: &str,
+    opts: &PushOptions,
+    parent: Option<u64>,
+    inv: &Inventory,
+    shards: &[PlannedShard],
+    hashes: &[ShardHashes],
+) -> Result<(Manifest, Vec<SmallFile>), CkptError> {
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
-        run: run.clone(),
+        run: run.to_string(),
         step: opts.step,
         window: opts.window,
         parent,
@@ -184,7 +232,7 @@ pub async fn push(
         tensors: Vec::new(),
         files: Vec::new(),
     };
-    for (k, (s, h)) in shards.iter().zip(&hashes).enumerate() {
+    for (k, (s, h)) in shards.iter().zip(hashes).enumerate() {
         manifest.shards.push(ShardEntry {
             file: s.file.clone(),
             size: s.size,
@@ -215,24 +263,21 @@ pub async fn push(
         extras.push((name.clone(), b));
     }
     manifest.validate()?;
+    Ok((manifest, extras))
+}
 
-    let skipped = upload_shards(&target, &run, opts, &inv, &shards, progress).await?;
-    for (name, b) in &extras {
-        let path = target.path(&layout::ckpt_file(&run, opts.step, name));
-        store::put_create(&target, &path, b.as_slice()).await?;
-    }
-    let all: Vec<&TensorEntry> = manifest.tensors.iter().collect();
-    let index = manifest.hf_index(&all, shards.iter().map(|s| s.size).sum());
-    store::put_create(
-        &target,
-        &target.path(&layout::ckpt_object(&run, opts.step, HF_INDEX)),
-        index.as_slice(),
-    )
-    .await?;
-
-    // The manifest last: the commit point.
-    let body = serde_json::to_vec(&manifest).map_err(|e| CkptError::Internal(e.to_string()))?;
-    let mut b = EnvelopeBuilder::new(Kind::Manifest, &run)
+/// Signs and puts the manifest create-only (the commit point). Another signing of the same
+/// manifest (only the clock differs) is the same push: `already` is true; a different
+/// manifest at that step is a conflict. Returns the manifest's URL and `already`.
+async fn commit_manifest(
+    target: &Target,
+    id: &Identity,
+    run: &str,
+    opts: &PushOptions,
+    manifest: &Manifest,
+) -> Result<(String, bool), CkptError> {
+    let body = serde_json::to_vec(manifest).map_err(|e| CkptError::Internal(e.to_string()))?;
+    let mut b = EnvelopeBuilder::new(Kind::Manifest, run)
         .step(opts.step)
         .codec(MANIFEST_CODEC, Default::default());
     if let Some(w) = opts.window {
@@ -241,22 +286,21 @@ pub async fn push(
     let signed = b
         .section("manifest.json", &body, Compression::Zstd)?
         .sign(id)?;
-    let mkey = layout::ckpt_manifest(&run, opts.step);
+    let mkey = layout::ckpt_manifest(run, opts.step);
     let mpath = target.path(&mkey);
     let murl = target.url_of(&mpath);
-    let already = match store::put_create(&target, &mpath, &signed).await {
+    let already = match store::put_create(target, &mpath, &signed).await {
         Ok(PutOutcome::Created) => false,
         Ok(PutOutcome::AlreadyIdentical) => true,
         Err(StoreError::Conflict { .. }) => {
-            // Another signing of the same manifest (the clock differs) is the same push.
             let expect = Expect {
-                signer: Some(me),
-                run: Some(run.clone()),
+                signer: Some(id.peer_id()),
+                run: Some(run.to_string()),
                 kind: Some(Kind::Manifest),
                 window: None,
                 step: Some(opts.step),
             };
-            let (_, existing) = read_signed_json(&target, &mkey, &expect).await?;
+            let (_, existing) = read_signed_json(target, &mkey, &expect).await?;
             if existing != body {
                 return Err(CkptError::Conflict {
                     object: murl,
@@ -270,20 +314,7 @@ pub async fn push(
         }
         Err(e) => return Err(e.into()),
     };
-    let latest = move_latest(&target, &run, id, opts.step).await?;
-    Ok(Pushed {
-        manifest: murl,
-        step: opts.step,
-        window: opts.window,
-        parent,
-        shards: shards.len(),
-        tensors: manifest.tensors.len(),
-        files: manifest.files.len(),
-        bytes: manifest.total_bytes(),
-        skipped_shards: skipped,
-        already_published: already,
-        latest,
-    })
+    Ok((murl, already))
 }
 
 async fn upload_shards(

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use super::bits::{self, BitWriter, IndexFault};
 use super::quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 use super::{
-    CodecError, CodecParams, EncodedTensor, InDtype, IndexEncoding, Layout, ScaleMode, TensorInput,
+    ChunkLayout, CodecError, CodecParams, EncodedTensor, InDtype, IndexEncoding, ScaleMode,
+    TensorInput,
 };
 
 const MAG: u32 = 0x7FFF_FFFF;
@@ -302,7 +303,7 @@ pub fn encode_tensor(
             want: n as usize * size,
         });
     }
-    let lay = Layout::new(n, p);
+    let lay = ChunkLayout::new(n, p);
     let mut idx = vec![0u8; lay.idx_len()];
     let mut val = vec![0u8; lay.val_len()];
     let lv = if p.values.scaled() {
@@ -398,7 +399,7 @@ fn index_error(t: &EncodedTensor, chunk: usize, f: IndexFault) -> CodecError {
 /// each index and value; nothing else is touched. A refusal names the lowest faulty chunk
 /// (its index block before its value block), however the chunks were scheduled: ledgers
 /// record the detail, and reruns must write the same ledger.
-fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
+fn decode_sparse(t: &EncodedTensor, lay: &ChunkLayout) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
     let kept = lay.kept() as usize;
     let mut idx = vec![0u32; kept];
     let mut val = vec![0f32; kept];
@@ -413,7 +414,7 @@ fn decode_sparse(t: &EncodedTensor, lay: &Layout) -> Result<(Vec<u32>, Vec<f32>)
 /// The chunk loop of `decode_sparse`, in parallel or strictly in chunk order.
 fn decode_chunks(
     t: &EncodedTensor,
-    lay: &Layout,
+    lay: &ChunkLayout,
     idx: &mut [u32],
     val: &mut [f32],
     parallel: bool,
@@ -483,7 +484,10 @@ fn decode_chunks(
 
 /// `check_shape`, and that the accumulator (of `dense_len` elements) fits the tensor: what
 /// every accumulate, on any device, checks before decoding.
-pub(crate) fn check_accumulate(t: &EncodedTensor, dense_len: usize) -> Result<Layout, CodecError> {
+pub(crate) fn check_accumulate(
+    t: &EncodedTensor,
+    dense_len: usize,
+) -> Result<ChunkLayout, CodecError> {
     let lay = check_shape(t)?;
     if dense_len as u64 != lay.n {
         return Err(CodecError::SizeMismatch {
@@ -497,9 +501,9 @@ pub(crate) fn check_accumulate(t: &EncodedTensor, dense_len: usize) -> Result<La
 }
 
 /// Checks the parameters, block sizes and scales: everything that needs no decoding.
-pub(crate) fn check_shape(t: &EncodedTensor) -> Result<Layout, CodecError> {
+pub(crate) fn check_shape(t: &EncodedTensor) -> Result<ChunkLayout, CodecError> {
     t.params.validate()?;
-    let lay = Layout::new(t.numel(), &t.params);
+    let lay = ChunkLayout::new(t.numel(), &t.params);
     let size = |what: &str, got: usize, want: usize| {
         if got == want {
             Ok(())

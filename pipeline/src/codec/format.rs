@@ -199,7 +199,7 @@ pub fn read_section_with_norms(
 }
 
 /// The most bytes a section holding `tensors` can decompress to with codec `params`: the
-/// exact block sizes of every tensor (`Layout`) plus a generous allowance for the
+/// exact block sizes of every tensor (`ChunkLayout`) plus a generous allowance for the
 /// safetensors header (three arrays and one metadata entry per tensor, JSON-escaped twice).
 /// Readers refuse a section declaring more *before* decompressing it, so a few kilobytes of
 /// zstd can no longer claim gigabytes (a decompression bomb).
@@ -213,7 +213,7 @@ pub fn section_raw_bound<'a>(
     for t in tensors {
         let n = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         let Some(n) = n else { return u64::MAX };
-        let l = super::Layout::new(n, params);
+        let l = super::ChunkLayout::new(n, params);
         let data = l.idx_len() as u64 + l.val_len() as u64 + 2 * l.n_scales as u64;
         let meta = PER_TENSOR + 24 * t.name.len() as u64 + 24 * t.shape.len() as u64;
         total = total.saturating_add(data).saturating_add(meta);

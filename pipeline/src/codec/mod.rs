@@ -51,8 +51,8 @@ pub use format::{
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::{EfState, STATE_FILE, StateLock, lock_dir};
 pub use update::{
-    Dense, EncodeOptions, EncodedUpdate, UpdateStats, accumulate_section, dense_to_safetensors,
-    encode_update, encode_update_with, model_of,
+    Dense, EncodeOptions, EncodedUpdate, UpdateStats, accumulate_section, dense_from_safetensors,
+    dense_to_safetensors, encode_update, encode_update_with, model_of,
 };
 
 use serde::{Deserialize, Serialize};
@@ -226,7 +226,7 @@ impl EncodedTensor {
 
     /// Elements sent.
     pub fn kept(&self) -> u64 {
-        Layout::new(self.numel(), &self.params).kept()
+        ChunkLayout::new(self.numel(), &self.params).kept()
     }
 
     /// Payload bytes (indices + values + scales), without container overhead.
@@ -238,7 +238,7 @@ impl EncodedTensor {
 /// Block sizes and offsets of one tensor: every chunk's blocks start at computable offsets,
 /// which lets chunks be encoded and decoded independently and in parallel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
+pub struct ChunkLayout {
     pub n: u64,
     pub chunk: u32,
     pub n_chunks: usize,
@@ -252,8 +252,8 @@ pub struct Layout {
     pub n_scales: usize,
 }
 
-impl Layout {
-    pub fn new(n: u64, p: &CodecParams) -> Layout {
+impl ChunkLayout {
+    pub fn new(n: u64, p: &CodecParams) -> ChunkLayout {
         let c = p.chunk as u64;
         let n_chunks = n.div_ceil(c) as usize;
         let last_len = if n_chunks == 0 {
@@ -266,7 +266,7 @@ impl Layout {
         let compact = p.indices == IndexEncoding::Compact;
         let log2 = p.chunk.ilog2();
         let vb = |k: u32| (k as usize * p.values.bits() as usize).div_ceil(8);
-        Layout {
+        ChunkLayout {
             n,
             chunk: p.chunk,
             n_chunks,

@@ -284,7 +284,7 @@ fn each_bad_input_reason_is_produced() {
     assert_eq!(t.len(), 1);
     // Out of range: the short last chunk (600 = 2x256 + 88) gets an index >= 88.
     let b = edited(&packed, |t| {
-        let lay = Layout::new(600, &t.params);
+        let lay = ChunkLayout::new(600, &t.params);
         let last = 2 * lay.idx_full;
         let mut out = vec![0u8; lay.idx_last];
         bits::write_indices(&mut out, &[1, 2, 3, 4, 5, 6, 7, 100], false, 256, 8);
@@ -371,7 +371,7 @@ fn rejected_tensor_leaves_the_accumulator_untouched() {
     let mut t = read_section(&good, None, &CodecLimits::default())
         .unwrap()
         .remove(0);
-    let lay = Layout::new(600, &t.params);
+    let lay = ChunkLayout::new(600, &t.params);
     let mut out = vec![0u8; lay.idx_last];
     bits::write_indices(&mut out, &[1, 2, 3, 4, 5, 6, 7, 100], false, 256, 8);
     let last = 2 * lay.idx_full;
@@ -531,4 +531,44 @@ fn a_refusal_names_the_lowest_faulty_chunk_every_time() {
             other => panic!("expected chunk 9 to be named, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn dense_files_round_trip_and_half_precision_widens_exactly() {
+    use safetensors::{Dtype, tensor::TensorView};
+    let mut d = Dense::new();
+    d.insert("a".into(), (vec![2, 2], vec![1.5, -0.25, 3.0, 0.0]));
+    let bytes = dense_to_safetensors(&d).unwrap();
+    assert_eq!(dense_from_safetensors(&bytes).unwrap(), d);
+    let b: Vec<u8> = [1.0f32, -2.5]
+        .iter()
+        .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+        .collect();
+    let h: Vec<u8> = [0.5f32, 65504.0]
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+        .collect();
+    let st = safetensors::serialize(
+        vec![
+            ("b", TensorView::new(Dtype::BF16, vec![2], &b).unwrap()),
+            ("h", TensorView::new(Dtype::F16, vec![2], &h).unwrap()),
+        ],
+        None,
+    )
+    .unwrap();
+    let got = dense_from_safetensors(&st).unwrap();
+    assert_eq!(got["b"], (vec![2], vec![1.0, -2.5]));
+    assert_eq!(got["h"], (vec![2], vec![0.5, 65504.0]));
+    let i32s = safetensors::serialize(
+        vec![(
+            "i",
+            TensorView::new(Dtype::I32, vec![1], &[0u8; 4]).unwrap(),
+        )],
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        dense_from_safetensors(&i32s).unwrap_err().reason(),
+        "section_malformed"
+    );
 }

@@ -176,6 +176,43 @@ pub fn accumulate_section(
     Ok(())
 }
 
+/// Reads a safetensors file of f32, bf16 or f16 tensors as f32 tensors with their shapes
+/// (bf16 and f16 widen exactly).
+pub fn dense_from_safetensors(bytes: &[u8]) -> Result<Dense, CodecError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let mut out = Dense::new();
+    for (name, v) in st.iter() {
+        let dtype = InDtype::from_safetensors(v.dtype()).ok_or_else(|| {
+            CodecError::Malformed(format!(
+                "tensor {name} is {:?}; use f32, bf16 or f16",
+                v.dtype()
+            ))
+        })?;
+        let vals: Vec<f32> = match dtype {
+            InDtype::F32 => v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            InDtype::Bf16 => v
+                .data()
+                .chunks_exact(2)
+                .map(|c| super::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            InDtype::F16 => v
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        };
+        out.insert(
+            name.to_string(),
+            (v.shape().iter().map(|&d| d as u64).collect(), vals),
+        );
+    }
+    Ok(out)
+}
+
 /// Writes dense tensors as an f32 safetensors file.
 pub fn dense_to_safetensors(dense: &Dense) -> Result<Vec<u8>, CodecError> {
     let raw: Vec<Vec<u8>> = dense

@@ -60,8 +60,8 @@ mod write;
 
 pub use header::{Compression, Header, SectionEntry, is_ident};
 pub use read::{
-    RemoteEnvelope, fetch_head, read_all_sections, read_section, read_sections,
-    read_whole_consistent, replaced, verify_sections,
+    RemoteEnvelope, fetch_head, read_all_sections, read_sections, read_signed,
+    read_whole_consistent, replaced, stream_section, verify_sections,
 };
 pub use section::SectionVerifier;
 pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope, assemble_raw};

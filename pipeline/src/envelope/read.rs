@@ -241,7 +241,7 @@ fn io_err(object: &str) -> impl Fn(io::Error) -> EnvelopeError + '_ {
 }
 
 /// Reads one section by name into `sink`.
-pub async fn read_section<W: Write>(
+pub async fn stream_section<W: Write>(
     store: &dyn ObjectStore,
     env: &RemoteEnvelope,
     name: &str,
@@ -357,4 +357,18 @@ pub async fn read_whole_consistent(
     Err(EnvelopeError::Changed {
         object: object.to_string(),
     })
+}
+
+/// Opens the envelope at `key` of `target`, verifies it against `expect` and reads every
+/// section: the common case of a signed object read whole (aggregates, manifests,
+/// pointers, weights, blobs), within `limits` (which bound the memory it takes).
+pub async fn read_signed(
+    target: &crate::store::Target,
+    key: &str,
+    expect: &Expect,
+    limits: &Limits,
+) -> Result<(RemoteEnvelope, Vec<Vec<u8>>), EnvelopeError> {
+    let path = target.path(key);
+    let url = target.url_of(&path);
+    read_whole_consistent(target.store.as_ref(), &path, &url, limits, expect).await
 }

@@ -433,3 +433,13 @@ pub fn assemble_raw(kind_code: u16, header: &[u8], body: &[u8], id: &Identity) -
     out.extend_from_slice(body);
     out
 }
+
+/// A signed envelope uploads straight from where its sections are (memory or spill files).
+impl crate::store::PutSource for SignedEnvelope {
+    fn len(&self) -> u64 {
+        SignedEnvelope::len(self)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        SignedEnvelope::read_at(self, offset, buf)
+    }
+}

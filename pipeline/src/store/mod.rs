@@ -433,15 +433,6 @@ impl PutSource for [u8] {
     }
 }
 
-impl PutSource for crate::envelope::SignedEnvelope {
-    fn len(&self) -> u64 {
-        crate::envelope::SignedEnvelope::len(self)
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        crate::envelope::SignedEnvelope::read_at(self, offset, buf)
-    }
-}
-
 /// Objects up to this size go up in one create-only PUT; larger ones in multipart parts.
 pub const SINGLE_PUT_MAX: u64 = 32 << 20;
 /// Multipart part size.

@@ -18,20 +18,21 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
-use shardrop::aggregate::{aggregate_window, apply_aggregates};
+use shardrop::aggregate::{Aggregated, aggregate_window, apply_aggregates};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
 use shardrop::codec::{EfState, EncodeOptions, encode_update};
-use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
+use shardrop::envelope::{Expect, Limits, RemoteEnvelope, SignedEnvelope, read_all_sections};
 use shardrop::evaluate::{Evaluator, ReferenceEvaluator};
-use shardrop::exchange::{clock, publish, shard_builder};
+use shardrop::exchange::{publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::registry::{Participant, Registry, Role};
-use shardrop::score::{ValidateOptions, validate_window};
+use shardrop::score::{ValidateOptions, Validated, validate_window};
 use shardrop::store::{self, Target, put_create};
-use shardrop::tables::{LedgerRow, read_ledger};
+use shardrop::tables::{LedgerRow, ScoreRow, read_ledger};
+use shardrop::verdict::wait_for_close;
 use shardrop::window::store_now_ms;
 
 use super::Ctx;
@@ -130,17 +131,6 @@ fn noise(len: usize, scale: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-async fn wait_until_closed(reg: &Registry, root: &Target, w: u64) -> anyhow::Result<()> {
-    let closes = clock(reg).closes(w);
-    loop {
-        let now = store_now_ms(root, "clock/demo").await?;
-        if now >= closes {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(closes - now + 20)).await;
-    }
-}
-
 /// Loss and bytes per window as a two-panel SVG.
 fn chart(windows: &[(u64, f64, u64)], first_loss: f64) -> String {
     let (w, h, pad) = (640.0, 200.0, 40.0);
@@ -184,13 +174,361 @@ fn chart(windows: &[(u64, f64, u64)], first_loss: f64) -> String {
     svg + "</svg>\n"
 }
 
+/// Everyone taking part, with keys that persist in DIR/keys between runs.
+struct Cast {
+    operator: Identity,
+    aggregator: Identity,
+    validator: Identity,
+    honest: Vec<Identity>,
+    adversary: Identity,
+    joiner: Identity,
+}
+
+impl Cast {
+    fn load_or_make(keys_dir: &Path, miners: usize) -> anyhow::Result<Cast> {
+        std::fs::create_dir_all(keys_dir)
+            .with_context(|| format!("{}: cannot create", keys_dir.display()))?;
+        let key = |name: &str| load_or_make(&keys_dir.join(format!("{name}.key")));
+        Ok(Cast {
+            operator: key("operator")?,
+            aggregator: key("aggregator")?,
+            validator: key("validator")?,
+            honest: (0..miners)
+                .map(|i| key(&format!("miner-{i}")))
+                .collect::<Result<_, _>>()?,
+            adversary: key("adversary")?,
+            joiner: key("late-joiner")?,
+        })
+    }
+
+    /// Short names for the report, by peer id.
+    fn names(&self) -> BTreeMap<String, String> {
+        let mut names: BTreeMap<String, String> = self
+            .honest
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.peer_id().to_string(), format!("miner-{i}")))
+            .collect();
+        names.insert(self.adversary.peer_id().to_string(), "adversary".into());
+        names.insert(self.joiner.peer_id().to_string(), "late-joiner".into());
+        names
+    }
+}
+
+/// Creates the run's registry (one store area per participant) and loads it back verified.
+async fn create_run(
+    ctx: &Ctx,
+    root: &Target,
+    cast: &Cast,
+    task: &LinearTask,
+    window_secs: u64,
+) -> anyhow::Result<(Registry, String)> {
+    let now = store_now_ms(root, "clock/demo").await?;
+    let mut reg = Registry::new(
+        &format!("demo-{now}"),
+        &cast.operator.peer_id(),
+        now,
+        window_secs,
+        // A window's publishes start after the previous window closed and was aggregated;
+        // a grace of one window leaves them the commit's second and the upload.
+        window_secs.max(2),
+        task.model_spec(),
+        shardrop::refmodel::codec_params(),
+    );
+    for (role, id, name) in [
+        (Role::Aggregator, &cast.aggregator, "aggregator"),
+        (Role::Validator, &cast.validator, "validator"),
+        (Role::Miner, &cast.adversary, "adversary"),
+        (Role::Miner, &cast.joiner, "late-joiner"),
+    ] {
+        reg.participants
+            .push(Participant::new(role, &id.peer_id(), root.join(name).url()));
+    }
+    for (i, m) in cast.honest.iter().enumerate() {
+        reg.participants.push(Participant::new(
+            Role::Miner,
+            &m.peer_id(),
+            root.join(&format!("miner-{i}")).url(),
+        ));
+    }
+    let reg_url = reg.create(&root.join("operator"), &cast.operator).await?;
+    let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(cast.operator.peer_id())).await?;
+    Ok((reg, reg_url))
+}
+
+/// What the late joiner's bootstrap found.
+#[derive(serde::Serialize)]
+struct Joined {
+    joined_window: u64,
+    checkpoint_step: u64,
+    checkpoint_window: Option<u64>,
+    replayed: u64,
+    matches: bool,
+}
+
+/// The late joiner bootstraps as `shardrop ckpt pull` and `shardrop apply` do: the latest
+/// checkpoint, then the aggregates since; its parameters must equal everyone's `theta`.
+async fn late_join(
+    ctx: &Ctx,
+    reg: &Registry,
+    out_dir: &Path,
+    theta: &[f32],
+    w: u64,
+) -> anyhow::Result<(Vec<f32>, Joined)> {
+    let loc = locate("latest", Some(reg), None, &ctx.s3).await?;
+    let opts = PullOptions {
+        concurrency: 8,
+        ..Default::default()
+    };
+    let pulled = pull(&loc, out_dir, &opts, &|_| {}).await?;
+    let base = super::round::load_dense(&out_dir.join("00000.safetensors"))?;
+    let mut t: BTreeMap<String, Vec<f32>> = base.into_iter().map(|(k, (_, v))| (k, v)).collect();
+    let from = pulled.window.map_or(0, |x| x + 1);
+    let replayed = apply_aggregates(reg, &ctx.s3, &mut t, from, w - 1).await?;
+    let mine = t
+        .remove(TENSOR)
+        .context("checkpoint lacks the model tensor")?;
+    let matches = mine.len() == theta.len()
+        && mine
+            .iter()
+            .zip(theta)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+    let joined = Joined {
+        joined_window: w,
+        checkpoint_step: pulled.step,
+        checkpoint_window: pulled.window,
+        replayed: replayed as u64,
+        matches,
+    };
+    Ok((mine, joined))
+}
+
+/// What every step of a demo window shares.
+#[derive(Clone, Copy)]
+struct Scene<'a> {
+    ctx: &'a Ctx,
+    reg: &'a Registry,
+    root: &'a Target,
+    cast: &'a Cast,
+    task: &'a LinearTask,
+}
+
+/// Every miner's error-feedback state and the parameters it trains from.
+struct Miners {
+    states: Vec<EfState>,
+    adversary: EfState,
+    joiner: EfState,
+    joiner_theta: Option<Vec<f32>>,
+}
+
+/// Publishes window `w`: the honest miners (and the joiner once it has joined) train from
+/// the shared θ and publish at once, as separate machines would; the adversary makes its
+/// move (a late shard is returned, to be put after the close). Returns the bytes published,
+/// their dense size and the late shard.
+async fn publish_window(
+    scene: &Scene<'_>,
+    miners: &mut Miners,
+    theta: &[f32],
+    w: u64,
+) -> anyhow::Result<(u64, u64, Option<SignedEnvelope>)> {
+    let Scene {
+        ctx,
+        reg,
+        root,
+        cast,
+        task,
+    } = *scene;
+    let attack = Attack::of(w);
+    let updates: Vec<Vec<u8>> = (0..cast.honest.len())
+        .map(|i| task.to_safetensors(&task.pseudo_gradient(theta, i as u64, w, 20)))
+        .collect::<Result<_, _>>()?;
+    let honest_all = futures::future::try_join_all(
+        cast.honest
+            .iter()
+            .zip(miners.states.iter_mut())
+            .zip(&updates)
+            .map(|((m, st), u)| publish(reg, m, &ctx.s3, Some(w), u, st)),
+    );
+    let joiner_update = match &miners.joiner_theta {
+        Some(jt) => {
+            Some(task.to_safetensors(&task.pseudo_gradient(jt, cast.honest.len() as u64, w, 20))?)
+        }
+        None => None,
+    };
+    let joiner_state = &mut miners.joiner;
+    let joiner_fut = async {
+        match &joiner_update {
+            Some(u) => publish(reg, &cast.joiner, &ctx.s3, Some(w), u, joiner_state)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    };
+    let noise_update = match attack {
+        Attack::Noise => {
+            let honest_delta = task.pseudo_gradient(theta, 0, w, 20);
+            let rms = (honest_delta.iter().map(|x| x * x).sum::<f32>() / honest_delta.len() as f32)
+                .sqrt();
+            let junk = noise(theta.len(), 10.0 * rms * 3f32.sqrt(), w + 7);
+            Some(task.to_safetensors(&junk)?)
+        }
+        _ => None,
+    };
+    let adv_state = &mut miners.adversary;
+    let noise_fut = async {
+        match &noise_update {
+            Some(u) => publish(reg, &cast.adversary, &ctx.s3, Some(w), u, adv_state)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    };
+    let (published, joined, _) =
+        futures::future::try_join3(honest_all, joiner_fut, noise_fut).await?;
+    let (mut bytes, mut dense) = (0u64, 0u64);
+    for p in published.iter().chain(joined.iter()) {
+        bytes += p.bytes;
+        dense += p.dense_bytes;
+    }
+    // The adversary's other moves.
+    let late_shard = match attack {
+        Attack::Copy => {
+            copy_as_own(
+                reg,
+                (&cast.honest[0], &root.join("miner-0")),
+                (&cast.adversary, &root.join("adversary")),
+                w,
+            )
+            .await?;
+            None
+        }
+        Attack::Noise => None,
+        Attack::Late => {
+            let delta = task.pseudo_gradient(theta, 99, w, 20);
+            let opts = EncodeOptions {
+                params: reg.codec,
+                beta: reg.beta,
+                section_bytes: 16 << 20,
+            };
+            let enc = encode_update(&task.to_safetensors(&delta)?, &mut miners.adversary, &opts)?;
+            Some(shard_builder(reg, &reg.run, w, &enc.sections)?.sign(&cast.adversary)?)
+        }
+    };
+    Ok((bytes, dense, late_shard))
+}
+
+/// What the aggregator and the validator made of a window, and whether they caught the
+/// adversary.
+struct Judged {
+    agg: Aggregated,
+    scored: Validated,
+    ledger: Vec<LedgerRow>,
+    adversary: LedgerRow,
+    adversary_weight: f64,
+    caught: bool,
+}
+
+/// The aggregator and the validator, as their commands run them, once `w` has closed.
+async fn judge(
+    scene: &Scene<'_>,
+    evaluator: &mut ReferenceEvaluator,
+    w: u64,
+) -> anyhow::Result<Judged> {
+    let Scene {
+        ctx,
+        reg,
+        root,
+        cast,
+        ..
+    } = *scene;
+    let agg = aggregate_window(reg, &cast.aggregator, &ctx.s3, w, 8).await?;
+    let scored = validate_window(
+        reg,
+        &cast.validator,
+        &ctx.s3,
+        w,
+        Some(evaluator as &mut dyn Evaluator),
+        &ValidateOptions::default(),
+    )
+    .await?;
+    let agg_area = root.join("aggregator");
+    let ledger: Vec<LedgerRow> = read_ledger(
+        agg_area
+            .store
+            .get(&agg_area.path(&layout::ledger(&reg.run, w)))
+            .await?
+            .bytes()
+            .await?,
+    )?;
+    let adv_id = cast.adversary.peer_id().to_string();
+    let adversary = ledger
+        .iter()
+        .find(|r| r.peer == adv_id)
+        .context("adversary row")?
+        .clone();
+    let adv_score = scored
+        .rows
+        .iter()
+        .find(|r| r.peer == adv_id)
+        .context("adversary score")?;
+    let caught = adv_score.weight == 0.0
+        && match Attack::of(w) {
+            Attack::Copy => adversary.reason == "duplicate" && adv_score.copier,
+            Attack::Noise => adv_score.score == Some(0.0),
+            Attack::Late => adversary.reason == "late",
+        };
+    let adversary_weight = adv_score.weight;
+    Ok(Judged {
+        agg,
+        scored,
+        ledger,
+        adversary,
+        adversary_weight,
+        caught,
+    })
+}
+
+/// Applies window `w`'s signed aggregate to `theta`, as `shardrop apply` does.
+async fn apply_one(ctx: &Ctx, reg: &Registry, theta: &mut Vec<f32>, w: u64) -> anyhow::Result<()> {
+    let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), std::mem::take(theta))].into();
+    apply_aggregates(reg, &ctx.s3, &mut t, w, w).await?;
+    *theta = t.remove(TENSOR).context("model tensor")?;
+    Ok(())
+}
+
+/// One window's line of the summary.
+#[derive(serde::Serialize)]
+struct WindowRow {
+    window: u64,
+    loss: f64,
+    bytes: u64,
+    dense_bytes: u64,
+    ratio: f64,
+    accepted: usize,
+    rejected: usize,
+    missing: usize,
+    reasons: BTreeMap<String, usize>,
+    aggregate: String,
+    scores: String,
+    weights: BTreeMap<String, f64>,
+    adversary: AdversaryRow,
+    checkpoint_step: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct AdversaryRow {
+    attack: Attack,
+    verdict: String,
+    reason: String,
+    weight: f64,
+    caught: bool,
+}
+
 pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     if a.miners < 2 || a.windows < 3 {
         bail!("--miners must be at least 2 and --windows at least 3");
     }
     let keys_dir = a.dir.join("keys");
-    std::fs::create_dir_all(&keys_dir)
-        .with_context(|| format!("{}: cannot create", keys_dir.display()))?;
     let store_url = match &a.store {
         Some(u) => u.clone(),
         None => std::path::absolute(a.dir.join("store"))?
@@ -198,56 +536,12 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             .to_string(),
     };
     let root = store::open(&store_url, &ctx.s3)?;
-    let key = |name: &str| load_or_make(&keys_dir.join(format!("{name}.key")));
-    let operator = key("operator")?;
-    let aggregator = key("aggregator")?;
-    let validator = key("validator")?;
-    let honest: Vec<Identity> = (0..a.miners)
-        .map(|i| key(&format!("miner-{i}")))
-        .collect::<Result<_, _>>()?;
-    let adversary = key("adversary")?;
-    let joiner = key("late-joiner")?;
+    let cast = Cast::load_or_make(&keys_dir, a.miners)?;
     let started = std::time::Instant::now();
-    let now = store_now_ms(&root, "clock/demo").await?;
-    let run = format!("demo-{now}");
     let task = LinearTask::standard();
-    let mut reg = Registry::new(
-        &run,
-        &operator.peer_id(),
-        now,
-        a.window_secs,
-        // A window's publishes start after the previous window closed and was aggregated;
-        // a grace of one window leaves them the commit's second and the upload.
-        a.window_secs.max(2),
-        task.model_spec(),
-        shardrop::refmodel::codec_params(),
-    );
-    let area = |name: &str| root.join(name);
-    for (role, id, name) in [
-        (Role::Aggregator, &aggregator, "aggregator"),
-        (Role::Validator, &validator, "validator"),
-        (Role::Miner, &adversary, "adversary"),
-        (Role::Miner, &joiner, "late-joiner"),
-    ] {
-        reg.participants
-            .push(Participant::new(role, &id.peer_id(), area(name).url()));
-    }
-    for (i, m) in honest.iter().enumerate() {
-        reg.participants.push(Participant::new(
-            Role::Miner,
-            &m.peer_id(),
-            area(&format!("miner-{i}")).url(),
-        ));
-    }
-    let reg_url = reg.create(&area("operator"), &operator).await?;
-    let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(operator.peer_id())).await?;
-    let mut names: BTreeMap<String, String> = honest
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.peer_id().to_string(), format!("miner-{i}")))
-        .collect();
-    names.insert(adversary.peer_id().to_string(), "adversary".into());
-    names.insert(joiner.peer_id().to_string(), "late-joiner".into());
+    let (reg, reg_url) = create_run(ctx, &root, &cast, &task, a.window_secs).await?;
+    let run = reg.run.clone();
+    let names = cast.names();
     let name_of = |p: &str| names.get(p).cloned().unwrap_or_else(|| p.to_string());
 
     let say = |text: &str| {
@@ -267,195 +561,59 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     ));
     let held_out = task.held_out();
     let mut theta = task.init();
-    let mut states: Vec<EfState> = (0..a.miners).map(|_| EfState::default()).collect();
-    let (mut adv_state, mut joiner_state) = (EfState::default(), EfState::default());
-    let mut joiner_theta: Option<Vec<f32>> = None;
+    let mut miners = Miners {
+        states: (0..a.miners).map(|_| EfState::default()).collect(),
+        adversary: EfState::default(),
+        joiner: EfState::default(),
+        joiner_theta: None,
+    };
     let first_loss = task.loss(&theta, &held_out);
     let mut evaluator = ReferenceEvaluator::new(task.clone(), std::time::Duration::from_secs(10));
-    let mut windows = Vec::new();
+    let mut windows: Vec<WindowRow> = Vec::new();
     let mut series = Vec::new();
     let mut caught = 0u64;
-    let mut joiner_report = serde_json::Value::Null;
+    let mut joiner_report: Option<Joined> = None;
     let mut checkpoints = Vec::new();
     let ckpt_src = a.dir.join("checkpoint-source");
     std::fs::create_dir_all(&ckpt_src)?;
     for w in 0..a.windows {
-        // The late joiner bootstraps: the latest checkpoint, then the aggregates since.
         if w == join_at {
-            let loc = locate("latest", Some(&reg), None, &ctx.s3).await?;
-            let out_dir = a.dir.join("late-joiner");
-            let pulled = pull(
-                &loc,
-                &out_dir,
-                &PullOptions {
-                    concurrency: 8,
-                    ..Default::default()
-                },
-                &|_| {},
-            )
-            .await?;
-            let base = super::round::load_dense(&out_dir.join("00000.safetensors"))?;
-            let mut t: BTreeMap<String, Vec<f32>> =
-                base.into_iter().map(|(k, (_, v))| (k, v)).collect();
-            let from = pulled.window.map_or(0, |x| x + 1);
-            let replayed = apply_aggregates(&reg, &ctx.s3, &mut t, from, w - 1).await?;
-            let mine = t
-                .remove(TENSOR)
-                .context("checkpoint lacks the model tensor")?;
-            let matches = mine.len() == theta.len()
-                && mine
-                    .iter()
-                    .zip(&theta)
-                    .all(|(x, y)| x.to_bits() == y.to_bits());
+            let (mine, joined) =
+                late_join(ctx, &reg, &a.dir.join("late-joiner"), &theta, w).await?;
             say(&format!(
-                "late joiner: checkpoint step {} (window {:?}) + {replayed} aggregate(s) replayed -> parameters {} the others'\n\n",
-                pulled.step,
-                pulled.window,
-                if matches {
+                "late joiner: checkpoint step {} (window {:?}) + {} aggregate(s) replayed -> parameters {} the others'\n\n",
+                joined.checkpoint_step,
+                joined.checkpoint_window,
+                joined.replayed,
+                if joined.matches {
                     "bit-identical to"
                 } else {
                     "DIFFERENT FROM"
                 }
             ));
-            joiner_report = serde_json::json!({"joined_window": w, "checkpoint_step": pulled.step,
-                "checkpoint_window": pulled.window, "replayed": replayed, "matches": matches});
-            joiner_theta = Some(mine);
+            joiner_report = Some(joined);
+            miners.joiner_theta = Some(mine);
         }
-        // Honest miners (and the joiner once it has joined) train from the shared θ.
-        let mut bytes = 0u64;
-        let mut dense = 0u64;
-        // Miners publish at once, as separate machines would (each waits a second between
-        // its commit and its shard); so does the adversary when it sends noise.
-        let attack = Attack::of(w);
-        let updates: Vec<Vec<u8>> = (0..honest.len())
-            .map(|i| task.to_safetensors(&task.pseudo_gradient(&theta, i as u64, w, 20)))
-            .collect::<Result<_, _>>()?;
-        let honest_all = futures::future::try_join_all(
-            honest
-                .iter()
-                .zip(states.iter_mut())
-                .zip(&updates)
-                .map(|((m, st), u)| publish(&reg, m, &ctx.s3, Some(w), u, st)),
-        );
-        let joiner_update = match &joiner_theta {
-            Some(jt) => {
-                Some(task.to_safetensors(&task.pseudo_gradient(jt, a.miners as u64, w, 20))?)
-            }
-            None => None,
+        let scene = Scene {
+            ctx,
+            reg: &reg,
+            root: &root,
+            cast: &cast,
+            task: &task,
         };
-        let joiner_fut = async {
-            match &joiner_update {
-                Some(u) => publish(&reg, &joiner, &ctx.s3, Some(w), u, &mut joiner_state)
-                    .await
-                    .map(Some),
-                None => Ok(None),
-            }
-        };
-        let noise_update = match attack {
-            Attack::Noise => {
-                let honest_delta = task.pseudo_gradient(&theta, 0, w, 20);
-                let rms = (honest_delta.iter().map(|x| x * x).sum::<f32>()
-                    / honest_delta.len() as f32)
-                    .sqrt();
-                let junk = noise(theta.len(), 10.0 * rms * 3f32.sqrt(), w + 7);
-                Some(task.to_safetensors(&junk)?)
-            }
-            _ => None,
-        };
-        let noise_fut = async {
-            match &noise_update {
-                Some(u) => publish(&reg, &adversary, &ctx.s3, Some(w), u, &mut adv_state)
-                    .await
-                    .map(Some),
-                None => Ok(None),
-            }
-        };
-        let (published, joined, _) =
-            futures::future::try_join3(honest_all, joiner_fut, noise_fut).await?;
-        for p in published.iter().chain(joined.iter()) {
-            bytes += p.bytes;
-            dense += p.dense_bytes;
-        }
-        // The adversary's other moves.
-        let adv_area = area("adversary");
-        let mut late_shard = None;
-        match attack {
-            Attack::Copy => {
-                copy_as_own(
-                    &reg,
-                    (&honest[0], &area("miner-0")),
-                    (&adversary, &adv_area),
-                    w,
-                )
-                .await?
-            }
-            Attack::Noise => {}
-            Attack::Late => {
-                let delta = task.pseudo_gradient(&theta, 99, w, 20);
-                let opts = EncodeOptions {
-                    params: reg.codec,
-                    beta: reg.beta,
-                    section_bytes: 16 << 20,
-                };
-                let enc = encode_update(&task.to_safetensors(&delta)?, &mut adv_state, &opts)?;
-                late_shard =
-                    Some(shard_builder(&reg, &reg.run, w, &enc.sections)?.sign(&adversary)?);
-            }
-        }
-        wait_until_closed(&reg, &root, w).await?;
+        let (bytes, dense, late_shard) = publish_window(&scene, &mut miners, &theta, w).await?;
+        wait_for_close(&reg, &root, &cast.operator.peer_id(), w).await?;
         if let Some(s) = late_shard {
-            put_create(
-                &adv_area,
-                &adv_area.path(&layout::grad(&reg.run, w, &adversary.peer_id())),
-                &s,
-            )
-            .await?;
+            let adv_area = root.join("adversary");
+            let key = layout::grad(&reg.run, w, &cast.adversary.peer_id());
+            put_create(&adv_area, &adv_area.path(&key), &s).await?;
         }
-        // The aggregator and the validator, as their commands run them.
-        let agg = aggregate_window(&reg, &aggregator, &ctx.s3, w, 8).await?;
-        let scored = validate_window(
-            &reg,
-            &validator,
-            &ctx.s3,
-            w,
-            Some(&mut evaluator as &mut dyn Evaluator),
-            &ValidateOptions::default(),
-        )
-        .await?;
-        let agg_area = area("aggregator");
-        let ledger: Vec<LedgerRow> = read_ledger(
-            agg_area
-                .store
-                .get(&agg_area.path(&layout::ledger(&run, w)))
-                .await?
-                .bytes()
-                .await?,
-        )?;
-        let adv_id = adversary.peer_id().to_string();
-        let adv_ledger = ledger
-            .iter()
-            .find(|r| r.peer == adv_id)
-            .context("adversary row")?;
-        let adv_score = scored
-            .rows
-            .iter()
-            .find(|r| r.peer == adv_id)
-            .context("adversary score")?;
-        let ok = adv_score.weight == 0.0
-            && match attack {
-                Attack::Copy => adv_ledger.reason == "duplicate" && adv_score.copier,
-                Attack::Noise => adv_score.score == Some(0.0),
-                Attack::Late => adv_ledger.reason == "late",
-            };
-        caught += ok as u64;
+        let j = judge(&scene, &mut evaluator, w).await?;
+        caught += j.caught as u64;
         // Everyone applies the signed aggregate.
-        let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), theta.clone())].into();
-        apply_aggregates(&reg, &ctx.s3, &mut t, w, w).await?;
-        theta = t.remove(TENSOR).context("model tensor")?;
-        if let Some(jt) = joiner_theta.as_mut() {
-            let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), jt.clone())].into();
-            apply_aggregates(&reg, &ctx.s3, &mut t, w, w).await?;
-            *jt = t.remove(TENSOR).context("model tensor")?;
+        apply_one(ctx, &reg, &mut theta, w).await?;
+        if let Some(jt) = miners.joiner_theta.as_mut() {
+            apply_one(ctx, &reg, jt, w).await?;
         }
         let l = task.loss(&theta, &held_out);
         // A checkpoint every second window, as `shardrop ckpt push` makes it.
@@ -467,7 +625,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             )?;
             let pushed = push(
                 &reg,
-                &aggregator,
+                &cast.aggregator,
                 &ctx.s3,
                 std::slice::from_ref(&ckpt_src),
                 &PushOptions {
@@ -484,67 +642,41 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             );
             ckpt = Some(pushed.step);
         }
-        let mut top: Vec<(String, f64)> = scored
-            .rows
-            .iter()
-            .map(|r| (name_of(&r.peer), r.weight))
-            .collect();
-        top.sort_by(|x, y| y.1.total_cmp(&x.1));
-        let mut rows = scored.rows.clone();
-        for r in &mut rows {
-            r.peer = name_of(&r.peer);
-            r.nearest = r.nearest.as_deref().map(|n| {
-                if n.starts_with("agg:") {
-                    n.to_string()
-                } else {
-                    name_of(n)
-                }
-            });
-        }
-        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        for r in &ledger {
-            if !r.reason.is_empty() {
-                *reasons.entry(r.reason.clone()).or_default() += 1;
-            }
-        }
+        let row = window_row(w, l, bytes, dense, &j, ckpt, &name_of);
         say(&format!(
             "window {w}: held-out loss {l:.2}, {bytes} bytes published ({:.1}x smaller than dense), {} accepted, {} rejected, {} missing {:?}; adversary {:?}: {} ({}){}\nvalidator scores:\n{}\n",
-            dense as f64 / bytes.max(1) as f64,
-            agg.accepted,
-            agg.rejected,
-            agg.missing,
-            reasons,
-            attack,
-            if adv_ledger.reason.is_empty() {
-                adv_ledger.verdict.clone()
+            row.ratio,
+            row.accepted,
+            row.rejected,
+            row.missing,
+            row.reasons,
+            row.adversary.attack,
+            if j.adversary.reason.is_empty() {
+                j.adversary.verdict.to_string()
             } else {
-                format!("{}:{}", adv_ledger.verdict, adv_ledger.reason)
+                format!("{}:{}", j.adversary.verdict, j.adversary.reason)
             },
-            if ok { "caught, weight 0" } else { "NOT CAUGHT" },
+            if j.caught {
+                "caught, weight 0"
+            } else {
+                "NOT CAUGHT"
+            },
             ckpt.map_or(String::new(), |s| format!("; checkpoint step {s} pushed")),
-            super::validate::format_rows(&rows, false)
+            super::validate::format_rows(&named_rows(&j.scored, &name_of), false)
         ));
         series.push((w, l, bytes));
-        windows.push(serde_json::json!({
-            "window": w, "loss": l, "bytes": bytes, "dense_bytes": dense, "ratio": dense as f64 / bytes.max(1) as f64,
-            "accepted": agg.accepted, "rejected": agg.rejected, "missing": agg.missing, "reasons": reasons,
-            "aggregate": agg.object, "scores": scored.scores,
-            "weights": top.iter().cloned().collect::<BTreeMap<String, f64>>(),
-            "adversary": {"attack": attack, "verdict": adv_ledger.verdict, "reason": adv_ledger.reason,
-                          "weight": adv_score.weight, "caught": ok},
-            "checkpoint_step": ckpt,
-        }));
+        windows.push(row);
     }
     let final_loss = task.loss(&theta, &held_out);
     let learned = final_loss < first_loss * 0.5;
-    let joined = joiner_report["matches"] == true;
+    let joined = joiner_report.as_ref().is_some_and(|j| j.matches);
     let chart_path = a.dir.join("chart.svg");
     std::fs::write(&chart_path, chart(&series, first_loss))?;
     let ok = learned && caught == a.windows && joined;
     let summary = serde_json::json!({
         "ok": ok, "run": run, "registry": reg_url, "store": root.url(),
         "keys": keys_dir.display().to_string(), "initial_loss": first_loss, "final_loss": final_loss,
-        "windows": windows, "adversary": {"peer": adversary.peer_id().to_string(), "caught_windows": caught},
+        "windows": windows, "adversary": {"peer": cast.adversary.peer_id().to_string(), "caught_windows": caught},
         "late_joiner": joiner_report, "checkpoints": checkpoints,
         "chart": chart_path.display().to_string(), "seconds": started.elapsed().as_secs_f64(),
     });
@@ -552,35 +684,10 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         a.dir.join("summary.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
-    let mut table = format!(
-        "{:>6} {:>12} {:>9} {:>7} {:>9} {:>9}  {:<7} {}\n{:>6} {:>12.2}\n",
-        "window",
-        "loss",
-        "bytes",
-        "ratio",
-        "accepted",
-        "rejected",
-        "attack",
-        "caught",
-        "start",
-        first_loss
-    );
-    for (wv, r) in windows.iter().enumerate() {
-        table += &format!(
-            "{:>6} {:>12.2} {:>9} {:>6.1}x {:>9} {:>9}  {:<7} {}\n",
-            wv,
-            r["loss"].as_f64().unwrap_or(0.0),
-            r["bytes"].as_u64().unwrap_or(0),
-            r["ratio"].as_f64().unwrap_or(0.0),
-            r["accepted"].as_u64().unwrap_or(0),
-            r["rejected"].as_u64().unwrap_or(0),
-            r["adversary"]["attack"].as_str().unwrap_or(""),
-            r["adversary"]["caught"]
-        );
-    }
     let text = format!(
-        "{table}\nheld-out loss {first_loss:.2} -> {final_loss:.2} ({}); adversary caught in {caught} of {} windows; late joiner {}; {} checkpoint(s); {:.1} s\n\
+        "{}\nheld-out loss {first_loss:.2} -> {final_loss:.2} ({}); adversary caught in {caught} of {} windows; late joiner {}; {} checkpoint(s); {:.1} s\n\
          on disk: store {} · keys {} · registry {reg_url}\n         chart {} · summary {} · late joiner's pulled checkpoint {}\n",
+        table(first_loss, &windows),
         if learned { "learned" } else { "DID NOT LEARN" },
         a.windows,
         if joined {
@@ -615,4 +722,97 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The summary row of window `w`.
+fn window_row(
+    w: u64,
+    loss: f64,
+    bytes: u64,
+    dense: u64,
+    j: &Judged,
+    ckpt: Option<u64>,
+    name_of: &dyn Fn(&str) -> String,
+) -> WindowRow {
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &j.ledger {
+        if !r.reason.is_empty() {
+            *reasons.entry(r.reason.clone()).or_default() += 1;
+        }
+    }
+    WindowRow {
+        window: w,
+        loss,
+        bytes,
+        dense_bytes: dense,
+        ratio: dense as f64 / bytes.max(1) as f64,
+        accepted: j.agg.accepted,
+        rejected: j.agg.rejected,
+        missing: j.agg.missing,
+        reasons,
+        aggregate: j.agg.object.clone(),
+        scores: j.scored.scores.clone(),
+        weights: j
+            .scored
+            .rows
+            .iter()
+            .map(|r| (name_of(&r.peer), r.weight))
+            .collect(),
+        adversary: AdversaryRow {
+            attack: Attack::of(w),
+            verdict: j.adversary.verdict.to_string(),
+            reason: j.adversary.reason.clone(),
+            weight: j.adversary_weight,
+            caught: j.caught,
+        },
+        checkpoint_step: ckpt,
+    }
+}
+
+/// The validator's rows with short names for the report.
+fn named_rows(scored: &Validated, name_of: &dyn Fn(&str) -> String) -> Vec<ScoreRow> {
+    let mut rows = scored.rows.clone();
+    for r in &mut rows {
+        r.peer = name_of(&r.peer);
+        r.nearest = r.nearest.as_deref().map(|n| {
+            if n.starts_with("agg:") {
+                n.to_string()
+            } else {
+                name_of(n)
+            }
+        });
+    }
+    rows
+}
+
+/// The per-window table of the text report.
+fn table(first_loss: f64, windows: &[WindowRow]) -> String {
+    let mut table = format!(
+        "{:>6} {:>12} {:>9} {:>7} {:>9} {:>9}  {:<7} {}\n{:>6} {:>12.2}\n",
+        "window",
+        "loss",
+        "bytes",
+        "ratio",
+        "accepted",
+        "rejected",
+        "attack",
+        "caught",
+        "start",
+        first_loss
+    );
+    for r in windows {
+        let attack = serde_json::to_value(r.adversary.attack).unwrap_or_default();
+        table += &format!(
+            "{:>6} {:>12.2} {:>9} {:>6.1}x {:>9} {:>9}  {:<7} {}\n",
+            r.window,
+            r.loss,
+            r.bytes,
+            r.ratio,
+            r.accepted,
+            r.rejected,
+            attack.as_str().unwrap_or(""),
+            r.adversary.caught
+        );
+    }
+    table
 }

@@ -8,9 +8,10 @@ use clap::{Args, Subcommand};
 use shardrop::aggregate::{
     aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates,
 };
-use shardrop::codec::{Dense, EfState, InDtype, bf16_to_f32, dense_to_safetensors, model_of};
+use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish_with};
 use shardrop::identity::PeerId;
+use shardrop::layout;
 use shardrop::registry::{Credentials, Participant, Registry, RegistryError, Role};
 use shardrop::store::{self, StoreError};
 use shardrop::window::store_now_ms;
@@ -173,7 +174,7 @@ pub async fn start_job(
         format!(
             "{me} is not a{} {} of run {}",
             if role == Role::Aggregator { "n" } else { "" },
-            format!("{role:?}").to_lowercase(),
+            role.name(),
             reg.run
         )
     })?;
@@ -181,7 +182,7 @@ pub async fn start_job(
     let w = match (a.window, a.once || a.follow) {
         (Some(w), _) => w,
         (None, true) => {
-            let now = store_now_ms(&target, &format!("runs/{}/clock/{me}", reg.run)).await?;
+            let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
             clock(&reg)
                 .newest_closed(now)
                 .context("no window has closed yet")?
@@ -243,7 +244,7 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
         std::fs::read(&a.model).with_context(|| format!("{}: cannot read", a.model.display()))?;
     let model = model_of(&model_bytes).with_context(|| a.model.display().to_string())?;
     let genesis_ms = if a.genesis == "now" {
-        store_now_ms(&target, &format!("runs/{}/clock/{}", a.run, id.peer_id())).await?
+        store_now_ms(&target, &layout::clock_probe(&a.run, &id.peer_id())).await?
     } else {
         chrono::DateTime::parse_from_rfc3339(&a.genesis)
             .with_context(|| format!("--genesis {:?}", a.genesis))?
@@ -344,12 +345,7 @@ async fn show(ctx: &Ctx, a: ShowArgs) -> anyhow::Result<()> {
         reg.outer_lr
     );
     for p in &reg.participants {
-        text += &format!(
-            "  {:<10} {} {}\n",
-            format!("{:?}", p.role).to_lowercase(),
-            p.peer,
-            p.store
-        );
+        text += &format!("  {:<10} {} {}\n", p.role.name(), p.peer, p.store);
     }
     out::emit(ctx, &serde_json::to_value(&reg)?, &text);
     Ok(())
@@ -460,35 +456,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
 /// Loads a safetensors file (f32, bf16 or f16) as f32 tensors with their shapes.
 pub fn load_dense(path: &std::path::Path) -> anyhow::Result<Dense> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| path.display().to_string())?;
-    let mut out = Dense::new();
-    for (name, v) in st.iter() {
-        let dtype = InDtype::from_safetensors(v.dtype())
-            .with_context(|| format!("{}: tensor {name} is {:?}", path.display(), v.dtype()))?;
-        let vals: Vec<f32> = match dtype {
-            InDtype::F32 => v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            InDtype::Bf16 => v
-                .data()
-                .chunks_exact(2)
-                .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-            InDtype::F16 => v
-                .data()
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-        };
-        out.insert(
-            name.to_string(),
-            (v.shape().iter().map(|&d| d as u64).collect(), vals),
-        );
-    }
-    Ok(out)
+    shardrop::codec::dense_from_safetensors(&bytes).with_context(|| path.display().to_string())
 }
 
 /// A base model from a file or a pulled checkpoint folder, and the folder's window.
@@ -506,11 +474,7 @@ fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)> {
     for f in files {
         base.extend(load_dense(&f)?);
     }
-    let manifest = path.join(shardrop::checkpoint::LOCAL_MANIFEST);
-    let window = std::fs::read(&manifest)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["manifest"]["window"].as_u64());
+    let window = shardrop::checkpoint::LocalManifest::read(path)?.and_then(|l| l.manifest.window);
     Ok((base, window))
 }
 

@@ -28,8 +28,8 @@ use cudarc::nvrtc::{Ptx, sys as nvrtc_sys};
 
 use super::cpu::check_accumulate;
 use super::{
-    CodecError, CodecParams, EfState, EncodeOptions, EncodedTensor, EncodedUpdate, InDtype,
-    IndexEncoding, Layout, ScaleMode, ValueFormat, encode_update_with, validate,
+    ChunkLayout, CodecError, CodecParams, EfState, EncodeOptions, EncodedTensor, EncodedUpdate,
+    InDtype, IndexEncoding, ScaleMode, ValueFormat, encode_update_with, validate,
 };
 
 /// The kernel source, compiled by NVRTC when a `Gpu` opens.
@@ -129,7 +129,13 @@ fn word_bytes(words: &[u32]) -> Vec<u8> {
 }
 
 /// Body blocks back to back from per-chunk staging of `stride` bytes.
-fn compact_blocks(staged: &[u8], stride: usize, lay: &Layout, full: usize, last: usize) -> Vec<u8> {
+fn compact_blocks(
+    staged: &[u8],
+    stride: usize,
+    lay: &ChunkLayout,
+    full: usize,
+    last: usize,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity((lay.n_chunks - 1) * full + last);
     for c in 0..lay.n_chunks {
         let len = if c + 1 == lay.n_chunks { last } else { full };
@@ -209,7 +215,7 @@ impl Gpu {
             }
             .into());
         }
-        let lay = Layout::new(n, p);
+        let lay = ChunkLayout::new(n, p);
         let mut out = EncodedTensor {
             name: input.name.to_string(),
             shape: input.shape.to_vec(),
@@ -290,7 +296,7 @@ impl Gpu {
             0
         };
         // SAFETY: matches `emit`; staging holds chunks*stride zeroed words, every field
-        // written lies inside its chunk's block (sizes from `Layout`), and the shared
+        // written lies inside its chunk's block (sizes from `ChunkLayout`), and the shared
         // memory holds both blocks when used.
         unsafe { b.launch(launch_cfg(chunks, SPARSE_THREADS, shared)?) }?;
 
@@ -370,7 +376,7 @@ impl Gpu {
             .arg(&mut sp_idx)
             .arg(&mut sp_val)
             .arg(&mut fault);
-        // SAFETY: matches `decode`; block sizes were checked against `Layout` above and the
+        // SAFETY: matches `decode`; block sizes were checked against `ChunkLayout` above and the
         // kernel never reads past idx_len / val_len.
         unsafe { b.launch(launch_cfg(chunks, SPARSE_THREADS, 0)?) }?;
         let mut b = s.launch_builder(&self.k.scatter_add);

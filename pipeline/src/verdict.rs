@@ -1,0 +1,759 @@
+//! The verdict pipeline both round jobs share: the aggregator and the validator decide
+//! every miner's verdict, reason and weight the same way, from the same checks.
+//!
+//! 1. `open_window`: wait for the window to close by the store's clock, then the header
+//!    pass over every registered miner (`check_heads`, one small ranged GET each, all at
+//!    once, within the first half of the window's budget): signature, signer, run, window,
+//!    kind, timeliness by `last_modified`, codec, section bounds.
+//! 2. `check_ranges`: fetch and validate the sections holding a tensor range (all of
+//!    them in one process, one part per worker in a split merge), with each tensor's norm.
+//! 3. `finalize`: combine the checks in model order into verdicts, settle duplicates by
+//!    the miners' commits, clip by the median norm and weigh.
+//!
+//! Every failure is an [`Exclusion`]: a [`Verdict`], a stable reason code and a detail
+//! naming the object. None of them ends a job.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::codec::{self, CodecLimits, EncodedTensor, SECTION_CODEC};
+use crate::envelope::{EnvelopeError, Expect, Kind, Limits, RemoteEnvelope, read_sections};
+use crate::exchange::{COMMIT_CODEC, ExchangeError, clock, codec_header, content_hash};
+use crate::identity::{Identity, PeerId};
+use crate::layout;
+use crate::registry::{Participant, Registry, Role};
+use crate::store::{S3Options, Target};
+use crate::tables::LedgerRow;
+pub use crate::tables::Verdict;
+use crate::window::store_now_ms;
+
+/// Why a shard is not merged: the verdict (`rejected`, `missing`, `error`), a stable reason
+/// code and a human detail naming the object.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Exclusion {
+    pub verdict: Verdict,
+    pub reason: String,
+    pub detail: String,
+}
+
+impl Exclusion {
+    pub(crate) fn new(verdict: Verdict, reason: &str, detail: String) -> Exclusion {
+        Exclusion {
+            verdict,
+            reason: reason.into(),
+            detail,
+        }
+    }
+
+    fn from_envelope(e: &EnvelopeError) -> Exclusion {
+        match e.rejection() {
+            Some(r) => Exclusion::new(Verdict::Rejected, r.reason.code(), e.to_string()),
+            None => Exclusion::store(e),
+        }
+    }
+
+    /// A store that did not answer within the window's budget.
+    pub fn timed_out() -> Exclusion {
+        Exclusion::new(
+            Verdict::Error,
+            "store_error",
+            "timeout: the store did not answer within the window's budget".into(),
+        )
+    }
+
+    /// A store failure. The ledger gets a stable detail (the full error, with its retry
+    /// timings, goes to the log), so that reruns write the same ledger.
+    fn store(e: &dyn std::fmt::Display) -> Exclusion {
+        tracing::warn!(error = %e, "store error while reading a shard");
+        Exclusion::new(
+            Verdict::Error,
+            "store_error",
+            "the store could not be read (timeout, 5xx or connection error); see the job's log"
+                .into(),
+        )
+    }
+}
+
+/// One miner's shard after the header pass: one small ranged GET per miner, the same for
+/// every worker of a split merge.
+#[derive(Clone, Debug)]
+pub struct MinerShard {
+    pub peer: String,
+    pub object: String,
+    pub found: bool,
+    pub bytes: Option<u64>,
+    pub last_modified_ms: Option<i64>,
+    pub fault: Option<Exclusion>,
+    /// blake3 over the section hashes: equal for byte-identical updates.
+    pub content: Option<String>,
+    /// When the miner's signed commit to this content landed (the store's time), fetched
+    /// only for shards whose content another shard shares.
+    pub commit_ms: Option<i64>,
+    env: Option<(Target, RemoteEnvelope)>,
+}
+
+impl MinerShard {
+    /// A miner whose store did not answer within the window's budget.
+    pub fn timed_out(peer: &str) -> MinerShard {
+        MinerShard {
+            peer: peer.to_string(),
+            object: String::new(),
+            found: false,
+            bytes: None,
+            last_modified_ms: None,
+            fault: Some(Exclusion::timed_out()),
+            content: None,
+            commit_ms: None,
+            env: None,
+        }
+    }
+
+    fn fail(mut self, verdict: Verdict, reason: &str, detail: String) -> MinerShard {
+        self.fault = Some(Exclusion::new(verdict, reason, detail));
+        self.env = None;
+        self
+    }
+
+    /// Reads the miner's commit for this shard: its `last_modified` when it is a valid
+    /// commit (signed by this miner, this run and window) naming this shard's content.
+    pub async fn fetch_commit(&mut self, reg: &Registry, w: u64) {
+        let (Some((target, env)), Some(content)) = (&self.env, &self.content) else {
+            return;
+        };
+        let key = layout::grad_commit(&reg.run, w, &env.signer);
+        let expect = Expect {
+            signer: Some(env.signer),
+            run: Some(reg.run.clone()),
+            kind: Some(Kind::Blob),
+            window: Some(w),
+            step: None,
+        };
+        let path = target.path(&key);
+        let url = target.url_of(&path);
+        self.commit_ms = match RemoteEnvelope::open(
+            target.store.as_ref(),
+            &path,
+            &url,
+            &Limits::small_object(),
+            &expect,
+        )
+        .await
+        {
+            Ok(c)
+                if c.head.header.codec == COMMIT_CODEC
+                    && c.head.header.meta.get("content") == Some(content) =>
+            {
+                Some(c.meta.last_modified.timestamp_millis())
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::info!(object = %url, error = %e, "no valid commit");
+                None
+            }
+        };
+    }
+}
+
+/// The header pass for one miner: signature, signer, run, window, kind, sizes, timeliness
+/// by the store's `last_modified`, and the codec. No section is fetched.
+pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Options) -> MinerShard {
+    let mut shard = MinerShard {
+        peer: miner.peer.clone(),
+        object: String::new(),
+        found: false,
+        bytes: None,
+        last_modified_ms: None,
+        fault: None,
+        content: None,
+        commit_ms: None,
+        env: None,
+    };
+    let peer = match PeerId::parse(&miner.peer) {
+        Ok(p) => p,
+        Err(e) => return shard.fail(Verdict::Rejected, "bad_peer", e.to_string()),
+    };
+    let target = match reg.open_store(miner, s3) {
+        Ok(t) => t,
+        Err(e) => {
+            let f = Exclusion::store(&e);
+            return shard.fail(f.verdict, &f.reason, f.detail);
+        }
+    };
+    let path = target.path(&layout::grad(&reg.run, w, &peer));
+    shard.object = target.url_of(&path);
+    let expect = Expect {
+        signer: Some(peer),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Grad),
+        window: Some(w),
+        step: None,
+    };
+    let env = match RemoteEnvelope::open(
+        target.store.as_ref(),
+        &path,
+        &shard.object,
+        &shard_limits(reg),
+        &expect,
+    )
+    .await
+    {
+        Ok(env) => env,
+        Err(EnvelopeError::NotFound { .. }) => {
+            return shard.fail(
+                Verdict::Missing,
+                "missing",
+                "no shard at the layout key".into(),
+            );
+        }
+        Err(e) => {
+            shard.found = e.rejection().is_some();
+            let f = Exclusion::from_envelope(&e);
+            return shard.fail(f.verdict, &f.reason, f.detail);
+        }
+    };
+    shard.found = true;
+    shard.bytes = Some(env.meta.size);
+    let clk = clock(reg);
+    // HEAD/GET report whole seconds on S3: the true time is within the next second. Only
+    // when that second straddles the window's start or close is the LIST (milliseconds)
+    // worth its request.
+    let coarse = env.meta.last_modified.timestamp_millis();
+    let straddles = |edge: u64| (coarse..coarse + 1000).contains(&(edge as i64));
+    let lm = if straddles(clk.start(w)) || straddles(clk.closes(w)) {
+        precise_last_modified(&target, &path)
+            .await
+            .unwrap_or(coarse)
+    } else {
+        coarse
+    };
+    shard.last_modified_ms = Some(lm);
+    if lm < 0 || lm as u64 >= clk.closes(w) {
+        return shard.fail(
+            Verdict::Rejected,
+            "late",
+            format!(
+                "landed at {lm} ms, window {w} closed at {} ms",
+                clk.closes(w)
+            ),
+        );
+    }
+    if (lm as u64) < clk.start(w) {
+        return shard.fail(
+            Verdict::Rejected,
+            "early",
+            format!(
+                "landed at {lm} ms, before window {w} began at {} ms",
+                clk.start(w)
+            ),
+        );
+    }
+    let h = &env.head.header;
+    if h.codec != SECTION_CODEC || h.codec_params != codec_header(reg) {
+        let detail = format!(
+            "codec {} {:?}, the run uses {:?}",
+            h.codec,
+            h.codec_params,
+            codec_header(reg)
+        );
+        return shard.fail(Verdict::Rejected, "codec_mismatch", detail);
+    }
+    if let Err(detail) = check_section_sizes(reg, &env) {
+        let detail = format!("{}: {detail}", shard.object);
+        return shard.fail(Verdict::Rejected, "section_size", detail);
+    }
+    shard.content = Some(content_hash(env.sections().iter()));
+    shard.env = Some((target, env));
+    shard
+}
+
+/// `last_modified` in milliseconds from a LIST of the object's folder. S3's GET and HEAD
+/// report `Last-Modified` to the second only, which would make deadlines coarse and leave
+/// "who published first" to chance between copies; listings carry milliseconds.
+pub async fn precise_last_modified(
+    target: &Target,
+    path: &object_store::path::Path,
+) -> Option<i64> {
+    use futures::TryStreamExt;
+    let parent: object_store::path::Path = {
+        let parts: Vec<_> = path.parts().collect();
+        object_store::path::Path::from_iter(parts[..parts.len().saturating_sub(1)].iter().cloned())
+    };
+    let mut listing = target.store.list(Some(&parent));
+    while let Ok(Some(meta)) = listing.try_next().await {
+        if &meta.location == path {
+            return Some(meta.last_modified.timestamp_millis());
+        }
+    }
+    None
+}
+
+/// Envelope limits for a shard: the run's byte cap on the stored body, and what the whole
+/// model can decompress to with the run's codec on the raw side (so the header alone, one
+/// small GET, already refuses a shard claiming more).
+fn shard_limits(reg: &Registry) -> Limits {
+    let all = codec::section_raw_bound(&reg.model.tensors, &reg.codec);
+    Limits {
+        max_body_len: reg.limits.max_grad_bytes,
+        max_section_raw_len: all,
+        max_raw_len: all,
+        ..Limits::default()
+    }
+}
+
+/// Every section of a shard must be named for a tensor range of the model (`tAAAAA-BBBBB`)
+/// and declare no more decompressed bytes than those tensors can take with the run's
+/// codec. Checked on the header, before any section byte is fetched or decompressed: a
+/// memory bound per shard of what the model implies, whatever the miner declares.
+fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), String> {
+    let n = reg.model.tensors.len();
+    for s in env.sections() {
+        let Some((a, b)) = section_range(&s.name).filter(|&(a, b)| a <= b && b < n) else {
+            return Err(format!(
+                "section {:?} does not name a tensor range of the model's {n} tensors",
+                s.name
+            ));
+        };
+        let bound = codec::section_raw_bound(&reg.model.tensors[a..=b], &reg.codec);
+        if s.raw_len > bound {
+            return Err(format!(
+                "section {:?} declares {} decompressed bytes; tensors {a}..={b} take at most {bound} with the run's codec",
+                s.name, s.raw_len
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What checking one shard's tensors in a range found: the first failing tensor (by model
+/// index) and each tensor's squared norm. Workers of a split merge exchange these.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RangeCheck {
+    pub fault: Option<(usize, Exclusion)>,
+    pub sumsq: Vec<(usize, f64)>,
+}
+
+impl RangeCheck {
+    /// The sections of a range were not read within the window's budget.
+    pub fn timed_out(first: usize) -> RangeCheck {
+        RangeCheck {
+            fault: Some((first, Exclusion::timed_out())),
+            sumsq: Vec::new(),
+        }
+    }
+}
+
+/// The tensor range `tAAAAA-BBBBB` a gradient section holds, if its name says.
+fn section_range(name: &str) -> Option<(usize, usize)> {
+    let (a, b) = name.strip_prefix('t')?.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Fetches the sections of a header-valid shard that hold tensors of `range` (model
+/// indices), validates them against the model, and returns the check with the decoded
+/// tensors of the range in model order.
+pub async fn check_range(
+    reg: &Registry,
+    shard: &MinerShard,
+    range: std::ops::Range<usize>,
+) -> (RangeCheck, Vec<EncodedTensor>) {
+    let Some((target, env)) = shard.env.as_ref() else {
+        return (RangeCheck::default(), Vec::new());
+    };
+    match checked_range(reg, &shard.object, target, env, range).await {
+        Ok(found) => {
+            let mut check = RangeCheck::default();
+            let mut tensors = Vec::with_capacity(found.len());
+            for (i, (t, s)) in found {
+                check.sumsq.push((i, s));
+                tensors.push(t);
+            }
+            (check, tensors)
+        }
+        Err(fault) => (
+            RangeCheck {
+                fault: Some(fault),
+                sumsq: Vec::new(),
+            },
+            Vec::new(),
+        ),
+    }
+}
+
+/// The steps of `check_range`, in the order `round.md` gives them: fetch the range's
+/// sections, decode and validate each against the model, require the run's codec, each
+/// tensor once, and every tensor of the range. A refusal is the first failing tensor's
+/// model index with its exclusion.
+async fn checked_range(
+    reg: &Registry,
+    object: &str,
+    target: &Target,
+    env: &RemoteEnvelope,
+    range: std::ops::Range<usize>,
+) -> Result<BTreeMap<usize, (EncodedTensor, f64)>, (usize, Exclusion)> {
+    let selected: Vec<usize> = env
+        .sections()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            section_range(&s.name).is_none_or(|(a, b)| a < range.end && b >= range.start)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let first_of = |i: usize| section_range(&env.sections()[i].name).map_or(0, |(a, _)| a);
+    let payloads = read_sections(
+        target.store.as_ref(),
+        env,
+        &selected,
+        &shard_limits(reg),
+        |_| Ok(Vec::new()),
+        &|_| {},
+    )
+    .await
+    .map_err(|e| {
+        (
+            selected.first().map_or(0, |&i| first_of(i)),
+            Exclusion::from_envelope(&e),
+        )
+    })?;
+    let index: BTreeMap<&str, usize> = reg
+        .model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let rejected = |i: usize, reason: &str, detail: String| {
+        (i, Exclusion::new(Verdict::Rejected, reason, detail))
+    };
+    let mut found: BTreeMap<usize, (EncodedTensor, f64)> = BTreeMap::new();
+    for (&si, payload) in selected.iter().zip(&payloads) {
+        let name = &env.sections()[si].name;
+        let decoded =
+            codec::read_section_with_norms(payload, Some(&reg.model), &CodecLimits::default())
+                .map_err(|e| {
+                    rejected(
+                        first_of(si),
+                        e.reason(),
+                        format!("{object}: section {name}: {e}"),
+                    )
+                })?;
+        for (t, s) in decoded {
+            let Some(&i) = index.get(t.name.as_str()).filter(|&&i| range.contains(&i)) else {
+                continue;
+            };
+            if t.params != reg.codec {
+                let detail = format!("{object}: tensor {} uses {:?}", t.name, t.params);
+                return Err(rejected(i, "codec_mismatch", detail));
+            }
+            if found.insert(i, (t, s)).is_some() {
+                let detail = format!(
+                    "{object}: tensor {} appears twice",
+                    reg.model.tensors[i].name
+                );
+                return Err(rejected(i, "incomplete", detail));
+            }
+        }
+    }
+    if let Some(missing) = range.clone().find(|i| !found.contains_key(i)) {
+        let detail = format!(
+            "{object}: tensor {} is missing",
+            reg.model.tensors[missing].name
+        );
+        return Err(rejected(missing, "incomplete", detail));
+    }
+    Ok(found)
+}
+
+/// Final verdicts and merge weights of a window, from the header pass and the range checks.
+pub(crate) struct Verdicts {
+    pub(crate) rows: Vec<LedgerRow>,
+    pub(crate) weights: Vec<f32>,
+    /// For shards rejected as duplicates: the peer whose commit came first, if one did.
+    pub(crate) duplicate_of: Vec<Option<String>>,
+}
+
+/// The header pass over every registered miner (bounded concurrency, peer-id order). For
+/// shards whose content another header-valid shard shares, the miners' commits are read
+/// too: `finalize` settles duplicates by them once every check has run.
+pub(crate) async fn check_heads(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    concurrency: usize,
+    deadline: Instant,
+) -> Vec<MinerShard> {
+    let miners = reg.with_role(Role::Miner);
+    // Every miner's header at once: each is one small ranged GET (64 KiB at most), and a
+    // pool of `concurrency` slots would let a few stores that never answer hold every slot
+    // until the deadline while the honest miners queued behind them time out unread.
+    let mut shards: Vec<MinerShard> = futures::stream::iter(miners.iter().map(|m| async move {
+        match tokio::time::timeout_at(deadline, check_head(reg, m, w, s3)).await {
+            Ok(shard) => shard,
+            Err(_) => MinerShard::timed_out(&m.peer),
+        }
+    }))
+    .buffered(miners.len().max(concurrency).max(1))
+    .collect()
+    .await;
+    let mut twins: HashMap<String, usize> = HashMap::new();
+    for s in shards.iter().filter(|s| s.fault.is_none()) {
+        if let Some(c) = &s.content {
+            *twins.entry(c.clone()).or_insert(0) += 1;
+        }
+    }
+    let shared =
+        |s: &MinerShard| s.fault.is_none() && s.content.as_ref().is_some_and(|c| twins[c] > 1);
+    futures::stream::iter(shards.iter_mut().filter(|s| shared(s)))
+        .for_each_concurrent(concurrency.max(1), |s| async move {
+            // A commit not read in time counts as none: its shard cannot win a tie.
+            let _ = tokio::time::timeout_at(deadline, s.fetch_commit(reg, w)).await;
+        })
+        .await;
+    shards
+}
+
+/// The duplicate rule (`round.md`): among shards that passed every other check, those with
+/// byte-identical sections form a group; the one whose commit landed strictly first keeps
+/// its place, every other is `duplicate`. When no single commit is strictly first (none, or
+/// a tie within the store's resolution) every member is a duplicate: an honest miner's
+/// commit precedes its shard by a whole second, so only copiers and shards published
+/// without the protocol end there. Returns, per shard, the fault and whose copy it is.
+fn duplicates(
+    shards: &[MinerShard],
+    faults: &[Option<Exclusion>],
+) -> Vec<Option<(Exclusion, Option<String>)>> {
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (j, s) in shards.iter().enumerate() {
+        if faults[j].is_none()
+            && let Some(c) = &s.content
+        {
+            groups.entry(c.as_str()).or_default().push(j);
+        }
+    }
+    let mut out = vec![None; shards.len()];
+    for members in groups.values().filter(|m| m.len() > 1) {
+        let first = members.iter().filter_map(|&j| shards[j].commit_ms).min();
+        let winners: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&j| first.is_some() && shards[j].commit_ms == first)
+            .collect();
+        let winner = (winners.len() == 1).then(|| shards[winners[0]].peer.clone());
+        for &j in members {
+            if Some(&shards[j].peer) == winner.as_ref() {
+                continue;
+            }
+            let detail = match &winner {
+                Some(wp) => format!("the same update as {wp}, whose commit landed first"),
+                None => format!(
+                    "the same update as {} other shard(s), and no commit landed strictly first",
+                    members.len() - 1
+                ),
+            };
+            out[j] = Some((
+                Exclusion::new(Verdict::Rejected, "duplicate", detail),
+                winner.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// Checks every header-valid shard's tensors in `range`, keeping the decoded tensors.
+pub(crate) async fn check_ranges(
+    reg: &Registry,
+    shards: &[MinerShard],
+    range: Range<usize>,
+    concurrency: usize,
+    deadline: Instant,
+) -> Vec<(RangeCheck, Vec<EncodedTensor>)> {
+    futures::stream::iter(shards.iter().map(|s| {
+        let range = range.clone();
+        async move {
+            match tokio::time::timeout_at(deadline, check_range(reg, s, range.clone())).await {
+                Ok(checked) => checked,
+                Err(_) => (RangeCheck::timed_out(range.start), Vec::new()),
+            }
+        }
+    }))
+    .buffered(concurrency.max(1))
+    .collect()
+    .await
+}
+
+/// Combines the header pass and the range checks of all parts (in tensor order) into
+/// verdicts and weights. Deterministic: the first failing tensor decides a rejection, and
+/// norms are summed per tensor in model order, however the tensors were split.
+pub(crate) fn finalize(
+    reg: &Registry,
+    w: u64,
+    shards: &[MinerShard],
+    parts: &[Vec<RangeCheck>],
+) -> Verdicts {
+    let mut rows = Vec::with_capacity(shards.len());
+    let mut norms: Vec<Option<f64>> = Vec::with_capacity(shards.len());
+    let faults: Vec<Option<Exclusion>> = shards
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let range_fault = parts
+                .iter()
+                .filter_map(|p| p[j].fault.as_ref())
+                .min_by_key(|(i, _)| *i)
+                .map(|(_, f)| f.clone());
+            s.fault.clone().or(range_fault)
+        })
+        .collect();
+    let dups = duplicates(shards, &faults);
+    let duplicate_of: Vec<Option<String>> = dups
+        .iter()
+        .map(|d| d.as_ref().and_then(|(_, w)| w.clone()))
+        .collect();
+    for (j, s) in shards.iter().enumerate() {
+        let mut row = LedgerRow {
+            window: w,
+            peer: s.peer.clone(),
+            found: s.found,
+            bytes: s.bytes,
+            last_modified_ms: s.last_modified_ms,
+            verdict: Verdict::Accepted,
+            reason: String::new(),
+            detail: String::new(),
+            norm: None,
+            weight: 0.0,
+        };
+        let fault = faults[j]
+            .clone()
+            .or_else(|| dups[j].as_ref().map(|(f, _)| f.clone()));
+        let norm = match &fault {
+            Some(f) => {
+                row.verdict = f.verdict;
+                row.reason = f.reason.clone();
+                row.detail = f.detail.clone();
+                None
+            }
+            None => {
+                let mut per: Vec<(usize, f64)> = parts
+                    .iter()
+                    .flat_map(|p| p[j].sumsq.iter().copied())
+                    .collect();
+                per.sort_by_key(|(i, _)| *i);
+                Some(per.iter().fold(0f64, |acc, (_, x)| acc + x).sqrt())
+            }
+        };
+        row.norm = norm;
+        norms.push(norm);
+        rows.push(row);
+    }
+    let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let cap = (n >= 3).then(|| sorted[n / 2] * reg.limits.clip_norm_ratio);
+    let mut weights = vec![0f32; shards.len()];
+    for (j, row) in rows.iter_mut().enumerate() {
+        let Some(norm) = norms[j] else { continue };
+        let mut scale = 1.0f64;
+        if let Some(cap) = cap
+            && norm > cap
+        {
+            scale = cap / norm;
+            row.reason = "clipped".into();
+            row.detail = format!(
+                "norm {norm:.6e} over {:.1} x median; scaled by {scale:.6}",
+                reg.limits.clip_norm_ratio
+            );
+        }
+        weights[j] = (scale / n as f64) as f32;
+        row.weight = weights[j] as f64;
+    }
+    Verdicts {
+        rows,
+        weights,
+        duplicate_of,
+    }
+}
+
+/// Waits until window `w` has closed by the store's clock (read through `me`'s probe
+/// object in `target`); returns the store's time then.
+pub async fn wait_for_close(
+    reg: &Registry,
+    target: &Target,
+    me: &PeerId,
+    w: u64,
+) -> Result<u64, ExchangeError> {
+    let clk = clock(reg);
+    loop {
+        let now = store_now_ms(target, &layout::clock_probe(&reg.run, me)).await?;
+        if now >= clk.closes(w) {
+            return Ok(now);
+        }
+        let wait = (clk.closes(w) - now).min(5_000);
+        tracing::info!(
+            window = w,
+            wait_ms = wait,
+            "waiting for the window to close"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(wait + 50)).await;
+    }
+}
+
+/// What every aggregation or validation step starts with: the job's own store, the window
+/// closed by the store's clock, and the header pass over every miner.
+pub(crate) async fn open_window(
+    reg: &Registry,
+    id: &Identity,
+    role: Role,
+    s3: &S3Options,
+    w: u64,
+    concurrency: usize,
+    budget: Option<Duration>,
+) -> Result<OpenWindow, ExchangeError> {
+    let me = id.peer_id();
+    let target = reg.own_store(id, role, s3)?;
+    let now = wait_for_close(reg, &target, &me, w).await?;
+    let deadline = window_deadline(reg, w, now, budget);
+    // The header pass gets the first half of what is left, the sections the rest: a store
+    // that never answers must not eat the time the others' sections need.
+    let start = Instant::now();
+    let heads_by = start + deadline.saturating_duration_since(start) / 2;
+    let shards = check_heads(reg, s3, w, concurrency, heads_by).await;
+    Ok(OpenWindow {
+        me,
+        target,
+        shards,
+        deadline,
+    })
+}
+
+/// A closed window, its header pass done, and when its reads must end.
+pub(crate) struct OpenWindow {
+    pub(crate) me: PeerId,
+    pub(crate) target: Target,
+    pub(crate) shards: Vec<MinerShard>,
+    pub(crate) deadline: Instant,
+}
+
+/// When a job's reads of window `w` must end: `budget` (default: the run's window length)
+/// after the window's close by the store's clock, so a window is decided before the next
+/// one closes whatever the miners' stores do (hang, 503, refuse). A job that starts later
+/// than that (catching up an old window) gets the whole budget from now. The header pass
+/// may take the first half of the time left, the section reads the rest. A miner not read
+/// by then is `store_error` (timeout) and the window goes on without it.
+pub fn window_deadline(
+    reg: &Registry,
+    w: u64,
+    store_now_ms: u64,
+    budget: Option<Duration>,
+) -> Instant {
+    let budget = budget.unwrap_or(Duration::from_secs(reg.window_secs.max(1)));
+    let end = clock(reg).closes(w) + budget.as_millis() as u64;
+    let left = match end.checked_sub(store_now_ms) {
+        Some(ms) if ms > 0 => Duration::from_millis(ms),
+        _ => budget,
+    };
+    Instant::now() + left
+}
