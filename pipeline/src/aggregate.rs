@@ -33,20 +33,31 @@ use crate::verdict::{
     OpenWindow, RangeCheck, Verdict, Verdicts, check_ranges, finalize, open_window,
 };
 
+/// The aggregate codec this build writes and reads (`schemas/round.md`).
 pub const AGG_CODEC: &str = "agg-v1";
 
 /// What one aggregation produced.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Aggregated {
+    /// The window merged.
     pub window: u64,
+    /// The aggregate's URL.
     pub object: String,
+    /// The ledger's URL.
     pub ledger: String,
+    /// Shards merged.
     pub accepted: usize,
+    /// Shards refused.
     pub rejected: usize,
+    /// Miners with no shard.
     pub missing: usize,
+    /// Miners whose store could not be read in time.
     pub errors: usize,
+    /// The aggregate's stored size.
     pub bytes: u64,
+    /// The same aggregate was already there (a rerun).
     pub already_published: bool,
+    /// How many shards each reason code was given to.
     pub reasons: BTreeMap<String, usize>,
 }
 
@@ -118,12 +129,15 @@ pub fn agg_limits(reg: &Registry) -> Limits {
 /// One tensor of an aggregate, decoded and checked against the model: every value finite,
 /// every index inside the tensor, so that callers can use it without further checks.
 pub struct AggTensor {
+    /// The model tensor it updates.
     pub name: String,
+    /// Its values.
     pub values: AggValues,
 }
 
 /// The two forms an aggregate tensor travels in (whichever is smaller).
 pub enum AggValues {
+    /// Every element, in row-major order.
     Dense(Vec<f32>),
     /// Flat indices ascending and their values.
     Sparse(Vec<u32>, Vec<f32>),
@@ -230,6 +244,7 @@ fn malformed(detail: String) -> CodecError {
 /// split merge may mix devices).
 #[derive(Clone, Default)]
 pub struct MergeOn {
+    /// The device that merges (the CPU when `None`).
     #[cfg(feature = "cuda")]
     pub gpu: Option<std::sync::Arc<crate::codec::gpu::Gpu>>,
     /// How long after the window's close the reads may take (`window_budget`); None: the

@@ -24,7 +24,9 @@ use crate::store::S3Options;
 /// Loss on the evaluation batch with θ_w, and with θ_w − scale · update.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Losses {
+    /// Loss on the window's evaluation batch with θ_w.
     pub loss_before: f64,
+    /// Loss on the same batch after the miner's scaled update.
     pub loss_after: f64,
 }
 
@@ -79,6 +81,7 @@ pub struct ReferenceEvaluator {
 }
 
 impl ReferenceEvaluator {
+    /// An evaluator on `task` that waits up to `wait` for an aggregate it needs to rebuild θ_w.
     pub fn new(task: LinearTask, wait: Duration) -> ReferenceEvaluator {
         let theta = task.init();
         ReferenceEvaluator {
@@ -194,6 +197,7 @@ pub struct CommandEvaluator {
 }
 
 impl CommandEvaluator {
+    /// An evaluator running `cmd` per miner, killed after `timeout`; updates go to a private temporary folder.
     pub fn new(cmd: &str, timeout: Duration) -> std::io::Result<CommandEvaluator> {
         Ok(CommandEvaluator {
             cmd: cmd.to_string(),

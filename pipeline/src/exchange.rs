@@ -17,6 +17,8 @@ use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::window::{RunClock, store_now_ms};
 
 /// Failures of publishing and of the round's jobs, by class ([`crate::error::ErrorClass`]).
+// Each variant's fields are the parts of its message (`#[error]`), documented there.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
     /// The call cannot be done as asked: not registered, a window that is closed or not
@@ -160,6 +162,7 @@ pub fn shard_builder(
     Ok(b)
 }
 
+/// The run's clock, from its registry.
 pub fn clock(reg: &Registry) -> RunClock {
     RunClock::new(reg.genesis_ms, reg.window_secs, reg.grace_secs)
 }
@@ -167,13 +170,21 @@ pub fn clock(reg: &Registry) -> RunClock {
 /// What `publish` did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Published {
+    /// The shard's URL.
     pub object: String,
+    /// The window it was published for.
     pub window: u64,
+    /// Its stored size (from the store, after the put).
     pub bytes: u64,
+    /// The dense update's size, for the compression ratio.
     pub dense_bytes: u64,
+    /// Values kept by top-k.
     pub kept: u64,
+    /// `dense_bytes / bytes`.
     pub ratio: f64,
+    /// The store's clock when the publish began, ms.
     pub store_time_ms: u64,
+    /// When the shard landed by the store's clock, ms: what timeliness is judged on.
     pub last_modified_ms: u64,
     /// The same shard was already there (a retry after a lost response).
     pub already_published: bool,

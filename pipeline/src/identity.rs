@@ -18,22 +18,29 @@ use rand::RngCore;
 const KEY_FILE_TAG: &str = "shardrop-ed25519-secret-v1";
 
 /// Why a key could not be made, loaded or parsed.
+// Each variant's fields are the parts of its message (`#[error]`), documented there.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// A key file is already there: keys are never overwritten.
     #[error("{path}: refusing to overwrite an existing key file")]
     Exists { path: PathBuf },
     #[error(
         "{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
     )]
+    /// The key file is readable by others.
     Permissions { path: PathBuf, mode: u32 },
+    /// The file is not a shardrop key.
     #[error("{path}: not a shardrop key file ({reason})")]
     Format { path: PathBuf, reason: String },
+    /// The key file could not be read or written.
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// Not 64 lowercase hex characters of a valid ed25519 public key.
     #[error("invalid peer id {id:?}: {reason}")]
     PeerId { id: String, reason: String },
 }
@@ -62,6 +69,7 @@ impl PeerId {
         Ok(PeerId(out))
     }
 
+    /// The 32 bytes of the public key.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -117,10 +125,12 @@ impl Identity {
         }
     }
 
+    /// The public key: the identity other peers and registries know.
     pub fn peer_id(&self) -> PeerId {
         PeerId(self.key.verifying_key().to_bytes())
     }
 
+    /// An ed25519 signature of `msg`.
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()
     }

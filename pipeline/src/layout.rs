@@ -3,10 +3,12 @@
 
 use crate::identity::PeerId;
 
+/// The run's registry (operator-signed, replaced by compare-and-swap).
 pub fn registry(run: &str) -> String {
     format!("runs/{run}/registry")
 }
 
+/// A miner's shard for `window`, in its own store.
 pub fn grad(run: &str, window: u64, peer: &PeerId) -> String {
     format!("runs/{run}/grads/{window:010}/{peer}.grad")
 }
@@ -22,10 +24,12 @@ pub fn clock_probe(run: &str, peer: &PeerId) -> String {
     format!("runs/{run}/clock/{peer}")
 }
 
+/// The folder of every shard of `window` (zero-padded so listings sort by window).
 pub fn grads_dir(run: &str, window: u64) -> String {
     format!("runs/{run}/grads/{window:010}/")
 }
 
+/// The aggregate of `window` (the aggregator's commit point for that window).
 pub fn agg(run: &str, window: u64) -> String {
     format!("runs/{run}/aggs/{window:010}.agg")
 }
@@ -40,10 +44,12 @@ pub fn agg_part(run: &str, window: u64, i: usize, k: usize) -> String {
     format!("runs/{run}/aggs/{window:010}.part-{i:04}-of-{k:04}")
 }
 
+/// The aggregator's Parquet ledger of `window`.
 pub fn ledger(run: &str, window: u64) -> String {
     format!("runs/{run}/ledger/{window:010}.parquet")
 }
 
+/// A validator's Parquet score table of `window`.
 pub fn scores(run: &str, window: u64) -> String {
     format!("runs/{run}/scores/{window:010}.parquet")
 }
@@ -58,10 +64,12 @@ pub fn weights(run: &str, window: u64) -> String {
     format!("runs/{run}/weights/{window:010}.weights")
 }
 
+/// The folder of checkpoint `step`.
 pub fn ckpt_dir(run: &str, step: u64) -> String {
     format!("runs/{run}/ckpt/{step:012}/")
 }
 
+/// The signed manifest of checkpoint `step` (its commit point).
 pub fn ckpt_manifest(run: &str, step: u64) -> String {
     format!("runs/{run}/ckpt/{step:012}/manifest")
 }
@@ -81,6 +89,7 @@ pub fn ckpt_root(run: &str) -> String {
     format!("runs/{run}/ckpt/")
 }
 
+/// The mutable pointer to the newest checkpoint (compare-and-swap).
 pub fn ckpt_latest(run: &str) -> String {
     format!("runs/{run}/ckpt/LATEST")
 }

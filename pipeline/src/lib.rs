@@ -5,6 +5,8 @@
 //! a stable [`envelope::Reason`]. See `schemas/` for the normative formats and the README for
 //! the roles.
 
+#![warn(missing_docs)]
+
 pub mod aggregate;
 pub mod checkpoint;
 pub mod codec;

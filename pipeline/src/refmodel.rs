@@ -56,13 +56,16 @@ pub type Sample = (Vec<f32>, Vec<f32>);
 /// The reference task: dimensions and the hidden teacher.
 #[derive(Clone, Debug)]
 pub struct LinearTask {
+    /// Inputs of the linear map.
     pub d_in: usize,
+    /// Outputs of the linear map.
     pub d_out: usize,
     seed: u64,
     teacher: Vec<f32>,
 }
 
 impl LinearTask {
+    /// A task whose true map and data come from `seed`, so every peer builds the same one.
     pub fn new(seed: u64, d_in: usize, d_out: usize) -> LinearTask {
         let mut r = Rng::new(seed);
         let teacher = (0..d_in * d_out).map(|_| r.next()).collect();
@@ -79,6 +82,7 @@ impl LinearTask {
         LinearTask::new(DEFAULT_SEED, 128, 32)
     }
 
+    /// The run's model: the one weight tensor.
     pub fn model_spec(&self) -> ModelSpec {
         ModelSpec {
             tensors: vec![TensorSpec {

@@ -9,6 +9,9 @@
 //! credentials for that store come from (ambient `AWS_*`, or `<PREFIX>AWS_*` variables), so a
 //! validator can hold read-only keys per peer bucket.
 
+// Public items here still lack docs (issue #15); the rest of the crate is held to it.
+#![allow(missing_docs)]
+
 use bytes::Bytes;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};

@@ -35,6 +35,7 @@ use crate::verdict::{
     MinerShard, RangeCheck, Verdict, Verdicts, check_ranges, finalize, open_window,
 };
 
+/// The codec of a validator's signed weights object.
 pub const WEIGHTS_CODEC: &str = "weights-v1";
 
 /// When two updates count as copies. Calibrated on the reference task (see
@@ -62,12 +63,14 @@ impl Default for CopyThresholds {
     }
 }
 
+/// How a validator scores a window; the defaults are what `shardrop validate` uses.
 #[derive(Clone, Debug)]
 pub struct ValidateOptions {
     /// Miners fetched at once.
     pub concurrency: usize,
     /// Weight of this window's score in the rating: `r ← (1 − α)·r + α·s`.
     pub alpha: f64,
+    /// When a near-copy counts as a copy.
     pub copy: CopyThresholds,
     /// Past aggregates (windows `w−1 ..= w−n`) a miner is compared with.
     pub copy_lookback: u64,
@@ -95,8 +98,11 @@ impl Default for ValidateOptions {
 /// model order), indices ascending.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SparseUpdate {
+    /// Flat indices into the concatenated model, ascending.
     pub idx: Vec<u64>,
+    /// The decoded values at those indices.
     pub val: Vec<f32>,
+    /// The update's L2 norm.
     pub norm: f64,
 }
 
@@ -215,9 +221,13 @@ pub fn similarity_to_aggregate(a: &SparseUpdate, g: &SparseUpdate) -> (f64, f64)
 /// What copy detection found for one miner.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CopyInfo {
+    /// The most similar other miner, or `agg:W` for a past aggregate.
     pub nearest: Option<String>,
+    /// Index-set overlap with `nearest`.
     pub overlap: Option<f64>,
+    /// Value cosine with `nearest`.
     pub similarity: Option<f64>,
+    /// Judged a copy of `nearest`.
     pub copier: bool,
 }
 
@@ -269,8 +279,11 @@ fn estimate_jaccard(a: &[u64], b: &[u64]) -> f64 {
 /// commit). Commit times, not shard times or peer ids, decide who copied whom: a copier can
 /// only commit after it has seen the shard, a whole second after its publisher's commit.
 pub struct Candidate<'a> {
+    /// The miner.
     pub peer: &'a str,
+    /// When its commit landed by the store's clock (`None`: no valid commit), which decides who copied whom.
     pub order: Option<i64>,
+    /// Its decoded update, when it was accepted.
     pub update: Option<&'a SparseUpdate>,
 }
 
@@ -404,10 +417,15 @@ fn agreement(
 /// What one validation produced.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Validated {
+    /// The window scored.
     pub window: u64,
+    /// The score table's URL.
     pub scores: String,
+    /// The signed weights' URL.
     pub weights: String,
+    /// What measured usefulness (recorded in the weights object).
     pub evaluator: String,
+    /// The table's rows, in peer-id order.
     pub rows: Vec<ScoreRow>,
     /// The same table was already there (a rerun).
     pub already_published: bool,

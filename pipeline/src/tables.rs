@@ -74,20 +74,29 @@ fn parse_verdict(s: &str) -> Result<Verdict, parquet::errors::ParquetError> {
 /// One ledger row: what the aggregator saw of one registered miner in one window.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LedgerRow {
+    /// The window.
     pub window: u64,
+    /// The miner's peer id.
     pub peer: String,
+    /// An object was at the layout key (valid or not).
     pub found: bool,
+    /// Its stored size.
     pub bytes: Option<u64>,
+    /// When it landed by the store's clock, ms.
     pub last_modified_ms: Option<i64>,
     /// `accepted`, `rejected`, `missing` or `error` (the store failed; not the miner's verdict).
     pub verdict: Verdict,
     /// Stable reason code (`""` when accepted as is).
     pub reason: String,
+    /// A human detail naming the object (stable across reruns).
     pub detail: String,
+    /// The update's L2 norm, for accepted shards.
     pub norm: Option<f64>,
+    /// Its merge weight (clip scale / accepted count; 0 when not merged).
     pub weight: f64,
 }
 
+/// The ledger's Arrow schema (`schemas/round.md`).
 pub fn ledger_schema() -> Schema {
     Schema::new(vec![
         Field::new("window", DataType::UInt64, false),
@@ -196,17 +205,23 @@ pub fn read_ledger(bytes: bytes::Bytes) -> Result<Vec<LedgerRow>, parquet::error
 /// component is kept, so anyone can recompute the rating and the weight from the table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ScoreRow {
+    /// The window.
     pub window: u64,
+    /// The miner's peer id.
     pub peer: String,
     /// A shard was found at the layout key (valid or not).
     pub present: bool,
+    /// When its shard landed by the store's clock, ms.
     pub last_modified_ms: Option<i64>,
     /// Seconds between the store's `last_modified` and the window's end (negative: in grace).
     pub secs_before_deadline: Option<f64>,
     /// The same verdict, reason and detail as the aggregator's ledger.
     pub verdict: Verdict,
+    /// The ledger's reason code.
     pub reason: String,
+    /// The ledger's detail.
     pub detail: String,
+    /// The update's L2 norm, for accepted shards.
     pub norm: Option<f64>,
     /// Cosine of the update with the mean of the other eligible miners' updates.
     pub agreement: Option<f64>,
@@ -218,7 +233,9 @@ pub struct ScoreRow {
     pub similarity: Option<f64>,
     /// Flagged as a copy of `nearest`.
     pub copier: bool,
+    /// The evaluator's loss before the update.
     pub loss_before: Option<f64>,
+    /// The evaluator's loss after the scaled update.
     pub loss_after: Option<f64>,
     /// `loss_before − loss_after`: positive when the update helps.
     pub usefulness: Option<f64>,
@@ -226,7 +243,9 @@ pub struct ScoreRow {
     pub eval_error: Option<String>,
     /// This window's score in [0, 1]; null when nothing could be judged (rating carried).
     pub score: Option<f64>,
+    /// The rating after this window (an exponential average of scores).
     pub rating: f64,
+    /// The normalised weight the validator sets for this miner.
     pub weight: f64,
 }
 
@@ -238,6 +257,7 @@ fn ts_field(name: &str) -> Field {
     )
 }
 
+/// The score table's Arrow schema (`schemas/scores.md`).
 pub fn scores_schema() -> Schema {
     let f = |n: &str| Field::new(n, DataType::Float64, true);
     let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);

@@ -35,8 +35,11 @@ use crate::window::store_now_ms;
 /// code and a human detail naming the object.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Exclusion {
+    /// What became of the shard.
     pub verdict: Verdict,
+    /// The stable reason code recorded in the ledger.
     pub reason: String,
+    /// A human detail naming the object.
     pub detail: String,
 }
 
@@ -82,11 +85,17 @@ impl Exclusion {
 /// every worker of a split merge.
 #[derive(Clone, Debug)]
 pub struct MinerShard {
+    /// The miner's peer id, as the registry lists it.
     pub peer: String,
+    /// The shard's URL (empty when its store could not be opened).
     pub object: String,
+    /// Whether an object was at the layout key.
     pub found: bool,
+    /// Its stored size.
     pub bytes: Option<u64>,
+    /// When it landed by the store's clock, in milliseconds (the only time that counts).
     pub last_modified_ms: Option<i64>,
+    /// Why the header pass excluded it, if it did.
     pub fault: Option<Exclusion>,
     /// blake3 over the section hashes: equal for byte-identical updates.
     pub content: Option<String>,
@@ -332,7 +341,9 @@ fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), Strin
 /// index) and each tensor's squared norm. Workers of a split merge exchange these.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RangeCheck {
+    /// The first failing tensor (model index) and why.
     pub fault: Option<(usize, Exclusion)>,
+    /// Each checked tensor's squared norm, by model index.
     pub sumsq: Vec<(usize, f64)>,
 }
 

@@ -11,12 +11,16 @@ use crate::store::{StoreError, Target};
 /// Window arithmetic in milliseconds since the Unix epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunClock {
+    /// When window 0 starts, ms since the epoch by the store's clock.
     pub genesis_ms: u64,
+    /// Window length.
     pub window_ms: u64,
+    /// How long after a window's deadline shards still count (stores and uploads are slow).
     pub grace_ms: u64,
 }
 
 impl RunClock {
+    /// The clock of a run (seconds, as the registry gives them).
     pub fn new(genesis_ms: u64, window_secs: u64, grace_secs: u64) -> Self {
         RunClock {
             genesis_ms,
@@ -31,6 +35,7 @@ impl RunClock {
             .map(|d| d / self.window_ms)
     }
 
+    /// When window `w` starts (its shards may land from then on).
     pub fn start(&self, w: u64) -> u64 {
         self.genesis_ms + w * self.window_ms
     }

@@ -12,6 +12,9 @@
 //! - [`pull`]: verify the manifest, fetch and verify, write only inside the target folder.
 //! - [`admin`]: list, full remote verification, retention.
 
+// Public items here still lack docs (issue #15); the rest of the crate is held to it.
+#![allow(missing_docs)]
+
 pub mod admin;
 mod packing;
 pub mod pull;

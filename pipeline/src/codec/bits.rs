@@ -4,6 +4,8 @@
 //! Every chunk starts on a byte boundary, so chunk blocks have computable offsets and are
 //! coded independently (and in parallel).
 
+#![warn(missing_docs)]
+
 /// Writes LSB-first fields into a zeroed byte slice.
 pub struct BitWriter<'a> {
     out: &'a mut [u8],

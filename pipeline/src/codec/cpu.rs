@@ -2,6 +2,8 @@
 //! chunks with rayon. Chunks are independent and their output blocks sit at fixed offsets,
 //! so the bytes do not depend on the thread count.
 
+#![warn(missing_docs)]
+
 use rayon::prelude::*;
 
 use super::bits::{self, BitWriter, IndexFault};

@@ -4,6 +4,8 @@
 //! metadata key `shardrop` (one key, so the file's bytes are deterministic). Any safetensors
 //! reader opens it.
 
+#![warn(missing_docs)]
+
 use std::collections::HashMap;
 
 use safetensors::tensor::TensorView;

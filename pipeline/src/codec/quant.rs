@@ -3,19 +3,26 @@
 //! Each arithmetic step is one IEEE-754 binary32 operation with round-to-nearest-even; no
 //! fused multiply-add.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 /// How kept values are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ValueFormat {
+    /// bf16 values, no scale: 16 bits per kept value, for updates that must not be quantized further.
     Bf16,
+    /// 8-bit codes against a scale (256 levels, none at zero).
     Int8,
+    /// 4-bit codes against a scale.
     Int4,
+    /// 2-bit codes against a scale: Templar's operating point.
     Int2,
 }
 
 impl ValueFormat {
+    /// The inverse of [`ValueFormat::name`]; `None` for a string no reader accepts.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "bf16" => Some(ValueFormat::Bf16),
@@ -26,6 +33,7 @@ impl ValueFormat {
         }
     }
 
+    /// The string in registries, codec headers and section metadata (signed: never from `Debug`).
     pub fn name(self) -> &'static str {
         match self {
             ValueFormat::Bf16 => "bf16",
@@ -59,6 +67,7 @@ pub fn f32_to_bf16(v: f32) -> u16 {
     (rounded >> 16) as u16
 }
 
+/// Widens a bf16 bit pattern to f32, exactly.
 #[inline]
 pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)

@@ -4,6 +4,8 @@
 //! miner that restarts resumes with exactly the residual it had; losing it would silently
 //! drop everything not yet sent.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -26,6 +28,7 @@ pub const LOCK_FILE: &str = "state.lock";
 /// Error-feedback buffers by tensor name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EfState {
+    /// One f32 buffer per tensor name, the length of the tensor.
     pub buffers: BTreeMap<String, Vec<f32>>,
     /// The last window whose shard these buffers already account for (set by publish):
     /// a rerun for that window must not encode the same update a second time.

@@ -3,6 +3,8 @@
 //! Tensors are taken in name order (the model order every participant agrees on) and packed
 //! into sections of about `section_bytes` of payload, each named for its tensor range.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 
 use safetensors::tensor::TensorView;
@@ -16,6 +18,7 @@ use super::{
 /// How a miner encodes.
 #[derive(Clone, Copy, Debug)]
 pub struct EncodeOptions {
+    /// The run's codec parameters.
     pub params: CodecParams,
     /// Error-feedback decay.
     pub beta: f32,
@@ -36,9 +39,13 @@ impl Default for EncodeOptions {
 /// Sizes of an encoded update, for reports and ledgers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UpdateStats {
+    /// Tensors encoded.
     pub tensors: usize,
+    /// Elements of those tensors.
     pub elements: u64,
+    /// Bytes of the dense update as given (its own dtypes).
     pub dense_bytes: u64,
+    /// Values kept by top-k.
     pub kept: u64,
     /// Index + value + scale bytes (no container overhead).
     pub payload_bytes: u64,
@@ -49,7 +56,9 @@ pub struct UpdateStats {
 /// Section payloads in order, with their names.
 #[derive(Clone, Debug)]
 pub struct EncodedUpdate {
+    /// `(name, safetensors payload)` per section, in model order.
     pub sections: Vec<(String, Vec<u8>)>,
+    /// What the encoding kept and cost.
     pub stats: UpdateStats,
 }
 

@@ -53,6 +53,9 @@
 //! # }
 //! ```
 
+// Public items here still lack docs (issue #15); the rest of the crate is held to it.
+#![allow(missing_docs)]
+
 mod header;
 mod read;
 mod section;

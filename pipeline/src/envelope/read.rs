@@ -1,6 +1,8 @@
 //! Reading envelopes from a store: the head with one small ranged GET, then sections streamed
 //! through hashing and decompression, never buffered whole.
 
+#![warn(missing_docs)]
+
 use std::io::{self, Write};
 
 use bytes::{Bytes, BytesMut};
@@ -79,9 +81,13 @@ pub async fn fetch_head(
 pub struct RemoteEnvelope {
     /// How the object is named in messages (its URL).
     pub object: String,
+    /// Where the object is in its store.
     pub path: Path,
+    /// The store's metadata from the header read (size, `last_modified`, ETag): the size is checked against the header's declared length, the ETag pins later section reads.
     pub meta: ObjectMeta,
+    /// The parsed, verified prefix and header.
     pub head: Head,
+    /// The key that signed it (already checked against the reader's expectation).
     pub signer: PeerId,
 }
 
@@ -111,6 +117,7 @@ impl RemoteEnvelope {
         })
     }
 
+    /// The section table, in body order.
     pub fn sections(&self) -> &[SectionEntry] {
         &self.head.header.sections
     }

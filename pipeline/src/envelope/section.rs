@@ -5,6 +5,8 @@
 //! the object was tampered with and the reason is `section_hash_mismatch`; only a correctly
 //! hashed but undecodable section is the signer's own `decompress` fault.
 
+#![warn(missing_docs)]
+
 use std::io::{self, Write};
 
 use super::{Compression, Limits, Reason, Rejection, SectionEntry};
@@ -68,6 +70,7 @@ pub struct SectionVerifier<W: Write> {
 }
 
 impl<W: Write> SectionVerifier<W> {
+    /// A verifier for `entry` that writes the decoded bytes into `sink`, within `limits`.
     pub fn new(entry: &SectionEntry, limits: &Limits, sink: W) -> Self {
         let capped = Capped {
             inner: sink,

@@ -1,6 +1,8 @@
 //! Seeded fault injection for tests: fail, delay or truncate chosen calls, so that every
 //! failure path (a lost response, a slow store, a body cut short) is exercised on purpose.
 
+#![warn(missing_docs)]
+
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -40,9 +42,13 @@ pub enum FaultAction {
 /// One rule: calls of `op` (any op if `None`) whose path contains `path_contains`.
 #[derive(Clone, Debug)]
 pub struct FaultRule {
+    /// Only requests of this kind (all kinds when `None`).
     pub op: Option<Op>,
+    /// Only objects whose path contains this.
     pub path_contains: Option<String>,
+    /// Which of the matching calls the rule hits.
     pub calls: Calls,
+    /// What happens to them.
     pub action: FaultAction,
 }
 
@@ -61,6 +67,7 @@ pub struct Faults {
 }
 
 impl Faults {
+    /// A store wrapper applying `rules`; `seed` makes random choices repeatable.
     pub fn new(seed: u64, rules: Vec<FaultRule>) -> Self {
         let n = rules.len();
         Faults {

@@ -5,6 +5,8 @@
 //! hook serialises updates with an advisory lock on the object's folder, checks the current
 //! ETag under the lock, and then replaces the file atomically (write + rename).
 
+#![warn(missing_docs)]
+
 use async_trait::async_trait;
 use object_store::path::Path;
 use object_store::{

@@ -1,6 +1,8 @@
 //! Requests and bytes by operation: what a job actually cost in store calls, for transfer
 //! tables and for tests that check a reader fetched only what it needed.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,9 @@ use super::hooked::{Op, StoreHooks};
 /// Counters for one operation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct OpStats {
+    /// Requests made.
     pub requests: u64,
+    /// Bytes sent (puts) or received (gets).
     pub bytes: u64,
 }
 
@@ -42,6 +46,7 @@ impl Metrics {
         out
     }
 
+    /// The counts for one kind of request so far.
     pub fn get(&self, op: Op) -> OpStats {
         self.snapshot().get(op.name()).copied().unwrap_or_default()
     }

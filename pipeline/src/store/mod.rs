@@ -34,6 +34,9 @@
 //! # }
 //! ```
 
+// Public items here still lack docs (issue #15); the rest of the crate is held to it.
+#![allow(missing_docs)]
+
 pub mod fault;
 pub mod hooked;
 pub mod local;
