@@ -9,9 +9,6 @@
 //! credentials for that store come from (ambient `AWS_*`, or `<PREFIX>AWS_*` variables), so a
 //! validator can hold read-only keys per peer bucket.
 
-// Public items here still lack docs (issue #15); the rest of the crate is held to it.
-#![allow(missing_docs)]
-
 use bytes::Bytes;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -26,8 +23,11 @@ use crate::store::{self, S3Options, StoreError, Target};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Publishes shards.
     Miner,
+    /// Merges them and publishes aggregates and checkpoints.
     Aggregator,
+    /// Scores the miners and publishes weights.
     Validator,
 }
 
@@ -61,16 +61,23 @@ pub enum Credentials {
     Ambient,
     /// `<prefix>AWS_ACCESS_KEY_ID`, `<prefix>AWS_SECRET_ACCESS_KEY` and optionally
     /// `<prefix>AWS_ENDPOINT_URL` / `<prefix>AWS_REGION`.
-    EnvPrefix { prefix: String },
+    EnvPrefix {
+        /// Prepended to each variable name (`MINER3_`, say).
+        prefix: String,
+    },
 }
 
+/// One peer of the run: who it is, what it does, and where readers find what it writes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Participant {
+    /// What it does.
     pub role: Role,
+    /// Its peer id (the public key that signs what it writes).
     pub peer: String,
     /// Store URL (bucket + prefix) the participant writes to.
     pub store: String,
+    /// How readers get credentials for its store.
     #[serde(default)]
     pub credentials: Credentials,
 }
@@ -99,24 +106,37 @@ impl Default for RunLimits {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Registry {
+    /// The registry format (1).
     pub format: u32,
+    /// The run id every object of the run names in its signed header.
     pub run: String,
+    /// The operator's peer id: only its signature makes a revision valid.
     pub operator: String,
+    /// Incremented by every update (compare-and-swap on the object).
     pub revision: u64,
+    /// When window 0 starts, by the store's clock, ms since the epoch.
     pub genesis_ms: u64,
+    /// Window length.
     pub window_secs: u64,
+    /// How long after a window's deadline shards still count.
     pub grace_secs: u64,
+    /// The model's tensors (names, shapes, dtypes): what every decoder checks against.
     pub model: ModelSpec,
+    /// The codec every shard must use.
     pub codec: CodecParams,
     /// Error-feedback decay every miner uses.
     pub beta: f32,
     /// Outer learning rate: θ ← θ − outer_lr · aggregate.
     pub outer_lr: f32,
+    /// Size and clipping limits of the run.
     pub limits: RunLimits,
+    /// Every peer of the run.
     pub participants: Vec<Participant>,
 }
 
 /// Why a registry could not be read, changed or used.
+// Each variant's fields are the parts of its message (`#[error]`), documented there.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
@@ -196,6 +216,7 @@ impl Registry {
         }
     }
 
+    /// The operator's peer id, parsed.
     pub fn operator_id(&self) -> Result<PeerId, RegistryError> {
         PeerId::parse(&self.operator).map_err(|e| RegistryError::Invalid {
             object: "registry".into(),
@@ -203,6 +224,7 @@ impl Registry {
         })
     }
 
+    /// The participant with this peer id in this role, if registered so.
     pub fn participant(&self, peer: &PeerId, role: Role) -> Option<&Participant> {
         let id = peer.to_string();
         self.participants
@@ -256,6 +278,7 @@ impl Registry {
         Ok(self.open_store(entry, s3)?)
     }
 
+    /// Opens a participant's store with the credentials the registry names for it.
     pub fn open_store(&self, p: &Participant, base: &S3Options) -> Result<Target, StoreError> {
         let mut opts = base.clone();
         if let Credentials::EnvPrefix { prefix } = &p.credentials {

@@ -20,18 +20,28 @@ use object_store::{
 /// The kinds of request a store sees, for counting and for choosing faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
+    /// A single-request put.
     Put,
+    /// Starting a multipart upload.
     PutMultipart,
+    /// One part of a multipart upload.
     PutPart,
+    /// A get, whole or ranged.
     Get,
+    /// A head.
     Head,
+    /// A listing.
     List,
+    /// A delete.
     Delete,
+    /// A server-side copy.
     Copy,
+    /// A rename.
     Rename,
 }
 
 impl Op {
+    /// The name in metrics and fault rules.
     pub fn name(self) -> &'static str {
         match self {
             Op::Put => "put",
@@ -86,10 +96,12 @@ pub struct Hooked<H: StoreHooks> {
 }
 
 impl<H: StoreHooks> Hooked<H> {
+    /// `inner` with `hooks` around every request.
     pub fn new(inner: Arc<dyn ObjectStore>, hooks: Arc<H>) -> Self {
         Hooked { inner, hooks }
     }
 
+    /// The hooks, to read what they recorded.
     pub fn hooks(&self) -> &Arc<H> {
         &self.hooks
     }

@@ -34,9 +34,6 @@
 //! # }
 //! ```
 
-// Public items here still lack docs (issue #15); the rest of the crate is held to it.
-#![allow(missing_docs)]
-
 pub mod fault;
 pub mod hooked;
 pub mod local;
@@ -63,6 +60,8 @@ use object_store::{
 pub use hooked::{Hooked, Op, StoreHooks};
 
 /// Why a store could not be opened or an operation failed; always names the object or URL.
+// Each variant's fields are the parts of its message (`#[error]`), documented there.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{url}: {reason}")]
@@ -104,6 +103,7 @@ impl crate::error::Classified for StoreError {
 }
 
 impl StoreError {
+    /// Names the object in a store error, and sorts the cases callers act on (missing, taken, changed) from the rest.
     pub fn from_store(object: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
@@ -126,10 +126,15 @@ impl StoreError {
 /// S3 settings; `None` falls back to the `AWS_*` environment variables, then defaults.
 #[derive(Clone, Default)]
 pub struct S3Options {
+    /// S3 endpoint (R2, MinIO, a local server); AWS when `None`.
     pub endpoint: Option<String>,
+    /// Region (`us-east-1` when `None`).
     pub region: Option<String>,
+    /// Access key id.
     pub access_key_id: Option<String>,
+    /// Secret access key (from a file or the environment; never from a flag).
     pub secret_access_key: Option<String>,
+    /// Allow plain HTTP (implied by an `http://` endpoint).
     pub allow_http: Option<bool>,
     /// Per-request timeout (default 60 s).
     pub timeout: Option<Duration>,
@@ -159,7 +164,9 @@ impl fmt::Debug for S3Options {
 /// An opened store plus the prefix all keys are under, and how to name objects in messages.
 #[derive(Clone)]
 pub struct Target {
+    /// The bucket or folder.
     pub store: Arc<dyn ObjectStore>,
+    /// The prefix inside it every key goes under.
     pub prefix: Path,
     /// `scheme://authority` part used to print object URLs (no credentials).
     base: String,
@@ -415,8 +422,11 @@ pub async fn list_all(
 /// Something an upload can read from at any offset (an in-memory body, a signed envelope
 /// whose sections spilled to disk).
 pub trait PutSource: Sync {
+    /// Total length.
     fn len(&self) -> u64;
+    /// Fills `buf` from `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Whether there is nothing to upload.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -446,6 +456,7 @@ pub const PART_CONCURRENCY: usize = 4;
 /// What a create-only put found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
+    /// The object was written.
     Created,
     /// The same bytes were already there: a retry after a lost response.
     AlreadyIdentical,
