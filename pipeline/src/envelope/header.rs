@@ -16,7 +16,9 @@ use super::{Kind, Limits, MAX_SAFE_INT, Reason, Rejection, reject};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    /// Stored as is.
     None,
+    /// A zstd stream (one or more frames).
     Zstd,
 }
 
@@ -24,12 +26,14 @@ pub enum Compression {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SectionEntry {
+    /// How the stored bytes are encoded.
     pub compression: Compression,
     /// blake3 of the stored (possibly compressed) bytes, lowercase hex: checkable before
     /// decompressing anything.
     pub hash: String,
     /// Stored length in the body.
     pub len: u64,
+    /// Unique within the envelope; a safe file name.
     pub name: String,
     /// Offset from the start of the body.
     pub offset: u64,
@@ -41,20 +45,30 @@ pub struct SectionEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Header {
+    /// Total stored length of all sections.
     pub body_len: u64,
     /// The signer's clock in milliseconds since the Unix epoch: recorded, never trusted.
     pub clock_ms: u64,
     /// Payload codec (e.g. `raw`, `topk-v1`) and its parameters.
     pub codec: String,
+    /// Codec parameters (a shard's chunk, k, values, scales, indices).
     pub codec_params: BTreeMap<String, String>,
+    /// The kind's name; must equal the prefix's kind code.
     pub kind: String,
+    /// Free signed metadata (≤ 256 entries).
     pub meta: BTreeMap<String, String>,
+    /// Sum of the sections' decompressed lengths.
     pub raw_len: u64,
+    /// The run id.
     pub run: String,
+    /// The section table, in body order.
     pub sections: Vec<SectionEntry>,
+    /// The signer's public key, 64 lowercase hex (its peer id).
     pub signer: String,
+    /// Checkpoint step (manifests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
+    /// Training window (shards, aggregates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<u64>,
 }

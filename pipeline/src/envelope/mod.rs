@@ -53,9 +53,6 @@
 //! # }
 //! ```
 
-// Public items here still lack docs (issue #15); the rest of the crate is held to it.
-#![allow(missing_docs)]
-
 mod header;
 mod read;
 mod section;
@@ -87,16 +84,24 @@ pub const MAX_SAFE_INT: u64 = (1 << 53) - 1;
 /// signed header; they must agree, so the prefix cannot be edited to change the meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
+    /// Generic signed files (`shardrop sign`).
     Blob,
+    /// A run's participants, operator-signed.
     Registry,
+    /// A miner's compressed update for one window.
     Grad,
+    /// An aggregator's merged update for one window.
     Agg,
+    /// A checkpoint manifest.
     Manifest,
+    /// A validator's weights.
     Weights,
+    /// A small mutable pointer such as `ckpt/LATEST`.
     Pointer,
 }
 
 impl Kind {
+    /// Every kind, in code order.
     pub const ALL: [Kind; 7] = [
         Kind::Blob,
         Kind::Registry,
@@ -107,6 +112,7 @@ impl Kind {
         Kind::Pointer,
     ];
 
+    /// The u16 in the prefix (`envelope.md` §4).
     pub fn code(self) -> u16 {
         match self {
             Kind::Blob => 1,
@@ -119,10 +125,12 @@ impl Kind {
         }
     }
 
+    /// The inverse of [`Kind::code`]; `None` for a code this version does not know.
     pub fn from_code(code: u16) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.code() == code)
     }
 
+    /// The name in headers and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Blob => "blob",
@@ -135,6 +143,7 @@ impl Kind {
         }
     }
 
+    /// The inverse of [`Kind::name`].
     pub fn parse(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == name)
     }
@@ -150,10 +159,15 @@ impl std::fmt::Display for Kind {
 /// to what an object claims. A peer controls what it uploads, not how much memory we spend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Longest header read (`over_limit` beyond).
     pub max_header_len: u32,
+    /// Most sections.
     pub max_sections: usize,
+    /// Largest stored body.
     pub max_body_len: u64,
+    /// Largest decompressed section.
     pub max_section_raw_len: u64,
+    /// Largest decompressed total.
     pub max_raw_len: u64,
     /// zstd frames may not ask for a window larger than 2^this bytes (decoder memory).
     pub max_zstd_window_log: u32,
@@ -190,26 +204,44 @@ impl Limits {
 /// them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
+    /// Fewer than 16 bytes, or the magic differs.
     NotEnvelope,
+    /// A format version this reader does not know.
     UnsupportedVersion,
+    /// Not JSON, wrong types, unknown or missing keys, bad strings, unknown kind code.
     HeaderMalformed,
+    /// Valid content in a non-canonical encoding.
     HeaderNotCanonical,
+    /// The section table breaks its rules.
     SectionTable,
+    /// A size or count over the reader's limits.
     OverLimit,
+    /// The signature does not verify under the header's signer.
     BadSignature,
+    /// Validly signed by a key the reader did not expect.
     UnexpectedSigner,
+    /// Signed for another run.
     WrongRun,
+    /// Signed for another window (a replay, or misplaced).
     WrongWindow,
+    /// Signed for another checkpoint step.
     WrongStep,
+    /// Another kind of object.
     WrongKind,
+    /// Shorter than declared, or a section stops early.
     Truncated,
+    /// Longer than declared.
     TrailingBytes,
+    /// A section's stored bytes do not hash to the table's hash.
     SectionHashMismatch,
+    /// A section decodes to more or fewer bytes than declared.
     SectionSize,
+    /// A correctly hashed section is not a valid zstd stream.
     Decompress,
 }
 
 impl Reason {
+    /// Every reason, in the order `envelope.md` lists them.
     pub const ALL: [Reason; 17] = [
         Reason::NotEnvelope,
         Reason::UnsupportedVersion,
@@ -230,6 +262,7 @@ impl Reason {
         Reason::Decompress,
     ];
 
+    /// The stable code recorded in ledgers and JSON errors.
     pub fn code(self) -> &'static str {
         match self {
             Reason::NotEnvelope => "not_envelope",
@@ -252,6 +285,7 @@ impl Reason {
         }
     }
 
+    /// The inverse of [`Reason::code`].
     pub fn parse(code: &str) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| r.code() == code)
     }
@@ -267,11 +301,14 @@ impl std::fmt::Display for Reason {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {detail}")]
 pub struct Rejection {
+    /// The stable reason.
     pub reason: Reason,
+    /// A human detail.
     pub detail: String,
 }
 
 impl Rejection {
+    /// A rejection for `reason` with `detail`.
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Rejection {
             reason,
@@ -285,6 +322,8 @@ pub(crate) fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, 
 }
 
 /// Anything that can go wrong reading or writing an envelope, always naming the object.
+// Each variant's fields are the parts of its message (`#[error]`), documented there.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
     #[error("{object}: rejected ({}): {}", .rejection.reason, .rejection.detail)]
@@ -360,21 +399,30 @@ impl EnvelopeError {
 /// is not checked; callers that act on an object set all that apply.
 #[derive(Clone, Debug, Default)]
 pub struct Expect {
+    /// The key that must have signed it (any valid signer when `None`).
     pub signer: Option<PeerId>,
+    /// The run it must belong to.
     pub run: Option<String>,
+    /// Its kind.
     pub kind: Option<Kind>,
+    /// Its window.
     pub window: Option<u64>,
+    /// Its checkpoint step.
     pub step: Option<u64>,
 }
 
 /// Parsed prefix, header and signature: everything learned from the first ranged GET.
 #[derive(Clone, Debug)]
 pub struct Head {
+    /// The format version (1).
     pub version: u16,
+    /// The kind, from the prefix.
     pub kind: Kind,
+    /// The parsed, canonical header.
     pub header: Header,
     /// Bytes `[0..16+H)`, exactly what the signature covers.
     pub signed: Vec<u8>,
+    /// The Ed25519 signature over `signed`.
     pub signature: [u8; SIG_LEN],
 }
 
@@ -449,6 +497,7 @@ impl Head {
         self.body_start() + self.header.body_len
     }
 
+    /// The header's signer as a peer id (a malformed key is `header_malformed`).
     pub fn signer(&self) -> Result<PeerId, Rejection> {
         PeerId::parse(&self.header.signer)
             .map_err(|e| Rejection::new(Reason::HeaderMalformed, e.to_string()))
@@ -520,6 +569,7 @@ impl Head {
         Ok(signer)
     }
 
+    /// The section entry named `name`, if there is one.
     pub fn section(&self, name: &str) -> Option<&SectionEntry> {
         self.header.sections.iter().find(|s| s.name == name)
     }
@@ -532,12 +582,16 @@ fn show_opt(v: Option<u64>) -> String {
 /// A fully verified in-memory envelope with its decompressed sections.
 #[derive(Clone, Debug)]
 pub struct Opened {
+    /// The verified head.
     pub head: Head,
+    /// Who signed it.
     pub signer: PeerId,
+    /// Every section, decompressed and verified, in body order.
     pub sections: Vec<(String, Vec<u8>)>,
 }
 
 impl Opened {
+    /// The decompressed bytes of section `name`.
     pub fn section(&self, name: &str) -> Option<&[u8]> {
         self.sections
             .iter()

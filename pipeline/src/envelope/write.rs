@@ -15,15 +15,19 @@ use crate::identity::Identity;
 /// Where a section's stored bytes live until they are uploaded.
 #[derive(Debug)]
 pub enum SectionData {
+    /// In memory.
     Bytes(Bytes),
     /// A file (a spill file for compressed data, or the input itself when stored as-is).
     File {
+        /// The open file, read at offsets.
         file: std::fs::File,
+        /// Bytes of it that belong to the section.
         len: u64,
     },
 }
 
 impl SectionData {
+    /// Stored length.
     pub fn len(&self) -> u64 {
         match self {
             SectionData::Bytes(b) => b.len() as u64,
@@ -31,6 +35,7 @@ impl SectionData {
         }
     }
 
+    /// Whether the section is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -105,6 +110,7 @@ pub struct EnvelopeBuilder {
 }
 
 impl EnvelopeBuilder {
+    /// A builder for an envelope of `kind` in `run`, with no sections yet.
     pub fn new(kind: Kind, run: &str) -> Self {
         EnvelopeBuilder {
             kind,
@@ -120,22 +126,26 @@ impl EnvelopeBuilder {
         }
     }
 
+    /// Signs the object for window `w`.
     pub fn window(mut self, w: u64) -> Self {
         self.window = Some(w);
         self
     }
 
+    /// Signs the object for checkpoint step `s`.
     pub fn step(mut self, s: u64) -> Self {
         self.step = Some(s);
         self
     }
 
+    /// The payload codec and its parameters (recorded in the signed header).
     pub fn codec(mut self, name: &str, params: BTreeMap<String, String>) -> Self {
         self.codec = name.to_string();
         self.codec_params = params;
         self
     }
 
+    /// One entry of free signed metadata.
     pub fn meta(mut self, key: &str, value: &str) -> Self {
         self.meta.insert(key.to_string(), value.to_string());
         self
@@ -343,8 +353,11 @@ impl EnvelopeBuilder {
 /// stored bytes in body order.
 #[derive(Debug)]
 pub struct SignedEnvelope {
+    /// Prefix, header and signature.
     pub head: Vec<u8>,
+    /// The sections' stored bytes, in body order.
     pub parts: Vec<SectionData>,
+    /// The header as signed.
     pub header: Header,
 }
 
@@ -354,6 +367,7 @@ impl SignedEnvelope {
         self.head.len() as u64 + self.parts.iter().map(SectionData::len).sum::<u64>()
     }
 
+    /// Whether the envelope is empty (it never is: the head is always there).
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -365,6 +379,7 @@ impl SignedEnvelope {
         Ok(out)
     }
 
+    /// Writes the whole object (head, then every section) to `w`.
     pub fn write_to(&self, mut w: impl Write) -> io::Result<()> {
         w.write_all(&self.head)?;
         let mut buf = vec![0u8; 1 << 20];
