@@ -34,9 +34,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-// Public items here still lack docs (issue #15); the rest of the crate is held to it.
-#![allow(missing_docs)]
-
 mod bits;
 mod cpu;
 mod format;
@@ -80,6 +77,7 @@ impl ScaleMode {
         }
     }
 
+    /// The inverse of [`ScaleMode::name`].
     pub fn parse(s: &str) -> Option<Self> {
         [ScaleMode::Chunk, ScaleMode::Tensor]
             .into_iter()
@@ -106,6 +104,7 @@ impl IndexEncoding {
         }
     }
 
+    /// The inverse of [`IndexEncoding::name`].
     pub fn parse(s: &str) -> Option<Self> {
         [IndexEncoding::Packed, IndexEncoding::Compact]
             .into_iter()
@@ -117,10 +116,15 @@ impl IndexEncoding {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodecParams {
+    /// Chunk length C over the flattened tensor (a power of two, 64..=65536).
     pub chunk: u32,
+    /// Values kept per chunk (1..=C).
     pub k: u32,
+    /// How kept values are stored.
     pub values: ValueFormat,
+    /// How scales are shared.
     pub scales: ScaleMode,
+    /// How indices are packed.
     pub indices: IndexEncoding,
 }
 
@@ -138,6 +142,7 @@ impl Default for CodecParams {
 }
 
 impl CodecParams {
+    /// Refuses parameters no decoder accepts (`codec_params`, `k_over_chunk`).
     pub fn validate(&self) -> Result<(), CodecError> {
         if !self.chunk.is_power_of_two() || !(64..=65536).contains(&self.chunk) {
             return Err(CodecError::Params(format!(
@@ -167,12 +172,16 @@ impl CodecParams {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InDtype {
+    /// 32-bit floats.
     F32,
+    /// bfloat16, widened exactly.
     Bf16,
+    /// IEEE half precision, widened exactly.
     F16,
 }
 
 impl InDtype {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             InDtype::F32 => 4,
@@ -180,6 +189,7 @@ impl InDtype {
         }
     }
 
+    /// The input dtype of a safetensors dtype; `None` for those the codec does not take.
     pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
         match d {
             safetensors::Dtype::F32 => Some(InDtype::F32),
@@ -189,6 +199,7 @@ impl InDtype {
         }
     }
 
+    /// The name in section metadata.
     pub fn name(self) -> &'static str {
         match self {
             InDtype::F32 => "f32",
@@ -201,18 +212,26 @@ impl InDtype {
 /// One tensor of a miner's update: raw little-endian bytes as a safetensors file holds them.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorInput<'a> {
+    /// The tensor's name in the model.
     pub name: &'a str,
+    /// Its shape.
     pub shape: &'a [u64],
+    /// The dtype of `data`.
     pub dtype: InDtype,
+    /// The update's elements, little-endian, row-major.
     pub data: &'a [u8],
 }
 
 /// One tensor in compressed form: what a section holds for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncodedTensor {
+    /// The tensor's name in the model.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<u64>,
+    /// The dtype the update came in.
     pub dtype: InDtype,
+    /// The codec it was encoded with.
     pub params: CodecParams,
     /// Index blocks of all chunks, back to back.
     pub idx: Vec<u8>,
@@ -223,6 +242,7 @@ pub struct EncodedTensor {
 }
 
 impl EncodedTensor {
+    /// Elements of the tensor.
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
@@ -242,20 +262,32 @@ impl EncodedTensor {
 /// which lets chunks be encoded and decoded independently and in parallel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLayout {
+    /// Elements of the tensor.
     pub n: u64,
+    /// Chunk length.
     pub chunk: u32,
+    /// Chunks, the last possibly short.
     pub n_chunks: usize,
+    /// Length of the last chunk.
     pub last_len: u32,
+    /// Values kept in a full chunk.
     pub k_full: u32,
+    /// Values kept in the last chunk.
     pub k_last: u32,
+    /// Index block bytes of a full chunk (the stride between chunks).
     pub idx_full: usize,
+    /// Index block bytes of the last chunk.
     pub idx_last: usize,
+    /// Value block bytes of a full chunk.
     pub val_full: usize,
+    /// Value block bytes of the last chunk.
     pub val_last: usize,
+    /// Scales stored (per chunk, one, or none for bf16 values).
     pub n_scales: usize,
 }
 
 impl ChunkLayout {
+    /// The layout of a tensor of `n` elements under `p`.
     pub fn new(n: u64, p: &CodecParams) -> ChunkLayout {
         let c = p.chunk as u64;
         let n_chunks = n.div_ceil(c) as usize;
@@ -296,18 +328,22 @@ impl ChunkLayout {
         }
     }
 
+    /// All index bytes of the tensor.
     pub fn idx_len(&self) -> usize {
         self.total(self.idx_full, self.idx_last)
     }
 
+    /// All value bytes of the tensor.
     pub fn val_len(&self) -> usize {
         self.total(self.val_full, self.val_last)
     }
 
+    /// Values kept in the whole tensor.
     pub fn kept(&self) -> u64 {
         self.total(self.k_full as usize, self.k_last as usize) as u64
     }
 
+    /// Length of chunk `c`.
     pub fn chunk_len(&self, c: usize) -> u32 {
         if c + 1 == self.n_chunks {
             self.last_len
@@ -316,6 +352,7 @@ impl ChunkLayout {
         }
     }
 
+    /// Values kept in chunk `c`.
     pub fn k_of(&self, c: usize) -> u32 {
         if c + 1 == self.n_chunks {
             self.k_last
@@ -328,7 +365,9 @@ impl ChunkLayout {
 /// Ceilings a decoder enforces before allocating for what a section claims.
 #[derive(Clone, Debug)]
 pub struct CodecLimits {
+    /// Most tensors in one section.
     pub max_tensors: usize,
+    /// Most elements in one tensor.
     pub max_elements: u64,
     /// Elements a dense decode (`accumulate_section`) may allocate in all, checked before
     /// each new tensor is allocated: a section's declared shapes cost 4 bytes per element.
@@ -348,17 +387,23 @@ impl Default for CodecLimits {
 /// The model a run trains: decoders refuse tensors it does not have, or of another shape.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelSpec {
+    /// The tensors, in name order.
     pub tensors: Vec<TensorSpec>,
 }
 
+/// One tensor of the model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
+    /// Its name.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<u64>,
+    /// The dtype miners train it in.
     pub dtype: InDtype,
 }
 
 impl ModelSpec {
+    /// The tensor named `name`, if the model has it.
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)
     }
@@ -366,6 +411,9 @@ impl ModelSpec {
 
 /// Why an update could not be encoded or a section was refused. `reason()` codes are stable
 /// and go into ledgers.
+// Each variant's fields are the parts of its message (`#[error]`), and its reason code
+// (`CodecError::reason`) is in `gradient.md`.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
     #[error("bad codec parameters: {0}")]
@@ -425,6 +473,7 @@ impl crate::error::Classified for CodecError {
 }
 
 impl CodecError {
+    /// The stable reason code recorded in ledgers (`gradient.md` §4).
     pub fn reason(&self) -> &'static str {
         match self {
             CodecError::Params(_) => "codec_params",

@@ -46,6 +46,8 @@ const EMIT_SHARED_BYTES: usize = 32 << 10;
 const NO_FAULT: u32 = u32::MAX;
 
 /// Why the GPU path is not available or failed.
+// Each variant is its message (`#[error]`).
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error("no CUDA driver (libcuda.so) on this machine")]
@@ -75,9 +77,13 @@ impl From<cudarc::driver::DriverError> for GpuError {
 /// or f16 as `dtype` says). A `CudaSlice<f32>` or `<u16>` becomes one with
 /// `transmute::<u8>(bytes)`.
 pub struct DeviceTensor<'a> {
+    /// The tensor's name in the model.
     pub name: &'a str,
+    /// Its shape.
     pub shape: &'a [u64],
+    /// The dtype of `data`.
     pub dtype: InDtype,
+    /// The update's elements on the device, little-endian, row-major.
     pub data: CudaView<'a, u8>,
 }
 
