@@ -13,16 +13,24 @@ use crate::identity::PeerId;
 use crate::layout;
 use crate::store::{StoreError, Target, list_all};
 
+/// One checkpoint as `ckpt ls` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CkptInfo {
+    /// Its step.
     pub step: u64,
     /// A verified manifest exists (the checkpoint is complete).
     pub complete: bool,
+    /// The last window in its parameters.
     pub window: Option<u64>,
+    /// The previous checkpoint's step.
     pub parent: Option<u64>,
+    /// Shard files.
     pub shards: usize,
+    /// Tensors.
     pub tensors: usize,
+    /// Bytes of shards and small files.
     pub bytes: u64,
+    /// `LATEST` points here.
     pub latest: bool,
     /// Why a manifest that is there could not be used.
     pub problem: Option<String>,
@@ -91,12 +99,18 @@ pub async fn list(target: &Target, run: &str, signer: &PeerId) -> Result<Vec<Ckp
     Ok(out)
 }
 
+/// What `ckpt verify` checked.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct VerifyReport {
+    /// The manifest's URL.
     pub manifest: String,
+    /// The checkpoint's step.
     pub step: u64,
+    /// Shard files checked chunk by chunk.
     pub shards: usize,
+    /// Small files checked whole.
     pub files: usize,
+    /// Bytes read and hashed.
     pub bytes: u64,
     /// Every problem found, one per bad object.
     pub bad: Vec<String>,
@@ -234,15 +248,20 @@ pub async fn verify(loc: &Located, concurrency: usize) -> Result<VerifyReport, C
     })
 }
 
+/// What `ckpt gc` removed (or would, with `dry_run`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GcReport {
+    /// Steps kept.
     pub kept: Vec<u64>,
+    /// Steps deleted.
     pub deleted_checkpoints: Vec<u64>,
     /// Windows below this had their aggregates, ledgers, scores and gradients removed.
     pub windows_before: Option<u64>,
+    /// Objects deleted in all.
     pub deleted_objects: usize,
     /// Multipart uploads that killed pushes left (journaled over an hour ago), aborted.
     pub aborted_uploads: usize,
+    /// Nothing was deleted; the report says what would be.
     pub dry_run: bool,
 }
 

@@ -12,9 +12,6 @@
 //! - [`pull`]: verify the manifest, fetch and verify, write only inside the target folder.
 //! - [`admin`]: list, full remote verification, retention.
 
-// Public items here still lack docs (issue #15); the rest of the crate is held to it.
-#![allow(missing_docs)]
-
 pub mod admin;
 mod packing;
 pub mod pull;
@@ -25,8 +22,11 @@ use std::collections::HashSet;
 use crate::envelope::EnvelopeError;
 use crate::store::StoreError;
 
+/// The manifest JSON's `format`.
 pub const MANIFEST_FORMAT: &str = "shardrop-ckpt-v1";
+/// The codec of a manifest envelope.
 pub const MANIFEST_CODEC: &str = "ckpt-v1";
+/// The codec of the `LATEST` pointer envelope.
 pub const POINTER_CODEC: &str = "latest-v1";
 /// Chunk size for shard hashes and ranged GETs.
 pub const CHUNK: u64 = 16 << 20;
@@ -35,6 +35,10 @@ pub const HF_INDEX: &str = "model.safetensors.index.json";
 /// The verified manifest as a pull writes it next to the model (for `apply --from DIR`).
 pub const LOCAL_MANIFEST: &str = "shardrop-manifest.json";
 
+/// Failures of pushing, pulling and managing checkpoints, by class
+/// ([`crate::error::ErrorClass`]).
+// Each variant's fields are the parts of its message (`#[error]`), documented there.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum CkptError {
     /// The call cannot be done as asked (arguments, a link or folder where a file goes).
@@ -145,48 +149,69 @@ pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> CkptErro
     }
 }
 
+/// One shard file of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardEntry {
+    /// Its file name (a safe name, inside the checkpoint's folder).
     pub file: String,
+    /// Its size.
     pub size: u64,
+    /// blake3 of the whole file.
     pub blake3: String,
     /// blake3 of each `chunk_bytes` piece of the file, in order.
     pub chunks: Vec<String>,
 }
 
+/// Where one tensor's bytes are.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TensorEntry {
+    /// The tensor's name.
     pub name: String,
     /// safetensors dtype name (`F32`, `BF16`, …).
     pub dtype: String,
+    /// Its shape.
     pub shape: Vec<u64>,
+    /// The index of the shard holding it.
     pub shard: usize,
     /// Absolute byte range inside the shard file.
     pub begin: u64,
+    /// End of the byte range (exclusive).
     pub end: u64,
+    /// blake3 of the tensor's bytes.
     pub blake3: String,
 }
 
+/// A small file of the checkpoint (config, tokenizer).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileEntry {
+    /// Its file name.
     pub file: String,
+    /// Its size.
     pub size: u64,
+    /// blake3 of its bytes.
     pub blake3: String,
 }
 
 /// The signed description of one checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
+    /// `shardrop-ckpt-v1`.
     pub format: String,
+    /// The run.
     pub run: String,
+    /// The checkpoint's step (also in the signed header).
     pub step: u64,
     /// The last window whose aggregate is in these parameters (catch-up starts after it).
     pub window: Option<u64>,
     /// The previous checkpoint's step, if any.
     pub parent: Option<u64>,
+    /// Size of the pieces each shard's `chunks` hash.
     pub chunk_bytes: u64,
+    /// The shard files.
     pub shards: Vec<ShardEntry>,
+    /// Every tensor, by shard and byte range.
     pub tensors: Vec<TensorEntry>,
+    /// The small files.
     pub files: Vec<FileEntry>,
 }
 
@@ -194,8 +219,11 @@ pub struct Manifest {
 /// largest mixture-of-experts checkpoints under 100,000; 2^17 tensors of names up to 512
 /// bytes keep a reader's manifest and HF index under ~100 MB whatever a pusher signs.
 pub const MAX_TENSORS: usize = 1 << 17;
+/// Most small files a manifest may list.
 pub const MAX_FILES: usize = 1 << 14;
+/// Longest tensor name, bytes.
 pub const MAX_TENSOR_NAME: usize = 512;
+/// Most dimensions of a tensor.
 pub const MAX_DIMS: usize = 8;
 
 /// Bytes per element of a safetensors dtype name.
@@ -329,6 +357,7 @@ impl Manifest {
         Ok(())
     }
 
+    /// Bytes of every shard and small file.
     pub fn total_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.size).sum::<u64>()
             + self.files.iter().map(|f| f.size).sum::<u64>()
@@ -350,7 +379,9 @@ impl Manifest {
 /// The pointer `LATEST` holds.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Latest {
+    /// The checkpoint's step.
     pub step: u64,
+    /// Its manifest's key.
     pub manifest: String,
 }
 

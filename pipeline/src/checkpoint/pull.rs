@@ -32,9 +32,13 @@ const STATE: &str = ".shardrop-pull.json";
 /// Where a checkpoint lives and who must have signed it.
 #[derive(Clone)]
 pub struct Located {
+    /// The store holding it.
     pub target: Target,
+    /// The run.
     pub run: String,
+    /// The step.
     pub step: u64,
+    /// The key that must have signed the manifest.
     pub signer: PeerId,
 }
 
@@ -142,6 +146,7 @@ pub async fn fetch_manifest(loc: &Located) -> Result<(Manifest, Vec<u8>, String)
     Ok((m, body, env.object))
 }
 
+/// What to pull and how fast.
 #[derive(Clone, Debug, Default)]
 pub struct PullOptions {
     /// Only tensors matching one of these globs (all when empty).
@@ -152,17 +157,24 @@ pub struct PullOptions {
     pub concurrency: usize,
 }
 
+/// What a pull did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Pulled {
+    /// The folder written.
     pub out: String,
+    /// The checkpoint's step.
     pub step: u64,
+    /// The last window in its parameters (replay from the next one).
     pub window: Option<u64>,
+    /// Files written.
     pub files: usize,
+    /// Tensors selected.
     pub tensors: usize,
     /// Bytes fetched from the store in this run.
     pub fetched_bytes: u64,
     /// Bytes found already present and correct (a resumed pull).
     pub reused_bytes: u64,
+    /// Bytes of the files written.
     pub written_bytes: u64,
 }
 

@@ -19,9 +19,12 @@ use crate::layout;
 use crate::registry::{Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 
+/// What to push.
 #[derive(Clone, Debug)]
 pub struct PushOptions {
+    /// The checkpoint's step.
     pub step: u64,
+    /// The last window whose aggregate is in these parameters.
     pub window: Option<u64>,
     /// Target shard size in bytes (a tensor larger than this gets a shard of its own).
     pub shard_size: u64,
@@ -32,13 +35,21 @@ pub struct PushOptions {
 /// What a push did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Pushed {
+    /// The manifest's URL.
     pub manifest: String,
+    /// The step.
     pub step: u64,
+    /// The last window in the parameters.
     pub window: Option<u64>,
+    /// The previous checkpoint, recorded in the manifest.
     pub parent: Option<u64>,
+    /// Shard files.
     pub shards: usize,
+    /// Tensors.
     pub tensors: usize,
+    /// Small files.
     pub files: usize,
+    /// Bytes of shards and small files.
     pub bytes: u64,
     /// Shards found already uploaded with the same bytes (a resumed push).
     pub skipped_shards: usize,
