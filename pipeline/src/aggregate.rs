@@ -26,7 +26,7 @@ use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind,
 use crate::exchange::{ExchangeError, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
-use crate::registry::{Registry, Role};
+use crate::registry::{Job, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::ledger_parquet;
 use crate::verdict::{
@@ -396,30 +396,27 @@ async fn publish_aggregate(
 /// Merges window `w` in one process and publishes its ledger and aggregate into the
 /// aggregator's store.
 pub async fn aggregate_window(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     w: u64,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
-    aggregate_window_on(reg, id, s3, w, concurrency, &MergeOn::default()).await
+    aggregate_window_on(job, w, concurrency, &MergeOn::default()).await
 }
 
 /// `aggregate_window` with the merge on `on`.
 pub async fn aggregate_window_on(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     w: u64,
     concurrency: usize,
     on: &MergeOn,
 ) -> Result<Aggregated, ExchangeError> {
+    let Job { reg, id, .. } = job;
     let OpenWindow {
         target,
         shards,
         deadline,
         ..
-    } = open_window(reg, id, Role::Aggregator, s3, w, concurrency, on.budget).await?;
+    } = open_window(job, Role::Aggregator, w, concurrency, on.budget).await?;
     let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all.clone(), concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -490,15 +487,14 @@ async fn put_blob(
 /// The merge runs on `on` (the CPU by default; workers may mix devices).
 #[allow(clippy::too_many_arguments)]
 pub async fn aggregate_part(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     w: u64,
     i: usize,
     k: usize,
     concurrency: usize,
     on: &MergeOn,
 ) -> Result<usize, ExchangeError> {
+    let Job { reg, id, .. } = job;
     if k == 0 || i >= k {
         return Err(ExchangeError::Caller(format!(
             "part {i}/{k}: expected 0 <= i < k"
@@ -509,7 +505,7 @@ pub async fn aggregate_part(
         target,
         shards,
         deadline,
-    } = open_window(reg, id, Role::Aggregator, s3, w, concurrency, on.budget).await?;
+    } = open_window(job, Role::Aggregator, w, concurrency, on.budget).await?;
     let range = part_range(reg.model.tensors.len(), i, k);
     let decoded = check_ranges(reg, &shards, range.clone(), concurrency, deadline).await;
     let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
@@ -580,16 +576,15 @@ async fn read_checks(
 /// The final step of a split merge: once every part exists, writes the ledger and the same
 /// aggregate, byte for byte, that a single process would.
 pub async fn aggregate_commit(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     w: u64,
     k: usize,
     concurrency: usize,
 ) -> Result<Aggregated, ExchangeError> {
+    let Job { reg, id, .. } = job;
     let OpenWindow {
         me, target, shards, ..
-    } = open_window(reg, id, Role::Aggregator, s3, w, concurrency, None).await?;
+    } = open_window(job, Role::Aggregator, w, concurrency, None).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());

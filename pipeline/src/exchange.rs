@@ -12,8 +12,8 @@ use crate::envelope::{
 };
 use crate::identity::{Identity, PeerId};
 use crate::layout;
-use crate::registry::{Registry, Role};
-use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
+use crate::registry::{Job, Registry, Role};
+use crate::store::{self, PutOutcome, StoreError, Target};
 use crate::window::{RunClock, store_now_ms};
 
 /// Failures of publishing and of the round's jobs, by class ([`crate::error::ErrorClass`]).
@@ -135,16 +135,6 @@ pub fn codec_of_header(p: &BTreeMap<String, String>) -> Option<codec::CodecParam
     })
 }
 
-/// The store a participant writes to, after checking it is registered in that role.
-pub fn own_store(
-    reg: &Registry,
-    id: &Identity,
-    role: Role,
-    s3: &S3Options,
-) -> Result<crate::store::Target, ExchangeError> {
-    Ok(reg.own_store(id, role, s3)?)
-}
-
 /// A `grad` envelope for `run`/`w` with the run's codec header and these section payloads
 /// (zstd); the caller may set the clock, then signs. The one place a shard's shape is built.
 pub fn shard_builder(
@@ -194,14 +184,12 @@ pub struct Published {
 /// own store. Refuses a window that has closed by the store's clock. `state` advances only
 /// when the shard is safely stored (the caller saves it then).
 pub async fn publish(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     window: Option<u64>,
     update: &[u8],
     state: &mut EfState,
 ) -> Result<Published, ExchangeError> {
-    publish_with(reg, id, s3, window, update, state, |u, st, o| {
+    publish_with(job, window, update, state, |u, st, o| {
         Ok(encode_update(u, st, o)?)
     })
     .await
@@ -209,16 +197,15 @@ pub async fn publish(
 
 /// `publish` with another update encoder (the GPU codec's, whose bytes are the same).
 pub async fn publish_with(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     window: Option<u64>,
     update: &[u8],
     state: &mut EfState,
     encode: impl FnOnce(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, ExchangeError>,
 ) -> Result<Published, ExchangeError> {
+    let Job { reg, id, .. } = job;
     let me = id.peer_id();
-    let target = own_store(reg, id, Role::Miner, s3)?;
+    let target = job.own_store(Role::Miner)?;
     let clk = clock(reg);
     let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
     let w = match window {

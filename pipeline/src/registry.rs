@@ -134,6 +134,30 @@ pub struct Registry {
     pub participants: Vec<Participant>,
 }
 
+/// Who acts, in which run, with which store settings: what every publish, merge, validation
+/// and checkpoint push takes, instead of the same three arguments each time.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    /// The run, verified.
+    pub reg: &'a Registry,
+    /// The key the job signs with; it must be registered in the role the job acts in.
+    pub id: &'a crate::identity::Identity,
+    /// Settings for opening stores (the registry's credential entries apply on top).
+    pub s3: &'a S3Options,
+}
+
+impl<'a> Job<'a> {
+    /// A job of `id` in `reg`'s run.
+    pub fn new(reg: &'a Registry, id: &'a crate::identity::Identity, s3: &'a S3Options) -> Self {
+        Job { reg, id, s3 }
+    }
+
+    /// The store the job writes to in `role`, after checking it is registered so.
+    pub fn own_store(&self, role: Role) -> Result<Target, RegistryError> {
+        self.reg.own_store(self.id, role, self.s3)
+    }
+}
+
 /// Why a registry could not be read, changed or used.
 // Each variant's fields are the parts of its message (`#[error]`), documented there.
 #[allow(missing_docs)]

@@ -28,7 +28,7 @@ use crate::evaluate::{EvalError, Evaluator};
 use crate::exchange::{ExchangeError, clock};
 use crate::identity::Identity;
 use crate::layout;
-use crate::registry::{Registry, Role};
+use crate::registry::{Job, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::{ScoreRow, read_scores, scores_parquet};
 use crate::verdict::{
@@ -476,29 +476,19 @@ fn dense_of(tensors: &[EncodedTensor]) -> Result<Dense, CodecError> {
 /// store. Any miner's failure (store, format, evaluator) is recorded in its row; the others
 /// are still scored.
 pub async fn validate_window(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     w: u64,
     mut evaluator: Option<&mut dyn Evaluator>,
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
+    let Job { reg, id, s3 } = job;
     // The aggregator's verdicts, from the same checks.
     let crate::verdict::OpenWindow {
         target,
         mut shards,
         deadline,
         ..
-    } = open_window(
-        reg,
-        id,
-        Role::Validator,
-        s3,
-        w,
-        opts.concurrency,
-        opts.budget,
-    )
-    .await?;
+    } = open_window(job, Role::Validator, w, opts.concurrency, opts.budget).await?;
     let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all, opts.concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();

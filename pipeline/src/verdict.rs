@@ -23,9 +23,9 @@ use tokio::time::Instant;
 use crate::codec::{self, CodecLimits, EncodedTensor, SECTION_CODEC};
 use crate::envelope::{EnvelopeError, Expect, Kind, Limits, RemoteEnvelope, read_sections};
 use crate::exchange::{COMMIT_CODEC, ExchangeError, clock, codec_header, content_hash};
-use crate::identity::{Identity, PeerId};
+use crate::identity::PeerId;
 use crate::layout;
-use crate::registry::{Participant, Registry, Role};
+use crate::registry::{Job, Participant, Registry, Role};
 use crate::store::{S3Options, Target};
 use crate::tables::LedgerRow;
 pub use crate::tables::Verdict;
@@ -715,16 +715,15 @@ pub async fn wait_for_close(
 /// What every aggregation or validation step starts with: the job's own store, the window
 /// closed by the store's clock, and the header pass over every miner.
 pub(crate) async fn open_window(
-    reg: &Registry,
-    id: &Identity,
+    job: Job<'_>,
     role: Role,
-    s3: &S3Options,
     w: u64,
     concurrency: usize,
     budget: Option<Duration>,
 ) -> Result<OpenWindow, ExchangeError> {
+    let Job { reg, id, s3 } = job;
     let me = id.peer_id();
-    let target = reg.own_store(id, role, s3)?;
+    let target = job.own_store(role)?;
     let now = wait_for_close(reg, &target, &me, w).await?;
     let deadline = window_deadline(reg, w, now, budget);
     // The header pass gets the first half of what is left, the sections the rest: a store

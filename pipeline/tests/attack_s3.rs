@@ -18,7 +18,7 @@ use shardrop::envelope::{
 use shardrop::exchange::{COMMIT_CODEC, ExchangeError, content_hash, publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::registry::{Job, Participant, Registry, Role};
 use shardrop::store::{S3Options, Target, put_create};
 use shardrop::window::store_now_ms;
 
@@ -98,9 +98,7 @@ async fn bomb_is_refused_on_its_header() {
     .await;
     let w = 0;
     publish(
-        &reg,
-        &honest,
-        &s3,
+        Job::new(&reg, &honest, &s3),
         Some(w),
         &update(1.0),
         &mut EfState::default(),
@@ -150,7 +148,7 @@ async fn bomb_is_refused_on_its_header() {
     .await
     .unwrap();
     wait_closed(&reg, &root.join("agg"), w).await;
-    let agg = aggregate_window(&reg, &aggregator, &s3, w, 4)
+    let agg = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
         .await
         .unwrap();
     assert_eq!(agg.accepted, 1);
@@ -248,9 +246,7 @@ async fn copy_rule_holds_with_one_second_timestamps() {
     let (reg_r, s3_r) = (&reg, &s3);
     futures::future::try_join_all(victims.iter().enumerate().map(|(i, v)| async move {
         publish(
-            reg_r,
-            v,
-            s3_r,
+            Job::new(reg_r, v, s3_r),
             Some(w),
             &update(i as f32),
             &mut EfState::default(),
@@ -286,7 +282,7 @@ async fn copy_rule_holds_with_one_second_timestamps() {
         copy_as(&reg, &griefers[i], &g, w, &named, true).await;
     }
     wait_closed(&reg, &root.join("agg"), w).await;
-    aggregate_window(&reg, &aggregator, &s3, w, 8)
+    aggregate_window(Job::new(&reg, &aggregator, &s3), w, 8)
         .await
         .unwrap();
     let rows = common::ledger(&root.join("agg"), &reg, w).await;
@@ -345,7 +341,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let u = update(5.0);
     // Uninterrupted.
     let mut want = EfState::default();
-    publish(&reg, &reference, &s3, Some(w), &u, &mut want)
+    publish(Job::new(&reg, &reference, &s3), Some(w), &u, &mut want)
         .await
         .unwrap();
     assert_eq!(want.window, Some(w));
@@ -353,11 +349,11 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     // Killed after the put, before the state was saved: the rerun starts from the old state,
     // finds its shard and ends with exactly the uninterrupted state.
     let mut first = EfState::default();
-    let p1 = publish(&reg, &killed, &s3, Some(w), &u, &mut first)
+    let p1 = publish(Job::new(&reg, &killed, &s3), Some(w), &u, &mut first)
         .await
         .unwrap();
     let mut rerun = EfState::default();
-    let p2 = publish(&reg, &killed, &s3, Some(w), &u, &mut rerun)
+    let p2 = publish(Job::new(&reg, &killed, &s3), Some(w), &u, &mut rerun)
         .await
         .unwrap();
     assert!(p2.already_published);
@@ -365,7 +361,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     assert_eq!(first, want);
     // Killed after the save: the rerun encodes nothing and leaves the state alone.
     let mut saved = first.clone();
-    let p3 = publish(&reg, &killed, &s3, Some(w), &u, &mut saved)
+    let p3 = publish(Job::new(&reg, &killed, &s3), Some(w), &u, &mut saved)
         .await
         .unwrap();
     assert!(p3.already_published);
@@ -381,7 +377,13 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     assert_eq!(EfState::load(dir.path()).unwrap(), want);
     // Another update from the old state while the first shard is stored: refused, state kept.
     let mut old = EfState::default();
-    let refused = publish(&reg, &killed, &s3, Some(w), &update(6.0), &mut old).await;
+    let refused = publish(
+        Job::new(&reg, &killed, &s3),
+        Some(w),
+        &update(6.0),
+        &mut old,
+    )
+    .await;
     assert!(
         matches!(&refused, Err(ExchangeError::Conflict { detail: m, .. }) if m.contains("different shard")),
         "{refused:?}"
@@ -401,7 +403,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let cpath = sarea.path(&layout::grad_commit(&reg.run, w, &stale.peer_id()));
     sarea.store.put(&cpath, junk.into()).await.unwrap();
     let mut st = EfState::default();
-    publish(&reg, &stale, &s3, Some(w), &u, &mut st)
+    publish(Job::new(&reg, &stale, &s3), Some(w), &u, &mut st)
         .await
         .unwrap();
     assert_eq!(st, want);

@@ -16,7 +16,7 @@ use shardrop::codec::{self, CodecParams, EfState};
 use shardrop::exchange::publish;
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Participant, Registry, Role};
+use shardrop::registry::{Credentials, Job, Participant, Registry, Role};
 use shardrop::store::S3Options;
 use shardrop::window::store_now_ms;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -160,9 +160,7 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
         let m = &miners[j];
         async move {
             publish(
-                reg_r,
-                m,
-                s3_r,
+                Job::new(reg_r, m, s3_r),
                 Some(w),
                 &update(j as f32),
                 &mut EfState::default(),
@@ -199,7 +197,7 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
     let started = std::time::Instant::now();
     let agg = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        aggregate_window_on(&reg, &aggregator, &s3, w, 16, &on),
+        aggregate_window_on(Job::new(&reg, &aggregator, &s3), w, 16, &on),
     )
     .await
     .expect("the aggregator did not finish the window")

@@ -21,7 +21,7 @@ use shardrop::codec::{CodecParams, ModelSpec};
 use shardrop::envelope::{Compression, EnvelopeBuilder, Kind};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::registry::{Job, Participant, Registry, Role};
 use shardrop::store::fault::{Calls, FaultAction, FaultRule, Faults};
 use shardrop::store::hooked::Op;
 use shardrop::store::{S3Options, Target};
@@ -223,9 +223,7 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
 
     // An interrupted push: the shards of a first attempt are there, its manifest is not.
     let first = push(
-        &w.reg,
-        &w.agg,
-        &s3,
+        Job::new(&w.reg, &w.agg, &s3),
         std::slice::from_ref(&src),
         &push_opts(10, Some(9)),
         &quiet,
@@ -249,9 +247,7 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
         .await
         .unwrap();
     let resumed = push(
-        &w.reg,
-        &w.agg,
-        &s3,
+        Job::new(&w.reg, &w.agg, &s3),
         std::slice::from_ref(&src),
         &push_opts(10, Some(9)),
         &quiet,
@@ -266,9 +262,7 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
     assert!(resumed.latest);
     // A rerun of a finished push changes nothing.
     let again = push(
-        &w.reg,
-        &w.agg,
-        &s3,
+        Job::new(&w.reg, &w.agg, &s3),
         std::slice::from_ref(&src),
         &push_opts(10, Some(9)),
         &quiet,
@@ -465,9 +459,7 @@ async fn hostile_manifests_failing_stores_links_and_retention() {
     let quiet = |_: u64| {};
     for (step, window) in [(1, 1), (2, 5), (3, 8)] {
         push(
-            &w.reg,
-            &w.agg,
-            &s3,
+            Job::new(&w.reg, &w.agg, &s3),
             std::slice::from_ref(&src),
             &push_opts(step, Some(window)),
             &quiet,

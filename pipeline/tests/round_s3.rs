@@ -18,7 +18,7 @@ use shardrop::envelope::{Compression, Expect, Kind, Limits, RemoteEnvelope, read
 use shardrop::exchange::{ExchangeError, clock, codec_header, publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Participant, Registry, Role};
+use shardrop::registry::{Credentials, Job, Participant, Registry, Role};
 use shardrop::store::{S3Options, Target, put_create};
 use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
@@ -150,7 +150,7 @@ async fn full_round_on_s3() {
     let w = 0;
     for (id, seed) in [(&honest_a, 1.0), (&honest_b, 2.0)] {
         let mut st = EfState::default();
-        let p = publish(&reg, id, &s3, Some(w), &update(seed), &mut st)
+        let p = publish(Job::new(&reg, id, &s3), Some(w), &update(seed), &mut st)
             .await
             .unwrap();
         assert!(!p.already_published);
@@ -158,7 +158,7 @@ async fn full_round_on_s3() {
         // A retry after a "lost response" re-encodes from the old state: accepted as done.
         let mut again = EfState::default();
         assert!(
-            publish(&reg, id, &s3, Some(w), &update(seed), &mut again)
+            publish(Job::new(&reg, id, &s3), Some(w), &update(seed), &mut again)
                 .await
                 .unwrap()
                 .already_published
@@ -229,9 +229,7 @@ async fn full_round_on_s3() {
         tokio::time::sleep(std::time::Duration::from_millis(clk.closes(w) - now + 20)).await;
     }
     let refused = publish(
-        &reg,
-        &late,
-        &s3,
+        Job::new(&reg, &late, &s3),
         Some(w),
         &update(4.0),
         &mut EfState::default(),
@@ -260,7 +258,7 @@ async fn full_round_on_s3() {
     .await
     .unwrap();
 
-    let r1 = aggregate_window(&reg, &aggregator, &s3, w, 4)
+    let r1 = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
         .await
         .unwrap();
     assert_eq!(
@@ -342,7 +340,7 @@ async fn full_round_on_s3() {
         .bytes()
         .await
         .unwrap();
-    let r2 = aggregate_window(&reg, &aggregator, &s3, w, 4)
+    let r2 = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
         .await
         .unwrap();
     assert!(r2.already_published);
@@ -360,10 +358,11 @@ async fn full_round_on_s3() {
         .unwrap();
     let cpu = MergeOn::default();
     for k in [2usize, 3] {
-        let workers = (0..k).map(|i| aggregate_part(&reg, &aggregator, &s3, w, i, k, 4, &cpu));
+        let workers =
+            (0..k).map(|i| aggregate_part(Job::new(&reg, &aggregator, &s3), w, i, k, 4, &cpu));
         let (parts, commit) = tokio::join!(
             futures::future::join_all(workers),
-            aggregate_commit(&reg, &aggregator, &s3, w, k, 4)
+            aggregate_commit(Job::new(&reg, &aggregator, &s3), w, k, 4)
         );
         let merged: usize = parts.into_iter().map(|p| p.unwrap()).sum();
         assert_eq!(merged, reg.model.tensors.len());
@@ -404,7 +403,7 @@ async fn full_round_on_s3() {
 
     // Window 1 is empty: the aggregate says so; catch-up over it changes nothing, and a
     // missing aggregate (window 2) stops catch-up naming the window.
-    let r = aggregate_window(&reg, &aggregator, &s3, 1, 4)
+    let r = aggregate_window(Job::new(&reg, &aggregator, &s3), 1, 4)
         .await
         .unwrap();
     assert_eq!(r.accepted, 0);
@@ -503,9 +502,7 @@ async fn hostile_shards_get_ledger_reasons() {
         }
     };
     publish(
-        &reg,
-        &ids[0],
-        &s3,
+        Job::new(&reg, &ids[0], &s3),
         Some(w),
         &update(1.0),
         &mut EfState::default(),
@@ -594,7 +591,7 @@ async fn hostile_shards_get_ledger_reasons() {
     )
     .await;
 
-    let r = aggregate_window(&reg, &aggregator, &s3, w, 4)
+    let r = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
         .await
         .unwrap();
     let agg_area = area("agg");

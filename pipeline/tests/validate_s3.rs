@@ -19,7 +19,7 @@ use shardrop::exchange::{publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::refmodel::{LinearTask, TENSOR};
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::registry::{Job, Participant, Registry, Role};
 use shardrop::score::{ValidateOptions, read_scored_window, scored_windows, validate_window};
 use shardrop::store::{S3Options, put_create};
 use shardrop::tables::{ScoreRow, scores_schema};
@@ -158,7 +158,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
                 .iter()
                 .zip(states.iter_mut())
                 .zip(&updates)
-                .map(|((id, st), u)| publish(reg_r, id, s3_r, Some(w), u, st)),
+                .map(|((id, st), u)| publish(Job::new(reg_r, id, s3_r), Some(w), u, st)),
         )
         .await
         .unwrap();
@@ -174,9 +174,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
             .collect();
         let n = states.len() - 1;
         publish(
-            &reg,
-            &noise,
-            &s3,
+            Job::new(&reg, &noise, &s3),
             Some(w),
             &task.to_safetensors(&junk).unwrap(),
             &mut states[n],
@@ -216,13 +214,11 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         .await
         .unwrap();
 
-        aggregate_window(&reg, &aggregator, &s3, w, 8)
+        aggregate_window(Job::new(&reg, &aggregator, &s3), w, 8)
             .await
             .unwrap();
         let v = validate_window(
-            &reg,
-            &validator,
-            &s3,
+            Job::new(&reg, &validator, &s3),
             w,
             Some(&mut reference as &mut dyn Evaluator),
             &vopts,
@@ -230,9 +226,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         .await
         .unwrap();
         let vb = validate_window(
-            &reg,
-            &validator_b,
-            &s3,
+            Job::new(&reg, &validator_b, &s3),
             w,
             Some(&mut command as &mut dyn Evaluator),
             &vopts,
@@ -294,9 +288,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
 
     // A rerun of the last window gives the same table and is accepted as already there.
     let again = validate_window(
-        &reg,
-        &validator,
-        &s3,
+        Job::new(&reg, &validator, &s3),
         2,
         Some(
             &mut ReferenceEvaluator::new(task.clone(), Duration::from_secs(5))
@@ -309,7 +301,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     assert!(again.already_published);
     assert_eq!(again.rows, v.rows);
     // A different judgement of a scored window is refused, not overwritten.
-    let err = validate_window(&reg, &validator, &s3, 2, None, &vopts)
+    let err = validate_window(Job::new(&reg, &validator, &s3), 2, None, &vopts)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("already scored"), "{err}");

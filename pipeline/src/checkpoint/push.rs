@@ -16,8 +16,8 @@ use super::{
 use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, RemoteEnvelope};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
-use crate::registry::{Registry, Role};
-use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
+use crate::registry::{Job, Role};
+use crate::store::{self, PutOutcome, StoreError, Target};
 
 /// What to push.
 #[derive(Clone, Debug)]
@@ -152,14 +152,13 @@ pub async fn move_latest(
 
 /// Pushes a checkpoint into the pusher's own store (it must be the run's aggregator).
 pub async fn push(
-    reg: &Registry,
-    id: &Identity,
-    s3: &S3Options,
+    job: Job<'_>,
     srcs: &[PathBuf],
     opts: &PushOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Pushed, CkptError> {
-    let target = reg.own_store(id, Role::Aggregator, s3)?;
+    let Job { reg, id, .. } = job;
+    let target = job.own_store(Role::Aggregator)?;
     let run = reg.run.clone();
     let inv = inventory(srcs)?;
     let shards = plan(&inv, opts.shard_size.max(1));

@@ -8,7 +8,7 @@ use shardrop::checkpoint::admin::{gc, list, verify};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
 use shardrop::identity::PeerId;
-use shardrop::registry::{Registry, Role};
+use shardrop::registry::{Job, Registry, Role};
 
 use super::{Ctx, keys, parse_size};
 use crate::out;
@@ -130,7 +130,7 @@ async fn push_cmd(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
         shard_size: a.shard_size,
         concurrency: a.concurrency,
     };
-    let p = push(&reg, &id, &ctx.s3, &a.src, &opts, &|n| bar.inc(n)).await?;
+    let p = push(Job::new(&reg, &id, &ctx.s3), &a.src, &opts, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let mut json = serde_json::to_value(&p)?;

@@ -28,7 +28,7 @@ use shardrop::exchange::{publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::refmodel::{LinearTask, TENSOR};
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::registry::{Job, Participant, Registry, Role};
 use shardrop::score::{ValidateOptions, Validated, validate_window};
 use shardrop::store::{self, Target, put_create};
 use shardrop::tables::{LedgerRow, ScoreRow, read_ledger};
@@ -347,7 +347,7 @@ async fn publish_window(
             .iter()
             .zip(miners.states.iter_mut())
             .zip(&updates)
-            .map(|((m, st), u)| publish(reg, m, &ctx.s3, Some(w), u, st)),
+            .map(|((m, st), u)| publish(Job::new(reg, m, &ctx.s3), Some(w), u, st)),
     );
     let joiner_update = match &miners.joiner_theta {
         Some(jt) => {
@@ -358,9 +358,14 @@ async fn publish_window(
     let joiner_state = &mut miners.joiner;
     let joiner_fut = async {
         match &joiner_update {
-            Some(u) => publish(reg, &cast.joiner, &ctx.s3, Some(w), u, joiner_state)
-                .await
-                .map(Some),
+            Some(u) => publish(
+                Job::new(reg, &cast.joiner, &ctx.s3),
+                Some(w),
+                u,
+                joiner_state,
+            )
+            .await
+            .map(Some),
             None => Ok(None),
         }
     };
@@ -377,9 +382,14 @@ async fn publish_window(
     let adv_state = &mut miners.adversary;
     let noise_fut = async {
         match &noise_update {
-            Some(u) => publish(reg, &cast.adversary, &ctx.s3, Some(w), u, adv_state)
-                .await
-                .map(Some),
+            Some(u) => publish(
+                Job::new(reg, &cast.adversary, &ctx.s3),
+                Some(w),
+                u,
+                adv_state,
+            )
+            .await
+            .map(Some),
             None => Ok(None),
         }
     };
@@ -441,11 +451,9 @@ async fn judge(
         cast,
         ..
     } = *scene;
-    let agg = aggregate_window(reg, &cast.aggregator, &ctx.s3, w, 8).await?;
+    let agg = aggregate_window(Job::new(reg, &cast.aggregator, &ctx.s3), w, 8).await?;
     let scored = validate_window(
-        reg,
-        &cast.validator,
-        &ctx.s3,
+        Job::new(reg, &cast.validator, &ctx.s3),
         w,
         Some(evaluator as &mut dyn Evaluator),
         &ValidateOptions::default(),
@@ -624,9 +632,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 task.to_safetensors(&theta)?,
             )?;
             let pushed = push(
-                &reg,
-                &cast.aggregator,
-                &ctx.s3,
+                Job::new(&reg, &cast.aggregator, &ctx.s3),
                 std::slice::from_ref(&ckpt_src),
                 &PushOptions {
                     step: w + 1,

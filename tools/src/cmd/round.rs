@@ -12,7 +12,7 @@ use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish_with};
 use shardrop::identity::PeerId;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Participant, Registry, RegistryError, Role};
+use shardrop::registry::{Credentials, Job, Participant, Registry, RegistryError, Role};
 use shardrop::store::{self, StoreError};
 use shardrop::window::store_now_ms;
 
@@ -364,9 +364,7 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     let chosen = super::device::choose(&a.device)?;
     let started = std::time::Instant::now();
     let p = publish_with(
-        &reg,
-        &id,
-        &ctx.s3,
+        Job::new(&reg, &id, &ctx.s3),
         a.window,
         &update,
         &mut state,
@@ -411,7 +409,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
             .with_context(|| format!("--part {part:?}: expected I/K"))?;
-        let tensors = aggregate_part(&reg, &id, &ctx.s3, w, i, k, concurrency, &on).await?;
+        let tensors =
+            aggregate_part(Job::new(&reg, &id, &ctx.s3), w, i, k, concurrency, &on).await?;
         out::emit(
             ctx,
             &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib(), "device": device["device"], "device_fallback": device["device_fallback"]}),
@@ -421,8 +420,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     }
     loop {
         let r = match a.commit {
-            Some(k) => aggregate_commit(&reg, &id, &ctx.s3, w, k, concurrency).await?,
-            None => aggregate_window_on(&reg, &id, &ctx.s3, w, concurrency, &on).await?,
+            Some(k) => aggregate_commit(Job::new(&reg, &id, &ctx.s3), w, k, concurrency).await?,
+            None => aggregate_window_on(Job::new(&reg, &id, &ctx.s3), w, concurrency, &on).await?,
         };
         let mut json = serde_json::to_value(&r)?;
         json["peak_rss_mib"] = crate::out::peak_rss_mib().into();

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use shardrop::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
 use shardrop::identity::PeerId;
 use shardrop::refmodel::LinearTask;
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::registry::{Job, Participant, Registry, Role};
 use shardrop::score::{ValidateOptions, read_scored_window, scored_windows, validate_window};
 use shardrop::tables::ScoreRow;
 
@@ -198,9 +198,7 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
     };
     loop {
         let v = validate_window(
-            &reg,
-            &id,
-            &ctx.s3,
+            Job::new(&reg, &id, &ctx.s3),
             w,
             ev.as_mut().map(|e| e.as_mut() as &mut dyn Evaluator),
             &opts,
