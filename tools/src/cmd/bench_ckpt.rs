@@ -160,7 +160,50 @@ fn du(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// One measurement: phase (`push`/`pull`), tool, seconds.
+type Row = (String, String, f64);
+
+/// A checkpoint pushed by shardrop into a fresh run, and what every tool needs to move it.
+struct Setup {
+    url: String,
+    bucket: String,
+    key_prefix: String,
+    run: String,
+    root: shardrop::store::Target,
+    tmp: tempfile::TempDir,
+    src: PathBuf,
+    bytes: u64,
+    reg_url: String,
+    key: PathBuf,
+    agg: Identity,
+    exe: PathBuf,
+}
+
 pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::Value> {
+    let b = setup(ctx, &a).await?;
+    let missing = |tool: &str| -> anyhow::Result<()> {
+        if a.allow_missing {
+            eprintln!("bench ckpt: {tool} not found; skipped");
+            Ok(())
+        } else {
+            bail!("{tool} not found (install it, or pass --allow-missing)")
+        }
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    push_rows(&b, &mut rows, &missing)?;
+    pull_rows(&b, &a, &mut rows, &missing)?;
+    let (raw_bytes, raw) = raw_get(&b, a.concurrency).await?;
+    rows.push((
+        "pull".into(),
+        "raw parallel ranged GET (discarded)".into(),
+        raw,
+    ));
+    clean(&b).await?;
+    Ok(summary(&b, &rows, raw_bytes, raw))
+}
+
+/// A fresh run with one aggregator, its key on disk, and a model of `a.size` bytes.
+async fn setup(ctx: &Ctx, a: &CkptBench) -> anyhow::Result<Setup> {
     let url = a
         .store
         .clone()
@@ -185,8 +228,6 @@ pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::V
     let src = tmp.path().join("src");
     tokio::task::block_in_place(|| make_model(&src, a.size))?;
     let bytes = du(&src);
-    let mib = bytes as f64 / (1 << 20) as f64;
-
     let operator = Identity::generate();
     let agg = Identity::generate();
     let mut reg = Registry::new(
@@ -206,43 +247,51 @@ pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::V
     let reg_url = reg.create(&root.join("op"), &operator).await?;
     let key = tmp.path().join("agg.key");
     agg.save_new(&key)?;
-    let exe = std::env::current_exe()?;
-    let python = a
-        .python
-        .clone()
-        .or_else(|| std::env::var("SHARDROP_PYTHON").ok())
-        .unwrap_or_else(|| "python3".into());
-    let mut rows: Vec<(String, String, f64)> = Vec::new();
-    let missing = |tool: &str| -> anyhow::Result<()> {
-        if a.allow_missing {
-            eprintln!("bench ckpt: {tool} not found; skipped");
-            Ok(())
-        } else {
-            bail!("{tool} not found (install it, or pass --allow-missing)")
-        }
-    };
+    Ok(Setup {
+        url,
+        bucket,
+        key_prefix,
+        run,
+        root,
+        src,
+        bytes,
+        reg_url,
+        key,
+        agg,
+        exe: std::env::current_exe()?,
+        tmp,
+    })
+}
 
-    // Push.
+/// shardrop's push, then rclone and the AWS CLI copying the same folder.
+fn push_rows(
+    b: &Setup,
+    rows: &mut Vec<Row>,
+    missing: &dyn Fn(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let s = timed(
         "shardrop ckpt push",
-        Command::new(&exe).args(["ckpt", "push"]).arg(&src).args([
-            "--registry",
-            &reg_url,
-            "--key",
-            &key.display().to_string(),
-            "--step",
-            "1",
-            "--json",
-        ]),
+        Command::new(&b.exe)
+            .args(["ckpt", "push"])
+            .arg(&b.src)
+            .args([
+                "--registry",
+                &b.reg_url,
+                "--key",
+                &b.key.display().to_string(),
+                "--step",
+                "1",
+                "--json",
+            ]),
     )?;
     rows.push((
         "push".into(),
         "shardrop ckpt push (hash + sign + verify-ready)".into(),
         s,
     ));
-    let remote_copy = |name: &str| format!("{key_prefix}/copies/{name}");
+    let remote_copy = |name: &str| format!("{}/copies/{name}", b.key_prefix);
     if have("rclone") {
-        let dst = format!("bench:{bucket}/{}", remote_copy("rclone"));
+        let dst = format!("bench:{}/{}", b.bucket, remote_copy("rclone"));
         let s = timed(
             "rclone copy (push)",
             rclone()?
@@ -255,7 +304,7 @@ pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::V
                     "--s3-chunk-size",
                     "16M",
                 ])
-                .arg(&src)
+                .arg(&b.src)
                 .arg(&dst),
         )?;
         rows.push(("push".into(), "rclone copy".into(), s));
@@ -274,28 +323,36 @@ pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::V
                     "--endpoint-url",
                     &env("AWS_ENDPOINT_URL")?,
                 ])
-                .arg(&src)
-                .arg(format!("s3://{bucket}/{}", remote_copy("aws"))),
+                .arg(&b.src)
+                .arg(format!("s3://{}/{}", b.bucket, remote_copy("aws"))),
         )?;
         rows.push(("push".into(), "aws s3 cp --recursive".into(), s));
     } else {
         missing("aws")?;
     }
+    Ok(())
+}
 
-    // Pull: every tool reads the checkpoint shardrop pushed.
-    let manifest_url = root
-        .join("agg")
-        .url_of(&root.join("agg").path(&layout::ckpt_manifest(&run, 1)));
-    let ckpt_prefix = format!("{key_prefix}/agg/{}", layout::ckpt_dir(&run, 1));
-    let out = tmp.path().join("out");
+/// Every tool reads the checkpoint shardrop pushed: shardrop's verified pull, rclone, the
+/// AWS CLI, and Python (boto3 download + safetensors load).
+fn pull_rows(
+    b: &Setup,
+    a: &CkptBench,
+    rows: &mut Vec<Row>,
+    missing: &dyn Fn(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let area = b.root.join("agg");
+    let manifest_url = area.url_of(&area.path(&layout::ckpt_manifest(&b.run, 1)));
+    let ckpt_prefix = format!("{}/agg/{}", b.key_prefix, layout::ckpt_dir(&b.run, 1));
+    let out = b.tmp.path().join("out");
     let s = timed(
         "shardrop ckpt pull",
-        Command::new(&exe)
+        Command::new(&b.exe)
             .args(["ckpt", "pull", &manifest_url])
             .arg(&out)
             .args([
                 "--registry",
-                &reg_url,
+                &b.reg_url,
                 "--concurrency",
                 &a.concurrency.to_string(),
                 "--json",
@@ -312,7 +369,7 @@ pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::V
             "rclone copy (pull)",
             rclone()?
                 .args(["copy", "--transfers", "8", "--multi-thread-streams", "4"])
-                .arg(format!("bench:{bucket}/{ckpt_prefix}"))
+                .arg(format!("bench:{}/{ckpt_prefix}", b.bucket))
                 .arg(&out),
         )?;
         rows.push(("pull".into(), "rclone copy".into(), s));
@@ -330,13 +387,42 @@ pub async fn ckpt_bench(ctx: &Ctx, a: CkptBench) -> anyhow::Result<serde_json::V
                     "--endpoint-url",
                     &env("AWS_ENDPOINT_URL")?,
                 ])
-                .arg(format!("s3://{bucket}/{ckpt_prefix}"))
+                .arg(format!("s3://{}/{ckpt_prefix}", b.bucket))
                 .arg(&out),
         )?;
         rows.push(("pull".into(), "aws s3 cp --recursive".into(), s));
         let _ = std::fs::remove_dir_all(&out);
     }
-    let script = r#"
+    let python = a
+        .python
+        .clone()
+        .or_else(|| std::env::var("SHARDROP_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into());
+    let py_ok = Command::new(&python)
+        .args(["-c", "import boto3, safetensors"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if py_ok {
+        let s = timed(
+            "python boto3 + safetensors",
+            Command::new(&python)
+                .args(["-c", PYTHON_PULL, &b.bucket, &ckpt_prefix])
+                .arg(&out),
+        )?;
+        rows.push((
+            "pull".into(),
+            "python boto3 download + safetensors load".into(),
+            s,
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+    } else {
+        missing("python with boto3 and safetensors")?;
+    }
+    Ok(())
+}
+
+/// The Python baseline: download every shard with boto3, then load it with safetensors.
+const PYTHON_PULL: &str = r#"
 import os, sys, boto3
 from boto3.s3.transfer import TransferConfig
 from safetensors.numpy import load_file
@@ -352,42 +438,23 @@ for k in keys:
     n += len(load_file(path))
 print(n)
 "#;
-    let py_ok = Command::new(&python)
-        .args(["-c", "import boto3, safetensors"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if py_ok {
-        let s = timed(
-            "python boto3 + safetensors",
-            Command::new(&python)
-                .args(["-c", script, &bucket, &ckpt_prefix])
-                .arg(&out),
-        )?;
-        rows.push((
-            "pull".into(),
-            "python boto3 download + safetensors load".into(),
-            s,
-        ));
-        let _ = std::fs::remove_dir_all(&out);
-    } else {
-        missing("python with boto3 and safetensors")?;
-    }
-    // The transfer limit: the same shard bytes, parallel ranged GETs, discarded.
-    let area = root.join("agg");
-    let (m, _, _) = {
-        let loc = shardrop::checkpoint::pull::Located {
-            target: area.clone(),
-            run: run.clone(),
-            step: 1,
-            signer: agg.peer_id(),
-        };
-        shardrop::checkpoint::pull::fetch_manifest(&loc).await?
+
+/// The transfer limit: the same shard bytes by parallel ranged GETs, discarded. Returns
+/// (bytes, seconds).
+async fn raw_get(b: &Setup, concurrency: usize) -> anyhow::Result<(u64, f64)> {
+    let area = b.root.join("agg");
+    let loc = shardrop::checkpoint::pull::Located {
+        target: area.clone(),
+        run: b.run.clone(),
+        step: 1,
+        signer: b.agg.peer_id(),
     };
+    let (m, _, _) = shardrop::checkpoint::pull::fetch_manifest(&loc).await?;
     let ranges: Vec<_> = m
         .shards
         .iter()
         .flat_map(|s| {
-            let p = area.path(&layout::ckpt_object(&run, 1, &s.file));
+            let p = area.path(&layout::ckpt_object(&b.run, 1, &s.file));
             let area = area.clone();
             (0..s.size)
                 .step_by(m.chunk_bytes as usize)
@@ -401,22 +468,25 @@ print(n)
                 .collect::<Vec<_>>()
         })
         .collect();
-    let (raw_bytes, raw) = super::bench::plain_download(ranges, a.concurrency).await?;
-    rows.push((
-        "pull".into(),
-        "raw parallel ranged GET (discarded)".into(),
-        raw,
-    ));
+    super::bench::plain_download(ranges, concurrency).await
+}
 
-    // Clean the bucket.
+/// Removes everything the benchmark wrote to the bucket.
+async fn clean(b: &Setup) -> anyhow::Result<()> {
     for p in ["copies/", "agg/", "op/"] {
-        let dir = root.path(p);
+        let dir = b.root.path(p);
         let listed: Vec<object_store::ObjectMeta> =
-            futures::TryStreamExt::try_collect(root.store.list(Some(&dir))).await?;
+            futures::TryStreamExt::try_collect(b.root.store.list(Some(&dir))).await?;
         for o in listed {
-            let _ = root.store.delete(&o.location).await;
+            let _ = b.root.store.delete(&o.location).await;
         }
     }
+    Ok(())
+}
+
+/// The JSON report: each row with MiB/s and its ratio to shardrop in the same phase.
+fn summary(b: &Setup, rows: &[Row], raw_bytes: u64, raw: f64) -> serde_json::Value {
+    let mib = b.bytes as f64 / (1 << 20) as f64;
     let get = |phase: &str, name: &str| {
         rows.iter()
             .find(|r| r.0 == phase && r.1.starts_with(name))
@@ -436,11 +506,10 @@ print(n)
             serde_json::json!({"phase": phase, "tool": name, "seconds": s, "mib_per_s": mib / s, "shardrop_speedup": s / ours})
         })
         .collect();
-    let _ = ctx;
-    Ok(serde_json::json!({
-        "store": url, "bytes": bytes, "raw_get_bytes": raw_bytes, "rows": table,
+    serde_json::json!({
+        "store": b.url, "bytes": b.bytes, "raw_get_bytes": raw_bytes, "rows": table,
         "pull_vs_fastest_baseline": fastest_other_pull / ours_pull,
         "pull_over_raw_get": ours_pull / raw,
-        "source": PathBuf::from(&src).display().to_string(),
-    }))
+        "source": b.src.display().to_string(),
+    })
 }
