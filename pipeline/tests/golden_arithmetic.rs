@@ -242,14 +242,15 @@ fn ref_encode(u: &[f32], e: &mut [f32], beta: f32, p: &CodecParams, w: Wrong) ->
                 let q = ref_code(v, s, bits as u32, w);
                 put_bits(&mut vb, j * bits, bits as u32, q);
                 let m = ((1u32 << bits) - 1) as f32;
-                s * (((2.0 * q as f32) - m) / m)
+                let level = ((2.0 * q as f32) - m) / m;
+                if w.fma {
+                    // The wrong variant fuses e − s·L[q] into one rounding.
+                    ec[i] = (-s).mul_add(level, v);
+                    continue;
+                }
+                s * level
             };
-            ec[i] = if w.fma && bits != 16 {
-                let m = ((1u32 << bits) - 1) as f32;
-                (-s).mul_add(((2.0 * ref_code(v, s, bits as u32, w) as f32) - m) / m, v)
-            } else {
-                ec[i] - d
-            };
+            ec[i] -= d;
         }
         idx.extend(ib);
         val.extend(vb);

@@ -355,20 +355,12 @@ async fn publish_window(
         }
         None => None,
     };
-    let joiner_state = &mut miners.joiner;
-    let joiner_fut = async {
-        match &joiner_update {
-            Some(u) => publish(
-                Job::new(reg, &cast.joiner, &ctx.s3),
-                Some(w),
-                u,
-                joiner_state,
-            )
-            .await
-            .map(Some),
-            None => Ok(None),
-        }
-    };
+    let joiner_fut = publish_if(
+        Job::new(reg, &cast.joiner, &ctx.s3),
+        w,
+        joiner_update.as_deref(),
+        &mut miners.joiner,
+    );
     let noise_update = match attack {
         Attack::Noise => {
             let honest_delta = task.pseudo_gradient(theta, 0, w, 20);
@@ -379,20 +371,12 @@ async fn publish_window(
         }
         _ => None,
     };
-    let adv_state = &mut miners.adversary;
-    let noise_fut = async {
-        match &noise_update {
-            Some(u) => publish(
-                Job::new(reg, &cast.adversary, &ctx.s3),
-                Some(w),
-                u,
-                adv_state,
-            )
-            .await
-            .map(Some),
-            None => Ok(None),
-        }
-    };
+    let noise_fut = publish_if(
+        Job::new(reg, &cast.adversary, &ctx.s3),
+        w,
+        noise_update.as_deref(),
+        &mut miners.adversary,
+    );
     let (published, joined, _) =
         futures::future::try_join3(honest_all, joiner_fut, noise_fut).await?;
     let (mut bytes, mut dense) = (0u64, 0u64);
@@ -425,6 +409,20 @@ async fn publish_window(
         }
     };
     Ok((bytes, dense, late_shard))
+}
+
+/// Publishes `update` for window `w` when there is one (the joiner once it has joined, the
+/// adversary when it sends noise).
+async fn publish_if(
+    job: Job<'_>,
+    w: u64,
+    update: Option<&[u8]>,
+    state: &mut EfState,
+) -> Result<Option<shardrop::exchange::Published>, shardrop::exchange::ExchangeError> {
+    match update {
+        Some(u) => publish(job, Some(w), u, state).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 /// What the aggregator and the validator made of a window, and whether they caught the
