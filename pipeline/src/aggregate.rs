@@ -20,21 +20,26 @@ use object_store::{ObjectStoreExt, PutPayload};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::accepted::{AcceptedList, AcceptedShard, LIST_SECTION, ListedSection, shard_key};
 use crate::codec::{CodecError, EncodedTensor, ModelSpec, accumulate};
 use crate::envelope::read_signed;
 use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
 use crate::exchange::{ExchangeError, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
-use crate::registry::{Job, Registry, Role};
+use crate::merge;
+use crate::registry::{AggForm, AggFormat, Job, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::ledger_parquet;
 use crate::verdict::{
-    OpenWindow, RangeCheck, Verdict, Verdicts, check_ranges, finalize, open_window,
+    MinerShard, OpenWindow, RangeCheck, Verdict, Verdicts, check_ranges, check_streamed,
+    consolidate, finalize, open_window,
 };
 
 /// The aggregate codec this build writes and reads (`schemas/round.md`).
 pub const AGG_CODEC: &str = "agg-v1";
+/// The agg-v2 aggregate codec: a signed list of the accepted shards (`accepted`).
+pub const AGG_V2_CODEC: &str = "agg-v2";
 
 /// What one aggregation produced.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -333,6 +338,12 @@ fn merge_range_gpu(
         .collect()
 }
 
+/// What an aggregate carries: agg-v1's merged tensor sections, or agg-v2's signed list.
+enum Body {
+    Merged(Vec<(String, Vec<u8>)>),
+    Listed(AcceptedList),
+}
+
 /// Writes the ledger, then signs and puts the aggregate (the commit point).
 async fn publish_aggregate(
     reg: &Registry,
@@ -340,7 +351,7 @@ async fn publish_aggregate(
     target: &Target,
     w: u64,
     v: &Verdicts,
-    sections: Vec<(String, Vec<u8>)>,
+    body: Body,
 ) -> Result<Aggregated, ExchangeError> {
     let mut reasons = BTreeMap::new();
     for r in &v.rows {
@@ -364,16 +375,27 @@ async fn publish_aggregate(
         .put(&ledger_path, PutPayload::from(Bytes::from(ledger)))
         .await
         .map_err(|e| StoreError::from_store(&ledger_url, e))?;
+    let codec = match &body {
+        Body::Merged(_) => AGG_CODEC,
+        Body::Listed(_) => AGG_V2_CODEC,
+    };
     let mut b = EnvelopeBuilder::new(Kind::Agg, &reg.run)
         .window(w)
-        .codec(AGG_CODEC, Default::default())
+        .codec(codec, Default::default())
         .clock_ms(clock(reg).closes(w))
         .meta("accepted", &accepted.to_string())
         .meta("rejected", &rejected.to_string())
         .meta("missing", &missing.to_string())
         .meta("errors", &errors.to_string());
-    if accepted > 0 {
-        b = b.sections(sections, Compression::Zstd)?;
+    match body {
+        Body::Merged(sections) if accepted > 0 => b = b.sections(sections, Compression::Zstd)?,
+        Body::Merged(_) => {}
+        Body::Listed(list) => {
+            b = b.meta("form", list.form.name());
+            let json = serde_json::to_vec(&list)
+                .map_err(|e| ExchangeError::Internal(format!("accepted list: {e}")))?;
+            b = b.sections(vec![(LIST_SECTION.to_string(), json)], Compression::Zstd)?;
+        }
     }
     let signed = b.sign(id)?;
     let path = target.path(&layout::agg(&reg.run, w));
@@ -391,6 +413,63 @@ async fn publish_aggregate(
         already_published: outcome == PutOutcome::AlreadyIdentical,
         reasons,
     })
+}
+
+/// agg-v2's list from the final verdicts: the accepted shards in peer-id order, with the
+/// section tables that were checked (the aggregator's copies' for form `shards`).
+fn accepted_list(reg: &Registry, w: u64, shards: &[MinerShard], v: &Verdicts) -> AcceptedList {
+    let form = reg.aggregate.form;
+    let accepted = shards
+        .iter()
+        .zip(&v.rows)
+        .zip(&v.weights)
+        .filter(|((_, row), _)| row.verdict == Verdict::Accepted)
+        .filter_map(|((s, row), &weight)| {
+            let peer = PeerId::parse(&s.peer).ok()?;
+            Some(AcceptedShard {
+                peer: s.peer.clone(),
+                object: shard_key(reg, form, w, &peer),
+                content: s.content.clone().unwrap_or_default(),
+                weight,
+                clipped: row.reason == "clipped",
+                sections: s.sections().iter().map(ListedSection::from).collect(),
+            })
+        })
+        .collect();
+    AcceptedList {
+        format: AGG_V2_CODEC.into(),
+        window: w,
+        form,
+        accepted,
+    }
+}
+
+/// The agg-v2 aggregator for window `w`, tensors `range` (all of them, or one part's): the
+/// header pass, the copies (form `shards`), then every shard's sections checked one at a
+/// time. No tensor is merged and nothing model-sized is held: readers merge.
+async fn check_window_v2(
+    job: Job<'_>,
+    w: u64,
+    range: Range<usize>,
+    concurrency: usize,
+    budget: Option<Duration>,
+) -> Result<(OpenWindow, Vec<RangeCheck>), ExchangeError> {
+    let reg = job.reg;
+    let mut open = open_window(job, Role::Aggregator, w, concurrency, budget).await?;
+    if reg.aggregate.form == AggForm::Shards {
+        consolidate(
+            reg,
+            &open.target,
+            w,
+            &mut open.shards,
+            true,
+            concurrency,
+            open.deadline,
+        )
+        .await;
+    }
+    let checks = check_streamed(reg, &open.shards, range, concurrency, open.deadline).await;
+    Ok((open, checks))
 }
 
 /// Merges window `w` in one process and publishes its ledger and aggregate into the
@@ -411,19 +490,25 @@ pub async fn aggregate_window_on(
     on: &MergeOn,
 ) -> Result<Aggregated, ExchangeError> {
     let Job { reg, id, .. } = job;
+    let all = 0..reg.model.tensors.len();
+    if reg.aggregate.format == AggFormat::V2 {
+        let (open, checks) = check_window_v2(job, w, all, concurrency, on.budget).await?;
+        let v = finalize(reg, w, &open.shards, &[checks]);
+        let list = accepted_list(reg, w, &open.shards, &v);
+        return publish_aggregate(reg, id, &open.target, w, &v, Body::Listed(list)).await;
+    }
     let OpenWindow {
         target,
         shards,
         deadline,
         ..
     } = open_window(job, Role::Aggregator, w, concurrency, on.budget).await?;
-    let all = 0..reg.model.tensors.len();
     let decoded = check_ranges(reg, &shards, all.clone(), concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
     let v = finalize(reg, w, &shards, &[checks]);
     let sections = merge_range(reg, all, &v.weights, &decoded, on)?;
     drop(decoded);
-    publish_aggregate(reg, id, &target, w, &v, sections).await
+    publish_aggregate(reg, id, &target, w, &v, Body::Merged(sections)).await
 }
 
 /// Tensor indices of part `i` of `k`: contiguous ranges in model order.
@@ -500,26 +585,22 @@ pub async fn aggregate_part(
             "part {i}/{k}: expected 0 <= i < k"
         )));
     }
+    let range = part_range(reg.model.tensors.len(), i, k);
+    if reg.aggregate.format == AggFormat::V2 {
+        // Only checks: the commit lists the accepted shards and readers merge.
+        let (open, mine) = check_window_v2(job, w, range.clone(), concurrency, on.budget).await?;
+        publish_checks(reg, id, &open.target, w, i, k, &mine).await?;
+        return Ok(range.len());
+    }
     let OpenWindow {
         me,
         target,
         shards,
         deadline,
     } = open_window(job, Role::Aggregator, w, concurrency, on.budget).await?;
-    let range = part_range(reg.model.tensors.len(), i, k);
     let decoded = check_ranges(reg, &shards, range.clone(), concurrency, deadline).await;
     let mine: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
-    let json = serde_json::to_vec(&mine).map_err(|e| ExchangeError::Internal(e.to_string()))?;
-    put_blob(
-        reg,
-        id,
-        &target,
-        &layout::agg_checks(&reg.run, w, i, k),
-        w,
-        "agg-checks-v1",
-        vec![("checks.json".into(), json)],
-    )
-    .await?;
+    publish_checks(reg, id, &target, w, i, k, &mine).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     let v = finalize(reg, w, &shards, &parts);
     let sections = merge_range(reg, range.clone(), &v.weights, &decoded, on)?;
@@ -534,6 +615,30 @@ pub async fn aggregate_part(
     )
     .await?;
     Ok(range.len())
+}
+
+/// A worker's range checks, for every other worker and the commit.
+#[allow(clippy::too_many_arguments)]
+async fn publish_checks(
+    reg: &Registry,
+    id: &Identity,
+    target: &Target,
+    w: u64,
+    i: usize,
+    k: usize,
+    mine: &[RangeCheck],
+) -> Result<(), ExchangeError> {
+    let json = serde_json::to_vec(mine).map_err(|e| ExchangeError::Internal(e.to_string()))?;
+    put_blob(
+        reg,
+        id,
+        target,
+        &layout::agg_checks(&reg.run, w, i, k),
+        w,
+        "agg-checks-v1",
+        vec![("checks.json".into(), json)],
+    )
+    .await
 }
 
 async fn read_checks(
@@ -583,9 +688,21 @@ pub async fn aggregate_commit(
 ) -> Result<Aggregated, ExchangeError> {
     let Job { reg, id, .. } = job;
     let OpenWindow {
-        me, target, shards, ..
+        me,
+        target,
+        mut shards,
+        deadline,
     } = open_window(job, Role::Aggregator, w, concurrency, None).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
+    if reg.aggregate.format == AggFormat::V2 {
+        if reg.aggregate.form == AggForm::Shards {
+            // The workers copied and checked; list the copies' section tables.
+            consolidate(reg, &target, w, &mut shards, false, concurrency, deadline).await;
+        }
+        let v = finalize(reg, w, &shards, &parts);
+        let list = accepted_list(reg, w, &shards, &v);
+        return publish_aggregate(reg, id, &target, w, &v, Body::Listed(list)).await;
+    }
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());
     for p in 0..k {
@@ -602,16 +719,26 @@ pub async fn aggregate_commit(
             detail: "the parts do not cover the model's tensors in order".into(),
         });
     }
-    publish_aggregate(reg, id, &target, w, &v, sections).await
+    publish_aggregate(reg, id, &target, w, &v, Body::Merged(sections)).await
 }
 
-/// Fetches and verifies the aggregate of window `w` (signed by the run's aggregator), and
-/// parses every tensor. `NoAggregate` when it is not there (yet).
-pub async fn read_aggregate(
+/// A verified aggregate: agg-v1's merged tensors, or agg-v2's list (checked against the
+/// registry) that readers merge themselves.
+pub enum Fetched {
+    /// agg-v1: every tensor, parsed and checked.
+    Merged(Vec<AggTensor>),
+    /// agg-v2: the accepted shards.
+    Listed(AcceptedList),
+}
+
+/// Fetches and verifies the aggregate of window `w` (signed by the run's aggregator). The
+/// format is the aggregate's own (its header's codec), so windows written before a run
+/// moved to agg-v2 stay readable. `NoAggregate` when it is not there (yet).
+pub async fn fetch_aggregate(
     reg: &Registry,
     s3: &S3Options,
     w: u64,
-) -> Result<Vec<AggTensor>, ExchangeError> {
+) -> Result<Fetched, ExchangeError> {
     let (agg_id, target) = reg.aggregator(s3)?;
     let key = layout::agg(&reg.run, w);
     let object = target.url_of(&target.path(&key));
@@ -634,6 +761,29 @@ pub async fn read_aggregate(
             });
         }
     };
+    if env.head.header.codec == AGG_V2_CODEC {
+        let bad = |reason: &'static str, detail: String| ExchangeError::Rejected {
+            object: object.clone(),
+            reason,
+            detail: format!("window {w}: {detail}"),
+        };
+        let [only] = sections.as_slice() else {
+            return Err(bad(
+                "agg_verdict",
+                "an agg-v2 aggregate has exactly one section".into(),
+            ));
+        };
+        if env.sections()[0].name != LIST_SECTION {
+            return Err(bad(
+                "agg_verdict",
+                format!("its section is not {LIST_SECTION}"),
+            ));
+        }
+        let list: AcceptedList = serde_json::from_slice(only)
+            .map_err(|e| bad("agg_verdict", format!("{LIST_SECTION}: {e}")))?;
+        list.check(reg, w).map_err(|f| bad(f.reason, f.detail))?;
+        return Ok(Fetched::Listed(list));
+    }
     env.sections()
         .iter()
         .zip(&sections)
@@ -644,13 +794,49 @@ pub async fn read_aggregate(
                 detail: format!("window {w}: section {}: {e}", entry.name),
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(Fetched::Merged)
+}
+
+/// The merged tensors of window `w` in agg-v1's form (sparse, zeros dropped), whatever the
+/// format: for readers that compare with the aggregate (a validator's copy detection).
+/// Memory: the merged aggregate, as with agg-v1.
+pub async fn read_aggregate(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+) -> Result<Vec<AggTensor>, ExchangeError> {
+    let list = match fetch_aggregate(reg, s3, w).await? {
+        Fetched::Merged(t) => return Ok(t),
+        Fetched::Listed(list) => list,
+    };
+    let all = |_: usize| true;
+    let spooled = merge::fetch_listed(reg, s3, &list, &all).await?;
+    let mut out = Vec::new();
+    spooled.merge(reg, &all, |i, acc| {
+        let (idx, val): (Vec<u32>, Vec<f32>) = acc
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(i, v)| (i as u32, *v))
+            .unzip();
+        out.push(AggTensor {
+            name: reg.model.tensors[i].name.clone(),
+            values: AggValues::Sparse(idx, val),
+        });
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name):
 /// θ ← θ − outer_lr · aggregate, in window order. Stops at the first missing or invalid
 /// aggregate, naming the window; every aggregate is checked whole before it is applied, so
-/// `theta` then holds exactly the windows before it. Memory: the model plus one aggregate.
+/// `theta` then holds exactly the windows before it.
+///
+/// agg-v1: `theta` must hold every tensor; memory is the model plus one aggregate. agg-v2:
+/// `theta` may hold a subset (one rank's tensors) and only their sections are fetched;
+/// memory is the model plus the largest tensor's accumulator (`merge`).
 pub async fn apply_aggregates(
     reg: &Registry,
     s3: &S3Options,
@@ -660,30 +846,80 @@ pub async fn apply_aggregates(
 ) -> Result<usize, ExchangeError> {
     let mut applied = 0;
     for w in first..=last {
-        let tensors = read_aggregate(reg, s3, w).await?;
-        for t in &tensors {
-            let ok = theta.get(&t.name).is_some_and(|d| {
-                reg.model
-                    .get(&t.name)
-                    .map(|s| s.shape.iter().product::<u64>())
-                    == Some(d.len() as u64)
-            });
-            if !ok {
-                return Err(ExchangeError::Caller(format!(
-                    "window {w}: tensor {:?} is missing from the base or has another size",
-                    t.name
-                )));
-            }
-        }
-        for t in &tensors {
-            if let Some(dst) = theta.get_mut(&t.name) {
-                // Two roundings, never fused: θ − (lr · a).
-                for (i, v) in t.entries() {
-                    dst[i] -= reg.outer_lr * v;
-                }
-            }
+        match fetch_aggregate(reg, s3, w).await? {
+            Fetched::Merged(tensors) => apply_merged(reg, w, theta, &tensors)?,
+            Fetched::Listed(list) => apply_listed(reg, s3, w, theta, &list).await?,
         }
         applied += 1;
     }
     Ok(applied)
+}
+
+fn size_checked(
+    reg: &Registry,
+    w: u64,
+    theta: &BTreeMap<String, Vec<f32>>,
+    name: &str,
+) -> Result<(), ExchangeError> {
+    let ok = theta.get(name).is_some_and(|d| {
+        reg.model.get(name).map(|s| s.shape.iter().product::<u64>()) == Some(d.len() as u64)
+    });
+    match ok {
+        true => Ok(()),
+        false => Err(ExchangeError::Caller(format!(
+            "window {w}: tensor {name:?} is missing from the base or has another size"
+        ))),
+    }
+}
+
+fn apply_merged(
+    reg: &Registry,
+    w: u64,
+    theta: &mut BTreeMap<String, Vec<f32>>,
+    tensors: &[AggTensor],
+) -> Result<(), ExchangeError> {
+    for t in tensors {
+        size_checked(reg, w, theta, &t.name)?;
+    }
+    for t in tensors {
+        if let Some(dst) = theta.get_mut(&t.name) {
+            // Two roundings, never fused: θ − (lr · a).
+            for (i, v) in t.entries() {
+                dst[i] -= reg.outer_lr * v;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// agg-v2: fetch (every check, before any parameter changes), then merge and apply one
+/// tensor at a time. Entries whose merged value is zero are skipped, as agg-v1's sparse
+/// form skips them (a merged zero is always +0.0, and θ − lr·(+0.0) = θ).
+async fn apply_listed(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    theta: &mut BTreeMap<String, Vec<f32>>,
+    list: &AcceptedList,
+) -> Result<(), ExchangeError> {
+    if list.accepted.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = reg.model.tensors.iter().map(|t| t.name.as_str()).collect();
+    for name in names.iter().filter(|n| theta.contains_key(**n)) {
+        size_checked(reg, w, theta, name)?;
+    }
+    let held: Vec<bool> = names.iter().map(|n| theta.contains_key(*n)).collect();
+    let want = |i: usize| held[i];
+    let spooled = merge::fetch_listed(reg, s3, list, &want).await?;
+    spooled.merge(reg, &want, |i, acc| {
+        if let Some(dst) = theta.get_mut(names[i]) {
+            for (d, &a) in dst.iter_mut().zip(acc) {
+                if a != 0.0 {
+                    *d -= reg.outer_lr * a;
+                }
+            }
+        }
+        Ok(())
+    })
 }

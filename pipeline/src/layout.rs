@@ -34,6 +34,13 @@ pub fn agg(run: &str, window: u64) -> String {
     format!("runs/{run}/aggs/{window:010}.agg")
 }
 
+/// The aggregator's byte-for-byte copy of miner `peer`'s shard of `window` (agg-v2,
+/// form `shards`): readers need only the aggregator's store, and old windows survive miners
+/// deleting their shards.
+pub fn agg_shard(run: &str, window: u64, peer: &PeerId) -> String {
+    format!("runs/{run}/aggs/{window:010}/{peer}.grad")
+}
+
 /// A split-merge worker's range checks for window `w` (part `i` of `k`).
 pub fn agg_checks(run: &str, window: u64, i: usize, k: usize) -> String {
     format!("runs/{run}/aggs/{window:010}.checks-{i:04}-of-{k:04}")

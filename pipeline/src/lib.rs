@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accepted;
 pub mod aggregate;
 pub mod checkpoint;
 pub mod codec;
@@ -17,6 +18,7 @@ pub mod exchange;
 pub mod files;
 pub mod identity;
 pub mod layout;
+pub mod merge;
 pub mod refmodel;
 pub mod registry;
 pub mod score;

@@ -102,6 +102,75 @@ impl Default for RunLimits {
     }
 }
 
+/// Aggregate formats (`round.md`, "Aggregate").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AggFormat {
+    /// One signed object with the merged tensors (U32 index + F32 value, or dense F32).
+    #[default]
+    #[serde(rename = "agg-v1")]
+    V1,
+    /// A signed verdict naming the accepted shards; readers merge them (`round.md`).
+    #[serde(rename = "agg-v2")]
+    V2,
+}
+
+/// Where an agg-v2 reader finds the accepted shards' sections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AggForm {
+    /// Byte-for-byte copies in the aggregator's store: readers need only its credentials,
+    /// and catch-up survives miners deleting old shards.
+    #[default]
+    #[serde(rename = "shards")]
+    Shards,
+    /// The miners' own objects, read with the credentials the registry names: no copy, but
+    /// a reader fails (naming the section) once a miner deletes or replaces its shard.
+    #[serde(rename = "reference")]
+    Reference,
+}
+
+impl AggForm {
+    /// The name the registry and the aggregate's header use.
+    pub fn name(self) -> &'static str {
+        match self {
+            AggForm::Shards => "shards",
+            AggForm::Reference => "reference",
+        }
+    }
+
+    /// The form named `s`.
+    pub fn parse(s: &str) -> Option<AggForm> {
+        [AggForm::Shards, AggForm::Reference]
+            .into_iter()
+            .find(|f| f.name() == s)
+    }
+}
+
+/// The run's aggregate format and, for agg-v2, its form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSpec {
+    /// The format.
+    pub format: AggFormat,
+    /// Where the sections live (agg-v2 only).
+    #[serde(default)]
+    pub form: AggForm,
+}
+
+impl AggregateSpec {
+    /// agg-v2 with the given form (what new runs get).
+    pub fn v2(form: AggForm) -> Self {
+        AggregateSpec {
+            format: AggFormat::V2,
+            form,
+        }
+    }
+
+    /// An agg-v1 run (registries without the field).
+    pub fn is_v1(&self) -> bool {
+        self.format == AggFormat::V1
+    }
+}
+
 /// The registry document (JSON inside the signed envelope).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +199,11 @@ pub struct Registry {
     pub outer_lr: f32,
     /// Size and clipping limits of the run.
     pub limits: RunLimits,
+    /// The aggregate format the run's aggregator writes and its readers expect. Absent in
+    /// registries made before agg-v2 existed: they are agg-v1 runs, and stay byte-identical
+    /// when re-signed.
+    #[serde(default, skip_serializing_if = "AggregateSpec::is_v1")]
+    pub aggregate: AggregateSpec,
     /// Every peer of the run.
     pub participants: Vec<Participant>,
 }
@@ -236,6 +310,7 @@ impl Registry {
             beta: 0.9,
             outer_lr: 1.0,
             limits: RunLimits::default(),
+            aggregate: AggregateSpec::v2(AggForm::Shards),
             participants: Vec::new(),
         }
     }

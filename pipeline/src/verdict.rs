@@ -26,7 +26,7 @@ use crate::exchange::{COMMIT_CODEC, ExchangeError, clock, codec_header, content_
 use crate::identity::PeerId;
 use crate::layout;
 use crate::registry::{Job, Participant, Registry, Role};
-use crate::store::{S3Options, Target};
+use crate::store::{self, S3Options, StoreError, Target};
 use crate::tables::LedgerRow;
 pub use crate::tables::Verdict;
 use crate::window::store_now_ms;
@@ -102,7 +102,7 @@ pub struct MinerShard {
     /// When the miner's signed commit to this content landed (the store's time), fetched
     /// only for shards whose content another shard shares.
     pub commit_ms: Option<i64>,
-    env: Option<(Target, RemoteEnvelope)>,
+    pub(crate) env: Option<(Target, RemoteEnvelope)>,
 }
 
 impl MinerShard {
@@ -303,7 +303,7 @@ pub async fn precise_last_modified(
 /// Envelope limits for a shard: the run's byte cap on the stored body, and what the whole
 /// model can decompress to with the run's codec on the raw side (so the header alone, one
 /// small GET, already refuses a shard claiming more).
-fn shard_limits(reg: &Registry) -> Limits {
+pub(crate) fn shard_limits(reg: &Registry) -> Limits {
     let all = codec::section_raw_bound(&reg.model.tensors, &reg.codec);
     Limits {
         max_body_len: reg.limits.max_grad_bytes,
@@ -594,6 +594,155 @@ pub(crate) async fn check_ranges(
     .buffered(concurrency.max(1))
     .collect()
     .await
+}
+
+/// [`check_ranges`] for agg-v2: each shard's tensors of `range`, one of its own sections at
+/// a time (shards concurrently, up to `concurrency`), keeping only the checks. Memory is
+/// `concurrency` × the largest section, not every accepted shard's range at once. Stops at
+/// a shard's first failing piece, which holds its lowest failing tensor: the same verdict a
+/// split merge with one part per section would reach.
+pub(crate) async fn check_streamed(
+    reg: &Registry,
+    shards: &[MinerShard],
+    range: Range<usize>,
+    concurrency: usize,
+    deadline: Instant,
+) -> Vec<RangeCheck> {
+    futures::stream::iter(shards.iter().map(|s| {
+        let range = range.clone();
+        async move {
+            let mut all = RangeCheck::default();
+            for piece in pieces(s, range) {
+                let checked =
+                    tokio::time::timeout_at(deadline, check_range(reg, s, piece.clone())).await;
+                let c = checked.map_or_else(|_| RangeCheck::timed_out(piece.start), |(c, _)| c);
+                all.sumsq.extend(c.sumsq);
+                if c.fault.is_some() {
+                    all.fault = c.fault;
+                    break;
+                }
+            }
+            all
+        }
+    }))
+    .buffered(concurrency.max(1))
+    .collect()
+    .await
+}
+
+/// `range` cut where the shard's own sections start: pieces that each need one section
+/// (of an honest shard), covering the whole range, so a tensor no section holds is still
+/// checked (and found missing).
+fn pieces(s: &MinerShard, range: Range<usize>) -> Vec<Range<usize>> {
+    let mut cuts: Vec<usize> = s
+        .env
+        .iter()
+        .flat_map(|(_, env)| env.sections().iter())
+        .filter_map(|x| section_range(&x.name).map(|(a, _)| a))
+        .filter(|a| range.contains(a))
+        .chain([range.start, range.end])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2).map(|c| c[0]..c[1]).collect()
+}
+
+/// agg-v2 with form `shards`: copies every header-valid shard byte for byte into the
+/// aggregator's store (`layout::agg_shard`) and points the shard at the copy, so the section
+/// checks read exactly the bytes readers will get. A miner that replaces its shard after the
+/// header pass cannot slip other bytes past them: a copy whose header differs from the one
+/// checked is `replaced`.
+pub(crate) async fn consolidate(
+    reg: &Registry,
+    target: &Target,
+    w: u64,
+    shards: &mut [MinerShard],
+    copy: bool,
+    concurrency: usize,
+    deadline: Instant,
+) {
+    futures::stream::iter(
+        shards
+            .iter_mut()
+            .filter(|s| s.fault.is_none() && s.env.is_some()),
+    )
+    .for_each_concurrent(concurrency.max(1), |s| async move {
+        if tokio::time::timeout_at(deadline, s.consolidate(reg, target, w, copy))
+            .await
+            .is_err()
+        {
+            s.fault = Some(Exclusion::timed_out());
+            s.env = None;
+        }
+    })
+    .await;
+}
+
+impl MinerShard {
+    /// Copies (unless `copy` is false: the split merge's commit, whose workers copied) and
+    /// opens the copy.
+    async fn consolidate(&mut self, reg: &Registry, target: &Target, w: u64, copy: bool) {
+        let Some((src, env)) = self.env.as_ref() else {
+            return;
+        };
+        let Ok(peer) = PeerId::parse(&self.peer) else {
+            return;
+        };
+        let path = target.path(&layout::agg_shard(&reg.run, w, &peer));
+        let copy_url = target.url_of(&path);
+        let copied = match copy {
+            true => store::copy_object(src, &env.path, env.meta.size, target, &path).await,
+            false => Ok(store::PutOutcome::AlreadyIdentical),
+        };
+        match copied {
+            // Other bytes already at our key: an earlier run copied another version; the
+            // header comparison below decides.
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => {
+                let f = Exclusion::store(&e);
+                self.fault = Some(f);
+                self.env = None;
+                return;
+            }
+        }
+        let expect = Expect {
+            signer: Some(peer),
+            run: Some(reg.run.clone()),
+            kind: Some(Kind::Grad),
+            window: Some(w),
+            step: None,
+        };
+        let opened = RemoteEnvelope::open(
+            target.store.as_ref(),
+            &path,
+            &copy_url,
+            &shard_limits(reg),
+            &expect,
+        )
+        .await;
+        let fault = match opened {
+            Ok(copy) if copy.head.header == env.head.header => {
+                self.env = Some((target.clone(), copy));
+                return;
+            }
+            Ok(_) => Exclusion::new(
+                Verdict::Rejected,
+                "replaced",
+                format!(
+                    "{}: the shard changed after its header was checked; the copy {copy_url} holds another version",
+                    self.object
+                ),
+            ),
+            Err(e) => Exclusion::from_envelope(&e),
+        };
+        self.fault = Some(fault);
+        self.env = None;
+    }
+
+    /// The shard's section table as the header pass (or the consolidated copy) read it.
+    pub(crate) fn sections(&self) -> &[crate::envelope::SectionEntry] {
+        self.env.as_ref().map_or(&[], |(_, e)| e.sections())
+    }
 }
 
 /// Combines the header pass and the range checks of all parts (in tensor order) into

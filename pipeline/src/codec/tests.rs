@@ -572,3 +572,29 @@ fn dense_files_round_trip_and_half_precision_widens_exactly() {
         "section_malformed"
     );
 }
+
+#[test]
+fn section_ranges_match_what_the_encoder_writes() {
+    for p in all_params() {
+        let mut dense = Dense::new();
+        for (i, n) in [3000usize, 17, 9000, 256, 4100, 1, 700].iter().enumerate() {
+            dense.insert(format!("t{i}"), (vec![*n as u64], noise(*n, i as u64)));
+        }
+        let update = dense_to_safetensors(&dense).unwrap();
+        let model = model_of(&update).unwrap();
+        for section_bytes in [1usize, 200, 700, 1 << 20] {
+            let opts = EncodeOptions {
+                params: p,
+                beta: 0.9,
+                section_bytes,
+            };
+            let enc = encode_update(&update, &mut EfState::default(), &opts).unwrap();
+            let names: Vec<String> = enc.sections.iter().map(|(n, _)| n.clone()).collect();
+            let planned: Vec<String> = section_ranges(&model, &p, section_bytes)
+                .into_iter()
+                .map(|r| section_name(r.start, r.end - 1))
+                .collect();
+            assert_eq!(names, planned, "{p:?} at {section_bytes} bytes");
+        }
+    }
+}

@@ -146,6 +146,29 @@ pub fn encode_update_with<E: From<CodecError>>(
     Ok(EncodedUpdate { sections, stats })
 }
 
+/// The tensor ranges (model indices) of the sections an honest encoder writes for `model`
+/// under `params`: the same packing rule as `encode_update_with`, computed from shapes alone,
+/// so that a reader can walk a window section by section before it has fetched any shard.
+pub fn section_ranges(
+    model: &ModelSpec,
+    params: &CodecParams,
+    section_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut first, mut pending) = (0usize, 0u64);
+    let n = model.tensors.len();
+    for (i, t) in model.tensors.iter().enumerate() {
+        let l = super::ChunkLayout::new(t.shape.iter().product(), params);
+        pending += (l.idx_len() + l.val_len() + 2 * l.n_scales) as u64;
+        if pending >= section_bytes as u64 || i + 1 == n {
+            out.push(first..i + 1);
+            first = i + 1;
+            pending = 0;
+        }
+    }
+    out
+}
+
 /// Dense f32 tensors by name, with their shapes.
 pub type Dense = BTreeMap<String, (Vec<u64>, Vec<f32>)>;
 

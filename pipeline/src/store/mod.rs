@@ -547,6 +547,64 @@ pub async fn put_create(
     Ok(PutOutcome::Created)
 }
 
+/// Copies the first `len` bytes of `src_path` in `src` to `dst_path` in `dst`, create-only,
+/// holding at most `PART_CONCURRENCY` parts in memory: how an aggregator consolidates
+/// shards of any size. The copy is not trusted for being a copy: callers verify what landed.
+pub async fn copy_object(
+    src: &Target,
+    src_path: &Path,
+    len: u64,
+    dst: &Target,
+    dst_path: &Path,
+) -> Result<PutOutcome, StoreError> {
+    let from = src.url_of(src_path);
+    let from = &from;
+    let get = |r: std::ops::Range<u64>| async move {
+        src.store
+            .get_range(src_path, r)
+            .await
+            .map_err(|e| StoreError::from_store(from, e))
+    };
+    if len <= SINGLE_PUT_MAX {
+        let body = get(0..len).await?;
+        return put_create(dst, dst_path, &body[..]).await;
+    }
+    let object = dst.url_of(dst_path);
+    match dst.store.head(dst_path).await {
+        Ok(_) => return Ok(PutOutcome::AlreadyIdentical),
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(StoreError::from_store(&object, e)),
+    }
+    let upload = dst
+        .store
+        .put_multipart(dst_path)
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut off = 0u64;
+    while off < len {
+        let end = (off + PART_SIZE as u64).min(len);
+        let part = match get(off..end).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
+            let _ = writer.abort().await;
+            return Err(StoreError::from_store(&object, e));
+        }
+        writer.put(part);
+        off = end;
+    }
+    writer
+        .finish()
+        .await
+        .map_err(|e| StoreError::from_store(&object, e))?;
+    Ok(PutOutcome::Created)
+}
+
 /// Where the id of an unfinished multipart upload of `path` is journaled: a small sibling
 /// object, written before the first part and deleted once the upload is completed or
 /// aborted. A process killed in between (SIGKILL runs no cleanup) leaves it behind, and the

@@ -12,7 +12,9 @@ use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish_with};
 use shardrop::identity::PeerId;
 use shardrop::layout;
-use shardrop::registry::{Credentials, Job, Participant, Registry, RegistryError, Role};
+use shardrop::registry::{
+    AggForm, AggregateSpec, Credentials, Job, Participant, Registry, RegistryError, Role,
+};
 use shardrop::store::{self, StoreError};
 use shardrop::window::store_now_ms;
 
@@ -56,6 +58,14 @@ pub struct InitArgs {
     beta: f32,
     #[arg(long, default_value_t = 1.0)]
     outer_lr: f32,
+    /// The aggregate format: agg-v2 (a signed verdict naming the accepted shards; readers
+    /// merge them) or agg-v1 (one object with the merged tensors).
+    #[arg(long, default_value = "agg-v2", value_parser = ["agg-v1", "agg-v2"])]
+    aggregate: String,
+    /// agg-v2 only: `shards` (copies in the aggregator's store) or `reference` (readers
+    /// fetch from the miners' stores).
+    #[arg(long, default_value = "shards", value_parser = ["shards", "reference"])]
+    agg_form: String,
 }
 
 #[derive(Args)]
@@ -262,6 +272,10 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
     );
     reg.beta = a.beta;
     reg.outer_lr = a.outer_lr;
+    reg.aggregate = match a.aggregate.as_str() {
+        "agg-v1" => AggregateSpec::default(),
+        _ => AggregateSpec::v2(AggForm::parse(&a.agg_form).context("--agg-form")?),
+    };
     let url = reg.create(&target, &id).await?;
     out::emit(
         ctx,

@@ -1,0 +1,169 @@
+//! The agg-v2 verdict: the list of a window's accepted shards that the aggregator signs
+//! (`schemas/round.md`, "Aggregate, agg-v2").
+//!
+//! agg-v1 shipped the merged tensor, which at ~20 peers is ~27 % dense and 2.5× larger than
+//! the shards themselves. agg-v2 ships the decision instead: which shards, with which
+//! weights, byte for byte which sections. Every reader then merges exactly as the aggregator
+//! would have (f32, peer order, two roundings), so parameters stay bit-identical while each
+//! peer downloads no more than the accepted shards.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::SectionEntry;
+use crate::identity::PeerId;
+use crate::layout;
+use crate::registry::{AggForm, Registry, Role};
+
+/// The section of an agg-v2 envelope that holds the list.
+pub const LIST_SECTION: &str = "accepted.json";
+
+/// The signed list (JSON, the only section of an agg-v2 aggregate).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedList {
+    /// `agg-v2`.
+    pub format: String,
+    /// The window.
+    pub window: u64,
+    /// Where the sections are: the aggregator's copies or the miners' objects.
+    pub form: AggForm,
+    /// The accepted shards in peer-id order (the merge order).
+    pub accepted: Vec<AcceptedShard>,
+}
+
+/// One accepted shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedShard {
+    /// The miner's peer id (it signed the shard).
+    pub peer: String,
+    /// The object's key under its store's root: the aggregator's copy (`shards`) or the
+    /// miner's layout key (`reference`).
+    pub object: String,
+    /// blake3 over the section hashes (the duplicate rule's content hash).
+    pub content: String,
+    /// Merge weight, f32 as written by the aggregator: clip scale / number accepted.
+    pub weight: f32,
+    /// Whether the weight was reduced by the outlier rule.
+    pub clipped: bool,
+    /// The shard's section table, as the miner signed it.
+    pub sections: Vec<ListedSection>,
+}
+
+/// One section of an accepted shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListedSection {
+    /// `tAAAAA-BBBBB`.
+    pub name: String,
+    /// blake3 of the stored (compressed) bytes, lowercase hex.
+    pub hash: String,
+    /// Stored length.
+    pub len: u64,
+    /// Decompressed length.
+    pub raw_len: u64,
+}
+
+impl From<&SectionEntry> for ListedSection {
+    fn from(e: &SectionEntry) -> Self {
+        ListedSection {
+            name: e.name.clone(),
+            hash: e.hash.clone(),
+            len: e.len,
+            raw_len: e.raw_len,
+        }
+    }
+}
+
+/// Why a list is refused: a stable reason code and a detail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListFault {
+    /// `agg_verdict` (order, peers, keys, form) or `agg_weights`.
+    pub reason: &'static str,
+    /// What is wrong, naming the entry.
+    pub detail: String,
+}
+
+fn fault(reason: &'static str, detail: String) -> ListFault {
+    ListFault { reason, detail }
+}
+
+/// The key an accepted shard of `peer` must be read from under `form`.
+pub fn shard_key(reg: &Registry, form: AggForm, w: u64, peer: &PeerId) -> String {
+    match form {
+        AggForm::Shards => layout::agg_shard(&reg.run, w, peer),
+        AggForm::Reference => layout::grad(&reg.run, w, peer),
+    }
+}
+
+impl AcceptedList {
+    /// Checks what a reader can check without fetching a shard: the format, window and form
+    /// the registry names; strictly ascending peer ids, each a registered miner, each at its
+    /// layout key; and the weights the rule gives (`1/n` in f32, less only when clipped,
+    /// and clipping only with at least 3 accepted).
+    pub fn check(&self, reg: &Registry, w: u64) -> Result<(), ListFault> {
+        if self.format != "agg-v2" || self.window != w || self.form != reg.aggregate.form {
+            return Err(fault(
+                "agg_verdict",
+                format!(
+                    "list says {} window {} form {}; expected agg-v2 window {w} form {}",
+                    self.format,
+                    self.window,
+                    self.form.name(),
+                    reg.aggregate.form.name()
+                ),
+            ));
+        }
+        let miners = reg.with_role(Role::Miner);
+        let n = self.accepted.len();
+        let full = (1.0f64 / n.max(1) as f64) as f32;
+        for (i, a) in self.accepted.iter().enumerate() {
+            if i > 0 && self.accepted[i - 1].peer >= a.peer {
+                return Err(fault(
+                    "agg_verdict",
+                    format!("entry {i} ({}) is not in peer-id order", a.peer),
+                ));
+            }
+            let peer = PeerId::parse(&a.peer)
+                .ok()
+                .filter(|_| miners.iter().any(|m| m.peer == a.peer))
+                .ok_or_else(|| {
+                    fault(
+                        "agg_verdict",
+                        format!("entry {i} names {:?}, not a registered miner", a.peer),
+                    )
+                })?;
+            let key = shard_key(reg, self.form, w, &peer);
+            if a.object != key {
+                return Err(fault(
+                    "agg_verdict",
+                    format!(
+                        "entry {i} ({}) points at {:?}, not {key:?}",
+                        a.peer, a.object
+                    ),
+                ));
+            }
+            let ok = match a.clipped {
+                false => a.weight.to_bits() == full.to_bits(),
+                true => n >= 3 && a.weight > 0.0 && a.weight < full,
+            };
+            if !ok {
+                return Err(fault(
+                    "agg_weights",
+                    format!(
+                        "entry {i} ({}) has weight {:e}{}; with {n} accepted the rule gives {full:e}{}",
+                        a.peer,
+                        a.weight,
+                        if a.clipped { " (clipped)" } else { "" },
+                        if a.clipped {
+                            " at most, and clipping needs 3 or more"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+//! Readers' merge of an agg-v2 aggregate: fetch the listed shards' sections, check them
+//! against the signed list, and merge them tensor by tensor exactly as agg-v1's aggregator
+//! did (f32 zeros, `acc += weight · value` in peer order, two roundings).
+//!
+//! Two stages, so a bad window never touches parameters:
+//! 1. **fetch**: open every listed shard (the aggregator's copy, or the miner's object for
+//!    form `reference`), require its signed section table to equal the list's, and stream
+//!    each needed section through its blake3 check into a spool folder on disk. Only the
+//!    sections holding the tensors the caller wants are fetched (one rank of a sharded model
+//!    fetches only its own).
+//! 2. **merge**: walk the model in pieces cut at the shards' section boundaries; for each
+//!    wanted tensor, decode every shard's values from the spool and accumulate. The caller
+//!    gets one finished tensor at a time.
+//!
+//! Memory: the largest tensor's accumulator plus one decoded section per accepted shard
+//! (≤ 16 MiB of payload each by the codec's packing), whatever the model's size. At 72 B
+//! parameters and 20 peers: a 1 GiB accumulator (a 242 M-element tensor) + 20 × 16 MiB.
+//! Disk: the wanted part of the accepted shards.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use futures::StreamExt;
+
+use crate::accepted::{AcceptedList, ListedSection};
+use crate::codec::{self, CodecLimits, EncodedTensor};
+use crate::envelope::{EnvelopeError, Expect, Kind, RemoteEnvelope, stream_section};
+use crate::exchange::ExchangeError;
+use crate::identity::PeerId;
+use crate::registry::{AggForm, Registry, Role};
+use crate::store::{S3Options, Target};
+use crate::verdict::shard_limits;
+
+/// Shards fetched at once in the fetch stage.
+const FETCH_CONCURRENCY: usize = 8;
+
+/// A window's listed shards, every wanted section verified and spooled to disk.
+pub struct Spooled {
+    window: u64,
+    /// Per accepted shard: its weight and its sections (name, tensor range, spool file).
+    shards: Vec<SpooledShard>,
+    _dir: tempfile::TempDir,
+}
+
+struct SpooledShard {
+    weight: f32,
+    sections: Vec<(String, Range<usize>, Option<PathBuf>)>,
+}
+
+fn section_range(name: &str) -> Option<Range<usize>> {
+    let (a, b) = name.strip_prefix('t')?.split_once('-')?;
+    let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+    (a <= b).then_some(a..b + 1)
+}
+
+/// The rejection a reader reports for a listed shard: names the peer, window and object.
+fn refused(object: &str, reason: &'static str, w: u64, peer: &str, what: String) -> ExchangeError {
+    ExchangeError::Rejected {
+        object: object.to_string(),
+        reason,
+        detail: format!("window {w}: peer {peer}: {what}"),
+    }
+}
+
+/// Where a listed shard is read from: the aggregator's store, or the miner's.
+fn source(
+    reg: &Registry,
+    s3: &S3Options,
+    list: &AcceptedList,
+    peer: &str,
+) -> Result<Target, ExchangeError> {
+    match list.form {
+        AggForm::Shards => Ok(reg.aggregator(s3)?.1),
+        AggForm::Reference => {
+            let p = reg
+                .with_role(Role::Miner)
+                .into_iter()
+                .find(|m| m.peer == peer)
+                .ok_or_else(|| ExchangeError::Internal(format!("{peer} is not a miner")))?;
+            Ok(reg.open_store(p, s3)?)
+        }
+    }
+}
+
+/// Opens one listed shard and checks that its signed section table is the list's.
+async fn open_listed(
+    reg: &Registry,
+    s3: &S3Options,
+    list: &AcceptedList,
+    j: usize,
+) -> Result<(Target, RemoteEnvelope), ExchangeError> {
+    let a = &list.accepted[j];
+    let w = list.window;
+    let target = source(reg, s3, list, &a.peer)?;
+    let path = target.path(&a.object);
+    let object = target.url_of(&path);
+    let peer = PeerId::parse(&a.peer).map_err(|e| ExchangeError::Internal(e.to_string()))?;
+    let expect = Expect {
+        signer: Some(peer),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Grad),
+        window: Some(w),
+        step: None,
+    };
+    let env = match RemoteEnvelope::open(
+        target.store.as_ref(),
+        &path,
+        &object,
+        &shard_limits(reg),
+        &expect,
+    )
+    .await
+    {
+        Ok(env) => env,
+        Err(EnvelopeError::NotFound { .. }) => {
+            return Err(refused(
+                &object,
+                "agg_source_missing",
+                w,
+                &a.peer,
+                "the listed shard is gone".into(),
+            ));
+        }
+        Err(e) if e.rejection().is_some() => {
+            return Err(refused(
+                &object,
+                "agg_section_mismatch",
+                w,
+                &a.peer,
+                format!("the object is not the listed shard: {e}"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let table: Vec<ListedSection> = env.sections().iter().map(ListedSection::from).collect();
+    if table != a.sections {
+        let which = table
+            .iter()
+            .zip(&a.sections)
+            .find(|(x, y)| x != y)
+            .map_or_else(
+                || {
+                    format!(
+                        "{} sections, the list has {}",
+                        table.len(),
+                        a.sections.len()
+                    )
+                },
+                |(x, y)| {
+                    format!(
+                        "section {} has hash {}, the list says {} ({})",
+                        x.name, x.hash, y.hash, y.name
+                    )
+                },
+            );
+        return Err(refused(
+            &object,
+            "agg_section_mismatch",
+            w,
+            &a.peer,
+            format!("the shard changed: {which}"),
+        ));
+    }
+    Ok((target, env))
+}
+
+/// Stage 1: opens every listed shard, checks its table against the list, and spools the
+/// sections that hold a wanted tensor (blake3-checked and decompressed on the way).
+pub async fn fetch_listed(
+    reg: &Registry,
+    s3: &S3Options,
+    list: &AcceptedList,
+    want: &(dyn Fn(usize) -> bool + Sync),
+) -> Result<Spooled, ExchangeError> {
+    let dir = tempfile::Builder::new()
+        .prefix("shardrop-merge-")
+        .tempdir()
+        .map_err(|e| ExchangeError::Internal(format!("spool folder: {e}")))?;
+    let root = dir.path().to_path_buf();
+    let limits = shard_limits(reg);
+    let fetched: Vec<Result<SpooledShard, ExchangeError>> =
+        futures::stream::iter((0..list.accepted.len()).map(|j| {
+            let (root, limits) = (&root, &limits);
+            async move {
+                let a = &list.accepted[j];
+                let (target, env) = open_listed(reg, s3, list, j).await?;
+                let mut sections = Vec::with_capacity(a.sections.len());
+                for s in &a.sections {
+                    let range = section_range(&s.name).ok_or_else(|| {
+                        refused(
+                            &env.object,
+                            "agg_verdict",
+                            list.window,
+                            &a.peer,
+                            format!("section {:?} is not named for a tensor range", s.name),
+                        )
+                    })?;
+                    if !range.clone().any(want) {
+                        sections.push((s.name.clone(), range, None));
+                        continue;
+                    }
+                    let file = root.join(format!("{j:05}-{}", s.name));
+                    let sink = std::fs::File::create(&file).map_err(|e| {
+                        ExchangeError::Internal(format!("spool {}: {e}", file.display()))
+                    })?;
+                    let sink = std::io::BufWriter::new(sink);
+                    match stream_section(target.store.as_ref(), &env, &s.name, sink, limits).await {
+                        Ok(mut w) => std::io::Write::flush(&mut w).map_err(|e| {
+                            ExchangeError::Internal(format!("spool {}: {e}", file.display()))
+                        })?,
+                        Err(EnvelopeError::NotFound { .. }) => {
+                            return Err(refused(
+                                &env.object,
+                                "agg_source_missing",
+                                list.window,
+                                &a.peer,
+                                format!("section {} is gone", s.name),
+                            ));
+                        }
+                        Err(e) if e.rejection().is_some() => {
+                            return Err(refused(
+                                &env.object,
+                                "agg_section_mismatch",
+                                list.window,
+                                &a.peer,
+                                format!("section {} does not match its listed hash: {e}", s.name),
+                            ));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    sections.push((s.name.clone(), range, Some(file)));
+                }
+                Ok(SpooledShard {
+                    weight: a.weight,
+                    sections,
+                })
+            }
+        }))
+        .buffered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
+    Ok(Spooled {
+        window: list.window,
+        shards: fetched.into_iter().collect::<Result<_, _>>()?,
+        _dir: dir,
+    })
+}
+
+impl Spooled {
+    /// Stage 2: merges every wanted tensor in model order and hands each to `sink` as
+    /// `(model index, accumulator)`. The accumulator is exactly agg-v1's merged tensor.
+    pub fn merge(
+        &self,
+        reg: &Registry,
+        want: &(dyn Fn(usize) -> bool + Sync),
+        mut sink: impl FnMut(usize, &[f32]) -> Result<(), ExchangeError>,
+    ) -> Result<(), ExchangeError> {
+        let n = reg.model.tensors.len();
+        let mut cuts: Vec<usize> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.sections.iter().map(|(_, r, _)| r.start))
+            .filter(|&a| a < n)
+            .chain([0, n])
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        // Per shard, the decoded section the current piece is in (name, tensors by name).
+        let mut current: Vec<Option<(String, BTreeMap<String, EncodedTensor>)>> =
+            vec![None; self.shards.len()];
+        for piece in cuts.windows(2).map(|c| c[0]..c[1]) {
+            if !piece.clone().any(want) {
+                continue;
+            }
+            for (j, s) in self.shards.iter().enumerate() {
+                for (name, range, file) in &s.sections {
+                    let overlaps = range.start < piece.end && piece.start < range.end;
+                    let loaded = current[j].as_ref().is_some_and(|(c, _)| c == name);
+                    if !overlaps || loaded {
+                        continue;
+                    }
+                    let file = file.as_ref().ok_or_else(|| {
+                        ExchangeError::Internal(format!("section {name} was not fetched"))
+                    })?;
+                    current[j] = Some((name.clone(), self.decode(reg, j, file)?));
+                }
+            }
+            for i in piece.filter(|&i| want(i)) {
+                let spec = &reg.model.tensors[i];
+                let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
+                for (j, s) in self.shards.iter().enumerate() {
+                    let t = current[j]
+                        .as_ref()
+                        .and_then(|(_, ts)| ts.get(&spec.name))
+                        .ok_or_else(|| {
+                            ExchangeError::Internal(format!(
+                                "window {}: shard {j} has no tensor {}",
+                                self.window, spec.name
+                            ))
+                        })?;
+                    codec::accumulate(t, &mut acc, s.weight)?;
+                }
+                sink(i, &acc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(
+        &self,
+        reg: &Registry,
+        j: usize,
+        file: &PathBuf,
+    ) -> Result<BTreeMap<String, EncodedTensor>, ExchangeError> {
+        let mut bytes = Vec::new();
+        std::fs::File::open(file)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?;
+        let tensors = codec::read_section(&bytes, Some(&reg.model), &CodecLimits::default())
+            .map_err(|e| {
+                ExchangeError::Internal(format!(
+                    "window {}: shard {j}: a listed section does not decode: {e}",
+                    self.window
+                ))
+            })?;
+        Ok(tensors.into_iter().map(|t| (t.name.clone(), t)).collect())
+    }
+}

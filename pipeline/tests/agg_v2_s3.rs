@@ -1,0 +1,463 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+//! agg-v2 on the local S3 server: the same windows aggregated as agg-v1, agg-v2 (copies)
+//! and agg-v2 (by reference) leave bit-identical parameters after `apply` — with a clipped
+//! outlier, a duplicate, several sections per shard and a split merge — and every new kind
+//! of bad input stops the reader, naming it, before any parameter changes.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use object_store::ObjectStoreExt;
+use shardrop::accepted::{AcceptedList, LIST_SECTION};
+use shardrop::aggregate::{
+    AGG_V2_CODEC, Fetched, MergeOn, aggregate_commit, aggregate_part, aggregate_window,
+    apply_aggregates, fetch_aggregate,
+};
+use shardrop::codec::{self, CodecParams, EfState, EncodeOptions};
+use shardrop::envelope::{Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope};
+use shardrop::exchange::{ExchangeError, clock, publish_with, shard_builder};
+use shardrop::identity::Identity;
+use shardrop::layout;
+use shardrop::registry::{AggForm, AggregateSpec, Job, Participant, Registry, Role};
+use shardrop::store::{S3Options, Target, put_create};
+use shardrop::tables::read_ledger;
+use shardrop::window::store_now_ms;
+
+/// Six tensors of mixed sizes; `scale` makes an outlier.
+fn update(seed: f32, scale: f32) -> Vec<u8> {
+    use safetensors::{Dtype, tensor::TensorView};
+    let sizes = [
+        ("a", 3000usize),
+        ("b", 17),
+        ("c", 5000),
+        ("d", 300),
+        ("e", 4100),
+        ("f", 1),
+    ];
+    let data: Vec<(String, usize, Vec<u8>)> = sizes
+        .iter()
+        .map(|(n, len)| {
+            let bytes = (0..*len)
+                .flat_map(|i| {
+                    ((((i as f32) * 0.37 + seed * 1.7).sin() * 0.01
+                        + (seed * i as f32).cos() * 0.003)
+                        * scale)
+                        .to_le_bytes()
+                })
+                .collect();
+            (n.to_string(), *len, bytes)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, len, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, vec![*len], b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Small sections, so shards have several and readers walk them piece by piece.
+fn small_sections(
+    u: &[u8],
+    st: &mut EfState,
+    o: &EncodeOptions,
+) -> Result<codec::EncodedUpdate, ExchangeError> {
+    let mut o = *o;
+    o.section_bytes = 200;
+    Ok(codec::encode_update(u, st, &o)?)
+}
+
+/// One alteration of a valid list.
+type Edit = Box<dyn Fn(&mut AcceptedList)>;
+
+fn opts() -> S3Options {
+    S3Options {
+        max_retries: Some(0),
+        timeout: Some(std::time::Duration::from_secs(5)),
+        ..Default::default()
+    }
+}
+
+async fn wait_until(t: &Target, ms: u64) {
+    loop {
+        let now = store_now_ms(t, "clock").await.unwrap();
+        if now >= ms {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(ms - now + 20)).await;
+    }
+}
+
+fn base(reg: &Registry) -> BTreeMap<String, Vec<f32>> {
+    reg.model
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let n = t.shape.iter().product::<u64>() as usize;
+            let v = (0..n)
+                .map(|i| match i % 7 {
+                    0 => -0.0,
+                    1 => 0.0,
+                    _ => ((i * 31 + k) as f32 * 0.11).sin(),
+                })
+                .collect();
+            (t.name.clone(), v)
+        })
+        .collect()
+}
+
+fn bits(t: &BTreeMap<String, Vec<f32>>) -> BTreeMap<String, Vec<u32>> {
+    t.iter()
+        .map(|(k, v)| (k.clone(), v.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+/// Bit equality, reporting the first differing element (not two whole models).
+fn same_bits(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (name, x) in a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{what}: {name}");
+        if let Some(i) = (0..x.len()).find(|&i| x[i].to_bits() != y[i].to_bits()) {
+            panic!("{what}: {name}[{i}] is {:e} against {:e}", x[i], y[i]);
+        }
+    }
+}
+
+fn reason(e: &ExchangeError) -> &'static str {
+    match e {
+        ExchangeError::Rejected { reason, .. } => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+async fn ledger(t: &Target, reg: &Registry, w: u64) -> Vec<shardrop::tables::LedgerRow> {
+    let b = t
+        .store
+        .get(&t.path(&layout::ledger(&reg.run, w)))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    read_ledger(b).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
+    let Some(root) = common::s3("agg-v2") else {
+        return;
+    };
+    let s3 = opts();
+    let area = |name: &str| root.join(name);
+    let operator = Identity::generate();
+    let aggregator = Identity::generate();
+    let miners: Vec<Identity> = (0..6).map(|_| Identity::generate()).collect();
+    let mut v2 = Registry::new(
+        "aggv2",
+        &operator.peer_id(),
+        store_now_ms(&area("op"), "clock").await.unwrap(),
+        8,
+        2,
+        codec::model_of(&update(0.0, 1.0)).unwrap(),
+        CodecParams {
+            chunk: 256,
+            k: 8,
+            ..CodecParams::default()
+        },
+    );
+    assert_eq!(
+        v2.aggregate,
+        AggregateSpec::v2(AggForm::Shards),
+        "new runs are agg-v2"
+    );
+    v2.outer_lr = 0.7;
+    for (i, id) in miners.iter().enumerate() {
+        v2.participants.push(Participant::new(
+            Role::Miner,
+            &id.peer_id(),
+            area(&format!("m{i}")).url(),
+        ));
+    }
+    let with_agg = |r: &Registry, store: &str, spec: AggregateSpec| {
+        let mut r = r.clone();
+        r.aggregate = spec;
+        r.participants.push(Participant::new(
+            Role::Aggregator,
+            &aggregator.peer_id(),
+            area(store).url(),
+        ));
+        r
+    };
+    let v1 = with_agg(&v2, "agg1", AggregateSpec::default());
+    let by_ref = with_agg(&v2, "agg3", AggregateSpec::v2(AggForm::Reference));
+    let v2 = with_agg(&v2, "agg2", AggregateSpec::v2(AggForm::Shards));
+    let clk = clock(&v2);
+
+    // Window 0: miners 0-4 publish (4 is a 40x outlier, clipped); miner 5 later re-signs
+    // miner 0's sections as its own (a duplicate). Window 1: miners 1 and 2.
+    let publish_all = |w: u64, who: Vec<(usize, f32)>| {
+        let (v2, s3, miners) = (&v2, &s3, &miners);
+        futures::future::join_all(who.into_iter().map(move |(i, scale)| async move {
+            let mut st = EfState::default();
+            let u = update(i as f32 + 10.0 * w as f32, scale);
+            publish_with(
+                Job::new(v2, &miners[i], s3),
+                Some(w),
+                &u,
+                &mut st,
+                small_sections,
+            )
+            .await
+            .unwrap()
+        }))
+    };
+    let published = publish_all(0, vec![(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0), (4, 40.0)]).await;
+    assert!(published.iter().all(|p| !p.already_published));
+    let src = area("m0");
+    let env = RemoteEnvelope::open(
+        src.store.as_ref(),
+        &src.path(&layout::grad(&v2.run, 0, &miners[0].peer_id())),
+        "m0",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    assert!(env.sections().len() >= 3, "shards have several sections");
+    let secs = shardrop::envelope::read_all_sections(src.store.as_ref(), &env, &Limits::default())
+        .await
+        .unwrap();
+    let named: Vec<(String, Vec<u8>)> = env
+        .sections()
+        .iter()
+        .map(|s| s.name.clone())
+        .zip(secs)
+        .collect();
+    let copier = area("m5");
+    put_create(
+        &copier,
+        &copier.path(&layout::grad(&v2.run, 0, &miners[5].peer_id())),
+        &shard_builder(&v2, &v2.run, 0, &named)
+            .unwrap()
+            .sign(&miners[5])
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(&area("op"), clk.start(1)).await;
+    publish_all(1, vec![(1, 1.0), (2, 1.0)]).await;
+    wait_until(&area("op"), clk.closes(1)).await;
+
+    for reg in [&v1, &v2, &by_ref] {
+        for w in [0, 1] {
+            aggregate_window(Job::new(reg, &aggregator, &s3), w, 3)
+                .await
+                .unwrap();
+        }
+    }
+    let l1 = ledger(&area("agg1"), &v1, 0).await;
+    assert_eq!(
+        l1,
+        ledger(&area("agg2"), &v2, 0).await,
+        "same verdicts in both formats"
+    );
+    assert_eq!(l1, ledger(&area("agg3"), &by_ref, 0).await);
+    let count = |r: &str| l1.iter().filter(|x| x.reason == r).count();
+    assert_eq!((count("clipped"), count("duplicate")), (1, 1), "{l1:?}");
+    let Fetched::Listed(list) = fetch_aggregate(&v2, &s3, 0).await.unwrap() else {
+        panic!("agg-v2 expected");
+    };
+    assert_eq!(list.accepted.len(), 5);
+    assert!(list.accepted.windows(2).all(|p| p[0].peer < p[1].peer));
+    assert!(matches!(
+        fetch_aggregate(&v1, &s3, 0).await.unwrap(),
+        Fetched::Merged(_)
+    ));
+
+    // The same parameters, bit for bit, in all three; and different from the base.
+    let mut thetas = Vec::new();
+    for reg in [&v1, &v2, &by_ref] {
+        let mut t = base(reg);
+        assert_eq!(apply_aggregates(reg, &s3, &mut t, 0, 1).await.unwrap(), 2);
+        thetas.push(t);
+    }
+    assert_ne!(bits(&thetas[0]), bits(&base(&v1)));
+    assert_eq!(
+        bits(&thetas[0]),
+        bits(&thetas[1]),
+        "agg-v1 and agg-v2 differ"
+    );
+    assert_eq!(
+        bits(&thetas[0]),
+        bits(&thetas[2]),
+        "agg-v1 and by-reference differ"
+    );
+    // One rank holding only tensor "c" gets exactly its tensor.
+    let mut rank: BTreeMap<String, Vec<f32>> = [("c".to_string(), base(&v2)["c"].clone())].into();
+    apply_aggregates(&v2, &s3, &mut rank, 0, 1).await.unwrap();
+    same_bits(
+        &rank,
+        &[("c".to_string(), thetas[1]["c"].clone())].into(),
+        "one rank",
+    );
+
+    // The split merge publishes the same list, byte for byte.
+    for k in [2usize, 3] {
+        let cpu = MergeOn::default();
+        let workers =
+            (0..k).map(|i| aggregate_part(Job::new(&v2, &aggregator, &s3), 0, i, k, 3, &cpu));
+        let (parts, commit) = tokio::join!(
+            futures::future::join_all(workers),
+            aggregate_commit(Job::new(&v2, &aggregator, &s3), 0, k, 3)
+        );
+        assert_eq!(parts.into_iter().map(|p| p.unwrap()).sum::<usize>(), 6);
+        assert!(commit.unwrap().already_published, "K={k}: the list differs");
+    }
+
+    // Bad lists, signed by the aggregator itself, at window 7: each refused with its reason.
+    let agg2 = area("agg2");
+    let signed_list = |l: &AcceptedList| {
+        EnvelopeBuilder::new(Kind::Agg, &v2.run)
+            .window(7)
+            .codec(AGG_V2_CODEC, Default::default())
+            .sections(
+                vec![(LIST_SECTION.to_string(), serde_json::to_vec(l).unwrap())],
+                Compression::Zstd,
+            )
+            .unwrap()
+            .sign(&aggregator)
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    let mut at7 = list.clone();
+    at7.window = 7;
+    for a in at7.accepted.iter_mut() {
+        a.object = a.object.replace("/0000000000/", "/0000000007/");
+    }
+    let outsider = Identity::generate().peer_id().to_string();
+    let cases: Vec<(&str, Edit)> = vec![
+        ("agg_verdict", Box::new(|l| l.accepted.swap(0, 1))),
+        (
+            "agg_verdict",
+            Box::new(move |l| l.accepted[0].peer = outsider.clone()),
+        ),
+        ("agg_verdict", Box::new(|l| l.window = 6)),
+        (
+            "agg_verdict",
+            Box::new(|l| l.accepted[1].object = l.accepted[2].object.clone()),
+        ),
+        ("agg_weights", Box::new(|l| l.accepted[0].weight *= 1.5)),
+        (
+            "agg_weights",
+            Box::new(|l| {
+                let c = l.accepted.iter_mut().find(|a| a.clipped).unwrap();
+                c.clipped = false;
+            }),
+        ),
+        ("agg_weights", Box::new(|l| l.accepted.truncate(2))),
+    ];
+    let key7 = agg2.path(&layout::agg(&v2.run, 7));
+    assert!(matches!(
+        fetch_aggregate(&v2, &s3, 7).await,
+        Err(ExchangeError::NoAggregate { .. })
+    ));
+    let good = signed_list(&at7);
+    agg2.store.put(&key7, good.into()).await.unwrap();
+    assert!(
+        matches!(
+            fetch_aggregate(&v2, &s3, 7).await.unwrap(),
+            Fetched::Listed(_)
+        ),
+        "the unaltered list passes"
+    );
+    for (want, edit) in &cases {
+        let mut l = at7.clone();
+        edit(&mut l);
+        agg2.store.put(&key7, signed_list(&l).into()).await.unwrap();
+        let e = fetch_aggregate(&v2, &s3, 7).await.err().expect("refused");
+        assert_eq!(reason(&e), *want, "{e}");
+        assert!(e.to_string().contains("window 7"), "{e}");
+    }
+
+    // A consolidated copy whose bytes no longer match its listed hash: refused, naming the
+    // peer, and the parameters are untouched.
+    let copy = agg2.path(&layout::agg_shard(&v2.run, 1, &miners[2].peer_id()));
+    let mut bytes = agg2
+        .store
+        .get(&copy)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    agg2.store.put(&copy, bytes.into()).await.unwrap();
+    let mut t = base(&v2);
+    let e = apply_aggregates(&v2, &s3, &mut t, 0, 1).await.unwrap_err();
+    assert_eq!(reason(&e), "agg_section_mismatch", "{e}");
+    assert!(
+        e.to_string().contains(&miners[2].peer_id().to_string())
+            && e.to_string().contains("window 1"),
+        "{e}"
+    );
+    let mut fresh = base(&v2);
+    apply_aggregates(&v2, &s3, &mut fresh, 0, 0).await.unwrap();
+    same_bits(&t, &fresh, "only window 0 was applied");
+
+    // By reference: a miner replaces its shard (another valid one), then deletes it.
+    let m1 = area("m1");
+    let key = m1.path(&layout::grad(&v2.run, 1, &miners[1].peer_id()));
+    let other = codec::encode_update(
+        &update(99.0, 1.0),
+        &mut EfState::default(),
+        &EncodeOptions {
+            params: v2.codec,
+            beta: v2.beta,
+            section_bytes: 200,
+        },
+    )
+    .unwrap();
+    let replaced = shard_builder(&v2, &v2.run, 1, &other.sections)
+        .unwrap()
+        .sign(&miners[1])
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    m1.store.put(&key, replaced.into()).await.unwrap();
+    let mut t = base(&by_ref);
+    let snapshot = t.clone();
+    let e = apply_aggregates(&by_ref, &s3, &mut t, 1, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "agg_section_mismatch", "{e}");
+    same_bits(&t, &snapshot, "untouched");
+    m1.store.delete(&key).await.unwrap();
+    let e = apply_aggregates(&by_ref, &s3, &mut t, 1, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "agg_source_missing", "{e}");
+    assert!(
+        e.to_string().contains(&miners[1].peer_id().to_string()),
+        "{e}"
+    );
+    same_bits(&t, &snapshot, "untouched");
+    // The consolidated form does not depend on the miner's bucket: window 1 of agg-v1 and
+    // the copies of miner 1 are still there (the damaged copy was miner 2's).
+    let mut t = base(&v1);
+    apply_aggregates(&v1, &s3, &mut t, 0, 1).await.unwrap();
+    same_bits(&t, &thetas[0], "agg-v1 after the damage");
+}
