@@ -358,7 +358,13 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
             "agg_verdict",
             Box::new(|l| l.accepted[1].object = l.accepted[2].object.clone()),
         ),
-        ("agg_weights", Box::new(|l| l.accepted[0].weight *= 1.5)),
+        (
+            "agg_weights",
+            Box::new(|l| {
+                let u = l.accepted.iter_mut().find(|a| !a.clipped).unwrap();
+                u.weight *= 1.5;
+            }),
+        ),
         (
             "agg_weights",
             Box::new(|l| {
