@@ -3,18 +3,21 @@
 //! bytes moved and peak memory, against the transfer limit measured in the same run: a
 //! plain parallel download of the same shard objects with the same concurrency.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Context;
+use object_store::ObjectStoreExt;
 use clap::Args;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
+use shardrop::aggregate::{Fetched, apply_aggregates, fetch_aggregate};
 use shardrop::codec::{CodecParams, EfState, EncodeOptions, encode_update, model_of};
 use shardrop::exchange::{clock, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::registry::{AggForm, AggregateSpec, Participant, Registry, Role};
 use shardrop::store::{self, put_create};
 use shardrop::window::store_now_ms;
 
@@ -32,6 +35,89 @@ pub struct RoundBench {
     params: u64,
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// agg-v2's form: `shards` (copies in the aggregator's store) or `reference`.
+    #[arg(long, default_value = "shards", value_parser = ["shards", "reference"])]
+    form: String,
+    /// Also aggregate the same window as agg-v1 (side by side: its merged size, time and
+    /// memory, and the parameters after apply compared bit for bit).
+    #[arg(long)]
+    with_v1: bool,
+}
+
+/// Runs the real `shardrop aggregate` as its own process (it reports its peak memory).
+fn aggregate_process(
+    reg_url: &str,
+    key_file: &std::path::Path,
+    concurrency: usize,
+) -> anyhow::Result<(f64, serde_json::Value)> {
+    let t = Instant::now();
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "aggregate",
+            "--registry",
+            reg_url,
+            "--key",
+            &key_file.display().to_string(),
+            "--window",
+            "0",
+            "--json",
+        ])
+        .args(["--concurrency", &concurrency.to_string()])
+        .output()?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        anyhow::bail!(
+            "shardrop aggregate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let json = serde_json::from_slice(&out.stdout).context("aggregate --json output")?;
+    Ok((secs, json))
+}
+
+/// One peer's catch-up of window 0 onto θ = 0, in this process: its time, and the bytes a
+/// reader fetches (the aggregate, then every listed shard's head and sections: for agg-v2
+/// the listed objects whole).
+async fn apply_once(
+    reg: &Registry,
+    s3: &store::S3Options,
+) -> anyhow::Result<(f64, u64, BTreeMap<String, Vec<f32>>)> {
+    let (_, target) = reg.aggregator(s3)?;
+    let agg = target
+        .store
+        .head(&target.path(&layout::agg(&reg.run, 0)))
+        .await?;
+    let mut fetched = agg.size;
+    if let Fetched::Listed(list) = fetch_aggregate(reg, s3, 0).await? {
+        for a in &list.accepted {
+            let src = match list.form {
+                AggForm::Shards => target.clone(),
+                AggForm::Reference => {
+                    let m = reg
+                        .with_role(Role::Miner)
+                        .into_iter()
+                        .find(|m| m.peer == a.peer)
+                        .context("listed peer")?;
+                    reg.open_store(m, s3)?
+                }
+            };
+            fetched += src.store.head(&src.path(&a.object)).await?.size;
+        }
+    }
+    let mut theta: BTreeMap<String, Vec<f32>> = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                vec![0f32; t.shape.iter().product::<u64>() as usize],
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    apply_aggregates(reg, s3, &mut theta, 0, 0).await?;
+    Ok((t.elapsed().as_secs_f64(), fetched, theta))
 }
 
 fn parse_count(s: &str) -> Result<u64, String> {
@@ -138,7 +224,22 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
     let now = store_now_ms(&root, "clock").await?;
     reg.genesis_ms = first.saturating_sub(1000);
     reg.window_secs = (now - reg.genesis_ms) / 1000 + 1;
+    reg.aggregate = AggregateSpec::v2(AggForm::parse(&a.form).context("--form")?);
     let reg_url = reg.create(&root.join("operator"), &operator).await?;
+    let v1_url = match a.with_v1 {
+        true => {
+            // The same run and shards, another operator path and aggregator store.
+            let mut v1 = reg.clone();
+            v1.aggregate = AggregateSpec::default();
+            for p in &mut v1.participants {
+                if p.role == Role::Aggregator {
+                    p.store = root.join("aggregator-v1").url();
+                }
+            }
+            Some(v1.create(&root.join("operator-v1"), &operator).await?)
+        }
+        false => None,
+    };
     let (reg, _) = Registry::load(&reg_url, &ctx.s3, Some(operator.peer_id())).await?;
     let closes = clock(&reg).closes(0);
     loop {
@@ -148,34 +249,38 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         }
         tokio::time::sleep(std::time::Duration::from_millis(closes - now + 10)).await;
     }
-    // The aggregation: the real `shardrop aggregate` command as its own process, which
-    // reports its peak resident memory.
     let key_file = tmp.path().join("aggregator.key");
     aggregator.save_new(&key_file)?;
-    let t = Instant::now();
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args([
-            "aggregate",
-            "--registry",
-            &reg_url,
-            "--key",
-            &key_file.display().to_string(),
-            "--window",
-            "0",
-            "--json",
-        ])
-        .args(["--concurrency", &a.concurrency.to_string()])
-        .output()?;
-    let agg_secs = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        anyhow::bail!(
-            "shardrop aggregate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let agg: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("aggregate --json output")?;
+    let (agg_secs, agg) = aggregate_process(&reg_url, &key_file, a.concurrency)?;
     let after = store_now_ms(&root, "clock").await?;
+    let accepted_bytes: u64 = {
+        let mut n = 0;
+        if let Fetched::Listed(list) = fetch_aggregate(&reg, &ctx.s3, 0).await? {
+            for x in &list.accepted {
+                n += x.sections.iter().map(|s| s.len).sum::<u64>();
+            }
+        }
+        n
+    };
+    let (apply_secs, per_peer, theta) = apply_once(&reg, &ctx.s3).await?;
+    let v1 = match &v1_url {
+        Some(url) => {
+            let (reg1, _) = Registry::load(url, &ctx.s3, Some(operator.peer_id())).await?;
+            let (secs, json) = aggregate_process(url, &key_file, a.concurrency)?;
+            let (apply1, fetched1, theta1) = apply_once(&reg1, &ctx.s3).await?;
+            let same = theta.iter().all(|(k, v)| {
+                theta1[k].len() == v.len()
+                    && v.iter()
+                        .zip(&theta1[k])
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+            });
+            anyhow::ensure!(same, "agg-v1 and agg-v2 parameters differ after apply");
+            serde_json::json!({"aggregate_seconds": secs, "aggregate_bytes": json["bytes"],
+                "aggregate_peak_rss_mib": json["peak_rss_mib"], "apply_seconds": apply1,
+                "per_peer_download_bytes": fetched1, "params_bit_identical_to_v2": same})
+        }
+        None => serde_json::Value::Null,
+    };
     // The transfer limit: the same objects, a plain parallel download.
     let paths: Vec<_> = miners
         .iter()
@@ -191,14 +296,25 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         a.concurrency,
     )
     .await?;
+    let min_v1 = v1["per_peer_download_bytes"]
+        .as_u64()
+        .map_or(accepted_bytes, |b| b.min(accepted_bytes));
     Ok(serde_json::json!({
         "store": root.url(), "miners": a.miners, "params": per as u64 * 8, "accepted": agg["accepted"],
+        "format": "agg-v2", "form": a.form,
         "shard_bytes_total": shard_bytes, "shard_bytes_each": shard_bytes / a.miners.max(1) as u64,
+        "accepted_section_bytes": accepted_bytes,
         "aggregate_bytes": agg["bytes"], "publish_seconds": publish_secs,
         "aggregate_seconds": agg_secs, "close_to_published_ms": after.saturating_sub(closes),
         "plain_download_seconds": download_secs, "plain_download_bytes": downloaded,
         "ratio_to_transfer_limit": agg_secs / download_secs,
         "aggregate_peak_rss_mib": agg["peak_rss_mib"],
-        "accumulator_mib": (per * 8 * 4) as f64 / (1 << 20) as f64,
+        "per_peer_download_bytes": per_peer,
+        "per_peer_download_over_accepted": per_peer as f64 / accepted_bytes.max(1) as f64,
+        "per_peer_download_over_min_accepted_v1": per_peer as f64 / min_v1.max(1) as f64,
+        "apply_seconds": apply_secs,
+        "apply_over_plain_download": apply_secs / download_secs,
+        "dense_accumulator_mib_v1_would_hold": (per * 8 * 4) as f64 / (1 << 20) as f64,
+        "agg_v1": v1,
     }))
 }
