@@ -29,6 +29,20 @@ pub struct AcceptedList {
     pub form: AggForm,
     /// The accepted shards in peer-id order (the merge order).
     pub accepted: Vec<AcceptedShard>,
+    /// Form `merged`: the object holding their merged tensor, which readers use instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<MergedObject>,
+}
+
+/// The merged tensor of a window (form `merged`): a blob the aggregator signed, one agg-v1
+/// tensor section `tNNNNN` per model tensor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergedObject {
+    /// Its key in the aggregator's store (`layout::agg_merged`).
+    pub object: String,
+    /// Its section table.
+    pub sections: Vec<ListedSection>,
 }
 
 /// One accepted shard.
@@ -90,9 +104,9 @@ fn fault(reason: &'static str, detail: String) -> ListFault {
 
 /// The key an accepted shard of `peer` must be read from under `form`.
 pub fn shard_key(reg: &Registry, form: AggForm, w: u64, peer: &PeerId) -> String {
-    match form {
-        AggForm::Shards => layout::agg_shard(&reg.run, w, peer),
-        AggForm::Reference => layout::grad(&reg.run, w, peer),
+    match form.consolidated() {
+        true => layout::agg_shard(&reg.run, w, peer),
+        false => layout::grad(&reg.run, w, peer),
     }
 }
 
@@ -102,11 +116,30 @@ impl AcceptedList {
     /// layout key; and the weights the rule gives (`1/n` in f32, less only when clipped,
     /// and clipping only with at least 3 accepted).
     pub fn check(&self, reg: &Registry, w: u64) -> Result<(), ListFault> {
-        if self.format != "agg-v2" || self.window != w || self.form != reg.aggregate.form {
+        let merged_ok = match (&self.merged, self.form) {
+            (Some(m), AggForm::Merged) => m.object == layout::agg_merged(&reg.run, w),
+            (None, f) => f != AggForm::Merged,
+            (Some(_), _) => false,
+        };
+        if !merged_ok {
+            return Err(fault(
+                "agg_verdict",
+                "the merged object is missing, misplaced, or listed for another form".into(),
+            ));
+        }
+        let fixed = matches!(
+            self.form,
+            AggForm::Shards | AggForm::Merged | AggForm::Reference
+        );
+        if self.format != "agg-v2"
+            || self.window != w
+            || !fixed
+            || !reg.aggregate.form.allows(self.form)
+        {
             return Err(fault(
                 "agg_verdict",
                 format!(
-                    "list says {} window {} form {}; expected agg-v2 window {w} form {}",
+                    "list says {} window {} form {}; expected agg-v2 window {w} in a run of form {}",
                     self.format,
                     self.window,
                     self.form.name(),

@@ -20,10 +20,14 @@ use object_store::{ObjectStoreExt, PutPayload};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::accepted::{AcceptedList, AcceptedShard, LIST_SECTION, ListedSection, shard_key};
+use crate::accepted::{
+    AcceptedList, AcceptedShard, LIST_SECTION, ListedSection, MergedObject, shard_key,
+};
 use crate::codec::{CodecError, EncodedTensor, ModelSpec, accumulate};
 use crate::envelope::read_signed;
-use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
+use crate::envelope::{
+    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, SignedEnvelope,
+};
 use crate::exchange::{ExchangeError, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
@@ -418,7 +422,10 @@ async fn publish_aggregate(
 /// agg-v2's list from the final verdicts: the accepted shards in peer-id order, with the
 /// section tables that were checked (the aggregator's copies' for form `shards`).
 fn accepted_list(reg: &Registry, w: u64, shards: &[MinerShard], v: &Verdicts) -> AcceptedList {
-    let form = reg.aggregate.form;
+    let form = match reg.aggregate.form.consolidated() {
+        true => AggForm::Shards,
+        false => AggForm::Reference,
+    };
     let accepted = shards
         .iter()
         .zip(&v.rows)
@@ -441,7 +448,107 @@ fn accepted_list(reg: &Registry, w: u64, shards: &[MinerShard], v: &Verdicts) ->
         window: w,
         form,
         accepted,
+        merged: None,
     }
+}
+
+/// The codec of the merged object (form `merged`).
+pub const MERGED_CODEC: &str = "agg-merged-v1";
+
+/// Forms `merged` and `auto`: merges the listed shards one tensor at a time (with the
+/// readers' own code, so the bytes are what every reader would compute), and signs the
+/// merged object: always for `merged`; for `auto` only when its largest tensor, merged as a
+/// sample, is smaller than the shards' bytes for it, and then only if the whole object is
+/// smaller than the shards. Returns the list to sign and the object to put before it.
+async fn with_merged(
+    job: Job<'_>,
+    w: u64,
+    mut list: AcceptedList,
+) -> Result<(AcceptedList, Option<SignedEnvelope>), ExchangeError> {
+    let reg = job.reg;
+    let form = reg.aggregate.form;
+    if !matches!(form, AggForm::Merged | AggForm::Auto) || list.accepted.is_empty() {
+        return Ok((list, None));
+    }
+    let all = |_: usize| true;
+    let spooled = merge::fetch_listed(reg, job.s3, &list, &all).await?;
+    let shard_bytes: u64 = list
+        .accepted
+        .iter()
+        .flat_map(|a| &a.sections)
+        .map(|s| s.len)
+        .sum();
+    let numel = |i: usize| reg.model.tensors[i].shape.iter().product::<u64>();
+    let total: u64 = (0..reg.model.tensors.len()).map(numel).sum();
+    let encode = |i: usize, acc: &[f32]| {
+        let spec = &reg.model.tensors[i];
+        agg_tensor(&spec.name, &spec.shape, acc)
+    };
+    if form == AggForm::Auto {
+        let Some(big) = (0..reg.model.tensors.len()).max_by_key(|&i| (numel(i), usize::MAX - i))
+        else {
+            return Ok((list, None));
+        };
+        let mut sample = 0u64;
+        spooled.merge(reg, &|i| i == big, |i, acc| {
+            let raw = encode(i, acc)?;
+            let packed = zstd::bulk::compress(&raw, 3)
+                .map_err(|e| ExchangeError::Internal(format!("zstd: {e}")))?;
+            sample = packed.len() as u64;
+            Ok(())
+        })?;
+        let share = shard_bytes as f64 * numel(big) as f64 / total.max(1) as f64;
+        if sample as f64 >= share {
+            return Ok((list, None));
+        }
+    }
+    let dir = tempfile::tempdir().map_err(|e| ExchangeError::Internal(format!("spool: {e}")))?;
+    let mut files = Vec::with_capacity(reg.model.tensors.len());
+    spooled.merge(reg, &all, |i, acc| {
+        let file = dir.path().join(format!("t{i:05}"));
+        std::fs::write(&file, encode(i, acc)?)
+            .map_err(|e| ExchangeError::Internal(format!("{}: {e}", file.display())))?;
+        files.push((format!("t{i:05}"), file));
+        Ok(())
+    })?;
+    let mut b = EnvelopeBuilder::new(Kind::Blob, &reg.run)
+        .window(w)
+        .codec(MERGED_CODEC, Default::default())
+        .clock_ms(clock(reg).closes(w));
+    for (name, file) in &files {
+        b = b.section_file(name, file, Compression::Zstd, None)?;
+    }
+    let signed = b.sign(job.id)?;
+    if form == AggForm::Auto && signed.len() >= shard_bytes {
+        return Ok((list, None));
+    }
+    list.form = AggForm::Merged;
+    list.merged = Some(MergedObject {
+        object: layout::agg_merged(&reg.run, w),
+        sections: signed
+            .header
+            .sections
+            .iter()
+            .map(ListedSection::from)
+            .collect(),
+    });
+    Ok((list, Some(signed)))
+}
+
+/// Puts the merged object if there is one, then the ledger and the list (the commit point).
+async fn publish_v2(
+    job: Job<'_>,
+    target: &Target,
+    w: u64,
+    v: &Verdicts,
+    list: AcceptedList,
+) -> Result<Aggregated, ExchangeError> {
+    let (list, merged) = with_merged(job, w, list).await?;
+    if let Some(m) = merged {
+        let path = target.path(&layout::agg_merged(&job.reg.run, w));
+        store::put_create(target, &path, &m).await?;
+    }
+    publish_aggregate(job.reg, job.id, target, w, v, Body::Listed(list)).await
 }
 
 /// The agg-v2 aggregator for window `w`, tensors `range` (all of them, or one part's): the
@@ -456,7 +563,7 @@ async fn check_window_v2(
 ) -> Result<(OpenWindow, Vec<RangeCheck>), ExchangeError> {
     let reg = job.reg;
     let mut open = open_window(job, Role::Aggregator, w, concurrency, budget).await?;
-    if reg.aggregate.form == AggForm::Shards {
+    if reg.aggregate.form.consolidated() {
         consolidate(
             reg,
             &open.target,
@@ -495,7 +602,7 @@ pub async fn aggregate_window_on(
         let (open, checks) = check_window_v2(job, w, all, concurrency, on.budget).await?;
         let v = finalize(reg, w, &open.shards, &[checks]);
         let list = accepted_list(reg, w, &open.shards, &v);
-        return publish_aggregate(reg, id, &open.target, w, &v, Body::Listed(list)).await;
+        return publish_v2(job, &open.target, w, &v, list).await;
     }
     let OpenWindow {
         target,
@@ -695,13 +802,13 @@ pub async fn aggregate_commit(
     } = open_window(job, Role::Aggregator, w, concurrency, None).await?;
     let parts = read_checks(reg, &target, &me, w, k).await?;
     if reg.aggregate.format == AggFormat::V2 {
-        if reg.aggregate.form == AggForm::Shards {
+        if reg.aggregate.form.consolidated() {
             // The workers copied and checked; list the copies' section tables.
             consolidate(reg, &target, w, &mut shards, false, concurrency, deadline).await;
         }
         let v = finalize(reg, w, &shards, &parts);
         let list = accepted_list(reg, w, &shards, &v);
-        return publish_aggregate(reg, id, &target, w, &v, Body::Listed(list)).await;
+        return publish_v2(job, &target, w, &v, list).await;
     }
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());

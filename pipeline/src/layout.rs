@@ -41,6 +41,12 @@ pub fn agg_shard(run: &str, window: u64, peer: &PeerId) -> String {
     format!("runs/{run}/aggs/{window:010}/{peer}.grad")
 }
 
+/// The merged tensor of `window` (agg-v2, form `merged`): a signed blob of agg-v1 tensor
+/// sections that the window's list names.
+pub fn agg_merged(run: &str, window: u64) -> String {
+    format!("runs/{run}/aggs/{window:010}/merged")
+}
+
 /// A split-merge worker's range checks for window `w` (part `i` of `k`).
 pub fn agg_checks(run: &str, window: u64, i: usize, k: usize) -> String {
     format!("runs/{run}/aggs/{window:010}.checks-{i:04}-of-{k:04}")

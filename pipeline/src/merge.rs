@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use futures::StreamExt;
 
-use crate::accepted::{AcceptedList, ListedSection};
+use crate::accepted::{AcceptedList, ListedSection, MergedObject};
 use crate::codec::{self, CodecLimits, EncodedTensor};
 use crate::envelope::{EnvelopeError, Expect, Kind, RemoteEnvelope, stream_section};
 use crate::exchange::ExchangeError;
@@ -36,11 +36,14 @@ use crate::verdict::shard_limits;
 /// Shards fetched at once in the fetch stage.
 const FETCH_CONCURRENCY: usize = 8;
 
-/// A window's listed shards, every wanted section verified and spooled to disk.
+/// A window's listed shards (or its merged tensor), every wanted section verified and
+/// spooled to disk.
 pub struct Spooled {
     window: u64,
     /// Per accepted shard: its weight and its sections (name, tensor range, spool file).
     shards: Vec<SpooledShard>,
+    /// Form `merged`: the spooled agg-v1 tensor section of each wanted tensor, by index.
+    merged: Option<Vec<Option<PathBuf>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -72,7 +75,6 @@ fn source(
     peer: &str,
 ) -> Result<Target, ExchangeError> {
     match list.form {
-        AggForm::Shards => Ok(reg.aggregator(s3)?.1),
         AggForm::Reference => {
             let p = reg
                 .with_role(Role::Miner)
@@ -81,6 +83,7 @@ fn source(
                 .ok_or_else(|| ExchangeError::Internal(format!("{peer} is not a miner")))?;
             Ok(reg.open_store(p, s3)?)
         }
+        _ => Ok(reg.aggregator(s3)?.1),
     }
 }
 
@@ -179,6 +182,15 @@ pub async fn fetch_listed(
         .tempdir()
         .map_err(|e| ExchangeError::Internal(format!("spool folder: {e}")))?;
     let root = dir.path().to_path_buf();
+    if let Some(m) = &list.merged {
+        let files = fetch_merged(reg, s3, list, m, want, &root).await?;
+        return Ok(Spooled {
+            window: list.window,
+            shards: Vec::new(),
+            merged: Some(files),
+            _dir: dir,
+        });
+    }
     let limits = shard_limits(reg);
     let fetched: Vec<Result<SpooledShard, ExchangeError>> =
         futures::stream::iter((0..list.accepted.len()).map(|j| {
@@ -244,8 +256,109 @@ pub async fn fetch_listed(
     Ok(Spooled {
         window: list.window,
         shards: fetched.into_iter().collect::<Result<_, _>>()?,
+        merged: None,
         _dir: dir,
     })
+}
+
+/// Form `merged`: opens the merged object (signed by the aggregator), requires its section
+/// table to be the list's, and spools the wanted tensors' sections.
+async fn fetch_merged(
+    reg: &Registry,
+    s3: &S3Options,
+    list: &AcceptedList,
+    m: &MergedObject,
+    want: &(dyn Fn(usize) -> bool + Sync),
+    root: &std::path::Path,
+) -> Result<Vec<Option<PathBuf>>, ExchangeError> {
+    let w = list.window;
+    let (agg_id, target) = reg.aggregator(s3)?;
+    let path = target.path(&m.object);
+    let object = target.url_of(&path);
+    let expect = Expect {
+        signer: Some(agg_id),
+        run: Some(reg.run.clone()),
+        kind: Some(Kind::Blob),
+        window: Some(w),
+        step: None,
+    };
+    let who = "the aggregator";
+    let limits = crate::aggregate::agg_limits(reg);
+    let env =
+        match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await {
+            Ok(env) => env,
+            Err(EnvelopeError::NotFound { .. }) => {
+                return Err(refused(
+                    &object,
+                    "agg_source_missing",
+                    w,
+                    who,
+                    "the merged object is gone".into(),
+                ));
+            }
+            Err(e) if e.rejection().is_some() => {
+                return Err(refused(
+                    &object,
+                    "agg_section_mismatch",
+                    w,
+                    who,
+                    format!("not the listed merged object: {e}"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+    let table: Vec<ListedSection> = env.sections().iter().map(ListedSection::from).collect();
+    let names: Vec<String> = (0..reg.model.tensors.len())
+        .map(|i| format!("t{i:05}"))
+        .collect();
+    if table != m.sections || table.iter().map(|x| &x.name).ne(names.iter()) {
+        return Err(refused(
+            &object,
+            "agg_section_mismatch",
+            w,
+            who,
+            "its section table is not the list's (one tNNNNN per model tensor)".into(),
+        ));
+    }
+    let mut files = vec![None; names.len()];
+    for (i, name) in names.iter().enumerate().filter(|(i, _)| want(*i)) {
+        let file = root.join(name);
+        let sink = std::fs::File::create(&file)
+            .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?;
+        match stream_section(
+            target.store.as_ref(),
+            &env,
+            name,
+            std::io::BufWriter::new(sink),
+            &limits,
+        )
+        .await
+        {
+            Ok(mut out) => std::io::Write::flush(&mut out)
+                .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?,
+            Err(EnvelopeError::NotFound { .. }) => {
+                return Err(refused(
+                    &object,
+                    "agg_source_missing",
+                    w,
+                    who,
+                    format!("section {name} is gone"),
+                ));
+            }
+            Err(e) if e.rejection().is_some() => {
+                return Err(refused(
+                    &object,
+                    "agg_section_mismatch",
+                    w,
+                    who,
+                    format!("section {name} does not match its listed hash: {e}"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        files[i] = Some(file);
+    }
+    Ok(files)
 }
 
 impl Spooled {
@@ -257,6 +370,9 @@ impl Spooled {
         want: &(dyn Fn(usize) -> bool + Sync),
         mut sink: impl FnMut(usize, &[f32]) -> Result<(), ExchangeError>,
     ) -> Result<(), ExchangeError> {
+        if let Some(files) = &self.merged {
+            return self.merged_tensors(reg, files, want, sink);
+        }
         let n = reg.model.tensors.len();
         let mut cuts: Vec<usize> = self
             .shards
@@ -304,6 +420,57 @@ impl Spooled {
                 }
                 sink(i, &acc)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Form `merged`: each wanted tensor from its agg-v1 section (checked against the model:
+    /// finite values, indices in range), expanded to the accumulator it was written from.
+    fn merged_tensors(
+        &self,
+        reg: &Registry,
+        files: &[Option<PathBuf>],
+        want: &(dyn Fn(usize) -> bool + Sync),
+        mut sink: impl FnMut(usize, &[f32]) -> Result<(), ExchangeError>,
+    ) -> Result<(), ExchangeError> {
+        for (i, spec) in reg
+            .model
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| want(*i))
+        {
+            let file = files[i].as_ref().ok_or_else(|| {
+                ExchangeError::Internal(format!("tensor {} was not fetched", spec.name))
+            })?;
+            let mut bytes = Vec::new();
+            std::fs::File::open(file)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?;
+            let bad = |detail: String| ExchangeError::Rejected {
+                object: format!("window {} merged t{i:05}", self.window),
+                reason: "agg_section_mismatch",
+                detail,
+            };
+            let t = crate::aggregate::read_agg_tensor(&bytes, &reg.model)
+                .map_err(|e| bad(format!("window {}: section t{i:05}: {e}", self.window)))?;
+            if t.name != spec.name {
+                return Err(bad(format!(
+                    "window {}: section t{i:05} holds {:?}, not {:?}",
+                    self.window, t.name, spec.name
+                )));
+            }
+            let acc = match t.values {
+                crate::aggregate::AggValues::Dense(v) => v,
+                crate::aggregate::AggValues::Sparse(idx, val) => {
+                    let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
+                    for (i, v) in idx.into_iter().zip(val) {
+                        acc[i as usize] = v;
+                    }
+                    acc
+                }
+            };
+            sink(i, &acc)?;
         }
         Ok(())
     }

@@ -114,14 +114,23 @@ pub enum AggFormat {
     V2,
 }
 
-/// Where an agg-v2 reader finds the accepted shards' sections.
+/// Where an agg-v2 reader finds what it merges. A run names one of these; each window's
+/// list names the form that window used (`Auto` picks `Shards` or `Merged` per window).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AggForm {
-    /// Byte-for-byte copies in the aggregator's store: readers need only its credentials,
-    /// and catch-up survives miners deleting old shards.
+    /// Per window, whichever of `Shards` and `Merged` is smaller: the shards while few peers
+    /// are accepted, the merged tensor once their union is denser than their sum.
     #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// Byte-for-byte copies of the accepted shards in the aggregator's store: readers need
+    /// only its credentials, and catch-up survives miners deleting old shards.
     #[serde(rename = "shards")]
     Shards,
+    /// The merged tensor (agg-v1's lossless tensor sections) in one object in the
+    /// aggregator's store, beside the list of the shards it merges.
+    #[serde(rename = "merged")]
+    Merged,
     /// The miners' own objects, read with the credentials the registry names: no copy, but
     /// a reader fails (naming the section) once a miner deletes or replaces its shard.
     #[serde(rename = "reference")]
@@ -132,16 +141,36 @@ impl AggForm {
     /// The name the registry and the aggregate's header use.
     pub fn name(self) -> &'static str {
         match self {
+            AggForm::Auto => "auto",
             AggForm::Shards => "shards",
+            AggForm::Merged => "merged",
             AggForm::Reference => "reference",
         }
     }
 
     /// The form named `s`.
     pub fn parse(s: &str) -> Option<AggForm> {
-        [AggForm::Shards, AggForm::Reference]
-            .into_iter()
-            .find(|f| f.name() == s)
+        [
+            AggForm::Auto,
+            AggForm::Shards,
+            AggForm::Merged,
+            AggForm::Reference,
+        ]
+        .into_iter()
+        .find(|f| f.name() == s)
+    }
+
+    /// Whether a window's list may use `used` in a run of this form.
+    pub fn allows(self, used: AggForm) -> bool {
+        match self {
+            AggForm::Auto => matches!(used, AggForm::Shards | AggForm::Merged),
+            run => used == run,
+        }
+    }
+
+    /// Whether the aggregator copies the shards into its store.
+    pub fn consolidated(self) -> bool {
+        self != AggForm::Reference
     }
 }
 
@@ -310,7 +339,7 @@ impl Registry {
             beta: 0.9,
             outer_lr: 1.0,
             limits: RunLimits::default(),
-            aggregate: AggregateSpec::v2(AggForm::Shards),
+            aggregate: AggregateSpec::v2(AggForm::Auto),
             participants: Vec::new(),
         }
     }

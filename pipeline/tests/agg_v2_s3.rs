@@ -178,7 +178,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     );
     assert_eq!(
         v2.aggregate,
-        AggregateSpec::v2(AggForm::Shards),
+        AggregateSpec::v2(AggForm::Auto),
         "new runs are agg-v2"
     );
     v2.outer_lr = 0.7;
@@ -201,6 +201,8 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     };
     let v1 = with_agg(&v2, "agg1", AggregateSpec::default());
     let by_ref = with_agg(&v2, "agg3", AggregateSpec::v2(AggForm::Reference));
+    let merged = with_agg(&v2, "agg4", AggregateSpec::v2(AggForm::Merged));
+    let auto = with_agg(&v2, "agg5", AggregateSpec::v2(AggForm::Auto));
     let v2 = with_agg(&v2, "agg2", AggregateSpec::v2(AggForm::Shards));
     let clk = clock(&v2);
 
@@ -259,7 +261,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     publish_all(1, vec![(1, 1.0), (2, 1.0)]).await;
     wait_until(&area("op"), clk.closes(1)).await;
 
-    for reg in [&v1, &v2, &by_ref] {
+    for reg in [&v1, &v2, &by_ref, &merged, &auto] {
         for w in [0, 1] {
             aggregate_window(Job::new(reg, &aggregator, &s3), w, 3)
                 .await
@@ -287,7 +289,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
 
     // The same parameters, bit for bit, in all three; and different from the base.
     let mut thetas = Vec::new();
-    for reg in [&v1, &v2, &by_ref] {
+    for reg in [&v1, &v2, &by_ref, &merged, &auto] {
         let mut t = base(reg);
         assert_eq!(apply_aggregates(reg, &s3, &mut t, 0, 1).await.unwrap(), 2);
         thetas.push(t);
@@ -354,6 +356,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
             Box::new(move |l| l.accepted[0].peer = outsider.clone()),
         ),
         ("agg_verdict", Box::new(|l| l.window = 6)),
+        ("agg_verdict", Box::new(|l| l.form = AggForm::Merged)),
         (
             "agg_verdict",
             Box::new(|l| l.accepted[1].object = l.accepted[2].object.clone()),

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Context;
-use object_store::ObjectStoreExt;
 use clap::Args;
+use object_store::ObjectStoreExt;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -35,8 +35,8 @@ pub struct RoundBench {
     params: u64,
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// agg-v2's form: `shards` (copies in the aggregator's store) or `reference`.
-    #[arg(long, default_value = "shards", value_parser = ["shards", "reference"])]
+    /// agg-v2's form (`run init --agg-form`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "shards", "merged", "reference"])]
     form: String,
     /// Also aggregate the same window as agg-v1 (side by side: its merged size, time and
     /// memory, and the parameters after apply compared bit for bit).
@@ -89,9 +89,11 @@ async fn apply_once(
         .await?;
     let mut fetched = agg.size;
     if let Fetched::Listed(list) = fetch_aggregate(reg, s3, 0).await? {
-        for a in &list.accepted {
+        if let Some(m) = &list.merged {
+            fetched += target.store.head(&target.path(&m.object)).await?.size;
+        }
+        for a in list.accepted.iter().filter(|_| list.merged.is_none()) {
             let src = match list.form {
-                AggForm::Shards => target.clone(),
                 AggForm::Reference => {
                     let m = reg
                         .with_role(Role::Miner)
@@ -100,6 +102,7 @@ async fn apply_once(
                         .context("listed peer")?;
                     reg.open_store(m, s3)?
                 }
+                _ => target.clone(),
             };
             fetched += src.store.head(&src.path(&a.object)).await?.size;
         }
@@ -253,14 +256,16 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
     aggregator.save_new(&key_file)?;
     let (agg_secs, agg) = aggregate_process(&reg_url, &key_file, a.concurrency)?;
     let after = store_now_ms(&root, "clock").await?;
-    let accepted_bytes: u64 = {
-        let mut n = 0;
-        if let Fetched::Listed(list) = fetch_aggregate(&reg, &ctx.s3, 0).await? {
-            for x in &list.accepted {
-                n += x.sections.iter().map(|s| s.len).sum::<u64>();
-            }
-        }
-        n
+    let (accepted_bytes, used_form) = match fetch_aggregate(&reg, &ctx.s3, 0).await? {
+        Fetched::Listed(list) => (
+            list.accepted
+                .iter()
+                .flat_map(|x| &x.sections)
+                .map(|s| s.len)
+                .sum::<u64>(),
+            list.form.name(),
+        ),
+        Fetched::Merged(_) => (0, "agg-v1"),
     };
     let (apply_secs, per_peer, theta) = apply_once(&reg, &ctx.s3).await?;
     let v1 = match &v1_url {
@@ -301,7 +306,7 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         .map_or(accepted_bytes, |b| b.min(accepted_bytes));
     Ok(serde_json::json!({
         "store": root.url(), "miners": a.miners, "params": per as u64 * 8, "accepted": agg["accepted"],
-        "format": "agg-v2", "form": a.form,
+        "format": "agg-v2", "form": a.form, "form_used": used_form,
         "shard_bytes_total": shard_bytes, "shard_bytes_each": shard_bytes / a.miners.max(1) as u64,
         "accepted_section_bytes": accepted_bytes,
         "aggregate_bytes": agg["bytes"], "publish_seconds": publish_secs,

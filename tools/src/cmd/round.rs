@@ -62,9 +62,10 @@ pub struct InitArgs {
     /// merge them) or agg-v1 (one object with the merged tensors).
     #[arg(long, default_value = "agg-v2", value_parser = ["agg-v1", "agg-v2"])]
     aggregate: String,
-    /// agg-v2 only: `shards` (copies in the aggregator's store) or `reference` (readers
+    /// agg-v2 only: `auto` (per window, copies of the shards or the merged tensor, whichever
+    /// is smaller, in the aggregator's store), `shards`, `merged`, or `reference` (readers
     /// fetch from the miners' stores).
-    #[arg(long, default_value = "shards", value_parser = ["shards", "reference"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "shards", "merged", "reference"])]
     agg_form: String,
 }
 
