@@ -457,9 +457,10 @@ pub const MERGED_CODEC: &str = "agg-merged-v1";
 
 /// Forms `merged` and `auto`: merges the listed shards one tensor at a time (with the
 /// readers' own code, so the bytes are what every reader would compute), and signs the
-/// merged object: always for `merged`; for `auto` only when its largest tensor, merged as a
-/// sample, is smaller than the shards' bytes for it, and then only if the whole object is
-/// smaller than the shards. Returns the list to sign and the object to put before it.
+/// merged object: always for `merged`; for `auto` only when a sample tensor, merged alone,
+/// is smaller than the shards' bytes for its share of the model, and then only if the whole
+/// object is smaller than the shards. Returns the list to sign and the object to put before
+/// it. Memory: the largest tensor's accumulator while merging (the sample's: ≤ 64 MiB).
 async fn with_merged(
     job: Job<'_>,
     w: u64,
@@ -471,7 +472,6 @@ async fn with_merged(
         return Ok((list, None));
     }
     let all = |_: usize| true;
-    let spooled = merge::fetch_listed(reg, job.s3, &list, &all).await?;
     let shard_bytes: u64 = list
         .accepted
         .iter()
@@ -485,23 +485,29 @@ async fn with_merged(
         agg_tensor(&spec.name, &spec.shape, acc)
     };
     if form == AggForm::Auto {
-        let Some(big) = (0..reg.model.tensors.len()).max_by_key(|&i| (numel(i), usize::MAX - i))
-        else {
+        // The sample: the first 2^24 elements (a 64 MiB accumulator) of the largest tensor.
+        const SAMPLE: usize = 1 << 24;
+        let n = reg.model.tensors.len();
+        let Some(big) = (0..n).max_by_key(|&i| (numel(i), usize::MAX - i)) else {
             return Ok((list, None));
         };
-        let mut sample = 0u64;
-        spooled.merge(reg, &|i| i == big, |i, acc| {
-            let raw = encode(i, acc)?;
-            let packed = zstd::bulk::compress(&raw, 3)
-                .map_err(|e| ExchangeError::Internal(format!("zstd: {e}")))?;
-            sample = packed.len() as u64;
-            Ok(())
-        })?;
-        let share = shard_bytes as f64 * numel(big) as f64 / total.max(1) as f64;
+        // Only the sections holding the sample are fetched for the decision.
+        let one = |i: usize| i == big;
+        let spooled = merge::fetch_listed(reg, job.s3, &list, &one).await?;
+        let acc = spooled.sample(reg, big, SAMPLE)?;
+        let spec = &reg.model.tensors[big];
+        let raw = agg_tensor(&spec.name, &[acc.len() as u64], &acc)?;
+        let sample = zstd::bulk::compress(&raw, 3)
+            .map_err(|e| ExchangeError::Internal(format!("zstd: {e}")))?
+            .len() as u64;
+        drop((acc, spooled));
+        let numel_big = numel(big).min(SAMPLE as u64);
+        let share = shard_bytes as f64 * numel_big as f64 / total.max(1) as f64;
         if sample as f64 >= share {
             return Ok((list, None));
         }
     }
+    let spooled = merge::fetch_listed(reg, job.s3, &list, &all).await?;
     let dir = tempfile::tempdir().map_err(|e| ExchangeError::Internal(format!("spool: {e}")))?;
     let mut files = Vec::with_capacity(reg.model.tensors.len());
     spooled.merge(reg, &all, |i, acc| {

@@ -475,6 +475,37 @@ impl Spooled {
         Ok(())
     }
 
+    /// The first `limit` elements of tensor `i` merged (weight × value summed in list
+    /// order): a sample of the merged tensor that costs `limit` floats, not the tensor's
+    /// size. Only for estimating sizes; `merge` is the exact path.
+    pub fn sample(
+        &self,
+        reg: &Registry,
+        i: usize,
+        limit: usize,
+    ) -> Result<Vec<f32>, ExchangeError> {
+        let spec = &reg.model.tensors[i];
+        let n = (spec.shape.iter().product::<u64>() as usize).min(limit);
+        let mut acc = vec![0f32; n];
+        for (j, s) in self.shards.iter().enumerate() {
+            let Some((name, _, file)) = s.sections.iter().find(|(_, r, _)| r.contains(&i)) else {
+                continue;
+            };
+            let file = file.as_ref().ok_or_else(|| {
+                ExchangeError::Internal(format!("section {name} was not fetched"))
+            })?;
+            let tensors = self.decode(reg, j, file)?;
+            let Some(t) = tensors.get(&spec.name) else {
+                continue;
+            };
+            let (idx, val) = codec::to_sparse(t)?;
+            for (k, v) in idx.into_iter().zip(val).filter(|(k, _)| (*k as usize) < n) {
+                acc[k as usize] += s.weight * v;
+            }
+        }
+        Ok(acc)
+    }
+
     fn decode(
         &self,
         reg: &Registry,

@@ -472,12 +472,25 @@ pub async fn put_create(
     src: &(impl PutSource + ?Sized),
 ) -> Result<PutOutcome, StoreError> {
     let object = target.url_of(path);
-    let store = target.store.as_ref();
     let len = src.len();
     if len <= SINGLE_PUT_MAX {
         let mut buf = vec![0u8; len as usize];
         src.read_at(0, &mut buf).map_err(|e| io_error(&object, e))?;
-        let body = Bytes::from(buf);
+        return put_create_small(target, path, Bytes::from(buf), src).await;
+    }
+    put_create_large(target, path, src).await
+}
+
+/// `put_create`'s single create-only PUT of `body` (the bytes of `src`).
+async fn put_create_small(
+    target: &Target,
+    path: &Path,
+    body: Bytes,
+    src: &(impl PutSource + ?Sized),
+) -> Result<PutOutcome, StoreError> {
+    let object = target.url_of(path);
+    let store = target.store.as_ref();
+    {
         // object_store does not retry a PUT whose body write failed (a pooled connection the
         // server had closed): the request may have landed. A create-only PUT is safe to
         // repeat, since a landed first attempt makes the retry find the same bytes.
@@ -512,6 +525,17 @@ pub async fn put_create(
             }
         }
     }
+}
+
+/// `put_create`'s multipart path, for objects over `SINGLE_PUT_MAX`.
+async fn put_create_large(
+    target: &Target,
+    path: &Path,
+    src: &(impl PutSource + ?Sized),
+) -> Result<PutOutcome, StoreError> {
+    let object = target.url_of(path);
+    let store = target.store.as_ref();
+    let len = src.len();
     match store.head(path).await {
         Ok(_) => return same_or_conflict(target, path, src).await,
         Err(object_store::Error::NotFound { .. }) => {}
@@ -566,8 +590,9 @@ pub async fn copy_object(
             .map_err(|e| StoreError::from_store(from, e))
     };
     if len <= SINGLE_PUT_MAX {
+        // One buffer: the body goes up as it came down.
         let body = get(0..len).await?;
-        return put_create(dst, dst_path, &body[..]).await;
+        return put_create_small(dst, dst_path, body.clone(), &body[..]).await;
     }
     let object = dst.url_of(dst_path);
     match dst.store.head(dst_path).await {
