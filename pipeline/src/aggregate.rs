@@ -638,13 +638,7 @@ async fn wait_for_blob(
     key: &str,
     w: u64,
 ) -> Result<Vec<(String, Vec<u8>)>, ExchangeError> {
-    let expect = Expect {
-        signer: Some(*me),
-        run: Some(reg.run.clone()),
-        kind: Some(Kind::Blob),
-        window: Some(w),
-        step: None,
-    };
+    let expect = Expect::in_window(Kind::Blob, *me, &reg.run, w);
     loop {
         match read_signed(target, key, &expect, &agg_limits(reg)).await {
             Ok((env, sections)) => {
@@ -855,13 +849,7 @@ pub async fn fetch_aggregate(
     let (agg_id, target) = reg.aggregator(s3)?;
     let key = layout::agg(&reg.run, w);
     let object = target.url_of(&target.path(&key));
-    let expect = Expect {
-        signer: Some(agg_id),
-        run: Some(reg.run.clone()),
-        kind: Some(Kind::Agg),
-        window: Some(w),
-        step: None,
-    };
+    let expect = Expect::in_window(Kind::Agg, agg_id, &reg.run, w);
     let (env, sections) = match read_signed(&target, &key, &expect, &agg_limits(reg)).await {
         Ok(x) => x,
         Err(EnvelopeError::NotFound { .. }) => {

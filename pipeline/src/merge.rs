@@ -100,13 +100,7 @@ async fn open_listed(
     let path = target.path(&a.object);
     let object = target.url_of(&path);
     let peer = PeerId::parse(&a.peer).map_err(|e| ExchangeError::Internal(e.to_string()))?;
-    let expect = Expect {
-        signer: Some(peer),
-        run: Some(reg.run.clone()),
-        kind: Some(Kind::Grad),
-        window: Some(w),
-        step: None,
-    };
+    let expect = Expect::in_window(Kind::Grad, peer, &reg.run, w);
     let env = match RemoteEnvelope::open(
         target.store.as_ref(),
         &path,
@@ -275,13 +269,7 @@ async fn fetch_merged(
     let (agg_id, target) = reg.aggregator(s3)?;
     let path = target.path(&m.object);
     let object = target.url_of(&path);
-    let expect = Expect {
-        signer: Some(agg_id),
-        run: Some(reg.run.clone()),
-        kind: Some(Kind::Blob),
-        window: Some(w),
-        step: None,
-    };
+    let expect = Expect::in_window(Kind::Blob, agg_id, &reg.run, w);
     let who = "the aggregator";
     let limits = crate::aggregate::agg_limits(reg);
     let env =

@@ -134,13 +134,7 @@ impl MinerShard {
             return;
         };
         let key = layout::grad_commit(&reg.run, w, &env.signer);
-        let expect = Expect {
-            signer: Some(env.signer),
-            run: Some(reg.run.clone()),
-            kind: Some(Kind::Blob),
-            window: Some(w),
-            step: None,
-        };
+        let expect = Expect::in_window(Kind::Blob, env.signer, &reg.run, w);
         let path = target.path(&key);
         let url = target.url_of(&path);
         self.commit_ms = match RemoteEnvelope::open(
@@ -194,13 +188,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
     };
     let path = target.path(&layout::grad(&reg.run, w, &peer));
     shard.object = target.url_of(&path);
-    let expect = Expect {
-        signer: Some(peer),
-        run: Some(reg.run.clone()),
-        kind: Some(Kind::Grad),
-        window: Some(w),
-        step: None,
-    };
+    let expect = Expect::in_window(Kind::Grad, peer, &reg.run, w);
     let env = match RemoteEnvelope::open(
         target.store.as_ref(),
         &path,
@@ -705,13 +693,7 @@ impl MinerShard {
                 return;
             }
         }
-        let expect = Expect {
-            signer: Some(peer),
-            run: Some(reg.run.clone()),
-            kind: Some(Kind::Grad),
-            window: Some(w),
-            step: None,
-        };
+        let expect = Expect::in_window(Kind::Grad, peer, &reg.run, w);
         let opened = RemoteEnvelope::open(
             target.store.as_ref(),
             &path,

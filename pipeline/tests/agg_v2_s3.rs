@@ -295,16 +295,31 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         thetas.push(t);
     }
     assert_ne!(bits(&thetas[0]), bits(&base(&v1)));
-    assert_eq!(
-        bits(&thetas[0]),
-        bits(&thetas[1]),
-        "agg-v1 and agg-v2 differ"
-    );
-    assert_eq!(
-        bits(&thetas[0]),
-        bits(&thetas[2]),
-        "agg-v1 and by-reference differ"
-    );
+    same_bits(&thetas[0], &thetas[1], "agg-v1 against agg-v2");
+    same_bits(&thetas[0], &thetas[2], "agg-v1 against by-reference");
+    same_bits(&thetas[0], &thetas[3], "agg-v1 against merged");
+    same_bits(&thetas[0], &thetas[4], "agg-v1 against auto");
+    let Fetched::Listed(m) = fetch_aggregate(&merged, &s3, 0).await.unwrap() else {
+        panic!("agg-v2 expected");
+    };
+    assert_eq!((m.form, m.accepted.len()), (AggForm::Merged, 5));
+    assert!(m.merged.is_some());
+    // A merged object that is not the listed one is refused before anything changes.
+    let agg4 = area("agg4");
+    let mobj = agg4.path(&layout::agg_merged(&merged.run, 1));
+    let len = agg4.store.head(&mobj).await.unwrap().size as usize;
+    common::flip_bit(&agg4, &mobj, Some(len - 1)).await;
+    let mut t = base(&merged);
+    let e = apply_aggregates(&merged, &s3, &mut t, 1, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "agg_section_mismatch", "{e}");
+    same_bits(&t, &base(&merged), "untouched by a damaged merged object");
+    agg4.store.delete(&mobj).await.unwrap();
+    let e = apply_aggregates(&merged, &s3, &mut t, 1, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "agg_source_missing", "{e}");
     // One rank holding only tensor "c" gets exactly its tensor.
     let mut rank: BTreeMap<String, Vec<f32>> = [("c".to_string(), base(&v2)["c"].clone())].into();
     apply_aggregates(&v2, &s3, &mut rank, 0, 1).await.unwrap();
@@ -403,18 +418,8 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     // A consolidated copy whose bytes no longer match its listed hash: refused, naming the
     // peer, and the parameters are untouched.
     let copy = agg2.path(&layout::agg_shard(&v2.run, 1, &miners[2].peer_id()));
-    let mut bytes = agg2
-        .store
-        .get(&copy)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x55;
-    agg2.store.put(&copy, bytes.into()).await.unwrap();
+    let len = agg2.store.head(&copy).await.unwrap().size as usize;
+    common::flip_bit(&agg2, &copy, Some(len - 1)).await;
     let mut t = base(&v2);
     let e = apply_aggregates(&v2, &s3, &mut t, 0, 1).await.unwrap_err();
     assert_eq!(reason(&e), "agg_section_mismatch", "{e}");

@@ -411,6 +411,20 @@ pub struct Expect {
     pub step: Option<u64>,
 }
 
+impl Expect {
+    /// An object of `kind` that `signer` signed for window `window` of `run`: what every
+    /// per-window object of the round is checked against.
+    pub fn in_window(kind: Kind, signer: PeerId, run: &str, window: u64) -> Expect {
+        Expect {
+            signer: Some(signer),
+            run: Some(run.to_string()),
+            kind: Some(kind),
+            window: Some(window),
+            step: None,
+        }
+    }
+}
+
 /// Parsed prefix, header and signature: everything learned from the first ranged GET.
 #[derive(Clone, Debug)]
 pub struct Head {
