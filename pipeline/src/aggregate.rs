@@ -493,7 +493,7 @@ async fn with_merged(
         };
         // Only the sections holding the sample are fetched for the decision.
         let one = |i: usize| i == big;
-        let spooled = merge::fetch_listed(reg, job.s3, &list, &one).await?;
+        let spooled = merge::fetch_listed(reg, job.s3, &list, &one, None).await?;
         let acc = spooled.sample(reg, big, SAMPLE)?;
         let spec = &reg.model.tensors[big];
         let raw = agg_tensor(&spec.name, &[acc.len() as u64], &acc)?;
@@ -507,7 +507,7 @@ async fn with_merged(
             return Ok((list, None));
         }
     }
-    let spooled = merge::fetch_listed(reg, job.s3, &list, &all).await?;
+    let spooled = merge::fetch_listed(reg, job.s3, &list, &all, None).await?;
     let dir = tempfile::tempdir().map_err(|e| ExchangeError::Internal(format!("spool: {e}")))?;
     let mut files = Vec::with_capacity(reg.model.tensors.len());
     spooled.merge(reg, &all, |i, acc| {
@@ -912,7 +912,7 @@ pub async fn read_aggregate(
         Fetched::Listed(list) => list,
     };
     let all = |_: usize| true;
-    let spooled = merge::fetch_listed(reg, s3, &list, &all).await?;
+    let spooled = merge::fetch_listed(reg, s3, &list, &all, None).await?;
     let mut out = Vec::new();
     spooled.merge(reg, &all, |i, acc| {
         let (idx, val): (Vec<u32>, Vec<f32>) = acc
@@ -945,11 +945,24 @@ pub async fn apply_aggregates(
     first: u64,
     last: u64,
 ) -> Result<usize, ExchangeError> {
+    apply_aggregates_cached(reg, s3, theta, first, last, None).await
+}
+
+/// `apply_aggregates` that takes agg-v2 sections from `cache` (`merge::prefetch`) when they
+/// are there and verify, and from the store otherwise.
+pub async fn apply_aggregates_cached(
+    reg: &Registry,
+    s3: &S3Options,
+    theta: &mut BTreeMap<String, Vec<f32>>,
+    first: u64,
+    last: u64,
+    cache: Option<&std::path::Path>,
+) -> Result<usize, ExchangeError> {
     let mut applied = 0;
     for w in first..=last {
         match fetch_aggregate(reg, s3, w).await? {
             Fetched::Merged(tensors) => apply_merged(reg, w, theta, &tensors)?,
-            Fetched::Listed(list) => apply_listed(reg, s3, w, theta, &list).await?,
+            Fetched::Listed(list) => apply_listed(reg, s3, w, theta, &list, cache).await?,
         }
         applied += 1;
     }
@@ -1002,6 +1015,7 @@ async fn apply_listed(
     w: u64,
     theta: &mut BTreeMap<String, Vec<f32>>,
     list: &AcceptedList,
+    cache: Option<&std::path::Path>,
 ) -> Result<(), ExchangeError> {
     if list.accepted.is_empty() {
         return Ok(());
@@ -1012,7 +1026,7 @@ async fn apply_listed(
     }
     let held: Vec<bool> = names.iter().map(|n| theta.contains_key(*n)).collect();
     let want = |i: usize| held[i];
-    let spooled = merge::fetch_listed(reg, s3, list, &want).await?;
+    let spooled = merge::fetch_listed(reg, s3, list, &want, cache).await?;
     spooled.merge(reg, &want, |i, acc| {
         if let Some(dst) = theta.get_mut(names[i]) {
             for (d, &a) in dst.iter_mut().zip(acc) {

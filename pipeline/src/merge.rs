@@ -170,6 +170,7 @@ pub async fn fetch_listed(
     s3: &S3Options,
     list: &AcceptedList,
     want: &(dyn Fn(usize) -> bool + Sync),
+    cache: Option<&std::path::Path>,
 ) -> Result<Spooled, ExchangeError> {
     let dir = tempfile::Builder::new()
         .prefix("shardrop-merge-")
@@ -208,6 +209,12 @@ pub async fn fetch_listed(
                         continue;
                     }
                     let file = root.join(format!("{j:05}-{}", s.name));
+                    if let Some(entry) = env.sections().iter().find(|e| e.name == s.name)
+                        && from_cache(cache, entry, limits, &file)
+                    {
+                        sections.push((s.name.clone(), range, Some(file)));
+                        continue;
+                    }
                     let sink = std::fs::File::create(&file).map_err(|e| {
                         ExchangeError::Internal(format!("spool {}: {e}", file.display()))
                     })?;
@@ -347,6 +354,142 @@ async fn fetch_merged(
         files[i] = Some(file);
     }
     Ok(files)
+}
+
+/// Decodes a prefetched section (its stored bytes, in `cache/<blake3>`) into `out`, if the
+/// cache has it and it verifies (hash, size, decompression limits). Anything else, a
+/// missing or damaged file included, is a miss: the caller reads the store.
+fn from_cache(
+    cache: Option<&std::path::Path>,
+    entry: &crate::envelope::SectionEntry,
+    limits: &crate::envelope::Limits,
+    out: &std::path::Path,
+) -> bool {
+    let Some(path) = cache.map(|c| c.join(&entry.hash)) else {
+        return false;
+    };
+    let Ok(mut input) = std::fs::File::open(&path) else {
+        return false;
+    };
+    let Ok(sink) = std::fs::File::create(out) else {
+        return false;
+    };
+    let mut v = crate::envelope::SectionVerifier::new(entry, limits, std::io::BufWriter::new(sink));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => v.update(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    match v.finish() {
+        Ok(mut w) => std::io::Write::flush(&mut w).is_ok(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = ?e, "prefetched section does not verify; reading the store");
+            false
+        }
+    }
+}
+
+/// What `prefetch` fetched.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Prefetched {
+    /// Miners whose shard was found and opened.
+    pub shards: usize,
+    /// Sections written to the cache.
+    pub sections: usize,
+    /// Sections already there.
+    pub cached: usize,
+    /// Bytes downloaded.
+    pub bytes: u64,
+    /// Miners whose shard could not be read (missing, refused, unreachable).
+    pub skipped: usize,
+}
+
+/// Fetches every registered miner's shard of window `w` from the miners' own stores into
+/// `cache` (stored section bytes, named by their blake3), before the aggregate exists: a
+/// reader that later finds a listed section there (and it verifies) does not fetch it
+/// again. Nothing here is trusted: `fetch_listed` checks every cached byte against the
+/// signed list. Only sections holding a wanted tensor are fetched.
+pub async fn prefetch(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    cache: &std::path::Path,
+    want: &(dyn Fn(usize) -> bool + Sync),
+    concurrency: usize,
+) -> Result<Prefetched, ExchangeError> {
+    std::fs::create_dir_all(cache)
+        .map_err(|e| ExchangeError::Caller(format!("{}: {e}", cache.display())))?;
+    let miners = reg.with_role(Role::Miner);
+    let each: Vec<Result<Prefetched, ExchangeError>> = futures::stream::iter(miners.iter().map(|m| async move {
+        let mut got = Prefetched::default();
+        let Ok(peer) = PeerId::parse(&m.peer) else {
+            got.skipped = 1;
+            return Ok(got);
+        };
+        let Ok(target) = reg.open_store(m, s3) else {
+            got.skipped = 1;
+            return Ok(got);
+        };
+        let path = target.path(&crate::layout::grad(&reg.run, w, &peer));
+        let object = target.url_of(&path);
+        let expect = Expect::in_window(Kind::Grad, peer, &reg.run, w);
+        let env = match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &shard_limits(reg), &expect).await {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::info!(object = %object, error = %e, "not prefetched");
+                got.skipped = 1;
+                return Ok(got);
+            }
+        };
+        got.shards = 1;
+        let start = env.head.body_start();
+        for e in env.sections() {
+            let wanted = section_range(&e.name).is_some_and(|r| r.clone().any(want));
+            let file = cache.join(&e.hash);
+            if !wanted || !crate::envelope::is_ident(&e.hash) {
+                continue;
+            }
+            if file.exists() {
+                got.cached += 1;
+                continue;
+            }
+            use object_store::ObjectStoreExt;
+            let range = start + e.offset..start + e.offset + e.len;
+            let bytes = match target.store.get_range(&path, range).await {
+                Ok(b) => b,
+                Err(err) => {
+                    tracing::info!(object = %object, section = %e.name, error = %err, "section not prefetched");
+                    continue;
+                }
+            };
+            if blake3::hash(&bytes).to_hex().as_str() != e.hash {
+                continue;
+            }
+            let tmp = cache.join(format!("{}.part", e.hash));
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &file))
+                .map_err(|err| ExchangeError::Internal(format!("{}: {err}", file.display())))?;
+            got.sections += 1;
+            got.bytes += bytes.len() as u64;
+        }
+        Ok(got)
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect()
+    .await;
+    let mut total = Prefetched::default();
+    for p in each {
+        let p = p?;
+        total.shards += p.shards;
+        total.sections += p.sections;
+        total.cached += p.cached;
+        total.bytes += p.bytes;
+        total.skipped += p.skipped;
+    }
+    Ok(total)
 }
 
 impl Spooled {

@@ -12,13 +12,14 @@ use object_store::ObjectStoreExt;
 use shardrop::accepted::{AcceptedList, LIST_SECTION};
 use shardrop::aggregate::{
     AGG_V2_CODEC, Fetched, MergeOn, aggregate_commit, aggregate_part, aggregate_window,
-    apply_aggregates, fetch_aggregate,
+    apply_aggregates, apply_aggregates_cached, fetch_aggregate,
 };
 use shardrop::codec::{self, CodecParams, EfState, EncodeOptions};
 use shardrop::envelope::{Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope};
 use shardrop::exchange::{ExchangeError, clock, publish_with, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
+use shardrop::merge::prefetch;
 use shardrop::registry::{AggForm, AggregateSpec, Job, Participant, Registry, Role};
 use shardrop::store::{S3Options, Target, put_create};
 use shardrop::tables::read_ledger;
@@ -431,6 +432,29 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     let mut fresh = base(&v2);
     apply_aggregates(&v2, &s3, &mut fresh, 0, 0).await.unwrap();
     same_bits(&t, &fresh, "only window 0 was applied");
+    // Shards prefetched from the miners before the damage serve the reader instead: each
+    // verifies against the signed list. A tampered cache file is a miss, not a verdict.
+    let cache = tempfile::tempdir().unwrap();
+    let got = prefetch(&v2, &s3, 1, cache.path(), &|_| true, 4)
+        .await
+        .unwrap();
+    assert_eq!((got.shards, got.skipped), (2, 4), "{got:?}");
+    let mut t = base(&v2);
+    apply_aggregates_cached(&v2, &s3, &mut t, 0, 1, Some(cache.path()))
+        .await
+        .unwrap();
+    same_bits(&t, &thetas[1], "applied from the prefetched sections");
+    for f in std::fs::read_dir(cache.path()).unwrap() {
+        let f = f.unwrap().path();
+        let mut b = std::fs::read(&f).unwrap();
+        b[0] ^= 1;
+        std::fs::write(&f, b).unwrap();
+    }
+    let mut t = base(&v2);
+    let e = apply_aggregates_cached(&v2, &s3, &mut t, 1, 1, Some(cache.path()))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "agg_section_mismatch", "{e}");
 
     // By reference: a miner replaces its shard (another valid one), then deletes it.
     let m1 = area("m1");

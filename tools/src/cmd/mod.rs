@@ -69,6 +69,9 @@ pub enum Command {
     Aggregate(round::AggregateArgs),
     /// Catch up: replay aggregates onto a base model.
     Apply(round::ApplyArgs),
+    /// Fetches a window's shards from the miners' stores before its aggregate exists, so
+    /// `apply --prefetched DIR` then reads the accepted ones from disk (agg-v2).
+    Prefetch(round::PrefetchArgs),
     /// Score every miner of a window; publish the score table and signed weights.
     Validate(validate::ValidateArgs),
     /// Read a validator's published scores.
@@ -96,6 +99,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Publish(a) => round::publish_cmd(ctx, a).await,
         Command::Aggregate(a) => round::aggregate_cmd(ctx, a).await,
         Command::Apply(a) => round::apply_cmd(ctx, a).await,
+        Command::Prefetch(a) => round::prefetch_cmd(ctx, a).await,
         Command::Validate(a) => validate::validate_cmd(ctx, a).await,
         Command::Scores(c) => validate::scores_cmd(ctx, c).await,
         Command::Ckpt(c) => ckpt::run(ctx, c).await,

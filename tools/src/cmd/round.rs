@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use shardrop::aggregate::{
-    aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates,
+    aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates_cached,
 };
 use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
 use shardrop::exchange::{clock, publish_with};
@@ -204,6 +204,35 @@ pub async fn start_job(
 }
 
 #[derive(Args)]
+pub struct PrefetchArgs {
+    #[arg(long)]
+    registry: String,
+    /// The window whose shards to fetch (it may still be open: what is there is fetched).
+    #[arg(long)]
+    window: u64,
+    /// The cache folder (sections named by their blake3); give it to `apply --prefetched`.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+}
+
+pub async fn prefetch_cmd(ctx: &Ctx, a: PrefetchArgs) -> anyhow::Result<()> {
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let got = shardrop::merge::prefetch(&reg, &ctx.s3, a.window, &a.dir, &|_| true, a.concurrency)
+        .await?;
+    out::emit(
+        ctx,
+        &serde_json::json!({"window": a.window, "dir": a.dir.display().to_string(), "prefetched": got}),
+        &format!(
+            "window {}: {} shard(s), {} section(s) fetched ({} bytes), {} already there, {} miner(s) skipped",
+            a.window, got.shards, got.sections, got.bytes, got.cached, got.skipped
+        ),
+    );
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct ApplyArgs {
     #[arg(long)]
     registry: String,
@@ -219,6 +248,10 @@ pub struct ApplyArgs {
     /// Last window to apply.
     #[arg(long)]
     through: u64,
+    /// A folder `shardrop prefetch` filled: agg-v2 sections found there (and verifying
+    /// against the signed list) are not fetched again.
+    #[arg(long)]
+    prefetched: Option<PathBuf>,
     /// Output: the dense f32 state.
     out: PathBuf,
 }
@@ -529,7 +562,15 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         .collect();
     let mut theta: BTreeMap<String, Vec<f32>> =
         base.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let applied = apply_aggregates(&reg, &ctx.s3, &mut theta, first, a.through).await?;
+    let applied = apply_aggregates_cached(
+        &reg,
+        &ctx.s3,
+        &mut theta,
+        first,
+        a.through,
+        a.prefetched.as_deref(),
+    )
+    .await?;
     let dense: Dense = theta
         .into_iter()
         .map(|(k, v)| (k.clone(), (shapes[&k].clone(), v)))
