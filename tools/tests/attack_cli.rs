@@ -219,6 +219,42 @@ fn the_window_zero_aggregate_applies_to_the_genesis_model() {
     ]));
     assert_eq!(applied["applied"], 1);
     assert_eq!(applied["from_window"], "genesis");
+    // New runs are agg-v2; a peer that prefetched the window's shards applies the same bytes.
+    let shown = ok_json(shardrop(&["run", "show", "--registry", &run.reg, "--json"]));
+    assert_eq!(shown["aggregate"]["format"], "agg-v2", "{shown}");
+    let cache = dir.join("prefetched");
+    let pre = ok_json(shardrop(&[
+        "prefetch",
+        "--registry",
+        &run.reg,
+        "--window",
+        "0",
+        "--dir",
+        p(&cache),
+        "--json",
+    ]));
+    assert_eq!(pre["prefetched"]["shards"], 1, "{pre}");
+    assert!(
+        pre["prefetched"]["sections"].as_u64().unwrap() >= 1,
+        "{pre}"
+    );
+    let out2 = dir.join("theta2.safetensors");
+    ok_json(shardrop(&[
+        "apply",
+        "--registry",
+        &run.reg,
+        "--from",
+        p(&dir.join("model.safetensors")),
+        "--from-window",
+        "genesis",
+        "--through",
+        "0",
+        p(&out2),
+        "--prefetched",
+        p(&cache),
+        "--json",
+    ]));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
     assert_ne!(
         std::fs::read(&out).unwrap(),
         std::fs::read(dir.join("model.safetensors")).unwrap()
