@@ -499,3 +499,98 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     apply_aggregates(&v1, &s3, &mut t, 0, 1).await.unwrap();
     same_bits(&t, &thetas[0], "agg-v1 after the damage");
 }
+
+/// A shard that changes after the aggregator checked its header (here: its copy key already
+/// holds another version the miner signed) is `replaced`, and the window goes on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_replaced_after_its_header_was_checked_is_refused() {
+    let Some(root) = common::s3("agg-v2-replaced") else {
+        return;
+    };
+    let s3 = opts();
+    let area = |name: &str| root.join(name);
+    let operator = Identity::generate();
+    let aggregator = Identity::generate();
+    let miners: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+    let mut reg = Registry::new(
+        "replaced",
+        &operator.peer_id(),
+        store_now_ms(&area("op"), "clock").await.unwrap(),
+        6,
+        2,
+        codec::model_of(&update(0.0, 1.0)).unwrap(),
+        CodecParams {
+            chunk: 256,
+            k: 8,
+            ..CodecParams::default()
+        },
+    );
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        area("agg").url(),
+    ));
+    for (i, id) in miners.iter().enumerate() {
+        reg.participants.push(Participant::new(
+            Role::Miner,
+            &id.peer_id(),
+            area(&format!("m{i}")).url(),
+        ));
+    }
+    let reg = reg;
+    futures::future::join_all(miners.iter().enumerate().map(|(i, id)| {
+        let (reg, s3) = (&reg, &s3);
+        async move {
+            let u = update(i as f32, 1.0);
+            publish_with(
+                Job::new(reg, id, s3),
+                Some(0),
+                &u,
+                &mut EfState::default(),
+                small_sections,
+            )
+            .await
+            .unwrap()
+        }
+    }))
+    .await;
+    // Another version of miner 0's shard, validly signed, already at the aggregator's copy key.
+    let other = codec::encode_update(
+        &update(50.0, 1.0),
+        &mut EfState::default(),
+        &EncodeOptions {
+            params: reg.codec,
+            beta: reg.beta,
+            section_bytes: 200,
+        },
+    )
+    .unwrap();
+    let agg = area("agg");
+    put_create(
+        &agg,
+        &agg.path(&layout::agg_shard(&reg.run, 0, &miners[0].peer_id())),
+        &shard_builder(&reg, &reg.run, 0, &other.sections)
+            .unwrap()
+            .sign(&miners[0])
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_until(&area("op"), clock(&reg).closes(0)).await;
+    let r = aggregate_window(Job::new(&reg, &aggregator, &s3), 0, 3)
+        .await
+        .unwrap();
+    assert_eq!((r.accepted, r.rejected), (2, 1), "{r:?}");
+    let rows = ledger(&agg, &reg, 0).await;
+    let row = rows
+        .iter()
+        .find(|x| x.peer == miners[0].peer_id().to_string())
+        .unwrap();
+    assert_eq!(row.reason, "replaced", "{row:?}");
+    let Fetched::Listed(list) = fetch_aggregate(&reg, &s3, 0).await.unwrap() else {
+        panic!("agg-v2 expected");
+    };
+    assert!(list.accepted.iter().all(|a| a.peer != row.peer));
+    let mut t = base(&reg);
+    apply_aggregates(&reg, &s3, &mut t, 0, 0).await.unwrap();
+}
