@@ -68,6 +68,10 @@ pub struct Aggregated {
     pub already_published: bool,
     /// How many shards each reason code was given to.
     pub reasons: BTreeMap<String, usize>,
+    /// agg-v2: seconds spent per phase (`header` pass after the close, `copy`, `check`,
+    /// `merge` for the merged form's decision and object, `publish`), for benchmarks and
+    /// logs; empty for agg-v1.
+    pub phases: BTreeMap<String, f64>,
 }
 
 fn agg_tensor(name: &str, shape: &[u64], dense: &[f32]) -> Result<Vec<u8>, ExchangeError> {
@@ -416,6 +420,7 @@ async fn publish_aggregate(
         bytes: signed.len(),
         already_published: outcome == PutOutcome::AlreadyIdentical,
         reasons,
+        phases: BTreeMap::new(),
     })
 }
 
@@ -452,6 +457,9 @@ fn accepted_list(reg: &Registry, w: u64, shards: &[MinerShard], v: &Verdicts) ->
     }
 }
 
+/// Elements of `auto`'s sample (a 64 MiB accumulator at most).
+const SAMPLE: usize = 1 << 24;
+
 /// The codec of the merged object (form `merged`).
 pub const MERGED_CODEC: &str = "agg-merged-v1";
 
@@ -465,6 +473,7 @@ async fn with_merged(
     job: Job<'_>,
     w: u64,
     mut list: AcceptedList,
+    sample: Option<Vec<f32>>,
 ) -> Result<(AcceptedList, Option<SignedEnvelope>), ExchangeError> {
     let reg = job.reg;
     let form = reg.aggregate.form;
@@ -485,23 +494,26 @@ async fn with_merged(
         agg_tensor(&spec.name, &spec.shape, acc)
     };
     if form == AggForm::Auto {
-        // The sample: the first 2^24 elements (a 64 MiB accumulator) of the largest tensor.
-        const SAMPLE: usize = 1 << 24;
-        let n = reg.model.tensors.len();
-        let Some(big) = (0..n).max_by_key(|&i| (numel(i), usize::MAX - i)) else {
+        let Some(big) = sample_tensor(reg) else {
             return Ok((list, None));
         };
-        // Only the sections holding the sample are fetched for the decision.
-        let one = |i: usize| i == big;
-        let spooled = merge::fetch_listed(reg, job.s3, &list, &one, None).await?;
-        let acc = spooled.sample(reg, big, SAMPLE)?;
+        // The sample came with the checks; a split merge's commit, which ran none, fetches
+        // the sections holding it.
+        let acc = match sample {
+            Some(acc) => acc,
+            None => {
+                let one = |i: usize| i == big;
+                let spooled = merge::fetch_listed(reg, job.s3, &list, &one, None).await?;
+                spooled.sample(reg, big, SAMPLE)?
+            }
+        };
         let spec = &reg.model.tensors[big];
         let raw = agg_tensor(&spec.name, &[acc.len() as u64], &acc)?;
         let sample = zstd::bulk::compress(&raw, 3)
             .map_err(|e| ExchangeError::Internal(format!("zstd: {e}")))?
             .len() as u64;
-        drop((acc, spooled));
-        let numel_big = numel(big).min(SAMPLE as u64);
+        let numel_big = acc.len() as u64;
+        drop(acc);
         let share = shard_bytes as f64 * numel_big as f64 / total.max(1) as f64;
         if sample as f64 >= share {
             return Ok((list, None));
@@ -548,13 +560,22 @@ async fn publish_v2(
     w: u64,
     v: &Verdicts,
     list: AcceptedList,
+    mut phases: Phases,
+    sample: Option<Vec<f32>>,
 ) -> Result<Aggregated, ExchangeError> {
-    let (list, merged) = with_merged(job, w, list).await?;
+    let t = std::time::Instant::now();
+    let (list, merged) = with_merged(job, w, list, sample).await?;
+    phases.add("merge", t.elapsed().as_secs_f64());
+    let t = std::time::Instant::now();
     if let Some(m) = merged {
         let path = target.path(&layout::agg_merged(&job.reg.run, w));
         store::put_create(target, &path, &m).await?;
     }
-    publish_aggregate(job.reg, job.id, target, w, v, Body::Listed(list)).await
+    let mut out = publish_aggregate(job.reg, job.id, target, w, v, Body::Listed(list)).await?;
+    phases.add("publish", t.elapsed().as_secs_f64());
+    tracing::info!(window = w, phases = ?phases.0, "agg-v2 published");
+    out.phases = phases.0;
+    Ok(out)
 }
 
 /// The agg-v2 aggregator for window `w`, tensors `range` (all of them, or one part's): the
@@ -566,9 +587,25 @@ async fn check_window_v2(
     range: Range<usize>,
     concurrency: usize,
     budget: Option<Duration>,
-) -> Result<(OpenWindow, Vec<RangeCheck>), ExchangeError> {
+) -> Result<
+    (
+        OpenWindow,
+        Vec<RangeCheck>,
+        Phases,
+        Vec<Option<EncodedTensor>>,
+    ),
+    ExchangeError,
+> {
     let reg = job.reg;
+    let mut phases = Phases::default();
     let mut open = open_window(job, Role::Aggregator, w, concurrency, budget).await?;
+    // The header pass starts at the close (open_window waits for it first).
+    let closed = clock(reg).closes(w);
+    let now = crate::window::store_now_ms(&open.target, &layout::clock_probe(&reg.run, &open.me))
+        .await
+        .unwrap_or(closed);
+    phases.add("header", now.saturating_sub(closed) as f64 / 1000.0);
+    let t = std::time::Instant::now();
     if reg.aggregate.form.consolidated() {
         consolidate(
             reg,
@@ -580,9 +617,58 @@ async fn check_window_v2(
             open.deadline,
         )
         .await;
+        phases.add("copy", t.elapsed().as_secs_f64());
     }
-    let checks = check_streamed(reg, &open.shards, range, concurrency, open.deadline).await;
-    Ok((open, checks))
+    let t = std::time::Instant::now();
+    let keep = sample_tensor(reg).filter(|i| range.contains(i));
+    let checked = check_streamed(reg, &open.shards, range, keep, concurrency, open.deadline).await;
+    phases.add("check", t.elapsed().as_secs_f64());
+    let (checks, kept): (Vec<RangeCheck>, Vec<Option<EncodedTensor>>) = checked.into_iter().unzip();
+    Ok((open, checks, phases, kept))
+}
+
+/// The tensor whose merge, as a sample, decides agg-v2's `auto` form: the largest (the
+/// lowest index among equals).
+fn sample_tensor(reg: &Registry) -> Option<usize> {
+    let numel = |i: usize| reg.model.tensors[i].shape.iter().product::<u64>();
+    (0..reg.model.tensors.len()).max_by_key(|&i| (numel(i), usize::MAX - i))
+}
+
+/// The first `limit` elements of tensor `t` merged from the checked shards' decoded copies
+/// (weight × value in peer order): `auto`'s sample, for sizes only.
+fn sample_from(
+    kept: &[Option<EncodedTensor>],
+    weights: &[f32],
+    limit: usize,
+) -> Result<Vec<f32>, ExchangeError> {
+    let n = kept
+        .iter()
+        .flatten()
+        .map(|t| t.numel() as usize)
+        .next()
+        .unwrap_or(0)
+        .min(limit);
+    let mut acc = vec![0f32; n];
+    for (t, &w) in kept.iter().zip(weights) {
+        let Some(t) = t.as_ref().filter(|_| w > 0.0) else {
+            continue;
+        };
+        let (idx, val) = crate::codec::to_sparse(t)?;
+        for (k, v) in idx.into_iter().zip(val).filter(|(k, _)| (*k as usize) < n) {
+            acc[k as usize] += w * v;
+        }
+    }
+    Ok(acc)
+}
+
+/// Seconds per phase of one aggregation.
+#[derive(Default)]
+struct Phases(BTreeMap<String, f64>);
+
+impl Phases {
+    fn add(&mut self, name: &str, secs: f64) {
+        *self.0.entry(name.to_string()).or_insert(0.0) += secs;
+    }
 }
 
 /// Merges window `w` in one process and publishes its ledger and aggregate into the
@@ -605,10 +691,16 @@ pub async fn aggregate_window_on(
     let Job { reg, id, .. } = job;
     let all = 0..reg.model.tensors.len();
     if reg.aggregate.format == AggFormat::V2 {
-        let (open, checks) = check_window_v2(job, w, all, concurrency, on.budget).await?;
+        let (open, checks, phases, kept) =
+            check_window_v2(job, w, all, concurrency, on.budget).await?;
         let v = finalize(reg, w, &open.shards, &[checks]);
         let list = accepted_list(reg, w, &open.shards, &v);
-        return publish_v2(job, &open.target, w, &v, list).await;
+        let sample = match kept.iter().any(Option::is_some) {
+            true => Some(sample_from(&kept, &v.weights, SAMPLE)?),
+            false => None,
+        };
+        drop(kept);
+        return publish_v2(job, &open.target, w, &v, list, phases, sample).await;
     }
     let OpenWindow {
         target,
@@ -695,7 +787,8 @@ pub async fn aggregate_part(
     let range = part_range(reg.model.tensors.len(), i, k);
     if reg.aggregate.format == AggFormat::V2 {
         // Only checks: the commit lists the accepted shards and readers merge.
-        let (open, mine) = check_window_v2(job, w, range.clone(), concurrency, on.budget).await?;
+        let (open, mine, _, _) =
+            check_window_v2(job, w, range.clone(), concurrency, on.budget).await?;
         publish_checks(reg, id, &open.target, w, i, k, &mine).await?;
         return Ok(range.len());
     }
@@ -808,7 +901,7 @@ pub async fn aggregate_commit(
         }
         let v = finalize(reg, w, &shards, &parts);
         let list = accepted_list(reg, w, &shards, &v);
-        return publish_v2(job, &target, w, &v, list).await;
+        return publish_v2(job, &target, w, &v, list, Phases::default(), None).await;
     }
     let v = finalize(reg, w, &shards, &parts);
     let mut sections = Vec::with_capacity(reg.model.tensors.len());

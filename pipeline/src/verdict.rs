@@ -589,28 +589,37 @@ pub(crate) async fn check_ranges(
 /// `concurrency` × the largest section, not every accepted shard's range at once. Stops at
 /// a shard's first failing piece, which holds its lowest failing tensor: the same verdict a
 /// split merge with one part per section would reach.
+/// `keep`: a tensor index whose decoded form is returned for every shard that holds it (the
+/// aggregator's sample for choosing agg-v2's form, at no extra fetch).
 pub(crate) async fn check_streamed(
     reg: &Registry,
     shards: &[MinerShard],
     range: Range<usize>,
+    keep: Option<usize>,
     concurrency: usize,
     deadline: Instant,
-) -> Vec<RangeCheck> {
+) -> Vec<(RangeCheck, Option<EncodedTensor>)> {
     futures::stream::iter(shards.iter().map(|s| {
         let range = range.clone();
         async move {
             let mut all = RangeCheck::default();
+            let mut kept = None;
             for piece in pieces(s, range) {
                 let checked =
                     tokio::time::timeout_at(deadline, check_range(reg, s, piece.clone())).await;
-                let c = checked.map_or_else(|_| RangeCheck::timed_out(piece.start), |(c, _)| c);
+                let (c, tensors) =
+                    checked.unwrap_or_else(|_| (RangeCheck::timed_out(piece.start), Vec::new()));
+                if let Some(k) = keep.filter(|k| piece.contains(k)) {
+                    let name = &reg.model.tensors[k].name;
+                    kept = tensors.into_iter().find(|t| &t.name == name);
+                }
                 all.sumsq.extend(c.sumsq);
                 if c.fault.is_some() {
                     all.fault = c.fault;
                     break;
                 }
             }
-            all
+            (all, kept)
         }
     }))
     .buffered(concurrency.max(1))

@@ -314,6 +314,7 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         "plain_download_seconds": download_secs, "plain_download_bytes": downloaded,
         "ratio_to_transfer_limit": agg_secs / download_secs,
         "aggregate_peak_rss_mib": agg["peak_rss_mib"],
+        "aggregate_phase_seconds": agg["phases"],
         "per_peer_download_bytes": per_peer,
         "per_peer_download_over_accepted": per_peer as f64 / accepted_bytes.max(1) as f64,
         "per_peer_download_over_min_accepted_v1": per_peer as f64 / min_v1.max(1) as f64,
