@@ -52,10 +52,60 @@ struct SpooledShard {
     sections: Vec<(String, Range<usize>, Option<PathBuf>)>,
 }
 
+/// The tensors `tAAAAA-BBBBB` names, as a range (`None` when the name is not one).
 fn section_range(name: &str) -> Option<Range<usize>> {
-    let (a, b) = name.strip_prefix('t')?.split_once('-')?;
-    let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
-    (a <= b).then_some(a..b + 1)
+    crate::verdict::section_range(name)
+        .filter(|(a, b)| a <= b)
+        .map(|(a, b)| a..b + 1)
+}
+
+/// A listed object or section could not be read: gone (`agg_source_missing`), not what the
+/// list says (`agg_section_mismatch`, naming the envelope's reason), or a store error.
+fn unlisted(
+    e: EnvelopeError,
+    object: &str,
+    w: u64,
+    who: &str,
+    gone: String,
+    mismatch: String,
+) -> ExchangeError {
+    match e {
+        EnvelopeError::NotFound { .. } => refused(object, "agg_source_missing", w, who, gone),
+        e if e.rejection().is_some() => refused(
+            object,
+            "agg_section_mismatch",
+            w,
+            who,
+            format!("{mismatch}: {e}"),
+        ),
+        e => e.into(),
+    }
+}
+
+/// Streams section `name` of `env` through its blake3 check and decompression into `file`.
+#[allow(clippy::too_many_arguments)]
+async fn spool(
+    target: &Target,
+    env: &RemoteEnvelope,
+    name: &str,
+    file: &std::path::Path,
+    limits: &crate::envelope::Limits,
+    w: u64,
+    who: &str,
+) -> Result<(), ExchangeError> {
+    let io = |e: std::io::Error| ExchangeError::Internal(format!("spool {}: {e}", file.display()));
+    let sink = std::io::BufWriter::new(std::fs::File::create(file).map_err(io)?);
+    match stream_section(target.store.as_ref(), env, name, sink, limits).await {
+        Ok(mut out) => std::io::Write::flush(&mut out).map_err(io),
+        Err(e) => Err(unlisted(
+            e,
+            &env.object,
+            w,
+            who,
+            format!("section {name} is gone"),
+            format!("section {name} does not match its listed hash"),
+        )),
+    }
 }
 
 /// The rejection a reader reports for a listed shard: names the peer, window and object.
@@ -111,25 +161,16 @@ async fn open_listed(
     .await
     {
         Ok(env) => env,
-        Err(EnvelopeError::NotFound { .. }) => {
-            return Err(refused(
+        Err(e) => {
+            return Err(unlisted(
+                e,
                 &object,
-                "agg_source_missing",
                 w,
                 &a.peer,
                 "the listed shard is gone".into(),
+                "the object is not the listed shard".into(),
             ));
         }
-        Err(e) if e.rejection().is_some() => {
-            return Err(refused(
-                &object,
-                "agg_section_mismatch",
-                w,
-                &a.peer,
-                format!("the object is not the listed shard: {e}"),
-            ));
-        }
-        Err(e) => return Err(e.into()),
     };
     let table: Vec<ListedSection> = env.sections().iter().map(ListedSection::from).collect();
     if table != a.sections {
@@ -215,34 +256,7 @@ pub async fn fetch_listed(
                         sections.push((s.name.clone(), range, Some(file)));
                         continue;
                     }
-                    let sink = std::fs::File::create(&file).map_err(|e| {
-                        ExchangeError::Internal(format!("spool {}: {e}", file.display()))
-                    })?;
-                    let sink = std::io::BufWriter::new(sink);
-                    match stream_section(target.store.as_ref(), &env, &s.name, sink, limits).await {
-                        Ok(mut w) => std::io::Write::flush(&mut w).map_err(|e| {
-                            ExchangeError::Internal(format!("spool {}: {e}", file.display()))
-                        })?,
-                        Err(EnvelopeError::NotFound { .. }) => {
-                            return Err(refused(
-                                &env.object,
-                                "agg_source_missing",
-                                list.window,
-                                &a.peer,
-                                format!("section {} is gone", s.name),
-                            ));
-                        }
-                        Err(e) if e.rejection().is_some() => {
-                            return Err(refused(
-                                &env.object,
-                                "agg_section_mismatch",
-                                list.window,
-                                &a.peer,
-                                format!("section {} does not match its listed hash: {e}", s.name),
-                            ));
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
+                    spool(&target, &env, &s.name, &file, limits, list.window, &a.peer).await?;
                     sections.push((s.name.clone(), range, Some(file)));
                 }
                 Ok(SpooledShard {
@@ -279,29 +293,18 @@ async fn fetch_merged(
     let expect = Expect::in_window(Kind::Blob, agg_id, &reg.run, w);
     let who = "the aggregator";
     let limits = crate::aggregate::agg_limits(reg);
-    let env =
-        match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect).await {
-            Ok(env) => env,
-            Err(EnvelopeError::NotFound { .. }) => {
-                return Err(refused(
-                    &object,
-                    "agg_source_missing",
-                    w,
-                    who,
-                    "the merged object is gone".into(),
-                ));
-            }
-            Err(e) if e.rejection().is_some() => {
-                return Err(refused(
-                    &object,
-                    "agg_section_mismatch",
-                    w,
-                    who,
-                    format!("not the listed merged object: {e}"),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let env = RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
+        .await
+        .map_err(|e| {
+            unlisted(
+                e,
+                &object,
+                w,
+                who,
+                "the merged object is gone".into(),
+                "not the listed merged object".into(),
+            )
+        })?;
     let table: Vec<ListedSection> = env.sections().iter().map(ListedSection::from).collect();
     let names: Vec<String> = (0..reg.model.tensors.len())
         .map(|i| format!("t{i:05}"))
@@ -318,39 +321,7 @@ async fn fetch_merged(
     let mut files = vec![None; names.len()];
     for (i, name) in names.iter().enumerate().filter(|(i, _)| want(*i)) {
         let file = root.join(name);
-        let sink = std::fs::File::create(&file)
-            .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?;
-        match stream_section(
-            target.store.as_ref(),
-            &env,
-            name,
-            std::io::BufWriter::new(sink),
-            &limits,
-        )
-        .await
-        {
-            Ok(mut out) => std::io::Write::flush(&mut out)
-                .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?,
-            Err(EnvelopeError::NotFound { .. }) => {
-                return Err(refused(
-                    &object,
-                    "agg_source_missing",
-                    w,
-                    who,
-                    format!("section {name} is gone"),
-                ));
-            }
-            Err(e) if e.rejection().is_some() => {
-                return Err(refused(
-                    &object,
-                    "agg_section_mismatch",
-                    w,
-                    who,
-                    format!("section {name} does not match its listed hash: {e}"),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        }
+        spool(&target, &env, name, &file, &limits, w, who).await?;
         files[i] = Some(file);
     }
     Ok(files)

@@ -346,7 +346,7 @@ impl RangeCheck {
 }
 
 /// The tensor range `tAAAAA-BBBBB` a gradient section holds, if its name says.
-fn section_range(name: &str) -> Option<(usize, usize)> {
+pub(crate) fn section_range(name: &str) -> Option<(usize, usize)> {
     let (a, b) = name.strip_prefix('t')?.split_once('-')?;
     Some((a.parse().ok()?, b.parse().ok()?))
 }

@@ -154,21 +154,15 @@ async fn ledger(t: &Target, reg: &Registry, w: u64) -> Vec<shardrop::tables::Led
     read_ledger(b).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
-    let Some(root) = common::s3("agg-v2") else {
-        return;
-    };
-    let s3 = opts();
-    let area = |name: &str| root.join(name);
+/// A run of `miners` (each in area `m{i}`) with the test model and a small codec; no
+/// aggregator yet. Window 0 starts now by the store's clock.
+async fn new_run(root: &Target, run: &str, window_secs: u64, miners: &[Identity]) -> Registry {
     let operator = Identity::generate();
-    let aggregator = Identity::generate();
-    let miners: Vec<Identity> = (0..6).map(|_| Identity::generate()).collect();
-    let mut v2 = Registry::new(
-        "aggv2",
+    let mut reg = Registry::new(
+        run,
         &operator.peer_id(),
-        store_now_ms(&area("op"), "clock").await.unwrap(),
-        8,
+        store_now_ms(&root.join("op"), "clock").await.unwrap(),
+        window_secs,
         2,
         codec::model_of(&update(0.0, 1.0)).unwrap(),
         CodecParams {
@@ -177,19 +171,32 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
             ..CodecParams::default()
         },
     );
+    for (i, id) in miners.iter().enumerate() {
+        reg.participants.push(Participant::new(
+            Role::Miner,
+            &id.peer_id(),
+            root.join(&format!("m{i}")).url(),
+        ));
+    }
+    reg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
+    let Some(root) = common::s3("agg-v2") else {
+        return;
+    };
+    let s3 = opts();
+    let area = |name: &str| root.join(name);
+    let aggregator = Identity::generate();
+    let miners: Vec<Identity> = (0..6).map(|_| Identity::generate()).collect();
+    let mut v2 = new_run(&root, "aggv2", 8, &miners).await;
     assert_eq!(
         v2.aggregate,
         AggregateSpec::v2(AggForm::Auto),
         "new runs are agg-v2"
     );
     v2.outer_lr = 0.7;
-    for (i, id) in miners.iter().enumerate() {
-        v2.participants.push(Participant::new(
-            Role::Miner,
-            &id.peer_id(),
-            area(&format!("m{i}")).url(),
-        ));
-    }
     let with_agg = |r: &Registry, store: &str, spec: AggregateSpec| {
         let mut r = r.clone();
         r.aggregate = spec;
@@ -509,34 +516,14 @@ async fn a_shard_replaced_after_its_header_was_checked_is_refused() {
     };
     let s3 = opts();
     let area = |name: &str| root.join(name);
-    let operator = Identity::generate();
     let aggregator = Identity::generate();
     let miners: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
-    let mut reg = Registry::new(
-        "replaced",
-        &operator.peer_id(),
-        store_now_ms(&area("op"), "clock").await.unwrap(),
-        6,
-        2,
-        codec::model_of(&update(0.0, 1.0)).unwrap(),
-        CodecParams {
-            chunk: 256,
-            k: 8,
-            ..CodecParams::default()
-        },
-    );
+    let mut reg = new_run(&root, "replaced", 6, &miners).await;
     reg.participants.push(Participant::new(
         Role::Aggregator,
         &aggregator.peer_id(),
         area("agg").url(),
     ));
-    for (i, id) in miners.iter().enumerate() {
-        reg.participants.push(Participant::new(
-            Role::Miner,
-            &id.peer_id(),
-            area(&format!("m{i}")).url(),
-        ));
-    }
     let reg = reg;
     futures::future::join_all(miners.iter().enumerate().map(|(i, id)| {
         let (reg, s3) = (&reg, &s3);
