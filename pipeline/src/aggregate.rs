@@ -992,37 +992,6 @@ pub async fn fetch_aggregate(
         .map(Fetched::Merged)
 }
 
-/// The merged tensors of window `w` in agg-v1's form (sparse, zeros dropped), whatever the
-/// format: for readers that compare with the aggregate (a validator's copy detection).
-/// Memory: the merged aggregate, as with agg-v1.
-pub async fn read_aggregate(
-    reg: &Registry,
-    s3: &S3Options,
-    w: u64,
-) -> Result<Vec<AggTensor>, ExchangeError> {
-    let list = match fetch_aggregate(reg, s3, w).await? {
-        Fetched::Merged(t) => return Ok(t),
-        Fetched::Listed(list) => list,
-    };
-    let all = |_: usize| true;
-    let spooled = merge::fetch_listed(reg, s3, &list, &all, None).await?;
-    let mut out = Vec::new();
-    spooled.merge(reg, &all, |i, acc| {
-        let (idx, val): (Vec<u32>, Vec<f32>) = acc
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| **v != 0.0)
-            .map(|(i, v)| (i as u32, *v))
-            .unzip();
-        out.push(AggTensor {
-            name: reg.model.tensors[i].name.clone(),
-            values: AggValues::Sparse(idx, val),
-        });
-        Ok(())
-    })?;
-    Ok(out)
-}
-
 /// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name):
 /// θ ← θ − outer_lr · aggregate, in window order. Stops at the first missing or invalid
 /// aggregate, naming the window; every aggregate is checked whole before it is applied, so

@@ -8,9 +8,10 @@
 //!    each needed section through its blake3 check into a spool folder on disk. Only the
 //!    sections holding the tensors the caller wants are fetched (one rank of a sharded model
 //!    fetches only its own).
-//! 2. **merge**: walk the model in pieces cut at the shards' section boundaries; for each
-//!    wanted tensor, decode every shard's values from the spool and accumulate. The caller
-//!    gets one finished tensor at a time.
+//! 2. **merge**: walk the wanted tensors in model order, keeping per shard the decoded
+//!    section that holds the current one; decode every shard's values from the spool and
+//!    accumulate. The caller gets one finished tensor at a time (or, for the validator, one
+//!    slab of chunks of it: `Spooled::slab`).
 //!
 //! Memory: the largest tensor's accumulator plus one decoded section per accepted shard
 //! (≤ 16 MiB of payload each by the codec's packing), whatever the model's size. At 72 B
@@ -45,6 +46,22 @@ pub struct Spooled {
     /// Form `merged`: the spooled agg-v1 tensor section of each wanted tensor, by index.
     merged: Option<Vec<Option<PathBuf>>>,
     _dir: tempfile::TempDir,
+}
+
+/// What a reader of a [`Spooled`] window keeps between tensors: per shard its decoded
+/// current section (name, tensors by name); for form `merged`, the current tensor.
+pub struct Loaded {
+    sections: Vec<Option<(String, BTreeMap<String, EncodedTensor>)>>,
+    tensor: Option<(usize, Vec<f32>)>,
+}
+
+impl Loaded {
+    fn new(shards: usize) -> Loaded {
+        Loaded {
+            sections: vec![None; shards],
+            tensor: None,
+        }
+    }
 }
 
 struct SpooledShard {
@@ -475,55 +492,98 @@ impl Spooled {
         if let Some(files) = &self.merged {
             return self.merged_tensors(reg, files, want, sink);
         }
-        let n = reg.model.tensors.len();
-        let mut cuts: Vec<usize> = self
-            .shards
-            .iter()
-            .flat_map(|s| s.sections.iter().map(|(_, r, _)| r.start))
-            .filter(|&a| a < n)
-            .chain([0, n])
-            .collect();
-        cuts.sort_unstable();
-        cuts.dedup();
-        // Per shard, the decoded section the current piece is in (name, tensors by name).
-        let mut current: Vec<Option<(String, BTreeMap<String, EncodedTensor>)>> =
-            vec![None; self.shards.len()];
-        for piece in cuts.windows(2).map(|c| c[0]..c[1]) {
-            if !piece.clone().any(want) {
-                continue;
-            }
+        let mut loaded = Loaded::new(self.shards.len());
+        for i in (0..reg.model.tensors.len()).filter(|&i| want(i)) {
+            self.load(reg, &mut loaded, i)?;
+            let spec = &reg.model.tensors[i];
+            let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
             for (j, s) in self.shards.iter().enumerate() {
-                for (name, range, file) in &s.sections {
-                    let overlaps = range.start < piece.end && piece.start < range.end;
-                    let loaded = current[j].as_ref().is_some_and(|(c, _)| c == name);
-                    if !overlaps || loaded {
-                        continue;
-                    }
-                    let file = file.as_ref().ok_or_else(|| {
-                        ExchangeError::Internal(format!("section {name} was not fetched"))
-                    })?;
-                    current[j] = Some((name.clone(), self.decode(reg, j, file)?));
-                }
+                codec::accumulate(self.tensor(&loaded, j, i, reg)?, &mut acc, s.weight)?;
             }
-            for i in piece.filter(|&i| want(i)) {
-                let spec = &reg.model.tensors[i];
-                let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
-                for (j, s) in self.shards.iter().enumerate() {
-                    let t = current[j]
-                        .as_ref()
-                        .and_then(|(_, ts)| ts.get(&spec.name))
-                        .ok_or_else(|| {
-                            ExchangeError::Internal(format!(
-                                "window {}: shard {j} has no tensor {}",
-                                self.window, spec.name
-                            ))
-                        })?;
-                    codec::accumulate(t, &mut acc, s.weight)?;
-                }
-                sink(i, &acc)?;
-            }
+            sink(i, &acc)?;
         }
         Ok(())
+    }
+
+    /// The merged values of tensor `i`'s chunks `chunks` (a slab), exactly the elements
+    /// `merge` would produce there: the same `acc += weight · value` per element, in list
+    /// order. Tensors must be asked for in ascending order (`loaded` keeps one decoded
+    /// section per shard, or, for form `merged`, the current tensor).
+    pub fn slab(
+        &self,
+        reg: &Registry,
+        loaded: &mut Loaded,
+        i: usize,
+        chunks: Range<usize>,
+    ) -> Result<Vec<f32>, ExchangeError> {
+        let spec = &reg.model.tensors[i];
+        let numel = spec.shape.iter().product::<u64>() as usize;
+        let c = reg.codec.chunk as usize;
+        let elems = (chunks.start * c).min(numel)..(chunks.end * c).min(numel);
+        if let Some(files) = &self.merged {
+            if loaded.tensor.as_ref().is_none_or(|(t, _)| *t != i) {
+                let mut got = None;
+                self.merged_tensors(reg, files, &|k| k == i, |_, acc| {
+                    got = Some(acc.to_vec());
+                    Ok(())
+                })?;
+                loaded.tensor = got.map(|acc| (i, acc));
+            }
+            let acc = loaded.tensor.as_ref().map_or(&[][..], |(_, a)| a);
+            return Ok(acc.get(elems).map_or_else(Vec::new, <[f32]>::to_vec));
+        }
+        self.load(reg, loaded, i)?;
+        let mut acc = vec![0f32; elems.len()];
+        for (j, s) in self.shards.iter().enumerate() {
+            let (idx, val) =
+                codec::to_sparse_chunks(self.tensor(loaded, j, i, reg)?, chunks.clone())?;
+            for (k, v) in idx.into_iter().zip(val) {
+                acc[k as usize - elems.start] += s.weight * v;
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Makes `loaded` hold, for every shard, the decoded section that holds tensor `i`.
+    fn load(&self, reg: &Registry, loaded: &mut Loaded, i: usize) -> Result<(), ExchangeError> {
+        for (j, s) in self.shards.iter().enumerate() {
+            let Some((name, _, file)) = s.sections.iter().find(|(_, r, _)| r.contains(&i)) else {
+                continue;
+            };
+            if loaded.sections[j].as_ref().is_some_and(|(c, _)| c == name) {
+                continue;
+            }
+            let file = file.as_ref().ok_or_else(|| {
+                ExchangeError::Internal(format!("section {name} was not fetched"))
+            })?;
+            loaded.sections[j] = Some((name.clone(), self.decode(reg, j, file)?));
+        }
+        Ok(())
+    }
+
+    /// Shard `j`'s tensor `i`, from what `load` put in `loaded`.
+    fn tensor<'l>(
+        &self,
+        loaded: &'l Loaded,
+        j: usize,
+        i: usize,
+        reg: &Registry,
+    ) -> Result<&'l EncodedTensor, ExchangeError> {
+        let name = &reg.model.tensors[i].name;
+        loaded.sections[j]
+            .as_ref()
+            .and_then(|(_, ts)| ts.get(name))
+            .ok_or_else(|| {
+                ExchangeError::Internal(format!(
+                    "window {}: shard {j} has no tensor {name}",
+                    self.window
+                ))
+            })
+    }
+
+    /// A fresh [`Loaded`] for this window's slabs.
+    pub fn loaded(&self) -> Loaded {
+        Loaded::new(self.shards.len())
     }
 
     /// Form `merged`: each wanted tensor from its agg-v1 section (checked against the model:

@@ -16,13 +16,12 @@
 //! are written create-only; every input is fixed once the window has closed, so a rerun
 //! produces the same bytes. Formulas and thresholds: `schemas/scores.md`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 
-use crate::aggregate::{AggTensor, read_aggregate};
-use crate::codec::{CodecError, Dense, EncodedTensor, ModelSpec, accumulate, to_sparse};
+use crate::codec::{CodecError, Dense, EncodedTensor, accumulate};
 use crate::envelope::{Compression, EnvelopeBuilder, Kind};
 use crate::evaluate::{EvalError, Evaluator};
 use crate::exchange::{ExchangeError, clock};
@@ -31,9 +30,14 @@ use crate::layout;
 use crate::registry::{Job, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::{ScoreRow, read_scores, scores_parquet};
-use crate::verdict::{
-    MinerShard, RangeCheck, Verdict, Verdicts, check_ranges, finalize, open_window,
-};
+use crate::verdict::{MinerShard, Verdict, Verdicts, check_range, finalize, open_window};
+
+pub mod gram;
+mod pass;
+pub mod reference;
+
+pub use gram::Gram;
+use pass::{PastAgg, check_and_measure};
 
 /// The codec of a validator's signed weights object.
 pub const WEIGHTS_CODEC: &str = "weights-v1";
@@ -94,130 +98,6 @@ impl Default for ValidateOptions {
     }
 }
 
-/// A decoded update as one sparse vector over the whole model (tensors concatenated in
-/// model order), indices ascending.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SparseUpdate {
-    /// Flat indices into the concatenated model, ascending.
-    pub idx: Vec<u64>,
-    /// The decoded values at those indices.
-    pub val: Vec<f32>,
-    /// The update's L2 norm.
-    pub norm: f64,
-}
-
-fn offsets(model: &ModelSpec) -> HashMap<&str, u64> {
-    let mut off = 0u64;
-    model
-        .tensors
-        .iter()
-        .map(|t| {
-            let o = off;
-            off += t.shape.iter().product::<u64>();
-            (t.name.as_str(), o)
-        })
-        .collect()
-}
-
-impl SparseUpdate {
-    fn from_pairs(mut pairs: Vec<(u64, f32)>) -> SparseUpdate {
-        pairs.sort_by_key(|p| p.0);
-        let norm = pairs
-            .iter()
-            .map(|(_, v)| (*v as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let (idx, val) = pairs.into_iter().unzip();
-        SparseUpdate { idx, val, norm }
-    }
-
-    /// From a miner's checked tensors (zeros dropped).
-    pub fn from_tensors(model: &ModelSpec, tensors: &[EncodedTensor]) -> Result<Self, CodecError> {
-        let off = offsets(model);
-        let mut pairs = Vec::new();
-        for t in tensors {
-            let base = off.get(t.name.as_str()).copied().unwrap_or(0);
-            let (idx, val) = to_sparse(t)?;
-            pairs.extend(
-                idx.into_iter()
-                    .zip(val)
-                    .filter(|(_, v)| *v != 0.0)
-                    .map(|(i, v)| (base + i, v)),
-            );
-        }
-        Ok(SparseUpdate::from_pairs(pairs))
-    }
-
-    /// From an aggregate's tensors (zeros dropped).
-    pub fn from_aggregate(model: &ModelSpec, tensors: &[AggTensor]) -> SparseUpdate {
-        let off = offsets(model);
-        let mut pairs = Vec::new();
-        for t in tensors {
-            let base = off.get(t.name.as_str()).copied().unwrap_or(0);
-            pairs.extend(
-                t.entries()
-                    .filter(|(_, v)| *v != 0.0)
-                    .map(|(i, v)| (base + i as u64, v)),
-            );
-        }
-        SparseUpdate::from_pairs(pairs)
-    }
-}
-
-/// `(shared indices, dot product over them)` of two ascending sparse vectors.
-fn intersect(a: &SparseUpdate, b: &SparseUpdate) -> (usize, f64, f64) {
-    let (mut i, mut j, mut n, mut dot, mut b_on_a) = (0, 0, 0usize, 0f64, 0f64);
-    while i < a.idx.len() && j < b.idx.len() {
-        match a.idx[i].cmp(&b.idx[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                n += 1;
-                dot += a.val[i] as f64 * b.val[j] as f64;
-                b_on_a += (b.val[j] as f64).powi(2);
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    (n, dot, b_on_a.sqrt())
-}
-
-/// Jaccard overlap of the index sets and cosine of the values of two miners' updates.
-pub fn similarity(a: &SparseUpdate, b: &SparseUpdate) -> (f64, f64) {
-    let (n, dot, _) = intersect(a, b);
-    let union = a.idx.len() + b.idx.len() - n;
-    let jaccard = if union == 0 {
-        0.0
-    } else {
-        n as f64 / union as f64
-    };
-    let cos = if a.norm > 0.0 && b.norm > 0.0 {
-        dot / (a.norm * b.norm)
-    } else {
-        0.0
-    };
-    (jaccard, cos)
-}
-
-/// Containment of `a`'s indices in the aggregate's support, and the cosine of `a` with the
-/// aggregate restricted to `a`'s indices (an aggregate has many more non-zeros than one
-/// miner, so the whole-vector cosine would hide a re-encoded copy).
-pub fn similarity_to_aggregate(a: &SparseUpdate, g: &SparseUpdate) -> (f64, f64) {
-    let (n, dot, g_on_a) = intersect(a, g);
-    let containment = if a.idx.is_empty() {
-        0.0
-    } else {
-        n as f64 / a.idx.len() as f64
-    };
-    let cos = if a.norm > 0.0 && g_on_a > 0.0 {
-        dot / (a.norm * g_on_a)
-    } else {
-        0.0
-    };
-    (containment, cos)
-}
-
 /// What copy detection found for one miner.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CopyInfo {
@@ -231,97 +111,26 @@ pub struct CopyInfo {
     pub copier: bool,
 }
 
-/// Bottom-k MinHash sketch: a cheap Jaccard estimate that lets hundreds of miners be
-/// compared without a full merge for every pair.
-const SKETCH: usize = 128;
-
-fn sketch(u: &SparseUpdate) -> Vec<u64> {
-    let mix = |x: u64| {
-        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut h: Vec<u64> = u.idx.iter().map(|&i| mix(i)).collect();
-    let k = SKETCH.min(h.len());
-    if k > 0 && k < h.len() {
-        h.select_nth_unstable(k - 1);
-    }
-    h.truncate(k);
-    h.sort_unstable();
-    h
-}
-
-fn estimate_jaccard(a: &[u64], b: &[u64]) -> f64 {
-    let (mut i, mut j, mut taken, mut both) = (0, 0, 0, 0);
-    while taken < SKETCH && (i < a.len() || j < b.len()) {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x == y => {
-                both += 1;
-                i += 1;
-                j += 1;
-            }
-            (Some(x), Some(y)) if x < y => i += 1,
-            (Some(_), None) => i += 1,
-            _ => j += 1,
-        }
-        taken += 1;
-    }
-    if taken == 0 {
-        0.0
-    } else {
-        both as f64 / taken as f64
-    }
-}
-
-/// One miner as copy detection sees it: its update (accepted miners only) and when its
-/// commit to that update landed (`round.md`, "Commit, then shard"; `None` without a valid
-/// commit). Commit times, not shard times or peer ids, decide who copied whom: a copier can
-/// only commit after it has seen the shard, a whole second after its publisher's commit.
+/// One miner as copy detection sees it: whether it was accepted (only accepted updates are
+/// compared) and when its commit to that update landed (`round.md`, "Commit, then shard";
+/// `None` without a valid commit). Commit times, not shard times or peer ids, decide who
+/// copied whom: a copier can only commit after it has seen the shard, a whole second after
+/// its publisher's commit.
 pub struct Candidate<'a> {
     /// The miner.
     pub peer: &'a str,
     /// When its commit landed by the store's clock (`None`: no valid commit), which decides who copied whom.
     pub order: Option<i64>,
-    /// Its decoded update, when it was accepted.
-    pub update: Option<&'a SparseUpdate>,
+    /// Its update is in the comparison (it was accepted).
+    pub accepted: bool,
 }
 
-/// Pairwise and past-aggregate copy detection. Deterministic: pairs are judged
-/// independently, and the later publisher of a near-identical pair is the copier.
-pub fn detect_copies(
-    miners: &[Candidate],
-    past: &[(u64, SparseUpdate)],
-    th: &CopyThresholds,
-) -> Vec<CopyInfo> {
-    use rayon::prelude::*;
+/// Pairwise and past-aggregate copy detection from the window's [`Gram`] statistics (miner
+/// `k` of `miners` is row `k`). Deterministic: pairs are judged independently, and the later
+/// publisher of a near-identical pair is the copier. Every accepted pair is compared exactly
+/// (the matrix already holds every pair's overlap).
+pub fn detect_copies(miners: &[Candidate], gram: &Gram, th: &CopyThresholds) -> Vec<CopyInfo> {
     let n = miners.len();
-    let sketches: Vec<Option<Vec<u64>>> = miners.iter().map(|m| m.update.map(sketch)).collect();
-    let work: usize = miners
-        .iter()
-        .filter_map(|m| m.update.map(|u| u.idx.len()))
-        .sum::<usize>()
-        * n;
-    // Small windows compare every pair exactly; large ones only pairs whose sketches say
-    // the overlap could reach the threshold (the estimate's error is ≈ 0.045 at 128).
-    let exhaustive = work <= 1 << 26;
-    let pairs: Vec<(usize, usize)> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-        .collect();
-    let judged: Vec<(usize, usize, f64, f64)> = pairs
-        .par_iter()
-        .filter_map(|&(i, j)| {
-            let (a, b) = (miners[i].update?, miners[j].update?);
-            if !exhaustive {
-                let est = estimate_jaccard(sketches[i].as_ref()?, sketches[j].as_ref()?);
-                if est < th.overlap - 0.25 {
-                    return None;
-                }
-            }
-            let (ov, cos) = similarity(a, b);
-            Some((i, j, ov, cos))
-        })
-        .collect();
     let mut out = vec![CopyInfo::default(); n];
     let mut consider = |k: usize, name: String, ov: f64, cos: f64, copy: bool| {
         let o = &mut out[k];
@@ -339,79 +148,40 @@ pub fn detect_copies(
             };
         }
     };
-    for &(i, j, ov, cos) in &judged {
-        let copy = ov >= th.overlap && cos >= th.similarity;
-        // The strictly earlier commit is the original; without one on either side, or in
-        // the same instant, neither can show it came first and both count as copies.
-        let order = match (miners[i].order, miners[j].order) {
-            (Some(a), Some(b)) if a < b => Some((i, j)),
-            (Some(a), Some(b)) if b < a => Some((j, i)),
-            (Some(_), None) => Some((i, j)),
-            (None, Some(_)) => Some((j, i)),
-            _ => None,
-        };
-        match order {
-            Some((first, later)) => {
-                consider(later, miners[first].peer.to_string(), ov, cos, copy);
-                consider(first, miners[later].peer.to_string(), ov, cos, false);
-            }
-            None => {
-                consider(i, miners[j].peer.to_string(), ov, cos, copy);
-                consider(j, miners[i].peer.to_string(), ov, cos, copy);
+    for i in (0..n).filter(|&i| miners[i].accepted) {
+        for j in (i + 1..n).filter(|&j| miners[j].accepted) {
+            let (ov, cos) = gram.similarity(i, j);
+            let copy = ov >= th.overlap && cos >= th.similarity;
+            // The strictly earlier commit is the original; without one on either side, or
+            // in the same instant, neither can show it came first and both count as copies.
+            let order = match (miners[i].order, miners[j].order) {
+                (Some(a), Some(b)) if a < b => Some((i, j)),
+                (Some(a), Some(b)) if b < a => Some((j, i)),
+                (Some(_), None) => Some((i, j)),
+                (None, Some(_)) => Some((j, i)),
+                _ => None,
+            };
+            match order {
+                Some((first, later)) => {
+                    consider(later, miners[first].peer.to_string(), ov, cos, copy);
+                    consider(first, miners[later].peer.to_string(), ov, cos, false);
+                }
+                None => {
+                    consider(i, miners[j].peer.to_string(), ov, cos, copy);
+                    consider(j, miners[i].peer.to_string(), ov, cos, copy);
+                }
             }
         }
     }
-    for (k, m) in miners.iter().enumerate() {
-        let Some(u) = m.update else { continue };
-        for (aw, g) in past {
-            let (c, cos) = similarity_to_aggregate(u, g);
+    let past: Vec<u64> = gram.past_windows().collect();
+    for k in (0..n).filter(|&k| miners[k].accepted) {
+        for (p, aw) in past.iter().enumerate() {
+            let (c, cos) = gram.to_past(k, p);
             let copy = c >= th.agg_containment && cos >= th.agg_similarity;
             consider(k, format!("agg:{aw}"), c, cos, copy);
         }
     }
     out
-}
-
-/// Cosine of each accepted update with the sum of the other eligible ones (`None` when
-/// there is no other, or the update is not accepted).
-fn agreement(
-    total_len: usize,
-    updates: &[Option<SparseUpdate>],
-    eligible: &[bool],
-) -> Vec<Option<f64>> {
-    let mut sum = vec![0f64; total_len];
-    for (u, _) in updates.iter().zip(eligible).filter(|(_, e)| **e) {
-        if let Some(u) = u {
-            for (&i, &v) in u.idx.iter().zip(&u.val) {
-                sum[i as usize] += v as f64;
-            }
-        }
-    }
-    let sum_sq: f64 = sum.iter().map(|x| x * x).sum();
-    let others = eligible.iter().filter(|e| **e).count();
-    updates
-        .iter()
-        .zip(eligible)
-        .map(|(u, &e)| {
-            let u = u.as_ref()?;
-            if others < 1 + e as usize || u.norm == 0.0 {
-                return None;
-            }
-            let dot_s: f64 = u
-                .idx
-                .iter()
-                .zip(&u.val)
-                .map(|(&i, &v)| v as f64 * sum[i as usize])
-                .sum();
-            let uu = u.norm * u.norm;
-            let (dot, rest_sq) = if e {
-                (dot_s - uu, sum_sq - 2.0 * dot_s + uu)
-            } else {
-                (dot_s, sum_sq)
-            };
-            (rest_sq > 0.0).then(|| (dot / (u.norm * rest_sq.max(0.0).sqrt())).clamp(-1.0, 1.0))
-        })
-        .collect()
 }
 
 /// What one validation produced.
@@ -482,37 +252,35 @@ pub async fn validate_window(
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
     let Job { reg, id, s3 } = job;
-    // The aggregator's verdicts, from the same checks.
     let crate::verdict::OpenWindow {
         target,
         mut shards,
         deadline,
         ..
     } = open_window(job, Role::Validator, w, opts.concurrency, opts.budget).await?;
-    let all = 0..reg.model.tensors.len();
-    let decoded = check_ranges(reg, &shards, all, opts.concurrency, deadline).await;
-    let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
+    let mut past = Vec::new();
+    for aw in (w.saturating_sub(opts.copy_lookback)..w).rev() {
+        match PastAgg::open(reg, s3, aw).await {
+            Ok(p) => past.push(p),
+            Err(e) => tracing::warn!(window = aw, error = %e, "past aggregate not compared"),
+        }
+    }
+    // The aggregator's verdicts, from the same checks, and the window's statistics from
+    // the same reads.
+    let (checks, gram) = check_and_measure(reg, &shards, past, opts.concurrency, deadline).await;
     let verdicts = finalize(reg, w, &shards, &[checks]);
     let accepted: Vec<bool> = verdicts
         .rows
         .iter()
         .map(|r| r.verdict == Verdict::Accepted)
         .collect();
-    let mut updates: Vec<Option<SparseUpdate>> = Vec::with_capacity(shards.len());
-    for (j, (_, tensors)) in decoded.iter().enumerate() {
-        updates.push(match accepted[j] {
-            true => Some(SparseUpdate::from_tensors(&reg.model, tensors)?),
-            false => None,
-        });
-    }
     // Copying, then agreement, among the accepted.
     let copies = find_copies(
         reg,
-        s3,
         w,
         &mut shards,
         &accepted,
-        &updates,
+        &gram,
         &verdicts,
         opts,
         deadline,
@@ -521,20 +289,12 @@ pub async fn validate_window(
     let eligible: Vec<bool> = (0..shards.len())
         .map(|j| accepted[j] && !copies[j].copier)
         .collect();
-    let total_len: u64 = reg
-        .model
-        .tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<u64>())
-        .sum();
-    let agree = agreement(total_len as usize, &updates, &eligible);
-    drop(updates);
+    let agree = gram.agreement(&accepted, &eligible);
     // Usefulness on the evaluator's model.
     let losses = match evaluator.as_deref_mut() {
-        Some(ev) => measure(ev, reg, s3, w, &shards, &decoded, &eligible).await,
+        Some(ev) => measure(ev, reg, s3, w, &shards, &eligible, deadline).await,
         None => vec![Err(EvalError::Failed(String::new())); shards.len()],
     };
-    drop(decoded);
     // Scores, ratings and weights.
     let prev = previous_ratings(reg, &target, w, opts.rating_lookback).await?;
     let judged = Judged {
@@ -557,22 +317,14 @@ pub async fn validate_window(
 #[allow(clippy::too_many_arguments)]
 async fn find_copies(
     reg: &Registry,
-    s3: &S3Options,
     w: u64,
     shards: &mut [MinerShard],
     accepted: &[bool],
-    updates: &[Option<SparseUpdate>],
+    gram: &Gram,
     verdicts: &Verdicts,
     opts: &ValidateOptions,
     deadline: tokio::time::Instant,
 ) -> Vec<CopyInfo> {
-    let mut past = Vec::new();
-    for aw in (w.saturating_sub(opts.copy_lookback)..w).rev() {
-        match read_aggregate(reg, s3, aw).await {
-            Ok(t) => past.push((aw, SparseUpdate::from_aggregate(&reg.model, &t))),
-            Err(e) => tracing::warn!(window = aw, error = %e, "past aggregate not compared"),
-        }
-    }
     // Who committed first decides near-copies too: read the commits of every accepted
     // shard (one small GET each, within the window's budget).
     use futures::StreamExt;
@@ -589,14 +341,14 @@ async fn find_copies(
     .await;
     let miners: Vec<Candidate> = shards
         .iter()
-        .zip(updates)
-        .map(|(s, u)| Candidate {
+        .zip(accepted)
+        .map(|(s, &accepted)| Candidate {
             peer: &s.peer,
             order: s.commit_ms,
-            update: u.as_ref(),
+            accepted,
         })
         .collect();
-    let mut copies = detect_copies(&miners, &past, &opts.copy);
+    let mut copies = detect_copies(&miners, gram, &opts.copy);
     for (winner, c) in verdicts.duplicate_of.iter().zip(copies.iter_mut()) {
         if let Some(winner) = winner {
             *c = CopyInfo {
@@ -612,29 +364,41 @@ async fn find_copies(
 
 /// Each eligible miner's losses before and after its update on the evaluator's model
 /// (θ_w, prepared once per window); an evaluator failure is recorded, never the miner's.
+/// One miner's dense update at a time, read again from its (signed, hash-checked) shard:
+/// the evaluator's input is model-sized, the validator holds no more than that.
 async fn measure(
     ev: &mut dyn Evaluator,
     reg: &Registry,
     s3: &S3Options,
     w: u64,
     shards: &[MinerShard],
-    decoded: &[(RangeCheck, Vec<EncodedTensor>)],
     eligible: &[bool],
+    deadline: tokio::time::Instant,
 ) -> Vec<Result<crate::evaluate::Losses, EvalError>> {
     let mut losses = vec![Err(EvalError::Failed(String::new())); shards.len()];
     let prepared = ev.prepare(reg, s3, w).await;
     let n = eligible.iter().filter(|e| **e).count().max(1);
     let scale = reg.outer_lr / n as f32;
-    for (j, (_, tensors)) in decoded.iter().enumerate() {
-        if !eligible[j] {
-            continue;
-        }
+    let all = 0..reg.model.tensors.len();
+    for (j, s) in shards.iter().enumerate().filter(|(j, _)| eligible[*j]) {
         losses[j] = match &prepared {
             Err(e) => Err(e.clone()),
-            Ok(()) => match dense_of(tensors) {
-                Ok(d) => ev.evaluate(reg, w, &shards[j].peer, &d, scale).await,
-                Err(e) => Err(EvalError::Failed(e.to_string())),
-            },
+            Ok(()) => {
+                match tokio::time::timeout_at(deadline, check_range(reg, s, all.clone())).await {
+                    Err(_) => Err(EvalError::Failed(format!(
+                        "{}: not read again within the window's budget",
+                        s.object
+                    ))),
+                    Ok((check, tensors)) => match (check.fault, dense_of(&tensors)) {
+                        (Some((_, f)), _) => Err(EvalError::Failed(format!(
+                            "{}: changed since it was checked ({}: {})",
+                            s.object, f.reason, f.detail
+                        ))),
+                        (None, Ok(d)) => ev.evaluate(reg, w, &s.peer, &d, scale).await,
+                        (None, Err(e)) => Err(EvalError::Failed(e.to_string())),
+                    },
+                }
+            }
         };
     }
     losses

@@ -630,7 +630,7 @@ pub(crate) async fn check_streamed(
 /// `range` cut where the shard's own sections start: pieces that each need one section
 /// (of an honest shard), covering the whole range, so a tensor no section holds is still
 /// checked (and found missing).
-fn pieces(s: &MinerShard, range: Range<usize>) -> Vec<Range<usize>> {
+pub(crate) fn pieces(s: &MinerShard, range: Range<usize>) -> Vec<Range<usize>> {
     let mut cuts: Vec<usize> = s
         .env
         .iter()

@@ -21,6 +21,8 @@ use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::merge::prefetch;
 use shardrop::registry::{AggForm, AggregateSpec, Job, Participant, Registry, Role};
+use shardrop::score::reference::{self, SparseUpdate};
+use shardrop::score::{ValidateOptions, validate_window};
 use shardrop::store::{S3Options, Target, put_create};
 use shardrop::tables::read_ledger;
 use shardrop::window::store_now_ms;
@@ -580,4 +582,248 @@ async fn a_shard_replaced_after_its_header_was_checked_is_refused() {
     assert!(list.accepted.iter().all(|a| a.peer != row.peer));
     let mut t = base(&reg);
     apply_aggregates(&reg, &s3, &mut t, 0, 0).await.unwrap();
+}
+
+/// One miner's published shard of window `w`, decoded whole (the reference's input).
+async fn decoded(reg: &Registry, t: &Target, w: u64, id: &Identity) -> SparseUpdate {
+    let env = RemoteEnvelope::open(
+        t.store.as_ref(),
+        &t.path(&layout::grad(&reg.run, w, &id.peer_id())),
+        "shard",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    let secs = shardrop::envelope::read_all_sections(t.store.as_ref(), &env, &Limits::default())
+        .await
+        .unwrap();
+    let tensors: Vec<_> = secs
+        .iter()
+        .flat_map(|s| {
+            codec::read_section(s, Some(&reg.model), &codec::CodecLimits::default()).unwrap()
+        })
+        .collect();
+    SparseUpdate::from_tensors(&reg.model, &tensors).unwrap()
+}
+
+/// The merged tensors of window `w` (agg-v2), by name and as one sparse vector.
+async fn merged_window(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+) -> (BTreeMap<String, Vec<f32>>, SparseUpdate) {
+    let Fetched::Listed(list) = fetch_aggregate(reg, s3, w).await.unwrap() else {
+        panic!("agg-v2 expected");
+    };
+    let all = |_: usize| true;
+    let spooled = shardrop::merge::fetch_listed(reg, s3, &list, &all, None)
+        .await
+        .unwrap();
+    let (mut by_name, mut pairs, mut off) = (BTreeMap::new(), Vec::new(), 0u64);
+    spooled
+        .merge(reg, &all, |i, acc| {
+            by_name.insert(reg.model.tensors[i].name.clone(), acc.to_vec());
+            pairs.extend(
+                acc.iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0.0)
+                    .map(|(k, v)| (off + k as u64, *v)),
+            );
+            off += acc.len() as u64;
+            Ok(())
+        })
+        .unwrap();
+    (by_name, SparseUpdate::from_pairs(pairs))
+}
+
+/// The validator streams its statistics section by section and slab by slab; they must be
+/// the whole-update reference's (overlap and similarity bit for bit, agreement within f64
+/// rounding), whatever form the past aggregate it compares with travels in, and its verdicts
+/// must be the aggregator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_validator_streams_the_reference_statistics_in_every_format() {
+    let Some(root) = common::s3("agg-v2-validate") else {
+        return;
+    };
+    let s3 = opts();
+    let area = |name: &str| root.join(name);
+    let (aggregator, validator) = (Identity::generate(), Identity::generate());
+    let miners: Vec<Identity> = (0..6).map(|_| Identity::generate()).collect();
+    let run = new_run(&root, "validate", 8, &miners).await;
+    let with = |store: &str, spec: AggregateSpec, val: &str| {
+        let mut r = run.clone();
+        r.aggregate = spec;
+        r.participants.push(Participant::new(
+            Role::Aggregator,
+            &aggregator.peer_id(),
+            area(store).url(),
+        ));
+        r.participants.push(Participant::new(
+            Role::Validator,
+            &validator.peer_id(),
+            area(val).url(),
+        ));
+        r
+    };
+    let regs = [
+        with("agg1", AggregateSpec::default(), "val1"),
+        with("agg2", AggregateSpec::v2(AggForm::Shards), "val2"),
+        with("agg4", AggregateSpec::v2(AggForm::Merged), "val4"),
+    ];
+    let v2 = &regs[1];
+    let clk = clock(v2);
+    let publish = |w: u64, i: usize, u: Vec<u8>| {
+        let (s3, miners) = (&s3, &miners);
+        async move {
+            publish_with(
+                Job::new(v2, &miners[i], s3),
+                Some(w),
+                &u,
+                &mut EfState::default(),
+                small_sections,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Window 0: four miners and a 40x outlier (clipped); miner 5 absent.
+    futures::future::join_all(
+        (0..5).map(|i| publish(0, i, update(i as f32, if i == 4 { 40.0 } else { 1.0 }))),
+    )
+    .await;
+    wait_until(&area("op"), clk.closes(0)).await;
+    for reg in &regs {
+        aggregate_window(Job::new(reg, &aggregator, &s3), 0, 3)
+            .await
+            .unwrap();
+    }
+    // Window 1: three honest miners; miner 3 re-encodes window 0's aggregate; miner 4, after
+    // miner 0, sends miner 0's update scaled (a near copy).
+    let (agg0, past) = merged_window(v2, &s3, 0).await;
+    let agg0_file = {
+        use safetensors::{Dtype, tensor::TensorView};
+        let bytes: Vec<(String, Vec<u64>, Vec<u8>)> = v2
+            .model
+            .tensors
+            .iter()
+            .map(|t| {
+                let b = agg0[&t.name].iter().flat_map(|v| v.to_le_bytes()).collect();
+                (t.name.clone(), t.shape.clone(), b)
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                let shape = s.iter().map(|&d| d as usize).collect();
+                (n.clone(), TensorView::new(Dtype::F32, shape, b).unwrap())
+            })
+            .collect();
+        safetensors::serialize(views, None).unwrap()
+    };
+    futures::future::join_all(
+        (0..3)
+            .map(|i| publish(1, i, update(i as f32 + 10.0, 1.0)))
+            .chain([publish(1, 3, agg0_file)]),
+    )
+    .await;
+    publish(1, 4, update(10.0, 3.0)).await;
+    wait_until(&area("op"), clk.closes(1)).await;
+    aggregate_window(Job::new(v2, &aggregator, &s3), 1, 3)
+        .await
+        .unwrap();
+
+    let mut tables = Vec::new();
+    for reg in &regs {
+        let v = validate_window(
+            Job::new(reg, &validator, &s3),
+            1,
+            None,
+            &ValidateOptions::default(),
+        )
+        .await
+        .unwrap();
+        tables.push(v.rows);
+    }
+    assert_eq!(tables[0], tables[1], "past aggregate agg-v1 against shards");
+    assert_eq!(tables[1], tables[2], "past aggregate shards against merged");
+    let rows = &tables[1];
+    let ledger = ledger(&area("agg2"), v2, 1).await;
+    for r in rows {
+        let l = ledger.iter().find(|l| l.peer == r.peer).unwrap();
+        assert_eq!((&r.verdict, &r.reason), (&l.verdict, &l.reason), "{r:?}");
+    }
+    // The reference, from every accepted shard decoded whole.
+    let index = |peer: &str| {
+        miners
+            .iter()
+            .position(|m| m.peer_id().to_string() == peer)
+            .unwrap()
+    };
+    let mut ups: Vec<Option<SparseUpdate>> = Vec::new();
+    for r in rows {
+        let i = index(&r.peer);
+        ups.push(match r.verdict.as_str() {
+            "accepted" => Some(decoded(v2, &area(&format!("m{i}")), 1, &miners[i]).await),
+            _ => None,
+        });
+    }
+    assert_eq!(ups.iter().flatten().count(), 5, "{rows:?}");
+    let eligible: Vec<bool> = rows
+        .iter()
+        .zip(&ups)
+        .map(|(r, u)| u.is_some() && !r.copier)
+        .collect();
+    let len: u64 = v2
+        .model
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
+    let agree = reference::agreement(len as usize, &ups, &eligible);
+    let mut seen_agg = false;
+    for (k, r) in rows.iter().enumerate() {
+        let Some(u) = &ups[k] else { continue };
+        match (r.agreement, agree[k]) {
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1e-9, "{a} vs {b}: {r:?}"),
+            (a, b) => assert_eq!(a, b, "{r:?}"),
+        }
+        let nearest = r.nearest.as_deref().unwrap();
+        let (ov, cos) = if nearest == "agg:0" {
+            seen_agg = true;
+            reference::similarity_to_aggregate(u, &past)
+        } else {
+            let j = rows.iter().position(|x| x.peer == nearest).unwrap();
+            reference::similarity(u, ups[j].as_ref().unwrap())
+        };
+        assert_eq!(
+            (
+                r.overlap.unwrap().to_bits(),
+                r.similarity.unwrap().to_bits()
+            ),
+            (ov.to_bits(), cos.to_bits()),
+            "{r:?}"
+        );
+    }
+    assert!(seen_agg, "the aggregate's re-encoding is nearest to it");
+    let row = |i: usize| {
+        rows.iter()
+            .find(|r| r.peer == miners[i].peer_id().to_string())
+            .unwrap()
+    };
+    assert!(
+        row(3).copier && row(3).nearest.as_deref() == Some("agg:0"),
+        "{:?}",
+        row(3)
+    );
+    assert!(row(4).copier, "{:?}", row(4));
+    assert_eq!(
+        row(4).nearest.as_deref(),
+        Some(&*miners[0].peer_id().to_string())
+    );
+    assert!(
+        !row(0).copier,
+        "the original, committed first: {:?}",
+        row(0)
+    );
 }

@@ -4,6 +4,8 @@
 
 #![warn(missing_docs)]
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::bits::{self, BitWriter, IndexFault};
@@ -402,27 +404,41 @@ fn index_error(t: &EncodedTensor, chunk: usize, f: IndexFault) -> CodecError {
 /// (its index block before its value block), however the chunks were scheduled: ledgers
 /// record the detail, and reruns must write the same ledger.
 fn decode_sparse(t: &EncodedTensor, lay: &ChunkLayout) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
-    let kept = lay.kept() as usize;
+    decode_range(t, lay, 0..lay.n_chunks)
+}
+
+/// `decode_sparse` of the chunks in `chunks` only (indices within each chunk).
+fn decode_range(
+    t: &EncodedTensor,
+    lay: &ChunkLayout,
+    chunks: Range<usize>,
+) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
+    let kept: usize = match chunks.is_empty() {
+        true => 0,
+        false => (chunks.len() - 1) * lay.k_full as usize + lay.k_of(chunks.end - 1) as usize,
+    };
     let mut idx = vec![0u32; kept];
     let mut val = vec![0f32; kept];
-    match decode_chunks(t, lay, &mut idx, &mut val, true) {
+    let first = chunks.start;
+    match decode_chunks(t, lay, first, &mut idx, &mut val, true) {
         Ok(()) => Ok((idx, val)),
         // The parallel pass stops at whichever fault a thread met first: find the lowest
         // one again in order (only on the refusal path, so the cost does not matter).
-        Err(_) => decode_chunks(t, lay, &mut idx, &mut val, false).map(|()| (idx, val)),
+        Err(_) => decode_chunks(t, lay, first, &mut idx, &mut val, false).map(|()| (idx, val)),
     }
 }
 
-/// The chunk loop of `decode_sparse`, in parallel or strictly in chunk order.
+/// The chunk loop of `decode_sparse`, in parallel or strictly in chunk order, from chunk
+/// `first` on (as many chunks as `idx` holds).
 fn decode_chunks(
     t: &EncodedTensor,
     lay: &ChunkLayout,
+    first: usize,
     idx: &mut [u32],
     val: &mut [f32],
     parallel: bool,
 ) -> Result<(), CodecError> {
-    let kept = lay.kept() as usize;
-    if kept == 0 {
+    if idx.is_empty() {
         return Ok(());
     }
     let compact = t.params.indices == IndexEncoding::Compact;
@@ -475,12 +491,12 @@ fn decode_chunks(
         idx.par_chunks_mut(kf)
             .zip(val.par_chunks_mut(kf))
             .enumerate()
-            .try_for_each(|(c, (io, vo))| one(c, io, vo))
+            .try_for_each(|(c, (io, vo))| one(first + c, io, vo))
     } else {
         idx.chunks_mut(kf)
             .zip(val.chunks_mut(kf))
             .enumerate()
-            .try_for_each(|(c, (io, vo))| one(c, io, vo))
+            .try_for_each(|(c, (io, vo))| one(first + c, io, vo))
     }
 }
 
@@ -570,14 +586,26 @@ fn accumulate_checked(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Resu
 /// The sparse form: global indices (ascending) and decoded values.
 pub fn to_sparse(t: &EncodedTensor) -> Result<(Vec<u64>, Vec<f32>), CodecError> {
     let lay = check_shape(t)?;
-    let (idx, val) = decode_sparse(t, &lay)?;
+    to_sparse_chunks(t, 0..lay.n_chunks)
+}
+
+/// [`to_sparse`] of the chunks in `chunks` only (indices still global, ascending): lets a
+/// reader walk a large tensor in slabs with memory for one slab, not the tensor.
+pub fn to_sparse_chunks(
+    t: &EncodedTensor,
+    chunks: Range<usize>,
+) -> Result<(Vec<u64>, Vec<f32>), CodecError> {
+    let lay = check_shape(t)?;
+    let chunks = chunks.start.min(lay.n_chunks)..chunks.end.min(lay.n_chunks);
+    let chunks = chunks.start..chunks.end.max(chunks.start);
+    let (idx, val) = decode_range(t, &lay, chunks.clone())?;
     let kf = (lay.k_full as usize).max(1);
     let global = idx
         .chunks(kf)
         .enumerate()
         .flat_map(|(c, ic)| {
-            ic.iter()
-                .map(move |&i| c as u64 * t.params.chunk as u64 + i as u64)
+            let base = (chunks.start + c) as u64 * t.params.chunk as u64;
+            ic.iter().map(move |&i| base + i as u64)
         })
         .collect();
     Ok((global, val))

@@ -43,7 +43,7 @@ mod quant;
 mod state;
 mod update;
 
-pub use cpu::{accumulate, encode_tensor, to_sparse, validate};
+pub use cpu::{accumulate, encode_tensor, to_sparse, to_sparse_chunks, validate};
 pub use format::{
     SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,
     write_section,

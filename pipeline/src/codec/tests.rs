@@ -437,6 +437,27 @@ proptest! {
         let (idx, _) = to_sparse(&t).unwrap();
         prop_assert_eq!(idx, brute_topk(&u, 64, p.k as usize));
     }
+
+    #[test]
+    fn slabs_of_chunks_concatenate_to_the_whole_sparse_form(n in 1usize..3000, k in 1u32..70, slab in 1usize..9, seed in 0u64..1000, which in 0usize..16) {
+        let mut p = all_params()[which];
+        p.chunk = 64;
+        p.k = k.min(64);
+        let mut s = vec![0.0; n];
+        let t = encode(&noise(n, seed), &[n as u64], &mut s, 0.0, &p);
+        let whole = to_sparse(&t).unwrap();
+        let chunks = n.div_ceil(64);
+        let (mut idx, mut val) = (Vec::new(), Vec::new());
+        for c in (0..chunks).step_by(slab) {
+            let (i, v) = to_sparse_chunks(&t, c..(c + slab).min(chunks)).unwrap();
+            idx.extend(i);
+            val.extend(v);
+        }
+        prop_assert_eq!((idx, val), whole);
+        // Empty and past-the-end ranges are empty, not a panic.
+        prop_assert_eq!(to_sparse_chunks(&t, chunks..chunks + 3).unwrap(), (vec![], vec![]));
+        prop_assert_eq!(to_sparse_chunks(&t, 1..1).unwrap(), (vec![], vec![]));
+    }
 }
 
 #[test]

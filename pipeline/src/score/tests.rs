@@ -1,9 +1,164 @@
+use super::reference::{SparseUpdate, agreement, similarity, similarity_to_aggregate};
 use super::*;
 use crate::codec::{CodecLimits, EfState, EncodeOptions, encode_update, read_section};
 use crate::refmodel::LinearTask;
 
 fn sparse(pairs: &[(u64, f32)]) -> SparseUpdate {
     SparseUpdate::from_pairs(pairs.to_vec())
+}
+
+/// The window's statistics fed the way the validator feeds them: slab by slab (`slab`
+/// elements of a model of `len`), each miner's entries and each past aggregate's values.
+fn gram_of(
+    updates: &[Option<&SparseUpdate>],
+    past: &[(u64, SparseUpdate)],
+    len: u64,
+    slab: u64,
+) -> Gram {
+    let windows: Vec<u64> = past.iter().map(|(w, _)| *w).collect();
+    let mut g = Gram::new(updates.len(), &windows);
+    let cut = |u: &SparseUpdate, a: u64, b: u64| {
+        let (x, y) = (
+            u.idx.partition_point(|&i| i < a),
+            u.idx.partition_point(|&i| i < b),
+        );
+        let idx: Vec<u32> = u.idx[x..y].iter().map(|&i| (i - a) as u32).collect();
+        (idx, u.val[x..y].to_vec())
+    };
+    for a in (0..len).step_by(slab as usize) {
+        let b = (a + slab).min(len);
+        let entries: Vec<Option<(Vec<u32>, Vec<f32>)>> =
+            updates.iter().map(|u| u.map(|u| cut(u, a, b))).collect();
+        let views: Vec<Option<gram::Entries>> = entries
+            .iter()
+            .map(|e| e.as_ref().map(|(i, v)| (&i[..], &v[..])))
+            .collect();
+        let dense: Vec<Vec<f32>> = past
+            .iter()
+            .map(|(_, g)| {
+                let (idx, val) = cut(g, a, b);
+                let mut d = vec![0f32; (b - a) as usize];
+                for (i, v) in idx.into_iter().zip(val) {
+                    d[i as usize] = v;
+                }
+                d
+            })
+            .collect();
+        let slabs: Vec<&[f32]> = dense.iter().map(Vec::as_slice).collect();
+        g.add((b - a) as usize, &views, &slabs);
+    }
+    g
+}
+
+/// Random sparse updates with shared supports (some values exactly zero, some copies and
+/// scaled copies), for comparing the streamed statistics with the whole-update reference.
+fn random_window(seed: u64, miners: usize, len: u64) -> Vec<SparseUpdate> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out: Vec<SparseUpdate> = Vec::new();
+    for m in 0..miners {
+        if m >= 2 && next() % 4 == 0 {
+            let src = &out[(next() % m as u64) as usize];
+            let s = (next() % 5) as f32 - 2.0;
+            let pairs = src.idx.iter().zip(&src.val).map(|(&i, &v)| (i, v * s));
+            out.push(SparseUpdate::from_pairs(pairs.collect()));
+            continue;
+        }
+        let mut pairs: Vec<(u64, f32)> = Vec::new();
+        for i in 0..len {
+            if next() % 7 < 2 {
+                let v = match next() % 11 {
+                    0 => 0.0,
+                    r => (r as f32 - 5.5) * 0.37 + (next() % 1000) as f32 * 1e-4,
+                };
+                pairs.push((i, v));
+            }
+        }
+        out.push(SparseUpdate::from_pairs(pairs));
+    }
+    // The reference drops zeros when it builds from tensors; do the same here.
+    for u in &mut out {
+        let keep: Vec<(u64, f32)> = u
+            .idx
+            .iter()
+            .zip(&u.val)
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(&i, &v)| (i, v))
+            .collect();
+        *u = SparseUpdate::from_pairs(keep);
+    }
+    out
+}
+
+#[test]
+fn streamed_statistics_are_the_whole_update_reference() {
+    for (seed, miners, len, slab) in [(1, 6, 997, 64), (2, 9, 5000, 1 << 22), (3, 2, 300, 1)] {
+        let ups = random_window(seed, miners, len);
+        let past: Vec<(u64, SparseUpdate)> = random_window(seed + 100, 2, len)
+            .into_iter()
+            .enumerate()
+            .map(|(k, u)| (10 - k as u64, u))
+            .collect();
+        let refs: Vec<Option<&SparseUpdate>> = ups.iter().map(Some).collect();
+        let g = gram_of(&refs, &past, len, slab);
+        for i in 0..miners {
+            assert_eq!(g.norm(i).to_bits(), ups[i].norm.to_bits(), "norm {i}");
+            for j in 0..miners {
+                if i != j {
+                    // Same sums in the same order: the same bits.
+                    let (a, b) = (
+                        g.similarity(i, j),
+                        similarity(&ups[i.min(j)], &ups[i.max(j)]),
+                    );
+                    assert_eq!(
+                        (a.0.to_bits(), a.1.to_bits()),
+                        (b.0.to_bits(), b.1.to_bits())
+                    );
+                }
+            }
+            for (p, (_, agg)) in past.iter().enumerate() {
+                let (a, b) = (g.to_past(i, p), similarity_to_aggregate(&ups[i], agg));
+                assert_eq!(
+                    (a.0.to_bits(), a.1.to_bits()),
+                    (b.0.to_bits(), b.1.to_bits())
+                );
+            }
+        }
+        let all = vec![true; miners];
+        let mut eligible = all.clone();
+        eligible[1] = false;
+        for el in [&all, &eligible] {
+            let want = agreement(
+                len as usize,
+                &refs.iter().map(|u| u.cloned()).collect::<Vec<_>>(),
+                el,
+            );
+            let got = g.agreement(&all, el);
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                match (a, b) {
+                    (Some(a), Some(b)) => assert!((a - b).abs() < 1e-9, "{k}: {a} vs {b}"),
+                    _ => assert_eq!(a, b, "{k}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_forgotten_past_aggregate_leaves_the_others() {
+    let ups = random_window(7, 3, 400);
+    let past: Vec<(u64, SparseUpdate)> = vec![(5, ups[0].clone()), (4, ups[1].clone())];
+    let refs: Vec<Option<&SparseUpdate>> = ups.iter().map(Some).collect();
+    let mut g = gram_of(&refs, &past, 400, 100);
+    assert_eq!(g.to_past(1, 1).0, 1.0);
+    g.forget_past(0);
+    assert_eq!(g.past_windows().collect::<Vec<_>>(), [4]);
+    assert_eq!(g.to_past(1, 0).0, 1.0, "window 4's numbers stayed with it");
 }
 
 #[test]
@@ -29,26 +184,6 @@ fn similarity_of_identical_disjoint_and_scaled() {
 }
 
 #[test]
-fn sketch_estimates_jaccard() {
-    let a = sparse(&(0..20_000u64).map(|i| (i * 3, 1.0)).collect::<Vec<_>>());
-    // b shares exactly half of a's indices: Jaccard 10000 / 30000.
-    let b = sparse(
-        &(0..20_000u64)
-            .map(|i| {
-                if i % 2 == 0 {
-                    (i * 3, 1.0)
-                } else {
-                    (i * 3 + 1, 1.0)
-                }
-            })
-            .collect::<Vec<_>>(),
-    );
-    let est = estimate_jaccard(&sketch(&a), &sketch(&b));
-    assert!((est - 1.0 / 3.0).abs() < 0.15, "estimate {est}");
-    assert_eq!(estimate_jaccard(&sketch(&a), &sketch(&a)), 1.0);
-}
-
-#[test]
 fn agreement_is_leave_one_out() {
     let a = sparse(&[(0, 1.0)]);
     let b = sparse(&[(0, 1.0), (1, 1.0)]);
@@ -67,6 +202,23 @@ fn agreement_is_leave_one_out() {
     assert!((got[1].unwrap() - 0.0).abs() < 1e-12, "b vs a + c = (1,-1)");
     // Alone: nothing to agree with.
     assert_eq!(agreement(2, &ups, &[true, false, false, false])[0], None);
+    // The streamed statistics give the same numbers.
+    let refs: Vec<Option<&SparseUpdate>> = ups.iter().map(|u| u.as_ref()).collect();
+    let g = gram_of(&refs, &[], 2, 1);
+    let with = [true, true, true, false];
+    for el in [
+        [true, true, true, false],
+        [true, false, true, false],
+        [true, false, false, false],
+    ] {
+        let (a, b) = (g.agreement(&with, &el), agreement(2, &ups, &el));
+        for (x, y) in a.iter().zip(&b) {
+            match (x, y) {
+                (Some(x), Some(y)) => assert!((x - y).abs() < 1e-12),
+                _ => assert_eq!(x, y),
+            }
+        }
+    }
 }
 
 fn encode(task: &LinearTask, update: &[f32], state: &mut EfState) -> Vec<EncodedTensor> {
@@ -144,16 +296,16 @@ fn simulate(windows: u64, honest: usize) -> Seen {
             ups.push(u.clone());
         }
         let peers: Vec<String> = (0..ups.len()).map(|i| format!("p{i:02}")).collect();
-        let miners: Vec<Candidate> = ups
-            .iter()
-            .enumerate()
-            .map(|(i, u)| Candidate {
+        let miners: Vec<Candidate> = (0..ups.len())
+            .map(|i| Candidate {
                 peer: &peers[i],
                 order: Some(i as i64),
-                update: Some(u),
+                accepted: true,
             })
             .collect();
-        let found = detect_copies(&miners, &past, &th);
+        let refs: Vec<Option<&SparseUpdate>> = ups.iter().map(Some).collect();
+        let gram = gram_of(&refs, &past, theta.len() as u64, 1000);
+        let found = detect_copies(&miners, &gram, &th);
         for i in 0..honest {
             seen.flags_on_honest += found[i].copier as usize;
             for j in i + 1..honest {
@@ -224,20 +376,21 @@ fn the_later_publisher_is_the_copier() {
         Candidate {
             peer: "early",
             order: Some(2_000),
-            update: Some(&b),
+            accepted: true,
         },
         Candidate {
             peer: "late",
             order: Some(1_000),
-            update: Some(&a),
+            accepted: true,
         },
         Candidate {
             peer: "absent",
             order: None,
-            update: None,
+            accepted: false,
         },
     ];
-    let found = detect_copies(&miners, &[], &CopyThresholds::default());
+    let gram = gram_of(&[Some(&b), Some(&a), None], &[], 10, 4);
+    let found = detect_copies(&miners, &gram, &CopyThresholds::default());
     // "late" committed at 1000 ms, before "early": "early" is the copier.
     assert!(found[0].copier);
     assert_eq!(found[0].nearest.as_deref(), Some("late"));
@@ -256,15 +409,16 @@ fn peer_ids_never_decide_who_copied() {
             Candidate {
                 peer: x,
                 order: Some(5_000),
-                update: Some(&a),
+                accepted: true,
             },
             Candidate {
                 peer: y,
                 order: Some(5_000),
-                update: Some(&b),
+                accepted: true,
             },
         ];
-        let found = detect_copies(&tie, &[], &CopyThresholds::default());
+        let gram = gram_of(&[Some(&a), Some(&b)], &[], 10, 4);
+        let found = detect_copies(&tie, &gram, &CopyThresholds::default());
         assert!(found[0].copier && found[1].copier, "{x} vs {y}");
     }
     // Without a commit, a shard cannot be first against one that has a commit.
@@ -272,14 +426,15 @@ fn peer_ids_never_decide_who_copied() {
         Candidate {
             peer: "aaa",
             order: None,
-            update: Some(&a),
+            accepted: true,
         },
         Candidate {
             peer: "zzz",
             order: Some(9_000),
-            update: Some(&b),
+            accepted: true,
         },
     ];
-    let found = detect_copies(&uncommitted, &[], &CopyThresholds::default());
+    let gram = gram_of(&[Some(&a), Some(&b)], &[], 10, 4);
+    let found = detect_copies(&uncommitted, &gram, &CopyThresholds::default());
     assert!(found[0].copier && !found[1].copier);
 }
