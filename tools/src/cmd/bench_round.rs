@@ -1,7 +1,9 @@
 //! `shardrop bench round`: one window with many miners through a real store. Reports the
 //! time from the window's close (by the store's clock) to the aggregate being published,
 //! bytes moved and peak memory, against the transfer limit measured in the same run: a
-//! plain parallel download of the same shard objects with the same concurrency.
+//! plain parallel download of the same shard objects with the same concurrency. The
+//! validator then scores the same window (`shardrop validate --evaluator none`, its own
+//! process): its time and peak memory.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -42,6 +44,11 @@ pub struct RoundBench {
     /// memory, and the parameters after apply compared bit for bit).
     #[arg(long)]
     with_v1: bool,
+    /// Another `shardrop` binary (an earlier build) whose `validate` scores the same window
+    /// side by side as the baseline: its time and peak memory, and its table compared with
+    /// this build's.
+    #[arg(long)]
+    baseline_bin: Option<std::path::PathBuf>,
 }
 
 /// Runs the real `shardrop aggregate` as its own process (it reports its peak memory).
@@ -50,10 +57,27 @@ fn aggregate_process(
     key_file: &std::path::Path,
     concurrency: usize,
 ) -> anyhow::Result<(f64, serde_json::Value)> {
+    job_process(None, "aggregate", &[], reg_url, key_file, concurrency)
+}
+
+/// Runs `shardrop <command> … --window 0 --json` as its own process (`bin`, or this one):
+/// its wall time and its JSON (with its peak memory).
+fn job_process(
+    bin: Option<&std::path::Path>,
+    command: &str,
+    extra: &[&str],
+    reg_url: &str,
+    key_file: &std::path::Path,
+    concurrency: usize,
+) -> anyhow::Result<(f64, serde_json::Value)> {
     let t = Instant::now();
-    let out = std::process::Command::new(std::env::current_exe()?)
+    let exe = match bin {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()?,
+    };
+    let out = std::process::Command::new(exe)
         .args([
-            "aggregate",
+            command,
             "--registry",
             reg_url,
             "--key",
@@ -63,15 +87,17 @@ fn aggregate_process(
             "--json",
         ])
         .args(["--concurrency", &concurrency.to_string()])
+        .args(extra)
         .output()?;
     let secs = t.elapsed().as_secs_f64();
     if !out.status.success() {
         anyhow::bail!(
-            "shardrop aggregate failed: {}",
+            "shardrop {command} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let json = serde_json::from_slice(&out.stdout).context("aggregate --json output")?;
+    let json =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{command} --json output"))?;
     Ok((secs, json))
 }
 
@@ -121,6 +147,30 @@ async fn apply_once(
     let t = Instant::now();
     apply_aggregates(reg, s3, &mut theta, 0, 0).await?;
     Ok((t.elapsed().as_secs_f64(), fetched, theta))
+}
+
+/// Two validators' rows for the same window agree: every column equal, agreement (and the
+/// score and rating made from it) within f64 rounding. An error names the first difference.
+fn same_scores(a: &serde_json::Value, b: &serde_json::Value) -> anyhow::Result<bool> {
+    let (Some(a), Some(b)) = (a.as_array(), b.as_array()) else {
+        anyhow::bail!("validate --json has no rows");
+    };
+    anyhow::ensure!(a.len() == b.len(), "{} rows against {}", a.len(), b.len());
+    let close = ["agreement", "score", "rating", "weight"];
+    for (x, y) in a.iter().zip(b) {
+        let (Some(x), Some(y)) = (x.as_object(), y.as_object()) else {
+            anyhow::bail!("a row is not an object");
+        };
+        for (k, v) in x {
+            let w = &y[k];
+            let same = match (v.as_f64(), w.as_f64()) {
+                (Some(p), Some(q)) if close.contains(&k.as_str()) => (p - q).abs() <= 1e-9,
+                _ => v == w,
+            };
+            anyhow::ensure!(same, "peer {}: {k} is {v} against {w}", x["peer"]);
+        }
+    }
+    Ok(true)
 }
 
 fn parse_count(s: &str) -> Result<u64, String> {
@@ -182,6 +232,8 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
     }
     let operator = Identity::generate();
     let aggregator = Identity::generate();
+    let validator = Identity::generate();
+    let baseline_validator = Identity::generate();
     let miners: Vec<Identity> = (0..a.miners).map(|_| Identity::generate()).collect();
     let mut reg = Registry::new(
         &run,
@@ -197,6 +249,18 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         &aggregator.peer_id(),
         root.join("aggregator").url(),
     ));
+    reg.participants.push(Participant::new(
+        Role::Validator,
+        &validator.peer_id(),
+        root.join("validator").url(),
+    ));
+    if a.baseline_bin.is_some() {
+        reg.participants.push(Participant::new(
+            Role::Validator,
+            &baseline_validator.peer_id(),
+            root.join("validator-baseline").url(),
+        ));
+    }
     // Publish every miner's shard for window 0.
     let first = store_now_ms(&root, "clock").await?;
     let mut shard_bytes = 0u64;
@@ -256,6 +320,34 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
     aggregator.save_new(&key_file)?;
     let (agg_secs, agg) = aggregate_process(&reg_url, &key_file, a.concurrency)?;
     let after = store_now_ms(&root, "clock").await?;
+    let val_key = tmp.path().join("validator.key");
+    validator.save_new(&val_key)?;
+    let (val_secs, val) = job_process(
+        None,
+        "validate",
+        &["--evaluator", "none"],
+        &reg_url,
+        &val_key,
+        a.concurrency,
+    )?;
+    let baseline = match &a.baseline_bin {
+        Some(bin) => {
+            let key = tmp.path().join("validator-baseline.key");
+            baseline_validator.save_new(&key)?;
+            let (secs, json) = job_process(
+                Some(bin),
+                "validate",
+                &["--evaluator", "none"],
+                &reg_url,
+                &key,
+                a.concurrency,
+            )?;
+            serde_json::json!({"validate_seconds": secs,
+                "validate_peak_rss_mib": json["peak_rss_mib"],
+                "rows_agree": same_scores(&val["rows"], &json["rows"])?})
+        }
+        None => serde_json::Value::Null,
+    };
     let (accepted_bytes, used_form) = match fetch_aggregate(&reg, &ctx.s3, 0).await? {
         Fetched::Listed(list) => (
             list.accepted
@@ -315,6 +407,8 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         "ratio_to_transfer_limit": agg_secs / download_secs,
         "aggregate_peak_rss_mib": agg["peak_rss_mib"],
         "aggregate_phase_seconds": agg["phases"],
+        "validate_seconds": val_secs, "validate_peak_rss_mib": val["peak_rss_mib"],
+        "validate_baseline": baseline,
         "per_peer_download_bytes": per_peer,
         "per_peer_download_over_accepted": per_peer as f64 / accepted_bytes.max(1) as f64,
         "per_peer_download_over_min_accepted_v1": per_peer as f64 / min_v1.max(1) as f64,

@@ -216,7 +216,9 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
             },
             format_rows(&v.rows, false)
         );
-        out::emit(ctx, &serde_json::to_value(&v)?, &text);
+        let mut json = serde_json::to_value(&v)?;
+        json["peak_rss_mib"] = out::peak_rss_mib().into();
+        out::emit(ctx, &json, &text);
         if !a.job.follow {
             return Ok(());
         }
