@@ -199,6 +199,9 @@ pub struct Validated {
     pub rows: Vec<ScoreRow>,
     /// The same table was already there (a rerun).
     pub already_published: bool,
+    /// Seconds per phase: `open` (header pass, past aggregates), `read` (waiting for shard
+    /// sections, checked), `statistics` (decoding and the Gram pass), `evaluate`, `publish`.
+    pub phases: BTreeMap<String, f64>,
 }
 
 /// The newest ratings this validator published before window `w`.
@@ -252,6 +255,7 @@ pub async fn validate_window(
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
     let Job { reg, id, s3 } = job;
+    let mut phases = Laps::default();
     let crate::verdict::OpenWindow {
         target,
         mut shards,
@@ -267,7 +271,14 @@ pub async fn validate_window(
     }
     // The aggregator's verdicts, from the same checks, and the window's statistics from
     // the same reads.
-    let (checks, gram) = check_and_measure(reg, &shards, past, opts.concurrency, deadline).await;
+    phases.lap("open");
+    let measured = check_and_measure(reg, &shards, past, opts.concurrency, deadline).await;
+    let (checks, gram) = (measured.checks, measured.gram);
+    phases.lap("");
+    phases.0.insert("read".into(), measured.read_secs);
+    phases
+        .0
+        .insert("statistics".into(), measured.statistics_secs);
     let verdicts = finalize(reg, w, &shards, &[checks]);
     let accepted: Vec<bool> = verdicts
         .rows
@@ -295,6 +306,7 @@ pub async fn validate_window(
         Some(ev) => measure(ev, reg, s3, w, &shards, &eligible, deadline).await,
         None => vec![Err(EvalError::Failed(String::new())); shards.len()],
     };
+    phases.lap("evaluate");
     // Scores, ratings and weights.
     let prev = previous_ratings(reg, &target, w, opts.rating_lookback).await?;
     let judged = Judged {
@@ -308,7 +320,31 @@ pub async fn validate_window(
     };
     let rows = score_rows(reg, w, &judged, &prev, opts.alpha);
     let name = evaluator.map_or("none (score = agreement)".to_string(), |e| e.name());
-    publish_scores(reg, id, &target, w, name, rows).await
+    let mut done = publish_scores(reg, id, &target, w, name, rows).await?;
+    phases.lap("publish");
+    done.phases = phases.0;
+    Ok(done)
+}
+
+/// Seconds per phase of a validation, and when the last one ended.
+struct Laps(BTreeMap<String, f64>, std::time::Instant);
+
+impl Default for Laps {
+    fn default() -> Laps {
+        Laps(BTreeMap::new(), std::time::Instant::now())
+    }
+}
+
+impl Laps {
+    /// Ends phase `name` (an empty name only restarts the clock).
+    fn lap(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        if !name.is_empty() {
+            self.0
+                .insert(name.to_string(), (now - self.1).as_secs_f64());
+        }
+        self.1 = now;
+    }
 }
 
 /// Near-copies among the accepted shards and of recent aggregates (`detect_copies`, who
@@ -560,6 +596,7 @@ async fn publish_scores(
         evaluator,
         rows,
         already_published: outcome == PutOutcome::AlreadyIdentical,
+        phases: BTreeMap::new(),
     })
 }
 

@@ -71,8 +71,11 @@ impl Gram {
     /// reference.
     pub fn add(&mut self, len: usize, miners: &[Option<Entries<'_>>], past: &[&[f32]]) {
         let n = self.n;
-        self.head.clear();
-        self.head.resize(len, NONE);
+        // `head` stays all NONE between slabs (the entries reset it below), so a slab costs
+        // its entries, not its length.
+        if self.head.len() < len {
+            self.head.resize(len, NONE);
+        }
         self.arena.clear();
         for (j, e) in miners.iter().enumerate().take(n) {
             let Some((idx, val)) = e else { continue };
@@ -104,6 +107,11 @@ impl Gram {
                         s.2 += (g as f64).powi(2);
                     }
                 }
+            }
+        }
+        for (idx, _) in miners.iter().take(n).flatten() {
+            for &k in idx.iter().filter(|&&k| (k as usize) < len) {
+                self.head[k as usize] = NONE;
             }
         }
     }

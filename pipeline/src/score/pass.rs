@@ -158,6 +158,18 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// What the pass produced.
+pub(crate) struct Measured {
+    /// Per shard, its check (as `verdict::check_streamed` gives it).
+    pub(crate) checks: Vec<RangeCheck>,
+    /// The window's statistics.
+    pub(crate) gram: Gram,
+    /// Seconds spent waiting for sections (fetched and checked).
+    pub(crate) read_secs: f64,
+    /// Seconds spent decoding slabs and accumulating the statistics.
+    pub(crate) statistics_secs: f64,
+}
+
 /// Checks every shard of the window (one check per shard, as the aggregator's) and
 /// accumulates the statistics of all of them against each other and `past`. A past
 /// aggregate that fails mid-way is dropped from the comparison (logged), as one that could
@@ -168,17 +180,21 @@ pub(crate) async fn check_and_measure(
     mut past: Vec<PastAgg>,
     concurrency: usize,
     deadline: Instant,
-) -> (Vec<RangeCheck>, Gram) {
+) -> Measured {
     let n = reg.model.tensors.len();
     let mut cursors: Vec<Cursor> = shards.iter().map(|s| Cursor::new(s, n)).collect();
     let windows: Vec<u64> = past.iter().map(|p| p.window).collect();
     let mut gram = Gram::new(shards.len(), &windows);
     let c = reg.codec.chunk as usize;
     let per_slab = (gram::slab_len(shards.len()) / c).max(1);
+    let (mut read_secs, mut statistics_secs) = (0f64, 0f64);
     for i in 0..n {
+        let t = std::time::Instant::now();
         futures::stream::iter(cursors.iter_mut().filter(|x| x.needs(i)))
             .for_each_concurrent(concurrency.max(1), |x| x.load(reg, i, deadline))
             .await;
+        read_secs += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
         let tensors: Vec<Option<EncodedTensor>> = cursors.iter_mut().map(|x| x.take(i)).collect();
         let numel = reg.model.tensors[i].shape.iter().product::<u64>() as usize;
         for start in (0..numel.div_ceil(c)).step_by(per_slab) {
@@ -214,6 +230,12 @@ pub(crate) async fn check_and_measure(
             let slabs: Vec<&[f32]> = slabs.iter().map(Vec::as_slice).collect();
             gram.add(elems.len(), &views, &slabs);
         }
+        statistics_secs += t.elapsed().as_secs_f64();
     }
-    (cursors.into_iter().map(|c| c.check).collect(), gram)
+    Measured {
+        checks: cursors.into_iter().map(|c| c.check).collect(),
+        gram,
+        read_secs,
+        statistics_secs,
+    }
 }

@@ -408,6 +408,7 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
         "aggregate_peak_rss_mib": agg["peak_rss_mib"],
         "aggregate_phase_seconds": agg["phases"],
         "validate_seconds": val_secs, "validate_peak_rss_mib": val["peak_rss_mib"],
+        "validate_phase_seconds": val["phases"],
         "validate_baseline": baseline,
         "per_peer_download_bytes": per_peer,
         "per_peer_download_over_accepted": per_peer as f64 / accepted_bytes.max(1) as f64,
