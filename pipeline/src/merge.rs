@@ -538,7 +538,7 @@ impl Spooled {
             let (idx, val) =
                 codec::to_sparse_chunks(self.tensor(loaded, j, i, reg)?, chunks.clone())?;
             for (k, v) in idx.into_iter().zip(val) {
-                acc[k as usize - elems.start] += s.weight * v;
+                acc[k as usize] += s.weight * v;
             }
         }
         Ok(acc)

@@ -586,27 +586,45 @@ fn accumulate_checked(t: &EncodedTensor, dense: &mut [f32], weight: f32) -> Resu
 /// The sparse form: global indices (ascending) and decoded values.
 pub fn to_sparse(t: &EncodedTensor) -> Result<(Vec<u64>, Vec<f32>), CodecError> {
     let lay = check_shape(t)?;
-    to_sparse_chunks(t, 0..lay.n_chunks)
-}
-
-/// [`to_sparse`] of the chunks in `chunks` only (indices still global, ascending): lets a
-/// reader walk a large tensor in slabs with memory for one slab, not the tensor.
-pub fn to_sparse_chunks(
-    t: &EncodedTensor,
-    chunks: Range<usize>,
-) -> Result<(Vec<u64>, Vec<f32>), CodecError> {
-    let lay = check_shape(t)?;
-    let chunks = chunks.start.min(lay.n_chunks)..chunks.end.min(lay.n_chunks);
-    let chunks = chunks.start..chunks.end.max(chunks.start);
-    let (idx, val) = decode_range(t, &lay, chunks.clone())?;
+    let (idx, val) = decode_sparse(t, &lay)?;
     let kf = (lay.k_full as usize).max(1);
     let global = idx
         .chunks(kf)
         .enumerate()
         .flat_map(|(c, ic)| {
-            let base = (chunks.start + c) as u64 * t.params.chunk as u64;
+            let base = c as u64 * t.params.chunk as u64;
             ic.iter().map(move |&i| base + i as u64)
         })
         .collect();
     Ok((global, val))
+}
+
+/// [`to_sparse`] of the chunks in `chunks` only, indices counted from the first element of
+/// chunk `chunks.start` (ascending): lets a reader walk a large tensor in slabs with memory
+/// for one slab, not the tensor. A slab spans at most 2³² elements.
+pub fn to_sparse_chunks(
+    t: &EncodedTensor,
+    chunks: Range<usize>,
+) -> Result<(Vec<u32>, Vec<f32>), CodecError> {
+    let lay = check_shape(t)?;
+    let chunks = chunks.start.min(lay.n_chunks)..chunks.end.min(lay.n_chunks);
+    let chunks = chunks.start..chunks.end.max(chunks.start);
+    if chunks.len() as u64 * t.params.chunk as u64 > 1 << 32 {
+        return Err(CodecError::Malformed(format!(
+            "{}: a slab of {} chunks spans over 2^32 elements",
+            t.name,
+            chunks.len()
+        )));
+    }
+    let (idx, val) = decode_range(t, &lay, chunks)?;
+    let kf = (lay.k_full as usize).max(1);
+    let local = idx
+        .chunks(kf)
+        .enumerate()
+        .flat_map(|(c, ic)| {
+            let base = (c as u64 * t.params.chunk as u64) as u32;
+            ic.iter().map(move |&i| base + i)
+        })
+        .collect();
+    Ok((local, val))
 }

@@ -450,7 +450,7 @@ proptest! {
         let (mut idx, mut val) = (Vec::new(), Vec::new());
         for c in (0..chunks).step_by(slab) {
             let (i, v) = to_sparse_chunks(&t, c..(c + slab).min(chunks)).unwrap();
-            idx.extend(i);
+            idx.extend(i.into_iter().map(|k| k as u64 + c as u64 * 64));
             val.extend(v);
         }
         prop_assert_eq!((idx, val), whole);

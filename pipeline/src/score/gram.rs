@@ -6,23 +6,24 @@
 //! inner products and support counts. Those are sums over the model's elements, so they can
 //! be accumulated over any partition of it: the validator feeds one slab of one tensor at a
 //! time (every miner's entries in that slab, and each past aggregate's merged values there)
-//! and keeps only `n × n` numbers. Memory: the slab (`SLAB` elements) and the matrices.
+//! and keeps only `n × n` numbers. Memory: one block's index table (256 KiB), its entries,
+//! and the matrices.
 //!
 //! Every sum runs in the order the whole-update reference ([`super::reference`]) uses —
 //! ascending flat index — so overlaps, similarities and containments are the same bits;
 //! agreement is the same within f64 rounding (it is assembled from the matrix instead of a
 //! dense sum).
 
-/// Elements per slab: the scratch is 4 bytes per element (16 MiB), whatever the model.
+/// Elements per slab: what the caller decodes at once (each miner's entries there).
 pub const SLAB: usize = 1 << 22;
 
-const NONE: u32 = u32::MAX;
+/// Elements per block inside a slab: the pairs are found block by block, so the index table
+/// (4 bytes per element, 256 KiB) and the block's entries stay in cache. Blocks go in
+/// ascending order and each miner's entries in ascending order inside them, so every sum
+/// still runs in ascending flat index.
+const BLOCK: usize = 1 << 16;
 
-/// The slab length for `miners` miners: `SLAB`, or less where every miner keeping every
-/// element could overflow the arena's 32-bit links.
-pub fn slab_len(miners: usize) -> usize {
-    SLAB.min((NONE as usize - 1) / miners.max(1)).max(1)
-}
+const NONE: u32 = u32::MAX;
 
 /// Inner products and support counts of a window's updates.
 pub struct Gram {
@@ -37,10 +38,10 @@ pub struct Gram {
     dot: Vec<f64>,
     /// Per past aggregate: its window and, per miner, what it shares with it.
     past: Vec<(u64, Vec<PastShare>)>,
-    /// Per slab element: the latest arena entry at that index.
+    /// Per element of the current block: the latest arena entry at that index.
     head: Vec<u32>,
-    /// (miner, value, previous entry at the same index).
-    arena: Vec<(u32, f32, u32)>,
+    /// (miner, value, previous entry at the same index, index in the block).
+    arena: Vec<(u32, f32, u32, u32)>,
 }
 
 /// What one miner shares with a past aggregate: indices where both are non-zero, the dot
@@ -51,7 +52,8 @@ type PastShare = (u64, f64, f64);
 pub type Entries<'a> = (&'a [u32], &'a [f32]);
 
 impl Gram {
-    /// Statistics for `n` miners and the past aggregates of `past` (their windows).
+    /// Statistics for `n` miners and the past aggregates of `past` (their windows). A
+    /// block's arena holds at most `n × BLOCK` entries: its 32-bit links allow n < 65,535.
     pub fn new(n: usize, past: &[u64]) -> Gram {
         Gram {
             n,
@@ -71,47 +73,59 @@ impl Gram {
     /// reference.
     pub fn add(&mut self, len: usize, miners: &[Option<Entries<'_>>], past: &[&[f32]]) {
         let n = self.n;
-        // `head` stays all NONE between slabs (the entries reset it below), so a slab costs
-        // its entries, not its length.
-        if self.head.len() < len {
-            self.head.resize(len, NONE);
+        if self.head.len() < BLOCK {
+            self.head.resize(BLOCK, NONE);
         }
-        self.arena.clear();
-        for (j, e) in miners.iter().enumerate().take(n) {
-            let Some((idx, val)) = e else { continue };
-            for (&k, &v) in idx.iter().zip(val.iter()) {
-                let k = k as usize;
-                if v == 0.0 || k >= len {
-                    continue;
-                }
-                self.support[j] += 1;
-                self.sumsq[j] += (v as f64).powi(2);
-                // Every earlier miner with an entry here: one shared index for the pair.
-                let prev = self.head[k];
-                let mut e = prev;
-                while e != NONE {
-                    let (i, vi, prev) = self.arena[e as usize];
-                    let at = i as usize * n + j;
-                    self.shared[at] += 1;
-                    self.dot[at] += vi as f64 * v as f64;
-                    e = prev;
-                }
-                self.head[k] = self.arena.len() as u32;
-                self.arena.push((j as u32, v, prev));
-                for ((_, per), g) in self.past.iter_mut().zip(past) {
-                    let g = g.get(k).copied().unwrap_or(0.0);
-                    if g != 0.0 {
-                        let s = &mut per[j];
-                        s.0 += 1;
-                        s.1 += v as f64 * g as f64;
-                        s.2 += (g as f64).powi(2);
+        // Where each miner's entries of the current block start.
+        let mut pos = vec![0usize; n];
+        for b0 in (0..len).step_by(BLOCK) {
+            let b1 = (b0 + BLOCK).min(len);
+            self.arena.clear();
+            for (j, e) in miners.iter().enumerate().take(n) {
+                let Some((idx, val)) = e else { continue };
+                while let (Some(&k), Some(&v)) = (idx.get(pos[j]), val.get(pos[j])) {
+                    let k = k as usize;
+                    if k >= b1 {
+                        break;
+                    }
+                    pos[j] += 1;
+                    if v != 0.0 && k >= b0 {
+                        self.entry(j, k, b0, v, past);
                     }
                 }
             }
-        }
-        for (idx, _) in miners.iter().take(n).flatten() {
-            for &k in idx.iter().filter(|&&k| (k as usize) < len) {
+            // `head` is all NONE again for the next block.
+            for &(_, _, _, k) in &self.arena {
                 self.head[k as usize] = NONE;
+            }
+        }
+    }
+
+    /// Miner `j`'s value `v` at slab index `k` (block starting at `b0`).
+    fn entry(&mut self, j: usize, k: usize, b0: usize, v: f32, past: &[&[f32]]) {
+        let n = self.n;
+        self.support[j] += 1;
+        self.sumsq[j] += (v as f64).powi(2);
+        // Every earlier miner with an entry here: one shared index for the pair.
+        let h = k - b0;
+        let prev = self.head[h];
+        let mut e = prev;
+        while e != NONE {
+            let (i, vi, prev, _) = self.arena[e as usize];
+            let at = i as usize * n + j;
+            self.shared[at] += 1;
+            self.dot[at] += vi as f64 * v as f64;
+            e = prev;
+        }
+        self.head[h] = self.arena.len() as u32;
+        self.arena.push((j as u32, v, prev, h as u32));
+        for ((_, per), g) in self.past.iter_mut().zip(past) {
+            let g = g.get(k).copied().unwrap_or(0.0);
+            if g != 0.0 {
+                let s = &mut per[j];
+                s.0 += 1;
+                s.1 += v as f64 * g as f64;
+                s.2 += (g as f64).powi(2);
             }
         }
     }

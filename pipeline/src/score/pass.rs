@@ -186,7 +186,7 @@ pub(crate) async fn check_and_measure(
     let windows: Vec<u64> = past.iter().map(|p| p.window).collect();
     let mut gram = Gram::new(shards.len(), &windows);
     let c = reg.codec.chunk as usize;
-    let per_slab = (gram::slab_len(shards.len()) / c).max(1);
+    let per_slab = (gram::SLAB / c).max(1);
     let (mut read_secs, mut statistics_secs) = (0f64, 0f64);
     for i in 0..n {
         let t = std::time::Instant::now();
@@ -202,11 +202,7 @@ pub(crate) async fn check_and_measure(
             let elems = start * c..(chunks.end * c).min(numel);
             let entries: Vec<Option<(Vec<u32>, Vec<f32>)>> = tensors
                 .par_iter()
-                .map(|t| {
-                    let (idx, val) = to_sparse_chunks(t.as_ref()?, chunks.clone()).ok()?;
-                    let local = idx.iter().map(|&k| (k as usize - elems.start) as u32);
-                    Some((local.collect(), val))
-                })
+                .map(|t| to_sparse_chunks(t.as_ref()?, chunks.clone()).ok())
                 .collect();
             let mut slabs = Vec::with_capacity(past.len());
             let mut p = 0;
