@@ -646,25 +646,9 @@ impl Spooled {
         i: usize,
         limit: usize,
     ) -> Result<Vec<f32>, ExchangeError> {
-        let spec = &reg.model.tensors[i];
-        let n = (spec.shape.iter().product::<u64>() as usize).min(limit);
-        let mut acc = vec![0f32; n];
-        for (j, s) in self.shards.iter().enumerate() {
-            let Some((name, _, file)) = s.sections.iter().find(|(_, r, _)| r.contains(&i)) else {
-                continue;
-            };
-            let file = file.as_ref().ok_or_else(|| {
-                ExchangeError::Internal(format!("section {name} was not fetched"))
-            })?;
-            let tensors = self.decode(reg, j, file)?;
-            let Some(t) = tensors.get(&spec.name) else {
-                continue;
-            };
-            let (idx, val) = codec::to_sparse(t)?;
-            for (k, v) in idx.into_iter().zip(val).filter(|(k, _)| (*k as usize) < n) {
-                acc[k as usize] += s.weight * v;
-            }
-        }
+        let chunks = 0..limit.div_ceil(reg.codec.chunk as usize);
+        let mut acc = self.slab(reg, &mut self.loaded(), i, chunks)?;
+        acc.truncate(limit);
         Ok(acc)
     }
 

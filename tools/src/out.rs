@@ -134,12 +134,18 @@ pub fn bytes_bar(ctx: &Ctx, total: u64, what: &str) -> ProgressBar {
 /// This process's peak resident memory (VmHWM), MiB; 0 where /proc is unavailable. Jobs
 /// report it so operators can size their containers.
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_mib_of("self").unwrap_or(0.0)
+}
+
+/// The peak resident memory (VmHWM) of process `pid` (or `self`), MiB; `None` once it has
+/// exited or where /proc is unavailable.
+pub fn peak_rss_mib_of(pid: &str) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("VmHWM:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
-        .map_or(0.0, |kib| kib / 1024.0)
+        .map(|kib| kib / 1024.0)
 }

@@ -133,18 +133,13 @@ fn watch_peak(mut child: std::process::Child) -> anyhow::Result<(f64, std::proce
             .take()
             .map(|r| Box::new(r) as Box<dyn Read + Send>),
     );
-    let status_file = format!("/proc/{}/status", child.id());
+    let pid = child.id().to_string();
     let mut peak = 0f64;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
         }
-        let hwm = std::fs::read_to_string(&status_file).ok().and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        });
-        peak = peak.max(hwm.unwrap_or(0.0) / 1024.0);
+        peak = peak.max(crate::out::peak_rss_mib_of(&pid).unwrap_or(0.0));
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     let join = |h: std::thread::JoinHandle<Vec<u8>>| {
