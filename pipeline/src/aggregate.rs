@@ -32,6 +32,7 @@ use crate::exchange::{ExchangeError, clock};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
 use crate::merge;
+use crate::outer::OuterState;
 use crate::registry::{AggForm, AggFormat, Job, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::ledger_parquet;
@@ -992,10 +993,12 @@ pub async fn fetch_aggregate(
         .map(Fetched::Merged)
 }
 
-/// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name):
-/// θ ← θ − outer_lr · aggregate, in window order. Stops at the first missing or invalid
-/// aggregate, naming the window; every aggregate is checked whole before it is applied, so
-/// `theta` then holds exactly the windows before it.
+/// Replays the aggregates of windows `first ..= last` onto `theta` (f32 tensors by name)
+/// with the outer optimizer in force for each window (`round.md`, "Outer optimizer"), in
+/// window order. Stops at the first missing or invalid aggregate, naming the window; every
+/// aggregate is checked whole before it is applied, so `theta` then holds exactly the
+/// windows before it. Starts from zero momentum: a run whose optimizer kept momentum before
+/// `first` is refused (`optimizer_state_missing`); use [`apply_aggregates_with`].
 ///
 /// agg-v1: `theta` must hold every tensor; memory is the model plus one aggregate. agg-v2:
 /// `theta` may hold a subset (one rank's tensors) and only their sections are fetched;
@@ -1007,7 +1010,122 @@ pub async fn apply_aggregates(
     first: u64,
     last: u64,
 ) -> Result<usize, ExchangeError> {
-    apply_aggregates_cached(reg, s3, theta, first, last, None).await
+    let mut state = OuterState::default();
+    apply_aggregates_with(
+        reg,
+        s3,
+        theta,
+        &mut state,
+        first,
+        last,
+        &ApplyOptions::default(),
+    )
+    .await
+}
+
+/// How a replay fetches.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOptions<'a> {
+    /// agg-v2 sections are taken from this folder (`merge::prefetch`) when they are there
+    /// and verify, and from the store otherwise.
+    pub cache: Option<&'a std::path::Path>,
+    /// How long to wait for each window's aggregate to appear (polling once a second);
+    /// `None` fails at once with `NoAggregate`.
+    pub wait: Option<Duration>,
+}
+
+/// `apply_aggregates` that carries the outer optimizer's momentum in `state` (the buffers
+/// after window `first − 1` in, after `last` out) and fetches as `opts` says.
+///
+/// A window whose aggregate accepted no shard is no outer step: parameters, momentum and
+/// everything else stay as they are (the schedule still counts it: rates follow windows).
+pub async fn apply_aggregates_with(
+    reg: &Registry,
+    s3: &S3Options,
+    theta: &mut BTreeMap<String, Vec<f32>>,
+    state: &mut OuterState,
+    first: u64,
+    last: u64,
+    opts: &ApplyOptions<'_>,
+) -> Result<usize, ExchangeError> {
+    if reg.momentum_before(first) {
+        for (name, t) in theta.iter() {
+            match state.momentum.get(name) {
+                Some(m) if m.len() == t.len() => {}
+                Some(_) => {
+                    return Err(ExchangeError::Caller(format!(
+                        "the momentum buffer of {name:?} has another size than the tensor"
+                    )));
+                }
+                None => {
+                    return Err(ExchangeError::Refused {
+                        reason: "optimizer_state_missing",
+                        detail: format!(
+                            "the run's outer optimizer kept momentum before window {first}, and no momentum buffer for {name:?} was given (a checkpoint or state file holds it)"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    let mut applied = 0;
+    for w in first..=last {
+        let fetched = wait_for_aggregate(reg, s3, w, opts.wait).await?;
+        let setting = reg.setting_at(w);
+        let step = Step {
+            outer: setting.outer,
+            lr: setting.lr_at(w),
+        };
+        match fetched {
+            Fetched::Merged(tensors) => apply_merged(reg, w, theta, state, &step, &tensors)?,
+            Fetched::Listed(list) => {
+                apply_listed(reg, s3, w, theta, state, &step, &list, opts.cache).await?
+            }
+        }
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+/// `fetch_aggregate`, polling once a second for up to `wait` while it is not there.
+async fn wait_for_aggregate(
+    reg: &Registry,
+    s3: &S3Options,
+    w: u64,
+    wait: Option<Duration>,
+) -> Result<Fetched, ExchangeError> {
+    let until = wait.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        match fetch_aggregate(reg, s3, w).await {
+            Err(ExchangeError::NoAggregate { .. })
+                if until.is_some_and(|u| tokio::time::Instant::now() < u) =>
+            {
+                tracing::debug!(window = w, "no aggregate yet; waiting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One window's outer step: the rule and its rate for that window.
+struct Step {
+    outer: crate::outer::Outer,
+    lr: f32,
+}
+
+impl Step {
+    /// Applies merged tensor `a` to `dst`, with `name`'s momentum buffer (zeros when new).
+    fn apply(&self, state: &mut OuterState, name: &str, dst: &mut [f32], a: &[f32]) {
+        if !self.outer.optimizer.keeps_momentum() {
+            return crate::outer::step(&self.outer, self.lr, dst, a, &mut []);
+        }
+        let m = state
+            .momentum
+            .entry(name.to_string())
+            .or_insert_with(|| vec![0f32; dst.len()]);
+        crate::outer::step(&self.outer, self.lr, dst, a, m);
+    }
 }
 
 /// `apply_aggregates` that takes agg-v2 sections from `cache` (`merge::prefetch`) when they
@@ -1020,15 +1138,9 @@ pub async fn apply_aggregates_cached(
     last: u64,
     cache: Option<&std::path::Path>,
 ) -> Result<usize, ExchangeError> {
-    let mut applied = 0;
-    for w in first..=last {
-        match fetch_aggregate(reg, s3, w).await? {
-            Fetched::Merged(tensors) => apply_merged(reg, w, theta, &tensors)?,
-            Fetched::Listed(list) => apply_listed(reg, s3, w, theta, &list, cache).await?,
-        }
-        applied += 1;
-    }
-    Ok(applied)
+    let mut state = OuterState::default();
+    let opts = ApplyOptions { cache, wait: None };
+    apply_aggregates_with(reg, s3, theta, &mut state, first, last, &opts).await
 }
 
 fn size_checked(
@@ -1052,30 +1164,54 @@ fn apply_merged(
     reg: &Registry,
     w: u64,
     theta: &mut BTreeMap<String, Vec<f32>>,
+    state: &mut OuterState,
+    step: &Step,
     tensors: &[AggTensor],
 ) -> Result<(), ExchangeError> {
     for t in tensors {
         size_checked(reg, w, theta, &t.name)?;
     }
-    for t in tensors {
-        if let Some(dst) = theta.get_mut(&t.name) {
-            // Two roundings, never fused: θ − (lr · a).
-            for (i, v) in t.entries() {
-                dst[i] -= reg.outer_lr * v;
+    if tensors.is_empty() {
+        // No shard accepted: no outer step.
+        return Ok(());
+    }
+    if !step.outer.optimizer.keeps_momentum() {
+        // Plain SGD touches only the listed entries (θ − lr·0 = θ elsewhere).
+        for t in tensors {
+            if let Some(dst) = theta.get_mut(&t.name) {
+                // Two roundings, never fused: θ − (lr · a).
+                for (i, v) in t.entries() {
+                    dst[i] -= step.lr * v;
+                }
             }
         }
+        return Ok(());
+    }
+    // Momentum moves every element, listed or not: densify one tensor at a time.
+    let by_name: HashMap<&str, &AggTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (name, dst) in theta.iter_mut() {
+        let mut a = vec![0f32; dst.len()];
+        if let Some(t) = by_name.get(name.as_str()) {
+            for (i, v) in t.entries() {
+                a[i] = v;
+            }
+        }
+        step.apply(state, name, dst, &a);
     }
     Ok(())
 }
 
 /// agg-v2: fetch (every check, before any parameter changes), then merge and apply one
-/// tensor at a time. Entries whose merged value is zero are skipped, as agg-v1's sparse
+/// tensor at a time. Plain SGD skips entries whose merged value is zero, as agg-v1's sparse
 /// form skips them (a merged zero is always +0.0, and θ − lr·(+0.0) = θ).
+#[allow(clippy::too_many_arguments)]
 async fn apply_listed(
     reg: &Registry,
     s3: &S3Options,
     w: u64,
     theta: &mut BTreeMap<String, Vec<f32>>,
+    state: &mut OuterState,
+    step: &Step,
     list: &AcceptedList,
     cache: Option<&std::path::Path>,
 ) -> Result<(), ExchangeError> {
@@ -1091,11 +1227,7 @@ async fn apply_listed(
     let spooled = merge::fetch_listed(reg, s3, list, &want, cache).await?;
     spooled.merge(reg, &want, |i, acc| {
         if let Some(dst) = theta.get_mut(names[i]) {
-            for (d, &a) in dst.iter_mut().zip(acc) {
-                if a != 0.0 {
-                    *d -= reg.outer_lr * a;
-                }
-            }
+            step.apply(state, names[i], dst, acc);
         }
         Ok(())
     })

@@ -2,8 +2,8 @@
 //!
 //! Each error says which class it belongs to, so a caller decides what to do without
 //! parsing messages: fix the call, wait and retry, record a rejection, or alert an operator.
-//! The CLI turns the class into its exit code (`3` for [`ErrorClass::Rejected`], `1`
-//! otherwise) and the JSON document's `reason`.
+//! The CLI turns the class into its exit code (`3` for [`ErrorClass::Rejected`] and
+//! [`ErrorClass::Refused`], `1` otherwise) and the JSON document's `reason`.
 
 /// What kind of failure an error is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -15,6 +15,10 @@ pub enum ErrorClass {
     NotFound,
     /// An object was read, verified and refused; the error carries a stable reason code.
     Rejected,
+    /// The call was refused for a rule of the run, with a stable reason code
+    /// (`window_closed`, `window_not_open`, …): a script reacts to the code (wait, skip,
+    /// bootstrap) instead of parsing a message.
+    Refused,
     /// Another object already holds the name with different content; nothing was
     /// overwritten.
     Conflict,
@@ -32,17 +36,19 @@ impl ErrorClass {
             ErrorClass::Caller => "caller",
             ErrorClass::NotFound => "not_found",
             ErrorClass::Rejected => "rejected",
+            ErrorClass::Refused => "refused",
             ErrorClass::Conflict => "conflict",
             ErrorClass::Store => "store",
             ErrorClass::Internal => "internal",
         }
     }
 
-    /// The process exit code the CLI uses for this class: `3` means "verified and
-    /// rejected" so scripts can tell a bad object from a failure to check one.
+    /// The process exit code the CLI uses for this class: `3` means "refused, with a reason
+    /// code" (an object verified and rejected, or a call against the run's rules), so
+    /// scripts can tell those from a failure to check.
     pub fn exit_code(self) -> u8 {
         match self {
-            ErrorClass::Rejected => 3,
+            ErrorClass::Rejected | ErrorClass::Refused => 3,
             _ => 1,
         }
     }
@@ -61,17 +67,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_rejections_exit_3() {
+    fn only_reasoned_refusals_exit_3() {
         let all = [
             ErrorClass::Caller,
             ErrorClass::NotFound,
             ErrorClass::Rejected,
+            ErrorClass::Refused,
             ErrorClass::Conflict,
             ErrorClass::Store,
             ErrorClass::Internal,
         ];
         let threes: Vec<_> = all.iter().filter(|c| c.exit_code() == 3).collect();
-        assert_eq!(threes, [&ErrorClass::Rejected]);
+        assert_eq!(threes, [&ErrorClass::Rejected, &ErrorClass::Refused]);
         let names: std::collections::HashSet<_> = all.iter().map(|c| c.name()).collect();
         assert_eq!(names.len(), all.len());
     }

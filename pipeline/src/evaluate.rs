@@ -14,9 +14,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::aggregate::apply_aggregates;
+use crate::aggregate::{ApplyOptions, apply_aggregates_with};
 use crate::codec::{Dense, dense_to_safetensors};
 use crate::exchange::ExchangeError;
+use crate::outer::OuterState;
 use crate::refmodel::{LinearTask, TENSOR};
 use crate::registry::Registry;
 use crate::store::S3Options;
@@ -73,6 +74,8 @@ pub trait Evaluator: Send {
 pub struct ReferenceEvaluator {
     task: LinearTask,
     theta: Vec<f32>,
+    /// The outer optimizer's momentum that goes with `theta`.
+    outer: OuterState,
     /// The last window whose aggregate is in `theta` (`None`: the initial parameters).
     through: Option<u64>,
     /// How long to wait for a missing aggregate of `w − 1` (the aggregator may still be
@@ -87,6 +90,7 @@ impl ReferenceEvaluator {
         ReferenceEvaluator {
             task,
             theta,
+            outer: OuterState::default(),
             through: None,
             wait,
         }
@@ -116,11 +120,13 @@ impl Evaluator for ReferenceEvaluator {
         }
         let Some(target) = w.checked_sub(1) else {
             self.theta = self.task.init();
+            self.outer = OuterState::default();
             self.through = None;
             return Ok(());
         };
         if self.through.is_some_and(|t| t > target) {
             self.theta = self.task.init();
+            self.outer = OuterState::default();
             self.through = None;
         }
         let start = std::time::Instant::now();
@@ -131,7 +137,9 @@ impl Evaluator for ReferenceEvaluator {
             if next > target {
                 break Ok(());
             }
-            match apply_aggregates(reg, s3, &mut theta, next, next).await {
+            let opts = ApplyOptions::default();
+            let outer = &mut self.outer;
+            match apply_aggregates_with(reg, s3, &mut theta, outer, next, next, &opts).await {
                 Ok(_) => {
                     self.through = Some(next);
                     next += 1;
@@ -150,6 +158,7 @@ impl Evaluator for ReferenceEvaluator {
         if result.is_err() {
             // A partial replay is not θ_w; start over next time.
             self.theta = self.task.init();
+            self.outer = OuterState::default();
             self.through = None;
         }
         result

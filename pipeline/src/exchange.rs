@@ -32,6 +32,13 @@ pub enum ExchangeError {
         reason: &'static str,
         detail: String,
     },
+    /// The call breaks a rule of the run; `reason` is its stable code (`window_closed`,
+    /// `window_not_open`, `state_ahead`, `optimizer_state_missing`, …).
+    #[error("{detail}")]
+    Refused {
+        reason: &'static str,
+        detail: String,
+    },
     /// Another object already holds the name, with other content; nothing was overwritten.
     #[error("{object}: {detail}")]
     Conflict { object: String, detail: String },
@@ -66,6 +73,7 @@ impl crate::error::Classified for ExchangeError {
         match self {
             ExchangeError::Caller(_) => ErrorClass::Caller,
             ExchangeError::Rejected { .. } => ErrorClass::Rejected,
+            ExchangeError::Refused { .. } => ErrorClass::Refused,
             ExchangeError::Conflict { .. } => ErrorClass::Conflict,
             ExchangeError::Missing { .. } | ExchangeError::NoAggregate { .. } => {
                 ErrorClass::NotFound
@@ -79,7 +87,9 @@ impl crate::error::Classified for ExchangeError {
 
     fn reason(&self) -> Option<&'static str> {
         match self {
-            ExchangeError::Rejected { reason, .. } => Some(reason),
+            ExchangeError::Rejected { reason, .. } | ExchangeError::Refused { reason, .. } => {
+                Some(reason)
+            }
             ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.reason(),
             ExchangeError::Codec(e) => crate::error::Classified::reason(e),
             _ => None,
@@ -92,6 +102,16 @@ impl From<crate::registry::RegistryError> for ExchangeError {
         match e {
             crate::registry::RegistryError::Store(s) => ExchangeError::Store(s),
             crate::registry::RegistryError::Envelope(s) => ExchangeError::Envelope(s),
+            crate::registry::RegistryError::Refused { reason, .. } => ExchangeError::Refused {
+                reason,
+                detail: e.to_string(),
+            },
+            other @ crate::registry::RegistryError::NotRegistered { .. } => {
+                ExchangeError::Refused {
+                    reason: "not_registered",
+                    detail: other.to_string(),
+                }
+            }
             other => ExchangeError::Caller(other.to_string()),
         }
     }
@@ -210,31 +230,22 @@ pub async fn publish_with(
     let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
     let w = match window {
         Some(w) => w,
-        None => clk.window_at(now).ok_or_else(|| {
-            ExchangeError::Caller(format!(
-                "run {} has not started (store clock {now} ms)",
-                reg.run
-            ))
+        None => clk.window_at(now).ok_or_else(|| ExchangeError::Refused {
+            reason: "window_not_open",
+            detail: format!("run {} has not started (store clock {now} ms)", reg.run),
         })?,
     };
-    if now >= clk.closes(w) {
-        return Err(ExchangeError::Caller(format!(
-            "window {w} closed at {} ms (deadline + grace); the store's clock says {now} ms",
-            clk.closes(w)
-        )));
-    }
-    if now < clk.start(w) {
-        return Err(ExchangeError::Caller(format!(
-            "window {w} starts at {} ms; the store's clock says {now} ms",
-            clk.start(w)
-        )));
-    }
+    window_open(reg, w, now)?;
     let model = model_of(update)?;
+    let mismatch = |detail: String| ExchangeError::Refused {
+        reason: "model_mismatch",
+        detail,
+    };
     for t in &model.tensors {
         match reg.model.get(&t.name) {
             Some(spec) if spec.shape == t.shape => {}
             _ => {
-                return Err(ExchangeError::Caller(format!(
+                return Err(mismatch(format!(
                     "update tensor {:?} {:?} is not in the run's model",
                     t.name, t.shape
                 )));
@@ -242,7 +253,7 @@ pub async fn publish_with(
         }
     }
     if model.tensors.len() != reg.model.tensors.len() {
-        return Err(ExchangeError::Caller(format!(
+        return Err(mismatch(format!(
             "update has {} tensors, the model {}",
             model.tensors.len(),
             reg.model.tensors.len()
@@ -256,15 +267,18 @@ pub async fn publish_with(
             return already_published(reg, &target, &me, w, now).await;
         }
         if done > w {
-            return Err(ExchangeError::Caller(format!(
-                "the error-feedback state already accounts for window {done}, later than {w}"
-            )));
+            return Err(ExchangeError::Refused {
+                reason: "state_ahead",
+                detail: format!(
+                    "the error-feedback state already accounts for window {done}, later than {w}"
+                ),
+            });
         }
     }
     let mut trial = state.clone();
     let opts = EncodeOptions {
         params: reg.codec,
-        beta: reg.beta,
+        beta: reg.setting_at(w).beta,
         section_bytes: 16 << 20,
     };
     let encoded = encode(update, &mut trial, &opts)?;
@@ -357,6 +371,55 @@ pub async fn publish_with(
     })
 }
 
+/// Whether a shard for window `w` may be published at store time `now`: refused with
+/// `window_closed` after its deadline and grace, `window_not_open` before it starts.
+fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), ExchangeError> {
+    let clk = clock(reg);
+    if now >= clk.closes(w) {
+        return Err(ExchangeError::Refused {
+            reason: "window_closed",
+            detail: format!(
+                "window {w} closed at {} ms (deadline + grace); the store's clock says {now} ms",
+                clk.closes(w)
+            ),
+        });
+    }
+    if now < clk.start(w) {
+        return Err(ExchangeError::Refused {
+            reason: "window_not_open",
+            detail: format!(
+                "window {w} starts at {} ms; the store's clock says {now} ms",
+                clk.start(w)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Waits, by the store's clock as the miner's own store reports it, until window `w` has
+/// opened (`None`: until the run's first window has), so that a training loop whose rounds
+/// are shorter than windows publishes each round into its own window. Returns the window.
+/// A window that has already closed is refused (`window_closed`), never waited for.
+pub async fn wait_for_window(job: Job<'_>, window: Option<u64>) -> Result<u64, ExchangeError> {
+    let Job { reg, id, .. } = job;
+    let me = id.peer_id();
+    let target = job.own_store(Role::Miner)?;
+    let clk = clock(reg);
+    let probe = layout::clock_probe(&reg.run, &me);
+    loop {
+        let now = store_now_ms(&target, &probe).await?;
+        let w = window.or_else(|| clk.window_at(now)).unwrap_or(0);
+        if now >= clk.start(w) {
+            window_open(reg, w, now)?;
+            return Ok(w);
+        }
+        let left = clk.start(w) - now;
+        tracing::info!(window = w, wait_ms = left, "waiting for the window to open");
+        // Re-read the store's clock at least every 5 s: it is the clock that counts.
+        tokio::time::sleep(std::time::Duration::from_millis(left.min(5000) + 5)).await;
+    }
+}
+
 /// blake3 over the section hashes, in order: equal for byte-identical updates whoever
 /// signed them (the key of the duplicate rule and of a shard's commit).
 pub fn content_hash<'a>(
@@ -413,10 +476,13 @@ async fn commit_then_wait(
     loop {
         let now = store_now_ms(target, &probe).await?;
         if now >= clk.closes(w) {
-            return Err(ExchangeError::Caller(format!(
-                "window {w} closed at {} ms while committing (the store's clock says {now} ms)",
-                clk.closes(w)
-            )));
+            return Err(ExchangeError::Refused {
+                reason: "window_closed",
+                detail: format!(
+                    "window {w} closed at {} ms while committing (the store's clock says {now} ms)",
+                    clk.closes(w)
+                ),
+            });
         }
         if now >= committed + 1000 {
             return Ok(());

@@ -17,6 +17,7 @@ use crate::codec::{CodecParams, ModelSpec};
 use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
 use crate::identity::{Identity, PeerId};
 use crate::layout;
+use crate::outer::{Outer, Setting};
 use crate::store::{self, S3Options, StoreError, Target};
 
 /// What a participant does.
@@ -222,9 +223,11 @@ pub struct Registry {
     pub model: ModelSpec,
     /// The codec every shard must use.
     pub codec: CodecParams,
-    /// Error-feedback decay every miner uses.
+    /// Error-feedback decay every miner uses before the first entry of `settings` (every
+    /// window, in runs made before settings existed).
     pub beta: f32,
-    /// Outer learning rate: θ ← θ − outer_lr · aggregate.
+    /// Outer learning rate of plain SGD (θ ← θ − outer_lr · aggregate) before the first
+    /// entry of `settings`.
     pub outer_lr: f32,
     /// Size and clipping limits of the run.
     pub limits: RunLimits,
@@ -233,6 +236,11 @@ pub struct Registry {
     /// when re-signed.
     #[serde(default, skip_serializing_if = "AggregateSpec::is_v1")]
     pub aggregate: AggregateSpec,
+    /// The outer optimizer and error-feedback decay in force from each listed window on,
+    /// ascending (`round.md`, "Settings"). Absent in registries made before settings
+    /// existed: those runs use plain SGD at `outer_lr` and `beta` throughout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<Setting>,
     /// Every peer of the run.
     pub participants: Vec<Participant>,
 }
@@ -272,6 +280,13 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
+    /// The edit cannot be made, for a reason with a stable code (`window_not_future`).
+    #[error("{object}: {detail}")]
+    Refused {
+        object: String,
+        reason: &'static str,
+        detail: String,
+    },
     /// The caller's key is not in the registry in the role it acts in.
     #[error("{peer} is not registered as a {} of run {run}", .role.name())]
     NotRegistered {
@@ -286,8 +301,9 @@ impl crate::error::Classified for RegistryError {
         match self {
             RegistryError::Envelope(e) => e.class(),
             RegistryError::Store(e) => e.class(),
-            RegistryError::Invalid { .. } | RegistryError::NotRegistered { .. } => {
-                crate::error::ErrorClass::Caller
+            RegistryError::Invalid { .. } => crate::error::ErrorClass::Caller,
+            RegistryError::Refused { .. } | RegistryError::NotRegistered { .. } => {
+                crate::error::ErrorClass::Refused
             }
         }
     }
@@ -295,6 +311,8 @@ impl crate::error::Classified for RegistryError {
     fn reason(&self) -> Option<&'static str> {
         match self {
             RegistryError::Envelope(e) => e.reason(),
+            RegistryError::Refused { reason, .. } => Some(reason),
+            RegistryError::NotRegistered { .. } => Some("not_registered"),
             _ => None,
         }
     }
@@ -315,8 +333,9 @@ impl Participant {
 }
 
 impl Registry {
-    /// A first revision with no participants; `beta` 0.9, `outer_lr` 1 and default limits,
-    /// which callers may change before `create`.
+    /// A first revision with no participants; plain SGD at rate 1, `beta` 0.9 from window 0
+    /// (one entry in `settings`) and default limits, which callers may change before
+    /// `create`.
     pub fn new(
         run: &str,
         operator: &PeerId,
@@ -340,8 +359,38 @@ impl Registry {
             outer_lr: 1.0,
             limits: RunLimits::default(),
             aggregate: AggregateSpec::v2(AggForm::Auto),
+            settings: vec![Setting {
+                from_window: 0,
+                outer: Outer::sgd(1.0),
+                beta: 0.9,
+            }],
             participants: Vec::new(),
         }
+    }
+
+    /// The setting in force for window `w`: the last entry of `settings` that starts at or
+    /// before it, or the run's original plain SGD at `outer_lr` with `beta`.
+    pub fn setting_at(&self, w: u64) -> Setting {
+        self.settings
+            .iter()
+            .rev()
+            .find(|s| s.from_window <= w)
+            .copied()
+            .unwrap_or(Setting {
+                from_window: 0,
+                outer: Outer::sgd(self.outer_lr),
+                beta: self.beta,
+            })
+    }
+
+    /// Whether any window before `w` is applied with a momentum optimizer: then the
+    /// parameters after window `w − 1` are not the whole state, and a replay from there
+    /// needs the momentum buffers too.
+    pub fn momentum_before(&self, w: u64) -> bool {
+        // Windows before the first entry use plain SGD, which keeps no state.
+        self.settings
+            .iter()
+            .any(|s| s.from_window < w && s.outer.optimizer.keeps_momentum())
     }
 
     /// The operator's peer id, parsed.
@@ -434,6 +483,22 @@ impl Registry {
             return Err(bad("window_secs is 0".into()));
         }
         self.codec.validate().map_err(|e| bad(e.to_string()))?;
+        for pair in self.settings.windows(2) {
+            if pair[0].from_window >= pair[1].from_window {
+                return Err(bad(format!(
+                    "settings are not in ascending from_window order ({} then {})",
+                    pair[0].from_window, pair[1].from_window
+                )));
+            }
+        }
+        for s in &self.settings {
+            if let Some(p) = s.problem() {
+                return Err(bad(format!(
+                    "the setting from window {}: {p}",
+                    s.from_window
+                )));
+            }
+        }
         for p in &self.participants {
             PeerId::parse(&p.peer).map_err(|e| bad(e.to_string()))?;
         }
@@ -547,6 +612,89 @@ impl Registry {
         self.validate(&object)?;
         let bytes = self.sign(operator)?;
         store::put_cas(&target, &path, Bytes::from(bytes), etag).await?;
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// Loads the registry at `url` (signed by `operator`), lets `edit` change it, and
+    /// replaces it by compare-and-swap; a lost race reloads and edits again (up to 8 times),
+    /// so two operators' edits never lose one. Returns the stored revision.
+    pub async fn revise(
+        url: &str,
+        s3: &S3Options,
+        operator: &Identity,
+        mut edit: impl FnMut(&mut Registry) -> Result<(), RegistryError>,
+    ) -> Result<Registry, RegistryError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut reg, etag) = Registry::load(url, s3, Some(operator.peer_id())).await?;
+            edit(&mut reg)?;
+            match reg.update(url, s3, etag, operator).await {
+                Ok(()) => return Ok(reg),
+                Err(RegistryError::Store(StoreError::Precondition { .. })) if attempt < 8 => {
+                    tracing::info!(attempt, "the registry changed since it was read; retrying");
+                }
+                Err(RegistryError::Store(StoreError::Precondition { object })) => {
+                    return Err(RegistryError::Invalid {
+                        object,
+                        reason: format!(
+                            "lost the compare-and-swap race {attempt} times (other edits keep landing); retry"
+                        ),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The store's clock where the registry at `url` lives, by a probe object beside it
+    /// (`runs/<run>/clock/<peer>` under the same prefix): the clock `set_from` checks
+    /// against is the operator's own store's.
+    pub async fn clock_at(
+        &self,
+        url: &str,
+        s3: &S3Options,
+        peer: &PeerId,
+    ) -> Result<u64, RegistryError> {
+        let (mut target, path) = store::open_object(url, s3)?;
+        let own = layout::registry(&self.run);
+        let parts: Vec<String> = path.parts().map(|p| p.as_ref().to_string()).collect();
+        let keep = parts.len().saturating_sub(own.split('/').count());
+        target.prefix = Path::from_iter(parts.into_iter().take(keep));
+        Ok(crate::window::store_now_ms(&target, &layout::clock_probe(&self.run, peer)).await?)
+    }
+
+    /// Puts `setting` in force from its `from_window` on, which must not have opened yet by
+    /// the store's clock `now_ms` (no reader can have applied it: an aggregate exists only
+    /// once its window closed). Entries from that window on, never in force, are replaced.
+    pub fn set_from(&mut self, setting: Setting, now_ms: u64) -> Result<(), RegistryError> {
+        let clock =
+            crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
+        let w = setting.from_window;
+        if clock.start(w) <= now_ms {
+            return Err(RegistryError::Refused {
+                object: format!("run {}", self.run),
+                reason: "window_not_future",
+                detail: format!(
+                    "window {w} opened at {} ms (the store's clock says {now_ms} ms); a setting may only change from a window that has not opened",
+                    clock.start(w)
+                ),
+            });
+        }
+        if let Some(p) = setting.problem() {
+            return Err(RegistryError::Invalid {
+                object: format!("run {}", self.run),
+                reason: format!("the setting from window {w}: {p}"),
+            });
+        }
+        if self.settings.is_empty() {
+            // Keep the original setting explicit, so the history reads from window 0.
+            self.settings.push(self.setting_at(0));
+        }
+        self.settings.retain(|s| s.from_window < w);
+        self.settings.push(setting);
         Ok(())
     }
 }

@@ -414,7 +414,7 @@ async fn measure(
     let mut losses = vec![Err(EvalError::Failed(String::new())); shards.len()];
     let prepared = ev.prepare(reg, s3, w).await;
     let n = eligible.iter().filter(|e| **e).count().max(1);
-    let scale = reg.outer_lr / n as f32;
+    let scale = reg.setting_at(w).lr_at(w) / n as f32;
     let all = 0..reg.model.tensors.len();
     for (j, s) in shards.iter().enumerate().filter(|(j, _)| eligible[*j]) {
         losses[j] = match &prepared {

@@ -91,6 +91,12 @@ fn classify(e: &anyhow::Error) -> Option<(ErrorClass, Option<&'static str>)> {
     })
 }
 
+/// `v` as a JSON value through its text form, so that f32 fields read as written
+/// (`0.9`, not `0.8999999761581421`: `to_value` widens f32 to f64 first).
+pub fn value_of<T: serde::Serialize>(v: &T) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&serde_json::to_vec(v)?)?)
+}
+
 /// One line on stderr; with `--json` also a JSON error document on stdout. The exit code
 /// comes from the error's class: 3 when an object was verified and rejected (its reason
 /// code goes into the JSON), so scripts can tell "bad object" from "could not check"; 1
@@ -100,7 +106,8 @@ pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
     eprintln!("shardrop: error: {line}");
     // An error the CLI raised itself (arguments, local files) has no library class.
     let (class, reason) = classify(e).map_or((None, None), |(c, r)| (Some(c), r));
-    let rejection = reason.filter(|_| class == Some(ErrorClass::Rejected));
+    let rejection =
+        reason.filter(|_| matches!(class, Some(ErrorClass::Rejected | ErrorClass::Refused)));
     if ctx.json && e.downcast_ref::<Reported>().is_none() {
         let doc = serde_json::json!({
             "ok": false,

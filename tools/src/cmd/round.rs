@@ -6,16 +6,17 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use shardrop::aggregate::{
-    aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates_cached,
+    ApplyOptions, aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates_with,
 };
 use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
-use shardrop::exchange::{clock, publish_with};
+use shardrop::exchange::{ExchangeError, clock, publish_with, wait_for_window};
 use shardrop::identity::PeerId;
 use shardrop::layout;
+use shardrop::outer::{OptimizerKind, Outer, OuterState, Schedule, ScheduleKind, Setting};
 use shardrop::registry::{
     AggForm, AggregateSpec, Credentials, Job, Participant, Registry, RegistryError, Role,
 };
-use shardrop::store::{self, StoreError};
+use shardrop::store;
 use shardrop::window::store_now_ms;
 
 use super::grad::CodecArgs;
@@ -25,11 +26,111 @@ use crate::out;
 #[derive(Subcommand)]
 pub enum RunCommand {
     /// Create a run and its signed registry.
-    Init(InitArgs),
+    Init(Box<InitArgs>),
     /// Add a participant (operator only; compare-and-swap on the registry).
     Add(AddArgs),
-    /// Print a registry after verifying it.
+    /// Print a registry after verifying it, with the history of its settings.
     Show(ShowArgs),
+    /// Change the outer optimizer, its learning rate or schedule, or beta from a window that
+    /// has not opened yet (operator only; compare-and-swap on the registry). Flags not given
+    /// keep the value in force at that window.
+    Set(Box<SetArgs>),
+}
+
+/// The outer optimizer and beta, as `run init` and `run set` take them.
+#[derive(Args)]
+pub struct OuterArgs {
+    /// sgd (θ ← θ − lr·a), momentum (heavy ball) or nesterov (DiLoCo's outer step).
+    #[arg(long, value_parser = ["sgd", "momentum", "nesterov"])]
+    outer_optimizer: Option<String>,
+    /// Base outer learning rate (init default: 1).
+    #[arg(long)]
+    outer_lr: Option<f32>,
+    /// μ of momentum and nesterov (default 0.9 when switching to them).
+    #[arg(long)]
+    momentum: Option<f32>,
+    /// The rate over windows after any warm-up.
+    #[arg(long, value_parser = ["constant", "linear", "cosine"])]
+    lr_schedule: Option<String>,
+    /// Windows of linear warm-up.
+    #[arg(long)]
+    warmup_windows: Option<u64>,
+    /// Windows of linear or cosine decay after the warm-up.
+    #[arg(long)]
+    decay_windows: Option<u64>,
+    /// The rate at the end of the decay, as a fraction of the base rate.
+    #[arg(long)]
+    final_lr_ratio: Option<f32>,
+    /// The window the schedule counts from (default: the setting's first window when a
+    /// schedule flag is given, else the schedule in force keeps its origin).
+    #[arg(long)]
+    schedule_origin: Option<u64>,
+    /// Error-feedback decay miners use (init default: 0.9).
+    #[arg(long)]
+    beta: Option<f32>,
+}
+
+impl OuterArgs {
+    /// `base` (the setting in force) with these flags applied, from `from_window` on.
+    fn over(&self, base: Setting, from_window: u64) -> anyhow::Result<Setting> {
+        let optimizer = match &self.outer_optimizer {
+            Some(k) => OptimizerKind::parse(k).context("--outer-optimizer")?,
+            None => base.outer.optimizer,
+        };
+        let momentum = match (self.momentum, optimizer.keeps_momentum()) {
+            (Some(m), _) => m,
+            (None, false) => 0.0,
+            (None, true) if base.outer.optimizer.keeps_momentum() => base.outer.momentum,
+            (None, true) => 0.9,
+        };
+        let b = base.outer.schedule;
+        let reshaped = self.lr_schedule.is_some()
+            || self.warmup_windows.is_some()
+            || self.decay_windows.is_some()
+            || self.final_lr_ratio.is_some();
+        let kind = match &self.lr_schedule {
+            Some(k) => ScheduleKind::parse(k).context("--lr-schedule")?,
+            None => b.kind,
+        };
+        let carried = (b.warmup > 0 || b.kind != ScheduleKind::Constant).then(|| base.origin());
+        let origin = match (self.schedule_origin, reshaped) {
+            (Some(o), _) => Some(o),
+            (None, true) => None,
+            (None, false) => carried,
+        }
+        .filter(|&o| o != from_window);
+        Ok(Setting {
+            from_window,
+            outer: Outer {
+                optimizer,
+                lr: self.outer_lr.unwrap_or(base.outer.lr),
+                momentum,
+                schedule: Schedule {
+                    kind,
+                    warmup: self.warmup_windows.unwrap_or(b.warmup),
+                    decay: self.decay_windows.unwrap_or(b.decay),
+                    final_ratio: self.final_lr_ratio.unwrap_or(b.final_ratio),
+                    origin,
+                },
+            },
+            beta: self.beta.unwrap_or(base.beta),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct SetArgs {
+    #[arg(long)]
+    registry: String,
+    /// The operator's key.
+    #[arg(long)]
+    key: PathBuf,
+    /// The first window the new setting applies to (it must not have opened yet by the
+    /// store's clock), or `next`: the window after the current one.
+    #[arg(long)]
+    from_window: String,
+    #[command(flatten)]
+    outer: OuterArgs,
 }
 
 #[derive(Args)]
@@ -54,10 +155,8 @@ pub struct InitArgs {
     grace_secs: u64,
     #[command(flatten)]
     codec: CodecArgs,
-    #[arg(long, default_value_t = 0.9)]
-    beta: f32,
-    #[arg(long, default_value_t = 1.0)]
-    outer_lr: f32,
+    #[command(flatten)]
+    outer: OuterArgs,
     /// The aggregate format: agg-v2 (a signed verdict naming the accepted shards; readers
     /// merge them) or agg-v1 (one object with the merged tensors).
     #[arg(long, default_value = "agg-v2", value_parser = ["agg-v1", "agg-v2"])]
@@ -106,6 +205,10 @@ pub struct PublishArgs {
     /// Default: the current window by the store's clock.
     #[arg(long)]
     window: Option<u64>,
+    /// Wait (by the store's clock) for the window to open instead of refusing it; without
+    /// --window, for the run's first window when it has not started.
+    #[arg(long)]
+    wait: bool,
     /// The pseudo-gradient (θ_start − θ_end) as safetensors.
     update: PathBuf,
     /// Error-feedback state folder.
@@ -252,7 +355,16 @@ pub struct ApplyArgs {
     /// against the signed list) are not fetched again.
     #[arg(long)]
     prefetched: Option<PathBuf>,
-    /// Output: the dense f32 state.
+    /// Wait up to SECS for each aggregate that is not there yet (the aggregator may still
+    /// be merging it) instead of failing at once.
+    #[arg(long, value_name = "SECS")]
+    wait: Option<u64>,
+    /// The outer optimizer's momentum (safetensors): read if the file exists (it must hold
+    /// the state after --from-window), written back after --through. Needed once the run
+    /// uses momentum or nesterov; a pulled checkpoint folder holds it already.
+    #[arg(long, value_name = "PATH")]
+    optimizer_state: Option<PathBuf>,
+    /// Output: the dense f32 parameters.
     out: PathBuf,
 }
 
@@ -275,9 +387,10 @@ fn parse_from_window(s: &str) -> Result<FromWindow, String> {
 
 pub async fn run_cmd(ctx: &Ctx, cmd: RunCommand) -> anyhow::Result<()> {
     match cmd {
-        RunCommand::Init(a) => init(ctx, a).await,
+        RunCommand::Init(a) => init(ctx, *a).await,
         RunCommand::Add(a) => add(ctx, a).await,
         RunCommand::Show(a) => show(ctx, a).await,
+        RunCommand::Set(a) => set(ctx, *a).await,
     }
 }
 
@@ -304,8 +417,14 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
         model,
         a.codec.params()?,
     );
-    reg.beta = a.beta;
-    reg.outer_lr = a.outer_lr;
+    let first = a.outer.over(reg.setting_at(0), 0)?;
+    if let Some(p) = first.problem() {
+        bail!("the outer optimizer: {p}");
+    }
+    // The legacy fields mirror window 0's setting, for readers of older builds' listings.
+    reg.beta = first.beta;
+    reg.outer_lr = first.outer.lr;
+    reg.settings = vec![first];
     reg.aggregate = match a.aggregate.as_str() {
         "agg-v1" => AggregateSpec::default(),
         _ => AggregateSpec::v2(AggForm::parse(&a.agg_form).context("--agg-form")?),
@@ -326,17 +445,12 @@ async fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<()> {
     store::open(&a.store, &ctx.s3)?;
     // Compare-and-swap: an operator racing another edit reads the new version and applies
     // the addition to it (a lost race is retried, never reported as tampering).
-    let mut attempt = 0;
-    let reg = loop {
-        attempt += 1;
-        let (mut reg, etag) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
+    let reg = Registry::revise(&a.registry, &ctx.s3, &id, |reg| {
         if reg.participant(&peer, role).is_some() {
-            bail!(
-                "{}: {peer} is already a {} of run {}",
-                a.registry,
-                a.role,
-                reg.run
-            );
+            return Err(RegistryError::Invalid {
+                object: a.registry.clone(),
+                reason: format!("{peer} is already a {} of run {}", a.role, reg.run),
+            });
         }
         reg.participants.push(Participant {
             role,
@@ -349,17 +463,9 @@ async fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<()> {
                 None => Credentials::Ambient,
             },
         });
-        match reg.update(&a.registry, &ctx.s3, etag, &id).await {
-            Ok(()) => break reg,
-            Err(RegistryError::Store(StoreError::Precondition { .. })) if attempt < 8 => {
-                tracing::info!(attempt, "the registry changed since it was read; retrying");
-            }
-            Err(RegistryError::Store(StoreError::Precondition { object })) => bail!(
-                "{object}: lost the compare-and-swap race {attempt} times (other edits keep landing); retry"
-            ),
-            Err(e) => return Err(e.into()),
-        }
-    };
+        Ok(())
+    })
+    .await?;
     out::emit(
         ctx,
         &serde_json::json!({"registry": a.registry, "revision": reg.revision, "participants": reg.participants.len()}),
@@ -377,7 +483,7 @@ async fn show(ctx: &Ctx, a: ShowArgs) -> anyhow::Result<()> {
     let operator = a.operator.as_deref().map(PeerId::parse).transpose()?;
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, operator).await?;
     let mut text = format!(
-        "run {} (revision {}), operator {}\ngenesis {} ms, windows of {} s, grace {} s\nmodel: {} tensors; codec C={} k={} {} {:?} indices; beta {}; outer lr {}\n",
+        "run {} (revision {}), operator {}\ngenesis {} ms, windows of {} s, grace {} s\nmodel: {} tensors; codec C={} k={} {} {:?} indices\n",
         reg.run,
         reg.revision,
         reg.operator,
@@ -389,13 +495,52 @@ async fn show(ctx: &Ctx, a: ShowArgs) -> anyhow::Result<()> {
         reg.codec.k,
         reg.codec.values.name(),
         reg.codec.indices,
-        reg.beta,
-        reg.outer_lr
     );
+    text += "settings:\n";
+    if reg.settings.first().is_none_or(|s| s.from_window > 0) {
+        text += &format!("  from window 0: {}\n", reg.setting_at(0).describe());
+    }
+    for s in &reg.settings {
+        text += &format!("  from window {}: {}\n", s.from_window, s.describe());
+    }
     for p in &reg.participants {
         text += &format!("  {:<10} {} {}\n", p.role.name(), p.peer, p.store);
     }
-    out::emit(ctx, &serde_json::to_value(&reg)?, &text);
+    out::emit(ctx, &out::value_of(&reg)?, &text);
+    Ok(())
+}
+
+async fn set(ctx: &Ctx, a: SetArgs) -> anyhow::Result<()> {
+    let id = keys::load(&a.key)?;
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
+    let now = reg.clock_at(&a.registry, &ctx.s3, &id.peer_id()).await?;
+    let from_window = match a.from_window.as_str() {
+        "next" => clock(&reg).window_at(now).map_or(0, |w| w + 1),
+        w => w
+            .parse()
+            .with_context(|| format!("--from-window {w:?}: expected a window or `next`"))?,
+    };
+    let reg = Registry::revise(&a.registry, &ctx.s3, &id, |reg| {
+        let setting = a
+            .outer
+            .over(reg.setting_at(from_window), from_window)
+            .map_err(|e| RegistryError::Invalid {
+                object: a.registry.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        reg.set_from(setting, now)
+    })
+    .await?;
+    let s = reg.setting_at(from_window);
+    out::emit(
+        ctx,
+        &serde_json::json!({"registry": a.registry, "revision": reg.revision, "from_window": from_window, "setting": out::value_of(&s)?, "settings": out::value_of(&reg.settings)?}),
+        &format!(
+            "from window {from_window}: {} (revision {})",
+            s.describe(),
+            reg.revision
+        ),
+    );
     Ok(())
 }
 
@@ -411,9 +556,14 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     let before = state.window;
     let chosen = super::device::choose(&a.device)?;
     let started = std::time::Instant::now();
+    let window = match a.wait {
+        true => Some(wait_for_window(Job::new(&reg, &id, &ctx.s3), a.window).await?),
+        false => a.window,
+    };
+    let waited = started.elapsed().as_secs_f64();
     let p = publish_with(
         Job::new(&reg, &id, &ctx.s3),
-        a.window,
+        window,
         &update,
         &mut state,
         |u, st, o| chosen.encode_update(u, st, o),
@@ -426,6 +576,7 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     }
     let mut json = serde_json::to_value(&p)?;
     json["seconds"] = started.elapsed().as_secs_f64().into();
+    json["waited_seconds"] = waited.into();
     if let (Some(o), serde_json::Value::Object(d)) = (json.as_object_mut(), chosen.report()) {
         o.extend(d);
     }
@@ -527,7 +678,9 @@ fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)> {
 
 pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
-    let (base, ckpt_window) = load_base(&a.from)?;
+    let (mut base, ckpt_window) = load_base(&a.from)?;
+    // A pulled checkpoint holds the momentum buffers beside the parameters.
+    let mut state = OuterState::take_from(&mut base);
     let from = a
         .from_window
         .or(ckpt_window.map(FromWindow::After))
@@ -537,9 +690,9 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
                 a.from.display()
             )
         })?;
-    let first = match from {
-        FromWindow::Genesis => 0,
-        FromWindow::After(w) => w + 1,
+    let (first, after) = match from {
+        FromWindow::Genesis => (0, None),
+        FromWindow::After(w) => (w + 1, Some(w)),
     };
     let from_window = match from {
         FromWindow::Genesis => serde_json::Value::from("genesis"),
@@ -556,21 +709,57 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
             ),
         }
     }
+    if let Some(path) = a.optimizer_state.as_ref().filter(|p| p.exists()) {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let (st, run, st_after) = shardrop::outer::state_from_safetensors(&bytes)
+            .with_context(|| path.display().to_string())?;
+        if run != reg.run || st_after != after {
+            let name = |w: Option<u64>| w.map_or("genesis".to_string(), |w| format!("window {w}"));
+            return Err(ExchangeError::Refused {
+                reason: "optimizer_state_window",
+                detail: format!(
+                    "{}: the momentum of run {run:?} after {}, not of run {:?} after {} (the base's)",
+                    path.display(),
+                    name(st_after),
+                    reg.run,
+                    name(after)
+                ),
+            }
+            .into());
+        }
+        state = st;
+    }
+    if a.optimizer_state.is_none() && reg.momentum_before(a.through + 1) {
+        return Err(ExchangeError::Refused {
+            reason: "optimizer_state_missing",
+            detail: format!(
+                "run {}'s outer optimizer keeps momentum by window {}: give --optimizer-state PATH (read if it exists, written back) so the next replay has it",
+                reg.run, a.through
+            ),
+        }
+        .into());
+    }
     let shapes: BTreeMap<String, Vec<u64>> = base
         .iter()
         .map(|(k, (s, _))| (k.clone(), s.clone()))
         .collect();
     let mut theta: BTreeMap<String, Vec<f32>> =
         base.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let applied = apply_aggregates_cached(
-        &reg,
-        &ctx.s3,
-        &mut theta,
-        first,
-        a.through,
-        a.prefetched.as_deref(),
+    let opts = ApplyOptions {
+        cache: a.prefetched.as_deref(),
+        wait: a.wait.map(std::time::Duration::from_secs),
+    };
+    let applied = apply_aggregates_with(
+        &reg, &ctx.s3, &mut theta, &mut state, first, a.through, &opts,
     )
     .await?;
+    if let Some(path) = &a.optimizer_state {
+        let bytes =
+            shardrop::outer::state_to_safetensors(&state, &shapes, &reg.run, Some(a.through))?;
+        shardrop::files::write_replace_beside(path, &bytes)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     let dense: Dense = theta
         .into_iter()
         .map(|(k, v)| (k.clone(), (shapes[&k].clone(), v)))
@@ -579,7 +768,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write", a.out.display()))?;
     out::emit(
         ctx,
-        &serde_json::json!({"out": a.out.display().to_string(), "applied": applied, "from_window": from_window, "through": a.through}),
+        &serde_json::json!({"out": a.out.display().to_string(), "applied": applied, "from_window": from_window, "through": a.through, "optimizer_state": a.optimizer_state.as_ref().map(|p| p.display().to_string())}),
         &format!(
             "applied {applied} aggregate(s) (windows {first}..={}) -> {}",
             a.through,

@@ -1,0 +1,255 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+//! Training semantics through the CLI against the local S3 server (issue 17): an explicit
+//! outer optimizer, a setting changed mid-run with `run set`, rounds mapped onto windows
+//! with `publish --wait`, an empty window, the genesis base, momentum carried by
+//! `--optimizer-state`, and every new refusal's reason code with exit 3.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{Run, json, ok_json, p, shardrop, stderr, write_update};
+
+fn s3_base(name: &str) -> Option<String> {
+    match std::env::var("SHARDROP_TEST_S3") {
+        Ok(url) => Some(format!(
+            "{url}/outer-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        )),
+        Err(_) => {
+            assert!(
+                std::env::var("SHARDROP_S3_REQUIRED").is_err(),
+                "SHARDROP_TEST_S3 missing"
+            );
+            None
+        }
+    }
+}
+
+/// The command was refused with exit 3 and this reason code in its JSON document.
+fn refused(out: &Output, reason: &str) {
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(out));
+    let doc = json(out);
+    assert_eq!(doc["reason"], reason, "{doc}");
+    assert_eq!(doc["class"], "refused", "{doc}");
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
+    let Some(base) = s3_base("nesterov") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agg_key = dir.join("agg.key");
+    let run = Run::init(dir, &base, "outer", 4, &agg_key, &[]);
+    let miners: Vec<_> = (0..2)
+        .map(|i| run.new_miner(dir, &format!("m{i}")))
+        .collect();
+    let set = |args: &[&str]| {
+        let mut v = vec!["run", "set", "--registry", &run.reg, "--key", &run.op_key];
+        v.extend_from_slice(args);
+        v.push("--json");
+        run.run(&v)
+    };
+    // Window 0 is open: a setting can only change from a window that has not opened.
+    refused(
+        &set(&["--from-window", "0", "--outer-lr", "2"]),
+        "window_not_future",
+    );
+    let next = ok_json(set(&[
+        "--from-window",
+        "next",
+        "--outer-optimizer",
+        "nesterov",
+        "--outer-lr",
+        "0.7",
+    ]));
+    assert_eq!(next["setting"]["outer"]["momentum"], 0.9, "{next}");
+    let nesterov_from = next["from_window"].as_u64().unwrap();
+    let last = nesterov_from + 3;
+    let empty = nesterov_from + 1;
+    let changed = nesterov_from + 2;
+    let model = dir.join("model.safetensors");
+    for w in 0..=last {
+        if w != empty {
+            for (i, key) in miners.iter().enumerate() {
+                let update = dir.join(format!("u{i}-{w}.safetensors"));
+                write_update(&update, (i * 10) as f32 + w as f32);
+                let state = dir.join(format!("s{i}"));
+                let ws = w.to_string();
+                let out = ok_json(run.run(&[
+                    "publish",
+                    "--registry",
+                    &run.reg,
+                    "--key",
+                    p(key),
+                    p(&update),
+                    "--state",
+                    p(&state),
+                    "--window",
+                    &ws,
+                    "--wait",
+                    "--json",
+                ]));
+                assert_eq!(out["window"], w);
+            }
+        }
+        if w == nesterov_from {
+            // The operator halves the rate from a later window, while the run goes on.
+            let half = ok_json(set(&[
+                "--from-window",
+                &changed.to_string(),
+                "--outer-lr",
+                "0.35",
+            ]));
+            assert_eq!(half["setting"]["outer"]["optimizer"], "nesterov");
+        }
+        let agg = ok_json(run.run(&[
+            "aggregate",
+            "--registry",
+            &run.reg,
+            "--key",
+            p(&agg_key),
+            "--window",
+            &w.to_string(),
+            "--json",
+        ]));
+        let expect = if w == empty { 0 } else { 2 };
+        assert_eq!(agg["accepted"], expect, "{agg}");
+    }
+    // A publish for a closed window, and for one far ahead without --wait.
+    let update = dir.join("late.safetensors");
+    write_update(&update, 99.0);
+    let pub_at = |w: &str, state: &str| {
+        run.run(&[
+            "publish",
+            "--registry",
+            &run.reg,
+            "--key",
+            p(&miners[0]),
+            p(&update),
+            "--state",
+            p(&dir.join(state)),
+            "--window",
+            w,
+            "--json",
+        ])
+    };
+    refused(&pub_at("0", "fresh-a"), "window_closed");
+    refused(&pub_at("100000", "fresh-b"), "window_not_open");
+
+    let shown = ok_json(run.run(&["run", "show", "--registry", &run.reg, "--json"]));
+    let settings = shown["settings"].as_array().unwrap();
+    let firsts: Vec<u64> = settings
+        .iter()
+        .map(|s| s["from_window"].as_u64().unwrap())
+        .collect();
+    assert_eq!(firsts, [0, nesterov_from, changed], "{shown}");
+    let text = run.run(&["run", "show", "--registry", &run.reg]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(&format!(
+            "from window {changed}: nesterov lr 0.35 momentum 0.9"
+        )),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    let apply = |from: &Path, from_window: &str, through: u64, state: Option<&Path>, out: &Path| {
+        let t = through.to_string();
+        let mut v = vec![
+            "apply",
+            "--registry",
+            &run.reg,
+            "--from",
+            p(from),
+            "--from-window",
+            from_window,
+            "--through",
+            &t,
+            "--json",
+        ];
+        if let Some(s) = state {
+            v.extend(["--optimizer-state", p(s)]);
+        }
+        v.push(p(out));
+        run.run(&v)
+    };
+    // The whole run from the genesis model in one replay.
+    let (whole, whole_state) = (dir.join("whole.safetensors"), dir.join("whole.opt"));
+    ok_json(apply(&model, "genesis", last, Some(&whole_state), &whole));
+    // Without a place for the momentum, the replay is refused rather than lost.
+    refused(
+        &apply(&model, "genesis", last, None, &dir.join("x.safetensors")),
+        "optimizer_state_missing",
+    );
+    // Window by window, as a miner does every round, carrying the state file.
+    let stepwise_state = dir.join("step.opt");
+    let mut prev = model.clone();
+    let mut from = "genesis".to_string();
+    let mut after_empty = Vec::new();
+    for w in 0..=last {
+        let out = dir.join(format!("theta-{w}.safetensors"));
+        ok_json(apply(&prev, &from, w, Some(&stepwise_state), &out));
+        if w + 1 == empty || w == empty {
+            after_empty.push((tensors(&out), tensors(&stepwise_state)));
+        }
+        prev = out;
+        from = w.to_string();
+    }
+    assert_eq!(
+        tensors(&prev),
+        tensors(&whole),
+        "stepwise and whole replays differ"
+    );
+    assert_eq!(tensors(&stepwise_state), tensors(&whole_state));
+    // The empty window changed nothing: no step, no momentum decay.
+    assert_eq!(
+        after_empty[0], after_empty[1],
+        "the empty window moved something"
+    );
+    assert_ne!(tensors(&prev), tensors(&model), "nothing was applied");
+    // A state file of another window is refused, not silently used.
+    refused(
+        &apply(
+            &dir.join("theta-0.safetensors"),
+            "0",
+            1,
+            Some(&whole_state),
+            &dir.join("y.safetensors"),
+        ),
+        "optimizer_state_window",
+    );
+    // Not registered: a refusal with its own code.
+    let stranger = dir.join("stranger.key");
+    ok_json(shardrop(&["keygen", "--out", p(&stranger), "--json"]));
+    let out = run.run(&[
+        "publish",
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&stranger),
+        p(&update),
+        "--state",
+        p(&dir.join("stranger-state")),
+        "--json",
+    ]);
+    refused(&out, "not_registered");
+}
