@@ -5,8 +5,10 @@
 //! the pseudo-gradient θ_start − θ_end through the real publish path. After each window
 //! closes (by the store's clock) the aggregator and the validator run through the same code
 //! as `shardrop aggregate` and `shardrop validate`, and every miner applies the signed
-//! aggregate as `shardrop apply` does. Every second window the aggregator pushes a
-//! checkpoint as `shardrop ckpt push` does. One adversary cycles through copying another
+//! aggregate as `shardrop apply` does, with the run's explicit outer optimizer (Nesterov
+//! momentum), whose learning rate the operator halves once mid-run as `shardrop run set`
+//! does. Every second window the aggregator pushes a checkpoint (parameters and momentum) as
+//! `shardrop ckpt push` does. One adversary cycles through copying another
 //! miner's shard, sending noise and publishing late; a late joiner bootstraps from the latest
 //! checkpoint in the last window, replays the aggregates since, and must then hold exactly
 //! the same parameters as everyone else. The demo fails loudly if the held-out loss does not
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
-use shardrop::aggregate::{Aggregated, aggregate_window, apply_aggregates};
+use shardrop::aggregate::{Aggregated, ApplyOptions, aggregate_window, apply_aggregates_with};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
 use shardrop::codec::{EfState, EncodeOptions, encode_update};
@@ -27,6 +29,7 @@ use shardrop::evaluate::{Evaluator, ReferenceEvaluator};
 use shardrop::exchange::{publish, shard_builder};
 use shardrop::identity::Identity;
 use shardrop::layout;
+use shardrop::outer::{OptimizerKind, Outer, OuterState, Schedule, Setting};
 use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::registry::{Job, Participant, Registry, Role};
 use shardrop::score::{ValidateOptions, Validated, validate_window};
@@ -235,6 +238,11 @@ async fn create_run(
         task.model_spec(),
         shardrop::refmodel::codec_params(),
     );
+    // An explicit outer optimizer: Nesterov momentum, at a rate whose steady step on a
+    // constant pseudo-gradient (lr·(1 + μ/(1 − μ))… = 1.2×) is close to plain SGD's 1.
+    let first = demo_setting(0, 0.6);
+    reg.outer_lr = first.outer.lr;
+    reg.settings = vec![first];
     for (role, id, name) in [
         (Role::Aggregator, &cast.aggregator, "aggregator"),
         (Role::Validator, &cast.validator, "validator"),
@@ -256,6 +264,20 @@ async fn create_run(
     Ok((reg, reg_url))
 }
 
+/// The demo run's outer optimizer from window `from` on, at rate `lr`.
+fn demo_setting(from: u64, lr: f32) -> Setting {
+    Setting {
+        from_window: from,
+        outer: Outer {
+            optimizer: OptimizerKind::Nesterov,
+            lr,
+            momentum: 0.5,
+            schedule: Schedule::default(),
+        },
+        beta: 0.9,
+    }
+}
+
 /// What the late joiner's bootstrap found.
 #[derive(serde::Serialize)]
 struct Joined {
@@ -273,26 +295,35 @@ async fn late_join(
     reg: &Registry,
     out_dir: &Path,
     theta: &[f32],
+    outer: &OuterState,
     w: u64,
-) -> anyhow::Result<(Vec<f32>, Joined)> {
+) -> anyhow::Result<(Vec<f32>, OuterState, Joined)> {
     let loc = locate("latest", Some(reg), None, &ctx.s3).await?;
     let opts = PullOptions {
         concurrency: 8,
         ..Default::default()
     };
     let pulled = pull(&loc, out_dir, &opts, &|_| {}).await?;
-    let base = super::round::load_dense(&out_dir.join("00000.safetensors"))?;
+    // The checkpoint holds the parameters and the momentum, as `apply --from DIR` reads it.
+    let (mut base, _) = super::round::load_base(out_dir)?;
+    let mut state = OuterState::take_from(&mut base);
     let mut t: BTreeMap<String, Vec<f32>> = base.into_iter().map(|(k, (_, v))| (k, v)).collect();
     let from = pulled.window.map_or(0, |x| x + 1);
-    let replayed = apply_aggregates(reg, &ctx.s3, &mut t, from, w - 1).await?;
+    let opts = ApplyOptions::default();
+    let replayed =
+        apply_aggregates_with(reg, &ctx.s3, &mut t, &mut state, from, w - 1, &opts).await?;
     let mine = t
         .remove(TENSOR)
         .context("checkpoint lacks the model tensor")?;
-    let matches = mine.len() == theta.len()
-        && mine
+    let same = |a: &[f32], b: &[f32]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    let matches = same(&mine, theta)
+        && state.momentum.keys().eq(outer.momentum.keys())
+        && state
+            .momentum
             .iter()
-            .zip(theta)
-            .all(|(x, y)| x.to_bits() == y.to_bits());
+            .all(|(k, m)| same(m, &outer.momentum[k]));
     let joined = Joined {
         joined_window: w,
         checkpoint_step: pulled.step,
@@ -300,7 +331,7 @@ async fn late_join(
         replayed: replayed as u64,
         matches,
     };
-    Ok((mine, joined))
+    Ok((mine, state, joined))
 }
 
 /// What every step of a demo window shares.
@@ -494,10 +525,17 @@ async fn judge(
     })
 }
 
-/// Applies window `w`'s signed aggregate to `theta`, as `shardrop apply` does.
-async fn apply_one(ctx: &Ctx, reg: &Registry, theta: &mut Vec<f32>, w: u64) -> anyhow::Result<()> {
+/// Applies window `w`'s signed aggregate to `theta` and its momentum, as `shardrop apply`
+/// does.
+async fn apply_one(
+    ctx: &Ctx,
+    reg: &Registry,
+    theta: &mut Vec<f32>,
+    outer: &mut OuterState,
+    w: u64,
+) -> anyhow::Result<()> {
     let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), std::mem::take(theta))].into();
-    apply_aggregates(reg, &ctx.s3, &mut t, w, w).await?;
+    apply_aggregates_with(reg, &ctx.s3, &mut t, outer, w, w, &ApplyOptions::default()).await?;
     *theta = t.remove(TENSOR).context("model tensor")?;
     Ok(())
 }
@@ -545,7 +583,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let cast = Cast::load_or_make(&keys_dir, a.miners)?;
     let started = std::time::Instant::now();
     let task = LinearTask::standard();
-    let (reg, reg_url) = create_run(ctx, &root, &cast, &task, a.window_secs).await?;
+    let (mut reg, reg_url) = create_run(ctx, &root, &cast, &task, a.window_secs).await?;
     let run = reg.run.clone();
     let names = cast.names();
     let name_of = |p: &str| names.get(p).cloned().unwrap_or_else(|| p.to_string());
@@ -558,6 +596,10 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let join_at = a.windows - 1;
+    // The operator halves the outer learning rate from the middle window on. Window w's
+    // turn starts once w − 1 has closed (its grace is a window), when w + 1 is already open:
+    // the change is made at w = change_at − 2, for a window not yet open.
+    let change_at = (a.windows / 2).max(2);
     say(&format!(
         "run {run}: {} honest miners, an adversary (copy, noise, late in turn) and a late joiner (window {join_at}); {} windows of {} s; store {}\n\n",
         a.miners,
@@ -567,6 +609,8 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     ));
     let held_out = task.held_out();
     let mut theta = task.init();
+    let mut outer = OuterState::default();
+    let mut joiner_outer = OuterState::default();
     let mut miners = Miners {
         states: (0..a.miners).map(|_| EfState::default()).collect(),
         adversary: EfState::default(),
@@ -583,9 +627,27 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     let ckpt_src = a.dir.join("checkpoint-source");
     std::fs::create_dir_all(&ckpt_src)?;
     for w in 0..a.windows {
+        if w + 2 == change_at {
+            // `shardrop run set --from-window W --outer-lr 0.3`: signed, compare-and-swap,
+            // only for a window that has not opened.
+            let now = reg
+                .clock_at(&reg_url, &ctx.s3, &cast.operator.peer_id())
+                .await?;
+            Registry::revise(&reg_url, &ctx.s3, &cast.operator, |r| {
+                r.set_from(demo_setting(change_at, 0.3), now)
+            })
+            .await?;
+            say(&format!(
+                "operator: outer learning rate 0.6 -> 0.3 from window {change_at} (registry revised)\n\n"
+            ));
+        }
+        // Every participant reads the registry each window, as `--follow` jobs do.
+        reg = Registry::load(&reg_url, &ctx.s3, Some(cast.operator.peer_id()))
+            .await?
+            .0;
         if w == join_at {
-            let (mine, joined) =
-                late_join(ctx, &reg, &a.dir.join("late-joiner"), &theta, w).await?;
+            let (mine, state, joined) =
+                late_join(ctx, &reg, &a.dir.join("late-joiner"), &theta, &outer, w).await?;
             say(&format!(
                 "late joiner: checkpoint step {} (window {:?}) + {} aggregate(s) replayed -> parameters {} the others'\n\n",
                 joined.checkpoint_step,
@@ -599,6 +661,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             ));
             joiner_report = Some(joined);
             miners.joiner_theta = Some(mine);
+            joiner_outer = state;
         }
         let scene = Scene {
             ctx,
@@ -617,9 +680,9 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         let j = judge(&scene, &mut evaluator, w).await?;
         caught += j.caught as u64;
         // Everyone applies the signed aggregate.
-        apply_one(ctx, &reg, &mut theta, w).await?;
+        apply_one(ctx, &reg, &mut theta, &mut outer, w).await?;
         if let Some(jt) = miners.joiner_theta.as_mut() {
-            apply_one(ctx, &reg, jt, w).await?;
+            apply_one(ctx, &reg, jt, &mut joiner_outer, w).await?;
         }
         let l = task.loss(&theta, &held_out);
         // A checkpoint every second window, as `shardrop ckpt push` makes it.
@@ -628,6 +691,18 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
             std::fs::write(
                 ckpt_src.join("model.safetensors"),
                 task.to_safetensors(&theta)?,
+            )?;
+            // The outer optimizer's momentum goes into the checkpoint beside the model, as
+            // `apply --optimizer-state` writes it.
+            let shapes = reg
+                .model
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect();
+            std::fs::write(
+                ckpt_src.join("outer-state.safetensors"),
+                shardrop::outer::state_to_safetensors(&outer, &shapes, &reg.run, Some(w))?,
             )?;
             let pushed = push(
                 Job::new(&reg, &cast.aggregator, &ctx.s3),

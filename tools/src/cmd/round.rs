@@ -250,12 +250,14 @@ pub struct JobArgs {
     /// The job's own key (its role is looked up in the registry).
     #[arg(long)]
     pub key: PathBuf,
-    #[arg(long, conflicts_with_all = ["once", "follow"])]
+    /// The window to do; with --follow, the first one.
+    #[arg(long, conflicts_with = "once")]
     pub window: Option<u64>,
     /// The newest closed window (for cron).
     #[arg(long, conflicts_with = "follow")]
     pub once: bool,
-    /// Every window, forever.
+    /// Every window, forever, from --window (default: the newest closed one); a window
+    /// with no shard gets its empty aggregate, so catch-up has no hole.
     #[arg(long)]
     pub follow: bool,
     /// Miners fetched at once.
@@ -658,7 +660,7 @@ pub fn load_dense(path: &std::path::Path) -> anyhow::Result<Dense> {
 }
 
 /// A base model from a file or a pulled checkpoint folder, and the folder's window.
-fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)> {
+pub fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)> {
     if !path.is_dir() {
         return Ok((load_dense(path)?, None));
     }
