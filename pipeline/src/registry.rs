@@ -703,3 +703,75 @@ impl Registry {
 pub fn registry_path(target: &Target, run: &str) -> Path {
     target.path(&layout::registry(run))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outer::OptimizerKind;
+
+    fn nesterov(from: u64, lr: f32) -> Setting {
+        Setting {
+            from_window: from,
+            outer: Outer {
+                optimizer: OptimizerKind::Nesterov,
+                lr,
+                momentum: 0.9,
+                schedule: Default::default(),
+            },
+            beta: 0.8,
+        }
+    }
+
+    #[test]
+    fn settings_apply_from_their_window_and_only_future_windows_change() {
+        let op = Identity::generate();
+        // Windows of 10 s from t = 0; "now" is inside window 2.
+        let mut reg = Registry::new(
+            "r",
+            &op.peer_id(),
+            0,
+            10,
+            5,
+            Default::default(),
+            Default::default(),
+        );
+        reg.settings.clear();
+        reg.outer_lr = 0.5;
+        // A registry from before settings: plain SGD at outer_lr everywhere.
+        assert_eq!(reg.setting_at(7).outer, Outer::sgd(0.5));
+        assert!(!reg.momentum_before(100));
+        let now = 25_000;
+        let e = reg.set_from(nesterov(2, 0.7), now).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RegistryError::Refused {
+                    reason: "window_not_future",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        reg.set_from(nesterov(4, 0.7), now).unwrap();
+        // The original setting was made explicit, so the history reads from window 0.
+        assert_eq!(reg.settings.len(), 2);
+        assert_eq!(reg.setting_at(3).outer, Outer::sgd(0.5));
+        assert_eq!(reg.setting_at(4).outer.lr, 0.7);
+        assert_eq!(reg.setting_at(4).beta, 0.8);
+        assert!(!reg.momentum_before(4));
+        assert!(reg.momentum_before(5));
+        reg.set_from(nesterov(9, 0.35), now).unwrap();
+        // A later change to a window before 9 replaces the never-applied entry.
+        reg.set_from(nesterov(6, 0.1), now).unwrap();
+        let firsts: Vec<u64> = reg.settings.iter().map(|s| s.from_window).collect();
+        assert_eq!(firsts, [0, 4, 6]);
+        assert_eq!(reg.setting_at(100).outer.lr, 0.1);
+        reg.validate("registry").unwrap();
+        // Out of order, or a bad setting, is an invalid registry.
+        reg.settings.swap(1, 2);
+        assert!(reg.validate("registry").is_err());
+        reg.settings.swap(1, 2);
+        reg.settings[2].outer.momentum = 1.5;
+        assert!(reg.validate("registry").is_err());
+    }
+}

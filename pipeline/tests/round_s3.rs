@@ -236,7 +236,10 @@ async fn full_round_on_s3() {
     )
     .await;
     assert!(
-        matches!(refused, Err(ExchangeError::Caller(ref m)) if m.contains("closed")),
+        matches!(
+            refused,
+            Err(ExchangeError::Refused { reason: "window_closed", ref detail }) if detail.contains("closed")
+        ),
         "{refused:?}"
     );
     let enc = codec::encode_update(

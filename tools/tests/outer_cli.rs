@@ -63,6 +63,9 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
     let miners: Vec<_> = (0..2)
         .map(|i| run.new_miner(dir, &format!("m{i}")))
         .collect();
+    let val_key = dir.join("val.key");
+    let val = ok_json(shardrop(&["keygen", "--out", p(&val_key), "--json"]));
+    run.add("validator", val["peer_id"].as_str().unwrap(), "val");
     let set = |args: &[&str]| {
         let mut v = vec!["run", "set", "--registry", &run.reg, "--key", &run.op_key];
         v.extend_from_slice(args);
@@ -135,6 +138,23 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
         let expect = if w == empty { 0 } else { 2 };
         assert_eq!(agg["accepted"], expect, "{agg}");
     }
+    // The validator scores the empty window as it is: every miner missing, no failure.
+    let scored = ok_json(run.run(&[
+        "validate",
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&val_key),
+        "--window",
+        &empty.to_string(),
+        "--evaluator",
+        "none",
+        "--json",
+    ]));
+    assert_eq!(scored["window"], empty, "{scored}");
+    let rows = scored["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{scored}");
+    assert!(rows.iter().all(|r| r["verdict"] == "missing"), "{scored}");
     // A publish for a closed window, and for one far ahead without --wait.
     let update = dir.join("late.safetensors");
     write_update(&update, 99.0);
@@ -208,6 +228,7 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
     for w in 0..=last {
         let out = dir.join(format!("theta-{w}.safetensors"));
         ok_json(apply(&prev, &from, w, Some(&stepwise_state), &out));
+        std::fs::copy(&stepwise_state, dir.join(format!("state-{w}"))).unwrap();
         if w + 1 == empty || w == empty {
             after_empty.push((tensors(&out), tensors(&stepwise_state)));
         }
@@ -226,6 +247,42 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
         "the empty window moved something"
     );
     assert_ne!(tensors(&prev), tensors(&model), "nothing was applied");
+    // Window `changed` ran at the halved rate: with m' = μ·m + a, the step is
+    // lr·(a + μ·m'), so lr = −Δθ / (a + μ·m') where that is large.
+    let f32s = |path: &Path, name: &str| -> Vec<f32> {
+        let bytes = tensors(path)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1;
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let before = dir.join(format!("theta-{}.safetensors", changed - 1));
+    let after = dir.join(format!("theta-{changed}.safetensors"));
+    let m0 = f32s(
+        &dir.join(format!("state-{}", changed - 1)),
+        "outer_momentum.w",
+    );
+    let m1 = f32s(&dir.join(format!("state-{changed}")), "outer_momentum.w");
+    let (t0, t1) = (f32s(&before, "w"), f32s(&after, "w"));
+    let mut rates = Vec::new();
+    for i in 0..t0.len() {
+        let a = m1[i] as f64 - 0.9 * m0[i] as f64;
+        let g = a + 0.9 * m1[i] as f64;
+        if g.abs() > 1e-4 {
+            rates.push(-(t1[i] as f64 - t0[i] as f64) / g);
+        }
+    }
+    assert!(rates.len() > 100, "too few moved elements: {}", rates.len());
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    assert!(
+        (median - 0.35).abs() < 0.01,
+        "window {changed} ran at rate {median}, not 0.35"
+    );
     // A state file of another window is refused, not silently used.
     refused(
         &apply(

@@ -6,7 +6,7 @@
 //! closes (by the store's clock) the aggregator and the validator run through the same code
 //! as `shardrop aggregate` and `shardrop validate`, and every miner applies the signed
 //! aggregate as `shardrop apply` does, with the run's explicit outer optimizer (Nesterov
-//! momentum), whose learning rate the operator halves once mid-run as `shardrop run set`
+//! momentum), whose learning rate the operator lowers once mid-run as `shardrop run set`
 //! does. Every second window the aggregator pushes a checkpoint (parameters and momentum) as
 //! `shardrop ckpt push` does. One adversary cycles through copying another
 //! miner's shard, sending noise and publishing late; a late joiner bootstraps from the latest
@@ -238,9 +238,9 @@ async fn create_run(
         task.model_spec(),
         shardrop::refmodel::codec_params(),
     );
-    // An explicit outer optimizer: Nesterov momentum, at a rate whose steady step on a
-    // constant pseudo-gradient (lr·(1 + μ/(1 − μ))… = 1.2×) is close to plain SGD's 1.
-    let first = demo_setting(0, 0.6);
+    // An explicit outer optimizer: Nesterov momentum μ = 0.5 at rate 1, whose first step is
+    // lr·(1 + μ) = 1.5× the aggregate (plain SGD at rate 1 steps 1×).
+    let first = demo_setting(0, 1.0);
     reg.outer_lr = first.outer.lr;
     reg.settings = vec![first];
     for (role, id, name) in [
@@ -596,7 +596,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let join_at = a.windows - 1;
-    // The operator halves the outer learning rate from the middle window on. Window w's
+    // The operator lowers the outer learning rate from the middle window on. Window w's
     // turn starts once w − 1 has closed (its grace is a window), when w + 1 is already open:
     // the change is made at w = change_at − 2, for a window not yet open.
     let change_at = (a.windows / 2).max(2);
@@ -628,23 +628,21 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&ckpt_src)?;
     for w in 0..a.windows {
         if w + 2 == change_at {
-            // `shardrop run set --from-window W --outer-lr 0.3`: signed, compare-and-swap,
+            // `shardrop run set --from-window W --outer-lr 0.6`: signed, compare-and-swap,
             // only for a window that has not opened.
             let now = reg
                 .clock_at(&reg_url, &ctx.s3, &cast.operator.peer_id())
                 .await?;
-            Registry::revise(&reg_url, &ctx.s3, &cast.operator, |r| {
-                r.set_from(demo_setting(change_at, 0.3), now)
+            // Every participant then reads the new revision, as `--follow` jobs do.
+            reg = Registry::revise(&reg_url, &ctx.s3, &cast.operator, |r| {
+                r.set_from(demo_setting(change_at, 0.6), now)
             })
             .await?;
             say(&format!(
-                "operator: outer learning rate 0.6 -> 0.3 from window {change_at} (registry revised)\n\n"
+                "operator: outer learning rate 1.0 -> 0.6 from window {change_at} (registry revision {})\n\n",
+                reg.revision
             ));
         }
-        // Every participant reads the registry each window, as `--follow` jobs do.
-        reg = Registry::load(&reg_url, &ctx.s3, Some(cast.operator.peer_id()))
-            .await?
-            .0;
         if w == join_at {
             let (mine, state, joined) =
                 late_join(ctx, &reg, &a.dir.join("late-joiner"), &theta, &outer, w).await?;
