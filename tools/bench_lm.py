@@ -264,6 +264,7 @@ class Shardrop:
         init = ["--outer-optimizer", outer[0], "--outer-lr", outer[1]]
         if len(outer) > 2:
             init += ["--momentum", outer[2]]
+        init += ["--beta", str(a.beta)]
         self.reg = self.cli(
             "run", "init", "--run", "bench", "--key", str(self.op), "--store", str(store / "operator"),
             "--model", str(model_file), "--window-secs", str(a.window_secs), "--grace-secs", "1", *init,
@@ -427,6 +428,7 @@ def main() -> int:
     ap.add_argument("--dense-momentum", type=float, default=0.9)
     ap.add_argument("--outer", default="nesterov:0.7:0.9",
                     help="the shardrop run's outer optimizer, KIND:LR[:MOMENTUM] (run init's flags)")
+    ap.add_argument("--beta", type=float, default=0.9, help="the shardrop run's error-feedback decay")
     ap.add_argument("--window-secs", type=int, default=3)
     ap.add_argument("--methods", default="dense,shardrop,nocomm")
     ap.add_argument("--seed", type=int, default=0)
