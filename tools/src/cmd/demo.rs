@@ -691,7 +691,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 task.to_safetensors(&theta)?,
             )?;
             // The outer optimizer's momentum goes into the checkpoint beside the model, as
-            // `apply --optimizer-state` writes it.
+            // `apply --optimizer-state` writes it (`outer_momentum.<name>` tensors).
             let shapes = reg
                 .model
                 .tensors
