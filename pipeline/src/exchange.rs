@@ -563,4 +563,71 @@ mod tests {
         reg.codec.indices = codec::IndexEncoding::Packed;
         assert_eq!(codec_of_header(&codec_header(&reg)), Some(reg.codec));
     }
+
+    /// Every refusal of `publish` carries its reason code and the class that exits 3.
+    #[tokio::test]
+    async fn publish_refusals_carry_reason_codes() {
+        use crate::error::{Classified, ErrorClass};
+        let (op, miner) = (Identity::generate(), Identity::generate());
+        let dense = |name: &str| {
+            let mut d = codec::Dense::new();
+            d.insert(name.to_string(), (vec![4096], vec![0.5f32; 4096]));
+            codec::dense_to_safetensors(&d).unwrap()
+        };
+        let update = dense("w");
+        let now = chrono::Utc::now().timestamp_millis() as u64;
+        // Windows of 60 s; window 10 is open now.
+        let mut reg = Registry::new(
+            "codes",
+            &op.peer_id(),
+            now - 630_000,
+            60,
+            10,
+            model_of(&update).unwrap(),
+            codec::CodecParams::default(),
+        );
+        reg.participants.push(crate::registry::Participant::new(
+            Role::Miner,
+            &miner.peer_id(),
+            "memory://publish-codes/miner".into(),
+        ));
+        let s3 = store::S3Options::default();
+        let job = Job::new(&reg, &miner, &s3);
+        let code = |r: Result<Published, ExchangeError>| match r {
+            Err(e) if e.class() == ErrorClass::Refused => e.reason(),
+            other => panic!("not a refusal: {other:?}"),
+        };
+        let fresh = || EfState::default();
+        assert_eq!(
+            code(publish(job, Some(3), &update, &mut fresh()).await),
+            Some("window_closed")
+        );
+        assert_eq!(
+            code(publish(job, Some(1000), &update, &mut fresh()).await),
+            Some("window_not_open")
+        );
+        assert_eq!(
+            code(publish(job, None, &dense("x"), &mut fresh()).await),
+            Some("model_mismatch")
+        );
+        let mut ahead = fresh();
+        ahead.window = Some(50);
+        assert_eq!(
+            code(publish(job, None, &update, &mut ahead).await),
+            Some("state_ahead")
+        );
+        let stranger = Identity::generate();
+        assert_eq!(
+            code(publish(Job::new(&reg, &stranger, &s3), None, &update, &mut fresh()).await),
+            Some("not_registered")
+        );
+        // Waiting for a window that has already closed is refused, not waited for.
+        assert_eq!(
+            wait_for_window(job, Some(3))
+                .await
+                .err()
+                .and_then(|e| e.reason()),
+            Some("window_closed")
+        );
+    }
 }
