@@ -193,6 +193,14 @@ class Workers:
             self.opts.append(torch.optim.AdamW(m.parameters(), lr=a.inner_lr, betas=(0.9, 0.95), weight_decay=0.1))
             self.streams.append(data.stream(i))
 
+    def train_all_from(self, start: dict[str, torch.Tensor]) -> float:
+        """Every worker's round from the shared parameters `start`; returns the seconds."""
+        t0 = time.perf_counter()
+        for i in range(self.a.workers):
+            set_params(self.models[i], start)
+            self.train_round(i)
+        return time.perf_counter() - t0
+
     def train_round(self, i: int) -> None:
         m, opt, s = self.models[i], self.opts[i], self.streams[i]
         for _ in range(self.a.inner_steps):
@@ -230,11 +238,7 @@ def run_dense(a, data, init):
     numel = sum(p.numel() for p in glob.parameters())
     for r in range(1, a.rounds + 1):
         start = params_of(glob)
-        t0 = time.perf_counter()
-        for i in range(a.workers):
-            set_params(w.models[i], start)
-            w.train_round(i)
-        t_train += time.perf_counter() - t0
+        t_train += w.train_all_from(start)
         t0 = time.perf_counter()
         outer.zero_grad(set_to_none=False)
         for n, p in glob.named_parameters():
@@ -351,11 +355,7 @@ def run_shardrop(a, data, init, root: Path):
     try:
         for r in range(1, a.rounds + 1):
             start = load_st(theta)
-            t0 = time.perf_counter()
-            for i in range(a.workers):
-                set_params(w.models[i], start)
-                w.train_round(i)
-            t_train += time.perf_counter() - t0
+            t_train += w.train_all_from(start)
             t0 = time.perf_counter()
             deltas = [{n: start[n] - p.detach() for n, p in m.named_parameters()} for m in w.models]
             new, size = sd.round(deltas, theta)

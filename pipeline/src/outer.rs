@@ -300,21 +300,6 @@ pub fn state_to_safetensors(
     run: &str,
     after: Option<u64>,
 ) -> Result<Vec<u8>, crate::codec::CodecError> {
-    let dense = state.to_dense(shapes);
-    let raw: Vec<Vec<u8>> = dense
-        .values()
-        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views = dense
-        .iter()
-        .zip(&raw)
-        .map(|((name, (shape, _)), b)| {
-            let shape = shape.iter().map(|&d| d as usize).collect();
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b)
-                .map(|v| (name.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| crate::codec::CodecError::Malformed(e.to_string()))?;
     let meta: std::collections::HashMap<String, String> = [
         ("format".to_string(), STATE_FORMAT.to_string()),
         ("run".to_string(), run.to_string()),
@@ -324,8 +309,7 @@ pub fn state_to_safetensors(
         ),
     ]
     .into();
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| crate::codec::CodecError::Malformed(e.to_string()))
+    crate::codec::dense_to_safetensors_with(&state.to_dense(shapes), Some(meta))
 }
 
 /// Reads a state file: the state, its run and the window it is after (`None`: genesis).
@@ -387,32 +371,28 @@ pub fn step(outer: &Outer, lr: f32, theta: &mut [f32], a: &[f32], m: &mut [f32])
                     }
                 })
         }
-        OptimizerKind::Momentum => theta
-            .par_chunks_mut(PAR)
-            .zip(a.par_chunks(PAR))
-            .zip(m.par_chunks_mut(PAR))
-            .for_each(|((t, a), m)| {
-                for ((t, &x), m) in t.iter_mut().zip(a).zip(m) {
-                    let decayed = mu * *m;
-                    *m = decayed + x;
-                    let d = lr * *m;
-                    *t -= d;
-                }
-            }),
-        OptimizerKind::Nesterov => theta
-            .par_chunks_mut(PAR)
-            .zip(a.par_chunks(PAR))
-            .zip(m.par_chunks_mut(PAR))
-            .for_each(|((t, a), m)| {
-                for ((t, &x), m) in t.iter_mut().zip(a).zip(m) {
-                    let decayed = mu * *m;
-                    *m = decayed + x;
-                    let look = mu * *m;
-                    let g = x + look;
-                    let d = lr * g;
-                    *t -= d;
-                }
-            }),
+        OptimizerKind::Momentum | OptimizerKind::Nesterov => {
+            let nesterov = outer.optimizer == OptimizerKind::Nesterov;
+            theta
+                .par_chunks_mut(PAR)
+                .zip(a.par_chunks(PAR))
+                .zip(m.par_chunks_mut(PAR))
+                .for_each(|((t, a), m)| {
+                    for ((t, &x), m) in t.iter_mut().zip(a).zip(m) {
+                        let decayed = mu * *m;
+                        *m = decayed + x;
+                        let g = match nesterov {
+                            true => {
+                                let look = mu * *m;
+                                x + look
+                            }
+                            false => *m,
+                        };
+                        let d = lr * g;
+                        *t -= d;
+                    }
+                })
+        }
     }
 }
 

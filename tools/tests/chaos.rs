@@ -14,23 +14,7 @@ use std::process::{Command, Stdio};
 use common::{Run, delays, ok_json, p, report, shardrop, start_and_kill, stderr, write_update};
 
 fn s3_base(name: &str) -> Option<String> {
-    match std::env::var("SHARDROP_TEST_S3") {
-        Ok(url) => Some(format!(
-            "{url}/chaos-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        )),
-        Err(_) => {
-            assert!(
-                std::env::var("SHARDROP_S3_REQUIRED").is_err(),
-                "SHARDROP_TEST_S3 missing"
-            );
-            None
-        }
-    }
+    common::s3_base("chaos", name)
 }
 
 /// The moto server's base URL and the environment that reaches it.

@@ -12,23 +12,7 @@ use std::process::Output;
 use common::{Run, json, ok_json, p, shardrop, stderr, write_update};
 
 fn s3_base(name: &str) -> Option<String> {
-    match std::env::var("SHARDROP_TEST_S3") {
-        Ok(url) => Some(format!(
-            "{url}/outer-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        )),
-        Err(_) => {
-            assert!(
-                std::env::var("SHARDROP_S3_REQUIRED").is_err(),
-                "SHARDROP_TEST_S3 missing"
-            );
-            None
-        }
-    }
+    common::s3_base("outer", name)
 }
 
 /// The command was refused with exit 3 and this reason code in its JSON document.

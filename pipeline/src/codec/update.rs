@@ -247,6 +247,14 @@ pub fn dense_from_safetensors(bytes: &[u8]) -> Result<Dense, CodecError> {
 
 /// Writes dense tensors as an f32 safetensors file.
 pub fn dense_to_safetensors(dense: &Dense) -> Result<Vec<u8>, CodecError> {
+    dense_to_safetensors_with(dense, None)
+}
+
+/// `dense_to_safetensors` with the file's `__metadata__` (what a state file says it is).
+pub fn dense_to_safetensors_with(
+    dense: &Dense,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>, CodecError> {
     let raw: Vec<Vec<u8>> = dense
         .values()
         .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -260,5 +268,5 @@ pub fn dense_to_safetensors(dense: &Dense) -> Result<Vec<u8>, CodecError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    safetensors::serialize(views, None).map_err(|e| CodecError::Malformed(e.to_string()))
+    safetensors::serialize(views, metadata).map_err(|e| CodecError::Malformed(e.to_string()))
 }

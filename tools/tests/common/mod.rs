@@ -82,6 +82,28 @@ pub fn write_update(path: &Path, seed: f32) {
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
+/// A fresh prefix `<kind>-<name>-<pid>-<nanos>` in the local S3 test server's bucket, or
+/// `None` when the server is not configured (which `SHARDROP_S3_REQUIRED` forbids).
+pub fn s3_base(kind: &str, name: &str) -> Option<String> {
+    match std::env::var("SHARDROP_TEST_S3") {
+        Ok(url) => Some(format!(
+            "{url}/{kind}-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        )),
+        Err(_) => {
+            assert!(
+                std::env::var("SHARDROP_S3_REQUIRED").is_err(),
+                "SHARDROP_TEST_S3 missing"
+            );
+            None
+        }
+    }
+}
+
 /// Deterministic delays in `0..max_ms` (xorshift from `seed`): "random" kill points that
 /// a failing run reproduces.
 pub fn delays(seed: u64, n: usize, max_ms: u64) -> Vec<u64> {
