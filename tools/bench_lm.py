@@ -404,7 +404,10 @@ def svg(results: dict, path: Path) -> None:
         line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in r["curve"])
         c = colors.get(name, "#2ca02c")
         out.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="2"/>')
-        out.append(f'<text x="{w - pad - 150}" y="{pad + 16 * i}" fill="{c}">{r["label"]}</text>')
+        y = pad + 16 * i
+        out.append(f'<line x1="{w - pad - 232}" y1="{y - 4}" x2="{w - pad - 212}" y2="{y - 4}" stroke="{c}" stroke-width="3"/>')
+        out.append(f'<text x="{w - pad - 206}" y="{y}" fill="{c}">{r["label"]}</text>')
+    out.append(f'<text x="{pad + 4}" y="{pad - 8}" fill="#555">losses above {hi:.2f} drawn at the top edge</text>')
     out.append("</svg>")
     path.write_text("\n".join(out))
 
