@@ -1128,21 +1128,6 @@ impl Step {
     }
 }
 
-/// `apply_aggregates` that takes agg-v2 sections from `cache` (`merge::prefetch`) when they
-/// are there and verify, and from the store otherwise.
-pub async fn apply_aggregates_cached(
-    reg: &Registry,
-    s3: &S3Options,
-    theta: &mut BTreeMap<String, Vec<f32>>,
-    first: u64,
-    last: u64,
-    cache: Option<&std::path::Path>,
-) -> Result<usize, ExchangeError> {
-    let mut state = OuterState::default();
-    let opts = ApplyOptions { cache, wait: None };
-    apply_aggregates_with(reg, s3, theta, &mut state, first, last, &opts).await
-}
-
 fn size_checked(
     reg: &Registry,
     w: u64,

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use object_store::ObjectStoreExt;
 use shardrop::accepted::{AcceptedList, LIST_SECTION};
 use shardrop::aggregate::{
-    AGG_V2_CODEC, Fetched, MergeOn, aggregate_commit, aggregate_part, aggregate_window,
-    apply_aggregates, apply_aggregates_cached, fetch_aggregate,
+    AGG_V2_CODEC, ApplyOptions, Fetched, MergeOn, aggregate_commit, aggregate_part,
+    aggregate_window, apply_aggregates, apply_aggregates_with, fetch_aggregate,
 };
 use shardrop::codec::{self, CodecParams, EfState, EncodeOptions};
 use shardrop::envelope::{Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope};
@@ -448,8 +448,13 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         .await
         .unwrap();
     assert_eq!((got.shards, got.skipped), (2, 4), "{got:?}");
+    let cached = ApplyOptions {
+        cache: Some(cache.path()),
+        wait: None,
+    };
     let mut t = base(&v2);
-    apply_aggregates_cached(&v2, &s3, &mut t, 0, 1, Some(cache.path()))
+    let mut outer = Default::default();
+    apply_aggregates_with(&v2, &s3, &mut t, &mut outer, 0, 1, &cached)
         .await
         .unwrap();
     same_bits(&t, &thetas[1], "applied from the prefetched sections");
@@ -460,7 +465,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         std::fs::write(&f, b).unwrap();
     }
     let mut t = base(&v2);
-    let e = apply_aggregates_cached(&v2, &s3, &mut t, 1, 1, Some(cache.path()))
+    let e = apply_aggregates_with(&v2, &s3, &mut t, &mut outer, 1, 1, &cached)
         .await
         .unwrap_err();
     assert_eq!(reason(&e), "agg_section_mismatch", "{e}");

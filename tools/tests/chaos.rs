@@ -100,9 +100,7 @@ fn aggregate_and_validate_killed_at_random_points_on_s3() {
     let dir = tmp.path();
     let agg_key = dir.join("agg.key");
     let run = Run::init(dir, &base, "chaos-agg", 4, &agg_key, &[]);
-    let val_key = dir.join("val.key");
-    let val = ok_json(shardrop(&["keygen", "--out", p(&val_key), "--json"]));
-    run.add("validator", val["peer_id"].as_str().unwrap(), "val");
+    let val_key = run.new_validator(dir);
     let miners: Vec<_> = (0..4)
         .map(|i| run.new_miner(dir, &format!("m{i}")))
         .collect();

@@ -47,9 +47,7 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
     let miners: Vec<_> = (0..2)
         .map(|i| run.new_miner(dir, &format!("m{i}")))
         .collect();
-    let val_key = dir.join("val.key");
-    let val = ok_json(shardrop(&["keygen", "--out", p(&val_key), "--json"]));
-    run.add("validator", val["peer_id"].as_str().unwrap(), "val");
+    let val_key = run.new_validator(dir);
     let set = |args: &[&str]| {
         let mut v = vec!["run", "set", "--registry", &run.reg, "--key", &run.op_key];
         v.extend_from_slice(args);

@@ -235,6 +235,14 @@ impl Run {
         key
     }
 
+    /// A new key in `dir` registered as the run's validator (area `val`); returns its path.
+    pub fn new_validator(&self, dir: &Path) -> std::path::PathBuf {
+        let key = dir.join("val.key");
+        let id = ok_json(shardrop(&["keygen", "--out", p(&key), "--json"]));
+        self.add("validator", id["peer_id"].as_str().unwrap(), "val");
+        key
+    }
+
     pub fn publish_args<'a>(
         &'a self,
         key: &'a str,
