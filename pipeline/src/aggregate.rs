@@ -1003,10 +1003,10 @@ pub async fn fetch_aggregate(
 /// agg-v1: `theta` must hold every tensor; memory is the model plus one aggregate. agg-v2:
 /// `theta` may hold a subset (one rank's tensors) and only their sections are fetched;
 /// memory is the model plus the largest tensor's accumulator (`merge`).
-pub async fn apply_aggregates(
+pub async fn apply_aggregates<T: Tensor>(
     reg: &Registry,
     s3: &S3Options,
-    theta: &mut BTreeMap<String, Vec<f32>>,
+    theta: &mut BTreeMap<String, T>,
     first: u64,
     last: u64,
 ) -> Result<usize, ExchangeError> {
@@ -1022,6 +1022,11 @@ pub async fn apply_aggregates(
     )
     .await
 }
+
+/// Parameters a replay updates in place: owned buffers (the CLI's) or a caller's memory
+/// (the Python package's tensors, borrowed as slices), f32 either way.
+pub trait Tensor: AsRef<[f32]> + AsMut<[f32]> {}
+impl<T: AsRef<[f32]> + AsMut<[f32]> + ?Sized> Tensor for T {}
 
 /// How a replay fetches.
 #[derive(Clone, Debug, Default)]
@@ -1039,10 +1044,10 @@ pub struct ApplyOptions<'a> {
 ///
 /// A window whose aggregate accepted no shard is no outer step: parameters, momentum and
 /// everything else stay as they are (the schedule still counts it: rates follow windows).
-pub async fn apply_aggregates_with(
+pub async fn apply_aggregates_with<T: Tensor>(
     reg: &Registry,
     s3: &S3Options,
-    theta: &mut BTreeMap<String, Vec<f32>>,
+    theta: &mut BTreeMap<String, T>,
     state: &mut OuterState,
     first: u64,
     last: u64,
@@ -1051,7 +1056,7 @@ pub async fn apply_aggregates_with(
     if reg.momentum_before(first) {
         for (name, t) in theta.iter() {
             match state.momentum.get(name) {
-                Some(m) if m.len() == t.len() => {}
+                Some(m) if m.len() == t.as_ref().len() => {}
                 Some(_) => {
                     return Err(ExchangeError::Caller(format!(
                         "the momentum buffer of {name:?} has another size than the tensor"
@@ -1088,7 +1093,7 @@ pub async fn apply_aggregates_with(
 }
 
 /// `fetch_aggregate`, polling once a second for up to `wait` while it is not there.
-async fn wait_for_aggregate(
+pub async fn wait_for_aggregate(
     reg: &Registry,
     s3: &S3Options,
     w: u64,
@@ -1128,14 +1133,15 @@ impl Step {
     }
 }
 
-fn size_checked(
+fn size_checked<T: Tensor>(
     reg: &Registry,
     w: u64,
-    theta: &BTreeMap<String, Vec<f32>>,
+    theta: &BTreeMap<String, T>,
     name: &str,
 ) -> Result<(), ExchangeError> {
     let ok = theta.get(name).is_some_and(|d| {
-        reg.model.get(name).map(|s| s.shape.iter().product::<u64>()) == Some(d.len() as u64)
+        reg.model.get(name).map(|s| s.shape.iter().product::<u64>())
+            == Some(d.as_ref().len() as u64)
     });
     match ok {
         true => Ok(()),
@@ -1145,10 +1151,10 @@ fn size_checked(
     }
 }
 
-fn apply_merged(
+fn apply_merged<T: Tensor>(
     reg: &Registry,
     w: u64,
-    theta: &mut BTreeMap<String, Vec<f32>>,
+    theta: &mut BTreeMap<String, T>,
     state: &mut OuterState,
     step: &Step,
     tensors: &[AggTensor],
@@ -1165,6 +1171,7 @@ fn apply_merged(
         for t in tensors {
             if let Some(dst) = theta.get_mut(&t.name) {
                 // Two roundings, never fused: θ − (lr · a).
+                let dst = dst.as_mut();
                 for (i, v) in t.entries() {
                     dst[i] -= step.lr * v;
                 }
@@ -1175,6 +1182,7 @@ fn apply_merged(
     // Momentum moves every element, listed or not: densify one tensor at a time.
     let by_name: HashMap<&str, &AggTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for (name, dst) in theta.iter_mut() {
+        let dst = dst.as_mut();
         let mut a = vec![0f32; dst.len()];
         if let Some(t) = by_name.get(name.as_str()) {
             for (i, v) in t.entries() {
@@ -1190,11 +1198,11 @@ fn apply_merged(
 /// tensor at a time. Plain SGD skips entries whose merged value is zero, as agg-v1's sparse
 /// form skips them (a merged zero is always +0.0, and θ − lr·(+0.0) = θ).
 #[allow(clippy::too_many_arguments)]
-async fn apply_listed(
+async fn apply_listed<T: Tensor>(
     reg: &Registry,
     s3: &S3Options,
     w: u64,
-    theta: &mut BTreeMap<String, Vec<f32>>,
+    theta: &mut BTreeMap<String, T>,
     state: &mut OuterState,
     step: &Step,
     list: &AcceptedList,
@@ -1212,7 +1220,7 @@ async fn apply_listed(
     let spooled = merge::fetch_listed(reg, s3, list, &want, cache).await?;
     spooled.merge(reg, &want, |i, acc| {
         if let Some(dst) = theta.get_mut(names[i]) {
-            step.apply(state, names[i], dst, acc);
+            step.apply(state, names[i], dst.as_mut(), acc);
         }
         Ok(())
     })

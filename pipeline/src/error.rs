@@ -60,6 +60,11 @@ pub trait Classified {
     fn class(&self) -> ErrorClass;
     /// The stable reason code, for rejections (`bad_signature`, `non_finite`, …).
     fn reason(&self) -> Option<&'static str>;
+    /// The object (URL or path) the failure is about, when there is one: what a Python
+    /// caller reads as `Rejected.object`.
+    fn object(&self) -> Option<&str> {
+        None
+    }
 }
 
 #[cfg(test)]

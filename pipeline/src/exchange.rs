@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use crate::codec::{
-    self, EfState, EncodeOptions, EncodedUpdate, SECTION_CODEC, encode_update, model_of,
+    self, EfState, EncodeOptions, EncodedUpdate, ModelSpec, OwnedShapeInput, SECTION_CODEC,
+    encode_inputs_with, encode_tensor, encode_update, model_of, model_of_inputs,
 };
 use crate::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
@@ -92,6 +93,17 @@ impl crate::error::Classified for ExchangeError {
             }
             ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.reason(),
             ExchangeError::Codec(e) => crate::error::Classified::reason(e),
+            _ => None,
+        }
+    }
+
+    fn object(&self) -> Option<&str> {
+        match self {
+            ExchangeError::Rejected { object, .. }
+            | ExchangeError::Conflict { object, .. }
+            | ExchangeError::Missing { object, .. }
+            | ExchangeError::NoAggregate { object, .. } => Some(object),
+            ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.object(),
             _ => None,
         }
     }
@@ -223,6 +235,37 @@ pub async fn publish_with(
     state: &mut EfState,
     encode: impl FnOnce(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, ExchangeError>,
 ) -> Result<Published, ExchangeError> {
+    let model = model_of(update)?;
+    publish_model(job, window, &model, state, |st, o| encode(update, st, o)).await
+}
+
+/// `publish` of an update held in memory as `inputs` (a training loop's tensors: the Python
+/// package), with the CPU codec: the same checks, bytes and state as [`publish`] given the
+/// same tensors, with no file and no copy of the update.
+pub async fn publish_inputs(
+    job: Job<'_>,
+    window: Option<u64>,
+    inputs: &[OwnedShapeInput<'_>],
+    state: &mut EfState,
+) -> Result<Published, ExchangeError> {
+    let model = model_of_inputs(inputs);
+    publish_model(job, window, &model, state, |st, o| {
+        Ok(encode_inputs_with(inputs, st, o, |input, buf| {
+            encode_tensor(input, buf, o.beta, &o.params)
+        })?)
+    })
+    .await
+}
+
+/// The publish protocol for an update whose tensors `model` describes and that `encode`
+/// encodes (advancing the state it is given): whatever holds the update.
+pub async fn publish_model(
+    job: Job<'_>,
+    window: Option<u64>,
+    model: &ModelSpec,
+    state: &mut EfState,
+    encode: impl FnOnce(&mut EfState, &EncodeOptions) -> Result<EncodedUpdate, ExchangeError>,
+) -> Result<Published, ExchangeError> {
     let Job { reg, id, .. } = job;
     let me = id.peer_id();
     let target = job.own_store(Role::Miner)?;
@@ -236,7 +279,6 @@ pub async fn publish_with(
         })?,
     };
     window_open(reg, w, now)?;
-    let model = model_of(update)?;
     let mismatch = |detail: String| ExchangeError::Refused {
         reason: "model_mismatch",
         detail,
@@ -281,7 +323,7 @@ pub async fn publish_with(
         beta: reg.setting_at(w).beta,
         section_bytes: 16 << 20,
     };
-    let encoded = encode(update, &mut trial, &opts)?;
+    let encoded = encode(&mut trial, &opts)?;
     let signed = shard_builder(reg, &reg.run, w, &encoded.sections)?
         .clock_ms(now)
         .sign(id)?;

@@ -64,9 +64,15 @@ pub struct EncodedUpdate {
 
 /// The model description (names, shapes, dtypes) of a safetensors file, in name order.
 pub fn model_of(bytes: &[u8]) -> Result<ModelSpec, CodecError> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| CodecError::Malformed(format!("update: {e}")))?;
-    let mut tensors: Vec<TensorSpec> = st
+    Ok(model_of_inputs(&inputs_of(
+        &SafeTensors::deserialize(bytes)
+            .map_err(|e| CodecError::Malformed(format!("update: {e}")))?,
+    )?))
+}
+
+/// The tensors of a safetensors file as codec inputs (borrowing its bytes), in name order.
+pub fn inputs_of<'a>(st: &'a SafeTensors<'a>) -> Result<Vec<OwnedShapeInput<'a>>, CodecError> {
+    let mut out: Vec<OwnedShapeInput<'a>> = st
         .iter()
         .map(|(name, v)| {
             let dtype = InDtype::from_safetensors(v.dtype()).ok_or_else(|| {
@@ -75,15 +81,57 @@ pub fn model_of(bytes: &[u8]) -> Result<ModelSpec, CodecError> {
                     v.dtype()
                 ))
             })?;
-            Ok(TensorSpec {
-                name: name.to_string(),
+            Ok(OwnedShapeInput {
+                name,
                 shape: v.shape().iter().map(|&d| d as u64).collect(),
                 dtype,
+                data: v.data(),
             })
         })
         .collect::<Result<_, CodecError>>()?;
+    out.sort_by(|a, b| a.name.cmp(b.name));
+    Ok(out)
+}
+
+/// A codec input that owns its shape: what a caller holding tensors in memory (a safetensors
+/// file, or a training loop's tensors through the Python package) hands to
+/// [`encode_inputs_with`] without copying the data.
+#[derive(Clone, Debug)]
+pub struct OwnedShapeInput<'a> {
+    /// The tensor's name in the model.
+    pub name: &'a str,
+    /// Its shape.
+    pub shape: Vec<u64>,
+    /// The dtype of `data`.
+    pub dtype: InDtype,
+    /// The update's elements, little-endian, row-major.
+    pub data: &'a [u8],
+}
+
+impl OwnedShapeInput<'_> {
+    /// The borrowed form the tensor encoders take.
+    pub fn input(&self) -> TensorInput<'_> {
+        TensorInput {
+            name: self.name,
+            shape: &self.shape,
+            dtype: self.dtype,
+            data: self.data,
+        }
+    }
+}
+
+/// The model description of in-memory inputs, in name order.
+pub fn model_of_inputs(inputs: &[OwnedShapeInput]) -> ModelSpec {
+    let mut tensors: Vec<TensorSpec> = inputs
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.to_string(),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+        })
+        .collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(ModelSpec { tensors })
+    ModelSpec { tensors }
 }
 
 /// Encodes every tensor of a safetensors update, advancing `state`.
@@ -103,37 +151,43 @@ pub fn encode_update_with<E: From<CodecError>>(
     bytes: &[u8],
     state: &mut EfState,
     opts: &EncodeOptions,
-    mut encode: impl FnMut(&TensorInput, &mut [f32]) -> Result<EncodedTensor, E>,
+    encode: impl FnMut(&TensorInput, &mut [f32]) -> Result<EncodedTensor, E>,
 ) -> Result<EncodedUpdate, E> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| CodecError::Malformed(format!("update: {e}")))?;
-    let model = model_of(bytes)?;
+    encode_inputs_with(&inputs_of(&st)?, state, opts, encode)
+}
+
+/// Encodes in-memory tensors (any order; names unique), advancing `state`: the one place
+/// that orders tensors and packs sections, whatever holds the update.
+pub fn encode_inputs_with<E: From<CodecError>>(
+    inputs: &[OwnedShapeInput],
+    state: &mut EfState,
+    opts: &EncodeOptions,
+    mut encode: impl FnMut(&TensorInput, &mut [f32]) -> Result<EncodedTensor, E>,
+) -> Result<EncodedUpdate, E> {
+    let mut order: Vec<&OwnedShapeInput> = inputs.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(b.name));
+    if let Some(w) = order.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(CodecError::Malformed(format!("tensor {:?} is given twice", w[0].name)).into());
+    }
     let mut stats = UpdateStats::default();
     let mut sections = Vec::new();
     let mut pending: Vec<EncodedTensor> = Vec::new();
     let mut pending_bytes = 0usize;
     let mut first = 0usize;
-    let n = model.tensors.len();
-    for (i, spec) in model.tensors.iter().enumerate() {
-        let view = st
-            .tensor(&spec.name)
-            .map_err(|e| CodecError::Malformed(e.to_string()))?;
-        let numel: u64 = spec.shape.iter().product();
-        let buf = state.buffer(&spec.name, numel as usize)?;
-        let input = TensorInput {
-            name: &spec.name,
-            shape: &spec.shape,
-            dtype: spec.dtype,
-            data: view.data(),
-        };
-        let t = encode(&input, buf)?;
+    let n = order.len();
+    for (i, t) in order.iter().enumerate() {
+        let numel: u64 = t.shape.iter().product();
+        let buf = state.buffer(t.name, numel as usize)?;
+        let enc = encode(&t.input(), buf)?;
         stats.tensors += 1;
         stats.elements += numel;
-        stats.dense_bytes += view.data().len() as u64;
-        stats.kept += t.kept();
-        stats.payload_bytes += t.payload_bytes();
-        pending_bytes += t.payload_bytes() as usize;
-        pending.push(t);
+        stats.dense_bytes += t.data.len() as u64;
+        stats.kept += enc.kept();
+        stats.payload_bytes += enc.payload_bytes();
+        pending_bytes += enc.payload_bytes() as usize;
+        pending.push(enc);
         if pending_bytes >= opts.section_bytes || i + 1 == n {
             let payload = write_section(&pending)?;
             stats.bytes += payload.len() as u64;

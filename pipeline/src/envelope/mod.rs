@@ -368,6 +368,17 @@ impl crate::error::Classified for EnvelopeError {
     fn reason(&self) -> Option<&'static str> {
         self.rejection().map(|r| r.reason.code())
     }
+
+    fn object(&self) -> Option<&str> {
+        match self {
+            EnvelopeError::Rejected { object, .. }
+            | EnvelopeError::NotFound { object }
+            | EnvelopeError::Store { object, .. }
+            | EnvelopeError::Io { object, .. }
+            | EnvelopeError::Changed { object } => Some(object),
+            EnvelopeError::Build(_) => None,
+        }
+    }
 }
 
 impl EnvelopeError {

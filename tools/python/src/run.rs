@@ -1,0 +1,527 @@
+//! `Run`, `Miner` and `OptimizerState`: a run opened from its registry, a miner publishing
+//! from memory, and the outer optimizer's momentum a training loop keeps between windows.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use shardrop::aggregate::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
+use shardrop::codec::{EfState, OwnedShapeInput, StateLock, lock_dir};
+use shardrop::exchange::{ExchangeError, publish_inputs, wait_for_window};
+use shardrop::identity::{Identity, PeerId};
+use shardrop::registry::{Job, Registry};
+use shardrop::store::S3Options;
+
+use crate::errors::{caller, io, refused, to_py};
+use crate::runtime::block;
+use crate::tensors::{Access, import_all};
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Run>()?;
+    m.add_class::<Miner>()?;
+    m.add_class::<OptimizerState>()?;
+    Ok(())
+}
+
+/// A run, opened from its signed registry. Every call that acts on the run reads the
+/// registry again (one small GET), so a setting the operator changed mid-run is in force,
+/// and checks it is still signed by the operator it was first opened with.
+#[pyclass(module = "shardrop._shardrop")]
+pub struct Run {
+    url: String,
+    s3: S3Options,
+    operator: PeerId,
+    reg: Registry,
+}
+
+impl Run {
+    /// The registry as it is now (and `self.reg` refreshed to it).
+    fn reload(&mut self, py: Python<'_>) -> PyResult<Registry> {
+        let (url, s3, op) = (&self.url, &self.s3, self.operator);
+        let (reg, _) = block(py, Registry::load(url, s3, Some(op)))?.map_err(to_py)?;
+        self.reg = reg.clone();
+        Ok(reg)
+    }
+
+    /// Replays windows `first ..= last` onto `params` (f32 CPU tensors, in place).
+    #[allow(clippy::too_many_arguments)]
+    fn replay(
+        &mut self,
+        py: Python<'_>,
+        params: &Bound<'_, PyAny>,
+        first: u64,
+        last: u64,
+        state: Option<&mut OptimizerState>,
+        wait: Option<f64>,
+    ) -> PyResult<usize> {
+        if first > last {
+            return Ok(0);
+        }
+        let reg = self.reload(py)?;
+        let mut held = import_all(params, Access::WriteF32)?;
+        for h in &held {
+            match reg.model.get(&h.name) {
+                Some(t) if t.shape == h.shape => {}
+                _ => {
+                    return Err(refused(
+                        "model_mismatch",
+                        format!(
+                            "tensor {:?} {:?} is not in run {}'s model",
+                            h.name, h.shape, reg.run
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut fresh = OptimizerState::default();
+        let st = state.unwrap_or(&mut fresh);
+        if st.run.as_ref().is_some_and(|r| *r != reg.run)
+            || st.after.is_some_and(|a| a + 1 != first)
+            || (st.run.is_some() && st.after.is_none() && first != 0)
+        {
+            let after = |a: Option<u64>| a.map_or("genesis".into(), |a| format!("window {a}"));
+            return Err(refused(
+                "optimizer_state_window",
+                format!(
+                    "the optimizer state is run {:?}'s after {}; this replay starts at window {first} of run {:?}",
+                    st.run.as_deref().unwrap_or("?"),
+                    after(st.after),
+                    reg.run
+                ),
+            ));
+        }
+        let mut theta: BTreeMap<String, &mut [f32]> = held
+            .iter_mut()
+            .map(|h| (h.name.clone(), h.f32_mut()))
+            .collect();
+        let opts = ApplyOptions {
+            cache: None,
+            wait: wait.map(Duration::from_secs_f64),
+        };
+        let s3 = &self.s3;
+        let momentum = &mut st.state;
+        let applied = block(
+            py,
+            apply_aggregates_with(&reg, s3, &mut theta, momentum, first, last, &opts),
+        )?
+        .map_err(to_py)?;
+        st.run = Some(reg.run.clone());
+        st.after = Some(last);
+        st.shapes = reg
+            .model
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        Ok(applied)
+    }
+}
+
+#[pymethods]
+impl Run {
+    /// Opens the run whose registry is at `registry_url` (`file:///…`, `s3://bucket/…`),
+    /// verifying its signature. `operator` pins the operator's peer id; without it the
+    /// operator the registry names is trusted now and pinned for every later read.
+    /// S3 settings fall back to the usual `AWS_*` variables.
+    #[staticmethod]
+    #[pyo3(signature = (registry_url, operator=None, *, endpoint=None, region=None, access_key_id=None, secret_access_key=None, allow_http=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        py: Python<'_>,
+        registry_url: String,
+        operator: Option<String>,
+        endpoint: Option<String>,
+        region: Option<String>,
+        access_key_id: Option<String>,
+        secret_access_key: Option<String>,
+        allow_http: Option<bool>,
+    ) -> PyResult<Run> {
+        let pinned = operator
+            .map(|o| PeerId::parse(&o).map_err(|e| caller(format!("operator {o:?}: {e}"))))
+            .transpose()?;
+        let s3 = S3Options {
+            endpoint,
+            region,
+            access_key_id,
+            secret_access_key,
+            allow_http,
+            ..Default::default()
+        };
+        let (reg, _) = block(py, Registry::load(&registry_url, &s3, pinned))?.map_err(to_py)?;
+        let operator = PeerId::parse(&reg.operator)
+            .map_err(|e| caller(format!("{registry_url}: operator {:?}: {e}", reg.operator)))?;
+        Ok(Run {
+            url: registry_url,
+            s3,
+            operator,
+            reg,
+        })
+    }
+
+    /// The run's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.reg.run.clone()
+    }
+
+    /// The registry's URL.
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The operator's peer id (pinned).
+    #[getter]
+    fn operator(&self) -> String {
+        self.operator.to_string()
+    }
+
+    /// The registry's revision when last read.
+    #[getter]
+    fn revision(&self) -> u64 {
+        self.reg.revision
+    }
+
+    /// Window length in seconds.
+    #[getter]
+    fn window_secs(&self) -> u64 {
+        self.reg.window_secs
+    }
+
+    /// Grace after a window's deadline, seconds.
+    #[getter]
+    fn grace_secs(&self) -> u64 {
+        self.reg.grace_secs
+    }
+
+    /// When window 0 starts, ms since the epoch.
+    #[getter]
+    fn genesis_ms(&self) -> u64 {
+        self.reg.genesis_ms
+    }
+
+    /// The model: tensor name → (shape, dtype of updates).
+    #[getter]
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for t in &self.reg.model.tensors {
+            d.set_item(&t.name, (t.shape.clone(), t.dtype.name()))?;
+        }
+        Ok(d)
+    }
+
+    /// The window open now by this machine's clock (`None` before genesis). Publishing
+    /// judges by the store's clock; `Miner.publish(wait=True)` waits by that one.
+    fn window_now(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        shardrop::exchange::clock(&self.reg).window_at(now)
+    }
+
+    /// The outer step in force for `window`, in words ("nesterov lr 0.7 momentum 0.9, …").
+    fn setting_at(&self, window: u64) -> String {
+        self.reg.setting_at(window).describe()
+    }
+
+    /// The outer learning rate applied in `window` (the schedule evaluated).
+    fn lr_at(&self, window: u64) -> f32 {
+        self.reg.setting_at(window).lr_at(window)
+    }
+
+    /// Reads the registry again now (settings, participants); returns its revision.
+    fn refresh(&mut self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.reload(py)?.revision)
+    }
+
+    /// A miner of this run signing with the key at `key_path`. `state` is a folder where the
+    /// error-feedback buffers persist (loaded now, locked against a second publisher, saved
+    /// after every publish); without it they live in memory only. `device` is "cpu": CUDA
+    /// tensors are refused (see the README).
+    #[pyo3(signature = (key_path, state=None, device="cpu"))]
+    fn miner(&self, key_path: PathBuf, state: Option<PathBuf>, device: &str) -> PyResult<Miner> {
+        if device != "cpu" {
+            return Err(caller(format!(
+                "device {device:?}: this package encodes on the CPU only for now (the GPU codec does not yet take device memory from Python); use device=\"cpu\" with CPU tensors"
+            )));
+        }
+        let id = Identity::load(&key_path).map_err(|e| io(&key_path, e))?;
+        let (lock, ef) = match &state {
+            Some(dir) => {
+                let lock = lock_dir(dir).map_err(|e| io(dir, e))?;
+                let ef = EfState::load(dir).map_err(|e| io(dir, e))?;
+                (Some(lock), ef)
+            }
+            None => (None, EfState::default()),
+        };
+        Ok(Miner {
+            url: self.url.clone(),
+            s3: self.s3.clone(),
+            operator: self.operator,
+            id,
+            state: ef,
+            dir: state,
+            _lock: lock,
+        })
+    }
+
+    /// Waits up to `timeout` seconds (None: checks once) for window `window`'s aggregate,
+    /// verified. True when it is there; False when it is not (yet). A broken or forged
+    /// aggregate raises `Rejected`.
+    #[pyo3(signature = (window, timeout=None))]
+    fn wait_aggregate(
+        &mut self,
+        py: Python<'_>,
+        window: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let reg = self.reload(py)?;
+        let wait = timeout.map(Duration::from_secs_f64);
+        match block(py, wait_for_aggregate(&reg, &self.s3, window, wait))? {
+            Ok(_) => Ok(true),
+            Err(ExchangeError::NoAggregate { .. }) => Ok(false),
+            Err(e) => Err(to_py(e)),
+        }
+    }
+
+    /// Applies window `window`'s aggregate to `params` in place (a mapping of name to f32
+    /// CPU tensor: all the model's tensors, or one rank's subset, whose sections alone are
+    /// fetched) with the run's outer optimizer. `optimizer_state` carries the momentum from
+    /// window to window (required once the run keeps momentum). `wait`: seconds to wait for
+    /// the aggregate. Bit-identical to `shardrop apply`.
+    #[pyo3(signature = (params, window, optimizer_state=None, wait=None))]
+    fn apply_(
+        &mut self,
+        py: Python<'_>,
+        params: &Bound<'_, PyAny>,
+        window: u64,
+        mut optimizer_state: Option<PyRefMut<'_, OptimizerState>>,
+        wait: Option<f64>,
+    ) -> PyResult<()> {
+        let st = optimizer_state.as_deref_mut();
+        self.replay(py, params, window, window, st, wait)?;
+        Ok(())
+    }
+
+    /// Replays every window after `from_window` (the last one `params` already holds, as
+    /// `shardrop apply --from-window`; "genesis" for none) through `through`, in place.
+    /// Returns the number of windows applied.
+    #[pyo3(signature = (params, from_window, through, optimizer_state=None, wait=None))]
+    fn catch_up(
+        &mut self,
+        py: Python<'_>,
+        params: &Bound<'_, PyAny>,
+        from_window: &Bound<'_, PyAny>,
+        through: u64,
+        mut optimizer_state: Option<PyRefMut<'_, OptimizerState>>,
+        wait: Option<f64>,
+    ) -> PyResult<usize> {
+        let first = match from_window.extract::<String>() {
+            Ok(s) if s == "genesis" => 0,
+            Ok(s) => {
+                return Err(caller(format!(
+                    "from_window {s:?}: a window number or \"genesis\""
+                )));
+            }
+            Err(_) => from_window.extract::<u64>()? + 1,
+        };
+        let st = optimizer_state.as_deref_mut();
+        self.replay(py, params, first, through, st, wait)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Run({:?}, run={:?}, revision={}, tensors={})",
+            self.url,
+            self.reg.run,
+            self.reg.revision,
+            self.reg.model.tensors.len()
+        )
+    }
+}
+
+/// A miner: signs with its key, keeps its error-feedback buffers, publishes one shard per
+/// window from tensors in memory.
+#[pyclass(module = "shardrop._shardrop")]
+pub struct Miner {
+    url: String,
+    s3: S3Options,
+    operator: PeerId,
+    id: Identity,
+    state: EfState,
+    dir: Option<PathBuf>,
+    _lock: Option<StateLock>,
+}
+
+#[pymethods]
+impl Miner {
+    /// The miner's peer id.
+    #[getter]
+    fn peer(&self) -> String {
+        self.id.peer_id().to_string()
+    }
+
+    /// The last window the error-feedback state accounts for (None before the first).
+    #[getter]
+    fn state_window(&self) -> Option<u64> {
+        self.state.window
+    }
+
+    /// The state folder, if the state persists.
+    #[getter]
+    fn state_dir(&self) -> Option<PathBuf> {
+        self.dir.clone()
+    }
+
+    /// Encodes `update` (a mapping of name to CPU tensor, f32, bf16 or f16: the whole model,
+    /// θ_start − θ_end) with the run's codec, signs it and puts it into the miner's own store
+    /// for `window` (None: the window open now by the store's clock). `wait=True` first waits
+    /// for that window to open, as `shardrop publish --wait`. The tensors are read in place.
+    /// The error-feedback state advances only once the shard is stored (and is saved to the
+    /// state folder then). Returns what `shardrop publish --json` reports.
+    #[pyo3(signature = (update, window=None, wait=false))]
+    fn publish<'py>(
+        &mut self,
+        py: Python<'py>,
+        update: &Bound<'py, PyAny>,
+        window: Option<u64>,
+        wait: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (reg, _) =
+            block(py, Registry::load(&self.url, &self.s3, Some(self.operator)))?.map_err(to_py)?;
+        let held = import_all(update, Access::Read)?;
+        let inputs: Vec<OwnedShapeInput> = held.iter().map(|h| h.input()).collect();
+        let started = std::time::Instant::now();
+        let (id, s3, state) = (&self.id, &self.s3, &mut self.state);
+        let before = state.window;
+        let res = block(py, async {
+            let w = match wait {
+                true => Some(wait_for_window(Job::new(&reg, id, s3), window).await?),
+                false => window,
+            };
+            publish_inputs(Job::new(&reg, id, s3), w, &inputs, state).await
+        })?;
+        let p = res.map_err(to_py)?;
+        if let (Some(dir), true) = (&self.dir, self.state.window != before) {
+            let (dir, st) = (dir.clone(), &self.state);
+            py.detach(|| st.save(&dir)).map_err(|e| io(&dir, e))?;
+        }
+        let mut json = serde_json::to_value(&p)
+            .map_err(|e| caller(format!("cannot report the publish: {e}")))?;
+        json["seconds"] = started.elapsed().as_secs_f64().into();
+        json["device"] = "cpu".into();
+        py.import("json")?
+            .call_method1("loads", (json.to_string(),))
+    }
+
+    /// Writes the error-feedback state to the state folder now (publish does after every
+    /// shard); `dir` writes it elsewhere instead.
+    #[pyo3(signature = (dir=None))]
+    fn save_state(&self, py: Python<'_>, dir: Option<PathBuf>) -> PyResult<()> {
+        let Some(dir) = dir.or_else(|| self.dir.clone()) else {
+            return Err(caller(
+                "this miner has no state folder: give dir, or open it with state=…",
+            ));
+        };
+        py.detach(|| self.state.save(&dir)).map_err(|e| io(&dir, e))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Miner(peer={}, state_window={:?})",
+            self.id.peer_id(),
+            self.state.window
+        )
+    }
+}
+
+/// The outer optimizer's momentum buffers, which a peer keeps between windows like the
+/// parameters themselves (and saves with its checkpoints). Empty for plain SGD.
+#[pyclass(module = "shardrop._shardrop")]
+#[derive(Default)]
+pub struct OptimizerState {
+    state: shardrop::outer::OuterState,
+    run: Option<String>,
+    after: Option<u64>,
+    shapes: BTreeMap<String, Vec<u64>>,
+}
+
+#[pymethods]
+impl OptimizerState {
+    /// A fresh state (zero momentum): for a replay from genesis, or a run without momentum.
+    #[new]
+    fn new() -> Self {
+        OptimizerState::default()
+    }
+
+    /// Reads a state file (`shardrop apply --optimizer-state`'s, or the one a checkpoint
+    /// holds).
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<OptimizerState> {
+        let bytes = py
+            .detach(|| std::fs::read(&path))
+            .map_err(|e| io(&path, e))?;
+        let dense = shardrop::codec::dense_from_safetensors(&bytes).map_err(to_py)?;
+        let (state, run, after) = shardrop::outer::state_from_safetensors(&bytes).map_err(to_py)?;
+        let shapes = dense
+            .into_iter()
+            .map(|(k, (s, _))| {
+                let k = k
+                    .strip_prefix(shardrop::outer::MOMENTUM_PREFIX)
+                    .map(str::to_string)
+                    .unwrap_or(k);
+                (k, s)
+            })
+            .collect();
+        Ok(OptimizerState {
+            state,
+            run: Some(run),
+            after,
+            shapes,
+        })
+    }
+
+    /// Writes the state file (the format `shardrop apply --optimizer-state` reads), atomically.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let Some(run) = &self.run else {
+            return Err(caller(
+                "this optimizer state has not been used by a replay yet: nothing to save",
+            ));
+        };
+        let bytes =
+            shardrop::outer::state_to_safetensors(&self.state, &self.shapes, run, self.after)
+                .map_err(to_py)?;
+        py.detach(|| shardrop::files::write_replace_beside(&path, &bytes))
+            .map_err(|e| io(&path, e))
+    }
+
+    /// The run it belongs to (None while fresh).
+    #[getter]
+    fn run(&self) -> Option<String> {
+        self.run.clone()
+    }
+
+    /// The last window it accounts for (None while fresh).
+    #[getter]
+    fn after(&self) -> Option<u64> {
+        self.after
+    }
+
+    /// The tensors that hold a buffer.
+    #[getter]
+    fn names(&self) -> Vec<String> {
+        self.state.momentum.keys().cloned().collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "OptimizerState(run={:?}, after={:?}, buffers={})",
+            self.run,
+            self.after,
+            self.state.momentum.len()
+        )
+    }
+}
