@@ -1081,6 +1081,18 @@ pub async fn apply_aggregates_with<T: Tensor>(
             outer: setting.outer,
             lr: setting.lr_at(w),
         };
+        if step.outer.optimizer.keeps_momentum() {
+            // From the first window of a momentum setting on, every tensor has a buffer
+            // (zeros until a step moves it), even through empty windows: the state after
+            // them is then whole, and a later replay from it is not taken for one that was
+            // given no state.
+            for (name, t) in theta.iter() {
+                state
+                    .momentum
+                    .entry(name.clone())
+                    .or_insert_with(|| vec![0f32; t.as_ref().len()]);
+            }
+        }
         match fetched {
             Fetched::Merged(tensors) => apply_merged(reg, w, theta, state, &step, &tensors)?,
             Fetched::Listed(list) => {

@@ -104,6 +104,7 @@ impl crate::error::Classified for ExchangeError {
             | ExchangeError::Missing { object, .. }
             | ExchangeError::NoAggregate { object, .. } => Some(object),
             ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.object(),
+            ExchangeError::Store(e) => e.object(),
             _ => None,
         }
     }

@@ -316,6 +316,17 @@ impl crate::error::Classified for RegistryError {
             _ => None,
         }
     }
+
+    fn object(&self) -> Option<&str> {
+        match self {
+            RegistryError::Envelope(e) => e.object(),
+            RegistryError::Store(e) => e.object(),
+            RegistryError::Invalid { object, .. } | RegistryError::Refused { object, .. } => {
+                Some(object)
+            }
+            RegistryError::NotRegistered { .. } => None,
+        }
+    }
 }
 
 const SECTION: &str = "registry.json";

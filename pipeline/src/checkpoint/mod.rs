@@ -100,6 +100,17 @@ impl crate::error::Classified for CkptError {
             _ => None,
         }
     }
+
+    fn object(&self) -> Option<&str> {
+        match self {
+            CkptError::Rejected { object, .. }
+            | CkptError::Conflict { object, .. }
+            | CkptError::Missing { object, .. } => Some(object),
+            CkptError::Store(e) => e.object(),
+            CkptError::Envelope(e) => e.object(),
+            _ => None,
+        }
+    }
 }
 
 impl From<crate::registry::RegistryError> for CkptError {

@@ -100,6 +100,17 @@ impl crate::error::Classified for StoreError {
     fn reason(&self) -> Option<&'static str> {
         None
     }
+
+    fn object(&self) -> Option<&str> {
+        match self {
+            StoreError::Url { url, .. } => Some(url),
+            StoreError::NotFound { object }
+            | StoreError::Conflict { object }
+            | StoreError::Precondition { object }
+            | StoreError::Store { object, .. }
+            | StoreError::Io { object, .. } => Some(object),
+        }
+    }
 }
 
 impl StoreError {
