@@ -382,6 +382,44 @@ pub fn encode_tensor(
     })
 }
 
+/// Advances `state` exactly as [`encode_tensor`] did when it turned `input` and this same
+/// `state` into `enc`: `e = β·e + u` chunk by chunk, then each sent value subtracted at its
+/// index (`e − s·level`, the same two roundings `emit` makes). Lets a publisher encode from a
+/// scratch copy of one tensor at a time and advance its real buffers only once the shard is
+/// stored, instead of holding a second copy of every buffer meanwhile.
+pub fn advance_state(
+    input: &TensorInput,
+    state: &mut [f32],
+    beta: f32,
+    enc: &EncodedTensor,
+) -> Result<(), CodecError> {
+    let lay = check_shape(enc)?;
+    let size = input.dtype.size();
+    if state.len() as u64 != enc.numel() || input.data.len() != state.len() * size {
+        return Err(CodecError::SizeMismatch {
+            tensor: input.name.into(),
+            what: "update or state".into(),
+            got: input.data.len(),
+            want: state.len() * size,
+        });
+    }
+    let (idx, val) = decode_sparse(enc, &lay)?;
+    let c = enc.params.chunk as usize;
+    let kf = lay.k_full as usize;
+    state
+        .par_chunks_mut(c)
+        .zip(input.data.par_chunks(c * size))
+        .zip(idx.par_chunks(kf.max(1)))
+        .zip(val.par_chunks(kf.max(1)))
+        .for_each(|(((st, inp), io), vo)| {
+            ef_chunk(st, inp, input.dtype, beta);
+            for (&i, &v) in io.iter().zip(vo) {
+                st[i as usize] -= v;
+            }
+        });
+    Ok(())
+}
+
 fn index_error(t: &EncodedTensor, chunk: usize, f: IndexFault) -> CodecError {
     let tensor = t.name.clone();
     match f {

@@ -43,7 +43,7 @@ mod quant;
 mod state;
 mod update;
 
-pub use cpu::{accumulate, encode_tensor, to_sparse, to_sparse_chunks, validate};
+pub use cpu::{accumulate, advance_state, encode_tensor, to_sparse, to_sparse_chunks, validate};
 pub use format::{
     SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,
     write_section,
@@ -52,8 +52,9 @@ pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quanti
 pub use state::{EfState, STATE_FILE, StateLock, lock_dir};
 pub use update::{
     Dense, EncodeOptions, EncodedUpdate, OwnedShapeInput, UpdateStats, accumulate_section,
-    dense_from_safetensors, dense_to_safetensors, dense_to_safetensors_with, encode_inputs_with,
-    encode_update, encode_update_with, inputs_of, model_of, model_of_inputs, section_ranges,
+    advance_inputs, dense_from_safetensors, dense_to_safetensors, dense_to_safetensors_with,
+    encode_inputs_scratch, encode_inputs_with, encode_update, encode_update_with, inputs_of,
+    model_of, model_of_inputs, section_ranges,
 };
 
 use serde::{Deserialize, Serialize};

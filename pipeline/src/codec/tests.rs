@@ -619,3 +619,80 @@ fn section_ranges_match_what_the_encoder_writes() {
         }
     }
 }
+
+#[test]
+fn advancing_a_state_from_the_encoding_equals_encoding_in_place() {
+    // Every value format, index encoding and scale mode, in f32, bf16 and f16, with a
+    // short last chunk and a state that already holds residuals.
+    let n = 256 * 5 + 37;
+    for p in all_params() {
+        for dtype in [InDtype::F32, InDtype::Bf16, InDtype::F16] {
+            let u = noise(n, 7);
+            let data: Vec<u8> = match dtype {
+                InDtype::F32 => bytes(&u),
+                InDtype::Bf16 => u
+                    .iter()
+                    .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+                    .collect(),
+                InDtype::F16 => u
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+                    .collect(),
+            };
+            let shape = [n as u64];
+            let input = TensorInput {
+                name: "t",
+                shape: &shape,
+                dtype,
+                data: &data,
+            };
+            let start = noise(n, 11);
+            let mut in_place = start.clone();
+            let enc = encode_tensor(&input, &mut in_place, 0.9, &p).unwrap();
+            let mut advanced = start.clone();
+            advance_state(&input, &mut advanced, 0.9, &enc).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&advanced), bits(&in_place), "{p:?} {dtype:?}");
+            assert_ne!(bits(&advanced), bits(&start));
+        }
+    }
+}
+
+#[test]
+fn scratch_encoding_gives_the_same_sections_and_state() {
+    let shapes: [(&str, Vec<u64>); 3] = [("a", vec![40, 33]), ("b", vec![300]), ("c", vec![7])];
+    let datas: Vec<Vec<u8>> = (0..3).map(|i| bytes(&noise(1320, i))).collect();
+    let inputs: Vec<OwnedShapeInput> = shapes
+        .iter()
+        .zip(&datas)
+        .map(|((name, shape), d)| OwnedShapeInput {
+            name,
+            shape: shape.clone(),
+            dtype: InDtype::F32,
+            data: &d[..shape.iter().product::<u64>() as usize * 4],
+        })
+        .collect();
+    let opts = EncodeOptions {
+        params: params(ValueFormat::Int2, IndexEncoding::Compact, ScaleMode::Chunk),
+        beta: 0.9,
+        section_bytes: 64,
+    };
+    let mut state = EfState::default();
+    // A state with residuals in it already (one window published before).
+    encode_inputs_with(&inputs, &mut state, &opts, |i, b| {
+        encode_tensor(i, b, opts.beta, &opts.params)
+    })
+    .unwrap();
+    let before = state.clone();
+    let mut in_place = state.clone();
+    let want = encode_inputs_with(&inputs, &mut in_place, &opts, |i, b| {
+        encode_tensor(i, b, opts.beta, &opts.params)
+    })
+    .unwrap();
+    let (got, sent) = encode_inputs_scratch(&inputs, &state, &opts).unwrap();
+    assert_eq!(state, before, "encoding from scratch left the state alone");
+    assert_eq!(got.sections, want.sections);
+    assert!(got.sections.len() > 1);
+    advance_inputs(&inputs, &mut state, &opts, &sent).unwrap();
+    assert_eq!(state, in_place);
+}

@@ -166,6 +166,19 @@ pub fn encode_inputs_with<E: From<CodecError>>(
     opts: &EncodeOptions,
     mut encode: impl FnMut(&TensorInput, &mut [f32]) -> Result<EncodedTensor, E>,
 ) -> Result<EncodedUpdate, E> {
+    encode_sections(inputs, opts, |t| {
+        let numel: u64 = t.shape.iter().product();
+        encode(t, state.buffer(t.name, numel as usize)?)
+    })
+}
+
+/// The tensor order and section packing of every encoder; `encode` turns one tensor into
+/// its encoded form with whatever error-feedback buffer it keeps.
+fn encode_sections<E: From<CodecError>>(
+    inputs: &[OwnedShapeInput],
+    opts: &EncodeOptions,
+    mut encode: impl FnMut(&TensorInput) -> Result<EncodedTensor, E>,
+) -> Result<EncodedUpdate, E> {
     let mut order: Vec<&OwnedShapeInput> = inputs.iter().collect();
     order.sort_by(|a, b| a.name.cmp(b.name));
     if let Some(w) = order.windows(2).find(|w| w[0].name == w[1].name) {
@@ -179,8 +192,7 @@ pub fn encode_inputs_with<E: From<CodecError>>(
     let n = order.len();
     for (i, t) in order.iter().enumerate() {
         let numel: u64 = t.shape.iter().product();
-        let buf = state.buffer(t.name, numel as usize)?;
-        let enc = encode(&t.input(), buf)?;
+        let enc = encode(&t.input())?;
         stats.tensors += 1;
         stats.elements += numel;
         stats.dense_bytes += t.data.len() as u64;
@@ -198,6 +210,60 @@ pub fn encode_inputs_with<E: From<CodecError>>(
         }
     }
     Ok(EncodedUpdate { sections, stats })
+}
+
+/// [`encode_inputs_with`] with the CPU codec that leaves `state` as it is: each tensor is
+/// encoded from a scratch copy of its buffer (one tensor's worth of memory, reused), and the
+/// encoded tensors come back so that [`advance_inputs`] can advance the real buffers later
+/// (once the shard is stored). Same bytes as `encode_inputs_with` on the same state.
+pub fn encode_inputs_scratch(
+    inputs: &[OwnedShapeInput],
+    state: &EfState,
+    opts: &EncodeOptions,
+) -> Result<(EncodedUpdate, Vec<EncodedTensor>), CodecError> {
+    let mut scratch: Vec<f32> = Vec::new();
+    let mut sent = Vec::with_capacity(inputs.len());
+    let encoded = encode_sections(inputs, opts, |input| {
+        let n = input.shape.iter().product::<u64>() as usize;
+        scratch.clear();
+        match state.buffers.get(input.name) {
+            Some(b) if b.len() == n => scratch.extend_from_slice(b),
+            Some(b) => {
+                return Err(CodecError::SizeMismatch {
+                    tensor: input.name.into(),
+                    what: "error-feedback buffer".into(),
+                    got: b.len(),
+                    want: n,
+                });
+            }
+            None => scratch.resize(n, 0.0),
+        }
+        let t = encode_tensor(input, &mut scratch, opts.beta, &opts.params)?;
+        sent.push(t.clone());
+        Ok::<_, CodecError>(t)
+    });
+    Ok((encoded?, sent))
+}
+
+/// Advances `state` to what [`encode_inputs_scratch`] left in its scratch copies, given the
+/// same inputs and the tensors it returned.
+pub fn advance_inputs(
+    inputs: &[OwnedShapeInput],
+    state: &mut EfState,
+    opts: &EncodeOptions,
+    sent: &[EncodedTensor],
+) -> Result<(), CodecError> {
+    let by_name: BTreeMap<&str, &EncodedTensor> =
+        sent.iter().map(|t| (t.name.as_str(), t)).collect();
+    for t in inputs {
+        let enc = by_name
+            .get(t.name)
+            .ok_or_else(|| CodecError::Malformed(format!("tensor {:?} was not encoded", t.name)))?;
+        let numel: u64 = t.shape.iter().product();
+        let buf = state.buffer(t.name, numel as usize)?;
+        super::advance_state(&t.input(), buf, opts.beta, enc)?;
+    }
+    Ok(())
 }
 
 /// The tensor ranges (model indices) of the sections an honest encoder writes for `model`

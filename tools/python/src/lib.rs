@@ -9,6 +9,7 @@ mod errors;
 mod run;
 mod runtime;
 mod tensors;
+mod validate;
 
 use pyo3::prelude::*;
 

@@ -22,6 +22,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
     m.add_class::<Miner>()?;
     m.add_class::<OptimizerState>()?;
+    m.add_class::<crate::validate::Validator>()?;
     Ok(())
 }
 
@@ -266,6 +267,11 @@ impl Run {
             dir: state,
             _lock: lock,
         })
+    }
+
+    /// The run's validator signing with the key at `key_path` (see `Validator.validate`).
+    fn validator(&self, key_path: PathBuf) -> PyResult<crate::validate::Validator> {
+        crate::validate::Validator::open(self.url.clone(), self.s3.clone(), self.operator, key_path)
     }
 
     /// Waits up to `timeout` seconds (None: checks once) for window `window`'s aggregate,

@@ -33,14 +33,17 @@ where
 
 /// `block` for a future made by `make` on the GIL-free side: the future itself need not be
 /// `Send` (some of the library's are not provably so), only what `make` captures.
+///
+/// A call made from inside another one (a validator's Python `prepare` that replays
+/// aggregates while `validate` runs) cannot block on the runtime it is already inside: it
+/// runs on a thread of its own with a runtime of its own.
 pub fn block_fn<M, F>(py: Python<'_>, make: M) -> PyResult<F::Output>
 where
     M: FnOnce() -> F + Send,
     F: Future,
     F::Output: Send,
 {
-    let rt = runtime()?;
-    py.detach(|| {
+    let drive = move |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
             let mut fut = std::pin::pin!(make());
             loop {
@@ -51,6 +54,23 @@ where
                     }
                 }
             }
+        })
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        let rt = runtime()?;
+        return py.detach(|| drive(rt));
+    }
+    py.detach(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| crate::errors::caller(format!("cannot start a runtime: {e}")))?;
+                drive(&rt)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(crate::errors::caller("a nested shardrop call panicked")))
         })
     })
 }

@@ -1,0 +1,153 @@
+"""Type stubs of the native module (the Rust extension); see the package docstring."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+
+__version__: str
+
+#: Any object with ``__dlpack__`` (a torch tensor, a numpy array, jax, cupy), on the CPU.
+Tensor = Any
+PathLike = Union[str, "os.PathLike[str]"]
+
+class Error(Exception):
+    """Every shardrop failure."""
+
+    #: caller, not_found, rejected, refused, conflict, store or internal.
+    kind: str
+    #: The stable reason code (``bad_signature``, ``window_closed``, ...), or None.
+    reason: Optional[str]
+    #: The object (URL or path) the failure is about, or None.
+    object: Optional[str]
+
+class Rejected(Error):
+    """An object was read, verified and refused; ``reason`` says why."""
+
+class Refused(Error):
+    """The call breaks a rule of the run (``window_closed``, ``model_mismatch``, ...)."""
+
+class OptimizerState:
+    """The outer optimizer's momentum buffers, kept between windows (empty for SGD)."""
+
+    def __init__(self) -> None: ...
+    @staticmethod
+    def load(path: PathLike) -> OptimizerState:
+        """Reads a state file (``shardrop apply --optimizer-state``'s, or a checkpoint's)."""
+    def save(self, path: PathLike) -> None:
+        """Writes the state file atomically."""
+    @property
+    def run(self) -> Optional[str]: ...
+    @property
+    def after(self) -> Optional[int]:
+        """The last window it accounts for."""
+    @property
+    def names(self) -> list[str]: ...
+
+class Miner:
+    """A miner of a run: publishes one shard per window from tensors in memory."""
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def state_window(self) -> Optional[int]:
+        """The last window the error-feedback state accounts for."""
+    @property
+    def state_dir(self) -> Optional[str]: ...
+    def publish(
+        self, update: Mapping[str, Tensor], window: Optional[int] = None, wait: bool = False
+    ) -> dict[str, Any]:
+        """Encodes, signs and puts ``update`` (name → f32/bf16/f16 CPU tensor, the whole
+        model) for ``window`` (None: the one open now); ``wait`` waits for it to open.
+        Returns what ``shardrop publish --json`` reports."""
+    def save_state(self, dir: Optional[PathLike] = None) -> None: ...
+
+class Run:
+    """A run opened from its signed registry."""
+
+    @staticmethod
+    def open(
+        registry_url: str,
+        operator: Optional[str] = None,
+        *,
+        endpoint: Optional[str] = None,
+        region: Optional[str] = None,
+        access_key_id: Optional[str] = None,
+        secret_access_key: Optional[str] = None,
+        allow_http: Optional[bool] = None,
+    ) -> Run:
+        """Verifies the registry (signed by ``operator`` when given; pinned either way)."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def operator(self) -> str: ...
+    @property
+    def revision(self) -> int: ...
+    @property
+    def window_secs(self) -> int: ...
+    @property
+    def grace_secs(self) -> int: ...
+    @property
+    def genesis_ms(self) -> int: ...
+    @property
+    def tensors(self) -> dict[str, Tuple[list[int], str]]:
+        """Tensor name → (shape, dtype)."""
+    def window_now(self) -> Optional[int]:
+        """The window open now by this machine's clock (None before genesis)."""
+    def setting_at(self, window: int) -> str: ...
+    def lr_at(self, window: int) -> float: ...
+    def refresh(self) -> int:
+        """Reads the registry again; returns its revision."""
+    def miner(
+        self, key_path: PathLike, state: Optional[PathLike] = None, device: str = "cpu"
+    ) -> Miner: ...
+    def wait_aggregate(self, window: int, timeout: Optional[float] = None) -> bool:
+        """True once the window's aggregate is there and verifies; False if not (yet)."""
+    def apply_(
+        self,
+        params: Mapping[str, Tensor],
+        window: int,
+        optimizer_state: Optional[OptimizerState] = None,
+        wait: Optional[float] = None,
+    ) -> None:
+        """Applies one window's aggregate to f32 CPU ``params`` in place."""
+    def catch_up(
+        self,
+        params: Mapping[str, Tensor],
+        from_window: Union[int, str],
+        through: int,
+        optimizer_state: Optional[OptimizerState] = None,
+        wait: Optional[float] = None,
+    ) -> int:
+        """Replays every window after ``from_window`` ("genesis": from 0) through
+        ``through`` in place; returns how many were applied."""
+
+def ckpt_push(
+    registry_url: str,
+    key_path: str,
+    sources: Sequence[str],
+    step: int,
+    window: Optional[int] = None,
+    shard_size: int = ...,
+    concurrency: int = 4,
+    progress_cb: Optional[Callable[[int], Any]] = None,
+    endpoint: Optional[str] = None,
+    allow_http: Optional[bool] = None,
+) -> dict[str, Any]: ...
+def ckpt_pull(
+    what: str,
+    out: str,
+    registry_url: Optional[str] = None,
+    signer: Optional[str] = None,
+    tensors: Sequence[str] = ...,
+    tp: Optional[Tuple[int, int]] = None,
+    concurrency: int = 16,
+    progress_cb: Optional[Callable[[int], Any]] = None,
+    endpoint: Optional[str] = None,
+    allow_http: Optional[bool] = None,
+) -> dict[str, Any]: ...
+def ckpt_ls(
+    registry_url: str, endpoint: Optional[str] = None, allow_http: Optional[bool] = None
+) -> list[dict[str, Any]]: ...
