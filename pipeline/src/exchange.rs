@@ -302,7 +302,7 @@ where
 /// the error-feedback state (36 GB per rank of a 72 B model on 8 GPUs).
 struct ScratchEncoder<'a, 'b> {
     inputs: &'a [OwnedShapeInput<'b>],
-    sent: Vec<codec::EncodedTensor>,
+    pending: Option<codec::Pending>,
 }
 
 impl UpdateEncoder for ScratchEncoder<'_, '_> {
@@ -311,13 +311,16 @@ impl UpdateEncoder for ScratchEncoder<'_, '_> {
         state: &EfState,
         opts: &EncodeOptions,
     ) -> Result<EncodedUpdate, ExchangeError> {
-        let (out, sent) = codec::encode_inputs_scratch(self.inputs, state, opts)?;
-        self.sent = sent;
+        let (out, pending) = codec::encode_inputs_scratch(self.inputs, state, opts)?;
+        self.pending = Some(pending);
         Ok(out)
     }
 
     fn advance(self, state: &mut EfState, opts: &EncodeOptions) -> Result<(), ExchangeError> {
-        Ok(codec::advance_inputs(self.inputs, state, opts, &self.sent)?)
+        let pending = self.pending.ok_or_else(|| {
+            ExchangeError::Internal("the state was advanced before anything was encoded".into())
+        })?;
+        Ok(codec::advance_inputs(self.inputs, state, opts, pending)?)
     }
 }
 
@@ -333,7 +336,7 @@ pub async fn publish_inputs(
     let model = model_of_inputs(inputs);
     let enc = ScratchEncoder {
         inputs,
-        sent: Vec::new(),
+        pending: None,
     };
     publish_model(job, window, &model, state, enc).await
 }

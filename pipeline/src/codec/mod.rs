@@ -51,7 +51,7 @@ pub use format::{
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::{EfState, STATE_FILE, StateLock, lock_dir};
 pub use update::{
-    Dense, EncodeOptions, EncodedUpdate, OwnedShapeInput, UpdateStats, accumulate_section,
+    Dense, EncodeOptions, EncodedUpdate, OwnedShapeInput, Pending, UpdateStats, accumulate_section,
     advance_inputs, dense_from_safetensors, dense_to_safetensors, dense_to_safetensors_with,
     encode_inputs_scratch, encode_inputs_with, encode_update, encode_update_with, inputs_of,
     model_of, model_of_inputs, section_ranges,

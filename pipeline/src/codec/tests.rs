@@ -677,12 +677,19 @@ fn scratch_encoding_gives_the_same_sections_and_state() {
         beta: 0.9,
         section_bytes: 64,
     };
+    // A first window (no buffers yet: adopted), then one with residuals (advanced); the
+    // second adds a tensor the state has no buffer for.
     let mut state = EfState::default();
-    // A state with residuals in it already (one window published before).
-    encode_inputs_with(&inputs, &mut state, &opts, |i, b| {
+    let (got, pending) = encode_inputs_scratch(&inputs[..2], &state, &opts).unwrap();
+    let mut in_place = EfState::default();
+    let want = encode_inputs_with(&inputs[..2], &mut in_place, &opts, |i, b| {
         encode_tensor(i, b, opts.beta, &opts.params)
     })
     .unwrap();
+    assert_eq!(got.sections, want.sections);
+    assert!(state.buffers.is_empty());
+    advance_inputs(&inputs[..2], &mut state, &opts, pending).unwrap();
+    assert_eq!(state, in_place);
     let before = state.clone();
     let mut in_place = state.clone();
     let want = encode_inputs_with(&inputs, &mut in_place, &opts, |i, b| {
@@ -693,6 +700,6 @@ fn scratch_encoding_gives_the_same_sections_and_state() {
     assert_eq!(state, before, "encoding from scratch left the state alone");
     assert_eq!(got.sections, want.sections);
     assert!(got.sections.len() > 1);
-    advance_inputs(&inputs, &mut state, &opts, &sent).unwrap();
+    advance_inputs(&inputs, &mut state, &opts, sent).unwrap();
     assert_eq!(state, in_place);
 }

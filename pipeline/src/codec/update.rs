@@ -212,51 +212,67 @@ fn encode_sections<E: From<CodecError>>(
     Ok(EncodedUpdate { sections, stats })
 }
 
-/// [`encode_inputs_with`] with the CPU codec that leaves `state` as it is: each tensor is
-/// encoded from a scratch copy of its buffer (one tensor's worth of memory, reused), and the
-/// encoded tensors come back so that [`advance_inputs`] can advance the real buffers later
-/// (once the shard is stored). Same bytes as `encode_inputs_with` on the same state.
+/// What [`encode_inputs_scratch`] leaves for [`advance_inputs`]: the encoded form of each
+/// tensor whose buffer exists (to advance it in place), and the new buffers of tensors that
+/// had none (zeros advanced by the encoding: adopted as they are).
+#[derive(Debug, Default)]
+pub struct Pending {
+    sent: BTreeMap<String, EncodedTensor>,
+    fresh: BTreeMap<String, Vec<f32>>,
+}
+
+/// [`encode_inputs_with`] with the CPU codec that leaves `state` as it is: a tensor with a
+/// buffer is encoded from a scratch copy of it (one tensor's worth of memory, reused) and a
+/// tensor without one into a new buffer; [`advance_inputs`] later (once the shard is
+/// stored) advances or adopts them. Same bytes and final state as `encode_inputs_with`.
 pub fn encode_inputs_scratch(
     inputs: &[OwnedShapeInput],
     state: &EfState,
     opts: &EncodeOptions,
-) -> Result<(EncodedUpdate, Vec<EncodedTensor>), CodecError> {
+) -> Result<(EncodedUpdate, Pending), CodecError> {
     let mut scratch: Vec<f32> = Vec::new();
-    let mut sent = Vec::with_capacity(inputs.len());
+    let mut pending = Pending::default();
     let encoded = encode_sections(inputs, opts, |input| {
         let n = input.shape.iter().product::<u64>() as usize;
-        scratch.clear();
         match state.buffers.get(input.name) {
-            Some(b) if b.len() == n => scratch.extend_from_slice(b),
-            Some(b) => {
-                return Err(CodecError::SizeMismatch {
-                    tensor: input.name.into(),
-                    what: "error-feedback buffer".into(),
-                    got: b.len(),
-                    want: n,
-                });
+            Some(b) if b.len() == n => {
+                scratch.clear();
+                scratch.extend_from_slice(b);
+                let t = encode_tensor(input, &mut scratch, opts.beta, &opts.params)?;
+                pending.sent.insert(input.name.to_string(), t.clone());
+                Ok(t)
             }
-            None => scratch.resize(n, 0.0),
+            Some(b) => Err(CodecError::SizeMismatch {
+                tensor: input.name.into(),
+                what: "error-feedback buffer".into(),
+                got: b.len(),
+                want: n,
+            }),
+            None => {
+                let mut buf = vec![0f32; n];
+                let t = encode_tensor(input, &mut buf, opts.beta, &opts.params)?;
+                pending.fresh.insert(input.name.to_string(), buf);
+                Ok(t)
+            }
         }
-        let t = encode_tensor(input, &mut scratch, opts.beta, &opts.params)?;
-        sent.push(t.clone());
-        Ok::<_, CodecError>(t)
-    });
-    Ok((encoded?, sent))
+    })?;
+    Ok((encoded, pending))
 }
 
-/// Advances `state` to what [`encode_inputs_scratch`] left in its scratch copies, given the
-/// same inputs and the tensors it returned.
+/// Advances `state` to what [`encode_inputs_scratch`] computed, given the same inputs.
 pub fn advance_inputs(
     inputs: &[OwnedShapeInput],
     state: &mut EfState,
     opts: &EncodeOptions,
-    sent: &[EncodedTensor],
+    pending: Pending,
 ) -> Result<(), CodecError> {
-    let by_name: BTreeMap<&str, &EncodedTensor> =
-        sent.iter().map(|t| (t.name.as_str(), t)).collect();
+    let Pending { sent, mut fresh } = pending;
     for t in inputs {
-        let enc = by_name
+        if let Some(buf) = fresh.remove(t.name) {
+            state.buffers.insert(t.name.to_string(), buf);
+            continue;
+        }
+        let enc = sent
             .get(t.name)
             .ok_or_else(|| CodecError::Malformed(format!("tensor {:?} was not encoded", t.name)))?;
         let numel: u64 = t.shape.iter().product();

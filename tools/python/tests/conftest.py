@@ -33,13 +33,14 @@ def cli(*args: str, ok: bool = True) -> dict:
     return doc
 
 
-def write_safetensors(path: Path, tensors: dict) -> None:
-    """A safetensors file (the format is 8 bytes of header length, JSON, data)."""
+def write_safetensors(path: Path, tensors: dict, dtype: str | None = None) -> None:
+    """A safetensors file (the format is 8 bytes of header length, JSON, data); `dtype`
+    names the element type of raw 16-bit arrays ("BF16", which numpy has no type for)."""
     header, blobs, off = {}, [], 0
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
         b = a.tobytes()
-        header[name] = {"dtype": NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        header[name] = {"dtype": dtype or NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
         blobs.append(b)
         off += len(b)
     h = json.dumps(header).encode()

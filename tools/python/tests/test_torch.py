@@ -1,0 +1,56 @@
+"""PyTorch tensors through DLPack: bf16 updates, in-place apply on parameters. Runs where
+torch is importable (not in CI, which installs numpy only)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (CI runs numpy only)")
+
+import shardrop  # noqa: E402
+from conftest import SHAPES, cli, read_safetensors, update, write_safetensors  # noqa: E402
+
+
+def test_bf16_torch_update_matches_the_cli_and_apply_writes_torch_memory(folder_run, tmp_path):
+    r = folder_run
+    run = shardrop.Run.open(r.registry)
+    st = tmp_path / "st"
+    miner = run.miner(r.keys["m1"], state=str(st))
+    upd = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in update(8).items()}
+    w = run.window_now() + 1
+    p = miner.publish(upd, window=w, wait=True)
+    # The same bf16 bits through a file and the CLI find the same shard.
+    f = tmp_path / "u.safetensors"
+    write_safetensors(f, {k: v.view(torch.int16).numpy() for k, v in upd.items()}, dtype="BF16")
+    c = cli("publish", "--registry", r.registry, "--key", r.keys["m1"], str(f), "--state",
+            str(tmp_path / "cli-state"), "--window", str(w))
+    assert c["already_published"] is True and c["object"] == p["object"]
+    assert (st / "error-feedback.safetensors").read_bytes() == (
+        tmp_path / "cli-state" / "error-feedback.safetensors"
+    ).read_bytes()
+
+    for x in range(0, w + 1):
+        r.aggregate(x)
+    out = tmp_path / "out.safetensors"
+    cli("apply", "--registry", r.registry, "--from", str(r.model), "--from-window", "genesis",
+        "--through", str(w), "--optimizer-state", str(tmp_path / "o.safetensors"), str(out))
+    want = read_safetensors(out)
+    model = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in r.theta0.items()})
+    params = {k: model[k.replace(".", "_")].data for k in SHAPES}
+    run.catch_up(params, "genesis", w, shardrop.OptimizerState())
+    for k in SHAPES:
+        assert model[k.replace(".", "_")].detach().numpy().tobytes() == want[k].tobytes(), k
+    shutil.rmtree(st)
+
+
+def test_non_contiguous_torch_tensor_is_refused(folder_run):
+    run = shardrop.Run.open(folder_run.registry)
+    miner = run.miner(folder_run.keys["m2"])
+    upd = {k: torch.from_numpy(v) for k, v in update(1).items()}
+    upd["a.weight"] = torch.zeros(32, 64).t()
+    with pytest.raises(shardrop.Error) as e:
+        miner.publish(upd)
+    assert "contiguous" in str(e.value) and e.value.kind == "caller"
