@@ -13,6 +13,7 @@ See tools/python/examples/README.md for the whole setup with the CLI.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 
 import torch
@@ -64,8 +65,9 @@ def main() -> None:
             for n, t in theta.items():
                 t.copy_(start[n])
         run.apply_(theta, w, outer, wait=run.window_secs + run.grace_secs + 30)
-        print(f"window {w}: published {rep['bytes']} B ({rep['ratio']:.0f}x smaller), "
-              f"applied; validation loss {eval_loss(model, data):.3f}", flush=True)
+        digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(theta.items()))).hexdigest()[:16]
+        print(f"window {w}: published {rep['bytes']} B ({rep['ratio']:.0f}x smaller), applied; "
+              f"parameters {digest} (the same on every miner), validation loss {eval_loss(model, data):.3f}", flush=True)
         w += 1
 
 
