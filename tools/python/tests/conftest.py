@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import time
 import uuid
@@ -13,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = os.environ.get("SHARDROP_BIN", str(REPO / "target" / "debug" / "shardrop"))
-
-DTYPES = {"F32": np.float32, "F16": np.float16}
-NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
-
 
 def cli(*args: str, ok: bool = True) -> dict:
     """Runs the shardrop CLI with --json; returns its document (and its exit code as
@@ -33,32 +29,12 @@ def cli(*args: str, ok: bool = True) -> dict:
     return doc
 
 
-def write_safetensors(path: Path, tensors: dict, dtype: str | None = None) -> None:
-    """A safetensors file (the format is 8 bytes of header length, JSON, data); `dtype`
-    names the element type of raw 16-bit arrays ("BF16", which numpy has no type for)."""
-    header, blobs, off = {}, [], 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        b = a.tobytes()
-        header[name] = {"dtype": dtype or NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+def write_safetensors(path: Path, tensors: dict) -> None:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
 
 
 def read_safetensors(path: Path) -> dict:
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = e["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + a : 8 + n + b], dtype=DTYPES[e["dtype"]]).reshape(e["shape"]).copy()
-    return out
+    return load_file(str(path))
 
 
 SHAPES = {"a.weight": (64, 32), "b.bias": (300,), "c.proj": (16, 40)}

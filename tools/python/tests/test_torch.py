@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (CI runs numpy only)")
+from safetensors.torch import save_file as save_torch  # noqa: E402
 
 import shardrop  # noqa: E402
-from conftest import SHAPES, cli, read_safetensors, update, write_safetensors  # noqa: E402
+from conftest import SHAPES, cli, read_safetensors, update  # noqa: E402
 
 
 def test_bf16_torch_update_matches_the_cli_and_apply_writes_torch_memory(folder_run, tmp_path):
@@ -24,7 +25,7 @@ def test_bf16_torch_update_matches_the_cli_and_apply_writes_torch_memory(folder_
     p = miner.publish(upd, window=w, wait=True)
     # The same bf16 bits through a file and the CLI find the same shard.
     f = tmp_path / "u.safetensors"
-    write_safetensors(f, {k: v.view(torch.int16).numpy() for k, v in upd.items()}, dtype="BF16")
+    save_torch(upd, str(f))
     c = cli("publish", "--registry", r.registry, "--key", r.keys["m1"], str(f), "--state",
             str(tmp_path / "cli-state"), "--window", str(w))
     assert c["already_published"] is True and c["object"] == p["object"]
