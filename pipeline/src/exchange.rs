@@ -341,8 +341,9 @@ pub async fn publish_inputs(
     publish_model(job, window, &model, state, enc).await
 }
 
-/// The publish protocol for an update whose tensors `model` describes and that `encode`
-/// encodes (advancing the state it is given): whatever holds the update.
+/// The publish protocol for an update whose tensors `model` describes and that `encoder`
+/// encodes: whatever holds the update, and whichever way its state is kept until the shard
+/// is stored.
 pub async fn publish_model(
     job: Job<'_>,
     window: Option<u64>,

@@ -22,11 +22,6 @@ pub struct Held {
     len: usize,
 }
 
-// SAFETY: `Held` only hands out the address of memory that `_owner` keeps alive; the DLPack
-// managed tensor may be released from any thread (its deleter is the producer's, and every
-// producer named in the DLPack standard allows it).
-unsafe impl Send for Held {}
-
 impl Held {
     /// The tensor as a codec input, borrowing its memory.
     pub fn input(&self) -> OwnedShapeInput<'_> {
