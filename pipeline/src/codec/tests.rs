@@ -19,6 +19,21 @@ fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// `v` rounded to `dtype`, little-endian, as a safetensors file holds it.
+fn bytes_as(v: &[f32], dtype: InDtype) -> Vec<u8> {
+    match dtype {
+        InDtype::F32 => bytes(v),
+        InDtype::Bf16 => v
+            .iter()
+            .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
+            .collect(),
+        InDtype::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
 fn params(values: ValueFormat, indices: IndexEncoding, scales: ScaleMode) -> CodecParams {
     CodecParams {
         chunk: 256,
@@ -561,14 +576,8 @@ fn dense_files_round_trip_and_half_precision_widens_exactly() {
     d.insert("a".into(), (vec![2, 2], vec![1.5, -0.25, 3.0, 0.0]));
     let bytes = dense_to_safetensors(&d).unwrap();
     assert_eq!(dense_from_safetensors(&bytes).unwrap(), d);
-    let b: Vec<u8> = [1.0f32, -2.5]
-        .iter()
-        .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
-        .collect();
-    let h: Vec<u8> = [0.5f32, 65504.0]
-        .iter()
-        .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
-        .collect();
+    let b = bytes_as(&[1.0, -2.5], InDtype::Bf16);
+    let h = bytes_as(&[0.5, 65504.0], InDtype::F16);
     let st = safetensors::serialize(
         vec![
             ("b", TensorView::new(Dtype::BF16, vec![2], &b).unwrap()),
@@ -628,17 +637,7 @@ fn advancing_a_state_from_the_encoding_equals_encoding_in_place() {
     for p in all_params() {
         for dtype in [InDtype::F32, InDtype::Bf16, InDtype::F16] {
             let u = noise(n, 7);
-            let data: Vec<u8> = match dtype {
-                InDtype::F32 => bytes(&u),
-                InDtype::Bf16 => u
-                    .iter()
-                    .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
-                    .collect(),
-                InDtype::F16 => u
-                    .iter()
-                    .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
-                    .collect(),
-            };
+            let data = bytes_as(&u, dtype);
             let shape = [n as u64];
             let input = TensorInput {
                 name: "t",

@@ -470,16 +470,19 @@ impl OptimizerState {
         let bytes = py
             .detach(|| std::fs::read(&path))
             .map_err(|e| io(&path, e))?;
-        let dense = shardrop::codec::dense_from_safetensors(&bytes).map_err(to_py)?;
         let (state, run, after) = shardrop::outer::state_from_safetensors(&bytes).map_err(to_py)?;
-        let shapes = dense
+        // The shapes, from the header alone (the file was just checked whole).
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| io(&path, format!("safetensors header: {e}")))?;
+        let shapes = header
+            .tensors()
             .into_iter()
-            .map(|(k, (s, _))| {
+            .map(|(k, info)| {
                 let k = k
                     .strip_prefix(shardrop::outer::MOMENTUM_PREFIX)
                     .map(str::to_string)
                     .unwrap_or(k);
-                (k, s)
+                (k, info.shape.iter().map(|&d| d as u64).collect())
             })
             .collect();
         Ok(OptimizerState {
