@@ -341,6 +341,87 @@ pub async fn publish_inputs(
     publish_model(job, window, &model, state, enc).await
 }
 
+/// An update its ranks already encoded (`codec::encode_part`, each rank advancing its own
+/// slice buffers as it encoded): the publishing rank holds no error-feedback state for it.
+struct AssembledEncoder {
+    update: Option<EncodedUpdate>,
+}
+
+impl UpdateEncoder for AssembledEncoder {
+    fn encode(&mut self, _: &EfState, _: &EncodeOptions) -> Result<EncodedUpdate, ExchangeError> {
+        self.update
+            .take()
+            .ok_or_else(|| ExchangeError::Internal("the parts were already published once".into()))
+    }
+
+    fn advance(self, _: &mut EfState, _: &EncodeOptions) -> Result<(), ExchangeError> {
+        Ok(())
+    }
+}
+
+/// One rank of a sharded miner encodes its dimension-0 slices of window `w`'s update with
+/// the run's codec (`codec::encode_part`), advancing its own slice buffers in place. A
+/// state that already accounts for `w` or a later window is refused (`state_ahead`):
+/// encoding the same update twice would count it twice. Keep the part's bytes until the
+/// shard is stored: they are what a retry publishes.
+pub fn encode_rank_part(
+    reg: &Registry,
+    w: u64,
+    slices: &[codec::SliceInput],
+    state: &mut EfState,
+) -> Result<codec::EncodedPart, ExchangeError> {
+    if let Some(done) = state.window.filter(|&d| d >= w) {
+        return Err(ExchangeError::Refused {
+            reason: "state_ahead",
+            detail: format!(
+                "this rank's error-feedback state already accounts for window {done}; window {w}'s part was encoded before (publish the part kept from then)"
+            ),
+        });
+    }
+    let opts = EncodeOptions {
+        params: reg.codec,
+        beta: reg.setting_at(w).beta,
+        section_bytes: 16 << 20,
+    };
+    Ok(codec::encode_part(slices, &reg.model, state, &opts, w)?)
+}
+
+/// Publishes the shard a sharded miner's ranks encoded as `parts` (one per rank that holds
+/// any slice; `codec::assemble_parts` checks they cover the run's model exactly once): the
+/// same bytes, checks and report as [`publish`] of the whole update. `window` defaults to
+/// the parts' own. A retry with the same parts finds its shard stored and reports it
+/// (`already_published`); the ranks' buffers advanced when they encoded, so nothing here
+/// changes any state.
+pub async fn publish_parts(
+    job: Job<'_>,
+    window: Option<u64>,
+    parts: &[codec::EncodedPart],
+) -> Result<Published, ExchangeError> {
+    let reg = job.reg;
+    let w = window
+        .or_else(|| parts.first().map(|p| p.window))
+        .ok_or_else(|| {
+            ExchangeError::Codec(codec::CodecError::Parts("no parts to publish".into()))
+        })?;
+    if let Some(p) = parts.iter().find(|p| p.window != w) {
+        return Err(ExchangeError::Codec(codec::CodecError::Parts(format!(
+            "a part was encoded for window {}, the shard is for window {w}",
+            p.window
+        ))));
+    }
+    let opts = EncodeOptions {
+        params: reg.codec,
+        beta: reg.setting_at(w).beta,
+        section_bytes: 16 << 20,
+    };
+    let update = codec::assemble_parts(parts, &reg.model, &opts)?;
+    let mut none = EfState::default();
+    let enc = AssembledEncoder {
+        update: Some(update),
+    };
+    publish_model(job, Some(w), &reg.model, &mut none, enc).await
+}
+
 /// The publish protocol for an update whose tensors `model` describes and that `encoder`
 /// encodes: whatever holds the update, and whichever way its state is kept until the shard
 /// is stored.

@@ -39,6 +39,7 @@ mod cpu;
 mod format;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+mod part;
 mod quant;
 mod state;
 mod update;
@@ -48,6 +49,7 @@ pub use format::{
     SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,
     write_section,
 };
+pub use part::{EncodedPart, PartTensor, SliceInput, assemble_parts, encode_part};
 pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::{EfState, STATE_FILE, StateLock, lock_dir};
 pub use update::{
@@ -457,14 +459,19 @@ pub enum CodecError {
     },
     #[error("malformed section: {0}")]
     Malformed(String),
+    #[error("tensor {tensor:?}: {detail}")]
+    SliceMisaligned { tensor: String, detail: String },
+    #[error("parts of a sharded update: {0}")]
+    Parts(String),
 }
 
 impl crate::error::Classified for CodecError {
     fn class(&self) -> crate::error::ErrorClass {
         match self {
-            CodecError::Params(_) | CodecError::KOverChunk { .. } => {
-                crate::error::ErrorClass::Caller
-            }
+            CodecError::Params(_)
+            | CodecError::KOverChunk { .. }
+            | CodecError::SliceMisaligned { .. }
+            | CodecError::Parts(_) => crate::error::ErrorClass::Caller,
             _ => crate::error::ErrorClass::Rejected,
         }
     }
@@ -489,6 +496,8 @@ impl CodecError {
             CodecError::OverLimit(_) => "over_limit",
             CodecError::SizeMismatch { .. } => "size_mismatch",
             CodecError::Malformed(_) => "section_malformed",
+            CodecError::SliceMisaligned { .. } => "slice_misaligned",
+            CodecError::Parts(_) => "parts_mismatch",
         }
     }
 }

@@ -184,23 +184,36 @@ fn encode_sections<E: From<CodecError>>(
     if let Some(w) = order.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(CodecError::Malformed(format!("tensor {:?} is given twice", w[0].name)).into());
     }
+    pack_sections(
+        order
+            .iter()
+            .map(|t| Ok((encode(&t.input())?, t.data.len() as u64))),
+        opts.section_bytes,
+    )
+}
+
+/// Packs encoded tensors, given in model order with the dense bytes each came from, into
+/// sections: the one packing rule of every encoder (`gradient.md` §8, "Sections").
+pub(crate) fn pack_sections<E: From<CodecError>>(
+    tensors: impl ExactSizeIterator<Item = Result<(EncodedTensor, u64), E>>,
+    section_bytes: usize,
+) -> Result<EncodedUpdate, E> {
     let mut stats = UpdateStats::default();
     let mut sections = Vec::new();
     let mut pending: Vec<EncodedTensor> = Vec::new();
     let mut pending_bytes = 0usize;
     let mut first = 0usize;
-    let n = order.len();
-    for (i, t) in order.iter().enumerate() {
-        let numel: u64 = t.shape.iter().product();
-        let enc = encode(&t.input())?;
+    let n = tensors.len();
+    for (i, t) in tensors.enumerate() {
+        let (enc, dense) = t?;
         stats.tensors += 1;
-        stats.elements += numel;
-        stats.dense_bytes += t.data.len() as u64;
+        stats.elements += enc.numel();
+        stats.dense_bytes += dense;
         stats.kept += enc.kept();
         stats.payload_bytes += enc.payload_bytes();
         pending_bytes += enc.payload_bytes() as usize;
         pending.push(enc);
-        if pending_bytes >= opts.section_bytes || i + 1 == n {
+        if pending_bytes >= section_bytes || i + 1 == n {
             let payload = write_section(&pending)?;
             stats.bytes += payload.len() as u64;
             sections.push((section_name(first, i), payload));

@@ -3,7 +3,8 @@
 A thin Python face over the shardrop Rust library (the same code as the ``shardrop`` CLI):
 
 - ``Run.open(url)`` verifies a run's registry;
-- ``run.miner(key)`` publishes one shard per window from tensors in memory;
+- ``run.miner(key)`` publishes one shard per window from tensors in memory (a model
+  sharded over ranks: ``encode_part`` on every rank, ``publish_parts`` on one);
 - ``run.apply_(params, window)`` and ``run.catch_up(...)`` update parameters in place;
 - ``shardrop.ckpt`` pushes and pulls checkpoints.
 
@@ -25,6 +26,17 @@ from ._shardrop import (
 )
 from . import ckpt
 
+
+def dim0_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of a tensor with ``rows`` rows that rank ``rank`` of
+    ``world`` holds when parameters are split on dimension 0 as FSDP2 / DTensor ``Shard(0)``
+    split them (``torch.chunk``: ``ceil(rows / world)`` rows per rank, the last ranks with
+    fewer or none). ``start`` is what ``Miner.encode_part`` takes in ``rows``."""
+    if world < 1 or not 0 <= rank < world or rows < 0:
+        raise ValueError(f"dim0_rows({rows}, {rank}, {world}): need rows >= 0 and 0 <= rank < world")
+    per = -(-rows // world)
+    return min(rank * per, rows), min((rank + 1) * per, rows)
+
 __all__ = [
     "Error",
     "Miner",
@@ -33,5 +45,6 @@ __all__ = [
     "Rejected",
     "Run",
     "ckpt",
+    "dim0_rows",
     "__version__",
 ]

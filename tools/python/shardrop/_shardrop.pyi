@@ -48,7 +48,8 @@ class Miner:
     """A miner of a run: publishes one shard per window from tensors in memory."""
 
     @property
-    def peer(self) -> str: ...
+    def peer(self) -> Optional[str]:
+        """The miner's peer id (None for a rank opened without a key)."""
     @property
     def state_window(self) -> Optional[int]:
         """The last window the error-feedback state accounts for."""
@@ -60,6 +61,21 @@ class Miner:
         """Encodes, signs and puts ``update`` (name → f32/bf16/f16 CPU tensor, the whole
         model) for ``window`` (None: the one open now); ``wait`` waits for it to open.
         Returns what ``shardrop publish --json`` reports."""
+    def encode_part(
+        self, update: Mapping[str, Tensor], window: int, rows: Optional[Mapping[str, int]] = None
+    ) -> bytes:
+        """One rank of a sharded miner: encodes this rank's dimension-0 slices (``rows[name]``
+        is each slice's first row in the whole tensor, see ``dim0_rows``; a tensor not in
+        ``rows`` is whole) and returns the part to hand to the publishing rank. Slices must
+        start (and end, unless at the tensor's end) on a multiple of the run's chunk, else
+        ``Error`` with reason ``slice_misaligned``. Advances this rank's error-feedback
+        buffers; the same window again returns the same part."""
+    def publish_parts(
+        self, parts: Sequence[bytes], window: Optional[int] = None, wait: bool = False
+    ) -> dict[str, Any]:
+        """The publishing rank: joins every rank's part (any order; reason
+        ``parts_mismatch`` when they do not cover the model exactly once), signs and puts
+        the one shard, byte-identical to ``publish`` of the whole update. Needs the key."""
     def save_state(self, dir: Optional[PathLike] = None) -> None: ...
 
 class Run:
@@ -101,8 +117,13 @@ class Run:
     def refresh(self) -> int:
         """Reads the registry again; returns its revision."""
     def miner(
-        self, key_path: PathLike, state: Optional[PathLike] = None, device: str = "cpu"
-    ) -> Miner: ...
+        self,
+        key_path: Optional[PathLike] = None,
+        state: Optional[PathLike] = None,
+        device: str = "cpu",
+    ) -> Miner:
+        """A miner signing with ``key_path`` (a sharded miner's encoding-only ranks need no
+        key); ``state`` persists its error-feedback buffers."""
     def wait_aggregate(self, window: int, timeout: Optional[float] = None) -> bool:
         """True once the window's aggregate is there and verifies; False if not (yet)."""
     def apply_(

@@ -6,10 +6,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict};
 use shardrop::aggregate::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
-use shardrop::codec::{EfState, OwnedShapeInput, StateLock, lock_dir};
-use shardrop::exchange::{ExchangeError, publish_inputs, wait_for_window};
+use shardrop::codec::{
+    CodecLimits, EfState, EncodedPart, OwnedShapeInput, SliceInput, StateLock, lock_dir,
+};
+use shardrop::exchange::{
+    ExchangeError, encode_rank_part, publish_inputs, publish_parts, wait_for_window,
+};
 use shardrop::identity::{Identity, PeerId};
 use shardrop::registry::{Job, Registry};
 use shardrop::store::S3Options;
@@ -241,22 +246,31 @@ impl Run {
     /// A miner of this run signing with the key at `key_path`. `state` is a folder where the
     /// error-feedback buffers persist (loaded now, locked against a second publisher, saved
     /// after every publish); without it they live in memory only. `device` is "cpu": CUDA
-    /// tensors are refused (see the README).
-    #[pyo3(signature = (key_path, state=None, device="cpu"))]
-    fn miner(&self, key_path: PathBuf, state: Option<PathBuf>, device: &str) -> PyResult<Miner> {
+    /// tensors are refused (see the README). A rank of a sharded miner that only encodes its
+    /// slices (`encode_part`) needs no key: only the rank that publishes signs.
+    #[pyo3(signature = (key_path=None, state=None, device="cpu"))]
+    fn miner(
+        &self,
+        key_path: Option<PathBuf>,
+        state: Option<PathBuf>,
+        device: &str,
+    ) -> PyResult<Miner> {
         if device != "cpu" {
             return Err(caller(format!(
                 "device {device:?}: this package encodes on the CPU only for now (the GPU codec does not yet take device memory from Python); use device=\"cpu\" with CPU tensors"
             )));
         }
-        let id = Identity::load(&key_path).map_err(|e| io(&key_path, e))?;
-        let (lock, ef) = match &state {
+        let id = key_path
+            .map(|k| Identity::load(&k).map_err(|e| io(&k, e)))
+            .transpose()?;
+        let (lock, ef, part) = match &state {
             Some(dir) => {
                 let lock = lock_dir(dir).map_err(|e| io(dir, e))?;
                 let ef = EfState::load(dir).map_err(|e| io(dir, e))?;
-                (Some(lock), ef)
+                let part = load_kept_part(dir, ef.window)?;
+                (Some(lock), ef, part)
             }
-            None => (None, EfState::default()),
+            None => (None, EfState::default(), None),
         };
         Ok(Miner {
             url: self.url.clone(),
@@ -265,6 +279,7 @@ impl Run {
             id,
             state: ef,
             dir: state,
+            kept_part: part,
             _lock: lock,
         })
     }
@@ -356,18 +371,59 @@ pub struct Miner {
     url: String,
     s3: S3Options,
     operator: PeerId,
-    id: Identity,
+    id: Option<Identity>,
     state: EfState,
     dir: Option<PathBuf>,
+    /// The last part this rank encoded, with its window: what a retry of that window
+    /// returns (the state has already moved past it).
+    kept_part: Option<(u64, Vec<u8>)>,
     _lock: Option<StateLock>,
+}
+
+/// File in a rank's state folder holding its last part, written before the state that
+/// accounts for it, so a rank killed in between re-encodes, and one killed after finds it.
+const PART_FILE: &str = "last-part.bin";
+
+/// The part kept in `dir`, if it is the one the state (last window `window`) accounts for.
+fn load_kept_part(dir: &std::path::Path, window: Option<u64>) -> PyResult<Option<(u64, Vec<u8>)>> {
+    let path = dir.join(PART_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path, e)),
+    };
+    let part =
+        EncodedPart::from_bytes(&bytes, &CodecLimits::default()).map_err(|e| io(&path, e))?;
+    Ok((Some(part.window) == window).then_some((part.window, bytes)))
+}
+
+/// The miner's key, which publishing needs.
+fn key(id: &Option<Identity>) -> PyResult<&Identity> {
+    id.as_ref().ok_or_else(|| {
+        caller("this miner was opened without a key: only the rank that publishes needs one (run.miner(key_path, ...))")
+    })
+}
+
+/// What a publish reports, as Python objects (`shardrop publish --json`'s document).
+fn report<'py>(
+    py: Python<'py>,
+    p: &shardrop::exchange::Published,
+    started: std::time::Instant,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut json =
+        serde_json::to_value(p).map_err(|e| caller(format!("cannot report the publish: {e}")))?;
+    json["seconds"] = started.elapsed().as_secs_f64().into();
+    json["device"] = "cpu".into();
+    py.import("json")?
+        .call_method1("loads", (json.to_string(),))
 }
 
 #[pymethods]
 impl Miner {
-    /// The miner's peer id.
+    /// The miner's peer id (None for a rank opened without a key).
     #[getter]
-    fn peer(&self) -> String {
-        self.id.peer_id().to_string()
+    fn peer(&self) -> Option<String> {
+        self.id.as_ref().map(|id| id.peer_id().to_string())
     }
 
     /// The last window the error-feedback state accounts for (None before the first).
@@ -401,7 +457,7 @@ impl Miner {
         let held = import_all(update, Access::Read)?;
         let inputs: Vec<OwnedShapeInput> = held.iter().map(|h| h.input()).collect();
         let started = std::time::Instant::now();
-        let (id, s3, state) = (&self.id, &self.s3, &mut self.state);
+        let (id, s3, state) = (key(&self.id)?, &self.s3, &mut self.state);
         let before = state.window;
         let res = block(py, async {
             let w = match wait {
@@ -415,12 +471,113 @@ impl Miner {
             let (dir, st) = (dir.clone(), &self.state);
             py.detach(|| st.save(&dir)).map_err(|e| io(&dir, e))?;
         }
-        let mut json = serde_json::to_value(&p)
-            .map_err(|e| caller(format!("cannot report the publish: {e}")))?;
-        json["seconds"] = started.elapsed().as_secs_f64().into();
-        json["device"] = "cpu".into();
-        py.import("json")?
-            .call_method1("loads", (json.to_string(),))
+        report(py, &p, started)
+    }
+
+    /// One rank of a sharded miner (parameters split by dimension-0 slices over ranks,
+    /// FSDP2 style): encodes this rank's slices of window `window`'s update with the run's
+    /// codec and returns the part (bytes) to hand to the publishing rank, which passes every
+    /// rank's part to `publish_parts`. `update` maps names to this rank's slices (CPU
+    /// tensors, f32, bf16 or f16); `rows[name]` is the first row of that slice in the whole
+    /// tensor (`shardrop.dim0_rows` gives FSDP2's split); a tensor not in `rows` is given
+    /// whole. Slices must start on a multiple of the run's chunk (and end on one, or at the
+    /// tensor's end): others are refused (`slice_misaligned`) with the rows that would work.
+    /// The rank's error-feedback buffers (its slices') advance now; the part is kept (and
+    /// saved in the state folder), and asking again for the same window returns it.
+    #[pyo3(signature = (update, window, rows=None))]
+    fn encode_part<'py>(
+        &mut self,
+        py: Python<'py>,
+        update: &Bound<'py, PyAny>,
+        window: u64,
+        rows: Option<BTreeMap<String, u64>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        if let Some((w, bytes)) = &self.kept_part
+            && *w == window
+            && self.state.window == Some(window)
+        {
+            tracing::info!(
+                window,
+                "this window's part was encoded before: returning it"
+            );
+            return Ok(PyBytes::new(py, bytes));
+        }
+        let (reg, _) =
+            block(py, Registry::load(&self.url, &self.s3, Some(self.operator)))?.map_err(to_py)?;
+        let held = import_all(update, Access::Read)?;
+        let rows = rows.unwrap_or_default();
+        if let Some(name) = rows.keys().find(|n| !held.iter().any(|h| &h.name == *n)) {
+            return Err(caller(format!(
+                "rows names tensor {name:?}, which the update does not hold"
+            )));
+        }
+        let slices: Vec<SliceInput> = held
+            .iter()
+            .map(|h| SliceInput {
+                input: h.input(),
+                row0: rows.get(&h.name).copied().unwrap_or(0),
+            })
+            .collect();
+        let state = &mut self.state;
+        let bytes = py
+            .detach(|| {
+                encode_rank_part(&reg, window, &slices, state)
+                    .and_then(|p| p.to_bytes().map_err(ExchangeError::from))
+            })
+            .map_err(to_py)?;
+        if let Some(dir) = &self.dir {
+            let (st, path) = (&self.state, dir.join(PART_FILE));
+            py.detach(|| shardrop::files::write_replace_beside(&path, &bytes))
+                .map_err(|e| io(&path, e))?;
+            py.detach(|| st.save(dir)).map_err(|e| io(dir, e))?;
+        }
+        let out = PyBytes::new(py, &bytes);
+        self.kept_part = Some((window, bytes));
+        Ok(out)
+    }
+
+    /// The publishing rank of a sharded miner: checks that `parts` (every rank's
+    /// `encode_part` bytes, in any order) cover the run's model exactly once, joins them
+    /// and signs and puts the one shard, byte-identical to what `publish` of the whole
+    /// update would have stored. `window` defaults to the parts' own; `wait=True` first
+    /// waits for it to open. Calling it again with the same parts after a failure is safe.
+    /// Returns what `publish` returns.
+    #[pyo3(signature = (parts, window=None, wait=false))]
+    fn publish_parts<'py>(
+        &mut self,
+        py: Python<'py>,
+        parts: Vec<PyBackedBytes>,
+        window: Option<u64>,
+        wait: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let id = key(&self.id)?;
+        let (reg, _) =
+            block(py, Registry::load(&self.url, &self.s3, Some(self.operator)))?.map_err(to_py)?;
+        let started = std::time::Instant::now();
+        let decoded = py
+            .detach(|| {
+                parts
+                    .iter()
+                    .map(|b| EncodedPart::from_bytes(b, &CodecLimits::default()))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(to_py)?;
+        let s3 = &self.s3;
+        let p = block(py, async {
+            let w = match wait {
+                true => Some(
+                    wait_for_window(
+                        Job::new(&reg, id, s3),
+                        window.or(decoded.first().map(|p| p.window)),
+                    )
+                    .await?,
+                ),
+                false => window,
+            };
+            publish_parts(Job::new(&reg, id, s3), w, &decoded).await
+        })?
+        .map_err(to_py)?;
+        report(py, &p, started)
     }
 
     /// Writes the error-feedback state to the state folder now (publish does after every
@@ -438,7 +595,11 @@ impl Miner {
     fn __repr__(&self) -> String {
         format!(
             "Miner(peer={}, state_window={:?})",
-            self.id.peer_id(),
+            self.id
+                .as_ref()
+                .map_or("(none: encodes parts only)".to_string(), |id| id
+                    .peer_id()
+                    .to_string()),
             self.state.window
         )
     }

@@ -49,14 +49,14 @@ class CliRun:
     """A run made with `shardrop run init`: an operator, an aggregator, two miners and a
     validator, each with its own area under `base`."""
 
-    def __init__(self, tmp: Path, base: str, optimizer: str, window_secs: int):
+    def __init__(self, tmp: Path, base: str, optimizer: str, window_secs: int, shapes: dict = SHAPES):
         self.tmp, self.base = tmp, base
         self.keys, self.peers = {}, {}
         for who in ("op", "agg", "m1", "m2", "val", "stranger"):
             self.keys[who] = str(tmp / f"{who}.key")
             self.peers[who] = cli("keygen", "--out", self.keys[who])["peer_id"]
         self.model = tmp / "model.safetensors"
-        self.theta0 = {k: np.zeros(s, np.float32) + 0.5 for k, s in SHAPES.items()}
+        self.theta0 = {k: np.zeros(s, np.float32) + 0.5 for k, s in shapes.items()}
         write_safetensors(self.model, self.theta0)
         opt = ["--outer-optimizer", optimizer, "--outer-lr", "0.7"]
         if optimizer != "sgd":
