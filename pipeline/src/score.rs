@@ -254,7 +254,122 @@ pub async fn validate_window(
     mut evaluator: Option<&mut dyn Evaluator>,
     opts: &ValidateOptions,
 ) -> Result<Validated, ExchangeError> {
-    let Job { reg, id, s3 } = job;
+    let judged = judge_window(job, w, opts).await?;
+    // Usefulness on the evaluator's model.
+    let losses = match evaluator.as_deref_mut() {
+        Some(ev) => measure(ev, job.reg, job.s3, &judged).await,
+        None => vec![Err(EvalError::Failed(String::new())); judged.shards.len()],
+    };
+    let evaluated = evaluator.map(|e| e.name());
+    publish_judged(job, &judged, losses, evaluated, opts).await
+}
+
+/// A closed window checked and judged as a validator judges it (verdicts, copies,
+/// agreement), waiting for usefulness: what a validator measuring in its own process
+/// (the Python package) iterates over before it publishes with [`publish_judged`].
+pub struct JudgedWindow {
+    w: u64,
+    target: Target,
+    shards: Vec<MinerShard>,
+    verdicts: Verdicts,
+    copies: Vec<CopyInfo>,
+    eligible: Vec<bool>,
+    agree: Vec<Option<f64>>,
+    deadline: tokio::time::Instant,
+    phases: Laps,
+}
+
+/// One registered miner of a judged window.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct JudgedMiner<'a> {
+    /// Its peer id.
+    pub peer: &'a str,
+    /// The ledger's verdict.
+    pub verdict: Verdict,
+    /// The stable reason code (`""` when accepted as is).
+    pub reason: &'a str,
+    /// A human detail naming the object.
+    pub detail: &'a str,
+    /// Judged a copy (of `nearest`): accepted, but scored 0 and given no weight.
+    pub copier: bool,
+    /// Accepted and not a copier: the miners whose usefulness counts.
+    pub eligible: bool,
+}
+
+impl JudgedWindow {
+    /// The window.
+    pub fn window(&self) -> u64 {
+        self.w
+    }
+
+    /// Registered miners, in peer-id order.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether the run has no miners.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// Miner `j` (peer-id order).
+    pub fn miner(&self, j: usize) -> Option<JudgedMiner<'_>> {
+        let (s, row) = (self.shards.get(j)?, self.verdicts.rows.get(j)?);
+        Some(JudgedMiner {
+            peer: &s.peer,
+            verdict: row.verdict,
+            reason: &row.reason,
+            detail: &row.detail,
+            copier: self.copies[j].copier,
+            eligible: self.eligible[j],
+        })
+    }
+
+    /// The step one eligible miner's update contributes to the aggregate (`outer_lr / n`
+    /// for n eligible miners): where an evaluator measures `loss_after`.
+    pub fn scale(&self, reg: &Registry) -> f32 {
+        let n = self.eligible.iter().filter(|e| **e).count().max(1);
+        reg.setting_at(self.w).lr_at(self.w) / n as f32
+    }
+
+    /// Miner `j`'s decoded update, read again from its signed, hash-checked shard (one
+    /// model-sized dense update at a time: the caller holds no more than that). A shard
+    /// that changed since it was checked, or was not accepted, is an evaluator error.
+    pub async fn decoded(&self, reg: &Registry, j: usize) -> Result<Dense, EvalError> {
+        let s = self
+            .shards
+            .get(j)
+            .filter(|_| self.verdicts.rows[j].verdict == Verdict::Accepted)
+            .ok_or_else(|| {
+                EvalError::Failed(format!("miner {j} of window {} was not accepted", self.w))
+            })?;
+        let all = 0..reg.model.tensors.len();
+        match tokio::time::timeout_at(self.deadline, check_range(reg, s, all)).await {
+            Err(_) => Err(EvalError::Failed(format!(
+                "{}: not read again within the window's budget",
+                s.object
+            ))),
+            Ok((check, tensors)) => match (check.fault, dense_of(&tensors)) {
+                (Some((_, f)), _) => Err(EvalError::Failed(format!(
+                    "{}: changed since it was checked ({}: {})",
+                    s.object, f.reason, f.detail
+                ))),
+                (None, Ok(d)) => Ok(d),
+                (None, Err(e)) => Err(EvalError::Failed(e.to_string())),
+            },
+        }
+    }
+}
+
+/// Waits for window `w` to close, then runs the aggregator's checks on every miner and
+/// judges copies and agreement among the accepted: everything of a validation but
+/// usefulness and publishing.
+pub async fn judge_window(
+    job: Job<'_>,
+    w: u64,
+    opts: &ValidateOptions,
+) -> Result<JudgedWindow, ExchangeError> {
+    let Job { reg, s3, .. } = job;
     let mut phases = Laps::default();
     let crate::verdict::OpenWindow {
         target,
@@ -301,32 +416,83 @@ pub async fn validate_window(
         .map(|j| accepted[j] && !copies[j].copier)
         .collect();
     let agree = gram.agreement(&accepted, &eligible);
-    // Usefulness on the evaluator's model.
-    let losses = match evaluator.as_deref_mut() {
-        Some(ev) => measure(ev, reg, s3, w, &shards, &eligible, deadline).await,
-        None => vec![Err(EvalError::Failed(String::new())); shards.len()],
-    };
-    phases.lap("evaluate");
+    Ok(JudgedWindow {
+        w,
+        target,
+        shards,
+        verdicts,
+        copies,
+        eligible,
+        agree,
+        deadline,
+        phases,
+    })
+}
+
+/// What a validator measured of one eligible miner: the losses before and after its update,
+/// or (a validator measuring some other way) the usefulness alone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Usefulness {
+    /// Loss before and after; usefulness is their difference.
+    Losses(crate::evaluate::Losses),
+    /// The usefulness itself (the table's loss columns stay null).
+    Gain(f64),
+}
+
+impl Usefulness {
+    fn gain(&self) -> f64 {
+        match self {
+            Usefulness::Losses(l) => l.loss_before - l.loss_after,
+            Usefulness::Gain(g) => *g,
+        }
+    }
+}
+
+/// Scores a judged window with what was measured of each miner (`measured[j]` for miner
+/// `j` in peer-id order: only eligible miners' entries count; an `Err` is recorded as the
+/// row's `eval_error`) and publishes the table and the signed weights. `evaluator` names
+/// what measured (recorded in the weights); `None`: nothing did, the score is agreement.
+pub async fn publish_judged(
+    job: Job<'_>,
+    judged: &JudgedWindow,
+    measured: Vec<Result<Usefulness, EvalError>>,
+    evaluator: Option<String>,
+    opts: &ValidateOptions,
+) -> Result<Validated, ExchangeError> {
+    let Job { reg, id, .. } = job;
+    let w = judged.w;
+    if measured.len() != judged.shards.len() {
+        return Err(ExchangeError::Internal(format!(
+            "{} measurements for {} miners",
+            measured.len(),
+            judged.shards.len()
+        )));
+    }
     // Scores, ratings and weights.
-    let prev = previous_ratings(reg, &target, w, opts.rating_lookback).await?;
-    let judged = Judged {
-        shards: &shards,
-        verdicts: &verdicts,
-        copies: &copies,
-        eligible: &eligible,
-        agree: &agree,
-        losses: &losses,
+    let prev = previous_ratings(reg, &judged.target, w, opts.rating_lookback).await?;
+    let j = Judged {
+        shards: &judged.shards,
+        verdicts: &judged.verdicts,
+        copies: &judged.copies,
+        eligible: &judged.eligible,
+        agree: &judged.agree,
+        losses: &measured,
         evaluated: evaluator.is_some(),
     };
-    let rows = score_rows(reg, w, &judged, &prev, opts.alpha);
-    let name = evaluator.map_or("none (score = agreement)".to_string(), |e| e.name());
-    let mut done = publish_scores(reg, id, &target, w, name, rows).await?;
+    let rows = score_rows(reg, w, &j, &prev, opts.alpha);
+    let name = evaluator.unwrap_or_else(|| "none (score = agreement)".to_string());
+    // Measuring happened between judging and now (on the caller's side for the Python
+    // package, which may publish a judged window more than once).
+    let mut phases = judged.phases.clone();
+    phases.lap("evaluate");
+    let mut done = publish_scores(reg, id, &judged.target, w, name, rows).await?;
     phases.lap("publish");
     done.phases = phases.0;
     Ok(done)
 }
 
 /// Seconds per phase of a validation, and when the last one ended.
+#[derive(Clone)]
 struct Laps(BTreeMap<String, f64>, std::time::Instant);
 
 impl Default for Laps {
@@ -406,35 +572,25 @@ async fn measure(
     ev: &mut dyn Evaluator,
     reg: &Registry,
     s3: &S3Options,
-    w: u64,
-    shards: &[MinerShard],
-    eligible: &[bool],
-    deadline: tokio::time::Instant,
-) -> Vec<Result<crate::evaluate::Losses, EvalError>> {
-    let mut losses = vec![Err(EvalError::Failed(String::new())); shards.len()];
+    judged: &JudgedWindow,
+) -> Vec<Result<Usefulness, EvalError>> {
+    let w = judged.w;
+    let mut losses = vec![Err(EvalError::Failed(String::new())); judged.shards.len()];
     let prepared = ev.prepare(reg, s3, w).await;
-    let n = eligible.iter().filter(|e| **e).count().max(1);
-    let scale = reg.setting_at(w).lr_at(w) / n as f32;
-    let all = 0..reg.model.tensors.len();
-    for (j, s) in shards.iter().enumerate().filter(|(j, _)| eligible[*j]) {
+    let scale = judged.scale(reg);
+    for (j, s) in judged.shards.iter().enumerate() {
+        if !judged.eligible[j] {
+            continue;
+        }
         losses[j] = match &prepared {
             Err(e) => Err(e.clone()),
-            Ok(()) => {
-                match tokio::time::timeout_at(deadline, check_range(reg, s, all.clone())).await {
-                    Err(_) => Err(EvalError::Failed(format!(
-                        "{}: not read again within the window's budget",
-                        s.object
-                    ))),
-                    Ok((check, tensors)) => match (check.fault, dense_of(&tensors)) {
-                        (Some((_, f)), _) => Err(EvalError::Failed(format!(
-                            "{}: changed since it was checked ({}: {})",
-                            s.object, f.reason, f.detail
-                        ))),
-                        (None, Ok(d)) => ev.evaluate(reg, w, &s.peer, &d, scale).await,
-                        (None, Err(e)) => Err(EvalError::Failed(e.to_string())),
-                    },
-                }
-            }
+            Ok(()) => match judged.decoded(reg, j).await {
+                Ok(d) => ev
+                    .evaluate(reg, w, &s.peer, &d, scale)
+                    .await
+                    .map(Usefulness::Losses),
+                Err(e) => Err(e),
+            },
         };
     }
     losses
@@ -447,7 +603,7 @@ struct Judged<'a> {
     copies: &'a [CopyInfo],
     eligible: &'a [bool],
     agree: &'a [Option<f64>],
-    losses: &'a [Result<crate::evaluate::Losses, EvalError>],
+    losses: &'a [Result<Usefulness, EvalError>],
     evaluated: bool,
 }
 
@@ -461,12 +617,7 @@ fn score_rows(
     prev: &BTreeMap<String, f64>,
     alpha: f64,
 ) -> Vec<ScoreRow> {
-    let gain = |k: usize| {
-        j.losses[k]
-            .as_ref()
-            .ok()
-            .map(|l| l.loss_before - l.loss_after)
-    };
+    let gain = |k: usize| j.losses[k].as_ref().ok().map(Usefulness::gain);
     let best = (0..j.shards.len())
         .filter_map(gain)
         .fold(0f64, |a, g| a.max(g));
@@ -486,7 +637,8 @@ fn score_rows(
         let before = prev.get(&s.peer).copied().unwrap_or(0.0);
         let rating = score.map_or(before, |s| (1.0 - alpha) * before + alpha * s);
         let (lb, la, err) = match &j.losses[k] {
-            Ok(x) => (Some(x.loss_before), Some(x.loss_after), None),
+            Ok(Usefulness::Losses(x)) => (Some(x.loss_before), Some(x.loss_after), None),
+            Ok(Usefulness::Gain(_)) => (None, None, None),
             Err(e) if j.eligible[k] && j.evaluated => (None, None, Some(e.to_string())),
             Err(_) => (None, None, None),
         };

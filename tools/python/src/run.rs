@@ -28,6 +28,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Miner>()?;
     m.add_class::<OptimizerState>()?;
     m.add_class::<crate::validate::Validator>()?;
+    m.add_class::<crate::validate::Shards>()?;
+    m.add_class::<crate::validate::Shard>()?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@ measured by a Python callable on decoded updates."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import shardrop
 from conftest import SHAPES, cli, update
@@ -56,3 +57,61 @@ def test_validator_tables_match_the_cli_and_python_measures_usefulness(folder_ru
     v3 = val.validate(w2 + 1, evaluate=broken)
     row = next(x for x in v3["rows"] if x["peer"] == r.peers["m1"])
     assert "model exploded" in (row["eval_error"] or "")
+
+
+def test_shards_then_publish_gives_the_cli_table_byte_for_byte(folder_run):
+    import sys
+
+    from eval_norm import __file__ as eval_script
+    from eval_norm import losses
+
+    r = folder_run
+    run = shardrop.Run.open(r.registry)
+    m1, m2 = run.miner(r.keys["m1"]), run.miner(r.keys["m2"])
+    val = run.validator(r.keys["val"])
+    cmd = f"{sys.executable} {eval_script}"
+    w = run.window_now() + 1
+    m1.publish(update(11), window=w, wait=True)
+    m2.publish(update(12), window=w)
+    shards = val.shards(w)
+    assert shards.window == w and len(shards) == 2
+    seen = list(shards)
+    assert {s.peer for s in seen} == {r.peers["m1"], r.peers["m2"]}
+    usefulness = {}
+    for s in seen:
+        assert s.verdict == "accepted" and s.eligible and not s.copier and s.error is None
+        assert {k: a.shape for k, a in s.update.items()} == {k: tuple(v) for k, v in SHAPES.items()}
+        assert abs(s.scale - run.lr_at(w) / 2) < 1e-6
+        assert all(a.dtype == np.float32 for a in s.update.values())
+        usefulness[s.peer] = losses(s.update, s.scale)
+    v = val.publish(w, usefulness, name=f"command: {cmd}")
+    rows = {x["peer"]: x for x in v["rows"]}
+    for peer, (before, after) in usefulness.items():
+        assert rows[peer]["loss_before"] == before and rows[peer]["loss_after"] == after
+        assert rows[peer]["usefulness"] == before - after and rows[peer]["score"] is not None
+    # The CLI measuring with the same function as a command finds the table (and weights)
+    # already there: it accepts only byte-identical ones.
+    c = cli("validate", "--registry", r.registry, "--key", r.keys["val"], "--window", str(w),
+            "--eval-cmd", cmd)
+    assert c["already_published"] is True and c["scores"] == v["scores"], c
+
+    # Next window: m2 absent; usefulness given as plain numbers; the CLI's table differs.
+    w2 = w + 1
+    m1.publish(update(13), window=w2, wait=True)
+    shards = list(val.shards(w2))
+    by_peer = {s.peer: s for s in shards}
+    assert by_peer[r.peers["m2"]].verdict == "missing" and by_peer[r.peers["m2"]].update is None
+    assert by_peer[r.peers["m1"]].update is not None
+    with pytest.raises(shardrop.Error) as e:
+        val.publish(w2, {r.peers["stranger"]: 1.0})
+    assert e.value.kind == "caller" and "not a miner" in str(e.value)
+    with pytest.raises(shardrop.Error):
+        val.publish(w2, {r.peers["m1"]: float("nan")})
+    v2 = val.publish(w2, {r.peers["m1"]: 0.125, r.peers["m2"]: 5.0}, name=f"command: {cmd}")
+    row = next(x for x in v2["rows"] if x["peer"] == r.peers["m1"])
+    assert row["usefulness"] == 0.125 and row["loss_before"] is None and row["weight"] > 0
+    miss = next(x for x in v2["rows"] if x["peer"] == r.peers["m2"])
+    assert miss["usefulness"] is None and miss["weight"] == 0
+    c = cli("validate", "--registry", r.registry, "--key", r.keys["val"], "--window", str(w2),
+            "--eval-cmd", cmd, ok=False)
+    assert c["_rc"] != 0, "another table for the same window must be refused"
