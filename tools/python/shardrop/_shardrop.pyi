@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 __version__: str
 
@@ -124,6 +124,8 @@ class Run:
     ) -> Miner:
         """A miner signing with ``key_path`` (a sharded miner's encoding-only ranks need no
         key); ``state`` persists its error-feedback buffers."""
+    def validator(self, key_path: PathLike) -> Validator:
+        """The run's validator signing with the key at ``key_path``."""
     def wait_aggregate(self, window: int, timeout: Optional[float] = None) -> bool:
         """True once the window's aggregate is there and verifies; False if not (yet)."""
     def apply_(
@@ -144,6 +146,70 @@ class Run:
     ) -> int:
         """Replays every window after ``from_window`` ("genesis": from 0) through
         ``through`` in place; returns how many were applied."""
+
+class Shard:
+    """One registered miner of a judged window (``Validator.shards``)."""
+
+    #: The miner's peer id.
+    peer: str
+    #: accepted, rejected, missing or error (its store could not be read).
+    verdict: str
+    #: The stable reason code ("" when accepted as is).
+    reason: str
+    #: A human detail naming the object.
+    detail: str
+    #: Accepted but judged a copy: scored 0 whatever its usefulness.
+    copier: bool
+    #: Accepted and not a copier: its usefulness counts.
+    eligible: bool
+    #: The step its update contributes to the aggregate: measure the loss at
+    #: θ − scale · update.
+    scale: float
+    #: The decoded update (name → numpy f32 array) of an accepted shard, else None.
+    update: Optional[dict[str, Any]]
+    #: Why an accepted shard could not be read again, else None.
+    error: Optional[str]
+
+class Shards:
+    """Every registered miner of a judged window, in peer-id order; iterating decodes one
+    accepted miner's update at a time."""
+
+    @property
+    def window(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Shard]: ...
+    def __next__(self) -> Shard: ...
+
+class Validator:
+    """A validator of a run, signing with its key."""
+
+    @property
+    def peer(self) -> str: ...
+    def validate(
+        self,
+        window: int,
+        evaluate: Optional[Callable[[str, dict[str, Any], float, int], Tuple[float, float]]] = None,
+        prepare: Optional[Callable[[int], Any]] = None,
+        name: str = "python",
+        concurrency: int = 16,
+    ) -> dict[str, Any]:
+        """Scores ``window`` once it has closed and publishes the score table and signed
+        weights (``shardrop validate``); ``evaluate(peer, update, scale, window) ->
+        (loss_before, loss_after)`` measures each eligible miner on your own model,
+        ``prepare(window)`` is called once first."""
+    def shards(self, window: int, concurrency: int = 16) -> Shards:
+        """Waits for ``window`` to close, checks every miner as the aggregator does and
+        judges copies and agreement; iterate the result for verdicts and decoded updates."""
+    def publish(
+        self,
+        window: int,
+        usefulness: Optional[Mapping[str, Union[float, Tuple[float, float]]]] = None,
+        name: str = "python",
+        concurrency: int = 16,
+    ) -> dict[str, Any]:
+        """Scores the judged window with ``usefulness`` (peer → (loss_before, loss_after) or
+        the usefulness itself) and publishes the table and weights, as ``shardrop
+        validate`` would; None scores by agreement."""
 
 def ckpt_push(
     registry_url: str,
