@@ -9,6 +9,7 @@
 
 pub mod accepted;
 pub mod aggregate;
+pub mod bigbuf;
 pub mod checkpoint;
 pub mod codec;
 pub mod envelope;

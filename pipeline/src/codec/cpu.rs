@@ -296,10 +296,101 @@ pub fn encode_tensor(
     beta: f32,
     p: &CodecParams,
 ) -> Result<EncodedTensor, CodecError> {
+    encode_with(input, State::InPlace(state), beta, p)
+}
+
+/// [`encode_tensor`] that leaves `state` as it is: each chunk's `β·e + u` is formed in a
+/// chunk-sized scratch (in cache) instead of in the buffer, so a publisher needs no copy of
+/// the buffer to encode before the shard is stored; [`advance_state`] brings the buffer to
+/// what `encode_tensor` would have left once it is. Same bytes as `encode_tensor`.
+pub fn encode_tensor_from(
+    input: &TensorInput,
+    state: &[f32],
+    beta: f32,
+    p: &CodecParams,
+) -> Result<EncodedTensor, CodecError> {
+    encode_with(input, State::ReadOnly(state), beta, p)
+}
+
+/// The error-feedback buffer an encoding works on.
+enum State<'a> {
+    /// Advanced as the encoding goes.
+    InPlace(&'a mut [f32]),
+    /// Read only; each chunk is worked on in a scratch copy.
+    ReadOnly(&'a [f32]),
+}
+
+/// Per-thread scratch of the read-only encoding: one chunk of `β·e + u`.
+#[derive(Default)]
+struct ChunkBuf(Vec<f32>);
+
+impl ChunkBuf {
+    /// The chunk `st` copied into the scratch.
+    fn of(&mut self, st: &[f32]) -> &mut [f32] {
+        self.0.clear();
+        self.0.extend_from_slice(st);
+        &mut self.0
+    }
+}
+
+/// One chunk of a chunk-scaled encoding: `e = β·e + u` into `st`, the top k, then its blocks
+/// written and the sent values subtracted from `st`. Returns the chunk's scale.
+#[allow(clippy::too_many_arguments)]
+fn encode_chunk(
+    st: &mut [f32],
+    inp: &[u8],
+    input: &TensorInput,
+    beta: f32,
+    p: &CodecParams,
+    lv: &[f32],
+    sc: &mut Scratch,
+    io: &mut [u8],
+    vo: &mut [u8],
+) -> Result<u16, CodecError> {
+    let stats = ef_chunk(st, inp, input.dtype, beta);
+    if stats.nonfinite {
+        return Err(non_finite(input.name));
+    }
+    let k = (p.k as usize).min(st.len());
+    select(st, k, sc);
+    let scale = bf16_ceil(f32::from_bits(stats.max));
+    emit(st, &sc.sel, scale, p, lv, io, vo, input.name)?;
+    Ok(scale)
+}
+
+/// The first pass of a tensor-scaled encoding over one chunk: `e = β·e + u` into `st` and
+/// the top k into `out`. Returns the chunk's largest magnitude.
+fn select_chunk(
+    st: &mut [f32],
+    inp: &[u8],
+    input: &TensorInput,
+    beta: f32,
+    sc: &mut Scratch,
+    out: &mut [u32],
+) -> Result<u32, CodecError> {
+    let stats = ef_chunk(st, inp, input.dtype, beta);
+    if stats.nonfinite {
+        return Err(non_finite(input.name));
+    }
+    select(st, out.len(), sc);
+    out.copy_from_slice(&sc.sel);
+    Ok(stats.max)
+}
+
+fn encode_with(
+    input: &TensorInput,
+    mut state: State<'_>,
+    beta: f32,
+    p: &CodecParams,
+) -> Result<EncodedTensor, CodecError> {
     p.validate()?;
     let n: u64 = input.shape.iter().product();
     let size = input.dtype.size();
-    if state.len() as u64 != n || input.data.len() as u64 != n * size as u64 {
+    let state_len = match &state {
+        State::InPlace(s) => s.len(),
+        State::ReadOnly(s) => s.len(),
+    };
+    if state_len as u64 != n || input.data.len() as u64 != n * size as u64 {
         return Err(CodecError::SizeMismatch {
             tensor: input.name.into(),
             what: "update or state".into(),
@@ -317,25 +408,33 @@ pub fn encode_tensor(
     };
     let c = p.chunk as usize;
     let name = input.name;
+    let inputs = input.data.par_chunks(c * size);
     let chunk_mode = p.scales == ScaleMode::Chunk || !p.values.scaled();
     let scales: Vec<u16> = if chunk_mode {
-        let per_chunk: Vec<u16> = state
-            .par_chunks_mut(c)
-            .zip(input.data.par_chunks(c * size))
-            .zip(idx.par_chunks_mut(lay.idx_full))
-            .zip(val.par_chunks_mut(lay.val_full))
-            .map_init(Scratch::default, |sc, (((st, inp), io), vo)| {
-                let stats = ef_chunk(st, inp, input.dtype, beta);
-                if stats.nonfinite {
-                    return Err(non_finite(name));
-                }
-                let k = (p.k as usize).min(st.len());
-                select(st, k, sc);
-                let scale = bf16_ceil(f32::from_bits(stats.max));
-                emit(st, &sc.sel, scale, p, &lv, io, vo, name)?;
-                Ok(scale)
-            })
-            .collect::<Result<_, _>>()?;
+        let blocks = idx
+            .par_chunks_mut(lay.idx_full)
+            .zip(val.par_chunks_mut(lay.val_full));
+        let per_chunk: Vec<u16> = match &mut state {
+            State::InPlace(s) => s
+                .par_chunks_mut(c)
+                .zip(inputs)
+                .zip(blocks)
+                .map_init(Scratch::default, |sc, ((st, inp), (io, vo))| {
+                    encode_chunk(st, inp, input, beta, p, &lv, sc, io, vo)
+                })
+                .collect::<Result<_, _>>()?,
+            State::ReadOnly(s) => s
+                .par_chunks(c)
+                .zip(inputs)
+                .zip(blocks)
+                .map_init(
+                    || (Scratch::default(), ChunkBuf::default()),
+                    |(sc, buf), ((st, inp), (io, vo))| {
+                        encode_chunk(buf.of(st), inp, input, beta, p, &lv, sc, io, vo)
+                    },
+                )
+                .collect::<Result<_, _>>()?,
+        };
         if p.values.scaled() {
             per_chunk
         } else {
@@ -344,27 +443,49 @@ pub fn encode_tensor(
     } else {
         // One scale for the tensor: select everywhere first, then quantize against the max.
         let mut sel_all = vec![0u32; lay.kept() as usize];
-        let maxes: Vec<u32> = state
-            .par_chunks_mut(c)
-            .zip(input.data.par_chunks(c * size))
-            .zip(sel_all.par_chunks_mut(lay.k_full as usize))
-            .map_init(Scratch::default, |sc, ((st, inp), out)| {
-                let stats = ef_chunk(st, inp, input.dtype, beta);
-                if stats.nonfinite {
-                    return Err(non_finite(name));
-                }
-                select(st, out.len(), sc);
-                out.copy_from_slice(&sc.sel);
-                Ok(stats.max)
-            })
-            .collect::<Result<_, _>>()?;
+        let sels = sel_all.par_chunks_mut(lay.k_full as usize);
+        let maxes: Vec<u32> = match &mut state {
+            State::InPlace(s) => s
+                .par_chunks_mut(c)
+                .zip(inputs)
+                .zip(sels)
+                .map_init(Scratch::default, |sc, ((st, inp), out)| {
+                    select_chunk(st, inp, input, beta, sc, out)
+                })
+                .collect::<Result<_, _>>()?,
+            State::ReadOnly(s) => s
+                .par_chunks(c)
+                .zip(inputs)
+                .zip(sels)
+                .map_init(
+                    || (Scratch::default(), ChunkBuf::default()),
+                    |(sc, buf), ((st, inp), out)| {
+                        select_chunk(buf.of(st), inp, input, beta, sc, out)
+                    },
+                )
+                .collect::<Result<_, _>>()?,
+        };
         let scale = bf16_ceil(f32::from_bits(maxes.iter().copied().max().unwrap_or(0)));
-        state
-            .par_chunks_mut(c)
-            .zip(sel_all.par_chunks(lay.k_full as usize))
+        let blocks = sel_all
+            .par_chunks(lay.k_full as usize)
             .zip(idx.par_chunks_mut(lay.idx_full))
-            .zip(val.par_chunks_mut(lay.val_full))
-            .try_for_each(|(((st, sel), io), vo)| emit(st, sel, scale, p, &lv, io, vo, name))?;
+            .zip(val.par_chunks_mut(lay.val_full));
+        match &mut state {
+            State::InPlace(s) => s
+                .par_chunks_mut(c)
+                .zip(blocks)
+                .try_for_each(|(st, ((sel, io), vo))| emit(st, sel, scale, p, &lv, io, vo, name))?,
+            // The chunk's `β·e + u` again (the same roundings give the same values).
+            State::ReadOnly(s) => s
+                .par_chunks(c)
+                .zip(input.data.par_chunks(c * size))
+                .zip(blocks)
+                .try_for_each_init(ChunkBuf::default, |buf, ((st, inp), ((sel, io), vo))| {
+                    let st = buf.of(st);
+                    ef_chunk(st, inp, input.dtype, beta);
+                    emit(st, sel, scale, p, &lv, io, vo, name)
+                })?,
+        }
         if lay.n_scales == 1 {
             vec![scale]
         } else {

@@ -44,7 +44,10 @@ mod quant;
 mod state;
 mod update;
 
-pub use cpu::{accumulate, advance_state, encode_tensor, to_sparse, to_sparse_chunks, validate};
+pub use cpu::{
+    accumulate, advance_state, encode_tensor, encode_tensor_from, to_sparse, to_sparse_chunks,
+    validate,
+};
 pub use format::{
     SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,
     write_section,

@@ -702,3 +702,30 @@ fn scratch_encoding_gives_the_same_sections_and_state() {
     advance_inputs(&inputs, &mut state, &opts, sent).unwrap();
     assert_eq!(state, in_place);
 }
+
+#[test]
+fn read_only_encoding_gives_the_same_bytes_and_leaves_the_state_alone() {
+    // Every value format, index encoding and scale mode; a short last chunk; a state that
+    // already holds residuals (so β·e matters).
+    for p in all_params() {
+        for dtype in [InDtype::F32, InDtype::Bf16, InDtype::F16] {
+            let n = 5 * 256 + 77;
+            let data = bytes_as(&noise(n, 7), dtype);
+            let input = TensorInput {
+                name: "w",
+                shape: &[n as u64],
+                dtype,
+                data: &data,
+            };
+            let start: Vec<f32> = noise(n, 8).iter().map(|x| x * 0.3).collect();
+            let mut in_place = start.clone();
+            let want = encode_tensor(&input, &mut in_place, 0.9, &p).unwrap();
+            let got = encode_tensor_from(&input, &start, 0.9, &p).unwrap();
+            assert_eq!(got, want, "{p:?} {dtype:?}");
+            let mut advanced = start.clone();
+            advance_state(&input, &mut advanced, 0.9, &got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&advanced), bits(&in_place), "{p:?} {dtype:?}");
+        }
+    }
+}

@@ -235,23 +235,20 @@ pub struct Pending {
 }
 
 /// [`encode_inputs_with`] with the CPU codec that leaves `state` as it is: a tensor with a
-/// buffer is encoded from a scratch copy of it (one tensor's worth of memory, reused) and a
-/// tensor without one into a new buffer; [`advance_inputs`] later (once the shard is
+/// buffer is encoded from it read-only (`encode_tensor_from`: chunk-sized scratch, no copy
+/// of the buffer) and a tensor without one into a new buffer; [`advance_inputs`] later (once the shard is
 /// stored) advances or adopts them. Same bytes and final state as `encode_inputs_with`.
 pub fn encode_inputs_scratch(
     inputs: &[OwnedShapeInput],
     state: &EfState,
     opts: &EncodeOptions,
 ) -> Result<(EncodedUpdate, Pending), CodecError> {
-    let mut scratch: Vec<f32> = Vec::new();
     let mut pending = Pending::default();
     let encoded = encode_sections(inputs, opts, |input| {
         let n = input.shape.iter().product::<u64>() as usize;
         match state.buffers.get(input.name) {
             Some(b) if b.len() == n => {
-                scratch.clear();
-                scratch.extend_from_slice(b);
-                let t = encode_tensor(input, &mut scratch, opts.beta, &opts.params)?;
+                let t = super::encode_tensor_from(input, b, opts.beta, &opts.params)?;
                 pending.sent.insert(input.name.to_string(), t.clone());
                 Ok(t)
             }
@@ -262,7 +259,7 @@ pub fn encode_inputs_scratch(
                 want: n,
             }),
             None => {
-                let mut buf = vec![0f32; n];
+                let mut buf = crate::bigbuf::zeroed_f32(n);
                 let t = encode_tensor(input, &mut buf, opts.beta, &opts.params)?;
                 pending.fresh.insert(input.name.to_string(), buf);
                 Ok(t)
@@ -342,9 +339,12 @@ pub fn accumulate_section(
         }
     }
     for t in tensors {
-        let entry = dense
-            .entry(t.name.clone())
-            .or_insert_with(|| (t.shape.clone(), vec![0.0; t.numel() as usize]));
+        let entry = dense.entry(t.name.clone()).or_insert_with(|| {
+            (
+                t.shape.clone(),
+                crate::bigbuf::zeroed_f32(t.numel() as usize),
+            )
+        });
         if entry.0 != t.shape {
             return Err(CodecError::ShapeMismatch {
                 tensor: t.name.clone(),
