@@ -292,7 +292,7 @@ fn merge_range(
         .into_par_iter()
         .map(|i| {
             let spec = &reg.model.tensors[i];
-            let mut dense = crate::bigbuf::zeroed_f32(spec.shape.iter().product::<u64>() as usize);
+            let mut dense = vec![0f32; spec.shape.iter().product::<u64>() as usize];
             for (j, (_, tensors)) in decoded.iter().enumerate() {
                 if weights[j] == 0.0 {
                     continue;
@@ -326,7 +326,7 @@ fn merge_range_gpu(
         .map(|i| {
             let spec = &reg.model.tensors[i];
             let n = spec.shape.iter().product::<u64>() as usize;
-            let mut host = crate::bigbuf::zeroed_f32(n);
+            let mut host = vec![0f32; n];
             if n > 0 {
                 let mut dense = s.clone_htod(&host).map_err(dev)?;
                 for (j, (_, tensors)) in decoded.iter().enumerate() {
@@ -649,7 +649,7 @@ fn sample_from(
         .next()
         .unwrap_or(0)
         .min(limit);
-    let mut acc = crate::bigbuf::zeroed_f32(n);
+    let mut acc = vec![0f32; n];
     for (t, &w) in kept.iter().zip(weights) {
         let Some(t) = t.as_ref().filter(|_| w > 0.0) else {
             continue;
@@ -1090,7 +1090,7 @@ pub async fn apply_aggregates_with<T: Tensor>(
                 state
                     .momentum
                     .entry(name.clone())
-                    .or_insert_with(|| crate::bigbuf::zeroed_f32(t.as_ref().len()));
+                    .or_insert_with(|| vec![0f32; t.as_ref().len()]);
             }
         }
         match fetched {
@@ -1140,7 +1140,7 @@ impl Step {
         let m = state
             .momentum
             .entry(name.to_string())
-            .or_insert_with(|| crate::bigbuf::zeroed_f32(dst.len()));
+            .or_insert_with(|| vec![0f32; dst.len()]);
         crate::outer::step(&self.outer, self.lr, dst, a, m);
     }
 }
@@ -1195,7 +1195,7 @@ fn apply_merged<T: Tensor>(
     let by_name: HashMap<&str, &AggTensor> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for (name, dst) in theta.iter_mut() {
         let dst = dst.as_mut();
-        let mut a = crate::bigbuf::zeroed_f32(dst.len());
+        let mut a = vec![0f32; dst.len()];
         if let Some(t) = by_name.get(name.as_str()) {
             for (i, v) in t.entries() {
                 a[i] = v;

@@ -185,6 +185,16 @@ pub fn shard_builder(
     Ok(b)
 }
 
+/// How the run encodes window `w`: its codec, that window's error-feedback decay, and the
+/// section size every encoder packs by.
+pub fn encode_options(reg: &Registry, w: u64) -> EncodeOptions {
+    EncodeOptions {
+        params: reg.codec,
+        beta: reg.setting_at(w).beta,
+        section_bytes: 16 << 20,
+    }
+}
+
 /// The run's clock, from its registry.
 pub fn clock(reg: &Registry) -> RunClock {
     RunClock::new(reg.genesis_ms, reg.window_secs, reg.grace_secs)
@@ -297,9 +307,10 @@ where
     }
 }
 
-/// The in-memory path's encoder: one tensor's scratch buffer while encoding, then the real
-/// buffers advanced in place (`codec::advance_state`), so a publish holds no second copy of
-/// the error-feedback state (36 GB per rank of a 72 B model on 8 GPUs).
+/// The CPU path's encoder: the buffers read, never written, while encoding
+/// (`codec::encode_tensor_from`), then advanced in place once the shard is stored
+/// (`codec::advance_state`), so a publish holds no second copy of the error-feedback state
+/// (36 GB per rank of a 72 B model on 8 GPUs).
 struct ScratchEncoder<'a, 'b> {
     inputs: &'a [OwnedShapeInput<'b>],
     pending: Option<codec::Pending>,
@@ -324,9 +335,10 @@ impl UpdateEncoder for ScratchEncoder<'_, '_> {
     }
 }
 
-/// `publish` of an update held in memory as `inputs` (a training loop's tensors: the Python
-/// package), with the CPU codec: the same checks, bytes and state as [`publish`] given the
-/// same tensors, with no file and no copy of the update.
+/// `publish` of an update held in memory as `inputs` (a training loop's tensors through the
+/// Python package, or a safetensors file's tensors borrowed by `shardrop publish`), with the
+/// CPU codec: the same checks, bytes and state as [`publish`] given the same tensors, with
+/// no copy of the update and none of the state.
 pub async fn publish_inputs(
     job: Job<'_>,
     window: Option<u64>,
@@ -378,11 +390,7 @@ pub fn encode_rank_part(
             ),
         });
     }
-    let opts = EncodeOptions {
-        params: reg.codec,
-        beta: reg.setting_at(w).beta,
-        section_bytes: 16 << 20,
-    };
+    let opts = encode_options(reg, w);
     Ok(codec::encode_part(slices, &reg.model, state, &opts, w)?)
 }
 
@@ -409,11 +417,7 @@ pub async fn publish_parts(
             p.window
         ))));
     }
-    let opts = EncodeOptions {
-        params: reg.codec,
-        beta: reg.setting_at(w).beta,
-        section_bytes: 16 << 20,
-    };
+    let opts = encode_options(reg, w);
     let update = codec::assemble_parts(parts, &reg.model, &opts)?;
     let mut none = EfState::default();
     let enc = AssembledEncoder {
@@ -484,11 +488,7 @@ pub async fn publish_model(
         }
     }
 
-    let opts = EncodeOptions {
-        params: reg.codec,
-        beta: reg.setting_at(w).beta,
-        section_bytes: 16 << 20,
-    };
+    let opts = encode_options(reg, w);
     let encoded = encoder.encode(state, &opts)?;
     let signed = shard_builder(reg, &reg.run, w, &encoded.sections)?
         .clock_ms(now)

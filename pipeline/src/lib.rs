@@ -9,7 +9,6 @@
 
 pub mod accepted;
 pub mod aggregate;
-pub mod bigbuf;
 pub mod checkpoint;
 pub mod codec;
 pub mod envelope;

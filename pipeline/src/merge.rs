@@ -496,7 +496,7 @@ impl Spooled {
         for i in (0..reg.model.tensors.len()).filter(|&i| want(i)) {
             self.load(reg, &mut loaded, i)?;
             let spec = &reg.model.tensors[i];
-            let mut acc = crate::bigbuf::zeroed_f32(spec.shape.iter().product::<u64>() as usize);
+            let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
             for (j, s) in self.shards.iter().enumerate() {
                 codec::accumulate(self.tensor(&loaded, j, i, reg)?, &mut acc, s.weight)?;
             }
@@ -533,7 +533,7 @@ impl Spooled {
             return Ok(acc.get(elems).map_or_else(Vec::new, <[f32]>::to_vec));
         }
         self.load(reg, loaded, i)?;
-        let mut acc = crate::bigbuf::zeroed_f32(elems.len());
+        let mut acc = vec![0f32; elems.len()];
         for (j, s) in self.shards.iter().enumerate() {
             let (idx, val) =
                 codec::to_sparse_chunks(self.tensor(loaded, j, i, reg)?, chunks.clone())?;
@@ -625,8 +625,7 @@ impl Spooled {
             let acc = match t.values {
                 crate::aggregate::AggValues::Dense(v) => v,
                 crate::aggregate::AggValues::Sparse(idx, val) => {
-                    let mut acc =
-                        crate::bigbuf::zeroed_f32(spec.shape.iter().product::<u64>() as usize);
+                    let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
                     for (i, v) in idx.into_iter().zip(val) {
                         acc[i as usize] = v;
                     }

@@ -238,7 +238,7 @@ async fn previous_ratings(
 fn dense_of(tensors: &[EncodedTensor]) -> Result<Dense, CodecError> {
     let mut out = Dense::new();
     for t in tensors {
-        let mut d = crate::bigbuf::zeroed_f32(t.numel() as usize);
+        let mut d = vec![0f32; t.numel() as usize];
         accumulate(t, &mut d, 1.0)?;
         out.insert(t.name.clone(), (t.shape.clone(), d));
     }

@@ -82,7 +82,7 @@ impl EfState {
         let b = self
             .buffers
             .entry(name.to_string())
-            .or_insert_with(|| crate::bigbuf::zeroed_f32(len));
+            .or_insert_with(|| vec![0.0; len]);
         if b.len() != len {
             return Err(CodecError::ShapeMismatch {
                 tensor: name.into(),
@@ -118,13 +118,13 @@ impl EfState {
             if view.dtype() != Dtype::F32 {
                 return Err(bad(format!("{name} is not f32")));
             }
-            let mut buf = crate::bigbuf::with_capacity_f32(view.data().len() / 4);
-            buf.extend(
+            buffers.insert(
+                name.to_string(),
                 view.data()
                     .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
             );
-            buffers.insert(name.to_string(), buf);
         }
         Ok(EfState { buffers, window })
     }

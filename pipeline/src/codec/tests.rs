@@ -1,7 +1,7 @@
 use super::*;
 use proptest::prelude::*;
 
-fn noise(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
@@ -20,7 +20,7 @@ fn bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// `v` rounded to `dtype`, little-endian, as a safetensors file holds it.
-fn bytes_as(v: &[f32], dtype: InDtype) -> Vec<u8> {
+pub(super) fn bytes_as(v: &[f32], dtype: InDtype) -> Vec<u8> {
     match dtype {
         InDtype::F32 => bytes(v),
         InDtype::Bf16 => v

@@ -259,7 +259,7 @@ pub fn encode_inputs_scratch(
                 want: n,
             }),
             None => {
-                let mut buf = crate::bigbuf::zeroed_f32(n);
+                let mut buf = vec![0f32; n];
                 let t = encode_tensor(input, &mut buf, opts.beta, &opts.params)?;
                 pending.fresh.insert(input.name.to_string(), buf);
                 Ok(t)
@@ -339,12 +339,9 @@ pub fn accumulate_section(
         }
     }
     for t in tensors {
-        let entry = dense.entry(t.name.clone()).or_insert_with(|| {
-            (
-                t.shape.clone(),
-                crate::bigbuf::zeroed_f32(t.numel() as usize),
-            )
-        });
+        let entry = dense
+            .entry(t.name.clone())
+            .or_insert_with(|| (t.shape.clone(), vec![0f32; t.numel() as usize]));
         if entry.0 != t.shape {
             return Err(CodecError::ShapeMismatch {
                 tensor: t.name.clone(),

@@ -55,3 +55,56 @@ def test_non_contiguous_torch_tensor_is_refused(folder_run):
     with pytest.raises(shardrop.Error) as e:
         miner.publish(upd)
     assert "contiguous" in str(e.value) and e.value.kind == "caller"
+
+
+def _sharded_rank(rank: int, world: int, registry: str, key: str, window: int, port: int, out: str):
+    """One rank of a sharded miner under torch.distributed (gloo, loopback): encodes its
+    FSDP2-style slices, gathers the parts on rank 0, which publishes."""
+    import json
+
+    import torch.distributed as dist
+
+    from test_sharded import WHOLE_ON_RANK0, full_update, rank_slices
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        run = shardrop.Run.open(registry)
+        miner = run.miner(key if rank == 0 else None)
+        mine, rows = rank_slices(full_update(77), rank, world)
+        local = {k: torch.from_numpy(v.copy()) for k, v in mine.items()}
+        part = miner.encode_part(local, window, rows=rows)
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        if rank == 0:
+            rep = miner.publish_parts(parts, window=window, wait=True)
+            with open(out, "w") as f:
+                json.dump(rep, f)
+        assert WHOLE_ON_RANK0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_distributed_ranks_publish_one_shard(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from test_sharded import SHARDED, full_update
+    from conftest import CliRun, write_safetensors
+
+    r = CliRun(tmp_path, "file://" + str(tmp_path / "stores"), "nesterov", 3, shapes=SHARDED)
+    run = shardrop.Run.open(r.registry)
+    w = run.window_now() + 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "report.json"
+    mp.spawn(_sharded_rank, args=(2, r.registry, r.keys["m1"], w, port, str(out)), nprocs=2)
+    rep = json.loads(out.read_text())
+    assert rep["window"] == w and not rep["already_published"]
+    f = tmp_path / "whole.safetensors"
+    write_safetensors(f, full_update(77))
+    c = cli("publish", "--registry", r.registry, "--key", r.keys["m1"], str(f), "--state",
+            str(tmp_path / "whole-state"), "--window", str(w))
+    assert c["already_published"] is True and c["object"] == rep["object"]

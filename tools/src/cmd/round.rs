@@ -9,7 +9,7 @@ use shardrop::aggregate::{
     ApplyOptions, aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates_with,
 };
 use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
-use shardrop::exchange::{ExchangeError, clock, publish_with, wait_for_window};
+use shardrop::exchange::{ExchangeError, clock, publish_inputs, wait_for_window};
 use shardrop::identity::PeerId;
 use shardrop::layout;
 use shardrop::outer::{OptimizerKind, Outer, OuterState, Schedule, ScheduleKind, Setting};
@@ -563,14 +563,26 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
         false => a.window,
     };
     let waited = started.elapsed().as_secs_f64();
-    let p = publish_with(
-        Job::new(&reg, &id, &ctx.s3),
-        window,
-        &update,
-        &mut state,
-        |u, st, o| chosen.encode_update(u, st, o),
-    )
-    .await?;
+    let job = Job::new(&reg, &id, &ctx.s3);
+    let p = match chosen.codec {
+        // The CPU codec encodes from the state read-only and advances it once the shard is
+        // stored: no second copy of the state (the GPU path keeps its trial copy).
+        super::device::Codec::Cpu => {
+            let st = safetensors::SafeTensors::deserialize(&update).map_err(|e| {
+                anyhow::anyhow!("{}: not a safetensors file: {e}", a.update.display())
+            })?;
+            let inputs = shardrop::codec::inputs_of(&st)
+                .with_context(|| format!("{}: cannot encode", a.update.display()))?;
+            publish_inputs(job, window, &inputs, &mut state).await?
+        }
+        #[cfg(feature = "cuda")]
+        super::device::Codec::Gpu(_) => {
+            shardrop::exchange::publish_with(job, window, &update, &mut state, |u, st, o| {
+                chosen.encode_update(u, st, o)
+            })
+            .await?
+        }
+    };
     if state.window != before {
         state
             .save(&a.state)

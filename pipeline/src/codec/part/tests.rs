@@ -3,34 +3,6 @@ use crate::codec::{
     InDtype, IndexEncoding, TensorSpec, ValueFormat, encode_inputs_with, f32_to_bf16,
 };
 
-/// Deterministic noise (xorshift), roughly bell-shaped.
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = |s: u64| ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
-            u(x) + u(x.rotate_left(21)) + u(x.rotate_left(42))
-        })
-        .collect()
-}
-
-fn as_bytes(v: &[f32], dtype: InDtype) -> Vec<u8> {
-    match dtype {
-        InDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        InDtype::Bf16 => v
-            .iter()
-            .flat_map(|&x| f32_to_bf16(x).to_le_bytes())
-            .collect(),
-        InDtype::F16 => v
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes())
-            .collect(),
-    }
-}
-
 /// A model with a short last chunk split across ranks (`e`), a large aligned tensor (`w`),
 /// a 1-D tensor no split keeps aligned (`n`), a tensor with fewer rows than ranks (`z`)
 /// and one in half precision.
