@@ -377,6 +377,40 @@ fn select_chunk(
     Ok(stats.max)
 }
 
+/// Runs `f` on every chunk of the state (in place, or on a scratch copy of a read-only
+/// state) with that chunk's input bytes and its item of `other`, in parallel; collects the
+/// results in chunk order.
+fn map_chunks<'a, O, T, F>(
+    state: &mut State<'_>,
+    c: usize,
+    inputs: rayon::slice::Chunks<'a, u8>,
+    other: O,
+    f: F,
+) -> Result<Vec<T>, CodecError>
+where
+    O: IndexedParallelIterator,
+    T: Send,
+    F: Fn(&mut Scratch, &mut [f32], &[u8], O::Item) -> Result<T, CodecError> + Sync + Send,
+{
+    match state {
+        State::InPlace(s) => s
+            .par_chunks_mut(c)
+            .zip(inputs)
+            .zip(other)
+            .map_init(Scratch::default, |sc, ((st, inp), o)| f(sc, st, inp, o))
+            .collect(),
+        State::ReadOnly(s) => s
+            .par_chunks(c)
+            .zip(inputs)
+            .zip(other)
+            .map_init(
+                || (Scratch::default(), ChunkBuf::default()),
+                |(sc, buf), ((st, inp), o)| f(sc, buf.of(st), inp, o),
+            )
+            .collect(),
+    }
+}
+
 fn encode_with(
     input: &TensorInput,
     mut state: State<'_>,
@@ -414,27 +448,10 @@ fn encode_with(
         let blocks = idx
             .par_chunks_mut(lay.idx_full)
             .zip(val.par_chunks_mut(lay.val_full));
-        let per_chunk: Vec<u16> = match &mut state {
-            State::InPlace(s) => s
-                .par_chunks_mut(c)
-                .zip(inputs)
-                .zip(blocks)
-                .map_init(Scratch::default, |sc, ((st, inp), (io, vo))| {
-                    encode_chunk(st, inp, input, beta, p, &lv, sc, io, vo)
-                })
-                .collect::<Result<_, _>>()?,
-            State::ReadOnly(s) => s
-                .par_chunks(c)
-                .zip(inputs)
-                .zip(blocks)
-                .map_init(
-                    || (Scratch::default(), ChunkBuf::default()),
-                    |(sc, buf), ((st, inp), (io, vo))| {
-                        encode_chunk(buf.of(st), inp, input, beta, p, &lv, sc, io, vo)
-                    },
-                )
-                .collect::<Result<_, _>>()?,
-        };
+        let per_chunk: Vec<u16> =
+            map_chunks(&mut state, c, inputs, blocks, |sc, st, inp, (io, vo)| {
+                encode_chunk(st, inp, input, beta, p, &lv, sc, io, vo)
+            })?;
         if p.values.scaled() {
             per_chunk
         } else {
@@ -444,27 +461,9 @@ fn encode_with(
         // One scale for the tensor: select everywhere first, then quantize against the max.
         let mut sel_all = vec![0u32; lay.kept() as usize];
         let sels = sel_all.par_chunks_mut(lay.k_full as usize);
-        let maxes: Vec<u32> = match &mut state {
-            State::InPlace(s) => s
-                .par_chunks_mut(c)
-                .zip(inputs)
-                .zip(sels)
-                .map_init(Scratch::default, |sc, ((st, inp), out)| {
-                    select_chunk(st, inp, input, beta, sc, out)
-                })
-                .collect::<Result<_, _>>()?,
-            State::ReadOnly(s) => s
-                .par_chunks(c)
-                .zip(inputs)
-                .zip(sels)
-                .map_init(
-                    || (Scratch::default(), ChunkBuf::default()),
-                    |(sc, buf), ((st, inp), out)| {
-                        select_chunk(buf.of(st), inp, input, beta, sc, out)
-                    },
-                )
-                .collect::<Result<_, _>>()?,
-        };
+        let maxes: Vec<u32> = map_chunks(&mut state, c, inputs, sels, |sc, st, inp, out| {
+            select_chunk(st, inp, input, beta, sc, out)
+        })?;
         let scale = bf16_ceil(f32::from_bits(maxes.iter().copied().max().unwrap_or(0)));
         let blocks = sel_all
             .par_chunks(lay.k_full as usize)

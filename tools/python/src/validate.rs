@@ -127,6 +127,8 @@ impl Shard {
 pub struct Shards {
     judged: Arc<JudgedWindow>,
     reg: Registry,
+    /// The step every eligible miner gets (one count of the eligible, not one per miner).
+    scale: f32,
     next: usize,
 }
 
@@ -160,7 +162,7 @@ impl Shards {
             detail: m.detail.to_string(),
             copier: m.copier,
             eligible: m.eligible,
-            scale: self.judged.scale(&self.reg),
+            scale: self.scale,
             update: None,
             error: None,
         };
@@ -325,6 +327,7 @@ impl Validator {
         let reg = self.registry(py)?;
         let judged = self.judged(py, &reg, window, concurrency)?;
         Ok(Shards {
+            scale: judged.scale(&reg),
             judged,
             reg,
             next: 0,
