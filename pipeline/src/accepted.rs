@@ -56,7 +56,10 @@ pub struct AcceptedShard {
     pub object: String,
     /// blake3 over the section hashes (the duplicate rule's content hash).
     pub content: String,
-    /// Merge weight, f32 as written by the aggregator: clip scale / number accepted.
+    /// Merge weight, f32 as written by the aggregator: clip scale / number accepted. Read
+    /// as its decimal rounded once to f32; the text must be the shortest form
+    /// ([`AcceptedList::parse`]).
+    #[serde(deserialize_with = "crate::numbers::f32_text")]
     pub weight: f32,
     /// Whether the weight was reduced by the outlier rule.
     pub clipped: bool,
@@ -110,15 +113,52 @@ pub fn shard_key(reg: &Registry, form: AggForm, w: u64, peer: &PeerId) -> String
     }
 }
 
+/// The weights of a list and nothing else: how [`AcceptedList::parse`] sees each weight's
+/// text without a second copy of the list's shape.
+#[derive(Deserialize)]
+struct WeightsOnly {
+    accepted: Vec<WeightOnly>,
+}
+
+#[derive(Deserialize)]
+struct WeightOnly {
+    weight: crate::numbers::F32Text,
+}
+
 impl AcceptedList {
+    /// Parses a signed list (its `accepted.json` bytes): `agg_verdict` if it is not a list,
+    /// `agg_weights` if a weight is not written in its shortest form (one weight, one
+    /// signed text: `round.md`, "Numbers").
+    pub fn parse(bytes: &[u8]) -> Result<AcceptedList, ListFault> {
+        let list: AcceptedList = serde_json::from_slice(bytes)
+            .map_err(|e| fault("agg_verdict", format!("{LIST_SECTION}: {e}")))?;
+        let texts: WeightsOnly = serde_json::from_slice(bytes)
+            .map_err(|e| fault("agg_verdict", format!("{LIST_SECTION}: {e}")))?;
+        if let Some(i) = texts.accepted.iter().position(|w| !w.weight.shortest) {
+            return Err(fault(
+                "agg_weights",
+                format!(
+                    "entry {i}'s weight is not written as the shortest decimal of its f32 ({:e})",
+                    texts.accepted[i].weight.value
+                ),
+            ));
+        }
+        Ok(list)
+    }
+
     /// Checks what a reader can check without fetching a shard: the format, window and form
     /// the registry names; strictly ascending peer ids, each a registered miner, each at its
     /// layout key; and the weights the rule gives (`1/n` in f32, less only when clipped,
     /// and clipping only with at least 3 accepted).
     pub fn check(&self, reg: &Registry, w: u64) -> Result<(), ListFault> {
+        // An empty list of a `merged` run names no merged object (there is nothing to
+        // merge); any other `merged` list names exactly the window's object.
         let merged_ok = match (&self.merged, self.form) {
-            (Some(m), AggForm::Merged) => m.object == layout::agg_merged(&reg.run, w),
-            (None, f) => f != AggForm::Merged,
+            (Some(m), AggForm::Merged) => {
+                !self.accepted.is_empty() && m.object == layout::agg_merged(&reg.run, w)
+            }
+            (None, AggForm::Merged) => self.accepted.is_empty(),
+            (None, _) => true,
             (Some(_), _) => false,
         };
         if !merged_ok {
@@ -150,6 +190,7 @@ impl AcceptedList {
         let miners = reg.with_role(Role::Miner);
         let n = self.accepted.len();
         let full = (1.0f64 / n.max(1) as f64) as f32;
+        let names = reg.section_names();
         for (i, a) in self.accepted.iter().enumerate() {
             if i > 0 && self.accepted[i - 1].peer >= a.peer {
                 return Err(fault(
@@ -166,6 +207,27 @@ impl AcceptedList {
                         format!("entry {i} names {:?}, not a registered miner", a.peer),
                     )
                 })?;
+            let content = crate::exchange::content_hash_of(a.sections.iter().map(|s| &s.hash));
+            if a.content != content {
+                return Err(fault(
+                    "agg_verdict",
+                    format!(
+                        "entry {i} ({}) names content {:?}, but its sections hash to {content:?}",
+                        a.peer, a.content
+                    ),
+                ));
+            }
+            if a.sections.len() != names.len()
+                || a.sections.iter().zip(&names).any(|(s, n)| &s.name != n)
+            {
+                return Err(fault(
+                    "agg_verdict",
+                    format!(
+                        "entry {i} ({}) lists sections that are not the run's packing at {} bytes",
+                        a.peer, reg.section_bytes
+                    ),
+                ));
+            }
             let key = shard_key(reg, self.form, w, &peer);
             if a.object != key {
                 return Err(fault(

@@ -428,9 +428,14 @@ async fn publish_aggregate(
 /// agg-v2's list from the final verdicts: the accepted shards in peer-id order, with the
 /// section tables that were checked (the aggregator's copies' for form `shards`).
 fn accepted_list(reg: &Registry, w: u64, shards: &[MinerShard], v: &Verdicts) -> AcceptedList {
-    let form = match reg.aggregate.form.consolidated() {
-        true => AggForm::Shards,
-        false => AggForm::Reference,
+    // A form `merged` run's empty list still says `merged` (with no merged object): the
+    // list's form must be one the run allows, and an empty window has nothing to merge.
+    let form = match reg.aggregate.form {
+        AggForm::Reference => AggForm::Reference,
+        AggForm::Merged if !v.rows.iter().any(|r| r.verdict == Verdict::Accepted) => {
+            AggForm::Merged
+        }
+        _ => AggForm::Shards,
     };
     let accepted = shards
         .iter()
@@ -974,8 +979,7 @@ pub async fn fetch_aggregate(
                 format!("its section is not {LIST_SECTION}"),
             ));
         }
-        let list: AcceptedList = serde_json::from_slice(only)
-            .map_err(|e| bad("agg_verdict", format!("{LIST_SECTION}: {e}")))?;
+        let list = AcceptedList::parse(only).map_err(|f| bad(f.reason, f.detail))?;
         list.check(reg, w).map_err(|f| bad(f.reason, f.detail))?;
         return Ok(Fetched::Listed(list));
     }

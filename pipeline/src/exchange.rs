@@ -191,7 +191,7 @@ pub fn encode_options(reg: &Registry, w: u64) -> EncodeOptions {
     EncodeOptions {
         params: reg.codec,
         beta: reg.setting_at(w).beta,
-        section_bytes: 16 << 20,
+        section_bytes: reg.section_bytes as usize,
     }
 }
 
@@ -633,9 +633,15 @@ pub async fn wait_for_window(job: Job<'_>, window: Option<u64>) -> Result<u64, E
 pub fn content_hash<'a>(
     sections: impl Iterator<Item = &'a crate::envelope::SectionEntry>,
 ) -> String {
+    content_hash_of(sections.map(|s| &s.hash))
+}
+
+/// The content hash from the section hashes themselves (lowercase hex text, in table
+/// order): blake3 over their concatenated text, not over the raw digests.
+pub fn content_hash_of<'a>(hashes: impl Iterator<Item = &'a String>) -> String {
     let mut h = blake3::Hasher::new();
-    for s in sections {
-        h.update(s.hash.as_bytes());
+    for hash in hashes {
+        h.update(hash.as_bytes());
     }
     h.finalize().to_hex().to_string()
 }

@@ -19,6 +19,7 @@ pub mod files;
 pub mod identity;
 pub mod layout;
 pub mod merge;
+pub mod numbers;
 pub mod outer;
 pub mod refmodel;
 pub mod registry;

@@ -105,13 +105,21 @@ pub struct Schedule {
     #[serde(default)]
     pub decay: u64,
     /// The rate at the end of the decay, as a fraction of the base rate.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::numbers::f32_text")]
     pub final_ratio: f32,
     /// The window that counts as t = 0; before or at the setting's first window, so a
     /// revision can keep a schedule that began earlier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<u64>,
 }
+
+/// The largest base learning rate a reader accepts: far above any useful outer rate
+/// (DiLoCo's is 0.7, Templar's 1), low enough that a registry cannot hold `1e30`.
+pub const MAX_LR: f32 = 1000.0;
+
+/// The most windows a warm-up or decay may span (about 190 years of 23-minute windows):
+/// every window count then converts to f64 exactly and `t + 1` cannot overflow.
+pub const MAX_WINDOWS: u64 = 1 << 32;
 
 /// The outer optimizer of a setting.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,9 +128,10 @@ pub struct Outer {
     /// The rule.
     pub optimizer: OptimizerKind,
     /// Base learning rate.
+    #[serde(deserialize_with = "crate::numbers::f32_text")]
     pub lr: f32,
     /// μ, for the momentum kinds (0 for SGD).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::numbers::f32_text")]
     pub momentum: f32,
     /// How the rate moves over windows.
     #[serde(default)]
@@ -152,6 +161,7 @@ pub struct Setting {
     pub outer: Outer,
     /// Error-feedback decay miners use (not verifiable by readers: a miner's own business,
     /// published so that honest miners agree).
+    #[serde(deserialize_with = "crate::numbers::f32_text")]
     pub beta: f32,
 }
 
@@ -161,8 +171,9 @@ impl Setting {
         self.outer.schedule.origin.unwrap_or(self.from_window)
     }
 
-    /// The learning rate of window `w`, computed in f64 and rounded once to f32. The cosine
-    /// is `libm`'s, pure Rust, so every platform gets the same bits.
+    /// The learning rate of window `w`, computed in f64 and rounded once to f32, each f64
+    /// operation in the order written (`round.md`, "Outer optimizer"). The cosine is
+    /// [`cos_pi`], a stated polynomial any language reproduces bit for bit.
     pub fn lr_at(&self, w: u64) -> f32 {
         let s = &self.outer.schedule;
         let t = w.saturating_sub(self.origin());
@@ -180,9 +191,7 @@ impl Setting {
             match s.kind {
                 ScheduleKind::Constant => 1.0,
                 ScheduleKind::Linear => r + (1.0 - r) * (1.0 - done),
-                ScheduleKind::Cosine => {
-                    r + (1.0 - r) * 0.5 * (1.0 + libm::cos(std::f64::consts::PI * done))
-                }
+                ScheduleKind::Cosine => r + (1.0 - r) * 0.5 * (1.0 + cos_pi(done)),
             }
         };
         (base * factor) as f32
@@ -192,8 +201,14 @@ impl Setting {
     pub fn problem(&self) -> Option<String> {
         let o = &self.outer;
         let s = &o.schedule;
-        if !(o.lr.is_finite() && o.lr >= 0.0) {
-            return Some(format!("learning rate {} is not a finite number ≥ 0", o.lr));
+        if !(o.lr.is_finite() && (0.0..=MAX_LR).contains(&o.lr)) {
+            return Some(format!("learning rate {} is not in [0, {MAX_LR}]", o.lr));
+        }
+        if s.warmup > MAX_WINDOWS || s.decay > MAX_WINDOWS {
+            return Some(format!(
+                "warm-up {} or decay {} windows is over {MAX_WINDOWS}",
+                s.warmup, s.decay
+            ));
         }
         if !(0.0..1.0).contains(&o.momentum) {
             return Some(format!("momentum {} is not in [0, 1)", o.momentum));
@@ -243,6 +258,43 @@ impl Setting {
         }
         text + &format!(", beta {}", self.beta)
     }
+}
+
+/// The Taylor coefficients of cos, `(−1)^k / (2k)!` for k = 0..=10, each the nearest f64
+/// (as bit patterns, so no decimal conversion stands between the spec and the value).
+pub const COS_COEFFS: [u64; 11] = [
+    0x3ff0000000000000, // 1
+    0xbfe0000000000000, // -1/2
+    0x3fa5555555555555, // 1/24
+    0xbf56c16c16c16c17, // -1/720
+    0x3efa01a01a01a01a,
+    0xbe927e4fb7789f5c,
+    0x3e21eed8eff8d898,
+    0xbda93974a8c07c9d,
+    0x3d2ae7f3e733b81f,
+    0xbca6827863b97d97,
+    0x3c1e542ba4020225, // 1/20!
+];
+
+/// cos(π·s) for s in [0, 1], as `round.md` states it, so that another language gets the
+/// same bits (a libm's `cos` differs between libraries in the last bit): fold to
+/// x = s (s ≤ 0.5) or x = 1 − s with the sign flipped (exact), y = π·x with π the f64
+/// nearest it, z = y·y, then Horner over [`COS_COEFFS`] from the highest (c = C10;
+/// c = c·z + Ck down to k = 0), every operation one f64 rounding, never fused. Within
+/// 4.5e-16 (two units in the last place near 1) of libm's cosine on [0, 1]; the truncated
+/// Taylor term is below 2e-17.
+pub fn cos_pi(s: f64) -> f64 {
+    let (x, sign) = match s <= 0.5 {
+        true => (s, 1.0),
+        false => (1.0 - s, -1.0),
+    };
+    let y = std::f64::consts::PI * x;
+    let z = y * y;
+    let mut c = f64::from_bits(COS_COEFFS[10]);
+    for &k in COS_COEFFS[..10].iter().rev() {
+        c = c * z + f64::from_bits(k);
+    }
+    sign * c
 }
 
 /// Momentum buffers, by tensor name; a tensor with no buffer has an all-zero one. Saved

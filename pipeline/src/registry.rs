@@ -201,6 +201,20 @@ impl AggregateSpec {
     }
 }
 
+/// The section size of runs whose registry does not name one.
+pub const DEFAULT_SECTION_BYTES: u64 = 16 << 20;
+
+/// The largest section size a reader accepts (a section is decompressed whole).
+pub const MAX_SECTION_BYTES: u64 = 1 << 30;
+
+fn default_section_bytes() -> u64 {
+    DEFAULT_SECTION_BYTES
+}
+
+fn is_default_section_bytes(v: &u64) -> bool {
+    *v == DEFAULT_SECTION_BYTES
+}
+
 /// The registry document (JSON inside the signed envelope).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,11 +237,22 @@ pub struct Registry {
     pub model: ModelSpec,
     /// The codec every shard must use.
     pub codec: CodecParams,
+    /// The payload bytes after which an encoder closes a section (`gradient.md` §8,
+    /// "Sections"). Part of the content rule: readers refuse a shard packed otherwise
+    /// (`section_layout`), so one update has one section table and one content hash.
+    /// Absent (the default, 16 MiB) in registries made before it was written down.
+    #[serde(
+        default = "default_section_bytes",
+        skip_serializing_if = "is_default_section_bytes"
+    )]
+    pub section_bytes: u64,
     /// Error-feedback decay every miner uses before the first entry of `settings` (every
     /// window, in runs made before settings existed).
+    #[serde(deserialize_with = "crate::numbers::f32_text")]
     pub beta: f32,
     /// Outer learning rate of plain SGD (θ ← θ − outer_lr · aggregate) before the first
     /// entry of `settings`.
+    #[serde(deserialize_with = "crate::numbers::f32_text")]
     pub outer_lr: f32,
     /// Size and clipping limits of the run.
     pub limits: RunLimits,
@@ -280,6 +305,14 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
+    /// A registry read from a store breaks a reader rule (`round.md`, "Reader rules"):
+    /// refused whole, so nothing is published or applied under it.
+    #[error("{object}: {detail} ({reason}); the operator must publish a valid revision")]
+    Rejected {
+        object: String,
+        reason: &'static str,
+        detail: String,
+    },
     /// The edit cannot be made, for a reason with a stable code (`window_not_future`).
     #[error("{object}: {detail}")]
     Refused {
@@ -302,6 +335,7 @@ impl crate::error::Classified for RegistryError {
             RegistryError::Envelope(e) => e.class(),
             RegistryError::Store(e) => e.class(),
             RegistryError::Invalid { .. } => crate::error::ErrorClass::Caller,
+            RegistryError::Rejected { .. } => crate::error::ErrorClass::Rejected,
             RegistryError::Refused { .. } | RegistryError::NotRegistered { .. } => {
                 crate::error::ErrorClass::Refused
             }
@@ -311,7 +345,9 @@ impl crate::error::Classified for RegistryError {
     fn reason(&self) -> Option<&'static str> {
         match self {
             RegistryError::Envelope(e) => e.reason(),
-            RegistryError::Refused { reason, .. } => Some(reason),
+            RegistryError::Refused { reason, .. } | RegistryError::Rejected { reason, .. } => {
+                Some(reason)
+            }
             RegistryError::NotRegistered { .. } => Some("not_registered"),
             _ => None,
         }
@@ -321,9 +357,9 @@ impl crate::error::Classified for RegistryError {
         match self {
             RegistryError::Envelope(e) => e.object(),
             RegistryError::Store(e) => e.object(),
-            RegistryError::Invalid { object, .. } | RegistryError::Refused { object, .. } => {
-                Some(object)
-            }
+            RegistryError::Invalid { object, .. }
+            | RegistryError::Refused { object, .. }
+            | RegistryError::Rejected { object, .. } => Some(object),
             RegistryError::NotRegistered { .. } => None,
         }
     }
@@ -366,6 +402,7 @@ impl Registry {
             grace_secs,
             model,
             codec,
+            section_bytes: DEFAULT_SECTION_BYTES,
             beta: 0.9,
             outer_lr: 1.0,
             limits: RunLimits::default(),
@@ -392,6 +429,16 @@ impl Registry {
                 outer: Outer::sgd(self.outer_lr),
                 beta: self.beta,
             })
+    }
+
+    /// The section names an honest shard of this run has, in order: the model packed by
+    /// the codec's exact payload sizes, a section closed once it reaches `section_bytes`
+    /// (`gradient.md` §8, "Sections").
+    pub fn section_names(&self) -> Vec<String> {
+        crate::codec::section_ranges(&self.model, &self.codec, self.section_bytes as usize)
+            .into_iter()
+            .map(|r| crate::codec::section_name(r.start, r.end - 1))
+            .collect()
     }
 
     /// Whether any window before `w` is applied with a momentum optimizer: then the
@@ -479,24 +526,56 @@ impl Registry {
         store::open(&p.store, &opts)
     }
 
+    /// The reader rules (`round.md`, "Reader rules"): what every reader checks before it
+    /// uses a registry, and every writer before it signs one. `registry_invalid` for the
+    /// run's shape, `settings_invalid` for its settings history.
     fn validate(&self, object: &str) -> Result<(), RegistryError> {
-        let bad = |reason: String| RegistryError::Invalid {
+        let bad = |reason: &'static str, detail: String| RegistryError::Rejected {
             object: object.to_string(),
             reason,
+            detail,
         };
+        let shape = |detail: String| bad("registry_invalid", detail);
+        let setting = |detail: String| bad("settings_invalid", detail);
         if self.format != 1 {
-            return Err(bad(format!(
+            return Err(shape(format!(
                 "registry format {} (this build reads 1)",
                 self.format
             )));
         }
         if self.window_secs == 0 {
-            return Err(bad("window_secs is 0".into()));
+            return Err(shape("window_secs is 0".into()));
         }
-        self.codec.validate().map_err(|e| bad(e.to_string()))?;
+        self.codec.validate().map_err(|e| shape(e.to_string()))?;
+        if !(1..=MAX_SECTION_BYTES).contains(&self.section_bytes) {
+            return Err(shape(format!(
+                "section_bytes {} is not in 1..={MAX_SECTION_BYTES}",
+                self.section_bytes
+            )));
+        }
+        let ratio = self.limits.clip_norm_ratio;
+        if !(ratio.is_finite() && ratio >= 1.0) {
+            return Err(shape(format!(
+                "clip_norm_ratio {ratio} is not a finite number ≥ 1"
+            )));
+        }
+        for p in &self.participants {
+            PeerId::parse(&p.peer).map_err(|e| shape(e.to_string()))?;
+        }
+        // The original plain-SGD setting (`beta`, `outer_lr`) obeys the same rules.
+        let original = Setting {
+            from_window: 0,
+            outer: Outer::sgd(self.outer_lr),
+            beta: self.beta,
+        };
+        if let Some(p) = original.problem() {
+            return Err(setting(format!(
+                "the original setting (beta, outer_lr): {p}"
+            )));
+        }
         for pair in self.settings.windows(2) {
             if pair[0].from_window >= pair[1].from_window {
-                return Err(bad(format!(
+                return Err(setting(format!(
                     "settings are not in ascending from_window order ({} then {})",
                     pair[0].from_window, pair[1].from_window
                 )));
@@ -504,14 +583,11 @@ impl Registry {
         }
         for s in &self.settings {
             if let Some(p) = s.problem() {
-                return Err(bad(format!(
+                return Err(setting(format!(
                     "the setting from window {}: {p}",
                     s.from_window
                 )));
             }
-        }
-        for p in &self.participants {
-            PeerId::parse(&p.peer).map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
     }

@@ -262,6 +262,10 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
         let detail = format!("{}: {detail}", shard.object);
         return shard.fail(Verdict::Rejected, "section_size", detail);
     }
+    if let Err(detail) = check_section_layout(reg, &env) {
+        let detail = format!("{}: {detail}", shard.object);
+        return shard.fail(Verdict::Rejected, "section_layout", detail);
+    }
     shard.content = Some(content_hash(env.sections().iter()));
     shard.env = Some((target, env));
     shard
@@ -323,6 +327,30 @@ fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), Strin
         }
     }
     Ok(())
+}
+
+/// The shard's sections must be exactly the run's packing (`Registry::section_names`):
+/// the same update then always has the same section table and content hash, so the exact
+/// duplicate rule cannot be slipped by cutting one update at other tensor boundaries.
+fn check_section_layout(reg: &Registry, env: &RemoteEnvelope) -> Result<(), String> {
+    let want = reg.section_names();
+    let got: Vec<&str> = env.sections().iter().map(|s| s.name.as_str()).collect();
+    if got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g == w) {
+        return Ok(());
+    }
+    let first = got
+        .iter()
+        .zip(&want)
+        .position(|(g, w)| g != w)
+        .unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "sections are not the run's packing at {} bytes: entry {first} is {:?}, the run's is {:?} ({} sections, the run has {})",
+        reg.section_bytes,
+        got.get(first).copied().unwrap_or("none"),
+        want.get(first).map_or("none", String::as_str),
+        got.len(),
+        want.len()
+    ))
 }
 
 /// What checking one shard's tensors in a range found: the first failing tensor (by model

@@ -173,6 +173,9 @@ async fn new_run(root: &Target, run: &str, window_secs: u64, miners: &[Identity]
             ..CodecParams::default()
         },
     );
+    // Small sections (`small_sections`), so shards have several: the run says so, as the
+    // packing is part of the content rule.
+    reg.section_bytes = 200;
     for (i, id) in miners.iter().enumerate() {
         reg.participants.push(Participant::new(
             Role::Miner,

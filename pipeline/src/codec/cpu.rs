@@ -713,7 +713,28 @@ pub(crate) fn check_shape(t: &EncodedTensor) -> Result<ChunkLayout, CodecError> 
 pub fn validate(t: &EncodedTensor) -> Result<f64, CodecError> {
     let lay = check_shape(t)?;
     let (_, val) = decode_sparse(t, &lay)?;
-    Ok(val.par_iter().map(|&v| v as f64 * v as f64).sum())
+    Ok(sum_of_squares(&val))
+}
+
+/// Values per block of [`sum_of_squares`]: fixed, so the sum is the same on any number of
+/// threads (`gradient.md` §4, "Norms").
+pub const NORM_BLOCK: usize = 1 << 16;
+
+/// The squared L2 norm of `val` (a tensor's kept values in ascending flat index) as the
+/// spec fixes it: each value widened to f64 and squared; the values split into consecutive
+/// blocks of [`NORM_BLOCK`]; each block summed left to right from +0.0; the block sums added
+/// left to right from +0.0. Blocks run in parallel but the order of every addition is fixed:
+/// rayon's own `sum` splits by the thread count, which changed ledger norms in their last
+/// bits between a 1- and a 2-thread aggregator (the clip weight is computed from them).
+pub fn sum_of_squares(val: &[f32]) -> f64 {
+    let blocks: Vec<f64> = val
+        .par_chunks(NORM_BLOCK)
+        .map(|b| {
+            b.iter()
+                .fold(0f64, |acc, &v| acc + f64::from(v) * f64::from(v))
+        })
+        .collect();
+    blocks.iter().fold(0f64, |acc, &b| acc + b)
 }
 
 /// Adds `weight × decoded` into `dense` (f32, the tensor's length). The whole tensor is

@@ -45,8 +45,8 @@ mod state;
 mod update;
 
 pub use cpu::{
-    accumulate, advance_state, encode_tensor, encode_tensor_from, to_sparse, to_sparse_chunks,
-    validate,
+    NORM_BLOCK, accumulate, advance_state, encode_tensor, encode_tensor_from, sum_of_squares,
+    to_sparse, to_sparse_chunks, validate,
 };
 pub use format::{
     SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,

@@ -202,6 +202,63 @@ fn bytes_do_not_depend_on_thread_count() {
 }
 
 #[test]
+fn norms_do_not_depend_on_thread_count() {
+    // Enough kept values for several norm blocks, with magnitudes spread so that the order
+    // of the additions shows in the last bits.
+    let n = 1 << 21;
+    let u: Vec<f32> = noise(n, 11)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * (1.0 + (i % 977) as f32 * 37.0))
+        .collect();
+    let p = CodecParams {
+        chunk: 1024,
+        k: 256,
+        values: ValueFormat::Int8,
+        ..CodecParams::default()
+    };
+    let mut s = vec![0.0; n];
+    let t = encode(&u, &[n as u64], &mut s, 0.0, &p);
+    let norm_on = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| validate(&t).unwrap())
+    };
+    let one = norm_on(1);
+    for threads in [2, 3, 8] {
+        assert_eq!(
+            one.to_bits(),
+            norm_on(threads).to_bits(),
+            "{threads} threads"
+        );
+    }
+    // The spec's order, written out: blocks of NORM_BLOCK summed left to right, then the
+    // block sums left to right.
+    let (_, vals) = to_sparse(&t).unwrap();
+    assert!(vals.len() > 4 * NORM_BLOCK);
+    let mut total = 0f64;
+    for b in vals.chunks(NORM_BLOCK) {
+        let mut s = 0f64;
+        for &v in b {
+            s += f64::from(v) * f64::from(v);
+        }
+        total += s;
+    }
+    assert_eq!(one.to_bits(), total.to_bits());
+    // And another order gives other bits here, so the test can fail.
+    let plain = vals
+        .iter()
+        .fold(0f64, |a, &v| a + f64::from(v) * f64::from(v));
+    assert_ne!(
+        plain.to_bits(),
+        total.to_bits(),
+        "pick data where the order shows"
+    );
+}
+
+#[test]
 fn bf16_and_f16_inputs_match_their_f32_values() {
     let u = noise(500, 3);
     let p = params(ValueFormat::Int4, IndexEncoding::Compact, ScaleMode::Chunk);

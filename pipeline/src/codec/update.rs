@@ -414,5 +414,42 @@ pub fn dense_to_safetensors_with(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    safetensors::serialize(views, metadata).map_err(|e| CodecError::Malformed(e.to_string()))
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    sort_metadata(bytes)
+}
+
+/// Rewrites a safetensors file's `__metadata__` object with its keys in byte order. The
+/// crate writes them in its `HashMap`'s order, which varies from process to process: two
+/// workers saving the same momentum state wrote different bytes in 39 of 40 rounds. The
+/// sorted object has the same length (the same entries, permuted), so nothing else moves.
+fn sort_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>, CodecError> {
+    const KEY: &[u8] = b"{\"__metadata__\":";
+    let bad = |d: String| CodecError::Malformed(format!("safetensors metadata: {d}"));
+    let len = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| bad("no header".into()))? as usize;
+    let header_end = 8usize
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad("header past the end".into()))?;
+    if !bytes[8..header_end].starts_with(KEY) {
+        return Ok(bytes);
+    }
+    let start = 8 + KEY.len();
+    let mut values = serde_json::Deserializer::from_slice(&bytes[start..header_end])
+        .into_iter::<BTreeMap<String, String>>();
+    let map = values
+        .next()
+        .ok_or_else(|| bad("empty".into()))?
+        .map_err(|e| bad(e.to_string()))?;
+    let end = start + values.byte_offset();
+    let sorted = serde_json::to_vec(&map).map_err(|e| bad(e.to_string()))?;
+    if sorted.len() != end - start {
+        return Err(bad("sorted metadata changed length".into()));
+    }
+    bytes[start..end].copy_from_slice(&sorted);
+    Ok(bytes)
 }

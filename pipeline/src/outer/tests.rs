@@ -229,3 +229,75 @@ fn momentum_tensors_round_trip_through_prefixed_names() {
         (vec![2], vec![0.5, -0.5])
     );
 }
+
+#[test]
+fn state_files_have_one_byte_form() {
+    // The metadata has three keys; safetensors writes its map in a per-process random order.
+    // Every save of the same state must give the same bytes, with the keys in byte order.
+    let mut state = OuterState::default();
+    state.momentum.insert("b".into(), vec![0.5, -1.0]);
+    state.momentum.insert("a".into(), vec![2.0; 3]);
+    let shapes: BTreeMap<String, Vec<u64>> =
+        [("a".to_string(), vec![3]), ("b".to_string(), vec![1, 2])].into();
+    let first = state_to_safetensors(&state, &shapes, "run-1", Some(7)).unwrap();
+    for _ in 0..32 {
+        assert_eq!(
+            state_to_safetensors(&state, &shapes, "run-1", Some(7)).unwrap(),
+            first
+        );
+    }
+    let text = String::from_utf8_lossy(&first[8..]).to_string();
+    let (a, f, r) = (
+        text.find("\"after\"").unwrap(),
+        text.find("\"format\"").unwrap(),
+        text.find("\"run\"").unwrap(),
+    );
+    assert!(a < f && f < r, "metadata keys not in byte order: {text}");
+    let (back, run, after) = state_from_safetensors(&first).unwrap();
+    assert_eq!((back, run.as_str(), after), (state, "run-1", Some(7)));
+}
+
+#[test]
+fn the_stated_cosine_is_the_cosine_and_moves_no_rate() {
+    // The polynomial against libm's cos (what earlier builds used) on a fine grid of [0, 1].
+    let mut worst = 0f64;
+    for i in 0..=100_000u32 {
+        let s = f64::from(i) / 100_000.0;
+        let d = (cos_pi(s) - libm::cos(std::f64::consts::PI * s)).abs();
+        worst = worst.max(d);
+    }
+    assert!(worst <= 4.5e-16, "worst difference {worst:e}");
+    assert_eq!(cos_pi(0.0), 1.0);
+    assert_eq!(cos_pi(1.0), -1.0);
+    // And the f32 rates a run sees: every window of cosine schedules up to 300 windows of
+    // decay, at several base rates and final ratios, equal to the libm formula's.
+    let mut differ = 0;
+    let mut total = 0;
+    for &lr in &[1.0f32, 0.7, 0.35, 1e-3, 0.123_456_79] {
+        for &r in &[0.0f32, 0.1, 0.5] {
+            for decay in 1..=300u64 {
+                let mut st = setting(OptimizerKind::Sgd, lr, 0.0);
+                st.outer.schedule = Schedule {
+                    kind: ScheduleKind::Cosine,
+                    warmup: 0,
+                    decay,
+                    final_ratio: r,
+                    origin: None,
+                };
+                for w in 0..=decay {
+                    let done = w as f64 / decay as f64;
+                    let r = f64::from(r);
+                    let old = (f64::from(lr)
+                        * (r + (1.0 - r) * 0.5 * (1.0 + libm::cos(std::f64::consts::PI * done))))
+                        as f32;
+                    total += 1;
+                    differ += usize::from(st.lr_at(w).to_bits() != old.to_bits());
+                }
+            }
+        }
+    }
+    assert!(total > 600_000);
+    // A handful of f64 last-bit differences may cross an f32 rounding boundary; none did
+    // on this grid when the polynomial was chosen.
+    assert_eq!(differ, 0, "{differ} of {total} rates moved");
+}

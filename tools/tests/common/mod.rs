@@ -152,34 +152,47 @@ impl Run {
         agg_key: &Path,
         env: &[(&str, &str)],
     ) -> Run {
+        Run::init_with(dir, base, name, window_secs, agg_key, env, &[])
+    }
+
+    /// `init` with more `run init` flags (an aggregate form, an outer optimizer).
+    pub fn init_with(
+        dir: &Path,
+        base: &str,
+        name: &str,
+        window_secs: u64,
+        agg_key: &Path,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Run {
         let op_key = dir.join(format!("{name}-op.key"));
         ok_json(shardrop(&["keygen", "--out", p(&op_key), "--json"]));
         let model = dir.join("model.safetensors");
         write_update(&model, 0.0);
-        let reg = ok_json(shardrop_env(
-            &[
-                "run",
-                "init",
-                "--run",
-                name,
-                "--key",
-                p(&op_key),
-                "--store",
-                &format!("{base}/op"),
-                "--model",
-                p(&model),
-                "--window-secs",
-                &window_secs.to_string(),
-                "--grace-secs",
-                "2",
-                "--chunk",
-                "256",
-                "--k",
-                "8",
-                "--json",
-            ],
-            env,
-        ))["registry"]
+        let (op_store, secs) = (format!("{base}/op"), window_secs.to_string());
+        let mut args = vec![
+            "run",
+            "init",
+            "--run",
+            name,
+            "--key",
+            p(&op_key),
+            "--store",
+            &op_store,
+            "--model",
+            p(&model),
+            "--window-secs",
+            &secs,
+            "--grace-secs",
+            "2",
+            "--chunk",
+            "256",
+            "--k",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let reg = ok_json(shardrop_env(&args, env))["registry"]
             .as_str()
             .unwrap()
             .to_string();
