@@ -262,3 +262,121 @@ impl AcceptedList {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{CodecParams, ModelSpec, TensorSpec};
+    use crate::identity::Identity;
+    use crate::registry::Participant;
+
+    fn run(form: AggForm) -> (Registry, Vec<PeerId>) {
+        let op = Identity::generate();
+        let model = ModelSpec {
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                shape: vec![1024],
+                dtype: crate::codec::InDtype::F32,
+            }],
+        };
+        let mut reg = Registry::new("r", &op.peer_id(), 0, 10, 5, model, CodecParams::default());
+        reg.aggregate.form = form;
+        let mut peers: Vec<PeerId> = (0..3).map(|_| Identity::generate().peer_id()).collect();
+        peers.sort_by_key(|p| p.to_string());
+        for p in &peers {
+            reg.participants
+                .push(Participant::new(Role::Miner, p, "file:///m".into()));
+        }
+        (reg, peers)
+    }
+
+    fn list(reg: &Registry, peers: &[PeerId], w: u64) -> AcceptedList {
+        let sections = |i: usize| {
+            vec![ListedSection {
+                name: reg.section_names()[0].clone(),
+                hash: format!("{i:064x}"),
+                len: 10,
+                raw_len: 20,
+            }]
+        };
+        AcceptedList {
+            format: "agg-v2".into(),
+            window: w,
+            form: AggForm::Shards,
+            accepted: peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| AcceptedShard {
+                    peer: p.to_string(),
+                    object: shard_key(reg, AggForm::Shards, w, p),
+                    content: crate::exchange::content_hash_of(sections(i).iter().map(|s| &s.hash)),
+                    weight: (1.0f64 / peers.len() as f64) as f32,
+                    clipped: false,
+                    sections: sections(i),
+                })
+                .collect(),
+            merged: None,
+        }
+    }
+
+    #[test]
+    fn lists_break_no_rule_a_reader_can_check() {
+        let (reg, peers) = run(AggForm::Shards);
+        let good = list(&reg, &peers, 4);
+        good.check(&reg, 4).unwrap();
+        let bytes = serde_json::to_vec(&good).unwrap();
+        assert_eq!(AcceptedList::parse(&bytes).unwrap(), good);
+        // The content must be its sections' hash.
+        let mut l = good.clone();
+        l.accepted[1].content = "00".repeat(32);
+        assert_eq!(l.check(&reg, 4).unwrap_err().reason, "agg_verdict");
+        // The sections must be the run's packing.
+        let mut l = good.clone();
+        l.accepted[0].sections[0].name = "t00000-00001".into();
+        l.accepted[0].content =
+            crate::exchange::content_hash_of(l.accepted[0].sections.iter().map(|s| &s.hash));
+        let f = l.check(&reg, 4).unwrap_err();
+        assert_eq!(f.reason, "agg_verdict");
+        assert!(f.detail.contains("packing"), "{}", f.detail);
+        // A weight written with more digits than its f32 needs: the same value, refused.
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.contains("\"weight\":0.33333334"), "{text}");
+        let long = text.replacen("\"weight\":0.33333334", "\"weight\":0.333333343", 1);
+        let f = AcceptedList::parse(long.as_bytes()).unwrap_err();
+        assert_eq!(f.reason, "agg_weights", "{}", f.detail);
+        let spelled = text.replacen("\"weight\":0.33333334", "\"weight\":3.3333334e-1", 1);
+        assert_eq!(AcceptedList::parse(spelled.as_bytes()).unwrap(), good);
+    }
+
+    #[test]
+    fn empty_lists_are_valid_in_every_form_and_name_no_merged_object() {
+        for form in [
+            AggForm::Auto,
+            AggForm::Shards,
+            AggForm::Merged,
+            AggForm::Reference,
+        ] {
+            let (reg, _) = run(form);
+            let used = match form {
+                AggForm::Auto => AggForm::Shards,
+                f => f,
+            };
+            let empty = AcceptedList {
+                format: "agg-v2".into(),
+                window: 2,
+                form: used,
+                accepted: Vec::new(),
+                merged: None,
+            };
+            empty.check(&reg, 2).unwrap();
+            if form == AggForm::Merged {
+                let mut with = empty.clone();
+                with.merged = Some(MergedObject {
+                    object: layout::agg_merged(&reg.run, 2),
+                    sections: Vec::new(),
+                });
+                assert_eq!(with.check(&reg, 2).unwrap_err().reason, "agg_verdict");
+            }
+        }
+    }
+}

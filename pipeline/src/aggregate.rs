@@ -1241,3 +1241,59 @@ async fn apply_listed<T: Tensor>(
         Ok(())
     })
 }
+
+/// Reads an outer-optimizer state file as `round.md` ("State") requires before any of it is
+/// used: a regular file (no link followed, no FIFO waited on) no larger than the model's f32
+/// size plus 64 MiB (without a model: any size), every tensor `outer_momentum.<name>` of a
+/// model tensor with exactly its shape, and every value finite: NaN momentum would give NaN
+/// parameters to a peer that then publishes from them. `optimizer_state_invalid` otherwise.
+/// Returns the state, its run and the window it is after.
+pub fn read_state_file(
+    path: &std::path::Path,
+    model: Option<&ModelSpec>,
+) -> Result<(OuterState, String, Option<u64>), ExchangeError> {
+    let bad = |detail: String| ExchangeError::Rejected {
+        object: path.display().to_string(),
+        reason: "optimizer_state_invalid",
+        detail,
+    };
+    let max = model.map_or(u64::MAX / 2, |m| {
+        m.tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>() * 4)
+            .sum::<u64>()
+            + (64 << 20)
+    });
+    let bytes = crate::files::read_regular(path, max).map_err(|e| bad(e.to_string()))?;
+    let (state, run, after) =
+        crate::outer::state_from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    if let Some(model) = model {
+        for (name, info) in header.tensors() {
+            let plain = name
+                .strip_prefix(crate::outer::MOMENTUM_PREFIX)
+                .unwrap_or(&name);
+            let spec = model.tensors.iter().find(|t| t.name == plain);
+            let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+            match spec {
+                Some(t) if t.shape == shape && info.dtype == Dtype::F32 => {}
+                Some(t) => {
+                    return Err(bad(format!(
+                        "tensor {name:?} is {:?} {shape:?}; the model's {plain:?} is F32 {:?}",
+                        info.dtype, t.shape
+                    )));
+                }
+                None => return Err(bad(format!("tensor {name:?} is not of the run's model"))),
+            }
+        }
+    }
+    for (name, m) in &state.momentum {
+        if let Some(i) = m.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "momentum of {name:?} holds {} at element {i}",
+                m[i]
+            )));
+        }
+    }
+    Ok((state, run, after))
+}

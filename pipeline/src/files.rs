@@ -26,9 +26,68 @@ pub fn write_replace_beside(dest: &Path, bytes: &[u8]) -> io::Result<()> {
     write_replace(dir, dest, bytes)
 }
 
+/// Reads a local file that must be a regular file of at most `max` bytes, without
+/// following a link at its name (`O_NOFOLLOW`) and without blocking on a FIFO
+/// (`O_NONBLOCK` while opening): a planted link to `/dev/zero`, a FIFO or an 8 GiB file is
+/// refused before anything is read. The error names what was found.
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::other("a symbolic link (refused: not followed)"),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "not a regular file ({:?})",
+            meta.file_type()
+        )));
+    }
+    if meta.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, over the {max} this file may have",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::other(format!(
+            "grew past {max} bytes while read"
+        )));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_only_bounded_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, b"12345").unwrap();
+        assert_eq!(read_regular(&ok, 5).unwrap(), b"12345");
+        let e = read_regular(&ok, 4).unwrap_err().to_string();
+        assert!(e.contains("over the 4"), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let e = read_regular(&link, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_regular(&fifo, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = read_regular(dir.path(), 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 
     #[test]
     fn replaces_a_planted_link_without_writing_through_it() {

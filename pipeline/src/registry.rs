@@ -861,4 +861,109 @@ mod tests {
         reg.settings[2].outer.momentum = 1.5;
         assert!(reg.validate("registry").is_err());
     }
+
+    /// A reason code, from a refusal of `validate` or `load`.
+    fn reason_of(e: &RegistryError) -> &'static str {
+        crate::error::Classified::reason(e).unwrap_or("none")
+    }
+
+    #[test]
+    fn reader_rules_refuse_a_registry_by_name_with_a_reason() {
+        let op = Identity::generate();
+        let good = Registry::new(
+            "r",
+            &op.peer_id(),
+            0,
+            10,
+            5,
+            Default::default(),
+            Default::default(),
+        );
+        good.validate("registry").unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut Registry)>)> = vec![
+            (
+                "settings_invalid",
+                Box::new(|r| r.settings[0].outer.lr = 1e30),
+            ),
+            (
+                "settings_invalid",
+                Box::new(|r| r.settings[0].outer.lr = -0.5),
+            ),
+            (
+                "settings_invalid",
+                Box::new(|r| r.settings[0].outer.schedule.warmup = 1 << 60),
+            ),
+            (
+                "settings_invalid",
+                Box::new(|r| {
+                    r.settings[0].outer.schedule.kind = crate::outer::ScheduleKind::Cosine;
+                    r.settings[0].outer.schedule.decay = 0;
+                }),
+            ),
+            (
+                "settings_invalid",
+                Box::new(|r| r.settings[0].outer.momentum = 0.5),
+            ),
+            ("settings_invalid", Box::new(|r| r.settings[0].beta = 1.5)),
+            (
+                "settings_invalid",
+                Box::new(|r| r.settings[0].outer.schedule.final_ratio = 2.0),
+            ),
+            (
+                "settings_invalid",
+                Box::new(|r| r.settings[0].outer.schedule.origin = Some(3)),
+            ),
+            ("settings_invalid", Box::new(|r| r.outer_lr = f32::INFINITY)),
+            ("registry_invalid", Box::new(|r| r.section_bytes = 0)),
+            (
+                "registry_invalid",
+                Box::new(|r| r.limits.clip_norm_ratio = 0.5),
+            ),
+            ("registry_invalid", Box::new(|r| r.window_secs = 0)),
+        ];
+        for (want, edit) in &cases {
+            let mut r = good.clone();
+            edit(&mut r);
+            let e = r.validate("s3://b/runs/r/registry").unwrap_err();
+            assert_eq!(reason_of(&e), *want, "{e}");
+            assert!(e.to_string().contains("s3://b/runs/r/registry"), "{e}");
+            assert_eq!(
+                crate::error::Classified::class(&e),
+                crate::error::ErrorClass::Rejected
+            );
+        }
+    }
+
+    #[test]
+    fn registry_numbers_are_read_with_one_rounding_to_f32() {
+        let op = Identity::generate();
+        let reg = Registry::new(
+            "r",
+            &op.peer_id(),
+            0,
+            10,
+            5,
+            Default::default(),
+            Default::default(),
+        );
+        let mut json = serde_json::to_value(&reg).unwrap();
+        // The decimal just above the midpoint of 1 and the next f32: through f64 it would
+        // tie to even (1.0); read once it is the next f32 up.
+        let text = "1.0000000596046447753906250000001";
+        json["settings"][0]["outer"]["lr"] = serde_json::Value::Null;
+        let doc = serde_json::to_string(&json)
+            .unwrap()
+            .replace("\"lr\":null", &format!("\"lr\":{text}"));
+        let back: Registry = serde_json::from_str(&doc).unwrap();
+        assert_eq!(
+            back.settings[0].outer.lr,
+            f32::from_bits(1.0f32.to_bits() + 1)
+        );
+        // The default section size is not written, so older registries keep their bytes.
+        assert!(
+            !serde_json::to_string(&reg)
+                .unwrap()
+                .contains("section_bytes")
+        );
+    }
 }

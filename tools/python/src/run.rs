@@ -630,10 +630,10 @@ impl OptimizerState {
     /// holds).
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<OptimizerState> {
-        let bytes = py
-            .detach(|| std::fs::read(&path))
-            .map_err(|e| io(&path, e))?;
-        let (state, run, after) = shardrop::outer::state_from_safetensors(&bytes).map_err(to_py)?;
+        let (state, run, after) = py
+            .detach(|| shardrop::aggregate::read_state_file(&path, None))
+            .map_err(to_py)?;
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
         // The shapes, from the header alone (the file was just checked whole).
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| io(&path, format!("safetensors header: {e}")))?;

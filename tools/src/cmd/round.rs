@@ -724,10 +724,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = a.optimizer_state.as_ref().filter(|p| p.exists()) {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let (st, run, st_after) = shardrop::outer::state_from_safetensors(&bytes)
-            .with_context(|| path.display().to_string())?;
+        let (st, run, st_after) = shardrop::aggregate::read_state_file(path, Some(&reg.model))?;
         if run != reg.run || st_after != after {
             let name = |w: Option<u64>| w.map_or("genesis".to_string(), |w| format!("window {w}"));
             return Err(ExchangeError::Refused {
