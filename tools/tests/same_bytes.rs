@@ -16,33 +16,31 @@ use std::process::Output;
 
 use common::{Run, ok_json, p, shardrop, shardrop_env, stderr};
 
-/// The two-tensor model of `common::write_update`, scaled (a large scale is clipped).
+/// The test's model: `w` 1024×1024 and `b` 64, values of many magnitudes, so that 32,768 kept
+/// values per shard sum differently in another order (a small model hid rayon's
+/// thread-dependent split). `scale` makes a shard an outlier.
 fn write_scaled(path: &Path, seed: f32, scale: f32) {
-    common::write_update(path, seed);
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let scaled: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let data = t
-                .data()
-                .chunks(4)
-                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * scale).to_le_bytes())
-                .collect();
-            (n, t.shape().to_vec(), data)
-        })
-        .collect();
-    let views: Vec<(&str, safetensors::tensor::TensorView)> = scaled
-        .iter()
-        .map(|(n, s, d)| {
-            (
-                n.as_str(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let tensor = |n: usize, f: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let x = i as f32;
+                let v = ((x * 0.37 + seed * f).sin() * (1.0 + (i % 613) as f32 * 0.731)) * 0.01;
+                (v * scale).to_le_bytes()
+            })
+            .collect()
+    };
+    let (w, b) = (tensor(1024 * 1024, 1.0), tensor(64, 1.3));
+    let views = vec![
+        (
+            "w",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1024, 1024], &w)
+                .unwrap(),
+        ),
+        (
+            "b",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64], &b).unwrap(),
+        ),
+    ];
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -90,6 +88,7 @@ fn one_form(format: &str, form: Option<&str>) {
     if let Some(f) = form {
         extra.extend(["--agg-form", f]);
     }
+    write_scaled(&dir.join("model.safetensors"), 0.0, 0.0);
     let run = Run::init_with(dir, &base, label, 6, &agg_key, &[], &extra);
     let miners: Vec<(std::path::PathBuf, String)> = (0..4)
         .map(|i| {

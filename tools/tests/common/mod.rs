@@ -155,7 +155,8 @@ impl Run {
         Run::init_with(dir, base, name, window_secs, agg_key, env, &[])
     }
 
-    /// `init` with more `run init` flags (an aggregate form, an outer optimizer).
+    /// `init` with more `run init` flags (an aggregate form, an outer optimizer), and the
+    /// model at `dir/model.safetensors` if the test wrote one.
     pub fn init_with(
         dir: &Path,
         base: &str,
@@ -167,8 +168,12 @@ impl Run {
     ) -> Run {
         let op_key = dir.join(format!("{name}-op.key"));
         ok_json(shardrop(&["keygen", "--out", p(&op_key), "--json"]));
+        // A test may bring its own model (written there first); the default is
+        // `write_update`'s.
         let model = dir.join("model.safetensors");
-        write_update(&model, 0.0);
+        if !model.exists() {
+            write_update(&model, 0.0);
+        }
         let (op_store, secs) = (format!("{base}/op"), window_secs.to_string());
         let mut args = vec![
             "run",
