@@ -37,8 +37,8 @@ use crate::registry::{AggForm, AggFormat, Job, Registry, Role};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
 use crate::tables::ledger_parquet;
 use crate::verdict::{
-    MinerShard, OpenWindow, RangeCheck, Verdict, Verdicts, check_ranges, check_streamed,
-    consolidate, finalize, open_window,
+    MinerShard, OpenWindow, RangeCheck, Verdict, Verdicts, check_ranges, consolidate,
+    copy_and_check, finalize, open_window,
 };
 
 /// The aggregate codec this build writes and reads (`schemas/round.md`).
@@ -612,23 +612,21 @@ async fn check_window_v2(
         .unwrap_or(closed);
     phases.add("header", now.saturating_sub(closed) as f64 / 1000.0);
     let t = std::time::Instant::now();
-    if reg.aggregate.form.consolidated() {
-        consolidate(
-            reg,
-            &open.target,
-            w,
-            &mut open.shards,
-            true,
-            concurrency,
-            open.deadline,
-        )
-        .await;
-        phases.add("copy", t.elapsed().as_secs_f64());
-    }
-    let t = std::time::Instant::now();
     let keep = sample_tensor(reg).filter(|i| range.contains(i));
-    let checked = check_streamed(reg, &open.shards, range, keep, concurrency, open.deadline).await;
-    phases.add("check", t.elapsed().as_secs_f64());
+    let target = open.target.clone();
+    let copy_to = reg.aggregate.form.consolidated().then_some(&target);
+    let checked = copy_and_check(
+        reg,
+        copy_to,
+        w,
+        &mut open.shards,
+        range,
+        keep,
+        concurrency,
+        open.deadline,
+    )
+    .await;
+    phases.add("copy_and_check", t.elapsed().as_secs_f64());
     let (checks, kept): (Vec<RangeCheck>, Vec<Option<EncodedTensor>>) = checked.into_iter().unzip();
     Ok((open, checks, phases, kept))
 }

@@ -598,61 +598,114 @@ pub(crate) async fn check_ranges(
     concurrency: usize,
     deadline: Instant,
 ) -> Vec<(RangeCheck, Vec<EncodedTensor>)> {
-    futures::stream::iter(shards.iter().map(|s| {
-        let range = range.clone();
-        async move {
-            match tokio::time::timeout_at(deadline, check_range(reg, s, range.clone())).await {
-                Ok(checked) => checked,
-                Err(_) => (RangeCheck::timed_out(range.start), Vec::new()),
+    let mut out: Vec<(usize, (RangeCheck, Vec<EncodedTensor>))> =
+        futures::stream::iter(shards.iter().enumerate().map(|(j, s)| {
+            let range = range.clone();
+            let until = shard_deadline(deadline, concurrency, shards.len());
+            async move {
+                let until = until();
+                let checked = tokio::time::timeout_at(until, check_range(reg, s, range.clone()))
+                    .await
+                    .unwrap_or_else(|_| (RangeCheck::timed_out(range.start), Vec::new()));
+                (j, checked)
             }
-        }
-    }))
-    .buffered(concurrency.max(1))
-    .collect()
-    .await
+        }))
+        // Unordered: a stalled shard holds one slot, never the shards behind it.
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    out.sort_by_key(|(j, _)| *j);
+    out.into_iter().map(|(_, c)| c).collect()
 }
 
-/// [`check_ranges`] for agg-v2: each shard's tensors of `range`, one of its own sections at
-/// a time (shards concurrently, up to `concurrency`), keeping only the checks. Memory is
-/// `concurrency` × the largest section, not every accepted shard's range at once. Stops at
-/// a shard's first failing piece, which holds its lowest failing tensor: the same verdict a
-/// split merge with one part per section would reach.
+/// Each shard's share of the window's budget, as a deadline taken when its pipeline gets a
+/// slot: the time left before `deadline`, times `concurrency / n` when more shards than
+/// slots wait, so that even if every shard stalls for its whole share, the last one still
+/// gets its share before the window's deadline. A slow or stalled miner costs its own share
+/// and nobody else's time (`round.md`, "Window budget").
+fn shard_deadline(deadline: Instant, concurrency: usize, n: usize) -> impl Fn() -> Instant {
+    let share = (concurrency.max(1) as f64 / n.max(1) as f64).min(1.0);
+    move || {
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        (now + left.mul_f64(share)).min(deadline)
+    }
+}
+
+/// [`check_ranges`] for agg-v2, each shard as one pipeline: copy it into the aggregator's
+/// store (`copy_to`: the consolidated forms), open the copy, then check its tensors of
+/// `range` one of its own sections at a time, all within the shard's own share of the
+/// budget ([`shard_deadline`]). Pipelines run unordered, up to `concurrency` at once, and the
+/// results are put back in peer order afterwards: a miner that trickles its body or stalls
+/// costs its own slot and share, while every other shard is copied and checked as soon as
+/// it can be (one slow miner among 20 used to hold the whole copy phase to the deadline and
+/// leave no time for any check). Memory is `concurrency` × the largest section.
+/// Stops at a shard's first failing piece, which holds its lowest failing tensor: the same
+/// verdict a split merge with one part per section would reach.
 /// `keep`: a tensor index whose decoded form is returned for every shard that holds it (the
 /// aggregator's sample for choosing agg-v2's form, at no extra fetch).
-pub(crate) async fn check_streamed(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn copy_and_check(
     reg: &Registry,
-    shards: &[MinerShard],
+    copy_to: Option<&Target>,
+    w: u64,
+    shards: &mut [MinerShard],
     range: Range<usize>,
     keep: Option<usize>,
     concurrency: usize,
     deadline: Instant,
 ) -> Vec<(RangeCheck, Option<EncodedTensor>)> {
-    futures::stream::iter(shards.iter().map(|s| {
-        let range = range.clone();
-        async move {
-            let mut all = RangeCheck::default();
-            let mut kept = None;
-            for piece in pieces(s, range) {
-                let checked =
-                    tokio::time::timeout_at(deadline, check_range(reg, s, piece.clone())).await;
-                let (c, tensors) =
-                    checked.unwrap_or_else(|_| (RangeCheck::timed_out(piece.start), Vec::new()));
-                if let Some(k) = keep.filter(|k| piece.contains(k)) {
-                    let name = &reg.model.tensors[k].name;
-                    kept = tensors.into_iter().find(|t| &t.name == name);
+    let busy = shards
+        .iter()
+        .filter(|s| s.fault.is_none() && s.env.is_some())
+        .count();
+    let until = shard_deadline(deadline, concurrency, busy);
+    let until = &until;
+    let mut out: Vec<(usize, (RangeCheck, Option<EncodedTensor>))> =
+        futures::stream::iter(shards.iter_mut().enumerate().map(|(j, s)| {
+            let range = range.clone();
+            async move {
+                if s.fault.is_some() || s.env.is_none() {
+                    return (j, (RangeCheck::default(), None));
                 }
-                all.sumsq.extend(c.sumsq);
-                if c.fault.is_some() {
-                    all.fault = c.fault;
-                    break;
+                let until = until();
+                if let Some(target) = copy_to {
+                    let copied =
+                        tokio::time::timeout_at(until, s.consolidate(reg, target, w, true)).await;
+                    if copied.is_err() {
+                        s.fault = Some(Exclusion::timed_out());
+                        s.env = None;
+                    }
+                    if s.fault.is_some() {
+                        return (j, (RangeCheck::default(), None));
+                    }
                 }
+                let s = &*s;
+                let mut all = RangeCheck::default();
+                let mut kept = None;
+                for piece in pieces(s, range) {
+                    let checked =
+                        tokio::time::timeout_at(until, check_range(reg, s, piece.clone())).await;
+                    let (c, tensors) = checked
+                        .unwrap_or_else(|_| (RangeCheck::timed_out(piece.start), Vec::new()));
+                    if let Some(k) = keep.filter(|k| piece.contains(k)) {
+                        let name = &reg.model.tensors[k].name;
+                        kept = tensors.into_iter().find(|t| &t.name == name);
+                    }
+                    all.sumsq.extend(c.sumsq);
+                    if c.fault.is_some() {
+                        all.fault = c.fault;
+                        break;
+                    }
+                }
+                (j, (all, kept))
             }
-            (all, kept)
-        }
-    }))
-    .buffered(concurrency.max(1))
-    .collect()
-    .await
+        }))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    out.sort_by_key(|(j, _)| *j);
+    out.into_iter().map(|(_, c)| c).collect()
 }
 
 /// `range` cut where the shard's own sections start: pieces that each need one section
@@ -820,40 +873,78 @@ pub(crate) fn finalize(
                     .iter()
                     .flat_map(|p| p[j].sumsq.iter().copied())
                     .collect();
-                per.sort_by_key(|(i, _)| *i);
-                Some(per.iter().fold(0f64, |acc, (_, x)| acc + x).sqrt())
+                Some(shard_norm(&mut per))
             }
         };
         row.norm = norm;
         norms.push(norm);
         rows.push(row);
     }
-    let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let cap = (n >= 3).then(|| sorted[n / 2] * reg.limits.clip_norm_ratio);
+    let clip = clip_weights(&norms, reg.limits.clip_norm_ratio);
     let mut weights = vec![0f32; shards.len()];
     for (j, row) in rows.iter_mut().enumerate() {
-        let Some(norm) = norms[j] else { continue };
-        let mut scale = 1.0f64;
-        if let Some(cap) = cap
-            && norm > cap
-        {
-            scale = cap / norm;
+        let (Some(norm), Some(c)) = (norms[j], clip[j]) else {
+            continue;
+        };
+        if c.clipped {
             row.reason = "clipped".into();
             row.detail = format!(
-                "norm {norm:.6e} over {:.1} x median; scaled by {scale:.6}",
-                reg.limits.clip_norm_ratio
+                "norm {norm:.6e} over {:.1} x median; scaled by {:.6}",
+                reg.limits.clip_norm_ratio, c.scale
             );
         }
-        weights[j] = (scale / n as f64) as f32;
-        row.weight = weights[j] as f64;
+        weights[j] = c.weight;
+        row.weight = f64::from(c.weight);
     }
     Verdicts {
         rows,
         weights,
         duplicate_of,
     }
+}
+
+/// One accepted shard's place in the merge, from the outlier rule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clip {
+    /// `cap / norm` when clipped, else 1.
+    pub scale: f64,
+    /// Whether the norm was over the cap.
+    pub clipped: bool,
+    /// The merge weight, `f32(scale / n)`.
+    pub weight: f32,
+}
+
+/// The outlier rule and the weights (`round.md`, "Norms, clipping and weights"): `norms`
+/// holds each miner's norm, `None` for every shard not accepted. The median is the upper
+/// middle of the sorted accepted norms; with 3 or more, a norm over `ratio × median` is
+/// scaled down to it; each weight is the binary64 `scale / n` rounded once to f32.
+pub fn clip_weights(norms: &[Option<f64>], ratio: f64) -> Vec<Option<Clip>> {
+    let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let cap = (n >= 3).then(|| sorted[n / 2] * ratio);
+    norms
+        .iter()
+        .map(|norm| {
+            let norm = (*norm)?;
+            let (scale, clipped) = match cap {
+                Some(cap) if norm > cap => (cap / norm, true),
+                _ => (1.0, false),
+            };
+            Some(Clip {
+                scale,
+                clipped,
+                weight: (scale / n as f64) as f32,
+            })
+        })
+        .collect()
+}
+
+/// A shard's norm from its tensors' squared norms (any order of arrival): added left to
+/// right in model order from +0, then the square root.
+pub fn shard_norm(per_tensor: &mut [(usize, f64)]) -> f64 {
+    per_tensor.sort_by_key(|(i, _)| *i);
+    per_tensor.iter().fold(0f64, |acc, (_, x)| acc + x).sqrt()
 }
 
 /// Waits until window `w` has closed by the store's clock (read through `me`'s probe

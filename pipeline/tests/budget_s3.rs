@@ -226,3 +226,233 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
         }
     }
 }
+
+/// A proxy in front of the real S3 server that serves the first `free` bytes of each
+/// connection's responses at full speed (the 64 KiB header read gets through), then either
+/// trickles one byte a second (`trickle`) or stops sending while keeping the connection
+/// open: the miner whose store answers its header read and then never finishes the body.
+async fn slow_proxy(upstream: std::net::SocketAddr, free: usize, trickle: bool) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                });
+                let mut sent = 0usize;
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n) = ur.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut chunk = &buf[..n];
+                    let fast = free.saturating_sub(sent).min(chunk.len());
+                    if cw.write_all(&chunk[..fast]).await.is_err() {
+                        return;
+                    }
+                    sent += fast;
+                    chunk = &chunk[fast..];
+                    for b in chunk {
+                        if !trickle {
+                            // Hold the connection, send nothing more.
+                            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        if cw.write_all(std::slice::from_ref(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// About 90 KB of shard at chunk 256, k 128: more than the 64 KiB header read, so the body
+/// needs the reads a slow store holds back.
+fn big_update(seed: f32) -> Vec<u8> {
+    // Noise (xorshift), so zstd cannot shrink the shard below the header read.
+    let mut x = (seed.to_bits() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let w: Vec<u8> = (0..1usize << 18)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5).to_le_bytes()
+        })
+        .collect();
+    let views = vec![("w", TensorView::new(Dtype::F32, vec![1 << 18], &w).unwrap())];
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// One window of 20 miners, the first `slow` of them behind a trickling or stalling proxy
+/// (alternately), aggregated in `form` with a 4 s budget. Returns how many honest shards
+/// were lost, and checks that the slow ones are `store_error` timeouts.
+async fn slow_window(
+    root: &shardrop::store::Target,
+    s3: &S3Options,
+    form: shardrop::registry::AggForm,
+    slow: usize,
+) -> usize {
+    let operator = Identity::generate();
+    let aggregator = Identity::generate();
+    let miners: Vec<Identity> = (0..20).map(|_| Identity::generate()).collect();
+    let now = store_now_ms(&root.join("op"), "clock").await.unwrap();
+    let mut reg = Registry::new(
+        "slow",
+        &operator.peer_id(),
+        now,
+        6,
+        2,
+        codec::model_of(&big_update(0.0)).unwrap(),
+        CodecParams {
+            chunk: 256,
+            k: 128,
+            ..CodecParams::default()
+        },
+    );
+    reg.aggregate = shardrop::registry::AggregateSpec::v2(form);
+    reg.participants.push(Participant::new(
+        Role::Aggregator,
+        &aggregator.peer_id(),
+        root.join("agg").url(),
+    ));
+    for (j, m) in miners.iter().enumerate() {
+        let mut p = Participant::new(Role::Miner, &m.peer_id(), root.join(&format!("m{j}")).url());
+        if j < slow {
+            let kind = if j % 2 == 0 { "TRICKLE" } else { "STALL" };
+            p.credentials = Credentials::EnvPrefix {
+                prefix: format!("SHARDROP_{kind}_"),
+            };
+        }
+        reg.participants.push(p);
+    }
+    let url = reg.create(&root.join("op"), &operator).await.unwrap();
+    let (reg, _) = Registry::load(&url, s3, None).await.unwrap();
+    let (reg_r, s3_r) = (&reg, s3);
+    // Every miner publishes through the real server; only readers go through the proxies.
+    let plain = S3Options::default();
+    let plain = &plain;
+    futures::future::try_join_all(miners.iter().enumerate().map(|(j, m)| async move {
+        let mut reg_plain = reg_r.clone();
+        for p in reg_plain.participants.iter_mut() {
+            p.credentials = Credentials::Ambient;
+        }
+        publish(
+            Job::new(&reg_plain, m, plain),
+            Some(0),
+            &big_update(j as f32),
+            &mut EfState::default(),
+        )
+        .await
+    }))
+    .await
+    .unwrap();
+    common::wait_closed(&reg, &root.join("agg"), 0).await;
+    let on = MergeOn::default().with_budget(Some(std::time::Duration::from_secs(4)));
+    let agg = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        aggregate_window_on(Job::new(reg_r, &aggregator, s3_r), 0, 16, &on),
+    )
+    .await
+    .expect("the aggregator did not finish the window")
+    .unwrap();
+    let rows = common::ledger(&root.join("agg"), &reg, 0).await;
+    let mut lost = 0;
+    for (j, m) in miners.iter().enumerate() {
+        let r = &rows[&m.peer_id().to_string()];
+        if j < slow {
+            assert_eq!(
+                (r.verdict.as_str(), r.reason.as_str()),
+                ("error", "store_error"),
+                "{form:?}: slow miner {j}: {r:?}"
+            );
+        } else if r.verdict != "accepted" {
+            eprintln!("{form:?}, {slow} slow: honest miner {j} lost: {r:?}");
+            lost += 1;
+        }
+    }
+    assert_eq!(agg.accepted + lost, 20 - slow, "{agg:?}");
+    lost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_miner_costs_only_itself_in_every_form() {
+    const CHILD: &str = "SHARDROP_SLOW_ENDPOINTS";
+    if std::env::var(CHILD).is_err() {
+        if common::s3("slow").is_none() {
+            return;
+        }
+        let upstream: std::net::SocketAddr = std::env::var("AWS_ENDPOINT_URL")
+            .unwrap()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        // 64 KiB of header read plus HTTP's own headers get through; the body does not.
+        let free = (64 << 10) + 4096;
+        let endpoints = [
+            ("TRICKLE", slow_proxy(upstream, free, true).await),
+            ("STALL", slow_proxy(upstream, free, false).await),
+        ];
+        let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_slow_miner_costs_only_itself_in_every_form",
+                "--nocapture",
+            ])
+            .envs(endpoints.map(|(name, port)| {
+                (
+                    format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
+                    format!("http://127.0.0.1:{port}"),
+                )
+            }))
+            .env(CHILD, "1")
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "the rounds in the child process failed");
+        return;
+    }
+    use shardrop::registry::AggForm;
+    let s3 = S3Options {
+        max_retries: Some(8),
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let s3 = &s3;
+    let trials: Vec<(AggForm, usize)> = [
+        AggForm::Auto,
+        AggForm::Shards,
+        AggForm::Merged,
+        AggForm::Reference,
+    ]
+    .into_iter()
+    .flat_map(|f| [1, 3, 6].map(|k| (f, k)))
+    .collect();
+    let lost = futures::future::join_all(trials.iter().map(|&(form, slow)| async move {
+        let root = common::s3(&format!("slow-{}-{slow}", form.name())).unwrap();
+        slow_window(&root, s3, form, slow).await
+    }))
+    .await;
+    for (&(form, slow), &l) in trials.iter().zip(&lost) {
+        common::report(
+            &format!(
+                "{slow} slow of 20 miners, form {}: honest shards kept",
+                form.name()
+            ),
+            1,
+            usize::from(l == 0),
+        );
+    }
+    assert!(
+        lost.iter().all(|&l| l == 0),
+        "honest shards lost: {trials:?} {lost:?}"
+    );
+}

@@ -4,6 +4,9 @@
 
 use shardrop::store::{self, S3Options, Target};
 
+mod report;
+pub use report::report;
+
 /// A unique prefix per call, so tests never see each other's objects.
 pub fn unique(name: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

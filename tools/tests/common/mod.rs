@@ -118,19 +118,9 @@ pub fn delays(seed: u64, n: usize, max_ms: u64) -> Vec<u64> {
         .collect()
 }
 
-/// Appends one row to the chaos report (`tools/test` prints it at the end):
-/// scenario, trials, held, failed.
-pub fn report(scenario: &str, trials: usize, held: usize) {
-    use std::io::Write;
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.tsv");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{scenario}\t{trials}\t{held}\t{}", trials - held);
-    }
-}
+#[path = "../../../pipeline/tests/common/report.rs"]
+mod chaos_report;
+pub use chaos_report::report;
 
 /// A run made through the CLI: its registry URL, operator key and the store base its
 /// participants' areas live under, with the environment every command gets.
