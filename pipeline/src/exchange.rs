@@ -490,10 +490,10 @@ pub async fn publish_model(
 
     let opts = encode_options(reg, w);
     let encoded = encoder.encode(state, &opts)?;
-    let signed = shard_builder(reg, &reg.run, w, &encoded.sections)?
-        .clock_ms(now)
-        .sign(id)?;
-    let content = content_hash(signed.header.sections.iter());
+    let builder = shard_builder(reg, &reg.run, w, &encoded.sections)?.clock_ms(now);
+    let content = content_hash(builder.section_entries());
+    let salt = commit_salt(id, &reg.run, w, &content);
+    let signed = builder.meta(SALT_META, &salt).sign(id)?;
     let path = target.path(&layout::grad(&reg.run, w, &me));
     let object = target.url_of(&path);
     let limits = Limits::default();
@@ -534,7 +534,8 @@ pub async fn publish_model(
             true
         }
         None => {
-            commit_then_wait(reg, &target, id, w, &content).await?;
+            let commitment = commitment(&me, &salt, &content);
+            commit_then_wait(reg, &target, id, w, &commitment).await?;
             match store::put_create(&target, &path, &signed).await {
                 Ok(PutOutcome::Created) => false,
                 Ok(PutOutcome::AlreadyIdentical) => true,
@@ -646,25 +647,54 @@ pub fn content_hash_of<'a>(hashes: impl Iterator<Item = &'a String>) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// Codec name of a shard's commit (`round.md`, "Duplicates").
-pub const COMMIT_CODEC: &str = "commit-v1";
+/// Codec name of a shard's commit (`round.md`, "Commit, then shard"). v2 commits bind the
+/// content without revealing it; a v1 commit (which named the content in clear) no longer
+/// counts.
+pub const COMMIT_CODEC: &str = "commit-v2";
 
-/// Puts the signed commit naming the shard's content, then waits until the store's clock is
-/// a whole second past the commit's own `last_modified`: whoever copies the shard after it
-/// becomes visible commits in a later second, so the first publisher of any content is
+/// The commit's signed metadata key holding the commitment.
+pub const COMMITMENT_META: &str = "commitment";
+
+/// The shard's signed metadata key revealing the commitment's salt.
+pub const SALT_META: &str = "commit_salt";
+
+/// The salt of a shard's commitment: the blake3 hash of the miner's ed25519 signature over
+/// the run, window and content. Secret until the shard reveals it (only the key can make
+/// it), and the same on every rerun of the same publish (the signature is deterministic), so
+/// a rerun after a kill puts the same commit and shard.
+pub fn commit_salt(id: &Identity, run: &str, w: u64, content: &str) -> String {
+    let msg = format!("shardrop commit salt v1\n{run}\n{w}\n{content}");
+    blake3::hash(&id.sign(msg.as_bytes())).to_hex().to_string()
+}
+
+/// The commitment a commit names: blake3 over the text `peer ‖ salt ‖ content` (each 64
+/// lowercase hex characters), as lowercase hex. It reveals nothing of the content until the
+/// shard shows the salt, and it names its signer, so a copier can neither commit to a
+/// content it has not seen nor reuse another miner's commitment.
+pub fn commitment(peer: &PeerId, salt: &str, content: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(peer.to_string().as_bytes());
+    h.update(salt.as_bytes());
+    h.update(content.as_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+/// Puts the signed commit naming the shard's commitment, then waits until the store's clock
+/// is a whole second past the commit's own `last_modified`: whoever copies the shard after
+/// it becomes visible commits in a later second, so the first publisher of any content is
 /// decided by commit times even on stores that report whole seconds.
 async fn commit_then_wait(
     reg: &Registry,
     target: &Target,
     id: &Identity,
     w: u64,
-    content: &str,
+    commitment: &str,
 ) -> Result<(), ExchangeError> {
     let me = id.peer_id();
     let signed = EnvelopeBuilder::new(Kind::Blob, &reg.run)
         .window(w)
         .codec(COMMIT_CODEC, Default::default())
-        .meta("content", content)
+        .meta(COMMITMENT_META, commitment)
         .sign(id)?;
     let path = target.path(&layout::grad_commit(&reg.run, w, &me));
     let object = target.url_of(&path);

@@ -128,11 +128,20 @@ impl MinerShard {
     }
 
     /// Reads the miner's commit for this shard: its `last_modified` when it is a valid
-    /// commit (signed by this miner, this run and window) naming this shard's content.
+    /// commit (signed by this miner, this run and window, codec `commit-v2`) whose
+    /// commitment is this miner's over the salt the shard reveals and the shard's content,
+    /// and it landed inside the window (a commit from before the window opened counts for
+    /// nothing: its content was knowable only by guessing it).
     pub async fn fetch_commit(&mut self, reg: &Registry, w: u64) {
         let (Some((target, env)), Some(content)) = (&self.env, &self.content) else {
             return;
         };
+        let Some(salt) = env.head.header.meta.get(crate::exchange::SALT_META) else {
+            return;
+        };
+        let want = crate::exchange::commitment(&env.signer, salt, content);
+        let clk = clock(reg);
+        let inside = |ms: i64| ms >= clk.start(w) as i64 && ms < clk.closes(w) as i64;
         let key = layout::grad_commit(&reg.run, w, &env.signer);
         let expect = Expect::in_window(Kind::Blob, env.signer, &reg.run, w);
         let path = target.path(&key);
@@ -148,7 +157,8 @@ impl MinerShard {
         {
             Ok(c)
                 if c.head.header.codec == COMMIT_CODEC
-                    && c.head.header.meta.get("content") == Some(content) =>
+                    && c.head.header.meta.get(crate::exchange::COMMITMENT_META) == Some(&want)
+                    && inside(c.meta.last_modified.timestamp_millis()) =>
             {
                 Some(c.meta.last_modified.timestamp_millis())
             }

@@ -15,7 +15,10 @@ use shardrop::codec::{self, CodecParams, EfState};
 use shardrop::envelope::{
     EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 };
-use shardrop::exchange::{COMMIT_CODEC, ExchangeError, content_hash, publish, shard_builder};
+use shardrop::exchange::{
+    COMMIT_CODEC, COMMITMENT_META, ExchangeError, SALT_META, commitment, content_hash, publish,
+    shard_builder,
+};
 use shardrop::identity::Identity;
 use shardrop::layout;
 use shardrop::registry::{Job, Participant, Registry, Role};
@@ -162,25 +165,47 @@ async fn bomb_is_refused_on_its_header() {
     assert!(row.detail.contains("t00001-00001"), "{}", row.detail);
 }
 
-/// Puts `sections` re-signed by `by` as its own shard for `w`, with a commit naming them
-/// (the strongest copier: it commits the moment it has seen the content).
+/// Puts `sections` re-signed by `by` as its own shard for `w` (revealing `salt`, the
+/// victim's), with a commit naming them (the strongest copier: it commits, with a
+/// commitment that verifies for its own key, the moment it has seen the content).
+#[allow(clippy::too_many_arguments)]
 async fn copy_as(
     reg: &Registry,
     by: &Identity,
     area: &Target,
     w: u64,
     named: &[(String, Vec<u8>)],
+    salt: &str,
     damage: bool,
 ) {
     let signed = shard_builder(reg, &reg.run, w, named)
         .unwrap()
+        .meta(SALT_META, salt)
         .sign(by)
         .unwrap();
     let content = content_hash(signed.header.sections.iter());
+    put_commit(reg, by, area, w, &commitment(&by.peer_id(), salt, &content)).await;
+    let mut bytes = signed.to_vec().unwrap();
+    if damage {
+        // The same signed section table over a damaged body: `section_hash_mismatch`.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+    }
+    area.store
+        .put(
+            &area.path(&layout::grad(&reg.run, w, &by.peer_id())),
+            bytes.into(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Puts `by`'s commit for `w` naming `commitment`.
+async fn put_commit(reg: &Registry, by: &Identity, area: &Target, w: u64, commitment: &str) {
     let commit = EnvelopeBuilder::new(Kind::Blob, &reg.run)
         .window(w)
         .codec(COMMIT_CODEC, Default::default())
-        .meta("content", &content)
+        .meta(COMMITMENT_META, commitment)
         .sign(by)
         .unwrap()
         .to_vec()
@@ -192,16 +217,80 @@ async fn copy_as(
         )
         .await
         .unwrap();
-    let mut bytes = signed.to_vec().unwrap();
-    if damage {
-        // The same signed section table over a damaged body: `section_hash_mismatch`.
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x55;
-    }
-    area.store
+}
+
+/// The victim's shard as it becomes visible: its sections and the salt it reveals.
+async fn read_victim(
+    reg: &Registry,
+    area: &Target,
+    victim: &Identity,
+    w: u64,
+) -> (Vec<(String, Vec<u8>)>, String) {
+    let path = area.path(&layout::grad(&reg.run, w, &victim.peer_id()));
+    let env = loop {
+        match RemoteEnvelope::open(
+            area.store.as_ref(),
+            &path,
+            "victim",
+            &Limits::default(),
+            &Expect::default(),
+        )
+        .await
+        {
+            Ok(env) => break env,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let secs = read_all_sections(area.store.as_ref(), &env, &Limits::default())
+        .await
+        .unwrap();
+    let named = env
+        .sections()
+        .iter()
+        .map(|s| s.name.clone())
+        .zip(secs)
+        .collect();
+    (named, env.head.header.meta[SALT_META].clone())
+}
+
+/// The attack the commitment stops: poll the victim's commit, put one naming the same
+/// value within the same second, then re-sign the victim's shard (its salt included) the
+/// moment it is visible. With commits that named the content in clear this forced a tie
+/// on a whole-second store, and the victim lost its weight.
+async fn mimic(
+    reg: &Registry,
+    by: &Identity,
+    own: &Target,
+    victim_area: &Target,
+    victim: &Identity,
+    w: u64,
+) {
+    let cpath = victim_area.path(&layout::grad_commit(&reg.run, w, &victim.peer_id()));
+    let seen = loop {
+        if let Ok(c) = RemoteEnvelope::open(
+            victim_area.store.as_ref(),
+            &cpath,
+            "commit",
+            &Limits::small_object(),
+            &Expect::default(),
+        )
+        .await
+        {
+            break c.head.header.meta[COMMITMENT_META].clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    put_commit(reg, by, own, w, &seen).await;
+    let (named, salt) = read_victim(reg, victim_area, victim, w).await;
+    let signed = shard_builder(reg, &reg.run, w, &named)
+        .unwrap()
+        .meta(SALT_META, &salt)
+        .sign(by)
+        .unwrap();
+    own.store
         .put(
-            &area.path(&layout::grad(&reg.run, w, &by.peer_id())),
-            bytes.into(),
+            &own.path(&layout::grad(&reg.run, w, &by.peer_id())),
+            signed.to_vec().unwrap().into(),
         )
         .await
         .unwrap();
@@ -228,64 +317,65 @@ async fn copy_rule_holds_with_one_second_timestamps() {
     let victims: Vec<Identity> = (0..PAIRS).map(|_| Identity::generate()).collect();
     let copiers: Vec<Identity> = victims.iter().map(lower_than).collect();
     let griefers: Vec<Identity> = victims.iter().map(lower_than).collect();
+    let mimics: Vec<Identity> = victims.iter().map(lower_than).collect();
     let names: Vec<String> = (0..PAIRS)
         .flat_map(|i| {
             [
                 format!("victim{i}"),
                 format!("copier{i}"),
                 format!("griefer{i}"),
+                format!("mimic{i}"),
             ]
         })
         .collect();
     let ids: Vec<&Identity> = (0..PAIRS)
-        .flat_map(|i| [&victims[i], &copiers[i], &griefers[i]])
+        .flat_map(|i| [&victims[i], &copiers[i], &griefers[i], &mimics[i]])
         .collect();
     let miners: Vec<(&str, &Identity)> = names.iter().map(|n| n.as_str()).zip(ids).collect();
     let reg = new_run(&root, &s3, "copy-rule", 8, 3, &aggregator, &miners).await;
     let w = 0;
-    let (reg_r, s3_r) = (&reg, &s3);
-    futures::future::try_join_all(victims.iter().enumerate().map(|(i, v)| async move {
-        publish(
-            Job::new(reg_r, v, s3_r),
-            Some(w),
-            &update(i as f32),
-            &mut EfState::default(),
-        )
-        .await
+    let (reg_r, s3_r, root_r) = (&reg, &s3, &root);
+    // Each victim publishes while its mimic watches its commit.
+    futures::future::join_all(victims.iter().enumerate().map(|(i, v)| {
+        let mimic_id = &mimics[i];
+        async move {
+            let own = root_r.join(&format!("mimic{i}"));
+            let victim_area = root_r.join(&format!("victim{i}"));
+            let (u, mut st) = (update(i as f32), EfState::default());
+            let (published, ()) = tokio::join!(
+                publish(Job::new(reg_r, v, s3_r), Some(w), &u, &mut st),
+                mimic(reg_r, mimic_id, &own, &victim_area, v, w)
+            );
+            published.unwrap();
+        }
     }))
-    .await
-    .unwrap();
+    .await;
     for i in 0..PAIRS {
         // Each reads the victim's shard as soon as it is visible and republishes it.
         let area = root.join(&format!("victim{i}"));
-        let env = RemoteEnvelope::open(
-            area.store.as_ref(),
-            &area.path(&layout::grad(&reg.run, w, &victims[i].peer_id())),
-            "victim",
-            &Limits::default(),
-            &Expect::default(),
-        )
-        .await
-        .unwrap();
-        let secs = read_all_sections(area.store.as_ref(), &env, &Limits::default())
-            .await
-            .unwrap();
-        let named: Vec<(String, Vec<u8>)> = env
-            .sections()
-            .iter()
-            .map(|s| s.name.clone())
-            .zip(secs)
-            .collect();
+        let (named, salt) = read_victim(&reg, &area, &victims[i], w).await;
         let c = root.join(&format!("copier{i}"));
         let g = root.join(&format!("griefer{i}"));
-        copy_as(&reg, &copiers[i], &c, w, &named, false).await;
-        copy_as(&reg, &griefers[i], &g, w, &named, true).await;
+        copy_as(&reg, &copiers[i], &c, w, &named, &salt, false).await;
+        copy_as(&reg, &griefers[i], &g, w, &named, &salt, true).await;
     }
     wait_closed(&reg, &root.join("agg"), w).await;
     aggregate_window(Job::new(&reg, &aggregator, &s3), w, 8)
         .await
         .unwrap();
     let rows = common::ledger(&root.join("agg"), &reg, w).await;
+    let held = (0..PAIRS)
+        .filter(|&i| {
+            let v = &rows[&victims[i].peer_id().to_string()];
+            let m = &rows[&mimics[i].peer_id().to_string()];
+            v.verdict.as_str() == "accepted" && m.detail.contains(&victims[i].peer_id().to_string())
+        })
+        .count();
+    common::report(
+        "commitment copier (same-second commit, whole-second store): victim keeps its weight",
+        PAIRS,
+        held,
+    );
     for i in 0..PAIRS {
         let v = &rows[&victims[i].peer_id().to_string()];
         let c = &rows[&copiers[i].peer_id().to_string()];
@@ -302,6 +392,13 @@ async fn copy_rule_holds_with_one_second_timestamps() {
             c.detail
         );
         assert_eq!(g.reason, "section_hash_mismatch", "griefer {i}: {g:?}");
+        let m = &rows[&mimics[i].peer_id().to_string()];
+        assert_eq!(m.reason, "duplicate", "mimic {i}: {m:?}");
+        assert!(
+            m.detail.contains(&victims[i].peer_id().to_string()),
+            "the victim must win outright, not tie: {}",
+            m.detail
+        );
         // The scenario really is a same-second race at this store's resolution.
         assert_eq!(
             v.last_modified_ms.unwrap() % 1000,
@@ -395,7 +492,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let junk = EnvelopeBuilder::new(Kind::Blob, &reg.run)
         .window(w)
         .codec(COMMIT_CODEC, Default::default())
-        .meta("content", "00")
+        .meta(COMMITMENT_META, "00")
         .sign(&stale)
         .unwrap()
         .to_vec()
@@ -426,8 +523,12 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     .await
     .unwrap();
     assert_eq!(
-        commit.head.header.meta.get("content"),
-        Some(&content_hash(shard.sections().iter()))
+        commit.head.header.meta.get(COMMITMENT_META),
+        Some(&commitment(
+            &stale.peer_id(),
+            &shard.head.header.meta[SALT_META],
+            &content_hash(shard.sections().iter())
+        ))
     );
 }
 

@@ -145,6 +145,12 @@ impl EnvelopeBuilder {
         self
     }
 
+    /// The section table so far (hashes of the stored bytes): what a content hash is taken
+    /// over before the header that names it is signed.
+    pub fn section_entries(&self) -> impl Iterator<Item = &SectionEntry> {
+        self.sections.iter().map(|(e, _)| e)
+    }
+
     /// One entry of free signed metadata.
     pub fn meta(mut self, key: &str, value: &str) -> Self {
         self.meta.insert(key.to_string(), value.to_string());

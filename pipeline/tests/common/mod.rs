@@ -5,6 +5,7 @@
 use shardrop::store::{self, S3Options, Target};
 
 mod report;
+#[allow(unused_imports)] // not every test binary writes to the chaos report
 pub use report::report;
 
 /// A unique prefix per call, so tests never see each other's objects.
