@@ -26,12 +26,11 @@ pub fn write_replace_beside(dest: &Path, bytes: &[u8]) -> io::Result<()> {
     write_replace(dir, dest, bytes)
 }
 
-/// Reads a local file that must be a regular file of at most `max` bytes, without
-/// following a link at its name (`O_NOFOLLOW`) and without blocking on a FIFO
-/// (`O_NONBLOCK` while opening): a planted link to `/dev/zero`, a FIFO or an 8 GiB file is
-/// refused before anything is read. The error names what was found.
-pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
+/// Opens a local file that must be a regular file of at most `max` bytes, without following
+/// a link at its name (`O_NOFOLLOW`) and without blocking on a FIFO (`O_NONBLOCK` while
+/// opening): a planted link to `/dev/zero`, a FIFO or an 8 GiB file is refused before
+/// anything is read. Returns the file and its length; the error names what was found.
+pub fn open_regular(path: &Path, max: u64) -> io::Result<(std::fs::File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -54,7 +53,15 @@ pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
             meta.len()
         )));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    Ok((file, meta.len()))
+}
+
+/// Reads a whole file that [`open_regular`] accepts, never more than `max` bytes even if it
+/// grows while read.
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path, max)?;
+    let mut bytes = Vec::with_capacity(len as usize);
     file.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(io::Error::other(format!(

@@ -356,9 +356,17 @@ fn from_cache(
     let Some(path) = cache.map(|c| c.join(&entry.hash)) else {
         return false;
     };
-    let Ok(mut input) = std::fs::File::open(&path) else {
-        return false;
+    // Only a regular file of exactly the listed length, never through a link or a FIFO: a
+    // poisoned folder is a miss, not a hang or an 8 GiB read.
+    let input = match crate::files::open_regular(&path, entry.len) {
+        Ok((f, len)) if len == entry.len => f,
+        Ok(_) => return false,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "prefetched section refused; reading the store");
+            return false;
+        }
     };
+    let mut input = std::io::Read::take(input, entry.len);
     let Ok(sink) = std::fs::File::create(out) else {
         return false;
     };
@@ -456,9 +464,9 @@ pub async fn prefetch(
             if blake3::hash(&bytes).to_hex().as_str() != e.hash {
                 continue;
             }
-            let tmp = cache.join(format!("{}.part", e.hash));
-            std::fs::write(&tmp, &bytes)
-                .and_then(|_| std::fs::rename(&tmp, &file))
+            // A fresh temporary file (created exclusively, so never through a link planted
+            // at a predictable name: the hash is public in the miner's header), renamed over.
+            crate::files::write_replace(cache, &file, &bytes)
                 .map_err(|err| ExchangeError::Internal(format!("{}: {err}", file.display())))?;
             got.sections += 1;
             got.bytes += bytes.len() as u64;

@@ -461,6 +461,57 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         .await
         .unwrap();
     same_bits(&t, &thetas[1], "applied from the prefetched sections");
+    // A poisoned folder: links to /dev/zero, FIFOs and oversized files where sections were.
+    // Each is a miss (the store serves, and its damaged copy is refused), never a hang.
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    assert!(files.len() >= 3, "{files:?}");
+    for (i, f) in files.iter().enumerate() {
+        match i % 3 {
+            0 => {
+                std::fs::remove_file(f).unwrap();
+                std::os::unix::fs::symlink("/dev/zero", f).unwrap();
+            }
+            1 => {
+                std::fs::remove_file(f).unwrap();
+                let c = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            }
+            _ => {
+                let mut b = std::fs::read(f).unwrap();
+                b.extend(std::iter::repeat_n(0u8, 1 << 20));
+                std::fs::write(f, b).unwrap();
+            }
+        }
+    }
+    let mut t = base(&v2);
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        apply_aggregates_with(&v2, &s3, &mut t, &mut Default::default(), 0, 1, &cached),
+    )
+    .await
+    .expect("a poisoned prefetch folder hung the reader")
+    .unwrap_err();
+    assert_eq!(reason(&e), "agg_section_mismatch", "{e}");
+    // Prefetch never writes through a link planted at its temporary name (the section
+    // hashes are public in the miners' headers).
+    let victim = cache.path().join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+        let name = f.file_name().unwrap().to_str().unwrap();
+        std::os::unix::fs::symlink(&victim, cache.path().join(format!("{name}.part"))).unwrap();
+    }
+    prefetch(&v2, &s3, 1, cache.path(), &|_| true, 4)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    let mut t = base(&v2);
+    apply_aggregates_with(&v2, &s3, &mut t, &mut Default::default(), 0, 0, &cached)
+        .await
+        .unwrap();
     for f in std::fs::read_dir(cache.path()).unwrap() {
         let f = f.unwrap().path();
         let mut b = std::fs::read(&f).unwrap();

@@ -546,6 +546,19 @@ async fn hostile_manifests_failing_stores_links_and_retention() {
         }
     }
 
+    // Nor through a hard link at the partial shard's name (O_NOFOLLOW cannot see one).
+    let out = tmp.path().join("planted-hardlink");
+    let at = out.join(".shardrop-partial/00000.safetensors.part");
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::fs::hard_link(&victim, &at).unwrap();
+    let e = pull(&loc, &out, &pull_opts(), &quiet).await.unwrap_err();
+    assert!(e.to_string().contains("hard link"), "{e}");
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"keep",
+        "written through a hard link"
+    );
+
     // A validly signed manifest that names paths outside OUT, or a tensor past its shard.
     let (m, _, _) = shardrop::checkpoint::pull::fetch_manifest(&loc)
         .await

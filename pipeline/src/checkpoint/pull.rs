@@ -300,8 +300,9 @@ fn blake3_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Opens (creating if missing) a file a pull writes, never through a symbolic link
-/// (`O_NOFOLLOW`) and only if it is a plain file: a link planted in OUT or its partial
-/// folder is refused, never followed.
+/// (`O_NOFOLLOW`), only if it is a plain file, and only if it has a single name: a symbolic
+/// link planted in OUT or its partial folder is refused, never followed, and so is a hard
+/// link (which `O_NOFOLLOW` cannot see), whose other name may be any file outside OUT.
 fn open_nofollow(path: &Path) -> Result<File, CkptError> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -318,8 +319,14 @@ fn open_nofollow(path: &Path) -> Result<File, CkptError> {
             )),
             _ => io_err(path, e),
         })?;
+    use std::os::unix::fs::MetadataExt;
     match file.metadata() {
-        Ok(m) if m.is_file() => Ok(file),
+        Ok(m) if m.is_file() && m.nlink() == 1 => Ok(file),
+        Ok(m) if m.is_file() => Err(CkptError::Caller(format!(
+            "{}: has {} names (a hard link); refusing to write through it",
+            path.display(),
+            m.nlink()
+        ))),
         Ok(_) => Err(CkptError::Caller(format!(
             "{}: is not a plain file; refusing to write to it",
             path.display()
