@@ -443,6 +443,27 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
     );
     assert!(!broken.join(&m.shards[0].file).exists());
     assert!(!broken.join(&m.shards[1].file).exists());
+    // A later checkpoint names 10 as its parent; rerunning it after LATEST moved to it
+    // (a cron retry, or a kill after the pointer moved) succeeds with the same parent.
+    let next = push(
+        Job::new(&w.reg, &w.agg, &s3),
+        std::slice::from_ref(&src),
+        &push_opts(12, Some(11)),
+        &quiet,
+    )
+    .await
+    .unwrap();
+    assert_eq!(next.parent, Some(10));
+    let retried = push(
+        Job::new(&w.reg, &w.agg, &s3),
+        std::slice::from_ref(&src),
+        &push_opts(12, Some(11)),
+        &quiet,
+    )
+    .await
+    .unwrap();
+    assert!(retried.already_published, "{retried:?}");
+    assert_eq!(retried.parent, Some(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

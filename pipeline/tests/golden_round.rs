@@ -1015,12 +1015,15 @@ fn ref_step(s: &RefSetting, lr: f32, theta: &mut [f32], a: &[f32], m: &mut [f32]
     }
 }
 
+/// A committed window: its number, its aggregate (none: empty) and what follows it.
+type CommittedWindow = (u64, Option<Vec<Vec<f32>>>, Trace);
+
 /// A committed outer case: registry text, θ before, per window (w, aggregate, lr, θ, m).
 struct OuterCommitted {
     name: String,
     registry: String,
     theta: Vec<Vec<f32>>,
-    windows: Vec<(u64, Option<Vec<Vec<f32>>>, Trace)>,
+    windows: Vec<CommittedWindow>,
 }
 
 fn read_tensors(v: &Value) -> Vec<Vec<f32>> {
@@ -1225,6 +1228,7 @@ fn outer_vectors_pin_rates_steps_and_number_reading() {
             .filter(|c| !reference_matches(c, *wr))
             .map(|c| c.name.as_str())
             .collect();
+        eprintln!("outer: {what}: caught by {caught:?}");
         assert!(!caught.is_empty(), "no outer vector catches: {what}");
     }
     // ...and sgd without the skip gives the same bits: θ − lr·(+0) = θ, −0.0 included
@@ -1418,7 +1422,7 @@ fn library_agg(c: &AggCase, ci: usize) -> AggOut {
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
     let median = sorted[n / 2];
-    let cap = (n >= 3).then(|| median * c.ratio);
+    let cap = (n >= 3).then_some(median * c.ratio);
     let rows = c
         .rows
         .iter()
@@ -1834,11 +1838,11 @@ fn ref_agg(case: &Value, wr: AggWrong) -> AggOut {
     let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = sorted.len();
-    let median = match wr.lower_median && n % 2 == 0 {
+    let median = match wr.lower_median && n.is_multiple_of(2) {
         true => sorted[n / 2 - 1],
         false => sorted[n / 2],
     };
-    let cap = (n >= 3).then(|| median * ratio);
+    let cap = (n >= 3).then_some(median * ratio);
     let out_rows = rows
         .iter()
         .enumerate()
@@ -1985,11 +1989,13 @@ fn agg_v2_vectors_pin_norms_clipping_weights_and_content() {
     }
     // ...and each mistake misses at least one.
     for (what, wr) in AGG_WRONGS {
-        let caught = cases
+        let caught: Vec<&str> = cases
             .iter()
             .zip(&committed)
             .filter(|(c, want)| &ref_agg(c, wr) != *want)
-            .count();
-        assert!(caught > 0, "no agg-v2 vector catches: {what}");
+            .map(|(c, _)| c["name"].as_str().unwrap())
+            .collect();
+        eprintln!("agg-v2: {what}: caught by {caught:?}");
+        assert!(!caught.is_empty(), "no agg-v2 vector catches: {what}");
     }
 }

@@ -164,10 +164,32 @@ pub async fn push(
     let shards = plan(&inv, opts.shard_size.max(1));
     let hashes = hash_shards(&inv, &shards)?;
     let me = id.peer_id();
-    let parent = read_latest(&target, &run, &me)
-        .await?
-        .map(|(l, _)| l.step)
-        .filter(|&p| p < opts.step);
+    // A rerun of a push that already committed its manifest (a cron retry, a kill after
+    // LATEST moved) must build the same manifest: its parent is the one recorded then, not
+    // the LATEST read now (which may be this very step).
+    let recorded = {
+        let expect = Expect {
+            signer: Some(me),
+            run: Some(run.clone()),
+            kind: Some(Kind::Manifest),
+            window: None,
+            step: Some(opts.step),
+        };
+        match read_signed_json(&target, &layout::ckpt_manifest(&run, opts.step), &expect).await {
+            Ok((_, body)) => serde_json::from_slice::<Manifest>(&body)
+                .ok()
+                .map(|m| m.parent),
+            Err(EnvelopeError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let parent = match recorded {
+        Some(p) => p,
+        None => read_latest(&target, &run, &me)
+            .await?
+            .map(|(l, _)| l.step)
+            .filter(|&p| p < opts.step),
+    };
     let (manifest, extras) = build_manifest(&run, opts, parent, &inv, &shards, &hashes)?;
     // The data first, then the small files and the index, then the manifest: the commit
     // point.
