@@ -20,6 +20,8 @@ use crate::layout;
 use crate::outer::{Outer, Setting};
 use crate::store::{self, S3Options, StoreError, Target};
 
+mod seen;
+
 /// What a participant does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -681,6 +683,12 @@ impl Registry {
                     .into(),
             });
         }
+        // When the store took this revision; a whole-second time (S3's HEAD) is read as the
+        // end of its second, so a revision that landed just after a window opened counts
+        // as landed after it.
+        let lm = env.meta.last_modified.timestamp_millis().max(0) as u64;
+        let stored_ms = if lm % 1000 == 0 { lm + 999 } else { lm };
+        reg.check_history(&object, &json, stored_ms)?;
         Ok((reg, env.meta.e_tag.clone()))
     }
 
@@ -753,6 +761,23 @@ impl Registry {
         Ok(crate::window::store_now_ms(&target, &layout::clock_probe(&self.run, peer)).await?)
     }
 
+    /// How long before a window opens `run set` stops accepting it: the revision must land
+    /// (compare-and-swap, retries) before the window opens. 5 s, or half a window for
+    /// windows shorter than 10 s.
+    pub fn set_margin_ms(&self) -> u64 {
+        (self.window_secs * 500).min(5_000)
+    }
+
+    /// The first window `run set --from-window next` may name at the store's time `now_ms`:
+    /// the first that opens more than [`Registry::set_margin_ms`] from now.
+    pub fn next_settable(&self, now_ms: u64) -> u64 {
+        let clock =
+            crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
+        clock
+            .window_at(now_ms + self.set_margin_ms())
+            .map_or(0, |w| w + 1)
+    }
+
     /// Puts `setting` in force from its `from_window` on, which must not have opened yet by
     /// the store's clock `now_ms` (no reader can have applied it: an aggregate exists only
     /// once its window closed). Entries from that window on, never in force, are replaced.
@@ -760,13 +785,14 @@ impl Registry {
         let clock =
             crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
         let w = setting.from_window;
-        if clock.start(w) <= now_ms {
+        if clock.start(w) <= now_ms + self.set_margin_ms() {
             return Err(RegistryError::Refused {
                 object: format!("run {}", self.run),
                 reason: "window_not_future",
                 detail: format!(
-                    "window {w} opened at {} ms (the store's clock says {now_ms} ms); a setting may only change from a window that has not opened",
-                    clock.start(w)
+                    "window {w} opens at {} ms (the store's clock says {now_ms} ms); a setting may only change from a window that opens more than {} ms from now, so the revision lands before it does",
+                    clock.start(w),
+                    self.set_margin_ms()
                 ),
             });
         }
@@ -932,6 +958,90 @@ mod tests {
                 crate::error::ErrorClass::Rejected
             );
         }
+    }
+
+    #[tokio::test]
+    async fn readers_refuse_an_old_revision_put_back_and_a_rewritten_past() {
+        use object_store::ObjectStoreExt;
+        let op = Identity::generate();
+        let s3 = S3Options::default();
+        let base = format!("memory://reg-history-{}", op.peer_id());
+        let target = store::open(&base, &s3).unwrap();
+        let now = chrono::Utc::now().timestamp_millis() as u64;
+        // Windows of 60 s; window 10 is open now.
+        let reg = Registry::new(
+            "h",
+            &op.peer_id(),
+            now - 630_000,
+            60,
+            10,
+            Default::default(),
+            Default::default(),
+        );
+        let url = reg.create(&target, &op).await.unwrap();
+        let path = target.path(&layout::registry("h"));
+        let rev1 = target
+            .store
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        Registry::load(&url, &s3, None).await.unwrap();
+        let miner = Identity::generate().peer_id();
+        Registry::revise(&url, &s3, &op, |r| {
+            r.participants
+                .push(Participant::new(Role::Miner, &miner, format!("{base}/m")));
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let rev2 = target
+            .store
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(Registry::load(&url, &s3, None).await.unwrap().0.revision, 2);
+        // The older, validly signed revision put back: the miner added later would vanish.
+        target.store.put(&path, rev1.into()).await.unwrap();
+        let e = Registry::load(&url, &s3, None).await.unwrap_err();
+        assert_eq!(reason_of(&e), "registry_rollback", "{e}");
+        // An operator-signed revision 3 that changes the setting of window 0 (long open).
+        target.store.put(&path, rev2.into()).await.unwrap();
+        let (mut r, _) = Registry::load(&url, &s3, None).await.unwrap();
+        r.revision = 3;
+        r.settings[0].outer.lr = 0.5;
+        target
+            .store
+            .put(&path, r.sign(&op).unwrap().into())
+            .await
+            .unwrap();
+        let e = Registry::load(&url, &s3, None).await.unwrap_err();
+        assert_eq!(reason_of(&e), "settings_rewritten", "{e}");
+        // A change from a future window is an ordinary revision.
+        r.settings[0].outer.lr = 1.0;
+        r.settings.push(Setting {
+            from_window: 20,
+            outer: Outer::sgd(0.5),
+            beta: 0.9,
+        });
+        target
+            .store
+            .put(&path, r.sign(&op).unwrap().into())
+            .await
+            .unwrap();
+        assert_eq!(Registry::load(&url, &s3, None).await.unwrap().0.revision, 3);
+        // `run set` keeps a margin: the next window opens within 5 s of "now" here.
+        let mut m = r.clone();
+        let opens = m.genesis_ms + 11 * 60_000;
+        let e = m.set_from(nesterov(11, 0.7), opens - 3_000).unwrap_err();
+        assert_eq!(reason_of(&e), "window_not_future", "{e}");
+        assert_eq!(m.next_settable(opens - 3_000), 12);
+        m.set_from(nesterov(11, 0.7), opens - 6_000).unwrap();
     }
 
     #[test]

@@ -213,9 +213,10 @@ fn bits64(v: &Value) -> f64 {
     f64::from_bits(u64::from_str_radix(v.as_str().unwrap(), 16).unwrap())
 }
 
-/// The decimal beside a bit pattern must name the same value: the text (an f64 holds a
-/// decimal of 17 digits or fewer exactly enough that its shortest text is the decimal's)
-/// read once to the nearest f32.
+/// The decimal beside a bit pattern must name the same value: its text read once to the
+/// nearest f32 (serde_json holds the number as an f64, whose shortest text is the decimal
+/// again: an f32's shortest decimal has at most 9 significant digits, and an f64 gives back
+/// any decimal of 15 or fewer).
 fn decimal32(v: &Value) -> f32 {
     v.as_number().unwrap().to_string().parse::<f32>().unwrap()
 }
@@ -787,6 +788,7 @@ struct RefRegistry<'a> {
     #[serde(borrow)]
     outer_lr: &'a RawValue,
     #[serde(borrow)]
+    #[allow(dead_code)] // the miners' decay: not the outer optimizer's business
     beta: &'a RawValue,
     #[serde(borrow)]
     settings: Vec<RefEntry<'a>>,
@@ -852,7 +854,6 @@ fn read_number(raw: &RawValue, how: Reading) -> f64 {
 
 fn ref_settings(text: &str, how: Reading) -> (Vec<RefSetting>, f64) {
     let reg: RefRegistry = serde_json::from_str(text).unwrap();
-    let _ = reg.beta;
     let list = reg
         .settings
         .iter()
@@ -1015,10 +1016,17 @@ fn ref_step(s: &RefSetting, lr: f32, theta: &mut [f32], a: &[f32], m: &mut [f32]
     }
 }
 
-/// A committed window: its number, its aggregate (none: empty) and what follows it.
-type CommittedWindow = (u64, Option<Vec<Vec<f32>>>, Trace);
+/// A committed window: its number, its aggregate (none: empty), its rate, and θ and m
+/// after it.
+struct CommittedWindow {
+    w: u64,
+    aggregate: Option<Vec<Vec<f32>>>,
+    lr: f32,
+    theta: Vec<Vec<f32>>,
+    m: Vec<Vec<f32>>,
+}
 
-/// A committed outer case: registry text, θ before, per window (w, aggregate, lr, θ, m).
+/// A committed outer case: registry text, θ before, its windows.
 struct OuterCommitted {
     name: String,
     registry: String,
@@ -1075,11 +1083,13 @@ fn committed_outer(bytes: &[u8]) -> Vec<OuterCommitted> {
                         Some(m) => read_tensors(m),
                         None => theta.iter().map(|t| vec![0f32; t.len()]).collect(),
                     };
-                    (
-                        w["window"].as_u64().unwrap(),
-                        agg,
-                        vec![(read32(&w["lr"]), theta, m)],
-                    )
+                    CommittedWindow {
+                        w: w["window"].as_u64().unwrap(),
+                        aggregate: agg,
+                        lr: read32(&w["lr"]),
+                        theta,
+                        m,
+                    }
                 })
                 .collect();
             OuterCommitted {
@@ -1098,18 +1108,17 @@ fn reference_matches(c: &OuterCommitted, wr: OuterWrong) -> bool {
     let mut theta = c.theta.clone();
     let mut m: Vec<Vec<f32>> = theta.iter().map(|t| vec![0f32; t.len()]).collect();
     let mut ok = true;
-    for (w, agg, want) in &c.windows {
-        let s = ref_in_force(&list, outer_lr, *w);
-        let lr = ref_rate(&s, *w, wr);
-        if let Some(a) = agg {
+    for cw in &c.windows {
+        let s = ref_in_force(&list, outer_lr, cw.w);
+        let lr = ref_rate(&s, cw.w, wr);
+        if let Some(a) = &cw.aggregate {
             for ((t, a), m) in theta.iter_mut().zip(a).zip(m.iter_mut()) {
                 ref_step(&s, lr, t, a, m, wr);
             }
         }
-        let (lr_c, theta_c, m_c) = &want[0];
-        ok &= lr.to_bits() == lr_c.to_bits();
-        ok &= theta.iter().zip(theta_c).all(|(a, b)| same_bits(a, b));
-        ok &= m.iter().zip(m_c).all(|(a, b)| same_bits(a, b));
+        ok &= lr.to_bits() == cw.lr.to_bits();
+        ok &= theta.iter().zip(&cw.theta).all(|(a, b)| same_bits(a, b));
+        ok &= m.iter().zip(&cw.m).all(|(a, b)| same_bits(a, b));
     }
     ok
 }
@@ -1192,10 +1201,11 @@ fn outer_vectors_pin_rates_steps_and_number_reading() {
         let reg = library_registry(&c.registry);
         let mut theta = c.theta.clone();
         let mut m: Vec<Vec<f32>> = theta.iter().map(|t| vec![0f32; t.len()]).collect();
-        for (w, agg, want) in &c.windows {
-            let s = reg.setting_at(*w);
-            let lr = s.lr_at(*w);
-            if let Some(a) = agg {
+        for cw in &c.windows {
+            let w = cw.w;
+            let s = reg.setting_at(w);
+            let lr = s.lr_at(w);
+            if let Some(a) = &cw.aggregate {
                 for ((t, a), m) in theta.iter_mut().zip(a).zip(m.iter_mut()) {
                     match s.outer.optimizer.keeps_momentum() {
                         true => step(&s.outer, lr, t, a, m),
@@ -1203,12 +1213,11 @@ fn outer_vectors_pin_rates_steps_and_number_reading() {
                     }
                 }
             }
-            let (lr_c, theta_c, m_c) = &want[0];
-            assert_eq!(lr.to_bits(), lr_c.to_bits(), "{} window {w}: lr", c.name);
-            for (i, (a, b)) in theta.iter().zip(theta_c).enumerate() {
+            assert_eq!(lr.to_bits(), cw.lr.to_bits(), "{} window {w}: lr", c.name);
+            for (i, (a, b)) in theta.iter().zip(&cw.theta).enumerate() {
                 assert!(same_bits(a, b), "{} window {w}: theta {i}", c.name);
             }
-            for (i, (a, b)) in m.iter().zip(m_c).enumerate() {
+            for (i, (a, b)) in m.iter().zip(&cw.m).enumerate() {
                 assert!(same_bits(a, b), "{} window {w}: momentum {i}", c.name);
             }
         }
@@ -1240,7 +1249,7 @@ fn outer_vectors_pin_rates_steps_and_number_reading() {
     // The cases hold what they say: -0.0 kept, and the two double-rounding decimals.
     let sgd = &committed[0];
     assert_eq!(
-        sgd.windows.last().unwrap().2[0].1[0][0].to_bits(),
+        sgd.windows.last().unwrap().theta[0][0].to_bits(),
         0x8000_0000
     );
     let once = f32::from_bits(1.0f32.to_bits() + 1);

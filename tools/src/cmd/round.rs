@@ -517,7 +517,7 @@ async fn set(ctx: &Ctx, a: SetArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
     let now = reg.clock_at(&a.registry, &ctx.s3, &id.peer_id()).await?;
     let from_window = match a.from_window.as_str() {
-        "next" => clock(&reg).window_at(now).map_or(0, |w| w + 1),
+        "next" => reg.next_settable(now),
         w => w
             .parse()
             .with_context(|| format!("--from-window {w:?}: expected a window or `next`"))?,
