@@ -237,12 +237,14 @@ pub async fn fetch_listed(
     let root = dir.path().to_path_buf();
     if let Some(m) = &list.merged {
         let files = fetch_merged(reg, s3, list, m, want, &root).await?;
-        return Ok(Spooled {
+        let spooled = Spooled {
             window: list.window,
             shards: Vec::new(),
             merged: Some(files),
             _dir: dir,
-        });
+        };
+        spot_check_merged(reg, s3, list, want, cache, &spooled).await?;
+        return Ok(spooled);
     }
     let limits = shard_limits(reg);
     let fetched: Vec<Result<SpooledShard, ExchangeError>> =
@@ -342,6 +344,77 @@ async fn fetch_merged(
         files[i] = Some(file);
     }
     Ok(files)
+}
+
+/// Form `merged`: the merged object is the aggregator's word for what the listed shards sum
+/// to; this reader checks that word on one wanted tensor it picks at random (weighted by
+/// size, from this machine's own randomness, so an aggregator cannot know which): it
+/// fetches the listed shards' sections holding that tensor, merges them, and requires the
+/// merged object's tensor to be the same bits (`agg_merged_mismatch` otherwise), before any
+/// parameter changes. An aggregator that falsifies a fraction f of the model's elements is
+/// caught by each reader with probability about f per window (a ×1000 object, always), and
+/// readers check independently. Cost: one tensor's sections from every listed shard (at
+/// 72 B × 20 peers with ~1,000 tensors, ~0.1 % of the shards' bytes on average, the largest
+/// tensor's share at worst) and that tensor's accumulator.
+async fn spot_check_merged(
+    reg: &Registry,
+    s3: &S3Options,
+    list: &AcceptedList,
+    want: &(dyn Fn(usize) -> bool + Sync),
+    cache: Option<&std::path::Path>,
+    merged: &Spooled,
+) -> Result<(), ExchangeError> {
+    use rand::Rng;
+    let numel = |i: usize| reg.model.tensors[i].shape.iter().product::<u64>();
+    let wanted: Vec<usize> = (0..reg.model.tensors.len()).filter(|&i| want(i)).collect();
+    let total: u64 = wanted.iter().map(|&i| numel(i)).sum();
+    if total == 0 || list.accepted.is_empty() {
+        return Ok(());
+    }
+    let mut at = rand::rng().random_range(0..total);
+    let Some(&t) = wanted.iter().find(|&&i| {
+        if at < numel(i) {
+            return true;
+        }
+        at -= numel(i);
+        false
+    }) else {
+        return Ok(());
+    };
+    let one = |i: usize| i == t;
+    let shards_view = AcceptedList {
+        form: crate::registry::AggForm::Shards,
+        merged: None,
+        ..list.clone()
+    };
+    let from_shards = Box::pin(fetch_listed(reg, s3, &shards_view, &one, cache)).await?;
+    let mut want_bits: Vec<u32> = Vec::new();
+    from_shards.merge(reg, &one, |_, acc| {
+        want_bits = acc.iter().map(|v| v.to_bits()).collect();
+        Ok(())
+    })?;
+    let mut got_bits: Vec<u32> = Vec::new();
+    merged.merge(reg, &one, |_, acc| {
+        got_bits = acc.iter().map(|v| v.to_bits()).collect();
+        Ok(())
+    })?;
+    if let Some(k) =
+        (0..want_bits.len().max(got_bits.len())).find(|&k| want_bits.get(k) != got_bits.get(k))
+    {
+        let object = list
+            .merged
+            .as_ref()
+            .map_or(String::new(), |m| m.object.clone());
+        return Err(ExchangeError::Rejected {
+            object,
+            reason: "agg_merged_mismatch",
+            detail: format!(
+                "window {}: the merged object's tensor {:?} is not what the listed shards sum to (first difference at element {k}); nothing was applied",
+                list.window, reg.model.tensors[t].name
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Decodes a prefetched section (its stored bytes, in `cache/<blake3>`) into `out`, if the

@@ -317,8 +317,17 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     };
     assert_eq!((m.form, m.accepted.len()), (AggForm::Merged, 5));
     assert!(m.merged.is_some());
-    // A merged object that is not the listed one is refused before anything changes.
+    // The aggregator's own key signs a merged object a thousand times the true merge, and a
+    // list naming it: a reader's spot check against the listed shards refuses it.
     let agg4 = area("agg4");
+    forge_merged(&merged, &s3, &agg4, &aggregator, 1).await;
+    let mut t = base(&merged);
+    let e = apply_aggregates(&merged, &s3, &mut t, 1, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "agg_merged_mismatch", "{e}");
+    same_bits(&t, &base(&merged), "untouched by a forged merged object");
+    // A merged object that is not the listed one is refused before anything changes.
     let mobj = agg4.path(&layout::agg_merged(&merged.run, 1));
     let len = agg4.store.head(&mobj).await.unwrap().size as usize;
     common::flip_bit(&agg4, &mobj, Some(len - 1)).await;
@@ -664,6 +673,86 @@ async fn decoded(reg: &Registry, t: &Target, w: u64, id: &Identity) -> SparseUpd
         })
         .collect();
     SparseUpdate::from_tensors(&reg.model, &tensors).unwrap()
+}
+
+/// Re-signs window `w`'s merged object with every value ×1000 (dense agg-v1 sections) and
+/// the list naming it, both with the aggregator's key: what a dishonest aggregator can do.
+async fn forge_merged(reg: &Registry, s3: &S3Options, agg: &Target, key: &Identity, w: u64) {
+    use shardrop::accepted::ListedSection;
+    use shardrop::aggregate::{AGG_CODEC, MERGED_CODEC, read_agg_tensor};
+    let Fetched::Listed(mut list) = fetch_aggregate(reg, s3, w).await.unwrap() else {
+        panic!("agg-v2 expected");
+    };
+    let mkey = agg.path(&layout::agg_merged(&reg.run, w));
+    let env = RemoteEnvelope::open(
+        agg.store.as_ref(),
+        &mkey,
+        "merged",
+        &Limits::default(),
+        &Expect::default(),
+    )
+    .await
+    .unwrap();
+    let secs = shardrop::envelope::read_all_sections(agg.store.as_ref(), &env, &Limits::default())
+        .await
+        .unwrap();
+    let mut forged = Vec::new();
+    for (entry, bytes) in env.sections().iter().zip(secs) {
+        let t = read_agg_tensor(&bytes, &reg.model).unwrap();
+        let spec = reg.model.tensors.iter().find(|s| s.name == t.name).unwrap();
+        let n = spec.shape.iter().product::<u64>() as usize;
+        let mut dense = vec![0f32; n];
+        for (i, v) in t.entries() {
+            dense[i] = v * 1000.0;
+        }
+        let raw: Vec<u8> = dense.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+        let meta = serde_json::json!({"codec": AGG_CODEC, "name": t.name, "shape": spec.shape, "form": "dense"});
+        let info = [("shardrop".to_string(), meta.to_string())].into();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &raw).unwrap();
+        forged.push((
+            entry.name.clone(),
+            safetensors::serialize(vec![(t.name.clone(), view)], Some(info)).unwrap(),
+        ));
+    }
+    let signed = EnvelopeBuilder::new(Kind::Blob, &reg.run)
+        .window(w)
+        .codec(MERGED_CODEC, Default::default())
+        .clock_ms(clock(reg).closes(w))
+        .sections(forged, Compression::Zstd)
+        .unwrap()
+        .sign(key)
+        .unwrap();
+    let m = list.merged.as_mut().unwrap();
+    m.sections = signed
+        .header
+        .sections
+        .iter()
+        .map(ListedSection::from)
+        .collect();
+    agg.store
+        .put(&mkey, signed.to_vec().unwrap().into())
+        .await
+        .unwrap();
+    let signed_list = EnvelopeBuilder::new(Kind::Agg, &reg.run)
+        .window(w)
+        .codec(AGG_V2_CODEC, Default::default())
+        .clock_ms(clock(reg).closes(w))
+        .sections(
+            vec![(LIST_SECTION.to_string(), serde_json::to_vec(&list).unwrap())],
+            Compression::Zstd,
+        )
+        .unwrap()
+        .sign(key)
+        .unwrap();
+    agg.store
+        .put(
+            &agg.path(&layout::agg(&reg.run, w)),
+            signed_list.to_vec().unwrap().into(),
+        )
+        .await
+        .unwrap();
 }
 
 /// The merged tensors of window `w` (agg-v2), by name and as one sparse vector.
