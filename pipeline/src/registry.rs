@@ -687,7 +687,7 @@ impl Registry {
         // end of its second, so a revision that landed just after a window opened counts
         // as landed after it.
         let lm = env.meta.last_modified.timestamp_millis().max(0) as u64;
-        let stored_ms = if lm % 1000 == 0 { lm + 999 } else { lm };
+        let stored_ms = if lm.is_multiple_of(1000) { lm + 999 } else { lm };
         reg.check_history(&object, &json, stored_ms)?;
         Ok((reg, env.meta.e_tag.clone()))
     }

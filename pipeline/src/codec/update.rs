@@ -339,9 +339,24 @@ pub fn accumulate_section(
         }
     }
     for t in tensors {
-        let entry = dense
-            .entry(t.name.clone())
-            .or_insert_with(|| (t.shape.clone(), vec![0f32; t.numel() as usize]));
+        if !dense.contains_key(&t.name) {
+            // Within the limits but perhaps beyond this machine's memory: an error, not the
+            // allocator's abort.
+            let n = t.numel() as usize;
+            let mut zeros: Vec<f32> = Vec::new();
+            zeros.try_reserve_exact(n).map_err(|_| {
+                CodecError::OverLimit(format!(
+                    "tensor {}: cannot allocate {n} f32 elements ({} bytes) on this machine",
+                    t.name,
+                    n as u64 * 4
+                ))
+            })?;
+            zeros.resize(n, 0.0);
+            dense.insert(t.name.clone(), (t.shape.clone(), zeros));
+        }
+        let Some(entry) = dense.get_mut(&t.name) else {
+            continue;
+        };
         if entry.0 != t.shape {
             return Err(CodecError::ShapeMismatch {
                 tensor: t.name.clone(),

@@ -180,5 +180,29 @@ pub fn import_all(tensors: &Bound<'_, PyAny>, access: Access) -> PyResult<Vec<He
         let (name, t): (String, Bound<'_, PyAny>) = item?.extract()?;
         out.push(import(&t, &name, access)?);
     }
+    if access == Access::WriteF32 {
+        refuse_aliases(&out)?;
+    }
     Ok(out)
+}
+
+/// Tensors written in place must not share memory: two views of one buffer
+/// (`{"a": buf.reshape(64, 256), "b": buf[:256]}`) would give the shared part both updates
+/// through overlapping `&mut` slices.
+fn refuse_aliases(held: &[Held]) -> PyResult<()> {
+    let mut spans: Vec<(usize, usize, &str)> = held
+        .iter()
+        .filter(|h| h.len > 0)
+        .map(|h| (h.ptr, h.ptr + h.len, h.name.as_str()))
+        .collect();
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(caller(format!(
+                "tensors {:?} and {:?} share memory (views of one buffer); each parameter written in place needs its own storage (pass copies, or the tensors a module owns)",
+                pair[0].2, pair[1].2
+            )));
+        }
+    }
+    Ok(())
 }

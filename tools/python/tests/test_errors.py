@@ -90,6 +90,15 @@ def test_bad_tensors_are_caller_errors(folder_run):
     with pytest.raises(shardrop.Error) as e:
         run.apply_(frozen, 0)
     assert "read-only" in str(e.value)
+    # Two views of one buffer: applying in place would give the shared part both updates.
+    buf = np.zeros(64 * 32, np.float32)
+    aliased = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    aliased["a.weight"] = buf.reshape(64, 32)
+    aliased["b.bias"] = buf[:300]
+    with pytest.raises(shardrop.Error) as e:
+        run.apply_(aliased, 0)
+    assert e.value.kind == "caller"
+    assert "share memory" in str(e.value), str(e.value)
     half = {k: np.zeros(s, np.float16) for k, s in SHAPES.items()}
     with pytest.raises(shardrop.Error) as e:
         run.apply_(half, 0)
