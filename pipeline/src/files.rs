@@ -89,6 +89,7 @@ mod tests {
         assert!(e.contains("symbolic link"), "{e}");
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = read_regular(&fifo, 1 << 20).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");

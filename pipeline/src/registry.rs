@@ -687,7 +687,11 @@ impl Registry {
         // end of its second, so a revision that landed just after a window opened counts
         // as landed after it.
         let lm = env.meta.last_modified.timestamp_millis().max(0) as u64;
-        let stored_ms = if lm.is_multiple_of(1000) { lm + 999 } else { lm };
+        let stored_ms = if lm.is_multiple_of(1000) {
+            lm + 999
+        } else {
+            lm
+        };
         reg.check_history(&object, &json, stored_ms)?;
         Ok((reg, env.meta.e_tag.clone()))
     }
@@ -906,7 +910,8 @@ mod tests {
             Default::default(),
         );
         good.validate("registry").unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Registry)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Registry)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "settings_invalid",
                 Box::new(|r| r.settings[0].outer.lr = 1e30),

@@ -486,6 +486,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
             1 => {
                 std::fs::remove_file(f).unwrap();
                 let c = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+                // SAFETY: `c` is a NUL-terminated path that outlives the call.
                 assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
             }
             _ => {
