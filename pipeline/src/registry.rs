@@ -640,12 +640,41 @@ impl Registry {
     }
 
     /// Loads and verifies a registry: signed by the operator it names (and by `operator`,
-    /// when the caller pins one). Returns it with the object's ETag for a later update.
+    /// when the caller pins one), and no older than what this machine has seen of it
+    /// (`seen`). Returns it with the object's ETag for a later update.
+    ///
+    /// A read that began before a newer revision landed may complete after another reader
+    /// (a task of this process, or a job sharing the state folder) recorded that revision:
+    /// stale, not a rollback. So an apparent rollback is read again, up to 3 times 0.5 s
+    /// apart; a revision put back stays there and is refused.
     pub async fn load(
         url: &str,
         s3: &S3Options,
         operator: Option<PeerId>,
     ) -> Result<(Registry, Option<String>), RegistryError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (reg, etag, object, json, stored_ms) = Self::load_once(url, s3, operator).await?;
+            match reg.check_history(&object, &json, stored_ms) {
+                Ok(()) => return Ok((reg, etag)),
+                Err(RegistryError::Rejected {
+                    reason: "registry_rollback",
+                    ..
+                }) if attempt < 4 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One verified read: the registry, its ETag, its URL, its JSON and when it was stored.
+    async fn load_once(
+        url: &str,
+        s3: &S3Options,
+        operator: Option<PeerId>,
+    ) -> Result<(Registry, Option<String>, String, Vec<u8>, u64), RegistryError> {
         let (target, path) = store::open_object(url, s3)?;
         let object = target.url_of(&path);
         let limits = Limits::small_object();
@@ -692,8 +721,8 @@ impl Registry {
         } else {
             lm
         };
-        reg.check_history(&object, &json, stored_ms)?;
-        Ok((reg, env.meta.e_tag.clone()))
+        let etag = env.meta.e_tag.clone();
+        Ok((reg, etag, object, json, stored_ms))
     }
 
     /// Replaces the registry at `url` with `self` (revision + 1), only if it is still the

@@ -327,6 +327,11 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         .unwrap_err();
     assert_eq!(reason(&e), "agg_merged_mismatch", "{e}");
     same_bits(&t, &base(&merged), "untouched by a forged merged object");
+    common::report(
+        "merged object x1000 signed by the aggregator: refused by the reader's spot check",
+        1,
+        1,
+    );
     // A merged object that is not the listed one is refused before anything changes.
     let mobj = agg4.path(&layout::agg_merged(&merged.run, 1));
     let len = agg4.store.head(&mobj).await.unwrap().size as usize;
@@ -522,6 +527,11 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     apply_aggregates_with(&v2, &s3, &mut t, &mut Default::default(), 0, 0, &cached)
         .await
         .unwrap();
+    common::report(
+        "poisoned prefetch folder (links, FIFOs, oversized files, planted .part links)",
+        1,
+        1,
+    );
     for f in std::fs::read_dir(cache.path()).unwrap() {
         let f = f.unwrap().path();
         let mut b = std::fs::read(&f).unwrap();

@@ -464,6 +464,11 @@ async fn push_resume_pull_partial_verify_and_python_loads_it() {
     .unwrap();
     assert!(retried.already_published, "{retried:?}");
     assert_eq!(retried.parent, Some(10));
+    common::report(
+        "ckpt push rerun after success (a parent, LATEST moved)",
+        1,
+        1,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,6 +584,7 @@ async fn hostile_manifests_failing_stores_links_and_retention() {
         b"keep",
         "written through a hard link"
     );
+    common::report("ckpt pull: hard link at the partial shard's name", 1, 1);
 
     // A validly signed manifest that names paths outside OUT, or a tensor past its shard.
     let (m, _, _) = shardrop::checkpoint::pull::fetch_manifest(&loc)
