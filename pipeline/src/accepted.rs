@@ -240,7 +240,8 @@ impl AcceptedList {
             }
             let ok = match a.clipped {
                 false => a.weight.to_bits() == full.to_bits(),
-                true => n >= 3 && a.weight > 0.0 && a.weight < full,
+                // Clipped: (0, f32(1/n)], since a norm just above the cap rounds to f32(1/n).
+                true => n >= 3 && a.weight > 0.0 && a.weight <= full,
             };
             if !ok {
                 return Err(fault(
@@ -251,7 +252,7 @@ impl AcceptedList {
                         a.weight,
                         if a.clipped { " (clipped)" } else { "" },
                         if a.clipped {
-                            " at most, and clipping needs 3 or more"
+                            " at most (and more than 0), and clipping needs 3 or more"
                         } else {
                             ""
                         }

@@ -1245,11 +1245,12 @@ async fn apply_listed<T: Tensor>(
 /// size plus 64 MiB (without a model: any size), every tensor `outer_momentum.<name>` of a
 /// model tensor with exactly its shape, and every value finite: NaN momentum would give NaN
 /// parameters to a peer that then publishes from them. `optimizer_state_invalid` otherwise.
-/// Returns the state, its run and the window it is after.
+/// Returns the state, its run, the window it is after, and each buffer's shape (by tensor
+/// name, without the prefix), all from the one read that was checked.
 pub fn read_state_file(
     path: &std::path::Path,
     model: Option<&ModelSpec>,
-) -> Result<(OuterState, String, Option<u64>), ExchangeError> {
+) -> Result<StateFile, ExchangeError> {
     let bad = |detail: String| ExchangeError::Rejected {
         object: path.display().to_string(),
         reason: "optimizer_state_invalid",
@@ -1266,6 +1267,17 @@ pub fn read_state_file(
     let (state, run, after) =
         crate::outer::state_from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let shapes = header
+        .tensors()
+        .into_iter()
+        .map(|(k, info)| {
+            let k = k
+                .strip_prefix(crate::outer::MOMENTUM_PREFIX)
+                .map(str::to_string)
+                .unwrap_or(k);
+            (k, info.shape.iter().map(|&d| d as u64).collect())
+        })
+        .collect();
     if let Some(model) = model {
         for (name, info) in header.tensors() {
             let plain = name
@@ -1293,5 +1305,22 @@ pub fn read_state_file(
             )));
         }
     }
-    Ok((state, run, after))
+    Ok(StateFile {
+        state,
+        run,
+        after,
+        shapes,
+    })
+}
+
+/// An outer-optimizer state file as [`read_state_file`] checked it.
+pub struct StateFile {
+    /// The momentum buffers.
+    pub state: OuterState,
+    /// The run it is of.
+    pub run: String,
+    /// The last window in it (`None`: before window 0).
+    pub after: Option<u64>,
+    /// Each buffer's shape, by tensor name.
+    pub shapes: BTreeMap<String, Vec<u64>>,
 }

@@ -61,7 +61,10 @@ pub fn open_regular(path: &Path, max: u64) -> io::Result<(std::fs::File, u64)> {
 pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let (file, len) = open_regular(path, max)?;
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(len as usize).map_err(|_| {
+        io::Error::other(format!("{len} bytes: more than this machine can allocate"))
+    })?;
     file.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(io::Error::other(format!(

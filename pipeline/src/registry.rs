@@ -206,6 +206,13 @@ impl AggregateSpec {
 /// The section size of runs whose registry does not name one.
 pub const DEFAULT_SECTION_BYTES: u64 = 16 << 20;
 
+/// The longest window or grace a reader accepts, seconds (136 years: every time in ms
+/// stays far inside u64).
+pub const MAX_SECS: u64 = 1 << 32;
+
+/// The most elements a model tensor may have (the codec's own limit, 2^36, is lower).
+pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
+
 /// The largest section size a reader accepts (a section is decompressed whole).
 pub const MAX_SECTION_BYTES: u64 = 1 << 30;
 
@@ -545,8 +552,28 @@ impl Registry {
                 self.format
             )));
         }
-        if self.window_secs == 0 {
-            return Err(shape("window_secs is 0".into()));
+        if self.window_secs == 0 || self.window_secs > MAX_SECS || self.grace_secs > MAX_SECS {
+            return Err(shape(format!(
+                "window_secs {} must be in 1..={MAX_SECS} and grace_secs {} at most {MAX_SECS}",
+                self.window_secs, self.grace_secs
+            )));
+        }
+        for pair in self.model.tensors.windows(2) {
+            if pair[0].name.as_bytes() >= pair[1].name.as_bytes() {
+                return Err(shape(format!(
+                    "model tensors are not in strictly ascending name order ({:?} then {:?})",
+                    pair[0].name, pair[1].name
+                )));
+            }
+        }
+        for t in &self.model.tensors {
+            let n = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            if n.is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
+                return Err(shape(format!(
+                    "model tensor {:?} {:?} has more than {MAX_TENSOR_ELEMENTS} elements",
+                    t.name, t.shape
+                )));
+            }
         }
         self.codec.validate().map_err(|e| shape(e.to_string()))?;
         if !(1..=MAX_SECTION_BYTES).contains(&self.section_bytes) {
@@ -696,19 +723,22 @@ impl Registry {
             .iter()
             .zip(sections)
             .find_map(|(e, body)| (e.name == SECTION).then_some(body))
-            .ok_or_else(|| RegistryError::Invalid {
+            .ok_or_else(|| RegistryError::Rejected {
                 object: object.clone(),
-                reason: format!("no section named {SECTION:?}"),
+                reason: "registry_invalid",
+                detail: format!("no section named {SECTION:?}"),
             })?;
-        let reg: Registry = serde_json::from_slice(&json).map_err(|e| RegistryError::Invalid {
+        let reg: Registry = serde_json::from_slice(&json).map_err(|e| RegistryError::Rejected {
             object: object.clone(),
-            reason: format!("registry JSON: {e}"),
+            reason: "registry_invalid",
+            detail: format!("registry JSON: {e}"),
         })?;
         reg.validate(&object)?;
         if reg.operator != env.signer.to_string() || reg.run != env.head.header.run {
-            return Err(RegistryError::Invalid {
+            return Err(RegistryError::Rejected {
                 object,
-                reason: "signed by a key other than the operator it names, or for another run"
+                reason: "registry_invalid",
+                detail: "signed by a key other than the operator it names, or for another run"
                     .into(),
             });
         }

@@ -141,7 +141,12 @@ impl MinerShard {
         };
         let want = crate::exchange::commitment(&env.signer, salt, content);
         let clk = clock(reg);
-        let inside = |ms: i64| ms >= clk.start(w) as i64 && ms < clk.closes(w) as i64;
+        // A whole-second time (HEAD on S3) stands for anywhere in its second: it counts as
+        // inside if any of that second is.
+        let inside = |ms: i64| {
+            let upper = if ms % 1000 == 0 { ms + 999 } else { ms };
+            upper >= clk.start(w) as i64 && ms < clk.closes(w) as i64
+        };
         let key = layout::grad_commit(&reg.run, w, &env.signer);
         let expect = Expect::in_window(Kind::Blob, env.signer, &reg.run, w);
         let path = target.path(&key);
@@ -544,8 +549,11 @@ pub(crate) async fn check_heads(
     }
     let shared =
         |s: &MinerShard| s.fault.is_none() && s.content.as_ref().is_some_and(|c| twins[c] > 1);
+    // Every commit at once, like the headers: each is one small object, and a pool would let
+    // colluding stores that never answer hold every slot until the deadline, leaving the
+    // victim's commit unread (no commit strictly first: a forced tie).
     futures::stream::iter(shards.iter_mut().filter(|s| shared(s)))
-        .for_each_concurrent(concurrency.max(1), |s| async move {
+        .for_each_concurrent(None, |s| async move {
             // A commit not read in time counts as none: its shard cannot win a tie.
             let _ = tokio::time::timeout_at(deadline, s.fetch_commit(reg, w)).await;
         })
@@ -608,12 +616,13 @@ pub(crate) async fn check_ranges(
     concurrency: usize,
     deadline: Instant,
 ) -> Vec<(RangeCheck, Vec<EncodedTensor>)> {
+    let shares = Shares::new(deadline, concurrency, shards.len());
+    let shares = &shares;
     let mut out: Vec<(usize, (RangeCheck, Vec<EncodedTensor>))> =
         futures::stream::iter(shards.iter().enumerate().map(|(j, s)| {
             let range = range.clone();
-            let until = shard_deadline(deadline, concurrency, shards.len());
             async move {
-                let until = until();
+                let until = shares.next();
                 let checked = tokio::time::timeout_at(until, check_range(reg, s, range.clone()))
                     .await
                     .unwrap_or_else(|_| (RangeCheck::timed_out(range.start), Vec::new()));
@@ -628,24 +637,49 @@ pub(crate) async fn check_ranges(
     out.into_iter().map(|(_, c)| c).collect()
 }
 
-/// Each shard's share of the window's budget, as a deadline taken when its pipeline gets a
-/// slot: the time left before `deadline`, times `concurrency / n` when more shards than
-/// slots wait, so that even if every shard stalls for its whole share, the last one still
-/// gets its share before the window's deadline. A slow or stalled miner costs its own share
-/// and nobody else's time (`round.md`, "Window budget").
-fn shard_deadline(deadline: Instant, concurrency: usize, n: usize) -> impl Fn() -> Instant {
-    let share = (concurrency.max(1) as f64 / n.max(1) as f64).min(1.0);
-    move || {
+/// Each shard's share of the window's budget, handed out as a deadline when its pipeline
+/// gets a slot: the time left before `deadline`, divided by the rounds of `concurrency`
+/// pipelines that the shards not yet started (this one included) still need. A shard that
+/// stalls for its whole share leaves every later round its own share, so a slow or stalled
+/// miner costs its own time and nobody else's; when nothing stalls, a round that ends early
+/// leaves its time to the next (`round.md`, "Window budget").
+pub(crate) struct Shares {
+    deadline: Instant,
+    concurrency: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Shares {
+    /// Shares for `n` pipelines run `concurrency` at a time until `deadline`.
+    pub(crate) fn new(deadline: Instant, concurrency: usize, n: usize) -> Shares {
+        Shares {
+            deadline,
+            concurrency: concurrency.max(1),
+            waiting: std::sync::atomic::AtomicUsize::new(n),
+        }
+    }
+
+    /// The deadline of the pipeline starting now.
+    pub(crate) fn next(&self) -> Instant {
+        use std::sync::atomic::Ordering;
+        let waiting = self
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                Some(w.saturating_sub(1))
+            })
+            .unwrap_or(1)
+            .max(1);
+        let rounds = waiting.div_ceil(self.concurrency).max(1) as u32;
         let now = Instant::now();
-        let left = deadline.saturating_duration_since(now);
-        (now + left.mul_f64(share)).min(deadline)
+        let left = self.deadline.saturating_duration_since(now);
+        (now + left / rounds).min(self.deadline)
     }
 }
 
 /// [`check_ranges`] for agg-v2, each shard as one pipeline: copy it into the aggregator's
 /// store (`copy_to`: the consolidated forms), open the copy, then check its tensors of
 /// `range` one of its own sections at a time, all within the shard's own share of the
-/// budget ([`shard_deadline`]). Pipelines run unordered, up to `concurrency` at once, and the
+/// budget ([`Shares`]). Pipelines run unordered, up to `concurrency` at once, and the
 /// results are put back in peer order afterwards: a miner that trickles its body or stalls
 /// costs its own slot and share, while every other shard is copied and checked as soon as
 /// it can be (one slow miner among 20 used to hold the whole copy phase to the deadline and
@@ -669,8 +703,8 @@ pub(crate) async fn copy_and_check(
         .iter()
         .filter(|s| s.fault.is_none() && s.env.is_some())
         .count();
-    let until = shard_deadline(deadline, concurrency, busy);
-    let until = &until;
+    let shares = Shares::new(deadline, concurrency, busy);
+    let shares = &shares;
     let mut out: Vec<(usize, (RangeCheck, Option<EncodedTensor>))> =
         futures::stream::iter(shards.iter_mut().enumerate().map(|(j, s)| {
             let range = range.clone();
@@ -678,7 +712,7 @@ pub(crate) async fn copy_and_check(
                 if s.fault.is_some() || s.env.is_none() {
                     return (j, (RangeCheck::default(), None));
                 }
-                let until = until();
+                let until = shares.next();
                 if let Some(target) = copy_to {
                     let copied =
                         tokio::time::timeout_at(until, s.consolidate(reg, target, w, true)).await;
@@ -927,7 +961,8 @@ pub struct Clip {
 /// The outlier rule and the weights (`round.md`, "Norms, clipping and weights"): `norms`
 /// holds each miner's norm, `None` for every shard not accepted. The median is the upper
 /// middle of the sorted accepted norms; with 3 or more, a norm over `ratio × median` is
-/// scaled down to it; each weight is the binary64 `scale / n` rounded once to f32.
+/// scaled down to it; each weight is the binary64 `scale / n` rounded once to f32 (and the
+/// smallest positive f32 where that rounds to 0).
 pub fn clip_weights(norms: &[Option<f64>], ratio: f64) -> Vec<Option<Clip>> {
     let mut sorted: Vec<f64> = norms.iter().flatten().copied().collect();
     sorted.sort_by(f64::total_cmp);
@@ -941,10 +976,17 @@ pub fn clip_weights(norms: &[Option<f64>], ratio: f64) -> Vec<Option<Clip>> {
                 Some(cap) if norm > cap => (cap / norm, true),
                 _ => (1.0, false),
             };
+            // A weight that would round to zero (a norm ~1e38 times the cap) is the smallest
+            // positive f32 instead: still a clipped weight readers accept, never a 0 that
+            // would make the whole list unappliable.
+            let weight = match (scale / n as f64) as f32 {
+                0.0 => f32::from_bits(1),
+                w => w,
+            };
             Some(Clip {
                 scale,
                 clipped,
-                weight: (scale / n as f64) as f32,
+                weight,
             })
         })
         .collect()
@@ -1035,4 +1077,25 @@ pub fn window_deadline(
         _ => budget,
     };
     Instant::now() + left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipped_weights_never_round_to_zero_and_the_median_is_the_upper_middle() {
+        // Norms 1, 1, 1e300: the median is 1, the outlier's scale 3e-300 / 3 underflows.
+        let c = clip_weights(&[Some(1.0), Some(1.0), Some(1e300), None], 3.0);
+        assert_eq!(c[3], None);
+        let out = c[2].unwrap();
+        assert!(out.clipped);
+        assert_eq!(out.weight.to_bits(), 1, "the smallest positive f32");
+        assert_eq!(c[0].unwrap().weight, (1.0f64 / 3.0) as f32);
+        // Even n: the upper middle (3.0 of 1, 2, 3, 4) sets the cap 9; 10 is clipped to it.
+        let c = clip_weights(&[Some(1.0), Some(2.0), Some(3.0), Some(10.0)], 3.0);
+        assert!(c[3].unwrap().clipped);
+        assert_eq!(c[3].unwrap().weight, ((9.0f64 / 10.0) / 4.0) as f32);
+        assert!(!c[2].unwrap().clipped);
+    }
 }

@@ -71,6 +71,28 @@ fn refusing() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Runs `test` of this binary in a child process whose environment points the credential
+/// prefixes `SHARDROP_<NAME>_` at the endpoints (tests never change their own environment),
+/// with `flag` set so the child runs the round instead of starting endpoints again.
+async fn in_child(test: &str, flag: &str, endpoints: &[(&str, u16)]) {
+    let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture"])
+        .envs(endpoints.iter().map(|(name, port)| {
+            (
+                format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
+                format!("http://127.0.0.1:{port}"),
+            )
+        }))
+        .env(flag, "1")
+        .status()
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "{test}: the round in the child process failed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
     const CHILD: &str = "SHARDROP_BUDGET_ENDPOINTS";
@@ -85,23 +107,12 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
             ("BUSY", unavailable().await),
             ("DOWN", refusing()),
         ];
-        let status = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "a_window_ends_within_its_budget_whatever_the_stores_do",
-                "--nocapture",
-            ])
-            .envs(endpoints.map(|(name, port)| {
-                (
-                    format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
-                    format!("http://127.0.0.1:{port}"),
-                )
-            }))
-            .env(CHILD, "1")
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success(), "the round in the child process failed");
+        in_child(
+            "a_window_ends_within_its_budget_whatever_the_stores_do",
+            CHILD,
+            &endpoints,
+        )
+        .await;
         return;
     }
     let Some(root) = common::s3("budget") else {
@@ -401,23 +412,12 @@ async fn a_slow_miner_costs_only_itself_in_every_form() {
             ("TRICKLE", slow_proxy(upstream, free, true).await),
             ("STALL", slow_proxy(upstream, free, false).await),
         ];
-        let status = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "a_slow_miner_costs_only_itself_in_every_form",
-                "--nocapture",
-            ])
-            .envs(endpoints.map(|(name, port)| {
-                (
-                    format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
-                    format!("http://127.0.0.1:{port}"),
-                )
-            }))
-            .env(CHILD, "1")
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success(), "the rounds in the child process failed");
+        in_child(
+            "a_slow_miner_costs_only_itself_in_every_form",
+            CHILD,
+            &endpoints,
+        )
+        .await;
         return;
     }
     use shardrop::registry::AggForm;

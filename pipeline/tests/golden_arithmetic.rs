@@ -24,27 +24,11 @@ use shardrop::codec::{
     encode_update, read_section, write_section,
 };
 
+mod blessed;
+use blessed::check;
+
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/vectors/gradient-v1/arith")
-}
-
-fn bless() -> bool {
-    std::env::var("SHARDROP_BLESS").is_ok_and(|v| v == "1")
-}
-
-/// Writes `bytes` when blessing, then requires the committed file to hold exactly them.
-fn check(path: &Path, bytes: &[u8]) {
-    if bless() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    }
-    let stored = std::fs::read(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (SHARDROP_BLESS=1 once)", path.display()));
-    assert!(
-        stored == bytes,
-        "{}: this build produces different bytes",
-        path.display()
-    );
 }
 
 fn f32_update(tensors: &[(&str, &[f32])]) -> Vec<u8> {

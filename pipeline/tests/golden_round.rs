@@ -18,7 +18,7 @@
 //! **not** reproduce at least one committed value. `SHARDROP_BLESS=1 cargo test --test
 //! golden_round` rewrites the files.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -31,27 +31,11 @@ use shardrop::outer::{OptimizerKind, Outer, Schedule, ScheduleKind, Setting, ste
 use shardrop::registry::Registry;
 use shardrop::verdict::{clip_weights, shard_norm};
 
+mod blessed;
+use blessed::check;
+
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/vectors/round-v1")
-}
-
-fn bless() -> bool {
-    std::env::var("SHARDROP_BLESS").is_ok_and(|v| v == "1")
-}
-
-/// Writes `bytes` when blessing, then requires the committed file to hold exactly them.
-fn check(path: &Path, bytes: &[u8]) {
-    if bless() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    }
-    let stored = std::fs::read(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (SHARDROP_BLESS=1 once)", path.display()));
-    assert!(
-        stored == bytes,
-        "{}: this build produces different bytes",
-        path.display()
-    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -35,13 +35,18 @@ pub(crate) struct Seen {
     /// blake3 of its JSON document: a second document under the same revision is a fork.
     pub digest: String,
     /// blake3 of what no revision may change: run, operator, genesis, window and grace
-    /// lengths, model, codec, section size, the aggregate format, and the original setting.
+    /// lengths, model, codec, section size and the original setting (the aggregate format
+    /// may move from agg-v1 to agg-v2: readers go by each aggregate's own codec).
     pub frame: String,
     /// The settings history.
     pub settings: Vec<Setting>,
-    /// When its window 0 began: a registry at the same URL with a later genesis is a new run
-    /// made there (`run init` after the old one was deleted), not a rollback.
+    /// When its window 0 began.
     pub genesis_ms: u64,
+    /// When its store took it (ms). Windows open by then are history for every later
+    /// revision; a registry at the same URL whose genesis is later than this is a new run
+    /// made there (`run init` after the old one was deleted), not a rollback.
+    #[serde(default)]
+    pub stored_ms: u64,
 }
 
 /// Memory within this process, for readers whose state folder is not writable.
@@ -96,7 +101,7 @@ impl Registry {
             "run": self.run, "operator": self.operator, "genesis_ms": self.genesis_ms,
             "window_secs": self.window_secs, "grace_secs": self.grace_secs,
             "model": self.model, "codec": self.codec, "section_bytes": self.section_bytes,
-            "aggregate": self.aggregate, "beta": self.beta, "outer_lr": self.outer_lr,
+            "beta": self.beta, "outer_lr": self.outer_lr,
         });
         blake3::hash(frame.to_string().as_bytes())
             .to_hex()
@@ -117,6 +122,7 @@ impl Registry {
             frame: self.frame_digest(),
             settings: self.settings.clone(),
             genesis_ms: self.genesis_ms,
+            stored_ms,
         };
         let mut memory = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = read_file();
@@ -130,9 +136,11 @@ impl Registry {
             reason,
             detail,
         };
+        // A new run at the same URL starts after everything the old one had stored, so it
+        // cannot cover windows the old run had already opened.
         let renewed = all
             .get(object)
-            .is_some_and(|b| b.frame != now.frame && now.genesis_ms > b.genesis_ms);
+            .is_some_and(|b| b.frame != now.frame && now.genesis_ms > b.stored_ms);
         if renewed {
             tracing::info!(object, "a new run at this registry's URL (a later genesis)");
         }
@@ -141,7 +149,7 @@ impl Registry {
                 return Err(bad(
                     "registry_rollback",
                     format!(
-                        "revision {} is older than revision {} this machine already read (an old revision put back)",
+                        "revision {} is older than revision {} this machine already read (an old revision put back; if the run was deliberately made again at this URL with an earlier genesis, remove its entry from {FILE} in the state folder)",
                         now.revision, before.revision
                     ),
                 ));
@@ -159,7 +167,7 @@ impl Registry {
                 if now.frame != before.frame {
                     return Err(bad(
                         "settings_rewritten",
-                        "the run's frame changed (genesis, window or grace length, model, codec, section size, aggregate format or original setting): no revision may change it".into(),
+                        "the run's frame changed (genesis, window or grace length, model, codec, section size or original setting): no revision may change it".into(),
                     ));
                 }
                 let clock = crate::window::RunClock::new(
@@ -167,22 +175,37 @@ impl Registry {
                     self.window_secs,
                     self.grace_secs,
                 );
-                if let Some(open) = clock.window_at(stored_ms) {
-                    // Windows up to `open` had opened when this revision was stored: the
-                    // entries in force for them (those from `open` back) are history.
-                    let upto = |settings: &[Setting]| -> Vec<Setting> {
-                        settings
-                            .iter()
-                            .filter(|s| s.from_window <= open)
-                            .copied()
-                            .collect()
+                // Windows open when the remembered revision was stored are history: no later
+                // revision may change the setting in force for them. (Windows that opened
+                // since may have been changed by a revision this machine never saw, made
+                // before they opened, so they are not compared.)
+                if let Some(open) = clock.window_at(before.stored_ms) {
+                    let old = Registry {
+                        settings: before.settings.clone(),
+                        ..self.clone()
                     };
-                    if upto(&before.settings) != upto(&self.settings) {
+                    // The setting in force is constant between entries: comparing it at every
+                    // entry's first window (of either history) up to `open` compares them all.
+                    let mut at: Vec<u64> = old
+                        .settings
+                        .iter()
+                        .chain(&self.settings)
+                        .map(|s| s.from_window)
+                        .filter(|&w| w <= open)
+                        .chain([0])
+                        .collect();
+                    at.sort_unstable();
+                    at.dedup();
+                    let same = |w: u64| {
+                        let (a, b) = (old.setting_at(w), self.setting_at(w));
+                        a.outer == b.outer && a.beta == b.beta && a.origin() == b.origin()
+                    };
+                    if let Some(w) = at.into_iter().find(|&w| !same(w)) {
                         return Err(bad(
                             "settings_rewritten",
                             format!(
-                                "revision {} changes a setting in force at or before window {open}, which had opened when the revision was stored; settings may only change from windows not yet open",
-                                now.revision
+                                "revision {} changes the setting of window {w}, which was open (up to window {open}) when revision {} was stored; settings may only change from windows not yet open",
+                                now.revision, before.revision
                             ),
                         ));
                     }

@@ -630,24 +630,11 @@ impl OptimizerState {
     /// holds).
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<OptimizerState> {
-        let (state, run, after) = py
+        // One checked read: the shapes come from the same bytes as the buffers.
+        let f = py
             .detach(|| shardrop::aggregate::read_state_file(&path, None))
             .map_err(to_py)?;
-        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-        // The shapes, from the header alone (the file was just checked whole).
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| io(&path, format!("safetensors header: {e}")))?;
-        let shapes = header
-            .tensors()
-            .into_iter()
-            .map(|(k, info)| {
-                let k = k
-                    .strip_prefix(shardrop::outer::MOMENTUM_PREFIX)
-                    .map(str::to_string)
-                    .unwrap_or(k);
-                (k, info.shape.iter().map(|&d| d as u64).collect())
-            })
-            .collect();
+        let (state, run, after, shapes) = (f.state, f.run, f.after, f.shapes);
         Ok(OptimizerState {
             state,
             run: Some(run),

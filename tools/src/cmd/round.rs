@@ -724,7 +724,8 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = a.optimizer_state.as_ref().filter(|p| p.exists()) {
-        let (st, run, st_after) = shardrop::aggregate::read_state_file(path, Some(&reg.model))?;
+        let f = shardrop::aggregate::read_state_file(path, Some(&reg.model))?;
+        let (st, run, st_after) = (f.state, f.run, f.after);
         if run != reg.run || st_after != after {
             let name = |w: Option<u64>| w.map_or("genesis".to_string(), |w| format!("window {w}"));
             return Err(ExchangeError::Refused {
