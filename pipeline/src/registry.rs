@@ -824,6 +824,23 @@ impl Registry {
         Ok(crate::window::store_now_ms(&target, &layout::clock_probe(&self.run, peer)).await?)
     }
 
+    /// When the store took the registry at `url` (its `last_modified`, ms; a whole-second
+    /// time read as the end of its second): `run set` checks its revision landed before the
+    /// window it changes opened.
+    pub async fn stored_at(url: &str, s3: &S3Options) -> Result<u64, RegistryError> {
+        let (target, path) = store::open_object(url, s3)?;
+        let object = target.url_of(&path);
+        let meta = object_store::ObjectStoreExt::head(target.store.as_ref(), &path)
+            .await
+            .map_err(|e| StoreError::from_store(&object, e))?;
+        let lm = meta.last_modified.timestamp_millis().max(0) as u64;
+        Ok(if lm.is_multiple_of(1000) {
+            lm + 999
+        } else {
+            lm
+        })
+    }
+
     /// How long before a window opens `run set` stops accepting it: the revision must land
     /// (compare-and-swap, retries) before the window opens. 5 s, or half a window for
     /// windows shorter than 10 s.

@@ -335,6 +335,12 @@ async fn slow_window(
         &aggregator.peer_id(),
         root.join("agg").url(),
     ));
+    let validator = Identity::generate();
+    reg.participants.push(Participant::new(
+        Role::Validator,
+        &validator.peer_id(),
+        root.join("val").url(),
+    ));
     for (j, m) in miners.iter().enumerate() {
         let mut p = Participant::new(Role::Miner, &m.peer_id(), root.join(&format!("m{j}")).url());
         if j < slow {
@@ -391,6 +397,30 @@ async fn slow_window(
         }
     }
     assert_eq!(agg.accepted + lost, 20 - slow, "{agg:?}");
+    // The validator on the same window, with the same budget, loses no honest shard either.
+    let opts = shardrop::score::ValidateOptions {
+        budget: Some(std::time::Duration::from_secs(4)),
+        concurrency: 16,
+        ..Default::default()
+    };
+    let v = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        shardrop::score::validate_window(Job::new(reg_r, &validator, s3_r), 0, None, &opts),
+    )
+    .await
+    .expect("the validator did not finish the window")
+    .unwrap();
+    for (j, m) in miners.iter().enumerate().skip(slow) {
+        let r = v
+            .rows
+            .iter()
+            .find(|r| r.peer == m.peer_id().to_string())
+            .unwrap();
+        if r.verdict.as_str() != "accepted" {
+            eprintln!("{form:?}, {slow} slow: the validator lost honest miner {j}: {r:?}");
+            lost += 1;
+        }
+    }
     lost
 }
 

@@ -176,9 +176,15 @@ pub async fn push(
             step: Some(opts.step),
         };
         match read_signed_json(&target, &layout::ckpt_manifest(&run, opts.step), &expect).await {
-            Ok((_, body)) => serde_json::from_slice::<Manifest>(&body)
-                .ok()
-                .map(|m| m.parent),
+            Ok((env, body)) => Some(
+                serde_json::from_slice::<Manifest>(&body)
+                    .map_err(|e| CkptError::Rejected {
+                        object: env.object.clone(),
+                        reason: "manifest_malformed",
+                        detail: format!("the manifest already at this step is not one: {e}"),
+                    })?
+                    .parent,
+            ),
             Err(EnvelopeError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         }

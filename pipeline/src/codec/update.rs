@@ -451,6 +451,13 @@ fn sort_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>, CodecError> {
         .filter(|&e| e <= bytes.len())
         .ok_or_else(|| bad("header past the end".into()))?;
     if !bytes[8..header_end].starts_with(KEY) {
+        // The crate writes `__metadata__` first when there is any: no key means none.
+        if bytes[8..header_end]
+            .windows(14)
+            .any(|w| w == b"\"__metadata__\"")
+        {
+            return Err(bad("`__metadata__` is not the header's first key".into()));
+        }
         return Ok(bytes);
     }
     let start = 8 + KEY.len();
