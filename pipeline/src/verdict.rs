@@ -1083,6 +1083,123 @@ pub fn window_deadline(
 mod tests {
     use super::*;
 
+    /// A header-valid shard of `content` whose commit landed at `commit_ms`.
+    fn shard(peer: &str, content: &str, commit_ms: Option<i64>) -> MinerShard {
+        MinerShard {
+            content: Some(content.into()),
+            commit_ms,
+            fault: None,
+            ..MinerShard::timed_out(peer)
+        }
+    }
+
+    #[test]
+    fn the_duplicate_rule_table() {
+        // (shards, faults by index, who must be `duplicate`, the winner named in details)
+        type Case = (
+            Vec<MinerShard>,
+            Vec<usize>,
+            Vec<usize>,
+            Option<&'static str>,
+        );
+        let cases: Vec<(&str, Case)> = vec![
+            (
+                "the strictly earliest commit keeps its place",
+                (
+                    vec![shard("a", "x", Some(2000)), shard("b", "x", Some(1000))],
+                    vec![],
+                    vec![0],
+                    Some("b"),
+                ),
+            ),
+            (
+                "a tie rejects every member, whatever the peer ids",
+                (
+                    vec![shard("a", "x", Some(1000)), shard("b", "x", Some(1000))],
+                    vec![],
+                    vec![0, 1],
+                    None,
+                ),
+            ),
+            (
+                "no commit: every member is a duplicate",
+                (
+                    vec![shard("a", "x", None), shard("b", "x", None)],
+                    vec![],
+                    vec![0, 1],
+                    None,
+                ),
+            ),
+            (
+                "a member without a commit loses to one with",
+                (
+                    vec![shard("a", "x", None), shard("b", "x", Some(5000))],
+                    vec![],
+                    vec![0],
+                    Some("b"),
+                ),
+            ),
+            (
+                "a shard rejected for another reason takes no part",
+                (
+                    vec![shard("a", "x", Some(1000)), shard("b", "x", Some(2000))],
+                    vec![0],
+                    vec![],
+                    None,
+                ),
+            ),
+            (
+                "other contents are not duplicates",
+                (
+                    vec![shard("a", "x", None), shard("b", "y", None)],
+                    vec![],
+                    vec![],
+                    None,
+                ),
+            ),
+        ];
+        for (what, (shards, faulty, dup, winner)) in cases {
+            let faults: Vec<Option<Exclusion>> = (0..shards.len())
+                .map(|j| {
+                    faulty
+                        .contains(&j)
+                        .then(|| Exclusion::new(Verdict::Rejected, "non_finite", String::new()))
+                })
+                .collect();
+            let got = duplicates(&shards, &faults);
+            let is_dup: Vec<usize> = (0..shards.len()).filter(|&j| got[j].is_some()).collect();
+            assert_eq!(is_dup, dup, "{what}");
+            for j in dup {
+                let (f, w) = got[j].as_ref().unwrap();
+                assert_eq!(f.reason, "duplicate", "{what}");
+                assert_eq!(w.as_deref(), winner, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn budget_shares_leave_every_round_its_time() {
+        let deadline = Instant::now() + Duration::from_secs(100);
+        // 32 shards, 16 slots: the first 16 get half the time left, the next 16 the rest.
+        let shares = Shares::new(deadline, 16, 32);
+        let first = shares.next();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let given = first.saturating_duration_since(Instant::now());
+        assert!(
+            given <= left / 2 + Duration::from_millis(50),
+            "{given:?} of {left:?}"
+        );
+        for _ in 0..15 {
+            shares.next();
+        }
+        // The 17th starts the last round: everything that is left.
+        let last = shares.next();
+        assert!(deadline.saturating_duration_since(last) < Duration::from_millis(50));
+        // Fewer shards than slots: each may use all the time left.
+        let all = Shares::new(deadline, 16, 4).next();
+        assert!(deadline.saturating_duration_since(all) < Duration::from_millis(50));
+    }
+
     #[test]
     fn clipped_weights_never_round_to_zero_and_the_median_is_the_upper_middle() {
         // Norms 1, 1, 1e300: the median is 1, the outlier's scale 3e-300 / 3 underflows.
