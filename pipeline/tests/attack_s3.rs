@@ -408,6 +408,101 @@ async fn copy_rule_holds_with_one_second_timestamps() {
     }
 }
 
+/// A commit made before its window opened counts for nothing: an attacker who can predict a
+/// victim's update (here: the same update from a fresh state) commits to its content during
+/// the previous window, then republishes the victim's shard under its own key once it is
+/// visible. With such commits counting, its commit was the earliest and it won (1 of 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_from_before_the_window_counts_for_nothing() {
+    let Some(root) = common::moto("early-commit") else {
+        return;
+    };
+    let s3 = common::moto_options();
+    let aggregator = Identity::generate();
+    let victim = Identity::generate();
+    let early = lower_than(&victim);
+    let miners = [("victim", &victim), ("early", &early)];
+    let reg = new_run(&root, &s3, "early-commit", 6, 3, &aggregator, &miners).await;
+    let w = 1;
+    // The attacker predicts the victim's content and commits to it in window 0.
+    let predicted = codec::encode_update(
+        &update(7.0),
+        &mut EfState::default(),
+        &shardrop::exchange::encode_options(&reg, w),
+    )
+    .unwrap();
+    let builder = shard_builder(&reg, &reg.run, w, &predicted.sections).unwrap();
+    let content = content_hash(builder.section_entries());
+    let salt = "11".repeat(32);
+    let own = root.join("early");
+    put_commit(
+        &reg,
+        &early,
+        &own,
+        w,
+        &commitment(&early.peer_id(), &salt, &content),
+    )
+    .await;
+    let opens = shardrop::exchange::clock(&reg).start(w);
+    loop {
+        let now = store_now_ms(&own, "clock").await.unwrap();
+        if now >= opens + 50 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(opens + 60 - now)).await;
+    }
+    publish(
+        Job::new(&reg, &victim, &s3),
+        Some(w),
+        &update(7.0),
+        &mut EfState::default(),
+    )
+    .await
+    .unwrap();
+    let (named, _) = read_victim(&reg, &root.join("victim"), &victim, w).await;
+    let signed = shard_builder(&reg, &reg.run, w, &named)
+        .unwrap()
+        .meta(SALT_META, &salt)
+        .sign(&early)
+        .unwrap();
+    assert_eq!(
+        content_hash(signed.header.sections.iter()),
+        content,
+        "the prediction held"
+    );
+    own.store
+        .put(
+            &own.path(&layout::grad(&reg.run, w, &early.peer_id())),
+            signed.to_vec().unwrap().into(),
+        )
+        .await
+        .unwrap();
+    wait_closed(&reg, &root.join("agg"), w).await;
+    aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
+        .await
+        .unwrap();
+    let rows = common::ledger(&root.join("agg"), &reg, w).await;
+    let v = &rows[&victim.peer_id().to_string()];
+    let e = &rows[&early.peer_id().to_string()];
+    let held = v.verdict.as_str() == "accepted" && e.reason == "duplicate";
+    common::report(
+        "commit put before its window (predicted content): the victim keeps its place",
+        1,
+        usize::from(held),
+    );
+    assert_eq!(
+        (v.verdict.as_str(), v.reason.as_str()),
+        ("accepted", ""),
+        "{v:?}"
+    );
+    assert_eq!(e.reason, "duplicate", "{e:?}");
+    assert!(
+        e.detail.contains(&victim.peer_id().to_string()),
+        "{}",
+        e.detail
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let Some(root) = common::s3("idempotent") else {
