@@ -1324,3 +1324,83 @@ pub struct StateFile {
     /// Each buffer's shape, by tensor name.
     pub shapes: BTreeMap<String, Vec<u64>>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{InDtype, TensorSpec};
+    use crate::outer::state_to_safetensors;
+
+    fn model() -> ModelSpec {
+        ModelSpec {
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                shape: vec![2, 3],
+                dtype: InDtype::F32,
+            }],
+        }
+    }
+
+    /// A state file of `buffers` (name → shape and values), written as `apply` writes one.
+    fn state_file(
+        dir: &std::path::Path,
+        buffers: &[(&str, Vec<u64>, Vec<f32>)],
+    ) -> std::path::PathBuf {
+        let mut st = OuterState::default();
+        let mut shapes = BTreeMap::new();
+        for (n, shape, v) in buffers {
+            st.momentum.insert(n.to_string(), v.clone());
+            shapes.insert(n.to_string(), shape.clone());
+        }
+        let path = dir.join(format!(
+            "state-{}.safetensors",
+            buffers.len() * 7 + shapes.len()
+        ));
+        let bytes = state_to_safetensors(&st, &shapes, "r", Some(3)).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn reason(r: Result<StateFile, ExchangeError>) -> Option<&'static str> {
+        crate::error::Classified::reason(&r.err()?)
+    }
+
+    #[test]
+    fn state_files_are_checked_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = model();
+        let ok = state_file(dir.path(), &[("w", vec![2, 3], vec![0.5; 6])]);
+        let f = read_state_file(&ok, Some(&m)).unwrap();
+        assert_eq!((f.run.as_str(), f.after), ("r", Some(3)));
+        assert_eq!(f.shapes["w"], vec![2, 3]);
+        let bad = "optimizer_state_invalid";
+        // NaN momentum would give NaN parameters.
+        let nan = dir.path().join("nan");
+        std::fs::copy(
+            state_file(dir.path(), &[("w", vec![2, 3], vec![f32::NAN; 6])]),
+            &nan,
+        )
+        .unwrap();
+        assert_eq!(reason(read_state_file(&nan, Some(&m))), Some(bad));
+        // A flattened shape, and a tensor the model does not have.
+        let flat = dir.path().join("flat");
+        std::fs::copy(
+            state_file(dir.path(), &[("w", vec![6], vec![0.0; 6])]),
+            &flat,
+        )
+        .unwrap();
+        assert_eq!(reason(read_state_file(&flat, Some(&m))), Some(bad));
+        let extra = state_file(
+            dir.path(),
+            &[("w", vec![2, 3], vec![0.0; 6]), ("x", vec![1], vec![0.0])],
+        );
+        assert_eq!(reason(read_state_file(&extra, Some(&m))), Some(bad));
+        // A link to /dev/zero, and a file larger than the model allows.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert_eq!(reason(read_state_file(&link, Some(&m))), Some(bad));
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![0u8; (64 << 20) + 100]).unwrap();
+        assert_eq!(reason(read_state_file(&big, Some(&m))), Some(bad));
+    }
+}

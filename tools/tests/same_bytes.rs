@@ -6,8 +6,9 @@
 //! and other concurrencies, and as a split merge of two workers on different thread counts:
 //! every rerun must find the ledger, list and merged objects already there byte for byte (a
 //! create-only put of other bytes is a conflict, exit 1). The validator's table and weights
-//! likewise; `apply` through the empty and the rejected window gives the same parameters
-//! and momentum file, byte for byte, on 1 and 8 threads.
+//! likewise (1, 2, 3 and 8 threads); `apply` through the empty and the rejected window gives
+//! the same parameters and momentum file, byte for byte, on 1, 2, 3 and 8 threads and in two
+//! processes.
 
 mod common;
 
@@ -184,7 +185,7 @@ fn one_form(format: &str, form: Option<&str>) {
     // The validator's table and weights, for the clipped and the empty window.
     for w in ["0", "1"] {
         let mut outs = Vec::new();
-        for (threads, conc) in [("1", "1"), ("8", "16"), ("3", "2")] {
+        for (threads, conc) in [("1", "1"), ("2", "4"), ("8", "16"), ("3", "2")] {
             outs.push(ok_json(on_threads(
                 &run,
                 threads,
@@ -212,7 +213,7 @@ fn one_form(format: &str, form: Option<&str>) {
     // Apply through the empty and the rejected window: the same bits on any thread count,
     // and the momentum file has one byte form.
     let model = dir.join("model.safetensors");
-    let applied: Vec<(Vec<u8>, Vec<u8>)> = ["1", "8", "1"]
+    let applied: Vec<(Vec<u8>, Vec<u8>)> = ["1", "2", "3", "8", "1"]
         .iter()
         .enumerate()
         .map(|(i, threads)| {
