@@ -388,16 +388,15 @@ async fn spot_check_merged(
         ..list.clone()
     };
     let from_shards = Box::pin(fetch_listed(reg, s3, &shards_view, &one, cache)).await?;
-    let mut want_bits: Vec<u32> = Vec::new();
-    from_shards.merge(reg, &one, |_, acc| {
-        want_bits = acc.iter().map(|v| v.to_bits()).collect();
-        Ok(())
-    })?;
-    let mut got_bits: Vec<u32> = Vec::new();
-    merged.merge(reg, &one, |_, acc| {
-        got_bits = acc.iter().map(|v| v.to_bits()).collect();
-        Ok(())
-    })?;
+    let bits_of = |spooled: &Spooled| -> Result<Vec<u32>, ExchangeError> {
+        let mut bits = Vec::new();
+        spooled.merge(reg, &one, |_, acc| {
+            bits = acc.iter().map(|v| v.to_bits()).collect();
+            Ok(())
+        })?;
+        Ok(bits)
+    };
+    let (want_bits, got_bits) = (bits_of(&from_shards)?, bits_of(merged)?);
     if let Some(k) =
         (0..want_bits.len().max(got_bits.len())).find(|&k| want_bits.get(k) != got_bits.get(k))
     {

@@ -104,13 +104,7 @@ fn decimal(text: &str) -> Option<(bool, String, i64)> {
 /// serde `deserialize_with` for an f32 field: the JSON number's text rounded once to the
 /// nearest f32 ([`parse_f32`]), never through f64.
 pub fn f32_text<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
-    let raw = <Box<RawValue>>::deserialize(d)?;
-    parse_f32(raw.get()).ok_or_else(|| {
-        D::Error::custom(format!(
-            "{} is not a finite number in the f32 range",
-            raw.get()
-        ))
-    })
+    F32Text::deserialize(d).map(|t| t.value)
 }
 
 /// An f32 read from a signed document together with whether its text was the shortest

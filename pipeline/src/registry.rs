@@ -746,11 +746,7 @@ impl Registry {
         // end of its second, so a revision that landed just after a window opened counts
         // as landed after it.
         let lm = env.meta.last_modified.timestamp_millis().max(0) as u64;
-        let stored_ms = if lm.is_multiple_of(1000) {
-            lm + 999
-        } else {
-            lm
-        };
+        let stored_ms = crate::window::end_of_second(lm);
         let etag = env.meta.e_tag.clone();
         Ok((reg, etag, object, json, stored_ms))
     }
@@ -824,20 +820,37 @@ impl Registry {
         Ok(crate::window::store_now_ms(&target, &layout::clock_probe(&self.run, peer)).await?)
     }
 
-    /// When the store took the registry at `url` (its `last_modified`, ms; a whole-second
-    /// time read as the end of its second): `run set` checks its revision landed before the
-    /// window it changes opened.
-    pub async fn stored_at(url: &str, s3: &S3Options) -> Result<u64, RegistryError> {
+    /// Checks that this revision, stored at `url`, landed before window `w` opened by the
+    /// store's clock (its `last_modified`; a whole-second time read as the end of its second).
+    /// `run set` reads the clock once, before the compare-and-swap and its retries: a
+    /// revision that lands after its window opened is refused loudly (`window_not_future`)
+    /// instead of leaving readers that saw the previous revision to refuse it.
+    pub async fn landed_before(
+        &self,
+        url: &str,
+        s3: &S3Options,
+        w: u64,
+    ) -> Result<(), RegistryError> {
         let (target, path) = store::open_object(url, s3)?;
         let object = target.url_of(&path);
         let meta = object_store::ObjectStoreExt::head(target.store.as_ref(), &path)
             .await
             .map_err(|e| StoreError::from_store(&object, e))?;
-        let lm = meta.last_modified.timestamp_millis().max(0) as u64;
-        Ok(if lm.is_multiple_of(1000) {
-            lm + 999
-        } else {
-            lm
+        let stored =
+            crate::window::end_of_second(meta.last_modified.timestamp_millis().max(0) as u64);
+        let opens =
+            crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs)
+                .start(w);
+        if stored < opens {
+            return Ok(());
+        }
+        Err(RegistryError::Refused {
+            object,
+            reason: "window_not_future",
+            detail: format!(
+                "revision {} landed at {stored} ms, after window {w} opened at {opens} ms: readers that saw the previous revision may refuse this one (settings_rewritten); check `shardrop run show` and the readers' logs",
+                self.revision
+            ),
         })
     }
 
@@ -919,15 +932,7 @@ mod tests {
     fn settings_apply_from_their_window_and_only_future_windows_change() {
         let op = Identity::generate();
         // Windows of 10 s from t = 0; "now" is inside window 2.
-        let mut reg = Registry::new(
-            "r",
-            &op.peer_id(),
-            0,
-            10,
-            5,
-            Default::default(),
-            Default::default(),
-        );
+        let mut reg = run_of(&op);
         reg.settings.clear();
         reg.outer_lr = 0.5;
         // A registry from before settings: plain SGD at outer_lr everywhere.
@@ -968,6 +973,19 @@ mod tests {
         assert!(reg.validate("registry").is_err());
     }
 
+    /// Run "r" of `op`: windows of 10 s from t = 0, grace 5 s, an empty model.
+    fn run_of(op: &Identity) -> Registry {
+        Registry::new(
+            "r",
+            &op.peer_id(),
+            0,
+            10,
+            5,
+            Default::default(),
+            Default::default(),
+        )
+    }
+
     /// A reason code, from a refusal of `validate` or `load`.
     fn reason_of(e: &RegistryError) -> &'static str {
         crate::error::Classified::reason(e).unwrap_or("none")
@@ -976,15 +994,7 @@ mod tests {
     #[test]
     fn reader_rules_refuse_a_registry_by_name_with_a_reason() {
         let op = Identity::generate();
-        let good = Registry::new(
-            "r",
-            &op.peer_id(),
-            0,
-            10,
-            5,
-            Default::default(),
-            Default::default(),
-        );
+        let good = run_of(&op);
         good.validate("registry").unwrap();
         type Edit = Box<dyn Fn(&mut Registry)>;
         let cases: Vec<(&str, Edit)> = vec![
@@ -1128,15 +1138,7 @@ mod tests {
     #[test]
     fn registry_numbers_are_read_with_one_rounding_to_f32() {
         let op = Identity::generate();
-        let reg = Registry::new(
-            "r",
-            &op.peer_id(),
-            0,
-            10,
-            5,
-            Default::default(),
-            Default::default(),
-        );
+        let reg = run_of(&op);
         let mut json = serde_json::to_value(&reg).unwrap();
         // The decimal just above the midpoint of 1 and the next f32: through f64 it would
         // tie to even (1.0); read once it is the next f32 up.

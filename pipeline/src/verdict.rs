@@ -144,8 +144,8 @@ impl MinerShard {
         // A whole-second time (HEAD on S3) stands for anywhere in its second: it counts as
         // inside if any of that second is.
         let inside = |ms: i64| {
-            let upper = if ms % 1000 == 0 { ms + 999 } else { ms };
-            upper >= clk.start(w) as i64 && ms < clk.closes(w) as i64
+            let ms = ms.max(0) as u64;
+            crate::window::end_of_second(ms) >= clk.start(w) && ms < clk.closes(w)
         };
         let key = layout::grad_commit(&reg.run, w, &env.signer);
         let expect = Expect::in_window(Kind::Blob, env.signer, &reg.run, w);

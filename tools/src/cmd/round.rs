@@ -533,20 +533,7 @@ async fn set(ctx: &Ctx, a: SetArgs) -> anyhow::Result<()> {
         reg.set_from(setting, now)
     })
     .await?;
-    // The clock was read once, before the compare-and-swap (and any retries): make sure the
-    // revision landed before its window opened, or say so loudly.
-    let stored = Registry::stored_at(&a.registry, &ctx.s3).await?;
-    let opens = clock(&reg).start(from_window);
-    if stored >= opens {
-        return Err(shardrop::exchange::ExchangeError::Refused {
-            reason: "window_not_future",
-            detail: format!(
-                "revision {} landed at {stored} ms, after window {from_window} opened at {opens} ms: readers that saw the previous revision may refuse this one (settings_rewritten); check `shardrop run show` and the readers' logs",
-                reg.revision
-            ),
-        }
-        .into());
-    }
+    reg.landed_before(&a.registry, &ctx.s3, from_window).await?;
     let s = reg.setting_at(from_window);
     out::emit(
         ctx,
