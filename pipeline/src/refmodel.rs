@@ -8,7 +8,7 @@
 //! from a stream no miner uses. Everything is f32 in a fixed order, so every process that
 //! computes a loss or a training step gets the same bits.
 
-use crate::codec::{
+use crate::format::codec::{
     CodecParams, InDtype, IndexEncoding, ModelSpec, ScaleMode, TensorSpec, ValueFormat,
 };
 

@@ -9,23 +9,28 @@ mod common;
 use std::collections::BTreeMap;
 
 use object_store::ObjectStoreExt;
-use shardrop::accepted::{AcceptedList, LIST_SECTION};
-use shardrop::aggregate::{
-    AGG_V2_CODEC, ApplyOptions, Fetched, MergeOn, aggregate_commit, aggregate_part,
-    aggregate_window, apply_aggregates, apply_aggregates_with, fetch_aggregate,
+use shardrop::format::codec::{self, CodecParams, EfState, EncodeOptions};
+use shardrop::format::envelope::{
+    Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope,
 };
-use shardrop::codec::{self, CodecParams, EfState, EncodeOptions};
-use shardrop::envelope::{Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope};
-use shardrop::exchange::{ExchangeError, clock, publish_with, shard_builder};
+use shardrop::format::layout;
+use shardrop::format::tables::read_ledger;
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::merge::prefetch;
-use shardrop::registry::{AggForm, AggregateSpec, Job, Participant, Registry, Role};
-use shardrop::score::reference::{self, SparseUpdate};
-use shardrop::score::{ValidateOptions, validate_window};
+use shardrop::round::RoundError;
+use shardrop::round::accepted::{AcceptedList, LIST_SECTION};
+use shardrop::round::aggregate::{
+    AGG_V2_CODEC, MergeOn, aggregate_commit, aggregate_part, aggregate_window,
+};
+use shardrop::round::merge::prefetch;
+use shardrop::round::publish::{clock, publish_with, shard_builder};
+use shardrop::round::registry::{AggForm, AggregateSpec, Job, Participant, Registry, Role};
+use shardrop::round::replay::{
+    ApplyOptions, Fetched, apply_aggregates, apply_aggregates_with, fetch_aggregate,
+};
+use shardrop::round::score::reference::{self, SparseUpdate};
+use shardrop::round::score::{ValidateOptions, validate_window};
+use shardrop::round::window::store_now_ms;
 use shardrop::store::{S3Options, Target, put_create};
-use shardrop::tables::read_ledger;
-use shardrop::window::store_now_ms;
 
 /// Six tensors of mixed sizes; `scale` makes an outlier.
 fn update(seed: f32, scale: f32) -> Vec<u8> {
@@ -69,7 +74,7 @@ fn small_sections(
     u: &[u8],
     st: &mut EfState,
     o: &EncodeOptions,
-) -> Result<codec::EncodedUpdate, ExchangeError> {
+) -> Result<codec::EncodedUpdate, RoundError> {
     let mut o = *o;
     o.section_bytes = 200;
     Ok(codec::encode_update(u, st, &o)?)
@@ -137,14 +142,14 @@ fn same_bits(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, wha
     }
 }
 
-fn reason(e: &ExchangeError) -> &'static str {
+fn reason(e: &RoundError) -> &'static str {
     match e {
-        ExchangeError::Rejected { reason, .. } => reason,
+        RoundError::Rejected { reason, .. } => reason,
         other => panic!("expected a rejection, got {other:?}"),
     }
 }
 
-async fn ledger(t: &Target, reg: &Registry, w: u64) -> Vec<shardrop::tables::LedgerRow> {
+async fn ledger(t: &Target, reg: &Registry, w: u64) -> Vec<shardrop::format::tables::LedgerRow> {
     let b = t
         .store
         .get(&t.path(&layout::ledger(&reg.run, w)))
@@ -250,9 +255,10 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     .await
     .unwrap();
     assert!(env.sections().len() >= 3, "shards have several sections");
-    let secs = shardrop::envelope::read_all_sections(src.store.as_ref(), &env, &Limits::default())
-        .await
-        .unwrap();
+    let secs =
+        shardrop::format::envelope::read_all_sections(src.store.as_ref(), &env, &Limits::default())
+            .await
+            .unwrap();
     let named: Vec<(String, Vec<u8>)> = env
         .sections()
         .iter()
@@ -422,7 +428,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     let key7 = agg2.path(&layout::agg(&v2.run, 7));
     assert!(matches!(
         fetch_aggregate(&v2, &s3, 7).await,
-        Err(ExchangeError::NoAggregate { .. })
+        Err(RoundError::NoAggregate { .. })
     ));
     let good = signed_list(&at7);
     agg2.store.put(&key7, good.into()).await.unwrap();
@@ -674,9 +680,10 @@ async fn decoded(reg: &Registry, t: &Target, w: u64, id: &Identity) -> SparseUpd
     )
     .await
     .unwrap();
-    let secs = shardrop::envelope::read_all_sections(t.store.as_ref(), &env, &Limits::default())
-        .await
-        .unwrap();
+    let secs =
+        shardrop::format::envelope::read_all_sections(t.store.as_ref(), &env, &Limits::default())
+            .await
+            .unwrap();
     let tensors: Vec<_> = secs
         .iter()
         .flat_map(|s| {
@@ -689,8 +696,9 @@ async fn decoded(reg: &Registry, t: &Target, w: u64, id: &Identity) -> SparseUpd
 /// Re-signs window `w`'s merged object with every value ×1000 (dense agg-v1 sections) and
 /// the list naming it, both with the aggregator's key: what a dishonest aggregator can do.
 async fn forge_merged(reg: &Registry, s3: &S3Options, agg: &Target, key: &Identity, w: u64) {
-    use shardrop::accepted::ListedSection;
-    use shardrop::aggregate::{AGG_CODEC, MERGED_CODEC, read_agg_tensor};
+    use shardrop::format::agg_tensor::{AGG_CODEC, read_agg_tensor};
+    use shardrop::round::accepted::ListedSection;
+    use shardrop::round::aggregate::MERGED_CODEC;
     let Fetched::Listed(mut list) = fetch_aggregate(reg, s3, w).await.unwrap() else {
         panic!("agg-v2 expected");
     };
@@ -704,9 +712,10 @@ async fn forge_merged(reg: &Registry, s3: &S3Options, agg: &Target, key: &Identi
     )
     .await
     .unwrap();
-    let secs = shardrop::envelope::read_all_sections(agg.store.as_ref(), &env, &Limits::default())
-        .await
-        .unwrap();
+    let secs =
+        shardrop::format::envelope::read_all_sections(agg.store.as_ref(), &env, &Limits::default())
+            .await
+            .unwrap();
     let mut forged = Vec::new();
     for (entry, bytes) in env.sections().iter().zip(secs) {
         let t = read_agg_tensor(&bytes, &reg.model).unwrap();
@@ -776,7 +785,7 @@ async fn merged_window(
         panic!("agg-v2 expected");
     };
     let all = |_: usize| true;
-    let spooled = shardrop::merge::fetch_listed(reg, s3, &list, &all, None)
+    let spooled = shardrop::round::merge::fetch_listed(reg, s3, &list, &all, None)
         .await
         .unwrap();
     let (mut by_name, mut pairs, mut off) = (BTreeMap::new(), Vec::new(), 0u64);

@@ -10,20 +10,20 @@ mod common;
 use common::{update, wait_closed};
 
 use object_store::ObjectStoreExt;
-use shardrop::aggregate::aggregate_window;
-use shardrop::codec::{self, CodecParams, EfState};
-use shardrop::envelope::{
+use shardrop::format::codec::{self, CodecParams, EfState};
+use shardrop::format::envelope::{
     EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 };
-use shardrop::exchange::{
-    COMMIT_CODEC, COMMITMENT_META, ExchangeError, SALT_META, commitment, content_hash, publish,
-    shard_builder,
-};
+use shardrop::format::layout;
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::registry::{Job, Participant, Registry, Role};
+use shardrop::round::RoundError;
+use shardrop::round::aggregate::aggregate_window;
+use shardrop::round::publish::{
+    COMMIT_CODEC, COMMITMENT_META, SALT_META, commitment, content_hash, publish, shard_builder,
+};
+use shardrop::round::registry::{Job, Participant, Registry, Role};
+use shardrop::round::window::store_now_ms;
 use shardrop::store::{S3Options, Target, put_create};
-use shardrop::window::store_now_ms;
 
 fn s3_opts() -> S3Options {
     S3Options {
@@ -428,7 +428,7 @@ async fn a_commit_from_before_the_window_counts_for_nothing() {
     let predicted = codec::encode_update(
         &update(7.0),
         &mut EfState::default(),
-        &shardrop::exchange::encode_options(&reg, w),
+        &shardrop::round::publish::encode_options(&reg, w),
     )
     .unwrap();
     let builder = shard_builder(&reg, &reg.run, w, &predicted.sections).unwrap();
@@ -443,7 +443,7 @@ async fn a_commit_from_before_the_window_counts_for_nothing() {
         &commitment(&early.peer_id(), &salt, &content),
     )
     .await;
-    let opens = shardrop::exchange::clock(&reg).start(w);
+    let opens = shardrop::round::publish::clock(&reg).start(w);
     loop {
         let now = store_now_ms(&own, "clock").await.unwrap();
         if now >= opens + 50 {
@@ -577,7 +577,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     )
     .await;
     assert!(
-        matches!(&refused, Err(ExchangeError::Conflict { detail: m, .. }) if m.contains("different shard")),
+        matches!(&refused, Err(RoundError::Conflict { detail: m, .. }) if m.contains("different shard")),
         "{refused:?}"
     );
     assert_eq!(old, EfState::default());

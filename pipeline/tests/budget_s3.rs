@@ -11,14 +11,14 @@ mod common;
 use object_store::ObjectStoreExt;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use shardrop::aggregate::{MergeOn, aggregate_window_on};
-use shardrop::codec::{self, CodecParams, EfState};
-use shardrop::exchange::publish;
+use shardrop::format::codec::{self, CodecParams, EfState};
+use shardrop::format::layout;
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::registry::{Credentials, Job, Participant, Registry, Role};
+use shardrop::round::aggregate::{MergeOn, aggregate_window_on};
+use shardrop::round::publish::publish;
+use shardrop::round::registry::{Credentials, Job, Participant, Registry, Role};
+use shardrop::round::window::store_now_ms;
 use shardrop::store::S3Options;
-use shardrop::window::store_now_ms;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn update(seed: f32) -> Vec<u8> {
@@ -309,7 +309,7 @@ fn big_update(seed: f32) -> Vec<u8> {
 async fn slow_window(
     root: &shardrop::store::Target,
     s3: &S3Options,
-    form: shardrop::registry::AggForm,
+    form: shardrop::round::registry::AggForm,
     slow: usize,
 ) -> usize {
     let operator = Identity::generate();
@@ -329,7 +329,7 @@ async fn slow_window(
             ..CodecParams::default()
         },
     );
-    reg.aggregate = shardrop::registry::AggregateSpec::v2(form);
+    reg.aggregate = shardrop::round::registry::AggregateSpec::v2(form);
     reg.participants.push(Participant::new(
         Role::Aggregator,
         &aggregator.peer_id(),
@@ -398,14 +398,14 @@ async fn slow_window(
     }
     assert_eq!(agg.accepted + lost, 20 - slow, "{agg:?}");
     // The validator on the same window, with the same budget, loses no honest shard either.
-    let opts = shardrop::score::ValidateOptions {
+    let opts = shardrop::round::score::ValidateOptions {
         budget: Some(std::time::Duration::from_secs(4)),
         concurrency: 16,
         ..Default::default()
     };
     let v = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        shardrop::score::validate_window(Job::new(reg_r, &validator, s3_r), 0, None, &opts),
+        shardrop::round::score::validate_window(Job::new(reg_r, &validator, s3_r), 0, None, &opts),
     )
     .await
     .expect("the validator did not finish the window")
@@ -450,7 +450,7 @@ async fn a_slow_miner_costs_only_itself_in_every_form() {
         .await;
         return;
     }
-    use shardrop::registry::AggForm;
+    use shardrop::round::registry::AggForm;
     let s3 = S3Options {
         max_retries: Some(8),
         timeout: Some(std::time::Duration::from_secs(60)),

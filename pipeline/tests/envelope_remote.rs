@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use object_store::{ObjectStoreExt, PutPayload};
-use shardrop::envelope::{
+use shardrop::format::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, Reason, RemoteEnvelope,
     stream_section, verify_sections,
 };
@@ -20,7 +20,7 @@ fn id() -> Identity {
     Identity::from_seed([11; 32])
 }
 
-fn envelope(big: usize) -> shardrop::envelope::SignedEnvelope {
+fn envelope(big: usize) -> shardrop::format::envelope::SignedEnvelope {
     EnvelopeBuilder::new(Kind::Grad, "remote")
         .window(3)
         .section("big.bin", &common::noise(big, 5), Compression::Zstd)

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use shardrop::envelope::{
+use shardrop::format::envelope::{
     Compression, EnvelopeBuilder, Expect, Head, Kind, Limits, assemble_raw, open_bytes,
 };
 use shardrop::identity::{Identity, PeerId};
@@ -74,7 +74,7 @@ fn cases() -> Vec<Case> {
         window: Some(42),
         step: None,
     };
-    let resigned = |h: &shardrop::envelope::Header| {
+    let resigned = |h: &shardrop::format::envelope::Header| {
         assemble_raw(Kind::Grad.code(), &h.to_canonical(), &body, &id)
     };
     let mut v = Vec::new();

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecLimits, CodecParams, Dense, EfState, EncodeOptions, EncodedTensor, InDtype, IndexEncoding,
     ModelSpec, ScaleMode, TensorSpec, ValueFormat, accumulate_section, dense_to_safetensors,
     encode_update, read_section, write_section,

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use shardrop::envelope::{
+use shardrop::format::envelope::{
     Compression, EnvelopeBuilder, Expect, Head, Header, Kind, Limits, SectionEntry, assemble_raw,
     open_bytes,
 };

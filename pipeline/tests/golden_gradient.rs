@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecLimits, CodecParams, Dense, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
     accumulate_section, dense_to_safetensors, encode_update, f32_to_bf16,
 };

@@ -23,13 +23,15 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use shardrop::codec::{CodecParams, InDtype, ModelSpec, NORM_BLOCK, TensorSpec, sum_of_squares};
-use shardrop::exchange::content_hash_of;
+use shardrop::format::codec::{
+    CodecParams, InDtype, ModelSpec, NORM_BLOCK, TensorSpec, sum_of_squares,
+};
 use shardrop::identity::Identity;
 use shardrop::numbers::{is_shortest_f32, parse_f32};
-use shardrop::outer::{OptimizerKind, Outer, Schedule, ScheduleKind, Setting, step};
-use shardrop::registry::Registry;
-use shardrop::verdict::{clip_weights, shard_norm};
+use shardrop::round::outer::{OptimizerKind, Outer, Schedule, ScheduleKind, Setting, step};
+use shardrop::round::publish::content_hash_of;
+use shardrop::round::registry::Registry;
+use shardrop::round::verdict::{clip_weights, shard_norm};
 
 mod blessed;
 use blessed::check;

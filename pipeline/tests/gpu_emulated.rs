@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
-//! The GPU codec kernels (`pipeline/src/codec/gpu/kernels.cu`), executed on the CPU by a
+//! The GPU codec kernels (`pipeline/src/format/codec/gpu/kernels.cu`), executed on the CPU by a
 //! thread emulator (`tests/gpu_emu/`), against the CPU reference codec: same body bytes,
 //! same error-feedback buffer, same dense accumulation, same verdict on bad input.
 //!
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use shardrop::codec::{
+use shardrop::format::codec::{
     ChunkLayout, CodecParams, EncodedTensor, InDtype, IndexEncoding, ScaleMode, TensorInput,
     accumulate, encode_tensor,
 };
@@ -37,7 +37,7 @@ fn harness() -> &'static Path {
                 "-Werror",
             ])
             .arg("-I")
-            .arg(root.join("src/codec/gpu"))
+            .arg(root.join("src/format/codec/gpu"))
             .arg(root.join("tests/gpu_emu/harness.cpp"))
             .arg("-o")
             .arg(&out)

@@ -10,10 +10,10 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use shardrop::codec::gpu::{
+use shardrop::format::codec::gpu::{
     DeviceTensor, Gpu, GpuError, compile, compile_cubin, driver_present, nvrtc_present,
 };
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecParams, EfState, EncodeOptions, InDtype, TensorInput, accumulate, encode_tensor,
     encode_update,
 };
@@ -167,9 +167,9 @@ fn encode_matches_the_cpu_codec_on_the_device() {
     let wide = codec_cases::params(
         65536,
         1000,
-        shardrop::codec::ValueFormat::Int4,
-        shardrop::codec::ScaleMode::Tensor,
-        shardrop::codec::IndexEncoding::Packed,
+        shardrop::format::codec::ValueFormat::Int4,
+        shardrop::format::codec::ScaleMode::Tensor,
+        shardrop::format::codec::IndexEncoding::Packed,
     );
     encode_on(
         &gpu,

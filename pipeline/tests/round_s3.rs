@@ -10,18 +10,20 @@ use common::update;
 use std::collections::BTreeMap;
 
 use object_store::ObjectStoreExt;
-use shardrop::aggregate::{
-    MergeOn, aggregate_commit, aggregate_part, aggregate_window, apply_aggregates,
+use shardrop::format::codec::{self, CodecLimits, CodecParams, EfState};
+use shardrop::format::envelope::{
+    Compression, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 };
-use shardrop::codec::{self, CodecLimits, CodecParams, EfState};
-use shardrop::envelope::{Compression, Expect, Kind, Limits, RemoteEnvelope, read_all_sections};
-use shardrop::exchange::{ExchangeError, clock, codec_header, publish, shard_builder};
+use shardrop::format::layout;
+use shardrop::format::tables::read_ledger;
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::registry::{Credentials, Job, Participant, Registry, Role};
+use shardrop::round::RoundError;
+use shardrop::round::aggregate::{MergeOn, aggregate_commit, aggregate_part, aggregate_window};
+use shardrop::round::publish::{clock, codec_header, publish, shard_builder};
+use shardrop::round::registry::{Credentials, Job, Participant, Registry, Role};
+use shardrop::round::replay::apply_aggregates;
+use shardrop::round::window::store_now_ms;
 use shardrop::store::{S3Options, Target, put_create};
-use shardrop::tables::read_ledger;
-use shardrop::window::store_now_ms;
 
 fn opts() -> S3Options {
     S3Options {
@@ -238,7 +240,7 @@ async fn full_round_on_s3() {
     assert!(
         matches!(
             refused,
-            Err(ExchangeError::Refused { reason: "window_closed", ref detail }) if detail.contains("closed")
+            Err(RoundError::Refused { reason: "window_closed", ref detail }) if detail.contains("closed")
         ),
         "{refused:?}"
     );
@@ -519,7 +521,7 @@ async fn hostile_shards_get_ledger_reasons() {
     put(3, whole[..whole.len() - 100].to_vec()).await;
     // A bomb: a zstd section that inflates far past the raw length its header declares.
     let bomb = zstd::bulk::compress(&vec![0u8; 8 << 20], 19).unwrap();
-    let h = shardrop::envelope::Header {
+    let h = shardrop::format::envelope::Header {
         body_len: bomb.len() as u64,
         clock_ms: 0,
         codec: codec::SECTION_CODEC.into(),
@@ -528,7 +530,7 @@ async fn hostile_shards_get_ledger_reasons() {
         meta: Default::default(),
         raw_len: 1000,
         run: reg.run.clone(),
-        sections: vec![shardrop::envelope::SectionEntry {
+        sections: vec![shardrop::format::envelope::SectionEntry {
             compression: Compression::Zstd,
             hash: blake3::hash(&bomb).to_hex().to_string(),
             len: bomb.len() as u64,
@@ -542,7 +544,12 @@ async fn hostile_shards_get_ledger_reasons() {
     };
     put(
         4,
-        shardrop::envelope::assemble_raw(Kind::Grad.code(), &h.to_canonical(), &bomb, &ids[4]),
+        shardrop::format::envelope::assemble_raw(
+            Kind::Grad.code(),
+            &h.to_canonical(),
+            &bomb,
+            &ids[4],
+        ),
     )
     .await;
     put(

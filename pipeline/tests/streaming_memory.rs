@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use shardrop::envelope::{
+use shardrop::format::envelope::{
     Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_sections,
 };
 use shardrop::identity::Identity;

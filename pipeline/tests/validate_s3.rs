@@ -11,19 +11,22 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use object_store::ObjectStoreExt;
-use shardrop::aggregate::{aggregate_window, apply_aggregates};
-use shardrop::codec::EfState;
-use shardrop::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
-use shardrop::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
-use shardrop::exchange::{publish, shard_builder};
+use shardrop::format::codec::EfState;
+use shardrop::format::envelope::{Expect, Limits, RemoteEnvelope, read_all_sections};
+use shardrop::format::layout;
+use shardrop::format::tables::{ScoreRow, scores_schema};
 use shardrop::identity::Identity;
-use shardrop::layout;
 use shardrop::refmodel::{LinearTask, TENSOR};
-use shardrop::registry::{Job, Participant, Registry, Role};
-use shardrop::score::{ValidateOptions, read_scored_window, scored_windows, validate_window};
+use shardrop::round::aggregate::aggregate_window;
+use shardrop::round::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
+use shardrop::round::publish::{publish, shard_builder};
+use shardrop::round::registry::{Job, Participant, Registry, Role};
+use shardrop::round::replay::apply_aggregates;
+use shardrop::round::score::{
+    ValidateOptions, read_scored_window, scored_windows, validate_window,
+};
+use shardrop::round::window::store_now_ms;
 use shardrop::store::{S3Options, put_create};
-use shardrop::tables::{ScoreRow, scores_schema};
-use shardrop::window::store_now_ms;
 
 fn opts() -> S3Options {
     S3Options {
@@ -113,7 +116,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     }
     // A miner whose bucket cannot be reached: a store failure, recorded, not fatal.
     let mut dead = Participant::new(Role::Miner, &unreachable.peer_id(), area("dead").url());
-    dead.credentials = shardrop::registry::Credentials::EnvPrefix {
+    dead.credentials = shardrop::round::registry::Credentials::EnvPrefix {
         prefix: "SHARDROP_DEAD_".into(),
     };
     reg.participants.push(dead);

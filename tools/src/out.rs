@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use shardrop::checkpoint::CkptError;
-use shardrop::codec::CodecError;
-use shardrop::envelope::EnvelopeError;
 use shardrop::error::{Classified, ErrorClass};
-use shardrop::exchange::ExchangeError;
-use shardrop::registry::RegistryError;
+use shardrop::format::codec::CodecError;
+use shardrop::format::envelope::EnvelopeError;
+use shardrop::round::RoundError;
+use shardrop::round::registry::RegistryError;
 use shardrop::store::StoreError;
 
 use crate::cmd::Ctx;
@@ -78,7 +78,7 @@ fn classify(e: &anyhow::Error) -> Option<(ErrorClass, Option<&'static str>)> {
         c.downcast_ref::<T>().map(|t| (t.class(), t.reason()))
     }
     e.chain().find_map(|c| {
-        of::<ExchangeError>(c)
+        of::<RoundError>(c)
             .or_else(|| of::<CkptError>(c))
             .or_else(|| of::<EnvelopeError>(c))
             .or_else(|| of::<RegistryError>(c))

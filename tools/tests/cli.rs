@@ -244,7 +244,7 @@ async fn every_rejection_reason_through_verify_and_get() {
                 assert!(left.is_empty(), "{file}: get left {left:?}");
             }
         }
-        for r in shardrop::envelope::Reason::ALL {
+        for r in shardrop::format::envelope::Reason::ALL {
             assert!(seen.contains(r.code()), "no CLI test produces {}", r.code());
         }
         // inspect says what is wrong instead of failing.

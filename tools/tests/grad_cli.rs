@@ -24,7 +24,7 @@ fn write_update(path: &Path, seed: f32) -> (Vec<f32>, Vec<f32>) {
     let wb: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
     let bb: Vec<u8> = b
         .iter()
-        .flat_map(|&x| shardrop::codec::f32_to_bf16(x).to_le_bytes())
+        .flat_map(|&x| shardrop::format::codec::f32_to_bf16(x).to_le_bytes())
         .collect();
     let views = vec![
         (
@@ -39,7 +39,7 @@ fn write_update(path: &Path, seed: f32) -> (Vec<f32>, Vec<f32>) {
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
     let b_rounded = b
         .iter()
-        .map(|&x| shardrop::codec::bf16_to_f32(shardrop::codec::f32_to_bf16(x)))
+        .map(|&x| shardrop::format::codec::bf16_to_f32(shardrop::format::codec::f32_to_bf16(x)))
         .collect();
     (w, b_rounded)
 }

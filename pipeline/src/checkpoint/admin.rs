@@ -9,8 +9,8 @@ use object_store::path::Path;
 use super::pull::{Located, fetch_manifest};
 use super::push::read_latest;
 use super::{CkptError, HF_INDEX, Manifest};
+use crate::format::layout;
 use crate::identity::PeerId;
-use crate::layout;
 use crate::store::{StoreError, Target, list_all};
 
 /// One checkpoint as `ckpt ls` shows it.

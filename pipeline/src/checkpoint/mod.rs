@@ -19,7 +19,7 @@ pub mod push;
 
 use std::collections::HashSet;
 
-use crate::envelope::EnvelopeError;
+use crate::format::envelope::EnvelopeError;
 use crate::store::StoreError;
 
 /// The manifest JSON's `format`.
@@ -113,11 +113,11 @@ impl crate::error::Classified for CkptError {
     }
 }
 
-impl From<crate::registry::RegistryError> for CkptError {
-    fn from(e: crate::registry::RegistryError) -> Self {
+impl From<crate::round::registry::RegistryError> for CkptError {
+    fn from(e: crate::round::registry::RegistryError) -> Self {
         match e {
-            crate::registry::RegistryError::Store(s) => CkptError::Store(s),
-            crate::registry::RegistryError::Envelope(s) => CkptError::Envelope(s),
+            crate::round::registry::RegistryError::Store(s) => CkptError::Store(s),
+            crate::round::registry::RegistryError::Envelope(s) => CkptError::Envelope(s),
             other => CkptError::Caller(other.to_string()),
         }
     }

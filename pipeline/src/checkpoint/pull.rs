@@ -20,10 +20,10 @@ use object_store::{GetOptions, GetRange};
 
 use super::push::{read_latest, read_signed_json};
 use super::{CkptError, HF_INDEX, LOCAL_MANIFEST, Manifest, TensorEntry, dtype_size, io_err};
-use crate::envelope::{Expect, Kind};
+use crate::format::envelope::{Expect, Kind};
+use crate::format::layout;
 use crate::identity::PeerId;
-use crate::layout;
-use crate::registry::Registry;
+use crate::round::registry::Registry;
 use crate::store::{self, S3Options, StoreError, Target};
 
 const PARTIAL: &str = ".shardrop-partial";

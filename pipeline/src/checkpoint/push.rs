@@ -13,10 +13,12 @@ use super::{
     CkptError, FileEntry, HF_INDEX, Latest, MANIFEST_CODEC, MANIFEST_FORMAT, Manifest,
     POINTER_CODEC, ShardEntry, TensorEntry, io_err,
 };
-use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, RemoteEnvelope};
+use crate::format::envelope::{
+    Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, RemoteEnvelope,
+};
+use crate::format::layout;
 use crate::identity::{Identity, PeerId};
-use crate::layout;
-use crate::registry::{Job, Role};
+use crate::round::registry::{Job, Role};
 use crate::store::{self, PutOutcome, StoreError, Target};
 
 /// What to push.
@@ -65,11 +67,11 @@ pub(crate) async fn read_signed_json(
     key: &str,
     expect: &Expect,
 ) -> Result<(RemoteEnvelope, Vec<u8>), EnvelopeError> {
-    let (env, sections) = crate::envelope::read_signed(
+    let (env, sections) = crate::format::envelope::read_signed(
         target,
         key,
         expect,
-        &crate::envelope::Limits::small_object(),
+        &crate::format::envelope::Limits::small_object(),
     )
     .await?;
     Ok((env, sections.into_iter().next().unwrap_or_default()))

@@ -5,7 +5,7 @@
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecParams, EncodedTensor, InDtype, IndexEncoding, ScaleMode, ValueFormat, f32_to_bf16,
 };
 

@@ -162,10 +162,12 @@ pub fn update(seed: f32) -> Vec<u8> {
 }
 
 /// Waits until window `w` of `reg` has closed by the clock of the store behind `t`.
-pub async fn wait_closed(reg: &shardrop::registry::Registry, t: &Target, w: u64) {
-    let closes = shardrop::exchange::clock(reg).closes(w);
+pub async fn wait_closed(reg: &shardrop::round::registry::Registry, t: &Target, w: u64) {
+    let closes = shardrop::round::publish::clock(reg).closes(w);
     loop {
-        let now = shardrop::window::store_now_ms(t, "clock").await.unwrap();
+        let now = shardrop::round::window::store_now_ms(t, "clock")
+            .await
+            .unwrap();
         if now >= closes {
             return;
         }
@@ -176,19 +178,19 @@ pub async fn wait_closed(reg: &shardrop::registry::Registry, t: &Target, w: u64)
 /// The ledger the aggregator (whose area is `agg`) wrote for window `w`, by peer.
 pub async fn ledger(
     agg: &Target,
-    reg: &shardrop::registry::Registry,
+    reg: &shardrop::round::registry::Registry,
     w: u64,
-) -> std::collections::BTreeMap<String, shardrop::tables::LedgerRow> {
+) -> std::collections::BTreeMap<String, shardrop::format::tables::LedgerRow> {
     use object_store::ObjectStoreExt;
     let bytes = agg
         .store
-        .get(&agg.path(&shardrop::layout::ledger(&reg.run, w)))
+        .get(&agg.path(&shardrop::format::layout::ledger(&reg.run, w)))
         .await
         .unwrap()
         .bytes()
         .await
         .unwrap();
-    shardrop::tables::read_ledger(bytes)
+    shardrop::format::tables::read_ledger(bytes)
         .unwrap()
         .into_iter()
         .map(|r| (r.peer.clone(), r))

@@ -8,7 +8,7 @@ use shardrop::checkpoint::admin::list;
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
 use shardrop::identity::{Identity, PeerId};
-use shardrop::registry::{Job, Registry};
+use shardrop::round::registry::{Job, Registry};
 use shardrop::store::S3Options;
 
 use crate::errors::{caller, io, to_py};

@@ -8,15 +8,14 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict};
-use shardrop::aggregate::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecLimits, EfState, EncodedPart, OwnedShapeInput, SliceInput, StateLock, lock_dir,
 };
-use shardrop::exchange::{
-    ExchangeError, encode_rank_part, publish_inputs, publish_parts, wait_for_window,
-};
 use shardrop::identity::{Identity, PeerId};
-use shardrop::registry::{Job, Registry};
+use shardrop::round::RoundError;
+use shardrop::round::publish::{encode_rank_part, publish_inputs, publish_parts, wait_for_window};
+use shardrop::round::registry::{Job, Registry};
+use shardrop::round::replay::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
 use shardrop::store::S3Options;
 
 use crate::errors::{caller, io, refused, to_py};
@@ -227,7 +226,7 @@ impl Run {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        shardrop::exchange::clock(&self.reg).window_at(now)
+        shardrop::round::publish::clock(&self.reg).window_at(now)
     }
 
     /// The outer step in force for `window`, in words ("nesterov lr 0.7 momentum 0.9, …").
@@ -305,7 +304,7 @@ impl Run {
         let wait = timeout.map(Duration::from_secs_f64);
         match block(py, wait_for_aggregate(&reg, &self.s3, window, wait))? {
             Ok(_) => Ok(true),
-            Err(ExchangeError::NoAggregate { .. }) => Ok(false),
+            Err(RoundError::NoAggregate { .. }) => Ok(false),
             Err(e) => Err(to_py(e)),
         }
     }
@@ -409,7 +408,7 @@ fn key(id: &Option<Identity>) -> PyResult<&Identity> {
 /// What a publish reports, as Python objects (`shardrop publish --json`'s document).
 fn report<'py>(
     py: Python<'py>,
-    p: &shardrop::exchange::Published,
+    p: &shardrop::round::publish::Published,
     started: std::time::Instant,
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut json =
@@ -524,7 +523,7 @@ impl Miner {
         let bytes = py
             .detach(|| {
                 encode_rank_part(&reg, window, &slices, state)
-                    .and_then(|p| p.to_bytes().map_err(ExchangeError::from))
+                    .and_then(|p| p.to_bytes().map_err(RoundError::from))
             })
             .map_err(to_py)?;
         if let Some(dir) = &self.dir {
@@ -612,7 +611,7 @@ impl Miner {
 #[pyclass(module = "shardrop._shardrop")]
 #[derive(Default)]
 pub struct OptimizerState {
-    state: shardrop::outer::OuterState,
+    state: shardrop::round::outer::OuterState,
     run: Option<String>,
     after: Option<u64>,
     shapes: BTreeMap<String, Vec<u64>>,
@@ -632,7 +631,7 @@ impl OptimizerState {
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<OptimizerState> {
         // One checked read: the shapes come from the same bytes as the buffers.
         let f = py
-            .detach(|| shardrop::aggregate::read_state_file(&path, None))
+            .detach(|| shardrop::round::outer::read_state_file(&path, None))
             .map_err(to_py)?;
         let (state, run, after, shapes) = (f.state, f.run, f.after, f.shapes);
         Ok(OptimizerState {
@@ -650,9 +649,13 @@ impl OptimizerState {
                 "this optimizer state has not been used by a replay yet: nothing to save",
             ));
         };
-        let bytes =
-            shardrop::outer::state_to_safetensors(&self.state, &self.shapes, run, self.after)
-                .map_err(to_py)?;
+        let bytes = shardrop::round::outer::state_to_safetensors(
+            &self.state,
+            &self.shapes,
+            run,
+            self.after,
+        )
+        .map_err(to_py)?;
         py.detach(|| shardrop::files::write_replace_beside(&path, &bytes))
             .map_err(|e| io(&path, e))
     }

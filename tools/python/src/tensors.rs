@@ -6,7 +6,7 @@ use dlpark::ffi::{DLDataType, DLDeviceType};
 use dlpark::python::{ImportedDlpack, from_dlpack};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use shardrop::codec::{InDtype, OwnedShapeInput};
+use shardrop::format::codec::{InDtype, OwnedShapeInput};
 
 use crate::errors::caller;
 

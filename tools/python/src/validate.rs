@@ -10,11 +10,11 @@ use std::sync::Arc;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use shardrop::codec::Dense;
-use shardrop::evaluate::{EvalError, Evaluator, Losses};
+use shardrop::format::codec::Dense;
 use shardrop::identity::{Identity, PeerId};
-use shardrop::registry::{Job, Registry};
-use shardrop::score::{
+use shardrop::round::evaluate::{EvalError, Evaluator, Losses};
+use shardrop::round::registry::{Job, Registry};
+use shardrop::round::score::{
     JudgedWindow, Usefulness, ValidateOptions, judge_window, publish_judged, validate_window,
 };
 use shardrop::store::S3Options;
@@ -154,7 +154,7 @@ impl Shards {
             return Ok(None);
         };
         self.next += 1;
-        let accepted = m.verdict == shardrop::tables::Verdict::Accepted;
+        let accepted = m.verdict == shardrop::format::tables::Verdict::Accepted;
         let mut shard = Shard {
             peer: m.peer.to_string(),
             verdict: m.verdict.as_str().to_string(),

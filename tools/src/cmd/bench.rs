@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use rayon::prelude::*;
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecParams, EncodedTensor, InDtype, ScaleMode, TensorInput, ValueFormat, accumulate,
     encode_tensor, f32_to_bf16,
 };
@@ -378,7 +378,7 @@ fn numpy_baseline(
         ])
         .args([
             "--indices",
-            if p.indices == shardrop::codec::IndexEncoding::Compact {
+            if p.indices == shardrop::format::codec::IndexEncoding::Compact {
                 "compact"
             } else {
                 "packed"

@@ -11,10 +11,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
 use rayon::prelude::*;
-use shardrop::codec::{CodecParams, ModelSpec};
+use shardrop::format::codec::{CodecParams, ModelSpec};
+use shardrop::format::layout;
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::registry::{Participant, Registry, Role};
+use shardrop::round::registry::{Participant, Registry, Role};
 use shardrop::store;
 
 use super::Ctx;

@@ -7,8 +7,8 @@
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use shardrop::codec::gpu::{DeviceTensor, Gpu};
-use shardrop::codec::{
+use shardrop::format::codec::gpu::{DeviceTensor, Gpu};
+use shardrop::format::codec::{
     CodecParams, EncodedTensor, InDtype, IndexEncoding, ScaleMode, TensorInput, ValueFormat,
     encode_tensor,
 };

@@ -14,14 +14,14 @@ use object_store::ObjectStoreExt;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use shardrop::aggregate::{Fetched, apply_aggregates, fetch_aggregate};
-use shardrop::codec::{CodecParams, EfState, EncodeOptions, encode_update, model_of};
-use shardrop::exchange::{clock, shard_builder};
+use shardrop::format::codec::{CodecParams, EfState, EncodeOptions, encode_update, model_of};
+use shardrop::format::layout;
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::registry::{AggForm, AggregateSpec, Participant, Registry, Role};
+use shardrop::round::publish::{clock, shard_builder};
+use shardrop::round::registry::{AggForm, AggregateSpec, Participant, Registry, Role};
+use shardrop::round::replay::{Fetched, apply_aggregates, fetch_aggregate};
+use shardrop::round::window::store_now_ms;
 use shardrop::store::{self, put_create};
-use shardrop::window::store_now_ms;
 
 use super::Ctx;
 

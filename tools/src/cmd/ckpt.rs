@@ -8,7 +8,7 @@ use shardrop::checkpoint::admin::{gc, list, verify};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
 use shardrop::identity::PeerId;
-use shardrop::registry::{Job, Registry, Role};
+use shardrop::round::registry::{Job, Registry, Role};
 
 use super::{Ctx, keys, parse_size};
 use crate::out;

@@ -20,23 +20,26 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use object_store::ObjectStoreExt;
-use shardrop::aggregate::{Aggregated, ApplyOptions, aggregate_window, apply_aggregates_with};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
 use shardrop::checkpoint::push::{PushOptions, push};
-use shardrop::codec::{EfState, EncodeOptions, encode_update};
-use shardrop::envelope::{Expect, Limits, RemoteEnvelope, SignedEnvelope, read_all_sections};
-use shardrop::evaluate::{Evaluator, ReferenceEvaluator};
-use shardrop::exchange::{publish, shard_builder};
+use shardrop::format::codec::{EfState, EncodeOptions, encode_update};
+use shardrop::format::envelope::{
+    Expect, Limits, RemoteEnvelope, SignedEnvelope, read_all_sections,
+};
+use shardrop::format::layout;
+use shardrop::format::tables::{LedgerRow, ScoreRow, read_ledger};
 use shardrop::identity::Identity;
-use shardrop::layout;
-use shardrop::outer::{OptimizerKind, Outer, OuterState, Schedule, Setting};
 use shardrop::refmodel::{LinearTask, TENSOR};
-use shardrop::registry::{Job, Participant, Registry, Role};
-use shardrop::score::{ValidateOptions, Validated, validate_window};
+use shardrop::round::aggregate::{Aggregated, aggregate_window};
+use shardrop::round::evaluate::{Evaluator, ReferenceEvaluator};
+use shardrop::round::outer::{OptimizerKind, Outer, OuterState, Schedule, Setting};
+use shardrop::round::publish::{publish, shard_builder};
+use shardrop::round::registry::{Job, Participant, Registry, Role};
+use shardrop::round::replay::{ApplyOptions, apply_aggregates_with};
+use shardrop::round::score::{ValidateOptions, Validated, validate_window};
+use shardrop::round::verdict::wait_for_close;
+use shardrop::round::window::store_now_ms;
 use shardrop::store::{self, Target, put_create};
-use shardrop::tables::{LedgerRow, ScoreRow, read_ledger};
-use shardrop::verdict::wait_for_close;
-use shardrop::window::store_now_ms;
 
 use super::Ctx;
 use crate::out;
@@ -451,7 +454,7 @@ async fn publish_if(
     w: u64,
     update: Option<&[u8]>,
     state: &mut EfState,
-) -> Result<Option<shardrop::exchange::Published>, shardrop::exchange::ExchangeError> {
+) -> Result<Option<shardrop::round::publish::Published>, shardrop::round::RoundError> {
     match update {
         Some(u) => publish(job, Some(w), u, state).await.map(Some),
         None => Ok(None),
@@ -706,7 +709,7 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 .collect();
             std::fs::write(
                 ckpt_src.join("outer-state.safetensors"),
-                shardrop::outer::state_to_safetensors(&outer, &shapes, &reg.run, Some(w))?,
+                shardrop::round::outer::state_to_safetensors(&outer, &shapes, &reg.run, Some(w))?,
             )?;
             let pushed = push(
                 Job::new(&reg, &cast.aggregator, &ctx.s3),

@@ -3,14 +3,14 @@
 //! why on stderr, records it in its report, and runs the CPU codec, whose bytes are the same.
 
 use anyhow::bail;
-use shardrop::codec::{EfState, EncodeOptions, EncodedUpdate, encode_update};
-use shardrop::exchange::ExchangeError;
+use shardrop::format::codec::{EfState, EncodeOptions, EncodedUpdate, encode_update};
+use shardrop::round::RoundError;
 
 /// The codec a command will run.
 pub enum Codec {
     Cpu,
     #[cfg(feature = "cuda")]
-    Gpu(shardrop::codec::gpu::Gpu),
+    Gpu(shardrop::format::codec::gpu::Gpu),
 }
 
 /// What `--device` resolved to.
@@ -36,7 +36,7 @@ fn parse(spec: &str) -> anyhow::Result<Option<usize>> {
 
 #[cfg(feature = "cuda")]
 fn open(ordinal: usize) -> Result<Chosen, String> {
-    match shardrop::codec::gpu::Gpu::open(ordinal) {
+    match shardrop::format::codec::gpu::Gpu::open(ordinal) {
         Ok(g) => Ok(Chosen {
             used: g.describe(),
             codec: Codec::Gpu(g),
@@ -80,7 +80,7 @@ impl Chosen {
         bytes: &[u8],
         state: &mut EfState,
         opts: &EncodeOptions,
-    ) -> Result<EncodedUpdate, ExchangeError> {
+    ) -> Result<EncodedUpdate, RoundError> {
         Ok(match &self.codec {
             Codec::Cpu => encode_update(bytes, state, opts)?,
             #[cfg(feature = "cuda")]
@@ -89,11 +89,11 @@ impl Chosen {
     }
 
     /// Where an aggregator's merge runs.
-    pub fn merge_on(self) -> shardrop::aggregate::MergeOn {
+    pub fn merge_on(self) -> shardrop::round::aggregate::MergeOn {
         match self.codec {
-            Codec::Cpu => shardrop::aggregate::MergeOn::default(),
+            Codec::Cpu => shardrop::round::aggregate::MergeOn::default(),
             #[cfg(feature = "cuda")]
-            Codec::Gpu(g) => shardrop::aggregate::MergeOn {
+            Codec::Gpu(g) => shardrop::round::aggregate::MergeOn {
                 gpu: Some(std::sync::Arc::new(g)),
                 budget: None,
             },

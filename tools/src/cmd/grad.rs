@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use shardrop::codec::{
+use shardrop::format::codec::{
     CodecLimits, CodecParams, Dense, EfState, EncodeOptions, IndexEncoding, ScaleMode, ValueFormat,
     accumulate_section, dense_to_safetensors, model_of,
 };
-use shardrop::envelope::{Expect, Limits, MAGIC, read_all_sections};
+use shardrop::format::envelope::{Expect, Limits, MAGIC, read_all_sections};
 
 use super::Ctx;
 use crate::out;
@@ -214,7 +214,7 @@ async fn load_sections(
     ctx: &Ctx,
     input: &str,
     max_bytes: u64,
-    model: Option<&shardrop::codec::ModelSpec>,
+    model: Option<&shardrop::format::codec::ModelSpec>,
 ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let local = Path::new(input);
     if !input.contains("://") && local.is_dir() {
@@ -256,9 +256,9 @@ async fn load_sections(
     // whole model encodes to (checked before anything is decompressed).
     if let (Some(m), Some(params)) = (
         model,
-        shardrop::exchange::codec_of_header(&env.head.header.codec_params),
+        shardrop::round::publish::codec_of_header(&env.head.header.codec_params),
     ) {
-        let bound = shardrop::codec::section_raw_bound(&m.tensors, &params);
+        let bound = shardrop::format::codec::section_raw_bound(&m.tensors, &params);
         if env.head.header.raw_len > bound {
             return Err(super::object::over_limit(
                 &object,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use shardrop::envelope::{
+use shardrop::format::envelope::{
     self, Compression, EnvelopeBuilder, Expect, Head, Kind, Limits, PREFIX_LEN, RemoteEnvelope,
     fetch_head, parse_prefix, read_sections, verify_sections,
 };

@@ -5,19 +5,19 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use shardrop::aggregate::{
-    ApplyOptions, aggregate_commit, aggregate_part, aggregate_window_on, apply_aggregates_with,
-};
-use shardrop::codec::{Dense, EfState, dense_to_safetensors, model_of};
-use shardrop::exchange::{ExchangeError, clock, publish_inputs, wait_for_window};
+use shardrop::format::codec::{Dense, EfState, dense_to_safetensors, model_of};
+use shardrop::format::layout;
 use shardrop::identity::PeerId;
-use shardrop::layout;
-use shardrop::outer::{OptimizerKind, Outer, OuterState, Schedule, ScheduleKind, Setting};
-use shardrop::registry::{
+use shardrop::round::RoundError;
+use shardrop::round::aggregate::{aggregate_commit, aggregate_part, aggregate_window_on};
+use shardrop::round::outer::{OptimizerKind, Outer, OuterState, Schedule, ScheduleKind, Setting};
+use shardrop::round::publish::{clock, publish_inputs, wait_for_window};
+use shardrop::round::registry::{
     AggForm, AggregateSpec, Credentials, Job, Participant, Registry, RegistryError, Role,
 };
+use shardrop::round::replay::{ApplyOptions, apply_aggregates_with};
+use shardrop::round::window::store_now_ms;
 use shardrop::store;
-use shardrop::window::store_now_ms;
 
 use super::grad::CodecArgs;
 use super::{Ctx, keys};
@@ -324,8 +324,9 @@ pub struct PrefetchArgs {
 
 pub async fn prefetch_cmd(ctx: &Ctx, a: PrefetchArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
-    let got = shardrop::merge::prefetch(&reg, &ctx.s3, a.window, &a.dir, &|_| true, a.concurrency)
-        .await?;
+    let got =
+        shardrop::round::merge::prefetch(&reg, &ctx.s3, a.window, &a.dir, &|_| true, a.concurrency)
+            .await?;
     out::emit(
         ctx,
         &serde_json::json!({"window": a.window, "dir": a.dir.display().to_string(), "prefetched": got}),
@@ -552,7 +553,7 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let update =
         std::fs::read(&a.update).with_context(|| format!("{}: cannot read", a.update.display()))?;
-    let _lock = shardrop::codec::lock_dir(&a.state)
+    let _lock = shardrop::format::codec::lock_dir(&a.state)
         .with_context(|| format!("{}: cannot lock the state folder", a.state.display()))?;
     let mut state = EfState::load(&a.state)
         .with_context(|| format!("{}: cannot load state", a.state.display()))?;
@@ -572,13 +573,13 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
             let st = safetensors::SafeTensors::deserialize(&update).map_err(|e| {
                 anyhow::anyhow!("{}: not a safetensors file: {e}", a.update.display())
             })?;
-            let inputs = shardrop::codec::inputs_of(&st)
+            let inputs = shardrop::format::codec::inputs_of(&st)
                 .with_context(|| format!("{}: cannot encode", a.update.display()))?;
             publish_inputs(job, window, &inputs, &mut state).await?
         }
         #[cfg(feature = "cuda")]
         super::device::Codec::Gpu(_) => {
-            shardrop::exchange::publish_with(job, window, &update, &mut state, |u, st, o| {
+            shardrop::round::publish::publish_with(job, window, &update, &mut state, |u, st, o| {
                 chosen.encode_update(u, st, o)
             })
             .await?
@@ -669,7 +670,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
 /// Loads a safetensors file (f32, bf16 or f16) as f32 tensors with their shapes.
 pub fn load_dense(path: &std::path::Path) -> anyhow::Result<Dense> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    shardrop::codec::dense_from_safetensors(&bytes).with_context(|| path.display().to_string())
+    shardrop::format::codec::dense_from_safetensors(&bytes)
+        .with_context(|| path.display().to_string())
 }
 
 /// A base model from a file or a pulled checkpoint folder, and the folder's window.
@@ -725,11 +727,11 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = a.optimizer_state.as_ref().filter(|p| p.exists()) {
-        let f = shardrop::aggregate::read_state_file(path, Some(&reg.model))?;
+        let f = shardrop::round::outer::read_state_file(path, Some(&reg.model))?;
         let (st, run, st_after) = (f.state, f.run, f.after);
         if run != reg.run || st_after != after {
             let name = |w: Option<u64>| w.map_or("genesis".to_string(), |w| format!("window {w}"));
-            return Err(ExchangeError::Refused {
+            return Err(RoundError::Refused {
                 reason: "optimizer_state_window",
                 detail: format!(
                     "{}: the momentum of run {run:?} after {}, not of run {:?} after {} (the base's)",
@@ -744,7 +746,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         state = st;
     }
     if a.optimizer_state.is_none() && reg.momentum_before(a.through + 1) {
-        return Err(ExchangeError::Refused {
+        return Err(RoundError::Refused {
             reason: "optimizer_state_missing",
             detail: format!(
                 "run {}'s outer optimizer keeps momentum by window {}: give --optimizer-state PATH (read if it exists, written back) so the next replay has it",
@@ -768,8 +770,12 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
     )
     .await?;
     if let Some(path) = &a.optimizer_state {
-        let bytes =
-            shardrop::outer::state_to_safetensors(&state, &shapes, &reg.run, Some(a.through))?;
+        let bytes = shardrop::round::outer::state_to_safetensors(
+            &state,
+            &shapes,
+            &reg.run,
+            Some(a.through),
+        )?;
         shardrop::files::write_replace_beside(path, &bytes)
             .with_context(|| format!("{}: cannot write", path.display()))?;
     }

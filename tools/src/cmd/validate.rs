@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use shardrop::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
+use shardrop::format::tables::ScoreRow;
 use shardrop::identity::PeerId;
 use shardrop::refmodel::LinearTask;
-use shardrop::registry::{Job, Participant, Registry, Role};
-use shardrop::score::{ValidateOptions, read_scored_window, scored_windows, validate_window};
-use shardrop::tables::ScoreRow;
+use shardrop::round::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
+use shardrop::round::registry::{Job, Participant, Registry, Role};
+use shardrop::round::score::{
+    ValidateOptions, read_scored_window, scored_windows, validate_window,
+};
 
 use super::Ctx;
 use crate::out;

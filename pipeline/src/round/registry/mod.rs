@@ -13,11 +13,11 @@ use bytes::Bytes;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{CodecParams, ModelSpec};
-use crate::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
+use crate::format::codec::{CodecParams, ModelSpec};
+use crate::format::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits};
+use crate::format::layout;
 use crate::identity::{Identity, PeerId};
-use crate::layout;
-use crate::outer::{Outer, Setting};
+use crate::round::outer::{Outer, Setting};
 use crate::store::{self, S3Options, StoreError, Target};
 
 mod seen;
@@ -444,9 +444,9 @@ impl Registry {
     /// the codec's exact payload sizes, a section closed once it reaches `section_bytes`
     /// (`gradient.md` §8, "Sections").
     pub fn section_names(&self) -> Vec<String> {
-        crate::codec::section_ranges(&self.model, &self.codec, self.section_bytes as usize)
+        crate::format::codec::section_ranges(&self.model, &self.codec, self.section_bytes as usize)
             .into_iter()
-            .map(|r| crate::codec::section_name(r.start, r.end - 1))
+            .map(|r| crate::format::codec::section_name(r.start, r.end - 1))
             .collect()
     }
 
@@ -710,7 +710,7 @@ impl Registry {
             kind: Some(Kind::Registry),
             ..Default::default()
         };
-        let (env, sections) = crate::envelope::read_whole_consistent(
+        let (env, sections) = crate::format::envelope::read_whole_consistent(
             target.store.as_ref(),
             &path,
             &object,
@@ -746,7 +746,7 @@ impl Registry {
         // end of its second, so a revision that landed just after a window opened counts
         // as landed after it.
         let lm = env.meta.last_modified.timestamp_millis().max(0) as u64;
-        let stored_ms = crate::window::end_of_second(lm);
+        let stored_ms = crate::round::window::end_of_second(lm);
         let etag = env.meta.e_tag.clone();
         Ok((reg, etag, object, json, stored_ms))
     }
@@ -817,7 +817,10 @@ impl Registry {
         let parts: Vec<String> = path.parts().map(|p| p.as_ref().to_string()).collect();
         let keep = parts.len().saturating_sub(own.split('/').count());
         target.prefix = Path::from_iter(parts.into_iter().take(keep));
-        Ok(crate::window::store_now_ms(&target, &layout::clock_probe(&self.run, peer)).await?)
+        Ok(
+            crate::round::window::store_now_ms(&target, &layout::clock_probe(&self.run, peer))
+                .await?,
+        )
     }
 
     /// Checks that this revision, stored at `url`, landed before window `w` opened by the
@@ -836,10 +839,11 @@ impl Registry {
         let meta = object_store::ObjectStoreExt::head(target.store.as_ref(), &path)
             .await
             .map_err(|e| StoreError::from_store(&object, e))?;
-        let stored =
-            crate::window::end_of_second(meta.last_modified.timestamp_millis().max(0) as u64);
+        let stored = crate::round::window::end_of_second(
+            meta.last_modified.timestamp_millis().max(0) as u64,
+        );
         let opens =
-            crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs)
+            crate::round::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs)
                 .start(w);
         if stored < opens {
             return Ok(());
@@ -865,7 +869,7 @@ impl Registry {
     /// the first that opens more than [`Registry::set_margin_ms`] from now.
     pub fn next_settable(&self, now_ms: u64) -> u64 {
         let clock =
-            crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
+            crate::round::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
         clock
             .window_at(now_ms + self.set_margin_ms())
             .map_or(0, |w| w + 1)
@@ -876,7 +880,7 @@ impl Registry {
     /// once its window closed). Entries from that window on, never in force, are replaced.
     pub fn set_from(&mut self, setting: Setting, now_ms: u64) -> Result<(), RegistryError> {
         let clock =
-            crate::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
+            crate::round::window::RunClock::new(self.genesis_ms, self.window_secs, self.grace_secs);
         let w = setting.from_window;
         if clock.start(w) <= now_ms + self.set_margin_ms() {
             return Err(RegistryError::Refused {
@@ -910,10 +914,30 @@ pub fn registry_path(target: &Target, run: &str) -> Path {
     target.path(&layout::registry(run))
 }
 
+/// A registry failure in a round job: `not_registered` is a refusal (exit 3) in every
+/// command, like any rule of the run.
+impl From<RegistryError> for super::RoundError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Store(s) => super::RoundError::Store(s),
+            RegistryError::Envelope(s) => super::RoundError::Envelope(s),
+            RegistryError::Refused { reason, .. } => super::RoundError::Refused {
+                reason,
+                detail: e.to_string(),
+            },
+            other @ RegistryError::NotRegistered { .. } => super::RoundError::Refused {
+                reason: "not_registered",
+                detail: other.to_string(),
+            },
+            other => super::RoundError::Caller(other.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outer::OptimizerKind;
+    use crate::round::outer::OptimizerKind;
 
     fn nesterov(from: u64, lr: f32) -> Setting {
         Setting {
@@ -1013,7 +1037,7 @@ mod tests {
             (
                 "settings_invalid",
                 Box::new(|r| {
-                    r.settings[0].outer.schedule.kind = crate::outer::ScheduleKind::Cosine;
+                    r.settings[0].outer.schedule.kind = crate::round::outer::ScheduleKind::Cosine;
                     r.settings[0].outer.schedule.decay = 0;
                 }),
             ),

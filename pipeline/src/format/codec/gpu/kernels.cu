@@ -1,4 +1,4 @@
-// shardrop GPU codec kernels: the maths of pipeline/src/codec/cpu.rs (normative text:
+// shardrop GPU codec kernels: the maths of pipeline/src/format/codec/cpu.rs (normative text:
 // schemas/gradient.md), bit for bit.
 //
 // Rules that make the bytes equal to the CPU reference's:

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
-use crate::aggregate::AggTensor;
-use crate::codec::{CodecError, EncodedTensor, ModelSpec, to_sparse};
+use crate::format::agg_tensor::AggTensor;
+use crate::format::codec::{CodecError, EncodedTensor, ModelSpec, to_sparse};
 
 /// A decoded update as one sparse vector over the whole model (tensors concatenated in
 /// model order), indices ascending.

@@ -8,7 +8,7 @@
 //! section payloads (plain safetensors files) and back.
 //!
 //! ```
-//! use shardrop::codec::{CodecLimits, CodecParams, EfState, EncodeOptions, accumulate_section,
+//! use shardrop::format::codec::{CodecLimits, CodecParams, EfState, EncodeOptions, accumulate_section,
 //!     encode_update, Dense};
 //! use safetensors::{Dtype, tensor::TensorView};
 //!

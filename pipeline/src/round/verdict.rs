@@ -20,16 +20,17 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::codec::{self, CodecLimits, EncodedTensor, SECTION_CODEC};
-use crate::envelope::{EnvelopeError, Expect, Kind, Limits, RemoteEnvelope, read_sections};
-use crate::exchange::{COMMIT_CODEC, ExchangeError, clock, codec_header, content_hash};
+use crate::format::codec::{self, CodecLimits, EncodedTensor, SECTION_CODEC};
+use crate::format::envelope::{EnvelopeError, Expect, Kind, Limits, RemoteEnvelope, read_sections};
+use crate::format::layout;
+use crate::format::tables::LedgerRow;
+pub use crate::format::tables::Verdict;
 use crate::identity::PeerId;
-use crate::layout;
-use crate::registry::{Job, Participant, Registry, Role};
+use crate::round::RoundError;
+use crate::round::publish::{COMMIT_CODEC, clock, codec_header, content_hash};
+use crate::round::registry::{Job, Participant, Registry, Role};
+use crate::round::window::store_now_ms;
 use crate::store::{self, S3Options, StoreError, Target};
-use crate::tables::LedgerRow;
-pub use crate::tables::Verdict;
-use crate::window::store_now_ms;
 
 /// Why a shard is not merged: the verdict (`rejected`, `missing`, `error`), a stable reason
 /// code and a human detail naming the object.
@@ -136,16 +137,16 @@ impl MinerShard {
         let (Some((target, env)), Some(content)) = (&self.env, &self.content) else {
             return;
         };
-        let Some(salt) = env.head.header.meta.get(crate::exchange::SALT_META) else {
+        let Some(salt) = env.head.header.meta.get(crate::round::publish::SALT_META) else {
             return;
         };
-        let want = crate::exchange::commitment(&env.signer, salt, content);
+        let want = crate::round::publish::commitment(&env.signer, salt, content);
         let clk = clock(reg);
         // A whole-second time (HEAD on S3) stands for anywhere in its second: it counts as
         // inside if any of that second is.
         let inside = |ms: i64| {
             let ms = ms.max(0) as u64;
-            crate::window::end_of_second(ms) >= clk.start(w) && ms < clk.closes(w)
+            crate::round::window::end_of_second(ms) >= clk.start(w) && ms < clk.closes(w)
         };
         let key = layout::grad_commit(&reg.run, w, &env.signer);
         let expect = Expect::in_window(Kind::Blob, env.signer, &reg.run, w);
@@ -162,7 +163,11 @@ impl MinerShard {
         {
             Ok(c)
                 if c.head.header.codec == COMMIT_CODEC
-                    && c.head.header.meta.get(crate::exchange::COMMITMENT_META) == Some(&want)
+                    && c.head
+                        .header
+                        .meta
+                        .get(crate::round::publish::COMMITMENT_META)
+                        == Some(&want)
                     && inside(c.meta.last_modified.timestamp_millis()) =>
             {
                 Some(c.meta.last_modified.timestamp_millis())
@@ -856,7 +861,7 @@ impl MinerShard {
     }
 
     /// The shard's section table as the header pass (or the consolidated copy) read it.
-    pub(crate) fn sections(&self) -> &[crate::envelope::SectionEntry] {
+    pub(crate) fn sections(&self) -> &[crate::format::envelope::SectionEntry] {
         self.env.as_ref().map_or(&[], |(_, e)| e.sections())
     }
 }
@@ -1006,7 +1011,7 @@ pub async fn wait_for_close(
     target: &Target,
     me: &PeerId,
     w: u64,
-) -> Result<u64, ExchangeError> {
+) -> Result<u64, RoundError> {
     let clk = clock(reg);
     loop {
         let now = store_now_ms(target, &layout::clock_probe(&reg.run, me)).await?;
@@ -1031,7 +1036,7 @@ pub(crate) async fn open_window(
     w: u64,
     concurrency: usize,
     budget: Option<Duration>,
-) -> Result<OpenWindow, ExchangeError> {
+) -> Result<OpenWindow, RoundError> {
     let Job { reg, id, s3 } = job;
     let me = id.peer_id();
     let target = job.own_store(role)?;

@@ -1,6 +1,6 @@
 use super::*;
-use crate::codec::tests::{bytes_as as as_bytes, noise};
-use crate::codec::{InDtype, IndexEncoding, TensorSpec, ValueFormat, encode_inputs_with};
+use crate::format::codec::tests::{bytes_as as as_bytes, noise};
+use crate::format::codec::{InDtype, IndexEncoding, TensorSpec, ValueFormat, encode_inputs_with};
 
 /// A model with a short last chunk split across ranks (`e`), a large aligned tensor (`w`),
 /// a 1-D tensor no split keeps aligned (`n`), a tensor with fewer rows than ranks (`z`)

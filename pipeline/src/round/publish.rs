@@ -1,146 +1,22 @@
 //! Publishing a miner's shard: encode with error feedback, commit, wait, put; idempotent
 //! with the error-feedback state. The run's codec header and the content hash that commits
-//! and the duplicate rule compare live here too. Readers' checks are in [`crate::verdict`].
+//! and the duplicate rule compare live here too. Readers' checks are in [`crate::round::verdict`].
 
 use std::collections::BTreeMap;
 
-use crate::codec::{
+use crate::format::codec::{
     self, EfState, EncodeOptions, EncodedUpdate, ModelSpec, OwnedShapeInput, SECTION_CODEC,
     encode_update, model_of, model_of_inputs,
 };
-use crate::envelope::{
+use crate::format::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
 };
+use crate::format::layout;
 use crate::identity::{Identity, PeerId};
-use crate::layout;
-use crate::registry::{Job, Registry, Role};
+use crate::round::RoundError;
+use crate::round::registry::{Job, Registry, Role};
+use crate::round::window::{RunClock, store_now_ms};
 use crate::store::{self, PutOutcome, StoreError, Target};
-use crate::window::{RunClock, store_now_ms};
-
-/// Failures of publishing and of the round's jobs, by class ([`crate::error::ErrorClass`]).
-// Each variant's fields are the parts of its message (`#[error]`), documented there.
-#[allow(missing_docs)]
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
-    /// The call cannot be done as asked: not registered, a window that is closed or not
-    /// open, an update that is not the run's model, bad part numbers.
-    #[error("{0}")]
-    Caller(String),
-    /// An object was read and refused; `reason` is its stable code.
-    #[error("{object}: {detail}")]
-    Rejected {
-        object: String,
-        reason: &'static str,
-        detail: String,
-    },
-    /// The call breaks a rule of the run; `reason` is its stable code (`window_closed`,
-    /// `window_not_open`, `state_ahead`, `optimizer_state_missing`, …).
-    #[error("{detail}")]
-    Refused {
-        reason: &'static str,
-        detail: String,
-    },
-    /// Another object already holds the name, with other content; nothing was overwritten.
-    #[error("{object}: {detail}")]
-    Conflict { object: String, detail: String },
-    /// An object the call needs is not there.
-    #[error("{object}: {detail}")]
-    Missing { object: String, detail: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Envelope(#[from] EnvelopeError),
-    #[error("codec: {0}")]
-    Codec(#[from] codec::CodecError),
-    /// Not (yet) published: callers that replay may wait and retry.
-    #[error("window {window}: no aggregate at {object}")]
-    NoAggregate { window: u64, object: String },
-    /// Reading one window's aggregate failed; the source keeps its class and reason.
-    #[error("window {window}: {source}")]
-    Aggregate {
-        window: u64,
-        #[source]
-        source: EnvelopeError,
-    },
-    /// A failure of this program or its device (serialising its own output, a GPU), not of
-    /// any input.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl crate::error::Classified for ExchangeError {
-    fn class(&self) -> crate::error::ErrorClass {
-        use crate::error::ErrorClass;
-        match self {
-            ExchangeError::Caller(_) => ErrorClass::Caller,
-            ExchangeError::Rejected { .. } => ErrorClass::Rejected,
-            ExchangeError::Refused { .. } => ErrorClass::Refused,
-            ExchangeError::Conflict { .. } => ErrorClass::Conflict,
-            ExchangeError::Missing { .. } | ExchangeError::NoAggregate { .. } => {
-                ErrorClass::NotFound
-            }
-            ExchangeError::Store(e) => e.class(),
-            ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.class(),
-            ExchangeError::Codec(e) => e.class(),
-            ExchangeError::Internal(_) => ErrorClass::Internal,
-        }
-    }
-
-    fn reason(&self) -> Option<&'static str> {
-        match self {
-            ExchangeError::Rejected { reason, .. } | ExchangeError::Refused { reason, .. } => {
-                Some(reason)
-            }
-            ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.reason(),
-            ExchangeError::Codec(e) => crate::error::Classified::reason(e),
-            _ => None,
-        }
-    }
-
-    fn object(&self) -> Option<&str> {
-        match self {
-            ExchangeError::Rejected { object, .. }
-            | ExchangeError::Conflict { object, .. }
-            | ExchangeError::Missing { object, .. }
-            | ExchangeError::NoAggregate { object, .. } => Some(object),
-            ExchangeError::Envelope(e) | ExchangeError::Aggregate { source: e, .. } => e.object(),
-            ExchangeError::Store(e) => e.object(),
-            _ => None,
-        }
-    }
-}
-
-impl From<crate::registry::RegistryError> for ExchangeError {
-    fn from(e: crate::registry::RegistryError) -> Self {
-        match e {
-            crate::registry::RegistryError::Store(s) => ExchangeError::Store(s),
-            crate::registry::RegistryError::Envelope(s) => ExchangeError::Envelope(s),
-            crate::registry::RegistryError::Refused { reason, .. } => ExchangeError::Refused {
-                reason,
-                detail: e.to_string(),
-            },
-            other @ crate::registry::RegistryError::NotRegistered { .. } => {
-                ExchangeError::Refused {
-                    reason: "not_registered",
-                    detail: other.to_string(),
-                }
-            }
-            other => ExchangeError::Caller(other.to_string()),
-        }
-    }
-}
-
-/// A GPU codec failure: a codec verdict stays one; a device failure (driver, compile,
-/// memory) fails the operation, which the caller may redo on the CPU.
-#[cfg(feature = "cuda")]
-impl From<crate::codec::gpu::GpuError> for ExchangeError {
-    fn from(e: crate::codec::gpu::GpuError) -> Self {
-        match e {
-            crate::codec::gpu::GpuError::Codec(c) => ExchangeError::Codec(c),
-            other => ExchangeError::Internal(format!("GPU: {other}")),
-        }
-    }
-}
 
 /// The run's codec parameters as envelope header parameters.
 pub fn codec_header(reg: &Registry) -> BTreeMap<String, String> {
@@ -231,7 +107,7 @@ pub async fn publish(
     window: Option<u64>,
     update: &[u8],
     state: &mut EfState,
-) -> Result<Published, ExchangeError> {
+) -> Result<Published, RoundError> {
     publish_with(job, window, update, state, |u, st, o| {
         Ok(encode_update(u, st, o)?)
     })
@@ -244,8 +120,8 @@ pub async fn publish_with(
     window: Option<u64>,
     update: &[u8],
     state: &mut EfState,
-    encode: impl FnOnce(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, ExchangeError>,
-) -> Result<Published, ExchangeError> {
+    encode: impl FnOnce(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, RoundError>,
+) -> Result<Published, RoundError> {
     let model = model_of(update)?;
     let enc = TrialEncoder {
         encode: Some(|st: &mut EfState, o: &EncodeOptions| encode(update, st, o)),
@@ -262,9 +138,9 @@ pub trait UpdateEncoder {
         &mut self,
         state: &EfState,
         opts: &EncodeOptions,
-    ) -> Result<EncodedUpdate, ExchangeError>;
+    ) -> Result<EncodedUpdate, RoundError>;
     /// Advances `state` as the last `encode` would have (called once the shard is stored).
-    fn advance(self, state: &mut EfState, opts: &EncodeOptions) -> Result<(), ExchangeError>;
+    fn advance(self, state: &mut EfState, opts: &EncodeOptions) -> Result<(), RoundError>;
 }
 
 /// An encoder that advances a buffer in place (the file path's, the GPU's), run on a copy of
@@ -277,30 +153,30 @@ struct TrialEncoder<F> {
 
 impl<F> UpdateEncoder for TrialEncoder<F>
 where
-    F: FnOnce(&mut EfState, &EncodeOptions) -> Result<EncodedUpdate, ExchangeError>,
+    F: FnOnce(&mut EfState, &EncodeOptions) -> Result<EncodedUpdate, RoundError>,
 {
     fn encode(
         &mut self,
         state: &EfState,
         opts: &EncodeOptions,
-    ) -> Result<EncodedUpdate, ExchangeError> {
+    ) -> Result<EncodedUpdate, RoundError> {
         let encode = self
             .encode
             .take()
-            .ok_or_else(|| ExchangeError::Internal("the update was already encoded once".into()))?;
+            .ok_or_else(|| RoundError::Internal("the update was already encoded once".into()))?;
         let mut trial = state.clone();
         let out = encode(&mut trial, opts)?;
         self.trial = Some(trial);
         Ok(out)
     }
 
-    fn advance(self, state: &mut EfState, _: &EncodeOptions) -> Result<(), ExchangeError> {
+    fn advance(self, state: &mut EfState, _: &EncodeOptions) -> Result<(), RoundError> {
         match self.trial {
             Some(t) => {
                 *state = t;
                 Ok(())
             }
-            None => Err(ExchangeError::Internal(
+            None => Err(RoundError::Internal(
                 "the state was advanced before anything was encoded".into(),
             )),
         }
@@ -321,15 +197,15 @@ impl UpdateEncoder for ScratchEncoder<'_, '_> {
         &mut self,
         state: &EfState,
         opts: &EncodeOptions,
-    ) -> Result<EncodedUpdate, ExchangeError> {
+    ) -> Result<EncodedUpdate, RoundError> {
         let (out, pending) = codec::encode_inputs_scratch(self.inputs, state, opts)?;
         self.pending = Some(pending);
         Ok(out)
     }
 
-    fn advance(self, state: &mut EfState, opts: &EncodeOptions) -> Result<(), ExchangeError> {
+    fn advance(self, state: &mut EfState, opts: &EncodeOptions) -> Result<(), RoundError> {
         let pending = self.pending.ok_or_else(|| {
-            ExchangeError::Internal("the state was advanced before anything was encoded".into())
+            RoundError::Internal("the state was advanced before anything was encoded".into())
         })?;
         Ok(codec::advance_inputs(self.inputs, state, opts, pending)?)
     }
@@ -344,7 +220,7 @@ pub async fn publish_inputs(
     window: Option<u64>,
     inputs: &[OwnedShapeInput<'_>],
     state: &mut EfState,
-) -> Result<Published, ExchangeError> {
+) -> Result<Published, RoundError> {
     let model = model_of_inputs(inputs);
     let enc = ScratchEncoder {
         inputs,
@@ -360,13 +236,13 @@ struct AssembledEncoder {
 }
 
 impl UpdateEncoder for AssembledEncoder {
-    fn encode(&mut self, _: &EfState, _: &EncodeOptions) -> Result<EncodedUpdate, ExchangeError> {
+    fn encode(&mut self, _: &EfState, _: &EncodeOptions) -> Result<EncodedUpdate, RoundError> {
         self.update
             .take()
-            .ok_or_else(|| ExchangeError::Internal("the parts were already published once".into()))
+            .ok_or_else(|| RoundError::Internal("the parts were already published once".into()))
     }
 
-    fn advance(self, _: &mut EfState, _: &EncodeOptions) -> Result<(), ExchangeError> {
+    fn advance(self, _: &mut EfState, _: &EncodeOptions) -> Result<(), RoundError> {
         Ok(())
     }
 }
@@ -381,9 +257,9 @@ pub fn encode_rank_part(
     w: u64,
     slices: &[codec::SliceInput],
     state: &mut EfState,
-) -> Result<codec::EncodedPart, ExchangeError> {
+) -> Result<codec::EncodedPart, RoundError> {
     if let Some(done) = state.window.filter(|&d| d >= w) {
-        return Err(ExchangeError::Refused {
+        return Err(RoundError::Refused {
             reason: "state_ahead",
             detail: format!(
                 "this rank's error-feedback state already accounts for window {done}; window {w}'s part was encoded before (publish the part kept from then)"
@@ -404,15 +280,13 @@ pub async fn publish_parts(
     job: Job<'_>,
     window: Option<u64>,
     parts: &[codec::EncodedPart],
-) -> Result<Published, ExchangeError> {
+) -> Result<Published, RoundError> {
     let reg = job.reg;
     let w = window
         .or_else(|| parts.first().map(|p| p.window))
-        .ok_or_else(|| {
-            ExchangeError::Codec(codec::CodecError::Parts("no parts to publish".into()))
-        })?;
+        .ok_or_else(|| RoundError::Codec(codec::CodecError::Parts("no parts to publish".into())))?;
     if let Some(p) = parts.iter().find(|p| p.window != w) {
-        return Err(ExchangeError::Codec(codec::CodecError::Parts(format!(
+        return Err(RoundError::Codec(codec::CodecError::Parts(format!(
             "a part was encoded for window {}, the shard is for window {w}",
             p.window
         ))));
@@ -435,7 +309,7 @@ pub async fn publish_model(
     model: &ModelSpec,
     state: &mut EfState,
     mut encoder: impl UpdateEncoder,
-) -> Result<Published, ExchangeError> {
+) -> Result<Published, RoundError> {
     let Job { reg, id, .. } = job;
     let me = id.peer_id();
     let target = job.own_store(Role::Miner)?;
@@ -443,13 +317,13 @@ pub async fn publish_model(
     let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
     let w = match window {
         Some(w) => w,
-        None => clk.window_at(now).ok_or_else(|| ExchangeError::Refused {
+        None => clk.window_at(now).ok_or_else(|| RoundError::Refused {
             reason: "window_not_open",
             detail: format!("run {} has not started (store clock {now} ms)", reg.run),
         })?,
     };
     window_open(reg, w, now)?;
-    let mismatch = |detail: String| ExchangeError::Refused {
+    let mismatch = |detail: String| RoundError::Refused {
         reason: "model_mismatch",
         detail,
     };
@@ -479,7 +353,7 @@ pub async fn publish_model(
             return already_published(reg, &target, &me, w, now).await;
         }
         if done > w {
-            return Err(ExchangeError::Refused {
+            return Err(RoundError::Refused {
                 reason: "state_ahead",
                 detail: format!(
                     "the error-feedback state already accounts for window {done}, later than {w}"
@@ -514,7 +388,7 @@ pub async fn publish_model(
         Ok(env) => Some(env),
         Err(EnvelopeError::NotFound { .. }) => None,
         Err(e) if e.rejection().is_some() => {
-            return Err(ExchangeError::Conflict {
+            return Err(RoundError::Conflict {
                 object: object.to_string(),
                 detail: format!("another object is already there ({e}); the state is unchanged"),
             });
@@ -524,7 +398,7 @@ pub async fn publish_model(
     let already = match stored {
         Some(env) => {
             if content_hash(env.sections().iter()) != content {
-                return Err(ExchangeError::Conflict {
+                return Err(RoundError::Conflict {
                     object: object.to_string(),
                     detail: format!(
                         "a different shard for window {w} is already published (another update, or another error-feedback state); the state is unchanged"
@@ -549,7 +423,7 @@ pub async fn publish_model(
                     )
                     .await?;
                     if content_hash(env.sections().iter()) != content {
-                        return Err(ExchangeError::Conflict {
+                        return Err(RoundError::Conflict {
                             object: object.to_string(),
                             detail: format!(
                                 "a different shard for window {w} landed meanwhile; the state is unchanged"
@@ -582,10 +456,10 @@ pub async fn publish_model(
 
 /// Whether a shard for window `w` may be published at store time `now`: refused with
 /// `window_closed` after its deadline and grace, `window_not_open` before it starts.
-fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), ExchangeError> {
+fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), RoundError> {
     let clk = clock(reg);
     if now >= clk.closes(w) {
-        return Err(ExchangeError::Refused {
+        return Err(RoundError::Refused {
             reason: "window_closed",
             detail: format!(
                 "window {w} closed at {} ms (deadline + grace); the store's clock says {now} ms",
@@ -594,7 +468,7 @@ fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), ExchangeError> {
         });
     }
     if now < clk.start(w) {
-        return Err(ExchangeError::Refused {
+        return Err(RoundError::Refused {
             reason: "window_not_open",
             detail: format!(
                 "window {w} starts at {} ms; the store's clock says {now} ms",
@@ -609,7 +483,7 @@ fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), ExchangeError> {
 /// opened (`None`: until the run's first window has), so that a training loop whose rounds
 /// are shorter than windows publishes each round into its own window. Returns the window.
 /// A window that has already closed is refused (`window_closed`), never waited for.
-pub async fn wait_for_window(job: Job<'_>, window: Option<u64>) -> Result<u64, ExchangeError> {
+pub async fn wait_for_window(job: Job<'_>, window: Option<u64>) -> Result<u64, RoundError> {
     let Job { reg, id, .. } = job;
     let me = id.peer_id();
     let target = job.own_store(Role::Miner)?;
@@ -632,7 +506,7 @@ pub async fn wait_for_window(job: Job<'_>, window: Option<u64>) -> Result<u64, E
 /// blake3 over the section hashes, in order: equal for byte-identical updates whoever
 /// signed them (the key of the duplicate rule and of a shard's commit).
 pub fn content_hash<'a>(
-    sections: impl Iterator<Item = &'a crate::envelope::SectionEntry>,
+    sections: impl Iterator<Item = &'a crate::format::envelope::SectionEntry>,
 ) -> String {
     content_hash_of(sections.map(|s| &s.hash))
 }
@@ -689,7 +563,7 @@ async fn commit_then_wait(
     id: &Identity,
     w: u64,
     commitment: &str,
-) -> Result<(), ExchangeError> {
+) -> Result<(), RoundError> {
     let me = id.peer_id();
     let signed = EnvelopeBuilder::new(Kind::Blob, &reg.run)
         .window(w)
@@ -700,7 +574,7 @@ async fn commit_then_wait(
     let object = target.url_of(&path);
     let bytes = signed
         .to_vec()
-        .map_err(|e| ExchangeError::Internal(format!("{object}: {e}")))?;
+        .map_err(|e| RoundError::Internal(format!("{object}: {e}")))?;
     // No shard is stored yet, so any commit already here is a stale one of ours: replace it.
     object_store::ObjectStoreExt::put(
         target.store.as_ref(),
@@ -720,7 +594,7 @@ async fn commit_then_wait(
     loop {
         let now = store_now_ms(target, &probe).await?;
         if now >= clk.closes(w) {
-            return Err(ExchangeError::Refused {
+            return Err(RoundError::Refused {
                 reason: "window_closed",
                 detail: format!(
                     "window {w} closed at {} ms while committing (the store's clock says {now} ms)",
@@ -742,13 +616,13 @@ async fn already_published(
     me: &PeerId,
     w: u64,
     now: u64,
-) -> Result<Published, ExchangeError> {
+) -> Result<Published, RoundError> {
     let path = target.path(&layout::grad(&reg.run, w, me));
     let object = target.url_of(&path);
     let meta = match object_store::ObjectStoreExt::head(target.store.as_ref(), &path).await {
         Ok(m) => m,
         Err(object_store::Error::NotFound { .. }) => {
-            return Err(ExchangeError::Missing {
+            return Err(RoundError::Missing {
                 object: object.to_string(),
                 detail: format!(
                     "the error-feedback state says window {w} was published, but no shard is there"
@@ -830,14 +704,15 @@ mod tests {
             model_of(&update).unwrap(),
             codec::CodecParams::default(),
         );
-        reg.participants.push(crate::registry::Participant::new(
-            Role::Miner,
-            &miner.peer_id(),
-            "memory://publish-codes/miner".into(),
-        ));
+        reg.participants
+            .push(crate::round::registry::Participant::new(
+                Role::Miner,
+                &miner.peer_id(),
+                "memory://publish-codes/miner".into(),
+            ));
         let s3 = store::S3Options::default();
         let job = Job::new(&reg, &miner, &s3);
-        let code = |r: Result<Published, ExchangeError>| match r {
+        let code = |r: Result<Published, RoundError>| match r {
             Err(e) if e.class() == ErrorClass::Refused => e.reason(),
             other => panic!("not a refusal: {other:?}"),
         };

@@ -24,7 +24,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use shardrop::envelope::{
+//! use shardrop::format::envelope::{
 //!     Compression, EnvelopeBuilder, Expect, Kind, Limits, RemoteEnvelope, read_all_sections,
 //! };
 //! use shardrop::identity::Identity;

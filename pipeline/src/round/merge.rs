@@ -25,14 +25,14 @@ use std::path::PathBuf;
 
 use futures::StreamExt;
 
-use crate::accepted::{AcceptedList, ListedSection, MergedObject};
-use crate::codec::{self, CodecLimits, EncodedTensor};
-use crate::envelope::{EnvelopeError, Expect, Kind, RemoteEnvelope, stream_section};
-use crate::exchange::ExchangeError;
+use crate::format::codec::{self, CodecLimits, EncodedTensor};
+use crate::format::envelope::{EnvelopeError, Expect, Kind, RemoteEnvelope, stream_section};
 use crate::identity::PeerId;
-use crate::registry::{AggForm, Registry, Role};
+use crate::round::RoundError;
+use crate::round::accepted::{AcceptedList, ListedSection, MergedObject};
+use crate::round::registry::{AggForm, Registry, Role};
+use crate::round::verdict::shard_limits;
 use crate::store::{S3Options, Target};
-use crate::verdict::shard_limits;
 
 /// Shards fetched at once in the fetch stage.
 const FETCH_CONCURRENCY: usize = 8;
@@ -71,7 +71,7 @@ struct SpooledShard {
 
 /// The tensors `tAAAAA-BBBBB` names, as a range (`None` when the name is not one).
 fn section_range(name: &str) -> Option<Range<usize>> {
-    crate::verdict::section_range(name)
+    crate::round::verdict::section_range(name)
         .filter(|(a, b)| a <= b)
         .map(|(a, b)| a..b + 1)
 }
@@ -85,7 +85,7 @@ fn unlisted(
     who: &str,
     gone: String,
     mismatch: String,
-) -> ExchangeError {
+) -> RoundError {
     match e {
         EnvelopeError::NotFound { .. } => refused(object, "agg_source_missing", w, who, gone),
         e if e.rejection().is_some() => refused(
@@ -106,11 +106,11 @@ async fn spool(
     env: &RemoteEnvelope,
     name: &str,
     file: &std::path::Path,
-    limits: &crate::envelope::Limits,
+    limits: &crate::format::envelope::Limits,
     w: u64,
     who: &str,
-) -> Result<(), ExchangeError> {
-    let io = |e: std::io::Error| ExchangeError::Internal(format!("spool {}: {e}", file.display()));
+) -> Result<(), RoundError> {
+    let io = |e: std::io::Error| RoundError::Internal(format!("spool {}: {e}", file.display()));
     let sink = std::io::BufWriter::new(std::fs::File::create(file).map_err(io)?);
     match stream_section(target.store.as_ref(), env, name, sink, limits).await {
         Ok(mut out) => std::io::Write::flush(&mut out).map_err(io),
@@ -126,8 +126,8 @@ async fn spool(
 }
 
 /// The rejection a reader reports for a listed shard: names the peer, window and object.
-fn refused(object: &str, reason: &'static str, w: u64, peer: &str, what: String) -> ExchangeError {
-    ExchangeError::Rejected {
+fn refused(object: &str, reason: &'static str, w: u64, peer: &str, what: String) -> RoundError {
+    RoundError::Rejected {
         object: object.to_string(),
         reason,
         detail: format!("window {w}: peer {peer}: {what}"),
@@ -140,14 +140,14 @@ fn source(
     s3: &S3Options,
     list: &AcceptedList,
     peer: &str,
-) -> Result<Target, ExchangeError> {
+) -> Result<Target, RoundError> {
     match list.form {
         AggForm::Reference => {
             let p = reg
                 .with_role(Role::Miner)
                 .into_iter()
                 .find(|m| m.peer == peer)
-                .ok_or_else(|| ExchangeError::Internal(format!("{peer} is not a miner")))?;
+                .ok_or_else(|| RoundError::Internal(format!("{peer} is not a miner")))?;
             Ok(reg.open_store(p, s3)?)
         }
         _ => Ok(reg.aggregator(s3)?.1),
@@ -160,13 +160,13 @@ async fn open_listed(
     s3: &S3Options,
     list: &AcceptedList,
     j: usize,
-) -> Result<(Target, RemoteEnvelope), ExchangeError> {
+) -> Result<(Target, RemoteEnvelope), RoundError> {
     let a = &list.accepted[j];
     let w = list.window;
     let target = source(reg, s3, list, &a.peer)?;
     let path = target.path(&a.object);
     let object = target.url_of(&path);
-    let peer = PeerId::parse(&a.peer).map_err(|e| ExchangeError::Internal(e.to_string()))?;
+    let peer = PeerId::parse(&a.peer).map_err(|e| RoundError::Internal(e.to_string()))?;
     let expect = Expect::in_window(Kind::Grad, peer, &reg.run, w);
     let env = match RemoteEnvelope::open(
         target.store.as_ref(),
@@ -229,11 +229,11 @@ pub async fn fetch_listed(
     list: &AcceptedList,
     want: &(dyn Fn(usize) -> bool + Sync),
     cache: Option<&std::path::Path>,
-) -> Result<Spooled, ExchangeError> {
+) -> Result<Spooled, RoundError> {
     let dir = tempfile::Builder::new()
         .prefix("shardrop-merge-")
         .tempdir()
-        .map_err(|e| ExchangeError::Internal(format!("spool folder: {e}")))?;
+        .map_err(|e| RoundError::Internal(format!("spool folder: {e}")))?;
     let root = dir.path().to_path_buf();
     if let Some(m) = &list.merged {
         let files = fetch_merged(reg, s3, list, m, want, &root).await?;
@@ -247,7 +247,7 @@ pub async fn fetch_listed(
         return Ok(spooled);
     }
     let limits = shard_limits(reg);
-    let fetched: Vec<Result<SpooledShard, ExchangeError>> =
+    let fetched: Vec<Result<SpooledShard, RoundError>> =
         futures::stream::iter((0..list.accepted.len()).map(|j| {
             let (root, limits) = (&root, &limits);
             async move {
@@ -304,14 +304,14 @@ async fn fetch_merged(
     m: &MergedObject,
     want: &(dyn Fn(usize) -> bool + Sync),
     root: &std::path::Path,
-) -> Result<Vec<Option<PathBuf>>, ExchangeError> {
+) -> Result<Vec<Option<PathBuf>>, RoundError> {
     let w = list.window;
     let (agg_id, target) = reg.aggregator(s3)?;
     let path = target.path(&m.object);
     let object = target.url_of(&path);
     let expect = Expect::in_window(Kind::Blob, agg_id, &reg.run, w);
     let who = "the aggregator";
-    let limits = crate::aggregate::agg_limits(reg);
+    let limits = crate::format::agg_tensor::agg_limits(&reg.model);
     let env = RemoteEnvelope::open(target.store.as_ref(), &path, &object, &limits, &expect)
         .await
         .map_err(|e| {
@@ -363,7 +363,7 @@ async fn spot_check_merged(
     want: &(dyn Fn(usize) -> bool + Sync),
     cache: Option<&std::path::Path>,
     merged: &Spooled,
-) -> Result<(), ExchangeError> {
+) -> Result<(), RoundError> {
     use rand::Rng;
     let numel = |i: usize| reg.model.tensors[i].shape.iter().product::<u64>();
     let wanted: Vec<usize> = (0..reg.model.tensors.len()).filter(|&i| want(i)).collect();
@@ -383,12 +383,12 @@ async fn spot_check_merged(
     };
     let one = |i: usize| i == t;
     let shards_view = AcceptedList {
-        form: crate::registry::AggForm::Shards,
+        form: crate::round::registry::AggForm::Shards,
         merged: None,
         ..list.clone()
     };
     let from_shards = Box::pin(fetch_listed(reg, s3, &shards_view, &one, cache)).await?;
-    let bits_of = |spooled: &Spooled| -> Result<Vec<u32>, ExchangeError> {
+    let bits_of = |spooled: &Spooled| -> Result<Vec<u32>, RoundError> {
         let mut bits = Vec::new();
         spooled.merge(reg, &one, |_, acc| {
             bits = acc.iter().map(|v| v.to_bits()).collect();
@@ -404,7 +404,7 @@ async fn spot_check_merged(
             .merged
             .as_ref()
             .map_or(String::new(), |m| m.object.clone());
-        return Err(ExchangeError::Rejected {
+        return Err(RoundError::Rejected {
             object,
             reason: "agg_merged_mismatch",
             detail: format!(
@@ -421,8 +421,8 @@ async fn spot_check_merged(
 /// missing or damaged file included, is a miss: the caller reads the store.
 fn from_cache(
     cache: Option<&std::path::Path>,
-    entry: &crate::envelope::SectionEntry,
-    limits: &crate::envelope::Limits,
+    entry: &crate::format::envelope::SectionEntry,
+    limits: &crate::format::envelope::Limits,
     out: &std::path::Path,
 ) -> bool {
     let Some(path) = cache.map(|c| c.join(&entry.hash)) else {
@@ -442,7 +442,8 @@ fn from_cache(
     let Ok(sink) = std::fs::File::create(out) else {
         return false;
     };
-    let mut v = crate::envelope::SectionVerifier::new(entry, limits, std::io::BufWriter::new(sink));
+    let mut v =
+        crate::format::envelope::SectionVerifier::new(entry, limits, std::io::BufWriter::new(sink));
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match input.read(&mut buf) {
@@ -487,11 +488,11 @@ pub async fn prefetch(
     cache: &std::path::Path,
     want: &(dyn Fn(usize) -> bool + Sync),
     concurrency: usize,
-) -> Result<Prefetched, ExchangeError> {
+) -> Result<Prefetched, RoundError> {
     std::fs::create_dir_all(cache)
-        .map_err(|e| ExchangeError::Caller(format!("{}: {e}", cache.display())))?;
+        .map_err(|e| RoundError::Caller(format!("{}: {e}", cache.display())))?;
     let miners = reg.with_role(Role::Miner);
-    let each: Vec<Result<Prefetched, ExchangeError>> = futures::stream::iter(miners.iter().map(|m| async move {
+    let each: Vec<Result<Prefetched, RoundError>> = futures::stream::iter(miners.iter().map(|m| async move {
         let mut got = Prefetched::default();
         let Ok(peer) = PeerId::parse(&m.peer) else {
             got.skipped = 1;
@@ -501,7 +502,7 @@ pub async fn prefetch(
             got.skipped = 1;
             return Ok(got);
         };
-        let path = target.path(&crate::layout::grad(&reg.run, w, &peer));
+        let path = target.path(&crate::format::layout::grad(&reg.run, w, &peer));
         let object = target.url_of(&path);
         let expect = Expect::in_window(Kind::Grad, peer, &reg.run, w);
         let env = match RemoteEnvelope::open(target.store.as_ref(), &path, &object, &shard_limits(reg), &expect).await {
@@ -517,7 +518,7 @@ pub async fn prefetch(
         for e in env.sections() {
             let wanted = section_range(&e.name).is_some_and(|r| r.clone().any(want));
             let file = cache.join(&e.hash);
-            if !wanted || !crate::envelope::is_ident(&e.hash) {
+            if !wanted || !crate::format::envelope::is_ident(&e.hash) {
                 continue;
             }
             if file.exists() {
@@ -539,7 +540,7 @@ pub async fn prefetch(
             // A fresh temporary file (created exclusively, so never through a link planted
             // at a predictable name: the hash is public in the miner's header), renamed over.
             crate::files::write_replace(cache, &file, &bytes)
-                .map_err(|err| ExchangeError::Internal(format!("{}: {err}", file.display())))?;
+                .map_err(|err| RoundError::Internal(format!("{}: {err}", file.display())))?;
             got.sections += 1;
             got.bytes += bytes.len() as u64;
         }
@@ -567,8 +568,8 @@ impl Spooled {
         &self,
         reg: &Registry,
         want: &(dyn Fn(usize) -> bool + Sync),
-        mut sink: impl FnMut(usize, &[f32]) -> Result<(), ExchangeError>,
-    ) -> Result<(), ExchangeError> {
+        mut sink: impl FnMut(usize, &[f32]) -> Result<(), RoundError>,
+    ) -> Result<(), RoundError> {
         if let Some(files) = &self.merged {
             return self.merged_tensors(reg, files, want, sink);
         }
@@ -595,7 +596,7 @@ impl Spooled {
         loaded: &mut Loaded,
         i: usize,
         chunks: Range<usize>,
-    ) -> Result<Vec<f32>, ExchangeError> {
+    ) -> Result<Vec<f32>, RoundError> {
         let spec = &reg.model.tensors[i];
         let numel = spec.shape.iter().product::<u64>() as usize;
         let c = reg.codec.chunk as usize;
@@ -625,7 +626,7 @@ impl Spooled {
     }
 
     /// Makes `loaded` hold, for every shard, the decoded section that holds tensor `i`.
-    fn load(&self, reg: &Registry, loaded: &mut Loaded, i: usize) -> Result<(), ExchangeError> {
+    fn load(&self, reg: &Registry, loaded: &mut Loaded, i: usize) -> Result<(), RoundError> {
         for (j, s) in self.shards.iter().enumerate() {
             let Some((name, _, file)) = s.sections.iter().find(|(_, r, _)| r.contains(&i)) else {
                 continue;
@@ -633,9 +634,9 @@ impl Spooled {
             if loaded.sections[j].as_ref().is_some_and(|(c, _)| c == name) {
                 continue;
             }
-            let file = file.as_ref().ok_or_else(|| {
-                ExchangeError::Internal(format!("section {name} was not fetched"))
-            })?;
+            let file = file
+                .as_ref()
+                .ok_or_else(|| RoundError::Internal(format!("section {name} was not fetched")))?;
             loaded.sections[j] = Some((name.clone(), self.decode(reg, j, file)?));
         }
         Ok(())
@@ -648,13 +649,13 @@ impl Spooled {
         j: usize,
         i: usize,
         reg: &Registry,
-    ) -> Result<&'l EncodedTensor, ExchangeError> {
+    ) -> Result<&'l EncodedTensor, RoundError> {
         let name = &reg.model.tensors[i].name;
         loaded.sections[j]
             .as_ref()
             .and_then(|(_, ts)| ts.get(name))
             .ok_or_else(|| {
-                ExchangeError::Internal(format!(
+                RoundError::Internal(format!(
                     "window {}: shard {j} has no tensor {name}",
                     self.window
                 ))
@@ -673,8 +674,8 @@ impl Spooled {
         reg: &Registry,
         files: &[Option<PathBuf>],
         want: &(dyn Fn(usize) -> bool + Sync),
-        mut sink: impl FnMut(usize, &[f32]) -> Result<(), ExchangeError>,
-    ) -> Result<(), ExchangeError> {
+        mut sink: impl FnMut(usize, &[f32]) -> Result<(), RoundError>,
+    ) -> Result<(), RoundError> {
         for (i, spec) in reg
             .model
             .tensors
@@ -683,18 +684,18 @@ impl Spooled {
             .filter(|(i, _)| want(*i))
         {
             let file = files[i].as_ref().ok_or_else(|| {
-                ExchangeError::Internal(format!("tensor {} was not fetched", spec.name))
+                RoundError::Internal(format!("tensor {} was not fetched", spec.name))
             })?;
             let mut bytes = Vec::new();
             std::fs::File::open(file)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?;
-            let bad = |detail: String| ExchangeError::Rejected {
+                .map_err(|e| RoundError::Internal(format!("spool {}: {e}", file.display())))?;
+            let bad = |detail: String| RoundError::Rejected {
                 object: format!("window {} merged t{i:05}", self.window),
                 reason: "agg_section_mismatch",
                 detail,
             };
-            let t = crate::aggregate::read_agg_tensor(&bytes, &reg.model)
+            let t = crate::format::agg_tensor::read_agg_tensor(&bytes, &reg.model)
                 .map_err(|e| bad(format!("window {}: section t{i:05}: {e}", self.window)))?;
             if t.name != spec.name {
                 return Err(bad(format!(
@@ -703,8 +704,8 @@ impl Spooled {
                 )));
             }
             let acc = match t.values {
-                crate::aggregate::AggValues::Dense(v) => v,
-                crate::aggregate::AggValues::Sparse(idx, val) => {
+                crate::format::agg_tensor::AggValues::Dense(v) => v,
+                crate::format::agg_tensor::AggValues::Sparse(idx, val) => {
                     let mut acc = vec![0f32; spec.shape.iter().product::<u64>() as usize];
                     for (i, v) in idx.into_iter().zip(val) {
                         acc[i as usize] = v;
@@ -720,12 +721,7 @@ impl Spooled {
     /// The first `limit` elements of tensor `i` merged (weight × value summed in list
     /// order): a sample of the merged tensor that costs `limit` floats, not the tensor's
     /// size. Only for estimating sizes; `merge` is the exact path.
-    pub fn sample(
-        &self,
-        reg: &Registry,
-        i: usize,
-        limit: usize,
-    ) -> Result<Vec<f32>, ExchangeError> {
+    pub fn sample(&self, reg: &Registry, i: usize, limit: usize) -> Result<Vec<f32>, RoundError> {
         let chunks = 0..limit.div_ceil(reg.codec.chunk as usize);
         let mut acc = self.slab(reg, &mut self.loaded(), i, chunks)?;
         acc.truncate(limit);
@@ -737,14 +733,14 @@ impl Spooled {
         reg: &Registry,
         j: usize,
         file: &PathBuf,
-    ) -> Result<BTreeMap<String, EncodedTensor>, ExchangeError> {
+    ) -> Result<BTreeMap<String, EncodedTensor>, RoundError> {
         let mut bytes = Vec::new();
         std::fs::File::open(file)
             .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| ExchangeError::Internal(format!("spool {}: {e}", file.display())))?;
+            .map_err(|e| RoundError::Internal(format!("spool {}: {e}", file.display())))?;
         let tensors = codec::read_section(&bytes, Some(&reg.model), &CodecLimits::default())
             .map_err(|e| {
-                ExchangeError::Internal(format!(
+                RoundError::Internal(format!(
                     "window {}: shard {j}: a listed section does not decode: {e}",
                     self.window
                 ))

@@ -9,10 +9,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::SectionEntry;
+use crate::format::envelope::SectionEntry;
+use crate::format::layout;
 use crate::identity::PeerId;
-use crate::layout;
-use crate::registry::{AggForm, Registry, Role};
+use crate::round::registry::{AggForm, Registry, Role};
 
 /// The section of an agg-v2 envelope that holds the list.
 pub const LIST_SECTION: &str = "accepted.json";
@@ -207,7 +207,8 @@ impl AcceptedList {
                         format!("entry {i} names {:?}, not a registered miner", a.peer),
                     )
                 })?;
-            let content = crate::exchange::content_hash_of(a.sections.iter().map(|s| &s.hash));
+            let content =
+                crate::round::publish::content_hash_of(a.sections.iter().map(|s| &s.hash));
             if a.content != content {
                 return Err(fault(
                     "agg_verdict",
@@ -267,9 +268,9 @@ impl AcceptedList {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{CodecParams, ModelSpec, TensorSpec};
+    use crate::format::codec::{CodecParams, ModelSpec, TensorSpec};
     use crate::identity::Identity;
-    use crate::registry::Participant;
+    use crate::round::registry::Participant;
 
     fn run(form: AggForm) -> (Registry, Vec<PeerId>) {
         let op = Identity::generate();
@@ -277,7 +278,7 @@ mod tests {
             tensors: vec![TensorSpec {
                 name: "w".into(),
                 shape: vec![1024],
-                dtype: crate::codec::InDtype::F32,
+                dtype: crate::format::codec::InDtype::F32,
             }],
         };
         let mut reg = Registry::new("r", &op.peer_id(), 0, 10, 5, model, CodecParams::default());
@@ -310,7 +311,9 @@ mod tests {
                 .map(|(i, p)| AcceptedShard {
                     peer: p.to_string(),
                     object: shard_key(reg, AggForm::Shards, w, p),
-                    content: crate::exchange::content_hash_of(sections(i).iter().map(|s| &s.hash)),
+                    content: crate::round::publish::content_hash_of(
+                        sections(i).iter().map(|s| &s.hash),
+                    ),
                     weight: (1.0f64 / peers.len() as f64) as f32,
                     clipped: false,
                     sections: sections(i),
@@ -335,7 +338,7 @@ mod tests {
         let mut l = good.clone();
         l.accepted[0].sections[0].name = "t00000-00001".into();
         l.accepted[0].content =
-            crate::exchange::content_hash_of(l.accepted[0].sections.iter().map(|s| &s.hash));
+            crate::round::publish::content_hash_of(l.accepted[0].sections.iter().map(|s| &s.hash));
         let f = l.check(&reg, 4).unwrap_err();
         assert_eq!(f.reason, "agg_verdict");
         assert!(f.detail.contains("packing"), "{}", f.detail);

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{Registry, RegistryError};
-use crate::outer::Setting;
+use crate::round::outer::Setting;
 
 /// One registry as last accepted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -170,7 +170,7 @@ impl Registry {
                         "the run's frame changed (genesis, window or grace length, model, codec, section size or original setting): no revision may change it".into(),
                     ));
                 }
-                let clock = crate::window::RunClock::new(
+                let clock = crate::round::window::RunClock::new(
                     self.genesis_ms,
                     self.window_secs,
                     self.grace_secs,

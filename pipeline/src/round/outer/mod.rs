@@ -311,7 +311,7 @@ pub const MOMENTUM_PREFIX: &str = "outer_momentum.";
 impl OuterState {
     /// Moves every `MOMENTUM_PREFIX` tensor out of `dense` (a pulled checkpoint folder holds
     /// both) into a state.
-    pub fn take_from(dense: &mut crate::codec::Dense) -> OuterState {
+    pub fn take_from(dense: &mut crate::format::codec::Dense) -> OuterState {
         let names: Vec<String> = dense
             .keys()
             .filter(|k| k.starts_with(MOMENTUM_PREFIX))
@@ -329,7 +329,7 @@ impl OuterState {
     }
 
     /// The buffers as prefixed tensors with the parameters' shapes.
-    pub fn to_dense(&self, shapes: &BTreeMap<String, Vec<u64>>) -> crate::codec::Dense {
+    pub fn to_dense(&self, shapes: &BTreeMap<String, Vec<u64>>) -> crate::format::codec::Dense {
         self.momentum
             .iter()
             .filter_map(|(n, v)| {
@@ -351,7 +351,7 @@ pub fn state_to_safetensors(
     shapes: &BTreeMap<String, Vec<u64>>,
     run: &str,
     after: Option<u64>,
-) -> Result<Vec<u8>, crate::codec::CodecError> {
+) -> Result<Vec<u8>, crate::format::codec::CodecError> {
     let meta: std::collections::HashMap<String, String> = [
         ("format".to_string(), STATE_FORMAT.to_string()),
         ("run".to_string(), run.to_string()),
@@ -361,14 +361,14 @@ pub fn state_to_safetensors(
         ),
     ]
     .into();
-    crate::codec::dense_to_safetensors_with(&state.to_dense(shapes), Some(meta))
+    crate::format::codec::dense_to_safetensors_with(&state.to_dense(shapes), Some(meta))
 }
 
 /// Reads a state file: the state, its run and the window it is after (`None`: genesis).
 pub fn state_from_safetensors(
     bytes: &[u8],
-) -> Result<(OuterState, String, Option<u64>), crate::codec::CodecError> {
-    let bad = |d: String| crate::codec::CodecError::Malformed(d);
+) -> Result<(OuterState, String, Option<u64>), crate::format::codec::CodecError> {
+    let bad = |d: String| crate::format::codec::CodecError::Malformed(d);
     let (_, header) =
         safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
@@ -386,7 +386,7 @@ pub fn state_from_safetensors(
         ),
         None => return Err(bad("no `after` window in its metadata".into())),
     };
-    let mut dense = crate::codec::dense_from_safetensors(bytes)?;
+    let mut dense = crate::format::codec::dense_from_safetensors(bytes)?;
     let state = OuterState::take_from(&mut dense);
     if let Some(other) = dense.keys().next() {
         return Err(bad(format!("tensor {other:?} is not a momentum buffer")));
@@ -447,6 +447,9 @@ pub fn step(outer: &Outer, lr: f32, theta: &mut [f32], a: &[f32], m: &mut [f32])
         }
     }
 }
+
+mod state_file;
+pub use state_file::{StateFile, read_state_file};
 
 #[cfg(test)]
 mod tests;

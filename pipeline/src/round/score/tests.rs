@@ -1,6 +1,6 @@
 use super::reference::{SparseUpdate, agreement, similarity, similarity_to_aggregate};
 use super::*;
-use crate::codec::{CodecLimits, EfState, EncodeOptions, encode_update, read_section};
+use crate::format::codec::{CodecLimits, EfState, EncodeOptions, encode_update, read_section};
 use crate::refmodel::LinearTask;
 
 fn sparse(pairs: &[(u64, f32)]) -> SparseUpdate {

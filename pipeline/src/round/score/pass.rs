@@ -17,13 +17,14 @@ use rayon::prelude::*;
 use tokio::time::Instant;
 
 use super::gram::{self, Entries, Gram};
-use crate::aggregate::{AggTensor, AggValues, Fetched, fetch_aggregate};
-use crate::codec::{EncodedTensor, to_sparse_chunks};
-use crate::exchange::ExchangeError;
-use crate::merge::{self, Loaded, Spooled};
-use crate::registry::Registry;
+use crate::format::agg_tensor::{AggTensor, AggValues};
+use crate::format::codec::{EncodedTensor, to_sparse_chunks};
+use crate::round::RoundError;
+use crate::round::merge::{self, Loaded, Spooled};
+use crate::round::registry::Registry;
+use crate::round::replay::{Fetched, fetch_aggregate};
+use crate::round::verdict::{MinerShard, RangeCheck, check_range, pieces};
 use crate::store::S3Options;
-use crate::verdict::{MinerShard, RangeCheck, check_range, pieces};
 
 /// A past aggregate, readable one slab at a time.
 pub(crate) struct PastAgg {
@@ -44,7 +45,7 @@ impl PastAgg {
         reg: &Registry,
         s3: &S3Options,
         w: u64,
-    ) -> Result<PastAgg, ExchangeError> {
+    ) -> Result<PastAgg, RoundError> {
         let source = match fetch_aggregate(reg, s3, w).await? {
             Fetched::Merged(tensors) => {
                 let mut by_index: Vec<Option<AggTensor>> =
@@ -73,7 +74,7 @@ impl PastAgg {
         i: usize,
         chunks: Range<usize>,
         elems: Range<usize>,
-    ) -> Result<Vec<f32>, ExchangeError> {
+    ) -> Result<Vec<f32>, RoundError> {
         match &mut self.source {
             Source::V2(spooled, loaded) => spooled.slab(reg, loaded, i, chunks),
             Source::V1(tensors) => {

@@ -216,7 +216,7 @@ fn bad_settings_are_named() {
 
 #[test]
 fn momentum_tensors_round_trip_through_prefixed_names() {
-    let mut dense = crate::codec::Dense::new();
+    let mut dense = crate::format::codec::Dense::new();
     dense.insert("w".into(), (vec![2], vec![1.0, 2.0]));
     dense.insert(format!("{MOMENTUM_PREFIX}w"), (vec![2], vec![0.5, -0.5]));
     let state = OuterState::take_from(&mut dense);

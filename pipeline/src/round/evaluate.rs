@@ -14,12 +14,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::aggregate::{ApplyOptions, apply_aggregates_with};
-use crate::codec::{Dense, dense_to_safetensors};
-use crate::exchange::ExchangeError;
-use crate::outer::OuterState;
+use crate::format::codec::{Dense, dense_to_safetensors};
 use crate::refmodel::{LinearTask, TENSOR};
-use crate::registry::Registry;
+use crate::round::RoundError;
+use crate::round::outer::OuterState;
+use crate::round::registry::Registry;
+use crate::round::replay::{ApplyOptions, apply_aggregates_with};
 use crate::store::S3Options;
 
 /// Loss on the evaluation batch with θ_w, and with θ_w − scale · update.
@@ -144,7 +144,7 @@ impl Evaluator for ReferenceEvaluator {
                     self.through = Some(next);
                     next += 1;
                 }
-                Err(ExchangeError::NoAggregate { .. }) if start.elapsed() < self.wait => {
+                Err(RoundError::NoAggregate { .. }) if start.elapsed() < self.wait => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => {

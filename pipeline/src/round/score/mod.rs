@@ -1,7 +1,7 @@
 //! The validator: judge every registered miner each window and publish the judgement.
 //!
 //! A validator sees exactly what the aggregator sees: it runs the same header pass, range
-//! checks and verdicts (the shared [`crate::verdict`] pipeline: `open_window`, `check_ranges`, `finalize`), so a miner's
+//! checks and verdicts (the shared [`crate::round::verdict`] pipeline: `open_window`, `check_ranges`, `finalize`), so a miner's
 //! verdict and reason are the ledger's. On top it measures, per accepted miner:
 //! - **agreement**: cosine of the decoded update with the sum of the other eligible miners'
 //!   updates (the leave-one-out mean has the same direction);
@@ -21,16 +21,17 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 
-use crate::codec::{CodecError, Dense, EncodedTensor, accumulate};
-use crate::envelope::{Compression, EnvelopeBuilder, Kind};
-use crate::evaluate::{EvalError, Evaluator};
-use crate::exchange::{ExchangeError, clock};
+use crate::format::codec::{CodecError, Dense, EncodedTensor, accumulate};
+use crate::format::envelope::{Compression, EnvelopeBuilder, Kind};
+use crate::format::layout;
+use crate::format::tables::{ScoreRow, read_scores, scores_parquet};
 use crate::identity::Identity;
-use crate::layout;
-use crate::registry::{Job, Registry, Role};
+use crate::round::RoundError;
+use crate::round::evaluate::{EvalError, Evaluator};
+use crate::round::publish::clock;
+use crate::round::registry::{Job, Registry, Role};
+use crate::round::verdict::{MinerShard, Verdict, Verdicts, check_range, finalize, open_window};
 use crate::store::{self, PutOutcome, S3Options, StoreError, Target};
-use crate::tables::{ScoreRow, read_scores, scores_parquet};
-use crate::verdict::{MinerShard, Verdict, Verdicts, check_range, finalize, open_window};
 
 pub mod gram;
 mod pass;
@@ -210,7 +211,7 @@ async fn previous_ratings(
     target: &Target,
     w: u64,
     lookback: u64,
-) -> Result<BTreeMap<String, f64>, ExchangeError> {
+) -> Result<BTreeMap<String, f64>, RoundError> {
     for v in (w.saturating_sub(lookback)..w).rev() {
         let path = target.path(&layout::scores(&reg.run, v));
         let url = target.url_of(&path);
@@ -220,7 +221,7 @@ async fn previous_ratings(
                     .bytes()
                     .await
                     .map_err(|e| StoreError::from_store(&url, e))?;
-                let rows = read_scores(bytes).map_err(|e| ExchangeError::Rejected {
+                let rows = read_scores(bytes).map_err(|e| RoundError::Rejected {
                     object: url.to_string(),
                     reason: "scores_malformed",
                     detail: format!("not a score table: {e}"),
@@ -253,7 +254,7 @@ pub async fn validate_window(
     w: u64,
     mut evaluator: Option<&mut dyn Evaluator>,
     opts: &ValidateOptions,
-) -> Result<Validated, ExchangeError> {
+) -> Result<Validated, RoundError> {
     let judged = judge_window(job, w, opts).await?;
     // Usefulness on the evaluator's model.
     let losses = match evaluator.as_deref_mut() {
@@ -368,10 +369,10 @@ pub async fn judge_window(
     job: Job<'_>,
     w: u64,
     opts: &ValidateOptions,
-) -> Result<JudgedWindow, ExchangeError> {
+) -> Result<JudgedWindow, RoundError> {
     let Job { reg, s3, .. } = job;
     let mut phases = Laps::default();
-    let crate::verdict::OpenWindow {
+    let crate::round::verdict::OpenWindow {
         target,
         mut shards,
         deadline,
@@ -434,7 +435,7 @@ pub async fn judge_window(
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Usefulness {
     /// Loss before and after; usefulness is their difference.
-    Losses(crate::evaluate::Losses),
+    Losses(crate::round::evaluate::Losses),
     /// The usefulness itself (the table's loss columns stay null).
     Gain(f64),
 }
@@ -458,11 +459,11 @@ pub async fn publish_judged(
     measured: Vec<Result<Usefulness, EvalError>>,
     evaluator: Option<String>,
     opts: &ValidateOptions,
-) -> Result<Validated, ExchangeError> {
+) -> Result<Validated, RoundError> {
     let Job { reg, id, .. } = job;
     let w = judged.w;
     if measured.len() != judged.shards.len() {
-        return Err(ExchangeError::Internal(format!(
+        return Err(RoundError::Internal(format!(
             "{} measurements for {} miners",
             measured.len(),
             judged.shards.len()
@@ -692,16 +693,15 @@ async fn publish_scores(
     w: u64,
     evaluator: String,
     rows: Vec<ScoreRow>,
-) -> Result<Validated, ExchangeError> {
-    let table =
-        scores_parquet(&rows).map_err(|e| ExchangeError::Internal(format!("scores: {e}")))?;
+) -> Result<Validated, RoundError> {
+    let table = scores_parquet(&rows).map_err(|e| RoundError::Internal(format!("scores: {e}")))?;
     let table_hash = blake3::hash(&table).to_hex().to_string();
     let path = target.path(&layout::scores(&reg.run, w));
     let scores_url = target.url_of(&path);
     let outcome = match store::put_create(target, &path, table.as_slice()).await {
         Ok(o) => o,
         Err(StoreError::Conflict { .. }) => {
-            return Err(ExchangeError::Conflict {
+            return Err(RoundError::Conflict {
                 object: scores_url,
                 detail: format!(
                     "window {w} was already scored with different results (is the evaluator deterministic?)"
@@ -734,7 +734,7 @@ async fn publish_scores(
     match store::put_create(target, &wpath, &signed).await {
         Ok(_) => {}
         Err(StoreError::Conflict { .. }) => {
-            return Err(ExchangeError::Conflict {
+            return Err(RoundError::Conflict {
                 object: weights_url,
                 detail: format!("other weights for window {w} are already published"),
             });
@@ -755,13 +755,13 @@ async fn publish_scores(
 /// Reads and verifies a validator's weights object, and the score table it binds.
 pub async fn read_scored_window(
     reg: &Registry,
-    validator: &crate::registry::Participant,
+    validator: &crate::round::registry::Participant,
     s3: &S3Options,
     w: u64,
-) -> Result<(Vec<ScoreRow>, serde_json::Value), ExchangeError> {
-    use crate::envelope::{EnvelopeError, Expect};
+) -> Result<(Vec<ScoreRow>, serde_json::Value), RoundError> {
+    use crate::format::envelope::{EnvelopeError, Expect};
     let peer = crate::identity::PeerId::parse(&validator.peer)
-        .map_err(|e| ExchangeError::Caller(e.to_string()))?;
+        .map_err(|e| RoundError::Caller(e.to_string()))?;
     let target = reg.open_store(validator, s3)?;
     let wkey = layout::weights(&reg.run, w);
     let wurl = target.url_of(&target.path(&wkey));
@@ -772,16 +772,16 @@ pub async fn read_scored_window(
         window: Some(w),
         step: None,
     };
-    let (_, secs) = match crate::envelope::read_signed(
+    let (_, secs) = match crate::format::envelope::read_signed(
         &target,
         &wkey,
         &expect,
-        &crate::envelope::Limits::small_object(),
+        &crate::format::envelope::Limits::small_object(),
     )
     .await
     {
         Err(EnvelopeError::NotFound { .. }) => {
-            return Err(ExchangeError::Missing {
+            return Err(RoundError::Missing {
                 object: wurl,
                 detail: format!("window {w} has no weights here"),
             });
@@ -791,7 +791,7 @@ pub async fn read_scored_window(
     let body: serde_json::Value = secs
         .first()
         .and_then(|s| serde_json::from_slice(s).ok())
-        .ok_or_else(|| ExchangeError::Rejected {
+        .ok_or_else(|| RoundError::Rejected {
             object: wurl.clone(),
             reason: "weights_malformed",
             detail: "no weights.json section".into(),
@@ -808,13 +808,13 @@ pub async fn read_scored_window(
         .map_err(|e| StoreError::from_store(&url, e))?;
     let hash = blake3::hash(&table).to_hex().to_string();
     if body["scores_blake3"].as_str() != Some(hash.as_str()) {
-        return Err(ExchangeError::Rejected {
+        return Err(RoundError::Rejected {
             object: url,
             reason: "scores_hash_mismatch",
             detail: format!("the table's blake3 {hash} is not the one the signed weights name"),
         });
     }
-    let rows = read_scores(table).map_err(|e| ExchangeError::Rejected {
+    let rows = read_scores(table).map_err(|e| RoundError::Rejected {
         object: url.clone(),
         reason: "scores_malformed",
         detail: format!("not a score table: {e}"),
@@ -825,9 +825,9 @@ pub async fn read_scored_window(
 /// Windows that have a score table under a validator's store, ascending (one LIST).
 pub async fn scored_windows(
     reg: &Registry,
-    validator: &crate::registry::Participant,
+    validator: &crate::round::registry::Participant,
     s3: &S3Options,
-) -> Result<Vec<u64>, ExchangeError> {
+) -> Result<Vec<u64>, RoundError> {
     let target = reg.open_store(validator, s3)?;
     let metas = store::list_all(&target, &target.path(&layout::scores_dir(&reg.run))).await?;
     let mut ws: Vec<u64> = metas
