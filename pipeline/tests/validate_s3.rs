@@ -16,9 +16,10 @@ use shardrop::format::envelope::{Expect, Limits, RemoteEnvelope, read_all_sectio
 use shardrop::format::layout;
 use shardrop::format::tables::{ScoreRow, scores_schema};
 use shardrop::identity::Identity;
+use shardrop::refmodel::ReferenceEvaluator;
 use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::round::aggregate::aggregate_window;
-use shardrop::round::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
+use shardrop::round::evaluate::{CommandEvaluator, Evaluator};
 use shardrop::round::publish::{publish, shard_builder};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::replay::apply_aggregates;

@@ -29,9 +29,10 @@ use shardrop::format::envelope::{
 use shardrop::format::layout;
 use shardrop::format::tables::{LedgerRow, ScoreRow, read_ledger};
 use shardrop::identity::Identity;
+use shardrop::refmodel::ReferenceEvaluator;
 use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::round::aggregate::{Aggregated, aggregate_window};
-use shardrop::round::evaluate::{Evaluator, ReferenceEvaluator};
+use shardrop::round::evaluate::Evaluator;
 use shardrop::round::outer::{OptimizerKind, Outer, OuterState, Schedule, Setting};
 use shardrop::round::publish::{publish, shard_builder};
 use shardrop::round::registry::{Job, Participant, Registry, Role};

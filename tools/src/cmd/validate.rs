@@ -7,7 +7,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use shardrop::format::tables::ScoreRow;
 use shardrop::identity::PeerId;
 use shardrop::refmodel::LinearTask;
-use shardrop::round::evaluate::{CommandEvaluator, Evaluator, ReferenceEvaluator};
+use shardrop::refmodel::ReferenceEvaluator;
+use shardrop::round::evaluate::{CommandEvaluator, Evaluator};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::score::{
     ValidateOptions, read_scored_window, scored_windows, validate_window,

@@ -12,6 +12,9 @@ use crate::format::codec::{
     CodecParams, InDtype, IndexEncoding, ModelSpec, ScaleMode, TensorSpec, ValueFormat,
 };
 
+mod evaluator;
+pub use evaluator::ReferenceEvaluator;
+
 /// The one tensor of the reference model.
 pub const TENSOR: &str = "linear.weight";
 /// The seed the demo and the built-in evaluator agree on by default.
