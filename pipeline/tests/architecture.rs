@@ -105,7 +105,7 @@ fn used_paths(text: &str, here: &[String]) -> Vec<String> {
         }
         let code = code.split(" //").next().unwrap_or(code);
         let mut rest = code;
-        while let Some(i) = rest.find(|c: char| c == 'c' || c == 's') {
+        while let Some(i) = rest.find(['c', 's']) {
             let tail = &rest[i..];
             let boundary = i == 0
                 || !rest[..i]
