@@ -1,7 +1,7 @@
 // Runs kernels.cu under emu.h with the launch sequence of pipeline/src/format/codec/gpu/mod.rs:
 //   harness encode JOB OUT   ef_select, emit, then staging blocks compacted to body bytes
 //   harness decode JOB OUT   decode, scatter_add into a dense buffer
-// JOB and OUT are little-endian binary records written and read by tests/gpu_emulated.rs.
+// JOB and OUT are little-endian binary records written and read by tests/it/gpu_emulated.rs.
 #include "emu.h"
 #include "kernels.cu"
 

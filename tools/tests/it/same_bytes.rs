@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Same bytes on any machine (issue 28), through the CLI against the local S3 server: in
 //! every aggregate form (agg-v2 `auto`, `shards`, `merged`, `reference`, and agg-v1), a
 //! window with a clipped shard, an empty window and a window whose every shard is rejected
@@ -10,12 +9,12 @@
 //! the same parameters and momentum file, byte for byte, on 1, 2, 3 and 8 threads and in two
 //! processes.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;
 
-use common::{Run, ok_json, p, shardrop, shardrop_env, stderr};
+use crate::common::{Run, ok_json, p, shardrop, shardrop_env, stderr};
 
 /// The test's model: `w` 1024×1024 and `b` 64, values of many magnitudes, so that 32,768 kept
 /// values per shard sum differently in another order (a small model hid rayon's

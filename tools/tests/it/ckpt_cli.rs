@@ -1,13 +1,10 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! `shardrop ckpt` as a user runs it against the local S3 server: push → kill → resume →
 //! ls → pull → kill → resume → verify → corrupt → verify fails → gc --dry-run → apply from
 //! the pulled folder.
 
-mod common;
-
 use std::path::Path;
 
-use common::{ok_json, shardrop, start_and_kill};
+use crate::common::{ok_json, shardrop, start_and_kill};
 
 use object_store::ObjectStoreExt;
 use safetensors::SafeTensors;

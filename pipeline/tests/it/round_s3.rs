@@ -1,11 +1,10 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! A full round on the local S3 server: several miners (honest, late, forged, a copier that
 //! re-signs another's update as its own, a missing one, one whose bucket is unreachable),
 //! the aggregator's ledger, and the aggregate checked against an independent dense mean.
 
-mod common;
+use crate::common;
 
-use common::update;
+use crate::common::update;
 
 use std::collections::BTreeMap;
 

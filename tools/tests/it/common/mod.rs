@@ -118,7 +118,7 @@ pub fn delays(seed: u64, n: usize, max_ms: u64) -> Vec<u64> {
         .collect()
 }
 
-#[path = "../../../pipeline/tests/common/report.rs"]
+#[path = "../../../../pipeline/tests/it/common/report.rs"]
 mod chaos_report;
 #[allow(unused_imports)] // not every test binary writes to the chaos report
 pub use chaos_report::report;

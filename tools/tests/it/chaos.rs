@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The chaos suite (issue 14), through the CLI against the local S3 servers: every writing
 //! command killed at pseudo-random points and rerun (the rerun must finish with the bytes an
 //! uninterrupted run writes, and nothing partial may ever be visible), and racing writers on
@@ -6,12 +5,14 @@
 //! failed` to the chaos report that `tools/test` prints; any failed trial fails the test.
 //! Faulty and hostile miners' stores are the library's `budget_s3` and `attack_s3` tests.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{Run, delays, ok_json, p, report, shardrop, start_and_kill, stderr, write_update};
+use crate::common::{
+    Run, delays, ok_json, p, report, shardrop, start_and_kill, stderr, write_update,
+};
 
 fn s3_base(name: &str) -> Option<String> {
     common::s3_base("chaos", name)

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Golden vectors that pin the codec's arithmetic (`schemas/vectors/gradient-v1/arith/`).
 //!
 //! The first vectors (`golden_gradient.rs`) were passed by implementations that break ties
@@ -24,8 +23,7 @@ use shardrop::format::codec::{
     encode_update, read_section, write_section,
 };
 
-mod blessed;
-use blessed::check;
+use crate::blessed::check;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/vectors/gradient-v1/arith")
@@ -607,7 +605,7 @@ fn arithmetic_vectors_pin_every_rounding_and_tie() {
 
     let doc = serde_json::to_string_pretty(&serde_json::json!({
         "codec": "topk-v1",
-        "about": "vectors that pin the arithmetic (ties, rounding, fused operations, inexact beta, bf16 halves), a weighted merge, several sections at C=4096, and one decoder refusal per reason; see pipeline/tests/golden_arithmetic.rs",
+        "about": "vectors that pin the arithmetic (ties, rounding, fused operations, inexact beta, bf16 halves), a weighted merge, several sections at C=4096, and one decoder refusal per reason; see pipeline/tests/it/golden_arithmetic.rs",
         "cases": index,
     }))
     .unwrap()

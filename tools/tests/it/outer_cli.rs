@@ -1,15 +1,14 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Training semantics through the CLI against the local S3 server (issue 17): an explicit
 //! outer optimizer, a setting changed mid-run with `run set`, rounds mapped onto windows
 //! with `publish --wait`, an empty window, the genesis base, momentum carried by
 //! `--optimizer-state`, and every new refusal's reason code with exit 3.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;
 
-use common::{Run, json, ok_json, p, shardrop, stderr, write_update};
+use crate::common::{Run, json, ok_json, p, shardrop, stderr, write_update};
 
 fn s3_base(name: &str) -> Option<String> {
     common::s3_base("outer", name)

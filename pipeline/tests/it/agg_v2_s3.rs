@@ -1,10 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! agg-v2 on the local S3 server: the same windows aggregated as agg-v1, agg-v2 (copies)
 //! and agg-v2 (by reference) leave bit-identical parameters after `apply` — with a clipped
 //! outlier, a duplicate, several sections per shard and a split merge — and every new kind
 //! of bad input stops the reader, naming it, before any parameter changes.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The GPU codec kernels (`pipeline/src/format/codec/gpu/kernels.cu`), executed on the CPU by a
 //! thread emulator (`tests/gpu_emu/`), against the CPU reference codec: same body bytes,
 //! same error-feedback buffer, same dense accumulation, same verdict on bad input.
@@ -19,8 +18,7 @@ use shardrop::format::codec::{
     accumulate, encode_tensor,
 };
 
-mod codec_cases;
-use codec_cases::{Data, damaged, decode_sets, encode_cases, to_bytes, values};
+use crate::codec_cases::{Data, damaged, decode_sets, encode_cases, to_bytes, values};
 
 fn harness() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

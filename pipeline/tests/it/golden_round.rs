@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Golden vectors that pin the round's arithmetic (`schemas/vectors/round-v1/`):
 //!
 //! - `outer/cases.json`: settings histories as the registry holds them (decimal text
@@ -33,8 +32,7 @@ use shardrop::round::publish::content_hash_of;
 use shardrop::round::registry::Registry;
 use shardrop::round::verdict::{clip_weights, shard_norm};
 
-mod blessed;
-use blessed::check;
+use crate::blessed::check;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/vectors/round-v1")
@@ -712,7 +710,7 @@ fn outer_file() -> Vec<u8> {
         (
             "about",
             text(
-                "the outer optimizer of round.md (\"Numbers\", \"Outer optimizer\"): per case a registry's outer_lr, beta and settings (registry: the JSON as a registry holds it; registry_text: the same bytes as a string, for parsers that do not keep a number's text: each number is read from its decimal text once to the nearest f32), theta before the first window, and per window its aggregate (per tensor, f32) or \"empty\" (no step; the schedule still counts the window), the rate lr_w (f32) and theta and the momentum buffer after it (momentum_after only where a setting keeps momentum; the buffer is zero before the first window). Every f32 is given as its bit pattern (hex, authoritative) and its shortest decimal. See pipeline/tests/golden_round.rs",
+                "the outer optimizer of round.md (\"Numbers\", \"Outer optimizer\"): per case a registry's outer_lr, beta and settings (registry: the JSON as a registry holds it; registry_text: the same bytes as a string, for parsers that do not keep a number's text: each number is read from its decimal text once to the nearest f32), theta before the first window, and per window its aggregate (per tensor, f32) or \"empty\" (no step; the schedule still counts the window), the rate lr_w (f32) and theta and the momentum buffer after it (momentum_after only where a setting keeps momentum; the buffer is zero before the first window). Every f32 is given as its bit pattern (hex, authoritative) and its shortest decimal. See pipeline/tests/it/golden_round.rs",
             ),
         ),
         (
@@ -1671,7 +1669,7 @@ fn agg_file() -> Vec<u8> {
         (
             "about",
             text(
-                "norms, clipping and weights of round.md (\"Norms, clipping and weights\") and content hashes (\"Content hash\"). Per case: clip_norm_ratio (binary64), and per miner row in peer order its status; for accepted and duplicate rows the decoded kept values of each model tensor, in ascending flat index, given by the generator below (seed, e_lo, e_hi, count), the blake3 of their little-endian f32 bytes and the first four values; the section hashes and the content hash; for accepted rows each tensor's squared norm, the shard norm, whether it is clipped, its scale and its weight (f32 bits and the shortest decimal text the list carries). Rows that are not accepted (duplicate, rejected, missing) have no norm and no weight. Then n (accepted rows), the median (sorted[floor(n/2)]; used only when n >= 3) and the cap (median * clip_norm_ratio, n >= 3). f64 and f32 values are given as bit patterns (hex, authoritative) and shortest decimals. content_hashes: lists of section hashes and their content hash. See pipeline/tests/golden_round.rs",
+                "norms, clipping and weights of round.md (\"Norms, clipping and weights\") and content hashes (\"Content hash\"). Per case: clip_norm_ratio (binary64), and per miner row in peer order its status; for accepted and duplicate rows the decoded kept values of each model tensor, in ascending flat index, given by the generator below (seed, e_lo, e_hi, count), the blake3 of their little-endian f32 bytes and the first four values; the section hashes and the content hash; for accepted rows each tensor's squared norm, the shard norm, whether it is clipped, its scale and its weight (f32 bits and the shortest decimal text the list carries). Rows that are not accepted (duplicate, rejected, missing) have no norm and no weight. Then n (accepted rows), the median (sorted[floor(n/2)]; used only when n >= 3) and the cap (median * clip_norm_ratio, n >= 3). f64 and f32 values are given as bit patterns (hex, authoritative) and shortest decimals. content_hashes: lists of section hashes and their content hash. See pipeline/tests/it/golden_round.rs",
             ),
         ),
         ("generator", text(GENERATOR)),

@@ -1,9 +1,8 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Transient S3 failures are retried with backoff: a proxy on 127.0.0.1 answers the first
 //! requests with 503 Slow Down (as R2 and S3 do under load) and then forwards to the real
 //! server. With retries on, the caller never sees the 503s; with retries off, it does.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,10 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Checkpoints on the local S3 server: push an HF-style folder, resume an interrupted push,
 //! pull it whole (and resume a killed pull), partial pulls (globs, tensor-parallel slices),
 //! full remote verification, hostile manifests and failing stores, retention, and Python
 //! `safetensors` loading what was pulled.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

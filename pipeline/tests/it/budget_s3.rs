@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The window budget under faulty stores (issue 14): 64 miners on the local S3 server, of
 //! whom 6 have buckets that accept connections and never answer, 6 answer every request with
 //! 503, 6 refuse connections, and 4 truncate or damage what they serve. The aggregator must
@@ -6,7 +5,7 @@
 //! and aggregate the rest. The faulty endpoints run in the test process; the round runs in
 //! a child process whose environment points those miners' credential prefixes at them.
 
-mod common;
+use crate::common;
 
 use object_store::ObjectStoreExt;
 use safetensors::Dtype;
@@ -75,8 +74,11 @@ fn refusing() -> u16 {
 /// prefixes `SHARDROP_<NAME>_` at the endpoints (tests never change their own environment),
 /// with `flag` set so the child runs the round instead of starting endpoints again.
 async fn in_child(test: &str, flag: &str, endpoints: &[(&str, u16)]) {
+    // The test's name in this binary: its module path without the crate's (`budget_s3::…`).
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let name = format!("{module}::{test}");
     let status = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture"])
+        .args(["--exact", &name, "--nocapture"])
         .envs(endpoints.iter().map(|(name, port)| {
             (
                 format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),

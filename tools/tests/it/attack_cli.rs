@@ -1,14 +1,11 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Issue 14 through the CLI as a user runs it: publish killed at every step and rerun,
 //! racing `run add`, the window-0 aggregate applied to the genesis model, size limits of
 //! `get` and `grad decode`, and secrets that never reach the terminal.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{Run, ok_json, p, shardrop, stderr, write_update};
+use crate::common::{Run, ok_json, p, shardrop, stderr, write_update};
 use serde_json::Value;
 
 /// A run on a local folder store under `dir` (grace 2 s) with an aggregator.

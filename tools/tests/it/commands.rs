@@ -1,13 +1,10 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The CLI as a user runs it: keygen, sign, verify, inspect, get and demo, against a local
 //! folder and the real S3 server; every rejection reason through `shardrop verify`.
-
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{json, shardrop, stderr};
+use crate::common::{json, shardrop, stderr};
 
 use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::Value;

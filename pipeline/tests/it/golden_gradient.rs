@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Golden vectors for the gradient codec (`schemas/vectors/gradient-v1/`): fixed updates in
 //! f32, bf16 and f16 (with a short last chunk), two encode steps with error feedback, for
 //! several parameter sets. The test checks that this build reproduces every committed byte
@@ -130,7 +129,7 @@ fn gradient_golden_vectors() {
     }
     let doc = serde_json::to_string_pretty(&serde_json::json!({
         "codec": "topk-v1",
-        "inputs": "a.weight f32 [3,100] (short last chunk at C=64), b.bias bf16 [130], c.norm f16 [64]; see pipeline/tests/golden_gradient.rs",
+        "inputs": "a.weight f32 [3,100] (short last chunk at C=64), b.bias bf16 [130], c.norm f16 [64]; see pipeline/tests/it/golden_gradient.rs",
         "cases": index,
     }))
     .unwrap()

@@ -1,8 +1,7 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! One store conformance suite, run against memory, a local folder and the real S3 server.
 //! It pins every store behaviour shardrop relies on.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use futures::TryStreamExt;

@@ -1,8 +1,7 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Envelopes through real stores: the head costs one small ranged GET, one section costs one
 //! ranged GET of exactly its bytes, and store faults surface as errors, never as accepted data.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

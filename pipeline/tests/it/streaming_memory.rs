@@ -1,8 +1,7 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! A 1 GiB section goes through the reader with memory far below 1 GiB: the reader streams
 //! (hash + decompress + write) instead of buffering. Checked with a counting allocator.
 
-mod common;
+use crate::common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! `ARCHITECTURE.md` is the map of the library, and this test keeps it true: every module
 //! of `pipeline/src` belongs to one row of its "Modules" table, every row names a module
 //! that exists, and no module uses (`crate::…` or `super::…` outside comments) a module

@@ -1,12 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! `shardrop grad encode|decode` and `bench codec` as a training loop would use them.
-
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{ok_json, p, shardrop};
+use crate::common::{ok_json, p, shardrop};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};

@@ -1,13 +1,12 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Holding under attack (issue 14) on the local S3 servers: decompression bombs refused on
 //! the header, the copy rule on a store with 1-second timestamps (moto: a same-second
 //! copier with a ground lower peer id, a griefer re-signing the victim's sections over a
 //! damaged body), idempotent publish after a kill at each step, and registry reads that
 //! never report tampering while the registry is being replaced.
 
-mod common;
+use crate::common;
 
-use common::{update, wait_closed};
+use crate::common::{update, wait_closed};
 
 use object_store::ObjectStoreExt;
 use shardrop::format::codec::{self, CodecParams, EfState};

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Every file in deploy/ that a tool can check is checked: YAML parses and has the expected
 //! kinds and services; systemd units pass `systemd-analyze verify` (where installed); and
 //! every `shardrop` command line in deploy/ (YAML, units, README) and in the top README's

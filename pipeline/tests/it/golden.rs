@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Golden vectors for envelope v1 (`schemas/vectors/envelope-v1/`).
 //!
 //! The cases are built here from a fixed seed; the test checks that (1) this build produces

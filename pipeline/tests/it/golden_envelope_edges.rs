@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! Golden vectors for the corners of envelope v1 that the first vectors left to guesswork
 //! (`schemas/vectors/envelope-v1/edges/`, answered in `envelope.md` §8): duplicate JSON
 //! keys, numbers that are not plain integers, `null`, escapes, empty section tables, bad

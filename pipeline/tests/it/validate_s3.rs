@@ -1,11 +1,10 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The validator on the local S3 server: honest miners training the reference task, a
 //! copier, a miner sending noise and an absent miner, over three windows. The copier and the
 //! noise miner must end with zero weight and the honest miners with all of it; an evaluator
 //! that fails for one miner must not cost that miner anything; a rerun must give the same
 //! table; the tables must be readable by pyarrow.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

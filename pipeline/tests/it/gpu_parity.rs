@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 //! The GPU codec (feature `cuda`) against the CPU reference, on a real device: same body
 //! bytes, same error-feedback buffer, same accumulation, same refusals.
 //!
@@ -18,8 +17,8 @@ use shardrop::format::codec::{
     encode_update,
 };
 
-mod codec_cases;
-use codec_cases::{Data, damaged, decode_sets, encode_cases, to_bytes, values};
+use crate::codec_cases;
+use crate::codec_cases::{Data, damaged, decode_sets, encode_cases, to_bytes, values};
 
 fn required(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
