@@ -67,6 +67,66 @@ pub trait Classified {
     }
 }
 
+/// Defines a closed set of stable reason codes as an enum with `ALL` (the order of its table
+/// in `schemas/`), `code()`, `parse()` and `Display`: a code is a type, so a typo does not
+/// compile, and a test compares each set with its table (`pipeline/tests/it/codes.rs`).
+macro_rules! reason_codes {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $code:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every code, in the order of its table in `schemas/`.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The stable code, as ledgers, JSON documents and Python exceptions carry it.
+            pub fn code(self) -> &'static str {
+                match self {
+                    $($name::$variant => $code,)+
+                }
+            }
+
+            /// The inverse of [`Self::code`].
+            pub fn parse(s: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|c| c.code() == s)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.code())
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.code() == other
+            }
+        }
+
+        impl PartialEq<$name> for str {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.code()
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                self.as_str() == other.code()
+            }
+        }
+    };
+}
+pub(crate) use reason_codes;
+
 #[cfg(test)]
 mod tests {
     use super::*;

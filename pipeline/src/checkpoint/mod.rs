@@ -35,6 +35,19 @@ pub const HF_INDEX: &str = "model.safetensors.index.json";
 /// The verified manifest as a pull writes it next to the model (for `apply --from DIR`).
 pub const LOCAL_MANIFEST: &str = "shardrop-manifest.json";
 
+crate::error::reason_codes! {
+    /// The checkpoint's reason codes (`schemas/checkpoint.md`, "Reason codes"); envelope
+    /// reasons keep theirs.
+    pub enum CkptReason {
+        /// A manifest whose body is not one.
+        ManifestMalformed = "manifest_malformed",
+        /// A `LATEST` pointer whose body is not one.
+        PointerMalformed = "pointer_malformed",
+        /// Bytes that do not match the signed manifest.
+        CheckpointMismatch = "checkpoint_mismatch",
+    }
+}
+
 /// Failures of pushing, pulling and managing checkpoints, by class
 /// ([`crate::error::ErrorClass`]).
 // Each variant's fields are the parts of its message (`#[error]`), documented there.
@@ -95,7 +108,7 @@ impl crate::error::Classified for CkptError {
     fn reason(&self) -> Option<&'static str> {
         match self {
             CkptError::Rejected { reason, .. } => Some(reason),
-            CkptError::Mismatch(_) => Some("checkpoint_mismatch"),
+            CkptError::Mismatch(_) => Some(CkptReason::CheckpointMismatch.code()),
             CkptError::Envelope(e) => e.reason(),
             _ => None,
         }
@@ -266,7 +279,7 @@ impl Manifest {
         let bad = |m: String| {
             Err(CkptError::Rejected {
                 object: "manifest".into(),
-                reason: "manifest_malformed",
+                reason: CkptReason::ManifestMalformed.code(),
                 detail: m,
             })
         };

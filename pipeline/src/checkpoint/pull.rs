@@ -9,6 +9,7 @@
 //! `OUT/.shardrop-pull.json`; a rerun skips them after re-hashing them locally. Nothing is
 //! ever written outside OUT, and no file appears under its final name until it is complete.
 
+use crate::checkpoint::CkptReason;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -125,13 +126,13 @@ pub async fn fetch_manifest(loc: &Located) -> Result<(Manifest, Vec<u8>, String)
     .await?;
     let m: Manifest = serde_json::from_slice(&body).map_err(|e| CkptError::Rejected {
         object: env.object.clone(),
-        reason: "manifest_malformed",
+        reason: CkptReason::ManifestMalformed.code(),
         detail: format!("manifest is not valid JSON: {e}"),
     })?;
     if m.run != loc.run || m.step != loc.step || env.head.header.window != m.window {
         return Err(CkptError::Rejected {
             object: env.object.clone(),
-            reason: "manifest_malformed",
+            reason: CkptReason::ManifestMalformed.code(),
             detail: "the manifest's run, step or window disagrees with its signed header".into(),
         });
     }

@@ -1,5 +1,6 @@
 //! `ckpt push`: pack, hash, upload, sign the manifest, move `LATEST`.
 
+use crate::checkpoint::CkptReason;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -94,13 +95,13 @@ pub async fn read_latest(
         Ok((env, body)) => {
             let l: Latest = serde_json::from_slice(&body).map_err(|e| CkptError::Rejected {
                 object: env.object.clone(),
-                reason: "pointer_malformed",
+                reason: CkptReason::PointerMalformed.code(),
                 detail: format!("not a LATEST pointer: {e}"),
             })?;
             if env.head.header.step != Some(l.step) {
                 return Err(CkptError::Rejected {
                     object: env.object.clone(),
-                    reason: "pointer_malformed",
+                    reason: CkptReason::PointerMalformed.code(),
                     detail: "the signed step and the pointer disagree".into(),
                 });
             }
@@ -182,7 +183,7 @@ pub async fn push(
                 serde_json::from_slice::<Manifest>(&body)
                     .map_err(|e| CkptError::Rejected {
                         object: env.object.clone(),
-                        reason: "manifest_malformed",
+                        reason: CkptReason::ManifestMalformed.code(),
                         detail: format!("the manifest already at this step is not one: {e}"),
                     })?
                     .parent,

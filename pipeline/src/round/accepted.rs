@@ -7,6 +7,7 @@
 //! would have (f32, peer order, two roundings), so parameters stay bit-identical while each
 //! peer downloads no more than the accepted shards.
 
+use crate::round::RoundReason;
 use serde::{Deserialize, Serialize};
 
 use crate::format::envelope::SectionEntry;
@@ -130,13 +131,21 @@ impl AcceptedList {
     /// `agg_weights` if a weight is not written in its shortest form (one weight, one
     /// signed text: `round.md`, "Numbers").
     pub fn parse(bytes: &[u8]) -> Result<AcceptedList, ListFault> {
-        let list: AcceptedList = serde_json::from_slice(bytes)
-            .map_err(|e| fault("agg_verdict", format!("{LIST_SECTION}: {e}")))?;
-        let texts: WeightsOnly = serde_json::from_slice(bytes)
-            .map_err(|e| fault("agg_verdict", format!("{LIST_SECTION}: {e}")))?;
+        let list: AcceptedList = serde_json::from_slice(bytes).map_err(|e| {
+            fault(
+                RoundReason::AggVerdict.code(),
+                format!("{LIST_SECTION}: {e}"),
+            )
+        })?;
+        let texts: WeightsOnly = serde_json::from_slice(bytes).map_err(|e| {
+            fault(
+                RoundReason::AggVerdict.code(),
+                format!("{LIST_SECTION}: {e}"),
+            )
+        })?;
         if let Some(i) = texts.accepted.iter().position(|w| !w.weight.shortest) {
             return Err(fault(
-                "agg_weights",
+                RoundReason::AggWeights.code(),
                 format!(
                     "entry {i}'s weight is not written as the shortest decimal of its f32 ({:e})",
                     texts.accepted[i].weight.value
@@ -163,7 +172,7 @@ impl AcceptedList {
         };
         if !merged_ok {
             return Err(fault(
-                "agg_verdict",
+                RoundReason::AggVerdict.code(),
                 "the merged object is missing, misplaced, or listed for another form".into(),
             ));
         }
@@ -177,7 +186,7 @@ impl AcceptedList {
             || !reg.aggregate.form.allows(self.form)
         {
             return Err(fault(
-                "agg_verdict",
+                RoundReason::AggVerdict.code(),
                 format!(
                     "list says {} window {} form {}; expected agg-v2 window {w} in a run of form {}",
                     self.format,
@@ -194,7 +203,7 @@ impl AcceptedList {
         for (i, a) in self.accepted.iter().enumerate() {
             if i > 0 && self.accepted[i - 1].peer >= a.peer {
                 return Err(fault(
-                    "agg_verdict",
+                    RoundReason::AggVerdict.code(),
                     format!("entry {i} ({}) is not in peer-id order", a.peer),
                 ));
             }
@@ -203,7 +212,7 @@ impl AcceptedList {
                 .filter(|_| miners.iter().any(|m| m.peer == a.peer))
                 .ok_or_else(|| {
                     fault(
-                        "agg_verdict",
+                        RoundReason::AggVerdict.code(),
                         format!("entry {i} names {:?}, not a registered miner", a.peer),
                     )
                 })?;
@@ -211,7 +220,7 @@ impl AcceptedList {
                 crate::round::publish::content_hash_of(a.sections.iter().map(|s| &s.hash));
             if a.content != content {
                 return Err(fault(
-                    "agg_verdict",
+                    RoundReason::AggVerdict.code(),
                     format!(
                         "entry {i} ({}) names content {:?}, but its sections hash to {content:?}",
                         a.peer, a.content
@@ -222,7 +231,7 @@ impl AcceptedList {
                 || a.sections.iter().zip(&names).any(|(s, n)| &s.name != n)
             {
                 return Err(fault(
-                    "agg_verdict",
+                    RoundReason::AggVerdict.code(),
                     format!(
                         "entry {i} ({}) lists sections that are not the run's packing at {} bytes",
                         a.peer, reg.section_bytes
@@ -232,7 +241,7 @@ impl AcceptedList {
             let key = shard_key(reg, self.form, w, &peer);
             if a.object != key {
                 return Err(fault(
-                    "agg_verdict",
+                    RoundReason::AggVerdict.code(),
                     format!(
                         "entry {i} ({}) points at {:?}, not {key:?}",
                         a.peer, a.object
@@ -246,7 +255,7 @@ impl AcceptedList {
             };
             if !ok {
                 return Err(fault(
-                    "agg_weights",
+                    RoundReason::AggWeights.code(),
                     format!(
                         "entry {i} ({}) has weight {:e}{}; with {n} accepted the rule gives {full:e}{}",
                         a.peer,

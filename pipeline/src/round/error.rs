@@ -7,6 +7,57 @@ use crate::format::codec;
 use crate::format::envelope::EnvelopeError;
 use crate::store::StoreError;
 
+crate::error::reason_codes! {
+    /// The round's own reason codes for a refused call or a rejected object
+    /// (`schemas/round.md`, "Reason codes"); envelope and codec reasons keep theirs.
+    pub enum RoundReason {
+        /// A publish after its window closed.
+        WindowClosed = "window_closed",
+        /// A publish before its window opened.
+        WindowNotOpen = "window_not_open",
+        /// A setting revision from a window that is already open.
+        WindowNotFuture = "window_not_future",
+        /// The local error-feedback state is ahead of the window published.
+        StateAhead = "state_ahead",
+        /// An update that is not the run's model.
+        ModelMismatch = "model_mismatch",
+        /// The caller's key is not registered in the role it acts in.
+        NotRegistered = "not_registered",
+        /// A replay that needs momentum from before its first window, without a state file.
+        OptimizerStateMissing = "optimizer_state_missing",
+        /// A state file of another run, or after another window than the replay needs.
+        OptimizerStateWindow = "optimizer_state_window",
+        /// A state file that breaks `round.md` "State".
+        OptimizerStateInvalid = "optimizer_state_invalid",
+        /// A registry that breaks a reader rule.
+        RegistryInvalid = "registry_invalid",
+        /// Settings that break a reader rule.
+        SettingsInvalid = "settings_invalid",
+        /// A registry revision older than one this machine accepted, or a fork.
+        RegistryRollback = "registry_rollback",
+        /// Settings in force changed after the fact.
+        SettingsRewritten = "settings_rewritten",
+        /// An agg-v2 list that breaks its rules.
+        AggVerdict = "agg_verdict",
+        /// An agg-v2 weight that is not the rule's.
+        AggWeights = "agg_weights",
+        /// A listed shard, merged object or section is gone.
+        AggSourceMissing = "agg_source_missing",
+        /// The merged object is not what the listed shards sum to.
+        AggMergedMismatch = "agg_merged_mismatch",
+        /// A listed object's sections differ from the list.
+        AggSectionMismatch = "agg_section_mismatch",
+        /// A split merge's part or check blob that is not one.
+        PartMalformed = "part_malformed",
+        /// A score table that is not one.
+        ScoresMalformed = "scores_malformed",
+        /// A score table whose bytes are not the ones its envelope signs.
+        ScoresHashMismatch = "scores_hash_mismatch",
+        /// A weights object that is not one.
+        WeightsMalformed = "weights_malformed",
+    }
+}
+
 /// Failures of publishing and of the round's jobs, by class ([`crate::error::ErrorClass`]).
 // Each variant's fields are the parts of its message (`#[error]`), documented there.
 #[allow(missing_docs)]
@@ -26,10 +77,7 @@ pub enum RoundError {
     /// The call breaks a rule of the run; `reason` is its stable code (`window_closed`,
     /// `window_not_open`, `state_ahead`, `optimizer_state_missing`, …).
     #[error("{detail}")]
-    Refused {
-        reason: &'static str,
-        detail: String,
-    },
+    Refused { reason: RoundReason, detail: String },
     /// Another object already holds the name, with other content; nothing was overwritten.
     #[error("{object}: {detail}")]
     Conflict { object: String, detail: String },
@@ -76,9 +124,8 @@ impl crate::error::Classified for RoundError {
 
     fn reason(&self) -> Option<&'static str> {
         match self {
-            RoundError::Rejected { reason, .. } | RoundError::Refused { reason, .. } => {
-                Some(reason)
-            }
+            RoundError::Rejected { reason, .. } => Some(reason),
+            RoundError::Refused { reason, .. } => Some(reason.code()),
             RoundError::Envelope(e) | RoundError::Aggregate { source: e, .. } => e.reason(),
             RoundError::Codec(e) => crate::error::Classified::reason(e),
             _ => None,

@@ -18,6 +18,7 @@
 //! parameters and 20 peers: a 1 GiB accumulator (a 242 M-element tensor) + 20 × 16 MiB.
 //! Disk: the wanted part of the accepted shards.
 
+use crate::round::RoundReason;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::ops::Range;
@@ -87,10 +88,12 @@ fn unlisted(
     mismatch: String,
 ) -> RoundError {
     match e {
-        EnvelopeError::NotFound { .. } => refused(object, "agg_source_missing", w, who, gone),
+        EnvelopeError::NotFound { .. } => {
+            refused(object, RoundReason::AggSourceMissing.code(), w, who, gone)
+        }
         e if e.rejection().is_some() => refused(
             object,
-            "agg_section_mismatch",
+            RoundReason::AggSectionMismatch.code(),
             w,
             who,
             format!("{mismatch}: {e}"),
@@ -212,7 +215,7 @@ async fn open_listed(
             );
         return Err(refused(
             &object,
-            "agg_section_mismatch",
+            RoundReason::AggSectionMismatch.code(),
             w,
             &a.peer,
             format!("the shard changed: {which}"),
@@ -258,7 +261,7 @@ pub async fn fetch_listed(
                     let range = section_range(&s.name).ok_or_else(|| {
                         refused(
                             &env.object,
-                            "agg_verdict",
+                            RoundReason::AggVerdict.code(),
                             list.window,
                             &a.peer,
                             format!("section {:?} is not named for a tensor range", s.name),
@@ -331,7 +334,7 @@ async fn fetch_merged(
     if table != m.sections || table.iter().map(|x| &x.name).ne(names.iter()) {
         return Err(refused(
             &object,
-            "agg_section_mismatch",
+            RoundReason::AggSectionMismatch.code(),
             w,
             who,
             "its section table is not the list's (one tNNNNN per model tensor)".into(),
@@ -406,7 +409,7 @@ async fn spot_check_merged(
             .map_or(String::new(), |m| m.object.clone());
         return Err(RoundError::Rejected {
             object,
-            reason: "agg_merged_mismatch",
+            reason: RoundReason::AggMergedMismatch.code(),
             detail: format!(
                 "window {}: the merged object's tensor {:?} is not what the listed shards sum to (first difference at element {k}); nothing was applied",
                 list.window, reg.model.tensors[t].name
@@ -692,7 +695,7 @@ impl Spooled {
                 .map_err(|e| RoundError::Internal(format!("spool {}: {e}", file.display())))?;
             let bad = |detail: String| RoundError::Rejected {
                 object: format!("window {} merged t{i:05}", self.window),
-                reason: "agg_section_mismatch",
+                reason: RoundReason::AggSectionMismatch.code(),
                 detail,
             };
             let t = crate::format::agg_tensor::read_agg_tensor(&bytes, &reg.model)

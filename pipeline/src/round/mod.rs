@@ -3,7 +3,7 @@
 //! publish), the readers' merge and replay, and the validator's scores.
 
 mod error;
-pub use error::RoundError;
+pub use error::{RoundError, RoundReason};
 
 pub mod accepted;
 pub mod aggregate;

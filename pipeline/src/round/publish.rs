@@ -2,6 +2,7 @@
 //! with the error-feedback state. The run's codec header and the content hash that commits
 //! and the duplicate rule compare live here too. Readers' checks are in [`crate::round::verdict`].
 
+use crate::round::RoundReason;
 use std::collections::BTreeMap;
 
 use crate::format::codec::{
@@ -260,7 +261,7 @@ pub fn encode_rank_part(
 ) -> Result<codec::EncodedPart, RoundError> {
     if let Some(done) = state.window.filter(|&d| d >= w) {
         return Err(RoundError::Refused {
-            reason: "state_ahead",
+            reason: RoundReason::StateAhead,
             detail: format!(
                 "this rank's error-feedback state already accounts for window {done}; window {w}'s part was encoded before (publish the part kept from then)"
             ),
@@ -318,13 +319,13 @@ pub async fn publish_model(
     let w = match window {
         Some(w) => w,
         None => clk.window_at(now).ok_or_else(|| RoundError::Refused {
-            reason: "window_not_open",
+            reason: RoundReason::WindowNotOpen,
             detail: format!("run {} has not started (store clock {now} ms)", reg.run),
         })?,
     };
     window_open(reg, w, now)?;
     let mismatch = |detail: String| RoundError::Refused {
-        reason: "model_mismatch",
+        reason: RoundReason::ModelMismatch,
         detail,
     };
     for t in &model.tensors {
@@ -354,7 +355,7 @@ pub async fn publish_model(
         }
         if done > w {
             return Err(RoundError::Refused {
-                reason: "state_ahead",
+                reason: RoundReason::StateAhead,
                 detail: format!(
                     "the error-feedback state already accounts for window {done}, later than {w}"
                 ),
@@ -460,7 +461,7 @@ fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), RoundError> {
     let clk = clock(reg);
     if now >= clk.closes(w) {
         return Err(RoundError::Refused {
-            reason: "window_closed",
+            reason: RoundReason::WindowClosed,
             detail: format!(
                 "window {w} closed at {} ms (deadline + grace); the store's clock says {now} ms",
                 clk.closes(w)
@@ -469,7 +470,7 @@ fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), RoundError> {
     }
     if now < clk.start(w) {
         return Err(RoundError::Refused {
-            reason: "window_not_open",
+            reason: RoundReason::WindowNotOpen,
             detail: format!(
                 "window {w} starts at {} ms; the store's clock says {now} ms",
                 clk.start(w)
@@ -595,7 +596,7 @@ async fn commit_then_wait(
         let now = store_now_ms(target, &probe).await?;
         if now >= clk.closes(w) {
             return Err(RoundError::Refused {
-                reason: "window_closed",
+                reason: RoundReason::WindowClosed,
                 detail: format!(
                     "window {w} closed at {} ms while committing (the store's clock says {now} ms)",
                     clk.closes(w)

@@ -3,6 +3,7 @@
 //! agg-v1 aggregates carry the merged tensors; agg-v2 lists are merged by
 //! [`crate::round::merge`] first.
 
+use crate::round::RoundReason;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -59,13 +60,13 @@ pub async fn fetch_aggregate(
         };
         let [only] = sections.as_slice() else {
             return Err(bad(
-                "agg_verdict",
+                RoundReason::AggVerdict.code(),
                 "an agg-v2 aggregate has exactly one section".into(),
             ));
         };
         if env.sections()[0].name != LIST_SECTION {
             return Err(bad(
-                "agg_verdict",
+                RoundReason::AggVerdict.code(),
                 format!("its section is not {LIST_SECTION}"),
             ));
         }
@@ -158,7 +159,7 @@ pub async fn apply_aggregates_with<T: Tensor>(
                 }
                 None => {
                     return Err(RoundError::Refused {
-                        reason: "optimizer_state_missing",
+                        reason: RoundReason::OptimizerStateMissing,
                         detail: format!(
                             "the run's outer optimizer kept momentum before window {first}, and no momentum buffer for {name:?} was given (a checkpoint or state file holds it)"
                         ),
@@ -237,6 +238,84 @@ impl Step {
             .or_insert_with(|| vec![0f32; dst.len()]);
         crate::round::outer::step(&self.outer, self.lr, dst, a, m);
     }
+}
+
+/// Which of the run's tensors a replay's parameters must hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every model tensor (a whole base: the CLI's `apply`).
+    All,
+    /// Any of them (one rank's share: the Python package's `apply`).
+    Subset,
+}
+
+/// Refuses parameters that are not the run's model (`model_mismatch`): a tensor the model
+/// does not have or with another shape, or, for [`Coverage::All`], a model tensor missing.
+/// The one check both faces run before anything is fetched.
+pub fn check_params<'a>(
+    reg: &Registry,
+    params: impl IntoIterator<Item = (&'a str, &'a [u64])>,
+    coverage: Coverage,
+) -> Result<(), RoundError> {
+    let refused = |detail: String| RoundError::Refused {
+        reason: RoundReason::ModelMismatch,
+        detail,
+    };
+    let mut seen = 0usize;
+    for (name, shape) in params {
+        match reg.model.get(name) {
+            Some(t) if t.shape == shape => seen += 1,
+            Some(t) => {
+                return Err(refused(format!(
+                    "tensor {name:?} is {shape:?}; run {}'s model has it as {:?}",
+                    reg.run, t.shape
+                )));
+            }
+            None => {
+                return Err(refused(format!(
+                    "tensor {name:?} {shape:?} is not in run {}'s model",
+                    reg.run
+                )));
+            }
+        }
+    }
+    if coverage == Coverage::All && seen != reg.model.tensors.len() {
+        return Err(refused(format!(
+            "the parameters hold {seen} of run {}'s {} model tensors; a whole base holds every one",
+            reg.run,
+            reg.model.tensors.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an outer-optimizer state that does not go with a replay from window `first`
+/// (`optimizer_state_window`): the state must be of this run and after window `first − 1`
+/// (after nothing, "genesis", for `first` = 0). `state_run` `None` is a fresh state (no
+/// momentum yet), which fits any start.
+pub fn check_state_window(
+    reg: &Registry,
+    state_run: Option<&str>,
+    state_after: Option<u64>,
+    first: u64,
+) -> Result<(), RoundError> {
+    let Some(run) = state_run else {
+        return Ok(());
+    };
+    let expected = first.checked_sub(1);
+    if run == reg.run && state_after == expected {
+        return Ok(());
+    }
+    let name = |w: Option<u64>| w.map_or("genesis".to_string(), |w| format!("window {w}"));
+    Err(RoundError::Refused {
+        reason: RoundReason::OptimizerStateWindow,
+        detail: format!(
+            "the optimizer state is run {run:?}'s after {}; this replay starts at window {first} of run {:?} (it needs the state after {})",
+            name(state_after),
+            reg.run,
+            name(expected)
+        ),
+    })
 }
 
 fn size_checked<T: Tensor>(

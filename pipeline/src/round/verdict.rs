@@ -13,6 +13,7 @@
 //! Every failure is an [`Exclusion`]: a [`Verdict`], a stable reason code and a detail
 //! naming the object. None of them ends a job.
 
+use crate::format::envelope::Reason;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::time::Duration;
@@ -31,6 +32,35 @@ use crate::round::publish::{COMMIT_CODEC, clock, codec_header, content_hash};
 use crate::round::registry::{Job, Participant, Registry, Role};
 use crate::round::window::store_now_ms;
 use crate::store::{self, S3Options, StoreError, Target};
+
+crate::error::reason_codes! {
+    /// The verdict pipeline's own ledger reasons (`schemas/round.md`, "Verdicts"); a
+    /// rejection by the envelope or the codec records theirs.
+    pub enum LedgerReason {
+        /// No object at the layout key.
+        Missing = "missing",
+        /// The store could not be read in time: the store's fault, not the miner's.
+        StoreError = "store_error",
+        /// A registered peer id that is not a valid key.
+        BadPeer = "bad_peer",
+        /// Stored at or after the deadline plus grace.
+        Late = "late",
+        /// Stored before the window began.
+        Early = "early",
+        /// The header's codec or parameters are not the run's.
+        CodecMismatch = "codec_mismatch",
+        /// Not every model tensor exactly once.
+        Incomplete = "incomplete",
+        /// The section table is not the run's packing.
+        SectionLayout = "section_layout",
+        /// The same content as an earlier commitment's.
+        Duplicate = "duplicate",
+        /// The shard changed after its header was checked.
+        Replaced = "replaced",
+        /// Accepted with its norm scaled down to the cap.
+        Clipped = "clipped",
+    }
+}
 
 /// Why a shard is not merged: the verdict (`rejected`, `missing`, `error`), a stable reason
 /// code and a human detail naming the object.
@@ -64,7 +94,7 @@ impl Exclusion {
     pub fn timed_out() -> Exclusion {
         Exclusion::new(
             Verdict::Error,
-            "store_error",
+            LedgerReason::StoreError.code(),
             "timeout: the store did not answer within the window's budget".into(),
         )
     }
@@ -75,7 +105,7 @@ impl Exclusion {
         tracing::warn!(error = %e, "store error while reading a shard");
         Exclusion::new(
             Verdict::Error,
-            "store_error",
+            LedgerReason::StoreError.code(),
             "the store could not be read (timeout, 5xx or connection error); see the job's log"
                 .into(),
         )
@@ -197,7 +227,13 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
     };
     let peer = match PeerId::parse(&miner.peer) {
         Ok(p) => p,
-        Err(e) => return shard.fail(Verdict::Rejected, "bad_peer", e.to_string()),
+        Err(e) => {
+            return shard.fail(
+                Verdict::Rejected,
+                LedgerReason::BadPeer.code(),
+                e.to_string(),
+            );
+        }
     };
     let target = match reg.open_store(miner, s3) {
         Ok(t) => t,
@@ -222,7 +258,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
         Err(EnvelopeError::NotFound { .. }) => {
             return shard.fail(
                 Verdict::Missing,
-                "missing",
+                LedgerReason::Missing.code(),
                 "no shard at the layout key".into(),
             );
         }
@@ -251,7 +287,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
     if lm < 0 || lm as u64 >= clk.closes(w) {
         return shard.fail(
             Verdict::Rejected,
-            "late",
+            LedgerReason::Late.code(),
             format!(
                 "landed at {lm} ms, window {w} closed at {} ms",
                 clk.closes(w)
@@ -261,7 +297,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
     if (lm as u64) < clk.start(w) {
         return shard.fail(
             Verdict::Rejected,
-            "early",
+            LedgerReason::Early.code(),
             format!(
                 "landed at {lm} ms, before window {w} began at {} ms",
                 clk.start(w)
@@ -276,15 +312,23 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
             h.codec_params,
             codec_header(reg)
         );
-        return shard.fail(Verdict::Rejected, "codec_mismatch", detail);
+        return shard.fail(
+            Verdict::Rejected,
+            LedgerReason::CodecMismatch.code(),
+            detail,
+        );
     }
     if let Err(detail) = check_section_sizes(reg, &env) {
         let detail = format!("{}: {detail}", shard.object);
-        return shard.fail(Verdict::Rejected, "section_size", detail);
+        return shard.fail(Verdict::Rejected, Reason::SectionSize.code(), detail);
     }
     if let Err(detail) = check_section_layout(reg, &env) {
         let detail = format!("{}: {detail}", shard.object);
-        return shard.fail(Verdict::Rejected, "section_layout", detail);
+        return shard.fail(
+            Verdict::Rejected,
+            LedgerReason::SectionLayout.code(),
+            detail,
+        );
     }
     shard.content = Some(content_hash(env.sections().iter()));
     shard.env = Some((target, env));
@@ -494,14 +538,14 @@ async fn checked_range(
             };
             if t.params != reg.codec {
                 let detail = format!("{object}: tensor {} uses {:?}", t.name, t.params);
-                return Err(rejected(i, "codec_mismatch", detail));
+                return Err(rejected(i, LedgerReason::CodecMismatch.code(), detail));
             }
             if found.insert(i, (t, s)).is_some() {
                 let detail = format!(
                     "{object}: tensor {} appears twice",
                     reg.model.tensors[i].name
                 );
-                return Err(rejected(i, "incomplete", detail));
+                return Err(rejected(i, LedgerReason::Incomplete.code(), detail));
             }
         }
     }
@@ -510,7 +554,7 @@ async fn checked_range(
             "{object}: tensor {} is missing",
             reg.model.tensors[missing].name
         );
-        return Err(rejected(missing, "incomplete", detail));
+        return Err(rejected(missing, LedgerReason::Incomplete.code(), detail));
     }
     Ok(found)
 }
@@ -605,7 +649,7 @@ fn duplicates(
                 ),
             };
             out[j] = Some((
-                Exclusion::new(Verdict::Rejected, "duplicate", detail),
+                Exclusion::new(Verdict::Rejected, LedgerReason::Duplicate.code(), detail),
                 winner.clone(),
             ));
         }
@@ -848,7 +892,7 @@ impl MinerShard {
             }
             Ok(_) => Exclusion::new(
                 Verdict::Rejected,
-                "replaced",
+                LedgerReason::Replaced.code(),
                 format!(
                     "{}: the shard changed after its header was checked; the copy {copy_url} holds another version",
                     self.object

@@ -6,6 +6,7 @@
 
 mod blessed;
 mod codec_cases;
+mod codes;
 mod common;
 
 mod agg_v2_s3;

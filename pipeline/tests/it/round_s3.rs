@@ -239,7 +239,7 @@ async fn full_round_on_s3() {
     assert!(
         matches!(
             refused,
-            Err(RoundError::Refused { reason: "window_closed", ref detail }) if detail.contains("closed")
+            Err(RoundError::Refused { reason: shardrop::round::RoundReason::WindowClosed, ref detail }) if detail.contains("closed")
         ),
         "{refused:?}"
     );

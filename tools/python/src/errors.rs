@@ -70,11 +70,6 @@ pub fn caller(message: impl Into<String>) -> PyErr {
     raise(ErrorClass::Caller, None, None, message.into())
 }
 
-/// A refusal found here, with its reason code.
-pub fn refused(reason: &str, message: impl Into<String>) -> PyErr {
-    raise(ErrorClass::Refused, Some(reason), None, message.into())
-}
-
 /// A local file problem (state folders, state files), naming the path.
 pub fn io(path: &std::path::Path, e: impl Display) -> PyErr {
     raise(

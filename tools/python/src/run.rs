@@ -16,9 +16,10 @@ use shardrop::round::RoundError;
 use shardrop::round::publish::{encode_rank_part, publish_inputs, publish_parts, wait_for_window};
 use shardrop::round::registry::{Job, Registry};
 use shardrop::round::replay::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
+use shardrop::round::replay::{Coverage, check_params, check_state_window};
 use shardrop::store::S3Options;
 
-use crate::errors::{caller, io, refused, to_py};
+use crate::errors::{caller, io, to_py};
 use crate::runtime::block;
 use crate::tensors::{Access, import_all};
 
@@ -68,37 +69,15 @@ impl Run {
         }
         let reg = self.reload(py)?;
         let mut held = import_all(params, Access::WriteF32)?;
-        for h in &held {
-            match reg.model.get(&h.name) {
-                Some(t) if t.shape == h.shape => {}
-                _ => {
-                    return Err(refused(
-                        "model_mismatch",
-                        format!(
-                            "tensor {:?} {:?} is not in run {}'s model",
-                            h.name, h.shape, reg.run
-                        ),
-                    ));
-                }
-            }
-        }
+        check_params(
+            &reg,
+            held.iter().map(|h| (h.name.as_str(), h.shape.as_slice())),
+            Coverage::Subset,
+        )
+        .map_err(to_py)?;
         let mut fresh = OptimizerState::default();
         let st = state.unwrap_or(&mut fresh);
-        if st.run.as_ref().is_some_and(|r| *r != reg.run)
-            || st.after.is_some_and(|a| a + 1 != first)
-            || (st.run.is_some() && st.after.is_none() && first != 0)
-        {
-            let after = |a: Option<u64>| a.map_or("genesis".into(), |a| format!("window {a}"));
-            return Err(refused(
-                "optimizer_state_window",
-                format!(
-                    "the optimizer state is run {:?}'s after {}; this replay starts at window {first} of run {:?}",
-                    st.run.as_deref().unwrap_or("?"),
-                    after(st.after),
-                    reg.run
-                ),
-            ));
-        }
+        check_state_window(&reg, st.run.as_deref(), st.after, first).map_err(to_py)?;
         let mut theta: BTreeMap<String, &mut [f32]> = held
             .iter_mut()
             .map(|h| (h.name.clone(), h.f32_mut()))

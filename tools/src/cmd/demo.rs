@@ -38,6 +38,7 @@ use shardrop::round::publish::{publish, shard_builder};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::replay::{ApplyOptions, apply_aggregates_with};
 use shardrop::round::score::{ValidateOptions, Validated, validate_window};
+use shardrop::round::verdict::LedgerReason;
 use shardrop::round::verdict::wait_for_close;
 use shardrop::round::window::store_now_ms;
 use shardrop::store::{self, Target, put_create};
@@ -516,9 +517,9 @@ async fn judge(
         .context("adversary score")?;
     let caught = adv_score.weight == 0.0
         && match Attack::of(w) {
-            Attack::Copy => adversary.reason == "duplicate" && adv_score.copier,
+            Attack::Copy => adversary.reason == LedgerReason::Duplicate && adv_score.copier,
             Attack::Noise => adv_score.score == Some(0.0),
-            Attack::Late => adversary.reason == "late",
+            Attack::Late => adversary.reason == LedgerReason::Late,
         };
     let adversary_weight = adv_score.weight;
     Ok(Judged {

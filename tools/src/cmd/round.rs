@@ -707,47 +707,30 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
                 a.from.display()
             )
         })?;
-    let (first, after) = match from {
-        FromWindow::Genesis => (0, None),
-        FromWindow::After(w) => (w + 1, Some(w)),
+    let first = match from {
+        FromWindow::Genesis => 0,
+        FromWindow::After(w) => w + 1,
     };
     let from_window = match from {
         FromWindow::Genesis => serde_json::Value::from("genesis"),
         FromWindow::After(w) => w.into(),
     };
-    for t in &reg.model.tensors {
-        match base.get(&t.name) {
-            Some((shape, _)) if *shape == t.shape => {}
-            _ => bail!(
-                "{}: tensor {:?} {:?} of the run's model is missing or has another shape",
-                a.from.display(),
-                t.name,
-                t.shape
-            ),
-        }
-    }
+    shardrop::round::replay::check_params(
+        &reg,
+        base.iter()
+            .map(|(k, (shape, _))| (k.as_str(), shape.as_slice())),
+        shardrop::round::replay::Coverage::All,
+    )
+    .with_context(|| format!("{}", a.from.display()))?;
     if let Some(path) = a.optimizer_state.as_ref().filter(|p| p.exists()) {
         let f = shardrop::round::outer::read_state_file(path, Some(&reg.model))?;
-        let (st, run, st_after) = (f.state, f.run, f.after);
-        if run != reg.run || st_after != after {
-            let name = |w: Option<u64>| w.map_or("genesis".to_string(), |w| format!("window {w}"));
-            return Err(RoundError::Refused {
-                reason: "optimizer_state_window",
-                detail: format!(
-                    "{}: the momentum of run {run:?} after {}, not of run {:?} after {} (the base's)",
-                    path.display(),
-                    name(st_after),
-                    reg.run,
-                    name(after)
-                ),
-            }
-            .into());
-        }
-        state = st;
+        shardrop::round::replay::check_state_window(&reg, Some(&f.run), f.after, first)
+            .with_context(|| format!("{}", path.display()))?;
+        state = f.state;
     }
     if a.optimizer_state.is_none() && reg.momentum_before(a.through + 1) {
         return Err(RoundError::Refused {
-            reason: "optimizer_state_missing",
+            reason: shardrop::round::RoundReason::OptimizerStateMissing,
             detail: format!(
                 "run {}'s outer optimizer keeps momentum by window {}: give --optimizer-state PATH (read if it exists, written back) so the next replay has it",
                 reg.run, a.through

@@ -275,6 +275,19 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
         ),
         "optimizer_state_window",
     );
+    // A base that is not the run's model (a tensor missing) is refused with its code, as
+    // the Python package refuses it, before anything is fetched.
+    let partial = dir.join("partial.safetensors");
+    let b: Vec<u8> = vec![0; 64 * 4];
+    let views = vec![(
+        "b",
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64], &b).unwrap(),
+    )];
+    std::fs::write(&partial, safetensors::serialize(views, None).unwrap()).unwrap();
+    refused(
+        &apply(&partial, "genesis", 1, None, &dir.join("z.safetensors")),
+        "model_mismatch",
+    );
     // Not registered: a refusal with its own code.
     let stranger = dir.join("stranger.key");
     ok_json(shardrop(&["keygen", "--out", p(&stranger), "--json"]));

@@ -484,24 +484,62 @@ impl crate::error::Classified for CodecError {
     }
 }
 
+crate::error::reason_codes! {
+    /// The codec's reason codes (`gradient.md` §4 "Refusals"): a decoder's verdicts on a
+    /// section, and an encoder's refusals of its input (the last two).
+    pub enum CodecReason {
+        /// Chunk not a power of two in range, or k = 0.
+        Params = "codec_params",
+        /// k > C.
+        KOverChunk = "k_over_chunk",
+        /// An array is not exactly the length the layout gives.
+        SizeMismatch = "size_mismatch",
+        /// An index ≥ its chunk's length.
+        IndexOutOfRange = "index_out_of_range",
+        /// Indices in a chunk not strictly increasing.
+        IndicesNotIncreasing = "indices_not_increasing",
+        /// An Elias–Fano block without exactly k_c elements.
+        IndexMalformed = "index_malformed",
+        /// A NaN, infinite or negative scale, or a NaN or infinite value.
+        NonFinite = "non_finite",
+        /// A tensor not in the run's model.
+        UnknownTensor = "unknown_tensor",
+        /// A tensor with another shape than the model's.
+        ShapeMismatch = "shape_mismatch",
+        /// More tensors or elements than the decoder's limits.
+        OverLimit = "over_limit",
+        /// Not safetensors, missing or extra arrays, wrong dtypes, bad metadata.
+        Malformed = "section_malformed",
+        /// Encoder: a rank's slice does not start on a chunk boundary.
+        SliceMisaligned = "slice_misaligned",
+        /// Encoder: the parts of a sharded update do not fit together.
+        PartsMismatch = "parts_mismatch",
+    }
+}
+
 impl CodecError {
     /// The stable reason code recorded in ledgers (`gradient.md` §4).
-    pub fn reason(&self) -> &'static str {
+    pub fn code(&self) -> CodecReason {
         match self {
-            CodecError::Params(_) => "codec_params",
-            CodecError::KOverChunk { .. } => "k_over_chunk",
-            CodecError::IndexOutOfRange { .. } => "index_out_of_range",
-            CodecError::IndicesNotIncreasing { .. } => "indices_not_increasing",
-            CodecError::IndexMalformed { .. } => "index_malformed",
-            CodecError::NonFinite { .. } => "non_finite",
-            CodecError::UnknownTensor { .. } => "unknown_tensor",
-            CodecError::ShapeMismatch { .. } => "shape_mismatch",
-            CodecError::OverLimit(_) => "over_limit",
-            CodecError::SizeMismatch { .. } => "size_mismatch",
-            CodecError::Malformed(_) => "section_malformed",
-            CodecError::SliceMisaligned { .. } => "slice_misaligned",
-            CodecError::Parts(_) => "parts_mismatch",
+            CodecError::Params(_) => CodecReason::Params,
+            CodecError::KOverChunk { .. } => CodecReason::KOverChunk,
+            CodecError::IndexOutOfRange { .. } => CodecReason::IndexOutOfRange,
+            CodecError::IndicesNotIncreasing { .. } => CodecReason::IndicesNotIncreasing,
+            CodecError::IndexMalformed { .. } => CodecReason::IndexMalformed,
+            CodecError::NonFinite { .. } => CodecReason::NonFinite,
+            CodecError::UnknownTensor { .. } => CodecReason::UnknownTensor,
+            CodecError::ShapeMismatch { .. } => CodecReason::ShapeMismatch,
+            CodecError::OverLimit(_) => CodecReason::OverLimit,
+            CodecError::SizeMismatch { .. } => CodecReason::SizeMismatch,
+            CodecError::Malformed(_) => CodecReason::Malformed,
+            CodecError::SliceMisaligned { .. } => CodecReason::SliceMisaligned,
+            CodecError::Parts(_) => CodecReason::PartsMismatch,
         }
+    }
+
+    /// [`Self::code`] as its text.
+    pub fn reason(&self) -> &'static str {
+        self.code().code()
     }
 }
 

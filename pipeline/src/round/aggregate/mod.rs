@@ -17,6 +17,7 @@ mod weighted;
 pub use split::{aggregate_commit, aggregate_part, part_range};
 pub use v2::MERGED_CODEC;
 
+use crate::round::verdict::LedgerReason;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -199,7 +200,7 @@ pub(super) fn accepted_list(
                 object: shard_key(reg, form, w, &peer),
                 content: s.content.clone().unwrap_or_default(),
                 weight,
-                clipped: row.reason == "clipped",
+                clipped: row.reason == LedgerReason::Clipped.code(),
                 sections: s.sections().iter().map(ListedSection::from).collect(),
             })
         })

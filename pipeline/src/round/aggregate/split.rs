@@ -2,6 +2,7 @@
 //! one contiguous range of tensors, exchange their range checks, and a commit assembles the
 //! aggregate a single process would have written, byte for byte.
 
+use crate::round::RoundReason;
 use std::ops::Range;
 
 use super::v2::{check_window_v2, publish_v2};
@@ -162,7 +163,7 @@ async fn read_checks(
             .transpose()
             .map_err(|e| RoundError::Rejected {
                 object: target.url_of(&target.path(&key)),
-                reason: "part_malformed",
+                reason: RoundReason::PartMalformed.code(),
                 detail: format!("part {p} checks: {e}"),
             })?
             .unwrap_or_default();
@@ -219,7 +220,7 @@ pub async fn aggregate_commit(
     if sections.iter().map(|(n, _)| n).ne(want.iter()) {
         return Err(RoundError::Rejected {
             object: target.url_of(&target.path(&layout::agg_part(&reg.run, w, 0, k))),
-            reason: "part_malformed",
+            reason: RoundReason::PartMalformed.code(),
             detail: "the parts do not cover the model's tensors in order".into(),
         });
     }

@@ -1,5 +1,6 @@
 //! The outer optimizer's momentum state file, checked before any of it is used.
 
+use crate::round::RoundReason;
 use std::collections::BTreeMap;
 
 use safetensors::{Dtype, SafeTensors};
@@ -21,7 +22,7 @@ pub fn read_state_file(
 ) -> Result<StateFile, RoundError> {
     let bad = |detail: String| RoundError::Rejected {
         object: path.display().to_string(),
-        reason: "optimizer_state_invalid",
+        reason: RoundReason::OptimizerStateInvalid.code(),
         detail,
     };
     let max = model.map_or(u64::MAX / 2, |m| {

@@ -9,6 +9,7 @@
 //! credentials for that store come from (ambient `AWS_*`, or `<PREFIX>AWS_*` variables), so a
 //! validator can hold read-only keys per peer bucket.
 
+use crate::round::RoundReason;
 use bytes::Bytes;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -319,14 +320,14 @@ pub enum RegistryError {
     #[error("{object}: {detail} ({reason}); the operator must publish a valid revision")]
     Rejected {
         object: String,
-        reason: &'static str,
+        reason: RoundReason,
         detail: String,
     },
     /// The edit cannot be made, for a reason with a stable code (`window_not_future`).
     #[error("{object}: {detail}")]
     Refused {
         object: String,
-        reason: &'static str,
+        reason: RoundReason,
         detail: String,
     },
     /// The caller's key is not in the registry in the role it acts in.
@@ -355,9 +356,9 @@ impl crate::error::Classified for RegistryError {
         match self {
             RegistryError::Envelope(e) => e.reason(),
             RegistryError::Refused { reason, .. } | RegistryError::Rejected { reason, .. } => {
-                Some(reason)
+                Some(reason.code())
             }
-            RegistryError::NotRegistered { .. } => Some("not_registered"),
+            RegistryError::NotRegistered { .. } => Some(RoundReason::NotRegistered.code()),
             _ => None,
         }
     }
@@ -539,13 +540,13 @@ impl Registry {
     /// uses a registry, and every writer before it signs one. `registry_invalid` for the
     /// run's shape, `settings_invalid` for its settings history.
     fn validate(&self, object: &str) -> Result<(), RegistryError> {
-        let bad = |reason: &'static str, detail: String| RegistryError::Rejected {
+        let bad = |reason: RoundReason, detail: String| RegistryError::Rejected {
             object: object.to_string(),
             reason,
             detail,
         };
-        let shape = |detail: String| bad("registry_invalid", detail);
-        let setting = |detail: String| bad("settings_invalid", detail);
+        let shape = |detail: String| bad(RoundReason::RegistryInvalid, detail);
+        let setting = |detail: String| bad(RoundReason::SettingsInvalid, detail);
         if self.format != 1 {
             return Err(shape(format!(
                 "registry format {} (this build reads 1)",
@@ -686,7 +687,7 @@ impl Registry {
             match reg.check_history(&object, &json, stored_ms) {
                 Ok(()) => return Ok((reg, etag)),
                 Err(RegistryError::Rejected {
-                    reason: "registry_rollback",
+                    reason: RoundReason::RegistryRollback,
                     ..
                 }) if attempt < 4 => {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -725,19 +726,19 @@ impl Registry {
             .find_map(|(e, body)| (e.name == SECTION).then_some(body))
             .ok_or_else(|| RegistryError::Rejected {
                 object: object.clone(),
-                reason: "registry_invalid",
+                reason: RoundReason::RegistryInvalid,
                 detail: format!("no section named {SECTION:?}"),
             })?;
         let reg: Registry = serde_json::from_slice(&json).map_err(|e| RegistryError::Rejected {
             object: object.clone(),
-            reason: "registry_invalid",
+            reason: RoundReason::RegistryInvalid,
             detail: format!("registry JSON: {e}"),
         })?;
         reg.validate(&object)?;
         if reg.operator != env.signer.to_string() || reg.run != env.head.header.run {
             return Err(RegistryError::Rejected {
                 object,
-                reason: "registry_invalid",
+                reason: RoundReason::RegistryInvalid,
                 detail: "signed by a key other than the operator it names, or for another run"
                     .into(),
             });
@@ -850,7 +851,7 @@ impl Registry {
         }
         Err(RegistryError::Refused {
             object,
-            reason: "window_not_future",
+            reason: RoundReason::WindowNotFuture,
             detail: format!(
                 "revision {} landed at {stored} ms, after window {w} opened at {opens} ms: readers that saw the previous revision may refuse this one (settings_rewritten); check `shardrop run show` and the readers' logs",
                 self.revision
@@ -885,7 +886,7 @@ impl Registry {
         if clock.start(w) <= now_ms + self.set_margin_ms() {
             return Err(RegistryError::Refused {
                 object: format!("run {}", self.run),
-                reason: "window_not_future",
+                reason: RoundReason::WindowNotFuture,
                 detail: format!(
                     "window {w} opens at {} ms (the store's clock says {now_ms} ms); a setting may only change from a window that opens more than {} ms from now, so the revision lands before it does",
                     clock.start(w),
@@ -926,7 +927,7 @@ impl From<RegistryError> for super::RoundError {
                 detail: e.to_string(),
             },
             other @ RegistryError::NotRegistered { .. } => super::RoundError::Refused {
-                reason: "not_registered",
+                reason: RoundReason::NotRegistered,
                 detail: other.to_string(),
             },
             other => super::RoundError::Caller(other.to_string()),
@@ -968,7 +969,7 @@ mod tests {
             matches!(
                 e,
                 RegistryError::Refused {
-                    reason: "window_not_future",
+                    reason: RoundReason::WindowNotFuture,
                     ..
                 }
             ),

@@ -18,6 +18,7 @@
 //! process only. The file is replaced atomically; two processes racing may each keep the
 //! other's older entry, never a lower revision than either saw.
 
+use crate::round::RoundReason;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -131,7 +132,7 @@ impl Registry {
                 all.insert(k.clone(), v.clone());
             }
         }
-        let bad = |reason: &'static str, detail: String| RegistryError::Rejected {
+        let bad = |reason: RoundReason, detail: String| RegistryError::Rejected {
             object: object.to_string(),
             reason,
             detail,
@@ -147,7 +148,7 @@ impl Registry {
         if let Some(before) = all.get(object).filter(|_| !renewed) {
             if now.revision < before.revision {
                 return Err(bad(
-                    "registry_rollback",
+                    RoundReason::RegistryRollback,
                     format!(
                         "revision {} is older than revision {} this machine already read (an old revision put back; if the run was deliberately made again at this URL with an earlier genesis, remove its entry from {FILE} in the state folder)",
                         now.revision, before.revision
@@ -156,7 +157,7 @@ impl Registry {
             }
             if now.revision == before.revision && now.digest != before.digest {
                 return Err(bad(
-                    "registry_rollback",
+                    RoundReason::RegistryRollback,
                     format!(
                         "another document under revision {} than the one this machine read (a fork)",
                         now.revision
@@ -166,7 +167,7 @@ impl Registry {
             if now.revision > before.revision {
                 if now.frame != before.frame {
                     return Err(bad(
-                        "settings_rewritten",
+                        RoundReason::SettingsRewritten,
                         "the run's frame changed (genesis, window or grace length, model, codec, section size or original setting): no revision may change it".into(),
                     ));
                 }
@@ -202,7 +203,7 @@ impl Registry {
                     };
                     if let Some(w) = at.into_iter().find(|&w| !same(w)) {
                         return Err(bad(
-                            "settings_rewritten",
+                            RoundReason::SettingsRewritten,
                             format!(
                                 "revision {} changes the setting of window {w}, which was open (up to window {open}) when revision {} was stored; settings may only change from windows not yet open",
                                 now.revision, before.revision

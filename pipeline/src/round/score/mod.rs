@@ -16,6 +16,7 @@
 //! are written create-only; every input is fixed once the window has closed, so a rerun
 //! produces the same bytes. Formulas and thresholds: `schemas/scores.md`.
 
+use crate::round::RoundReason;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -223,7 +224,7 @@ async fn previous_ratings(
                     .map_err(|e| StoreError::from_store(&url, e))?;
                 let rows = read_scores(bytes).map_err(|e| RoundError::Rejected {
                     object: url.to_string(),
-                    reason: "scores_malformed",
+                    reason: RoundReason::ScoresMalformed.code(),
                     detail: format!("not a score table: {e}"),
                 })?;
                 return Ok(rows.into_iter().map(|r| (r.peer, r.rating)).collect());
@@ -793,7 +794,7 @@ pub async fn read_scored_window(
         .and_then(|s| serde_json::from_slice(s).ok())
         .ok_or_else(|| RoundError::Rejected {
             object: wurl.clone(),
-            reason: "weights_malformed",
+            reason: RoundReason::WeightsMalformed.code(),
             detail: "no weights.json section".into(),
         })?;
     let path = target.path(&layout::scores(&reg.run, w));
@@ -810,13 +811,13 @@ pub async fn read_scored_window(
     if body["scores_blake3"].as_str() != Some(hash.as_str()) {
         return Err(RoundError::Rejected {
             object: url,
-            reason: "scores_hash_mismatch",
+            reason: RoundReason::ScoresHashMismatch.code(),
             detail: format!("the table's blake3 {hash} is not the one the signed weights name"),
         });
     }
     let rows = read_scores(table).map_err(|e| RoundError::Rejected {
         object: url.clone(),
-        reason: "scores_malformed",
+        reason: RoundReason::ScoresMalformed.code(),
         detail: format!("not a score table: {e}"),
     })?;
     Ok((rows, body))
