@@ -45,6 +45,35 @@ pub enum IdentityError {
     PeerId { id: String, reason: String },
 }
 
+impl crate::error::Classified for IdentityError {
+    /// A key the caller must fix (an existing file is a conflict: keys are never
+    /// overwritten); a disk that failed is `store`, with its path.
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            IdentityError::Exists { .. } => ErrorClass::Conflict,
+            IdentityError::Permissions { .. }
+            | IdentityError::Format { .. }
+            | IdentityError::PeerId { .. } => ErrorClass::Caller,
+            IdentityError::Io { .. } => ErrorClass::Store,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn object(&self) -> Option<&str> {
+        match self {
+            IdentityError::Exists { path }
+            | IdentityError::Permissions { path, .. }
+            | IdentityError::Format { path, .. }
+            | IdentityError::Io { path, .. } => path.to_str(),
+            IdentityError::PeerId { .. } => None,
+        }
+    }
+}
+
 /// A participant's public identity: its ed25519 verifying key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId([u8; 32]);

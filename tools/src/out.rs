@@ -5,13 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use shardrop::checkpoint::CkptError;
-use shardrop::error::{Classified, ErrorClass};
-use shardrop::format::codec::CodecError;
-use shardrop::format::envelope::EnvelopeError;
-use shardrop::round::RoundError;
-use shardrop::round::registry::RegistryError;
-use shardrop::store::StoreError;
+use shardrop::error::ErrorClass;
 
 use crate::cmd::Ctx;
 
@@ -70,20 +64,11 @@ impl std::fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 /// The class and reason code of the first library error in the chain (the outermost one
-/// that says; wrappers delegate to what they wrap).
+/// that says; wrappers delegate to what they wrap), as the library classifies it.
 fn classify(e: &anyhow::Error) -> Option<(ErrorClass, Option<&'static str>)> {
-    fn of<T: Classified + std::error::Error + 'static>(
-        c: &(dyn std::error::Error + 'static),
-    ) -> Option<(ErrorClass, Option<&'static str>)> {
-        c.downcast_ref::<T>().map(|t| (t.class(), t.reason()))
-    }
     e.chain().find_map(|c| {
-        of::<RoundError>(c)
-            .or_else(|| of::<CkptError>(c))
-            .or_else(|| of::<EnvelopeError>(c))
-            .or_else(|| of::<RegistryError>(c))
-            .or_else(|| of::<StoreError>(c))
-            .or_else(|| of::<CodecError>(c))
+        shardrop::classified(c)
+            .map(|t| (t.class(), t.reason()))
             .or_else(|| {
                 c.downcast_ref::<Refusal>()
                     .map(|r| (ErrorClass::Rejected, Some(r.reason)))

@@ -85,6 +85,10 @@ pub enum CkptError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
+    /// The run's registry could not be used (not registered, a registry that breaks a reader
+    /// rule): its class and reason code are kept, as every round command reports them.
+    #[error(transparent)]
+    Registry(#[from] crate::round::registry::RegistryError),
     /// A failure of this program (serialising its own output), not of any input.
     #[error("{0}")]
     Internal(String),
@@ -101,6 +105,7 @@ impl crate::error::Classified for CkptError {
             CkptError::Io { .. } => ErrorClass::Store,
             CkptError::Store(e) => e.class(),
             CkptError::Envelope(e) => e.class(),
+            CkptError::Registry(e) => e.class(),
             CkptError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -110,6 +115,7 @@ impl crate::error::Classified for CkptError {
             CkptError::Rejected { reason, .. } => Some(reason),
             CkptError::Mismatch(_) => Some(CkptReason::CheckpointMismatch.code()),
             CkptError::Envelope(e) => e.reason(),
+            CkptError::Registry(e) => e.reason(),
             _ => None,
         }
     }
@@ -121,17 +127,8 @@ impl crate::error::Classified for CkptError {
             | CkptError::Missing { object, .. } => Some(object),
             CkptError::Store(e) => e.object(),
             CkptError::Envelope(e) => e.object(),
+            CkptError::Registry(e) => e.object(),
             _ => None,
-        }
-    }
-}
-
-impl From<crate::round::registry::RegistryError> for CkptError {
-    fn from(e: crate::round::registry::RegistryError) -> Self {
-        match e {
-            crate::round::registry::RegistryError::Store(s) => CkptError::Store(s),
-            crate::round::registry::RegistryError::Envelope(s) => CkptError::Envelope(s),
-            other => CkptError::Caller(other.to_string()),
         }
     }
 }

@@ -11,7 +11,7 @@ use shardrop::identity::{Identity, PeerId};
 use shardrop::round::registry::{Job, Registry};
 use shardrop::store::S3Options;
 
-use crate::errors::{caller, io, to_py};
+use crate::errors::{caller, to_py};
 use crate::runtime::{block, block_fn};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -67,7 +67,7 @@ fn ckpt_push<'py>(
     allow_http: Option<bool>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let s3 = s3_of(endpoint, allow_http);
-    let id = Identity::load(&key_path).map_err(|e| io(&key_path, e))?;
+    let id = Identity::load(&key_path).map_err(to_py)?;
     let opts = PushOptions {
         step,
         window,

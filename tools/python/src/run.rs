@@ -241,7 +241,7 @@ impl Run {
             )));
         }
         let id = key_path
-            .map(|k| Identity::load(&k).map_err(|e| io(&k, e)))
+            .map(|k| Identity::load(&k).map_err(to_py))
             .transpose()?;
         let (lock, ef, part) = match &state {
             Some(dir) => {

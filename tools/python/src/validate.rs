@@ -19,7 +19,7 @@ use shardrop::round::score::{
 };
 use shardrop::store::S3Options;
 
-use crate::errors::{caller, io, to_py};
+use crate::errors::{caller, to_py};
 use crate::runtime::{block, block_fn};
 
 /// A validator of a run, signing with its key.
@@ -36,7 +36,7 @@ pub struct Validator {
 
 impl Validator {
     pub fn open(url: String, s3: S3Options, operator: PeerId, key: PathBuf) -> PyResult<Self> {
-        let id = Identity::load(&key).map_err(|e| io(&key, e))?;
+        let id = Identity::load(&key).map_err(to_py)?;
         Ok(Validator {
             url,
             s3,

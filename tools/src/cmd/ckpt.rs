@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use shardrop::checkpoint::admin::{gc, list, verify};
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
@@ -281,10 +281,7 @@ async fn gc_cmd(ctx: &Ctx, a: GcArgs) -> anyhow::Result<()> {
     let id = keys::load(&a.key)?;
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let me = id.peer_id();
-    let entry = reg
-        .participant(&me, Role::Aggregator)
-        .with_context(|| format!("{me} is not the aggregator of run {}", reg.run))?;
-    let target = reg.open_store(entry, &ctx.s3)?;
+    let target = reg.own_store(&id, Role::Aggregator, &ctx.s3)?;
     let r = gc(&target, &reg.run, &me, a.keep, a.dry_run).await?;
     let text = format!(
         "{}kept steps {:?}; deleted checkpoints {:?}{}; {} object(s){}",

@@ -286,15 +286,7 @@ pub async fn start_job(
     let id = keys::load(&a.key)?;
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let me = id.peer_id();
-    let entry = reg.participant(&me, role).with_context(|| {
-        format!(
-            "{me} is not a{} {} of run {}",
-            if role == Role::Aggregator { "n" } else { "" },
-            role.name(),
-            reg.run
-        )
-    })?;
-    let target = reg.open_store(entry, &ctx.s3)?;
+    let target = reg.own_store(&id, role, &ctx.s3)?;
     let w = match (a.window, a.once || a.follow) {
         (Some(w), _) => w,
         (None, true) => {

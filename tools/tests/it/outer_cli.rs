@@ -303,4 +303,23 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
         "--json",
     ]);
     refused(&out, "not_registered");
+    // The same refusal, class and exit code from every command that acts in a role.
+    for args in [
+        vec!["aggregate", "--window", "0", "--registry", &run.reg],
+        vec!["validate", "--window", "0", "--registry", &run.reg],
+        vec![
+            "ckpt",
+            "push",
+            "--step",
+            "1",
+            "--registry",
+            &run.reg,
+            p(&model),
+        ],
+        vec!["ckpt", "gc", "--keep", "1", &run.reg],
+    ] {
+        let mut v = args.clone();
+        v.extend(["--key", p(&stranger), "--json"]);
+        refused(&run.run(&v), "not_registered");
+    }
 }

@@ -504,7 +504,6 @@ impl Registry {
         Ok((id, self.open_store(agg, s3)?))
     }
 
-    /// Opens a participant's store with the credentials its entry names.
     /// The store `id` writes to in `role`, after checking it is registered so.
     pub fn own_store(
         &self,
@@ -915,8 +914,9 @@ pub fn registry_path(target: &Target, run: &str) -> Path {
     target.path(&layout::registry(run))
 }
 
-/// A registry failure in a round job: `not_registered` is a refusal (exit 3) in every
-/// command, like any rule of the run.
+/// A registry failure in a round job keeps its class and code: `not_registered` is a
+/// refusal (exit 3) in every command, like any rule of the run, and a registry that breaks
+/// a reader rule stays a rejection with its code.
 impl From<RegistryError> for super::RoundError {
     fn from(e: RegistryError) -> Self {
         match e {
@@ -930,7 +930,16 @@ impl From<RegistryError> for super::RoundError {
                 reason: RoundReason::NotRegistered,
                 detail: other.to_string(),
             },
-            other => super::RoundError::Caller(other.to_string()),
+            RegistryError::Rejected {
+                object,
+                reason,
+                detail,
+            } => super::RoundError::Rejected {
+                object,
+                reason: reason.code(),
+                detail: format!("{detail} ({reason}); the operator must publish a valid revision"),
+            },
+            other @ RegistryError::Invalid { .. } => super::RoundError::Caller(other.to_string()),
         }
     }
 }
