@@ -9,6 +9,7 @@ use object_store::path::Path;
 use super::pull::{Located, fetch_manifest};
 use super::push::read_latest;
 use super::{CkptError, HF_INDEX, Manifest};
+use crate::checkpoint::BadObject;
 use crate::format::layout;
 use crate::identity::PeerId;
 use crate::store::{StoreError, Target, list_all};
@@ -118,7 +119,7 @@ pub struct VerifyReport {
 
 /// Streams one shard, checking size, chunk hashes, the whole hash and that its safetensors
 /// header places every tensor where the manifest says.
-async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), String> {
+async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), BadObject> {
     let s = &m.shards[k];
     let path = loc
         .target
@@ -129,12 +130,12 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
         .store
         .get(&path)
         .await
-        .map_err(|e| format!("{url}: {}", StoreError::from_store(&url, e)))?;
+        .map_err(|e| BadObject(format!("{url}: {}", StoreError::from_store(&url, e))))?;
     if got.meta.size != s.size {
-        return Err(format!(
+        return Err(BadObject(format!(
             "{url}: {} bytes, the manifest says {}",
             got.meta.size, s.size
-        ));
+        )));
     }
     let mut stream = got.into_stream();
     let mut whole = blake3::Hasher::new();
@@ -144,7 +145,8 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
     let mut seen = 0u64;
     let mut bad_chunks = Vec::new();
     while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| format!("{url}: {}", StoreError::from_store(&url, e)))?;
+        let piece =
+            piece.map_err(|e| BadObject(format!("{url}: {}", StoreError::from_store(&url, e))))?;
         seen += piece.len() as u64;
         whole.update(&piece);
         if head.len() < 1 << 20 {
@@ -172,15 +174,15 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
         bad_chunks.push(c);
     }
     if seen != s.size {
-        return Err(format!(
+        return Err(BadObject(format!(
             "{url}: the body ended after {seen} of {} bytes",
             s.size
-        ));
+        )));
     }
     if !bad_chunks.is_empty() || whole.finalize().to_hex().as_str() != s.blake3 {
-        return Err(format!(
+        return Err(BadObject(format!(
             "{url}: content differs from the manifest (chunks {bad_chunks:?})"
-        ));
+        )));
     }
     // The shard's own header must agree with the manifest's tensor map.
     let n = head
@@ -190,7 +192,7 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
     let header: serde_json::Value = head
         .get(8..8usize.saturating_add(n as usize))
         .and_then(|h| serde_json::from_slice(h).ok())
-        .ok_or_else(|| format!("{url}: safetensors header unreadable"))?;
+        .ok_or_else(|| BadObject(format!("{url}: safetensors header unreadable")))?;
     for t in m.tensors.iter().filter(|t| t.shard == k) {
         let h = &header[&t.name];
         let off = [
@@ -201,10 +203,10 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
             || h["shape"] != serde_json::json!(t.shape)
             || h["data_offsets"] != serde_json::json!(off)
         {
-            return Err(format!(
+            return Err(BadObject(format!(
                 "{url}: tensor {} is not where the manifest puts it",
                 t.name
-            ));
+            )));
         }
     }
     Ok(())
@@ -213,12 +215,15 @@ async fn verify_shard(loc: &Located, m: &Manifest, k: usize) -> Result<(), Strin
 /// Full remote verification: the manifest, every shard byte, every small file, the index.
 pub async fn verify(loc: &Located, concurrency: usize) -> Result<VerifyReport, CkptError> {
     let (m, _, murl) = fetch_manifest(loc).await?;
-    let results: Vec<Result<(), String>> =
+    let results: Vec<Result<(), BadObject>> =
         futures::stream::iter((0..m.shards.len()).map(|k| verify_shard(loc, &m, k)))
             .buffered(concurrency.max(1))
             .collect()
             .await;
-    let mut bad: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    let mut bad: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|b| b.0))
+        .collect();
     for f in &m.files {
         let path = loc.target.path(&layout::ckpt_file(&m.run, m.step, &f.file));
         let url = loc.target.url_of(&path);

@@ -133,6 +133,17 @@ impl crate::error::Classified for CkptError {
     }
 }
 
+/// One object that does not match the signed manifest, described for the report ("URL:
+/// why"); a full verify gathers them into [`CkptError::Mismatch`].
+#[derive(Debug)]
+pub(crate) struct BadObject(pub(crate) String);
+
+impl std::fmt::Display for BadObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// What `pull` leaves beside the files it wrote (`LOCAL_MANIFEST`): where they came from,
 /// what was selected, and the verified manifest (its `window` is the last window a replay
 /// from this checkpoint must skip). Fields in the file's key order.

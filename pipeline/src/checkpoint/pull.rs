@@ -9,6 +9,7 @@
 //! `OUT/.shardrop-pull.json`; a rerun skips them after re-hashing them locally. Nothing is
 //! ever written outside OUT, and no file appears under its final name until it is complete.
 
+use crate::checkpoint::BadObject;
 use crate::checkpoint::CkptReason;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -345,19 +346,23 @@ fn write_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), CkptEr
 /// shard, with the same dtypes, shapes and byte ranges: a loader (transformers, safetensors)
 /// reads the header, not the manifest, so a pusher must not be able to sign one layout and
 /// ship another.
-fn check_shard_header(file: &File, m: &Manifest, shard: usize) -> Result<(), String> {
+fn check_shard_header(file: &File, m: &Manifest, shard: usize) -> Result<(), BadObject> {
     use std::os::unix::fs::FileExt;
     let size = m.shards[shard].size;
     let mut n8 = [0u8; 8];
-    file.read_exact_at(&mut n8, 0).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut n8, 0)
+        .map_err(|e| BadObject(format!("reading its header: {e}")))?;
     let n = u64::from_le_bytes(n8);
     if n > 100 << 20 || 8 + n > size {
-        return Err(format!("header length {n} for a {size}-byte file"));
+        return Err(BadObject(format!(
+            "header length {n} for a {size}-byte file"
+        )));
     }
     let mut raw = vec![0u8; n as usize];
-    file.read_exact_at(&mut raw, 8).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut raw, 8)
+        .map_err(|e| BadObject(format!("reading its header: {e}")))?;
     let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&raw).map_err(|e| format!("header JSON: {e}"))?;
+        serde_json::from_slice(&raw).map_err(|e| BadObject(format!("header JSON: {e}")))?;
     let want: BTreeMap<&str, &TensorEntry> = m
         .tensors
         .iter()
@@ -366,16 +371,16 @@ fn check_shard_header(file: &File, m: &Manifest, shard: usize) -> Result<(), Str
         .collect();
     let got: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
     if got.len() != want.len() {
-        return Err(format!(
+        return Err(BadObject(format!(
             "{} tensors in the header, {} in the manifest",
             got.len(),
             want.len()
-        ));
+        )));
     }
     for name in got {
         let t = want
             .get(name.as_str())
-            .ok_or_else(|| format!("tensor {name:?} is not in the manifest"))?;
+            .ok_or_else(|| BadObject(format!("tensor {name:?} is not in the manifest")))?;
         let v = &header[name];
         let offsets: Option<Vec<u64>> = v["data_offsets"]
             .as_array()
@@ -388,7 +393,9 @@ fn check_shard_header(file: &File, m: &Manifest, shard: usize) -> Result<(), Str
             && shape.as_deref() == Some(t.shape.as_slice())
             && offsets.as_deref() == Some(&[t.begin - 8 - n, t.end - 8 - n][..]);
         if !ok {
-            return Err(format!("tensor {name:?}: dtype, shape or offsets differ"));
+            return Err(BadObject(format!(
+                "tensor {name:?}: dtype, shape or offsets differ"
+            )));
         }
     }
     Ok(())

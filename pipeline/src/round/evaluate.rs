@@ -86,18 +86,24 @@ impl CommandEvaluator {
     }
 }
 
+fn failed(detail: String) -> EvalError {
+    EvalError::Failed(detail)
+}
+
 /// The last line of the output that parses as the losses object.
-fn parse_losses(stdout: &str) -> Result<Losses, String> {
+fn parse_losses(stdout: &str) -> Result<Losses, EvalError> {
     let line = stdout
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
-        .ok_or("the command printed nothing")?;
+        .ok_or_else(|| failed("the command printed nothing".into()))?;
     let l: Losses = serde_json::from_str(line.trim()).map_err(|e| {
-        format!("the last output line is not {{\"loss_before\":..,\"loss_after\":..}}: {e}")
+        failed(format!(
+            "the last output line is not {{\"loss_before\":..,\"loss_after\":..}}: {e}"
+        ))
     })?;
     if !l.loss_before.is_finite() || !l.loss_after.is_finite() {
-        return Err("the command reported a non-finite loss".into());
+        return Err(failed("the command reported a non-finite loss".into()));
     }
     Ok(l)
 }
@@ -130,9 +136,7 @@ impl Evaluator for CommandEvaluator {
         update: &Dense,
         scale: f32,
     ) -> Result<Losses, EvalError> {
-        self.run(reg, w, peer, update, scale)
-            .await
-            .map_err(EvalError::Failed)
+        self.run(reg, w, peer, update, scale).await
     }
 }
 
@@ -145,14 +149,14 @@ impl CommandEvaluator {
         peer: &str,
         update: &Dense,
         scale: f32,
-    ) -> Result<Losses, String> {
+    ) -> Result<Losses, EvalError> {
         let file = self
             .dir
             .path()
             .join(format!("update-{w}-{peer}.safetensors"));
-        let bytes = dense_to_safetensors(update).map_err(|e| e.to_string())?;
+        let bytes = dense_to_safetensors(update).map_err(|e| failed(e.to_string()))?;
         std::fs::write(&file, bytes)
-            .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+            .map_err(|e| failed(format!("cannot write {}: {e}", file.display())))?;
         let child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(format!("{} \"$@\"", self.cmd))
@@ -174,18 +178,20 @@ impl CommandEvaluator {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start sh: {e}"));
+            .map_err(|e| failed(format!("cannot start sh: {e}")));
         let result = match child {
             Err(e) => Err(e),
             Ok(child) => match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
-                Err(_) => Err(format!(
+                Err(_) => Err(failed(format!(
                     "timed out after {:.0} s",
                     self.timeout.as_secs_f64()
-                )),
-                Ok(Err(e)) => Err(format!("waiting for the command: {e}")),
-                Ok(Ok(out)) if !out.status.success() => {
-                    Err(format!("exited with {}: {}", out.status, tail(&out.stderr)))
-                }
+                ))),
+                Ok(Err(e)) => Err(failed(format!("waiting for the command: {e}"))),
+                Ok(Ok(out)) if !out.status.success() => Err(failed(format!(
+                    "exited with {}: {}",
+                    out.status,
+                    tail(&out.stderr)
+                ))),
                 Ok(Ok(out)) => parse_losses(&String::from_utf8_lossy(&out.stdout)),
             },
         };

@@ -318,17 +318,9 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
             detail,
         );
     }
-    if let Err(detail) = check_section_sizes(reg, &env) {
-        let detail = format!("{}: {detail}", shard.object);
-        return shard.fail(Verdict::Rejected, Reason::SectionSize.code(), detail);
-    }
-    if let Err(detail) = check_section_layout(reg, &env) {
-        let detail = format!("{}: {detail}", shard.object);
-        return shard.fail(
-            Verdict::Rejected,
-            LedgerReason::SectionLayout.code(),
-            detail,
-        );
+    if let Err(x) = check_section_sizes(reg, &env).and_then(|()| check_section_layout(reg, &env)) {
+        let detail = format!("{}: {}", shard.object, x.detail);
+        return shard.fail(x.verdict, &x.reason, detail);
     }
     shard.content = Some(content_hash(env.sections().iter()));
     shard.env = Some((target, env));
@@ -373,21 +365,22 @@ pub(crate) fn shard_limits(reg: &Registry) -> Limits {
 /// and declare no more decompressed bytes than those tensors can take with the run's
 /// codec. Checked on the header, before any section byte is fetched or decompressed: a
 /// memory bound per shard of what the model implies, whatever the miner declares.
-fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), String> {
+fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), Exclusion> {
+    let refuse = |detail| Exclusion::new(Verdict::Rejected, Reason::SectionSize.code(), detail);
     let n = reg.model.tensors.len();
     for s in env.sections() {
         let Some((a, b)) = section_range(&s.name).filter(|&(a, b)| a <= b && b < n) else {
-            return Err(format!(
+            return Err(refuse(format!(
                 "section {:?} does not name a tensor range of the model's {n} tensors",
                 s.name
-            ));
+            )));
         };
         let bound = codec::section_raw_bound(&reg.model.tensors[a..=b], &reg.codec);
         if s.raw_len > bound {
-            return Err(format!(
+            return Err(refuse(format!(
                 "section {:?} declares {} decompressed bytes; tensors {a}..={b} take at most {bound} with the run's codec",
                 s.name, s.raw_len
-            ));
+            )));
         }
     }
     Ok(())
@@ -396,7 +389,7 @@ fn check_section_sizes(reg: &Registry, env: &RemoteEnvelope) -> Result<(), Strin
 /// The shard's sections must be exactly the run's packing (`Registry::section_names`):
 /// the same update then always has the same section table and content hash, so the exact
 /// duplicate rule cannot be slipped by cutting one update at other tensor boundaries.
-fn check_section_layout(reg: &Registry, env: &RemoteEnvelope) -> Result<(), String> {
+fn check_section_layout(reg: &Registry, env: &RemoteEnvelope) -> Result<(), Exclusion> {
     let want = reg.section_names();
     let got: Vec<&str> = env.sections().iter().map(|s| s.name.as_str()).collect();
     if got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g == w) {
@@ -407,13 +400,17 @@ fn check_section_layout(reg: &Registry, env: &RemoteEnvelope) -> Result<(), Stri
         .zip(&want)
         .position(|(g, w)| g != w)
         .unwrap_or(got.len().min(want.len()));
-    Err(format!(
-        "sections are not the run's packing at {} bytes: entry {first} is {:?}, the run's is {:?} ({} sections, the run has {})",
-        reg.section_bytes,
-        got.get(first).copied().unwrap_or("none"),
-        want.get(first).map_or("none", String::as_str),
-        got.len(),
-        want.len()
+    Err(Exclusion::new(
+        Verdict::Rejected,
+        LedgerReason::SectionLayout.code(),
+        format!(
+            "sections are not the run's packing at {} bytes: entry {first} is {:?}, the run's is {:?} ({} sections, the run has {})",
+            reg.section_bytes,
+            got.get(first).copied().unwrap_or("none"),
+            want.get(first).map_or("none", String::as_str),
+            got.len(),
+            want.len()
+        ),
     ))
 }
 
