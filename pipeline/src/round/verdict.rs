@@ -1261,4 +1261,53 @@ mod tests {
         assert_eq!(c[3].unwrap().weight, ((9.0f64 / 10.0) / 4.0) as f32);
         assert!(!c[2].unwrap().clipped);
     }
+
+    #[test]
+    fn clipping_needs_three_accepted_shards() {
+        // (norms, which are clipped): two shards are never clipped, however far apart; from
+        // three, a norm above ratio × median is; rows without a norm (refused) count for
+        // nothing.
+        let cases: [(&[Option<f64>], &[bool]); 4] = [
+            (&[Some(1.0), Some(1e6)], &[false, false]),
+            (&[Some(1.0), Some(1e6), None, None], &[false, false]),
+            (&[Some(1.0), Some(2.0), Some(1e6)], &[false, false, true]),
+            (&[Some(1.0), Some(2.0), Some(6.0)], &[false, false, false]),
+        ];
+        for (norms, clipped) in cases {
+            let c = clip_weights(norms, 3.0);
+            let got: Vec<bool> = c.iter().flatten().map(|c| c.clipped).collect();
+            assert_eq!(got, clipped, "{norms:?}");
+            let n = norms.iter().flatten().count();
+            for (x, norm) in c.iter().zip(norms) {
+                assert_eq!(x.is_some(), norm.is_some());
+                if let Some(x) = x.filter(|x| !x.clipped) {
+                    assert_eq!(x.weight, (1.0 / n as f64) as f32, "{norms:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_end_one_budget_after_the_close() {
+        let op = crate::identity::Identity::generate();
+        let model = codec::ModelSpec { tensors: vec![] };
+        let reg = Registry::new("r", &op.peer_id(), 0, 10, 5, model, Default::default());
+        let budget = Some(Duration::from_secs(4));
+        let close = clock(&reg).closes(3);
+        // Before the close: the reads end at close + budget, wherever the clock is now.
+        for now in [close - 5_000, close - 1, close] {
+            let left = window_deadline(&reg, 3, now, budget) - Instant::now();
+            let want = Duration::from_millis(close + 4_000 - now);
+            assert!(
+                left <= want && want - left < Duration::from_millis(500),
+                "{now}"
+            );
+        }
+        // After the end (a job started late): a whole budget from now, not none.
+        let left = window_deadline(&reg, 3, close + 60_000, budget) - Instant::now();
+        assert!(left > Duration::from_millis(3_500) && left <= Duration::from_secs(4));
+        // No budget given: the window's length.
+        let left = window_deadline(&reg, 3, close, None) - Instant::now();
+        assert!(left > Duration::from_millis(9_500) && left <= Duration::from_secs(10));
+    }
 }

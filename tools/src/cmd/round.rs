@@ -10,7 +10,7 @@ use shardrop::format::layout;
 use shardrop::identity::PeerId;
 use shardrop::round::RoundError;
 use shardrop::round::aggregate::{aggregate_commit, aggregate_part, aggregate_window_on};
-use shardrop::round::outer::{OptimizerKind, Outer, OuterState, Schedule, ScheduleKind, Setting};
+use shardrop::round::outer::{OptimizerKind, OuterState, ScheduleKind, Setting};
 use shardrop::round::publish::{clock, publish_inputs, wait_for_window};
 use shardrop::round::registry::{
     AggForm, AggregateSpec, Credentials, Job, Participant, Registry, RegistryError, Role,
@@ -71,50 +71,25 @@ pub struct OuterArgs {
 }
 
 impl OuterArgs {
-    /// `base` (the setting in force) with these flags applied, from `from_window` on.
+    /// `base` (the setting in force) with these flags applied, from `from_window` on: the
+    /// flags parsed here, the rule applied by the library.
     fn over(&self, base: Setting, from_window: u64) -> anyhow::Result<Setting> {
-        let optimizer = match &self.outer_optimizer {
-            Some(k) => OptimizerKind::parse(k).context("--outer-optimizer")?,
-            None => base.outer.optimizer,
+        let change = shardrop::round::outer::SettingChange {
+            optimizer: (self.outer_optimizer.as_deref())
+                .map(|k| OptimizerKind::parse(k).context("--outer-optimizer"))
+                .transpose()?,
+            lr: self.outer_lr,
+            momentum: self.momentum,
+            schedule: (self.lr_schedule.as_deref())
+                .map(|k| ScheduleKind::parse(k).context("--lr-schedule"))
+                .transpose()?,
+            warmup: self.warmup_windows,
+            decay: self.decay_windows,
+            final_ratio: self.final_lr_ratio,
+            origin: self.schedule_origin,
+            beta: self.beta,
         };
-        let momentum = match (self.momentum, optimizer.keeps_momentum()) {
-            (Some(m), _) => m,
-            (None, false) => 0.0,
-            (None, true) if base.outer.optimizer.keeps_momentum() => base.outer.momentum,
-            (None, true) => 0.9,
-        };
-        let b = base.outer.schedule;
-        let reshaped = self.lr_schedule.is_some()
-            || self.warmup_windows.is_some()
-            || self.decay_windows.is_some()
-            || self.final_lr_ratio.is_some();
-        let kind = match &self.lr_schedule {
-            Some(k) => ScheduleKind::parse(k).context("--lr-schedule")?,
-            None => b.kind,
-        };
-        let carried = (b.warmup > 0 || b.kind != ScheduleKind::Constant).then(|| base.origin());
-        let origin = match (self.schedule_origin, reshaped) {
-            (Some(o), _) => Some(o),
-            (None, true) => None,
-            (None, false) => carried,
-        }
-        .filter(|&o| o != from_window);
-        Ok(Setting {
-            from_window,
-            outer: Outer {
-                optimizer,
-                lr: self.outer_lr.unwrap_or(base.outer.lr),
-                momentum,
-                schedule: Schedule {
-                    kind,
-                    warmup: self.warmup_windows.unwrap_or(b.warmup),
-                    decay: self.decay_windows.unwrap_or(b.decay),
-                    final_ratio: self.final_lr_ratio.unwrap_or(b.final_ratio),
-                    origin,
-                },
-            },
-            beta: self.beta.unwrap_or(base.beta),
-        })
+        Ok(change.over(&base, from_window))
     }
 }
 

@@ -226,3 +226,24 @@ pub async fn aggregate_commit(
     }
     publish_aggregate(reg, id, &target, w, &v, Body::Merged(sections)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::part_range;
+
+    #[test]
+    fn parts_cover_every_tensor_once_in_model_order() {
+        // (tensors, workers): more workers than tensors leaves some parts empty.
+        for (n, k) in [(1, 1), (7, 1), (7, 2), (7, 3), (8, 8), (3, 5), (1000, 7)] {
+            let parts: Vec<_> = (0..k).map(|i| part_range(n, i, k)).collect();
+            assert_eq!(parts[0].start, 0, "{n}/{k}");
+            assert_eq!(parts[k - 1].end, n, "{n}/{k}");
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start, "{n}/{k}: contiguous, disjoint");
+            }
+            let sizes: Vec<usize> = parts.iter().map(|r| r.len()).collect();
+            let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{n}/{k}: balanced {sizes:?}");
+        }
+    }
+}

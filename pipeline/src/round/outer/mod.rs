@@ -165,6 +165,74 @@ pub struct Setting {
     pub beta: f32,
 }
 
+/// A change of the outer setting (`run set`, `run init`): the fields given, each `None`
+/// kept from the setting in force. Its defaults are the spec's (`round.md`, "Settings"), in
+/// this one place for every face.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SettingChange {
+    /// The rule (kept when `None`).
+    pub optimizer: Option<OptimizerKind>,
+    /// The learning rate.
+    pub lr: Option<f32>,
+    /// The momentum; `None` keeps the old one where both rules keep momentum, else 0.9 for
+    /// a rule that keeps it and 0 for one that does not.
+    pub momentum: Option<f32>,
+    /// The schedule's shape.
+    pub schedule: Option<ScheduleKind>,
+    /// Warm-up windows.
+    pub warmup: Option<u64>,
+    /// Decay windows.
+    pub decay: Option<u64>,
+    /// The final rate as a fraction of `lr`.
+    pub final_ratio: Option<f32>,
+    /// The window the schedule counts from; `None` carries the old origin over when the
+    /// shape is unchanged (a changed shape starts afresh at `from_window`).
+    pub origin: Option<u64>,
+    /// The error-feedback decay.
+    pub beta: Option<f32>,
+}
+
+impl SettingChange {
+    /// `base` (the setting in force) with this change applied, from `from_window` on.
+    pub fn over(&self, base: &Setting, from_window: u64) -> Setting {
+        let optimizer = self.optimizer.unwrap_or(base.outer.optimizer);
+        let momentum = match (self.momentum, optimizer.keeps_momentum()) {
+            (Some(m), _) => m,
+            (None, false) => 0.0,
+            (None, true) if base.outer.optimizer.keeps_momentum() => base.outer.momentum,
+            (None, true) => 0.9,
+        };
+        let b = base.outer.schedule;
+        let reshaped = self.schedule.is_some()
+            || self.warmup.is_some()
+            || self.decay.is_some()
+            || self.final_ratio.is_some();
+        let carried = (b.warmup > 0 || b.kind != ScheduleKind::Constant).then(|| base.origin());
+        let origin = match (self.origin, reshaped) {
+            (Some(o), _) => Some(o),
+            (None, true) => None,
+            (None, false) => carried,
+        }
+        .filter(|&o| o != from_window);
+        Setting {
+            from_window,
+            outer: Outer {
+                optimizer,
+                lr: self.lr.unwrap_or(base.outer.lr),
+                momentum,
+                schedule: Schedule {
+                    kind: self.schedule.unwrap_or(b.kind),
+                    warmup: self.warmup.unwrap_or(b.warmup),
+                    decay: self.decay.unwrap_or(b.decay),
+                    final_ratio: self.final_ratio.unwrap_or(b.final_ratio),
+                    origin,
+                },
+            },
+            beta: self.beta.unwrap_or(base.beta),
+        }
+    }
+}
+
 impl Setting {
     /// The window the schedule counts from.
     pub fn origin(&self) -> u64 {

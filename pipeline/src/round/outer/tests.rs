@@ -301,3 +301,53 @@ fn the_stated_cosine_is_the_cosine_and_moves_no_rate() {
     // on this grid when the polynomial was chosen.
     assert_eq!(differ, 0, "{differ} of {total} rates moved");
 }
+
+#[test]
+fn a_setting_change_keeps_what_it_does_not_name() {
+    let sgd = setting(OptimizerKind::Sgd, 0.7, 0.0);
+    let nesterov = setting(OptimizerKind::Nesterov, 0.7, 0.5);
+    let to = |k| SettingChange {
+        optimizer: Some(k),
+        ..SettingChange::default()
+    };
+    // (base, change, momentum after): a rule that keeps momentum starts at 0.9 unless the
+    // old rule kept one; a rule without momentum has 0.
+    let cases = [
+        (&sgd, to(OptimizerKind::Nesterov), 0.9),
+        (&nesterov, to(OptimizerKind::Momentum), 0.5),
+        (&nesterov, to(OptimizerKind::Sgd), 0.0),
+        (
+            &sgd,
+            SettingChange {
+                optimizer: Some(OptimizerKind::Momentum),
+                momentum: Some(0.25),
+                ..SettingChange::default()
+            },
+            0.25,
+        ),
+    ];
+    for (base, change, momentum) in cases {
+        let after = change.over(base, 5);
+        assert_eq!(after.outer.momentum, momentum, "{change:?}");
+        assert_eq!(
+            (after.from_window, after.outer.lr, after.beta),
+            (5, 0.7, 0.9)
+        );
+    }
+    // A schedule in progress carries its origin over an lr change, and starts afresh when
+    // its shape changes.
+    let mut warm = setting(OptimizerKind::Sgd, 1.0, 0.0);
+    warm.outer.schedule.warmup = 10;
+    let lr_only = SettingChange {
+        lr: Some(0.5),
+        ..SettingChange::default()
+    };
+    assert_eq!(lr_only.over(&warm, 4).outer.schedule.origin, Some(0));
+    let reshaped = SettingChange {
+        warmup: Some(3),
+        ..SettingChange::default()
+    };
+    assert_eq!(reshaped.over(&warm, 4).outer.schedule.origin, None);
+    // A constant rate without warm-up has nothing to carry.
+    assert_eq!(lr_only.over(&sgd, 4).outer.schedule.origin, None);
+}
