@@ -4,6 +4,7 @@
 //! Errors go to stderr as one line naming the object and the reason. Exit codes: 0 success,
 //! 1 error, 2 usage, 3 the object was verified and rejected.
 
+mod bench;
 mod cmd;
 mod out;
 

@@ -1,14 +1,9 @@
 //! Subcommands.
 
-mod bench;
-mod bench_ckpt;
-#[cfg(feature = "cuda")]
-mod bench_gpu;
-mod bench_round;
 mod ckpt;
 mod demo;
-mod device;
-mod grad;
+pub(crate) mod device;
+pub(crate) mod grad;
 mod keys;
 mod object;
 mod round;
@@ -82,7 +77,7 @@ pub enum Command {
     Ckpt(ckpt::CkptCommand),
     /// Benchmarks with baselines measured side by side.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(crate::bench::BenchCommand),
     /// Run the demonstration on a local folder store: no server, no keys to make by hand.
     Demo(demo::DemoArgs),
 }
@@ -103,7 +98,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Validate(a) => validate::validate_cmd(ctx, a).await,
         Command::Scores(c) => validate::scores_cmd(ctx, c).await,
         Command::Ckpt(c) => ckpt::run(ctx, c).await,
-        Command::Bench(c) => bench::run(ctx, c).await,
+        Command::Bench(c) => crate::bench::run(ctx, c).await,
         Command::Demo(a) => demo::demo(ctx, a).await,
     }
 }

@@ -17,8 +17,8 @@ use shardrop::identity::Identity;
 use shardrop::round::registry::{Participant, Registry, Role};
 use shardrop::store;
 
-use super::Ctx;
-use super::parse_size;
+use crate::cmd::Ctx;
+use crate::cmd::parse_size;
 
 #[derive(Args)]
 pub struct CkptBench {
@@ -468,7 +468,7 @@ async fn raw_get(b: &Setup, concurrency: usize) -> anyhow::Result<(u64, f64)> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    super::bench::plain_download(ranges, concurrency).await
+    super::common::plain_download(ranges, concurrency).await
 }
 
 /// Removes everything the benchmark wrote to the bucket.

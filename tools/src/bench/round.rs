@@ -23,7 +23,7 @@ use shardrop::round::replay::{Fetched, apply_aggregates, fetch_aggregate};
 use shardrop::round::window::store_now_ms;
 use shardrop::store::{self, put_create};
 
-use super::Ctx;
+use crate::cmd::Ctx;
 
 #[derive(Args)]
 pub struct RoundBench {
@@ -454,7 +454,7 @@ pub async fn round_bench(ctx: &Ctx, a: RoundBench) -> anyhow::Result<serde_json:
             (area, p)
         })
         .collect();
-    let (downloaded, download_secs) = super::bench::plain_download(
+    let (downloaded, download_secs) = super::common::plain_download(
         paths.into_iter().map(|(area, p)| (area, p, None)).collect(),
         a.concurrency,
     )

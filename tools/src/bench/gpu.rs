@@ -13,7 +13,7 @@ use shardrop::format::codec::{
     encode_tensor,
 };
 
-use super::bench::CodecBench;
+use super::codec::CodecBench;
 
 /// The PyTorch baseline, embedded so that a binary carried to a GPU machine has it.
 const TORCH_SCRIPT: &str = include_str!("../../codec_torch.py");

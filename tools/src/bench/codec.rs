@@ -7,27 +7,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
+use clap::Args;
 use rayon::prelude::*;
 use shardrop::format::codec::{
     CodecParams, EncodedTensor, InDtype, ScaleMode, TensorInput, ValueFormat, accumulate,
     encode_tensor, f32_to_bf16,
 };
 
-use super::grad::CodecArgs;
-use super::{Ctx, parse_size};
-use crate::out;
-use shardrop::store::Target;
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Codec throughput vs a memory read pass and numpy.
-    Codec(CodecBench),
-    /// One window with many miners: aggregation time vs a plain parallel download.
-    Round(super::bench_round::RoundBench),
-    /// Checkpoint push and pull vs rclone, the AWS CLI, boto3 + safetensors and raw GETs.
-    Ckpt(super::bench_ckpt::CkptBench),
-}
+use crate::cmd::grad::CodecArgs;
+use crate::cmd::parse_size;
 
 #[derive(Args)]
 pub struct CodecBench {
@@ -63,102 +51,6 @@ impl CodecBench {
             .clone()
             .or_else(|| std::env::var("SHARDROP_PYTHON").ok())
             .unwrap_or_else(|| "python3".into())
-    }
-}
-
-/// The transfer limit both store benchmarks compare against: plain parallel GETs (whole
-/// objects, or byte ranges), bodies counted and discarded. Returns (bytes, seconds).
-pub(super) async fn plain_download(
-    gets: Vec<(
-        Target,
-        object_store::path::Path,
-        Option<std::ops::Range<u64>>,
-    )>,
-    concurrency: usize,
-) -> anyhow::Result<(u64, f64)> {
-    use futures::StreamExt;
-    use object_store::{GetOptions, GetRange};
-    let t = std::time::Instant::now();
-    let got: Vec<u64> = futures::stream::iter(gets.into_iter().map(|(target, p, r)| async move {
-        let opts = GetOptions {
-            range: r.map(GetRange::Bounded),
-            ..Default::default()
-        };
-        target
-            .store
-            .get_opts(&p, opts)
-            .await?
-            .bytes()
-            .await
-            .map(|b| b.len() as u64)
-    }))
-    .buffer_unordered(concurrency.max(1))
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()
-    .map_err(|e| anyhow::anyhow!("plain download: {e}"))?;
-    Ok((got.iter().sum(), t.elapsed().as_secs_f64()))
-}
-
-pub async fn run(ctx: &Ctx, cmd: BenchCommand) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Codec(a) => {
-            let (report, text) = tokio::task::spawn_blocking(move || codec_bench_on(a)).await??;
-            out::emit(ctx, &report, &text);
-            Ok(())
-        }
-        BenchCommand::Ckpt(a) => {
-            let r = super::bench_ckpt::ckpt_bench(ctx, a).await?;
-            let mut text = format!(
-                "checkpoint bench: {:.0} MiB through {}\n{:<6} {:<48} {:>8} {:>9} {:>18}\n",
-                r["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-                r["store"].as_str().unwrap_or("?"),
-                "phase",
-                "tool",
-                "seconds",
-                "MiB/s",
-                "shardrop faster by"
-            );
-            for row in r["rows"].as_array().into_iter().flatten() {
-                text += &format!(
-                    "{:<6} {:<48} {:>8.2} {:>9.0} {:>17.2}x\n",
-                    row["phase"].as_str().unwrap_or(""),
-                    row["tool"].as_str().unwrap_or(""),
-                    row["seconds"].as_f64().unwrap_or(0.0),
-                    row["mib_per_s"].as_f64().unwrap_or(0.0),
-                    row["shardrop_speedup"].as_f64().unwrap_or(0.0)
-                );
-            }
-            text += &format!(
-                "pull: {:.2}x the fastest baseline's speed; {:.2}x the raw parallel GET's time\n",
-                r["pull_vs_fastest_baseline"].as_f64().unwrap_or(0.0),
-                r["pull_over_raw_get"].as_f64().unwrap_or(0.0)
-            );
-            out::emit(ctx, &r, &text);
-            Ok(())
-        }
-        BenchCommand::Round(a) => {
-            let r = super::bench_round::round_bench(ctx, a).await?;
-            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-            let text = format!(
-                "round bench: {} miners, {} parameters, {} accepted; shards {:.1} MiB each\n\
-                 aggregate (close -> published): {:.2} s   plain parallel download of the same shards: {:.2} s   ratio {:.2}x\n\
-                 aggregate object {:.1} MiB; aggregate process peak RSS {:.0} MiB (dense accumulator {:.0} MiB)\n",
-                r["miners"],
-                r["params"],
-                r["accepted"],
-                f("shard_bytes_each") / 1048576.0,
-                f("aggregate_seconds"),
-                f("plain_download_seconds"),
-                f("ratio_to_transfer_limit"),
-                f("aggregate_bytes") / 1048576.0,
-                f("aggregate_peak_rss_mib"),
-                f("accumulator_mib")
-            );
-            out::emit(ctx, &r, &text);
-            Ok(())
-        }
     }
 }
 
@@ -277,27 +169,7 @@ fn bytes_of(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// The codec bench on the device `--device` resolves to.
-fn codec_bench_on(a: CodecBench) -> anyhow::Result<(serde_json::Value, String)> {
-    let chosen = super::device::choose(&a.device)?;
-    #[cfg(feature = "cuda")]
-    if let super::device::Codec::Gpu(g) = &chosen.codec {
-        let r = super::bench_gpu::gpu_codec_bench(g, &a, &a.codec.params()?)?;
-        let text = super::bench_gpu::render(&r);
-        return Ok((r, text));
-    }
-    let mut r = codec_bench(a)?;
-    let mut text = render(&r);
-    if let Some(why) = &chosen.fallback {
-        text = format!("CPU codec bench (GPU unavailable: {why})\n{text}");
-    }
-    if let (Some(o), serde_json::Value::Object(d)) = (r.as_object_mut(), chosen.report()) {
-        o.extend(d);
-    }
-    Ok((r, text))
-}
-
-fn codec_bench(a: CodecBench) -> anyhow::Result<serde_json::Value> {
+pub(super) fn codec_bench(a: CodecBench) -> anyhow::Result<serde_json::Value> {
     let p = a.codec.params()?;
     let n = (a.size / 4) as usize;
     if n == 0 || !n.is_multiple_of(p.chunk as usize) {
@@ -429,7 +301,7 @@ fn numpy_baseline(
     }))
 }
 
-fn render(r: &serde_json::Value) -> String {
+pub(super) fn render(r: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
     let mut t = format!(
         "codec bench: {} elements ({} MiB f32), {} threads, C={} k={} {} {} indices, {:.2} bits per kept element\n",
