@@ -10,7 +10,7 @@
 //! - base: [`error`] (failure classes; [`classified`] finds any error's), [`numbers`],
 //!   [`identity`] (keys), [`files`] (local files never trusted);
 //! - [`store`]: URLs to object stores (S3, local folders, `memory://` for tests);
-//! - [`format`]: what bytes mean — the signed [`envelope`](format::envelope), the gradient
+//! - [`format`](mod@format): what bytes mean — the signed [`envelope`](format::envelope), the gradient
 //!   [`codec`](format::codec), the Parquet [`tables`](format::tables), object keys
 //!   ([`layout`](format::layout));
 //! - [`round`]: the training round — the run's [`registry`](round::registry), a miner's
