@@ -100,10 +100,28 @@ pub enum RoundError {
         #[source]
         source: EnvelopeError,
     },
+    /// The local disk failed (a spool folder, a state folder, a part file): class `store`,
+    /// with the path, as for a store that failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A failure of this program or its device (serialising its own output, a GPU), not of
     /// any input.
     #[error("{0}")]
     Internal(String),
+}
+
+impl RoundError {
+    /// A local-disk failure at `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> RoundError {
+        RoundError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
 }
 
 impl crate::error::Classified for RoundError {
@@ -118,6 +136,7 @@ impl crate::error::Classified for RoundError {
             RoundError::Store(e) => e.class(),
             RoundError::Envelope(e) | RoundError::Aggregate { source: e, .. } => e.class(),
             RoundError::Codec(e) => e.class(),
+            RoundError::Io { .. } => ErrorClass::Store,
             RoundError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -138,6 +157,7 @@ impl crate::error::Classified for RoundError {
             | RoundError::Conflict { object, .. }
             | RoundError::Missing { object, .. }
             | RoundError::NoAggregate { object, .. } => Some(object),
+            RoundError::Io { path, .. } => Some(path),
             RoundError::Envelope(e) | RoundError::Aggregate { source: e, .. } => e.object(),
             RoundError::Store(e) => e.object(),
             _ => None,

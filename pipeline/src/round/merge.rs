@@ -113,7 +113,7 @@ async fn spool(
     w: u64,
     who: &str,
 ) -> Result<(), RoundError> {
-    let io = |e: std::io::Error| RoundError::Internal(format!("spool {}: {e}", file.display()));
+    let io = |e: std::io::Error| RoundError::io(file, e);
     let sink = std::io::BufWriter::new(std::fs::File::create(file).map_err(io)?);
     match stream_section(target.store.as_ref(), env, name, sink, limits).await {
         Ok(mut out) => std::io::Write::flush(&mut out).map_err(io),
@@ -236,7 +236,7 @@ pub async fn fetch_listed(
     let dir = tempfile::Builder::new()
         .prefix("shardrop-merge-")
         .tempdir()
-        .map_err(|e| RoundError::Internal(format!("spool folder: {e}")))?;
+        .map_err(|e| RoundError::io(&std::env::temp_dir(), e))?;
     let root = dir.path().to_path_buf();
     if let Some(m) = &list.merged {
         let files = fetch_merged(reg, s3, list, m, want, &root).await?;
@@ -543,7 +543,7 @@ pub async fn prefetch(
             // A fresh temporary file (created exclusively, so never through a link planted
             // at a predictable name: the hash is public in the miner's header), renamed over.
             crate::files::write_replace(cache, &file, &bytes)
-                .map_err(|err| RoundError::Internal(format!("{}: {err}", file.display())))?;
+                .map_err(|err| RoundError::io(&file, err))?;
             got.sections += 1;
             got.bytes += bytes.len() as u64;
         }
@@ -692,7 +692,7 @@ impl Spooled {
             let mut bytes = Vec::new();
             std::fs::File::open(file)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(|e| RoundError::Internal(format!("spool {}: {e}", file.display())))?;
+                .map_err(|e| RoundError::io(file, e))?;
             let bad = |detail: String| RoundError::Rejected {
                 object: format!("window {} merged t{i:05}", self.window),
                 reason: RoundReason::AggSectionMismatch.code(),
@@ -740,7 +740,7 @@ impl Spooled {
         let mut bytes = Vec::new();
         std::fs::File::open(file)
             .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| RoundError::Internal(format!("spool {}: {e}", file.display())))?;
+            .map_err(|e| RoundError::io(file, e))?;
         let tensors = codec::read_section(&bytes, Some(&reg.model), &CodecLimits::default())
             .map_err(|e| {
                 RoundError::Internal(format!(

@@ -271,6 +271,108 @@ pub fn encode_rank_part(
     Ok(codec::encode_part(slices, &reg.model, state, &opts, w)?)
 }
 
+/// A miner's (or one rank's) error-feedback state and where it persists: the buffers,
+/// the folder they are saved in (locked against a second process for as long as this
+/// lives), and the last part this rank encoded. The crash protocol of a sharded miner's
+/// ranks (`gradient.md` §9) lives here, once: a part is written (fresh file, renamed) before
+/// the state that accounts for it, so a rank killed in between re-encodes from the old state,
+/// and one killed after finds its part; asking again for that window returns the same bytes.
+pub struct MinerState {
+    /// The error-feedback buffers.
+    pub ef: EfState,
+    dir: Option<std::path::PathBuf>,
+    kept_part: Option<(u64, Vec<u8>)>,
+    _lock: Option<codec::StateLock>,
+}
+
+impl MinerState {
+    /// The file in a state folder holding the rank's last part.
+    pub const PART_FILE: &'static str = "last-part.bin";
+
+    /// The state saved in `dir` (locked now; empty buffers in a new folder), or a state in
+    /// memory only.
+    pub fn open(dir: Option<std::path::PathBuf>) -> Result<MinerState, RoundError> {
+        let Some(dir) = dir else {
+            return Ok(MinerState {
+                ef: EfState::default(),
+                dir: None,
+                kept_part: None,
+                _lock: None,
+            });
+        };
+        let lock = codec::lock_dir(&dir).map_err(|e| RoundError::io(&dir, e))?;
+        let ef = EfState::load(&dir).map_err(|e| RoundError::io(&dir, e))?;
+        let path = dir.join(Self::PART_FILE);
+        let kept_part = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let part = codec::EncodedPart::from_bytes(&bytes, &codec::CodecLimits::default())
+                    .map_err(|e| RoundError::Io {
+                    path: path.display().to_string(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?;
+                (Some(part.window) == ef.window).then_some((part.window, bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(RoundError::io(&path, e)),
+        };
+        Ok(MinerState {
+            ef,
+            dir: Some(dir),
+            kept_part,
+            _lock: Some(lock),
+        })
+    }
+
+    /// The part of window `w` this state already encoded (and accounts for), if kept: what
+    /// a retry of `w` must hand on again, without reading anything.
+    pub fn kept_part(&self, w: u64) -> Option<&[u8]> {
+        match &self.kept_part {
+            Some((kw, bytes)) if *kw == w && self.ef.window == Some(w) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// The folder the state persists in, if any.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref()
+    }
+
+    /// Saves the buffers into `dir` (the state's own folder when `None`; nothing to do for
+    /// a state in memory).
+    pub fn save(&self, dir: Option<&std::path::Path>) -> Result<(), RoundError> {
+        match dir.or(self.dir.as_deref()) {
+            Some(d) => self.ef.save(d).map_err(|e| RoundError::io(d, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// One rank's part of window `w` ([`encode_rank_part`]), kept and saved by the crash
+    /// protocol above; the part of a window this state already encoded is returned again.
+    pub fn encode_part(
+        &mut self,
+        reg: &Registry,
+        w: u64,
+        slices: &[codec::SliceInput],
+    ) -> Result<Vec<u8>, RoundError> {
+        if let Some(bytes) = self.kept_part(w) {
+            tracing::info!(
+                window = w,
+                "this window's part was encoded before: returning it"
+            );
+            return Ok(bytes.to_vec());
+        }
+        let bytes = encode_rank_part(reg, w, slices, &mut self.ef)?.to_bytes()?;
+        if let Some(dir) = &self.dir {
+            let path = dir.join(Self::PART_FILE);
+            crate::files::write_replace_beside(&path, &bytes)
+                .map_err(|e| RoundError::io(&path, e))?;
+            self.ef.save(dir).map_err(|e| RoundError::io(dir, e))?;
+        }
+        self.kept_part = Some((w, bytes.clone()));
+        Ok(bytes)
+    }
+}
+
 /// Publishes the shard a sharded miner's ranks encoded as `parts` (one per rank that holds
 /// any slice; `codec::assemble_parts` checks they cover the run's model exactly once): the
 /// same bytes, checks and report as [`publish`] of the whole update. `window` defaults to

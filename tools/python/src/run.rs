@@ -8,12 +8,10 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict};
-use shardrop::format::codec::{
-    CodecLimits, EfState, EncodedPart, OwnedShapeInput, SliceInput, StateLock, lock_dir,
-};
+use shardrop::format::codec::{CodecLimits, EncodedPart, OwnedShapeInput, SliceInput};
 use shardrop::identity::{Identity, PeerId};
 use shardrop::round::RoundError;
-use shardrop::round::publish::{encode_rank_part, publish_inputs, publish_parts, wait_for_window};
+use shardrop::round::publish::{MinerState, publish_inputs, publish_parts, wait_for_window};
 use shardrop::round::registry::{Job, Registry};
 use shardrop::round::replay::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
 use shardrop::round::replay::{Coverage, check_params, check_state_window};
@@ -243,24 +241,13 @@ impl Run {
         let id = key_path
             .map(|k| Identity::load(&k).map_err(to_py))
             .transpose()?;
-        let (lock, ef, part) = match &state {
-            Some(dir) => {
-                let lock = lock_dir(dir).map_err(|e| io(dir, e))?;
-                let ef = EfState::load(dir).map_err(|e| io(dir, e))?;
-                let part = load_kept_part(dir, ef.window)?;
-                (Some(lock), ef, part)
-            }
-            None => (None, EfState::default(), None),
-        };
+        let state = MinerState::open(state).map_err(to_py)?;
         Ok(Miner {
             url: self.url.clone(),
             s3: self.s3.clone(),
             operator: self.operator,
             id,
-            state: ef,
-            dir: state,
-            kept_part: part,
-            _lock: lock,
+            state,
         })
     }
 
@@ -352,29 +339,8 @@ pub struct Miner {
     s3: S3Options,
     operator: PeerId,
     id: Option<Identity>,
-    state: EfState,
-    dir: Option<PathBuf>,
-    /// The last part this rank encoded, with its window: what a retry of that window
-    /// returns (the state has already moved past it).
-    kept_part: Option<(u64, Vec<u8>)>,
-    _lock: Option<StateLock>,
-}
-
-/// File in a rank's state folder holding its last part, written before the state that
-/// accounts for it, so a rank killed in between re-encodes, and one killed after finds it.
-const PART_FILE: &str = "last-part.bin";
-
-/// The part kept in `dir`, if it is the one the state (last window `window`) accounts for.
-fn load_kept_part(dir: &std::path::Path, window: Option<u64>) -> PyResult<Option<(u64, Vec<u8>)>> {
-    let path = dir.join(PART_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(&path, e)),
-    };
-    let part =
-        EncodedPart::from_bytes(&bytes, &CodecLimits::default()).map_err(|e| io(&path, e))?;
-    Ok((Some(part.window) == window).then_some((part.window, bytes)))
+    /// The error-feedback state, its folder and the last part (the library's protocol).
+    state: MinerState,
 }
 
 /// The miner's key, which publishing needs.
@@ -409,13 +375,13 @@ impl Miner {
     /// The last window the error-feedback state accounts for (None before the first).
     #[getter]
     fn state_window(&self) -> Option<u64> {
-        self.state.window
+        self.state.ef.window
     }
 
     /// The state folder, if the state persists.
     #[getter]
     fn state_dir(&self) -> Option<PathBuf> {
-        self.dir.clone()
+        self.state.dir().map(PathBuf::from)
     }
 
     /// Encodes `update` (a mapping of name to CPU tensor, f32, bf16 or f16: the whole model,
@@ -437,7 +403,7 @@ impl Miner {
         let held = import_all(update, Access::Read)?;
         let inputs: Vec<OwnedShapeInput> = held.iter().map(|h| h.input()).collect();
         let started = std::time::Instant::now();
-        let (id, s3, state) = (key(&self.id)?, &self.s3, &mut self.state);
+        let (id, s3, state) = (key(&self.id)?, &self.s3, &mut self.state.ef);
         let before = state.window;
         let res = block(py, async {
             let w = match wait {
@@ -447,9 +413,9 @@ impl Miner {
             publish_inputs(Job::new(&reg, id, s3), w, &inputs, state).await
         })?;
         let p = res.map_err(to_py)?;
-        if let (Some(dir), true) = (&self.dir, self.state.window != before) {
-            let (dir, st) = (dir.clone(), &self.state);
-            py.detach(|| st.save(&dir)).map_err(|e| io(&dir, e))?;
+        if self.state.ef.window != before {
+            let st = &self.state;
+            py.detach(|| st.save(None)).map_err(to_py)?;
         }
         report(py, &p, started)
     }
@@ -472,14 +438,7 @@ impl Miner {
         window: u64,
         rows: Option<BTreeMap<String, u64>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        if let Some((w, bytes)) = &self.kept_part
-            && *w == window
-            && self.state.window == Some(window)
-        {
-            tracing::info!(
-                window,
-                "this window's part was encoded before: returning it"
-            );
+        if let Some(bytes) = self.state.kept_part(window) {
             return Ok(PyBytes::new(py, bytes));
         }
         let (reg, _) =
@@ -500,20 +459,9 @@ impl Miner {
             .collect();
         let state = &mut self.state;
         let bytes = py
-            .detach(|| {
-                encode_rank_part(&reg, window, &slices, state)
-                    .and_then(|p| p.to_bytes().map_err(RoundError::from))
-            })
+            .detach(|| state.encode_part(&reg, window, &slices))
             .map_err(to_py)?;
-        if let Some(dir) = &self.dir {
-            let (st, path) = (&self.state, dir.join(PART_FILE));
-            py.detach(|| shardrop::files::write_replace_beside(&path, &bytes))
-                .map_err(|e| io(&path, e))?;
-            py.detach(|| st.save(dir)).map_err(|e| io(dir, e))?;
-        }
-        let out = PyBytes::new(py, &bytes);
-        self.kept_part = Some((window, bytes));
-        Ok(out)
+        Ok(PyBytes::new(py, &bytes))
     }
 
     /// The publishing rank of a sharded miner: checks that `parts` (every rank's
@@ -564,12 +512,12 @@ impl Miner {
     /// shard); `dir` writes it elsewhere instead.
     #[pyo3(signature = (dir=None))]
     fn save_state(&self, py: Python<'_>, dir: Option<PathBuf>) -> PyResult<()> {
-        let Some(dir) = dir.or_else(|| self.dir.clone()) else {
+        if dir.is_none() && self.state.dir().is_none() {
             return Err(caller(
                 "this miner has no state folder: give dir, or open it with state=…",
             ));
-        };
-        py.detach(|| self.state.save(&dir)).map_err(|e| io(&dir, e))
+        }
+        py.detach(|| self.state.save(dir.as_deref())).map_err(to_py)
     }
 
     fn __repr__(&self) -> String {
@@ -580,7 +528,7 @@ impl Miner {
                 .map_or("(none: encodes parts only)".to_string(), |id| id
                     .peer_id()
                     .to_string()),
-            self.state.window
+            self.state.ef.window
         )
     }
 }

@@ -139,3 +139,34 @@ def test_dim0_rows_is_torch_chunk():
     assert [shardrop.dim0_rows(2, k, 4) for k in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
     with pytest.raises(ValueError):
         shardrop.dim0_rows(4, 4, 4)
+
+
+def test_a_rank_reopened_after_a_kill_hands_on_its_part(tmp_path):
+    """The crash protocol (the library's `MinerState`): a rank killed after it saved its
+    part and state finds the part again, without counting the update twice; one killed
+    between writing the part and saving the state re-encodes the same bytes."""
+    import gc
+
+    r = CliRun(tmp_path, "file://" + str(tmp_path / "stores"), "sgd", 3, shapes=SHARDED)
+    run = shardrop.Run.open(r.registry)
+    u = full_update(5)
+    w = run.window_now() + 1
+    mine, rows = rank_slices(u, 1, 2)
+    folder = tmp_path / "rank1"
+    m = run.miner(None, state=str(folder))
+    before = tmp_path / "before"
+    m.save_state(str(before))  # the state as it was before this window
+    part = m.encode_part(mine, w, rows=rows)
+    del m
+    gc.collect()  # drops the folder's lock, as a killed process would
+    m = run.miner(None, state=str(folder))
+    assert m.state_window == w
+    assert m.encode_part(mine, w, rows=rows) == part
+    del m
+    gc.collect()
+    # Killed after the part was written, before the state was: the old state is there.
+    for f in before.iterdir():
+        shutil.copy(f, folder / f.name)
+    m = run.miner(None, state=str(folder))
+    assert m.state_window is None
+    assert m.encode_part(mine, w, rows=rows) == part
