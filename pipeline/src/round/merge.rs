@@ -103,7 +103,6 @@ fn unlisted(
 }
 
 /// Streams section `name` of `env` through its blake3 check and decompression into `file`.
-#[allow(clippy::too_many_arguments)]
 async fn spool(
     target: &Target,
     env: &RemoteEnvelope,

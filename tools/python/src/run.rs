@@ -52,7 +52,6 @@ impl Run {
     }
 
     /// Replays windows `first ..= last` onto `params` (f32 CPU tensors, in place).
-    #[allow(clippy::too_many_arguments)]
     fn replay(
         &mut self,
         py: Python<'_>,

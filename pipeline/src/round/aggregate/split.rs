@@ -74,7 +74,6 @@ async fn put_blob(
 /// for every other worker's, derives the same verdicts as a single process would, and
 /// publishes its merged tensors. `aggregate_commit` assembles the aggregate.
 /// The merge runs on `on` (the CPU by default; workers may mix devices).
-#[allow(clippy::too_many_arguments)]
 pub async fn aggregate_part(
     job: Job<'_>,
     w: u64,
@@ -123,7 +122,6 @@ pub async fn aggregate_part(
 }
 
 /// A worker's range checks, for every other worker and the commit.
-#[allow(clippy::too_many_arguments)]
 async fn publish_checks(
     reg: &Registry,
     id: &Identity,
