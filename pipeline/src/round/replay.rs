@@ -243,15 +243,17 @@ impl Step {
 /// Which of the run's tensors a replay's parameters must hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Coverage {
-    /// Every model tensor (a whole base: the CLI's `apply`).
+    /// Every model tensor, with its shape; other tensors of the base travel along untouched
+    /// (a whole base file: the CLI's `apply`).
     All,
-    /// Any of them (one rank's share: the Python package's `apply`).
+    /// Only model tensors, any of them (one rank's share: the Python package's `apply`).
     Subset,
 }
 
-/// Refuses parameters that are not the run's model (`model_mismatch`): a tensor the model
-/// does not have or with another shape, or, for [`Coverage::All`], a model tensor missing.
-/// The one check both faces run before anything is fetched.
+/// Refuses parameters that are not the run's model (`model_mismatch`), before anything is
+/// fetched, naming the tensor: for [`Coverage::All`] a model tensor missing or of another
+/// shape; for [`Coverage::Subset`] a tensor the model does not have, or of another shape.
+/// The one check both faces run.
 pub fn check_params<'a>(
     reg: &Registry,
     params: impl IntoIterator<Item = (&'a str, &'a [u64])>,
@@ -261,30 +263,43 @@ pub fn check_params<'a>(
         reason: RoundReason::ModelMismatch,
         detail,
     };
-    let mut seen = 0usize;
-    for (name, shape) in params {
-        match reg.model.get(name) {
-            Some(t) if t.shape == shape => seen += 1,
-            Some(t) => {
-                return Err(refused(format!(
-                    "tensor {name:?} is {shape:?}; run {}'s model has it as {:?}",
-                    reg.run, t.shape
-                )));
-            }
-            None => {
-                return Err(refused(format!(
-                    "tensor {name:?} {shape:?} is not in run {}'s model",
-                    reg.run
-                )));
+    let params: BTreeMap<&str, &[u64]> = params.into_iter().collect();
+    match coverage {
+        Coverage::All => {
+            for t in &reg.model.tensors {
+                match params.get(t.name.as_str()) {
+                    Some(shape) if *shape == t.shape.as_slice() => {}
+                    got => {
+                        return Err(refused(format!(
+                            "tensor {:?} {:?} of run {}'s model is {}",
+                            t.name,
+                            t.shape,
+                            reg.run,
+                            got.map_or("missing".to_string(), |s| format!("{s:?} here"))
+                        )));
+                    }
+                }
             }
         }
-    }
-    if coverage == Coverage::All && seen != reg.model.tensors.len() {
-        return Err(refused(format!(
-            "the parameters hold {seen} of run {}'s {} model tensors; a whole base holds every one",
-            reg.run,
-            reg.model.tensors.len()
-        )));
+        Coverage::Subset => {
+            for (name, shape) in params {
+                match reg.model.get(name) {
+                    Some(t) if t.shape == shape => {}
+                    Some(t) => {
+                        return Err(refused(format!(
+                            "tensor {name:?} is {shape:?}; run {}'s model has it as {:?}",
+                            reg.run, t.shape
+                        )));
+                    }
+                    None => {
+                        return Err(refused(format!(
+                            "tensor {name:?} {shape:?} is not in run {}'s model",
+                            reg.run
+                        )));
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

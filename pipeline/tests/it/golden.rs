@@ -2,7 +2,7 @@
 //!
 //! The cases are built here from a fixed seed; the test checks that (1) this build produces
 //! exactly the committed bytes and (2) verifying each committed file gives its recorded
-//! result. `SHARDROP_BLESS=1 cargo test --test golden` rewrites the files after a deliberate
+//! result. `SHARDROP_BLESS=1 cargo test -p shardrop --test it golden::` rewrites the files after a deliberate
 //! format change (which must also bump the format version).
 
 use std::path::PathBuf;

@@ -11,7 +11,7 @@
 //! It also commits what an implementer needs beyond the arithmetic: a weighted merge of
 //! several shards (weights ≠ 1), an update split into several sections at the Templar point
 //! (C = 4096, k = 64, int2, compact), and a decoder refusal per reason code.
-//! `SHARDROP_BLESS=1 cargo test --test golden_arithmetic` rewrites them.
+//! `SHARDROP_BLESS=1 cargo test -p shardrop --test it golden_arithmetic::` rewrites them.
 
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@
 //! section names, oversized maps, several and skippable zstd frames, and signer keys that
 //! are small-order, non-canonical or upper-case. Every object is correctly signed, so the
 //! verdict comes from the rule under test and not from the signature.
-//! `SHARDROP_BLESS=1 cargo test --test golden_envelope_edges` rewrites them.
+//! `SHARDROP_BLESS=1 cargo test -p shardrop --test it golden_envelope_edges::` rewrites them.
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! f32, bf16 and f16 (with a short last chunk), two encode steps with error feedback, for
 //! several parameter sets. The test checks that this build reproduces every committed byte
 //! and that decoding the committed sections gives the committed dense tensors.
-//! `SHARDROP_BLESS=1 cargo test --test golden_gradient` rewrites them.
+//! `SHARDROP_BLESS=1 cargo test -p shardrop --test it golden_gradient::` rewrites them.
 
 use std::path::PathBuf;
 

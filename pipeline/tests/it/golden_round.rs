@@ -11,11 +11,11 @@
 //!
 //! The test checks that (a) this build produces exactly the committed files (the library:
 //! `Registry::setting_at`, `Setting::lr_at`, `outer::step`, `codec::sum_of_squares`,
-//! `verdict::shard_norm`, `verdict::clip_weights`, `exchange::content_hash_of`), (b) a small
+//! `verdict::shard_norm`, `verdict::clip_weights`, `round::publish::content_hash_of`), (b) a small
 //! reference written from `round.md` alone reproduces every committed value from the
 //! committed inputs, and (c) each listed mistake, as a switch of that reference, does
-//! **not** reproduce at least one committed value. `SHARDROP_BLESS=1 cargo test --test
-//! golden_round` rewrites the files.
+//! **not** reproduce at least one committed value. `SHARDROP_BLESS=1 cargo test -p shardrop
+//! --test it golden_round::` rewrites the files.
 
 use std::path::PathBuf;
 

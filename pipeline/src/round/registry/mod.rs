@@ -333,7 +333,7 @@ pub enum RegistryError {
         detail: String,
     },
     /// The caller's key is not in the registry in the role it acts in.
-    #[error("{peer} is not registered as a {} of run {run}", .role.name())]
+    #[error("{peer} is not registered as role {} in run {run}", .role.name())]
     NotRegistered {
         peer: PeerId,
         role: Role,

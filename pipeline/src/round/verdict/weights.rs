@@ -76,7 +76,7 @@ pub(crate) fn finalize(
             continue;
         };
         if c.clipped {
-            row.reason = "clipped".into();
+            row.reason = LedgerReason::Clipped.code().into();
             row.detail = format!(
                 "norm {norm:.6e} over {:.1} x median; scaled by {:.6}",
                 reg.limits.clip_norm_ratio, c.scale

@@ -120,7 +120,7 @@ pub fn delays(seed: u64, n: usize, max_ms: u64) -> Vec<u64> {
 
 #[path = "../../../../pipeline/tests/it/common/report.rs"]
 mod chaos_report;
-#[allow(unused_imports)] // not every test binary writes to the chaos report
+#[allow(unused_imports)] // not every test module writes to the chaos report
 pub use chaos_report::report;
 
 /// A run made through the CLI: its registry URL, operator key and the store base its
