@@ -200,100 +200,44 @@ impl Limits {
     }
 }
 
-/// Why an object was refused. The codes are stable: ledgers record them and scripts match on
-/// them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// Fewer than 16 bytes, or the magic differs.
-    NotEnvelope,
-    /// A format version this reader does not know.
-    UnsupportedVersion,
-    /// Not JSON, wrong types, unknown or missing keys, bad strings, unknown kind code.
-    HeaderMalformed,
-    /// Valid content in a non-canonical encoding.
-    HeaderNotCanonical,
-    /// The section table breaks its rules.
-    SectionTable,
-    /// A size or count over the reader's limits.
-    OverLimit,
-    /// The signature does not verify under the header's signer.
-    BadSignature,
-    /// Validly signed by a key the reader did not expect.
-    UnexpectedSigner,
-    /// Signed for another run.
-    WrongRun,
-    /// Signed for another window (a replay, or misplaced).
-    WrongWindow,
-    /// Signed for another checkpoint step.
-    WrongStep,
-    /// Another kind of object.
-    WrongKind,
-    /// Shorter than declared, or a section stops early.
-    Truncated,
-    /// Longer than declared.
-    TrailingBytes,
-    /// A section's stored bytes do not hash to the table's hash.
-    SectionHashMismatch,
-    /// A section decodes to more or fewer bytes than declared.
-    SectionSize,
-    /// A correctly hashed section is not a valid zstd stream.
-    Decompress,
-}
-
-impl Reason {
-    /// Every reason, in the order `envelope.md` lists them.
-    pub const ALL: [Reason; 17] = [
-        Reason::NotEnvelope,
-        Reason::UnsupportedVersion,
-        Reason::HeaderMalformed,
-        Reason::HeaderNotCanonical,
-        Reason::SectionTable,
-        Reason::OverLimit,
-        Reason::BadSignature,
-        Reason::UnexpectedSigner,
-        Reason::WrongRun,
-        Reason::WrongWindow,
-        Reason::WrongStep,
-        Reason::WrongKind,
-        Reason::Truncated,
-        Reason::TrailingBytes,
-        Reason::SectionHashMismatch,
-        Reason::SectionSize,
-        Reason::Decompress,
-    ];
-
-    /// The stable code recorded in ledgers and JSON errors.
-    pub fn code(self) -> &'static str {
-        match self {
-            Reason::NotEnvelope => "not_envelope",
-            Reason::UnsupportedVersion => "unsupported_version",
-            Reason::HeaderMalformed => "header_malformed",
-            Reason::HeaderNotCanonical => "header_not_canonical",
-            Reason::SectionTable => "section_table",
-            Reason::OverLimit => "over_limit",
-            Reason::BadSignature => "bad_signature",
-            Reason::UnexpectedSigner => "unexpected_signer",
-            Reason::WrongRun => "wrong_run",
-            Reason::WrongWindow => "wrong_window",
-            Reason::WrongStep => "wrong_step",
-            Reason::WrongKind => "wrong_kind",
-            Reason::Truncated => "truncated",
-            Reason::TrailingBytes => "trailing_bytes",
-            Reason::SectionHashMismatch => "section_hash_mismatch",
-            Reason::SectionSize => "section_size",
-            Reason::Decompress => "decompress",
-        }
-    }
-
-    /// The inverse of [`Reason::code`].
-    pub fn parse(code: &str) -> Option<Reason> {
-        Reason::ALL.into_iter().find(|r| r.code() == code)
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.code())
+crate::error::reason_codes! {
+    /// Why an object was refused. The codes are stable: ledgers record them and scripts match on
+    /// them.
+    pub enum Reason {
+        /// Fewer than 16 bytes, or the magic differs.
+        NotEnvelope = "not_envelope",
+        /// A format version this reader does not know.
+        UnsupportedVersion = "unsupported_version",
+        /// Not JSON, wrong types, unknown or missing keys, bad strings, unknown kind code.
+        HeaderMalformed = "header_malformed",
+        /// Valid content in a non-canonical encoding.
+        HeaderNotCanonical = "header_not_canonical",
+        /// The section table breaks its rules.
+        SectionTable = "section_table",
+        /// A size or count over the reader's limits.
+        OverLimit = "over_limit",
+        /// The signature does not verify under the header's signer.
+        BadSignature = "bad_signature",
+        /// Validly signed by a key the reader did not expect.
+        UnexpectedSigner = "unexpected_signer",
+        /// Signed for another run.
+        WrongRun = "wrong_run",
+        /// Signed for another window (a replay, or misplaced).
+        WrongWindow = "wrong_window",
+        /// Signed for another checkpoint step.
+        WrongStep = "wrong_step",
+        /// Another kind of object.
+        WrongKind = "wrong_kind",
+        /// Shorter than declared, or a section stops early.
+        Truncated = "truncated",
+        /// Longer than declared.
+        TrailingBytes = "trailing_bytes",
+        /// A section's stored bytes do not hash to the table's hash.
+        SectionHashMismatch = "section_hash_mismatch",
+        /// A section decodes to more or fewer bytes than declared.
+        SectionSize = "section_size",
+        /// A correctly hashed section is not a valid zstd stream.
+        Decompress = "decompress",
     }
 }
 

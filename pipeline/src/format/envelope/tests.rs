@@ -345,7 +345,7 @@ fn hostile_headers_fail_fast() {
 
 #[test]
 fn reason_codes_roundtrip() {
-    for r in Reason::ALL {
+    for &r in Reason::ALL {
         assert_eq!(Reason::parse(r.code()), Some(r));
     }
     for k in Kind::ALL {
