@@ -120,5 +120,7 @@ pub fn classified<'a>(
         store::StoreError,
         identity::IdentityError
     );
+    #[cfg(feature = "cuda")]
+    first_of!(format::codec::gpu::GpuError);
     None
 }

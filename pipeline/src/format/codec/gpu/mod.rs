@@ -67,6 +67,24 @@ pub enum GpuError {
     Codec(#[from] CodecError),
 }
 
+impl crate::error::Classified for GpuError {
+    /// A codec verdict keeps its class and code; a device that is missing or failed is a
+    /// failure of this machine, not of any input.
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            GpuError::Codec(e) => e.class(),
+            _ => crate::error::ErrorClass::Internal,
+        }
+    }
+
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            GpuError::Codec(e) => Some(e.reason()),
+            _ => None,
+        }
+    }
+}
+
 impl From<cudarc::driver::DriverError> for GpuError {
     fn from(e: cudarc::driver::DriverError) -> Self {
         GpuError::Driver(e.to_string())
