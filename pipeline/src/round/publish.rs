@@ -348,28 +348,31 @@ impl MinerState {
 
     /// One rank's part of window `w` ([`encode_rank_part`]), kept and saved by the crash
     /// protocol above; the part of a window this state already encoded is returned again.
+    /// The part is kept, not copied: a large rank's share of a shard is hundreds of MB.
     pub fn encode_part(
         &mut self,
         reg: &Registry,
         w: u64,
         slices: &[codec::SliceInput],
-    ) -> Result<Vec<u8>, RoundError> {
-        if let Some(bytes) = self.kept_part(w) {
+    ) -> Result<&[u8], RoundError> {
+        if self.kept_part(w).is_some() {
             tracing::info!(
                 window = w,
                 "this window's part was encoded before: returning it"
             );
-            return Ok(bytes.to_vec());
+        } else {
+            let bytes = encode_rank_part(reg, w, slices, &mut self.ef)?.to_bytes()?;
+            if let Some(dir) = &self.dir {
+                let path = dir.join(Self::PART_FILE);
+                crate::files::write_replace_beside(&path, &bytes)
+                    .map_err(|e| RoundError::io(&path, e))?;
+                self.ef.save(dir).map_err(|e| RoundError::io(dir, e))?;
+            }
+            self.kept_part = Some((w, bytes));
         }
-        let bytes = encode_rank_part(reg, w, slices, &mut self.ef)?.to_bytes()?;
-        if let Some(dir) = &self.dir {
-            let path = dir.join(Self::PART_FILE);
-            crate::files::write_replace_beside(&path, &bytes)
-                .map_err(|e| RoundError::io(&path, e))?;
-            self.ef.save(dir).map_err(|e| RoundError::io(dir, e))?;
-        }
-        self.kept_part = Some((w, bytes.clone()));
-        Ok(bytes)
+        self.kept_part(w).ok_or_else(|| {
+            RoundError::Internal(format!("window {w}: the part just encoded is not kept"))
+        })
     }
 }
 

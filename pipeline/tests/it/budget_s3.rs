@@ -74,25 +74,19 @@ fn refusing() -> u16 {
 /// prefixes `SHARDROP_<NAME>_` at the endpoints (tests never change their own environment),
 /// with `flag` set so the child runs the round instead of starting endpoints again.
 async fn in_child(test: &str, flag: &str, endpoints: &[(&str, u16)]) {
-    // The test's name in this binary: its module path without the crate's (`budget_s3::…`).
-    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
-    let name = format!("{module}::{test}");
-    let status = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", &name, "--nocapture"])
-        .envs(endpoints.iter().map(|(name, port)| {
-            (
-                format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
-                format!("http://127.0.0.1:{port}"),
-            )
-        }))
-        .env(flag, "1")
-        .status()
-        .await
-        .unwrap();
-    assert!(
-        status.success(),
-        "{test}: the round in the child process failed"
-    );
+    let envs = endpoints.iter().map(|(name, port)| {
+        (
+            format!("SHARDROP_{name}_AWS_ENDPOINT_URL"),
+            format!("http://127.0.0.1:{port}"),
+        )
+    });
+    let passed = common::run_alone(
+        module_path!(),
+        test,
+        envs.chain([(flag.to_string(), "1".to_string())]),
+    )
+    .await;
+    assert!(passed, "{test}: the round in the child process failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -84,16 +84,11 @@ async fn one_gib_section_streams_in_bounded_memory() {
     // process running only this test, so the other tests of this binary do not count.
     const ALONE: &str = "SHARDROP_TEST_MEMORY_ALONE";
     if std::env::var_os(ALONE).is_none() {
-        let module = module_path!().split_once("::").map_or("", |(_, m)| m);
-        let name = format!("{module}::one_gib_section_streams_in_bounded_memory");
-        let status = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", &name, "--nocapture"])
-            .env(ALONE, "1")
-            .status()
-            .await
-            .unwrap();
+        let name = "one_gib_section_streams_in_bounded_memory";
+        let passed =
+            common::run_alone(module_path!(), name, [(ALONE.to_string(), "1".to_string())]).await;
         assert!(
-            status.success(),
+            passed,
             "{name}: the measurement in the child process failed"
         );
         return;

@@ -460,7 +460,7 @@ impl Miner {
         let bytes = py
             .detach(|| state.encode_part(&reg, window, &slices))
             .map_err(to_py)?;
-        Ok(PyBytes::new(py, &bytes))
+        Ok(PyBytes::new(py, bytes))
     }
 
     /// The publishing rank of a sharded miner: checks that `parts` (every rank's

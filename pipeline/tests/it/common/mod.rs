@@ -196,3 +196,24 @@ pub async fn ledger(
         .map(|r| (r.peer.clone(), r))
         .collect()
 }
+
+/// Runs test `test` of `module` (the caller's `module_path!()`) of this binary alone in a
+/// child process, with `envs` added to its environment: for a test that measures the whole
+/// process, or whose set-up goes through the environment (which tests never change for
+/// themselves). Returns whether it passed.
+pub async fn run_alone(
+    module: &str,
+    test: &str,
+    envs: impl IntoIterator<Item = (String, String)>,
+) -> bool {
+    // The test's name in this binary: its module path without the crate's (`budget_s3::…`).
+    let module = module.split_once("::").map_or("", |(_, m)| m);
+    let name = format!("{module}::{test}");
+    tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", &name, "--nocapture"])
+        .envs(envs)
+        .status()
+        .await
+        .unwrap()
+        .success()
+}
