@@ -58,7 +58,7 @@ pub fn open_regular(path: &Path, max: u64) -> io::Result<(std::fs::File, u64)> {
 
 /// Reads a whole file that [`open_regular`] accepts, never more than `max` bytes even if it
 /// grows while read.
-pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let (file, len) = open_regular(path, max)?;
     let mut bytes = Vec::new();

@@ -18,7 +18,8 @@
 //!   [`aggregate`](round::aggregate), the readers' [`replay`](round::replay), the
 //!   validator's [`score`](round::score);
 //! - [`checkpoint`]: sharded safetensors with a signed manifest;
-//! - [`refmodel`]: the small real model the demo trains.
+//! - `refmodel` (feature `refmodel`, on by default): the small real model the demo trains
+//!   and the validator's built-in evaluator scores; a library user may leave it out.
 //!
 //! # One round, in memory
 //! An operator registers a miner and an aggregator; the miner publishes its update for
@@ -31,7 +32,7 @@
 //! use shardrop::format::codec::{self, CodecParams, EfState};
 //! use shardrop::identity::Identity;
 //! use shardrop::round::aggregate::aggregate_window;
-//! use shardrop::round::publish::{clock, publish};
+//! use shardrop::round::publish::{Update, clock, publish};
 //! use shardrop::round::registry::{Job, Participant, Registry, Role};
 //! use shardrop::round::replay::apply_aggregates;
 //! use shardrop::round::window::store_now_ms;
@@ -60,7 +61,7 @@
 //!
 //! // The miner publishes window 0 (error feedback carried in `state` to the next window).
 //! let mut state = EfState::default();
-//! let published = publish(Job::new(&reg, &miner, &s3), Some(0), &update, &mut state).await?;
+//! let published = publish(Job::new(&reg, &miner, &s3), Some(0), Update::file(&update, &mut state)).await?;
 //! assert!(published.ratio > 10.0, "top-k and quantization shrink the update");
 //!
 //! // The aggregator, once the window has closed by the store's clock.
@@ -68,7 +69,7 @@
 //! while store_now_ms(&op_store, "clock").await? < closes {
 //!     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 //! }
-//! let agg = aggregate_window(Job::new(&reg, &aggregator, &s3), 0, 4).await?;
+//! let agg = aggregate_window(Job::new(&reg, &aggregator, &s3), 0).await?;
 //! assert_eq!((agg.accepted, agg.rejected), (1, 0));
 //!
 //! // Any reader: parameters plus the verified aggregate of window 0.
@@ -81,6 +82,7 @@
 //! ```
 
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod error;
 pub mod files;
@@ -95,6 +97,7 @@ pub mod round;
 
 pub mod checkpoint;
 
+#[cfg(feature = "refmodel")]
 pub mod refmodel;
 
 /// The library error `e` is, as [`error::Classified`]: its class, reason code and object.

@@ -110,7 +110,7 @@ pub fn f32_text<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
 /// An f32 read from a signed document together with whether its text was the shortest
 /// form ([`is_shortest_f32`]); written back as the shortest form.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct F32Text {
+pub(crate) struct F32Text {
     /// The value, rounded once from the text.
     pub value: f32,
     /// Whether the text was the value's shortest decimal.

@@ -23,11 +23,11 @@ use crate::format::envelope::EnvelopeError;
 use crate::store::StoreError;
 
 /// The manifest JSON's `format`.
-pub const MANIFEST_FORMAT: &str = "shardrop-ckpt-v1";
+pub(crate) const MANIFEST_FORMAT: &str = "shardrop-ckpt-v1";
 /// The codec of a manifest envelope.
 pub const MANIFEST_CODEC: &str = "ckpt-v1";
 /// The codec of the `LATEST` pointer envelope.
-pub const POINTER_CODEC: &str = "latest-v1";
+pub(crate) const POINTER_CODEC: &str = "latest-v1";
 /// Chunk size for shard hashes and ranged GETs.
 pub const CHUNK: u64 = 16 << 20;
 /// The HF index file name.
@@ -250,16 +250,16 @@ pub struct Manifest {
 /// Ceilings on what a manifest may list. A 72 B model has ~1,000–2,000 tensors and the
 /// largest mixture-of-experts checkpoints under 100,000; 2^17 tensors of names up to 512
 /// bytes keep a reader's manifest and HF index under ~100 MB whatever a pusher signs.
-pub const MAX_TENSORS: usize = 1 << 17;
+pub(crate) const MAX_TENSORS: usize = 1 << 17;
 /// Most small files a manifest may list.
-pub const MAX_FILES: usize = 1 << 14;
+pub(crate) const MAX_FILES: usize = 1 << 14;
 /// Longest tensor name, bytes.
-pub const MAX_TENSOR_NAME: usize = 512;
+pub(crate) const MAX_TENSOR_NAME: usize = 512;
 /// Most dimensions of a tensor.
-pub const MAX_DIMS: usize = 8;
+pub(crate) const MAX_DIMS: usize = 8;
 
 /// Bytes per element of a safetensors dtype name.
-pub fn dtype_size(d: &str) -> Option<u64> {
+pub(crate) fn dtype_size(d: &str) -> Option<u64> {
     Some(match d {
         "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
         "U16" | "I16" | "F16" | "BF16" => 2,
@@ -271,7 +271,7 @@ pub fn dtype_size(d: &str) -> Option<u64> {
 
 /// A file name from a manifest that is safe to create inside the target folder: one plain
 /// component, no leading dot, no separators, no control characters.
-pub fn safe_name(name: &str) -> bool {
+pub(crate) fn safe_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
@@ -396,7 +396,7 @@ impl Manifest {
     }
 
     /// The HF index for these tensors (`weight_map`: tensor → file), deterministic.
-    pub fn hf_index(&self, tensors: &[&TensorEntry], sizes: u64) -> Vec<u8> {
+    pub(crate) fn hf_index(&self, tensors: &[&TensorEntry], sizes: u64) -> Vec<u8> {
         let map: std::collections::BTreeMap<&str, &str> = tensors
             .iter()
             .map(|t| (t.name.as_str(), self.shards[t.shard].file.as_str()))
@@ -410,7 +410,7 @@ impl Manifest {
 
 /// The pointer `LATEST` holds.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Latest {
+pub(crate) struct Latest {
     /// The checkpoint's step.
     pub step: u64,
     /// Its manifest's key.

@@ -79,7 +79,7 @@ pub(crate) async fn read_signed_json(
 }
 
 /// `LATEST` of a run in this store, verified against `signer`, with its ETag.
-pub async fn read_latest(
+pub(crate) async fn read_latest(
     target: &Target,
     run: &str,
     signer: &PeerId,
@@ -113,7 +113,7 @@ pub async fn read_latest(
 }
 
 /// Moves `LATEST` to `step` by compare-and-swap, never backwards. Returns whether it moved.
-pub async fn move_latest(
+pub(crate) async fn move_latest(
     target: &Target,
     run: &str,
     id: &Identity,

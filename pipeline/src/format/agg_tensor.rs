@@ -17,7 +17,7 @@ pub const AGG_CODEC: &str = "agg-v1";
 
 /// One tensor as its agg-v1 section, sparse when that is smaller. Fails only if safetensors
 /// refuses its own input (a program error).
-pub fn write_agg_tensor(
+pub(crate) fn write_agg_tensor(
     name: &str,
     shape: &[u64],
     dense: &[f32],
@@ -63,7 +63,7 @@ pub fn write_agg_tensor(
 /// Envelope limits for what an aggregator signs for a window (the aggregate, split-merge
 /// parts and checks): at most every model tensor dense in f32, plus headers, plus 64 MiB for
 /// per-miner check tables. A reader's memory is then bounded by the model, not by the object.
-pub fn agg_limits(model: &ModelSpec) -> Limits {
+pub(crate) fn agg_limits(model: &ModelSpec) -> Limits {
     let dense: u64 = model
         .tensors
         .iter()

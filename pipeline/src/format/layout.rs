@@ -10,7 +10,7 @@ pub fn registry(run: &str) -> String {
 
 /// A miner's shard for `window`, in its own store.
 pub fn grad(run: &str, window: u64, peer: &PeerId) -> String {
-    format!("runs/{run}/grads/{window:010}/{peer}.grad")
+    format!("{}{peer}.grad", grads_dir(run, window))
 }
 
 /// The signed commit naming a shard's content, written a second before the shard
@@ -25,7 +25,7 @@ pub fn clock_probe(run: &str, peer: &PeerId) -> String {
 }
 
 /// The folder of every shard of `window` (zero-padded so listings sort by window).
-pub fn grads_dir(run: &str, window: u64) -> String {
+pub(crate) fn grads_dir(run: &str, window: u64) -> String {
     format!("runs/{run}/grads/{window:010}/")
 }
 
@@ -48,12 +48,12 @@ pub fn agg_merged(run: &str, window: u64) -> String {
 }
 
 /// A split-merge worker's range checks for window `w` (part `i` of `k`).
-pub fn agg_checks(run: &str, window: u64, i: usize, k: usize) -> String {
+pub(crate) fn agg_checks(run: &str, window: u64, i: usize, k: usize) -> String {
     format!("runs/{run}/aggs/{window:010}.checks-{i:04}-of-{k:04}")
 }
 
 /// A split-merge worker's merged tensors for window `w` (part `i` of `k`).
-pub fn agg_part(run: &str, window: u64, i: usize, k: usize) -> String {
+pub(crate) fn agg_part(run: &str, window: u64, i: usize, k: usize) -> String {
     format!("runs/{run}/aggs/{window:010}.part-{i:04}-of-{k:04}")
 }
 
@@ -68,7 +68,7 @@ pub fn scores(run: &str, window: u64) -> String {
 }
 
 /// The folder of score tables (listed by `scores show --last` and `scores history`).
-pub fn scores_dir(run: &str) -> String {
+pub(crate) fn scores_dir(run: &str) -> String {
     format!("runs/{run}/scores/")
 }
 
@@ -93,12 +93,12 @@ pub fn ckpt_object(run: &str, step: u64, file: &str) -> String {
 }
 
 /// A small file of the model folder (config, tokenizer…) that travels with checkpoint `step`.
-pub fn ckpt_file(run: &str, step: u64, name: &str) -> String {
+pub(crate) fn ckpt_file(run: &str, step: u64, name: &str) -> String {
     format!("runs/{run}/ckpt/{step:012}/files/{name}")
 }
 
 /// The checkpoint folder of all runs' checkpoints (listed by `ckpt ls` and `gc`).
-pub fn ckpt_root(run: &str) -> String {
+pub(crate) fn ckpt_root(run: &str) -> String {
     format!("runs/{run}/ckpt/")
 }
 
@@ -109,7 +109,7 @@ pub fn ckpt_latest(run: &str) -> String {
 
 /// The folder of one kind of per-window object (`aggs`, `ledger`, `scores`, `weights`,
 /// `grads`, `blobs`), for listings and retention.
-pub fn run_folder(run: &str, folder: &str) -> String {
+pub(crate) fn run_folder(run: &str, folder: &str) -> String {
     format!("runs/{run}/{folder}/")
 }
 

@@ -97,7 +97,7 @@ pub struct LedgerRow {
 }
 
 /// The ledger's Arrow schema (`schemas/round.md`).
-pub fn ledger_schema() -> Schema {
+pub(crate) fn ledger_schema() -> Schema {
     Schema::new(vec![
         Field::new("window", DataType::UInt64, false),
         Field::new("peer", DataType::Utf8, false),
@@ -117,7 +117,7 @@ pub fn ledger_schema() -> Schema {
 }
 
 /// The ledger as Parquet bytes (zstd-compressed columns; deterministic for equal rows).
-pub fn ledger_parquet(rows: &[LedgerRow]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+pub(crate) fn ledger_parquet(rows: &[LedgerRow]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.window))),
         Arc::new(StringArray::from_iter_values(
@@ -305,7 +305,7 @@ fn write_parquet(
 }
 
 /// The score table as Parquet bytes (deterministic for equal rows).
-pub fn scores_parquet(rows: &[ScoreRow]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+pub(crate) fn scores_parquet(rows: &[ScoreRow]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let f64s = |g: fn(&ScoreRow) -> Option<f64>| -> ArrayRef {
         Arc::new(Float64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
     };
@@ -347,7 +347,9 @@ pub fn scores_parquet(rows: &[ScoreRow]) -> Result<Vec<u8>, parquet::errors::Par
 }
 
 /// Reads a score table back, checking its columns against the documented schema.
-pub fn read_scores(bytes: bytes::Bytes) -> Result<Vec<ScoreRow>, parquet::errors::ParquetError> {
+pub(crate) fn read_scores(
+    bytes: bytes::Bytes,
+) -> Result<Vec<ScoreRow>, parquet::errors::ParquetError> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float64Type, TimestampMillisecondType, UInt64Type};
     let general = |m: String| parquet::errors::ParquetError::General(m);

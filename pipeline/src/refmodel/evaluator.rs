@@ -10,7 +10,7 @@ use crate::round::RoundError;
 use crate::round::evaluate::{EvalError, Evaluator, Losses};
 use crate::round::outer::OuterState;
 use crate::round::registry::Registry;
-use crate::round::replay::{ApplyOptions, apply_aggregates_with};
+use crate::round::replay::{ApplyOptions, apply_aggregates_opts};
 use crate::store::S3Options;
 
 /// The built-in evaluator on the reference task.
@@ -82,7 +82,7 @@ impl Evaluator for ReferenceEvaluator {
             }
             let opts = ApplyOptions::default();
             let outer = &mut self.outer;
-            match apply_aggregates_with(reg, s3, &mut theta, outer, next, next, &opts).await {
+            match apply_aggregates_opts(reg, s3, &mut theta, outer, next, next, &opts).await {
                 Ok(_) => {
                     self.through = Some(next);
                     next += 1;

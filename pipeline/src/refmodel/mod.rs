@@ -131,7 +131,7 @@ impl LinearTask {
     }
 
     /// The validator's evaluation batch for window `w`: a stream no miner trains on.
-    pub fn eval_batch(&self, w: u64) -> Vec<Sample> {
+    pub(crate) fn eval_batch(&self, w: u64) -> Vec<Sample> {
         self.batch(u64::MAX - 2 * w, 64)
     }
 

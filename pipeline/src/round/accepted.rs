@@ -107,7 +107,7 @@ fn fault(reason: &'static str, detail: String) -> ListFault {
 }
 
 /// The key an accepted shard of `peer` must be read from under `form`.
-pub fn shard_key(reg: &Registry, form: AggForm, w: u64, peer: &PeerId) -> String {
+pub(crate) fn shard_key(reg: &Registry, form: AggForm, w: u64, peer: &PeerId) -> String {
     match form.consolidated() {
         true => layout::agg_shard(&reg.run, w, peer),
         false => layout::grad(&reg.run, w, peer),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::format::codec::{
     self, EfState, EncodeOptions, EncodedUpdate, ModelSpec, OwnedShapeInput, SECTION_CODEC,
-    encode_update, model_of, model_of_inputs,
+    model_of, model_of_inputs,
 };
 use crate::format::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, RemoteEnvelope,
@@ -100,40 +100,102 @@ pub struct Published {
     pub already_published: bool,
 }
 
+/// What a miner publishes: its update in the form it holds it, with the error-feedback state
+/// it is encoded against (the caller saves the state once `publish` returns).
+pub enum Update<'a> {
+    /// A safetensors file's bytes (`shardrop publish UPDATE`).
+    Safetensors {
+        /// The file's bytes.
+        bytes: &'a [u8],
+        /// The miner's error-feedback state.
+        state: &'a mut EfState,
+    },
+    /// Tensors in memory, borrowed (a training loop's, through the Python package): no copy
+    /// of the update and none of the state (the CPU codec encodes from the buffers read-only
+    /// and advances them once the shard is stored).
+    Tensors {
+        /// The update's tensors, any order.
+        tensors: &'a [OwnedShapeInput<'a>],
+        /// The miner's error-feedback state.
+        state: &'a mut EfState,
+    },
+    /// What a sharded miner's ranks encoded (`encode_rank_part`), one part per rank that
+    /// holds any slice (`codec::assemble_parts` checks they cover the model exactly once).
+    /// The ranks advanced their buffers as they encoded, so nothing here changes a state,
+    /// and a missing window defaults to the parts' own.
+    Parts(&'a [codec::EncodedPart]),
+}
+
+impl<'a> Update<'a> {
+    /// A safetensors file's bytes with the state they are encoded against.
+    pub fn file(bytes: &'a [u8], state: &'a mut EfState) -> Self {
+        Update::Safetensors { bytes, state }
+    }
+}
+
+/// A device's whole-update encoder (the GPU codec's), whose bytes and state are the CPU
+/// codec's: `encode(update, state, options)`.
+pub(crate) type DeviceEncoder<'a> = &'a mut (
+            dyn FnMut(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, RoundError>
+                + Send
+        );
+
+/// How [`publish_opts`] publishes; the default is what [`publish`] does.
+#[derive(Default)]
+pub struct PublishOptions<'a> {
+    /// Encode a [`Update::Safetensors`] update with this instead of the CPU codec (same
+    /// bytes); refused for the other forms.
+    pub encoder: Option<DeviceEncoder<'a>>,
+}
+
 /// Encodes `update` with the run's codec, signs it and puts it create-only into the miner's
-/// own store. Refuses a window that has closed by the store's clock. `state` advances only
-/// when the shard is safely stored (the caller saves it then).
+/// own store for `window` (by default the window open now by the store's clock). Refuses a
+/// window that has closed by the store's clock. The state advances only when the shard is
+/// safely stored (the caller saves it then); a rerun with the state saved after the publish
+/// reports the stored shard (`already_published`), and a retry with the state from before
+/// finds its own shard stored and keeps the state this encoding left.
 pub async fn publish(
     job: Job<'_>,
     window: Option<u64>,
-    update: &[u8],
-    state: &mut EfState,
+    update: Update<'_>,
 ) -> Result<Published, RoundError> {
-    publish_with(job, window, update, state, |u, st, o| {
-        Ok(encode_update(u, st, o)?)
-    })
-    .await
+    publish_opts(job, window, update, PublishOptions::default()).await
 }
 
-/// `publish` with another update encoder (the GPU codec's, whose bytes are the same).
-pub async fn publish_with(
+/// [`publish`] as `opts` says.
+pub async fn publish_opts(
     job: Job<'_>,
     window: Option<u64>,
-    update: &[u8],
-    state: &mut EfState,
-    encode: impl FnOnce(&[u8], &mut EfState, &EncodeOptions) -> Result<EncodedUpdate, RoundError>,
+    update: Update<'_>,
+    opts: PublishOptions<'_>,
 ) -> Result<Published, RoundError> {
-    let model = model_of(update)?;
-    let enc = TrialEncoder {
-        encode: Some(|st: &mut EfState, o: &EncodeOptions| encode(update, st, o)),
-        trial: None,
-    };
-    publish_model(job, window, &model, state, enc).await
+    match (update, opts.encoder) {
+        (Update::Safetensors { bytes, state }, Some(device)) => {
+            let model = model_of(bytes)?;
+            let enc = TrialEncoder {
+                encode: Some(|st: &mut EfState, o: &EncodeOptions| device(bytes, st, o)),
+                trial: None,
+            };
+            publish_encoded(job, window, &model, state, enc).await
+        }
+        (Update::Safetensors { bytes, state }, None) => {
+            let file = safetensors::SafeTensors::deserialize(bytes)
+                .map_err(|e| codec::CodecError::Malformed(format!("update: {e}")))?;
+            publish_tensors(job, window, &codec::inputs_of(&file)?, state).await
+        }
+        (Update::Tensors { tensors, state }, None) => {
+            publish_tensors(job, window, tensors, state).await
+        }
+        (Update::Parts(parts), None) => publish_parts(job, window, parts).await,
+        (_, Some(_)) => Err(RoundError::Caller(
+            "a device encoder encodes a safetensors update only; publish tensors or parts with the CPU codec".into(),
+        )),
+    }
 }
 
-/// How `publish_model` encodes: against the state as it is, which must not change until the
+/// How `publish_encoded` encodes: against the state as it is, which must not change until the
 /// shard is stored; then `advance` brings the state to what the encoding left.
-pub trait UpdateEncoder {
+pub(crate) trait UpdateEncoder {
     /// Encodes the update against `state`, leaving it unchanged.
     fn encode(
         &mut self,
@@ -212,11 +274,8 @@ impl UpdateEncoder for ScratchEncoder<'_, '_> {
     }
 }
 
-/// `publish` of an update held in memory as `inputs` (a training loop's tensors through the
-/// Python package, or a safetensors file's tensors borrowed by `shardrop publish`), with the
-/// CPU codec: the same checks, bytes and state as [`publish`] given the same tensors, with
-/// no copy of the update and none of the state.
-pub async fn publish_inputs(
+/// [`Update::Tensors`] (and a file's tensors, borrowed from its bytes) with the CPU codec.
+async fn publish_tensors(
     job: Job<'_>,
     window: Option<u64>,
     inputs: &[OwnedShapeInput<'_>],
@@ -227,7 +286,7 @@ pub async fn publish_inputs(
         inputs,
         pending: None,
     };
-    publish_model(job, window, &model, state, enc).await
+    publish_encoded(job, window, &model, state, enc).await
 }
 
 /// An update its ranks already encoded (`codec::encode_part`, each rank advancing its own
@@ -287,7 +346,7 @@ pub struct MinerState {
 
 impl MinerState {
     /// The file in a state folder holding the rank's last part.
-    pub const PART_FILE: &'static str = "last-part.bin";
+    pub(crate) const PART_FILE: &'static str = "last-part.bin";
 
     /// The state saved in `dir` (locked now; empty buffers in a new folder), or a state in
     /// memory only.
@@ -376,13 +435,8 @@ impl MinerState {
     }
 }
 
-/// Publishes the shard a sharded miner's ranks encoded as `parts` (one per rank that holds
-/// any slice; `codec::assemble_parts` checks they cover the run's model exactly once): the
-/// same bytes, checks and report as [`publish`] of the whole update. `window` defaults to
-/// the parts' own. A retry with the same parts finds its shard stored and reports it
-/// (`already_published`); the ranks' buffers advanced when they encoded, so nothing here
-/// changes any state.
-pub async fn publish_parts(
+/// [`Update::Parts`]: the same bytes, checks and report as publishing the whole update.
+async fn publish_parts(
     job: Job<'_>,
     window: Option<u64>,
     parts: &[codec::EncodedPart],
@@ -403,13 +457,13 @@ pub async fn publish_parts(
     let enc = AssembledEncoder {
         update: Some(update),
     };
-    publish_model(job, Some(w), &reg.model, &mut none, enc).await
+    publish_encoded(job, Some(w), &reg.model, &mut none, enc).await
 }
 
 /// The publish protocol for an update whose tensors `model` describes and that `encoder`
 /// encodes: whatever holds the update, and whichever way its state is kept until the shard
 /// is stored.
-pub async fn publish_model(
+async fn publish_encoded(
     job: Job<'_>,
     window: Option<u64>,
     model: &ModelSpec,
@@ -501,18 +555,20 @@ pub async fn publish_model(
         }
         Err(e) => return Err(e.into()),
     };
+    // A stored shard of ours is this publish only if it holds exactly these sections.
+    let same_shard =
+        |env: &RemoteEnvelope, what: &str| match content_hash(env.sections().iter()) == content {
+            true => Ok(true),
+            false => Err(RoundError::Conflict {
+                object: object.to_string(),
+                detail: format!("a different shard for window {w} {what}; the state is unchanged"),
+            }),
+        };
     let already = match stored {
-        Some(env) => {
-            if content_hash(env.sections().iter()) != content {
-                return Err(RoundError::Conflict {
-                    object: object.to_string(),
-                    detail: format!(
-                        "a different shard for window {w} is already published (another update, or another error-feedback state); the state is unchanged"
-                    ),
-                });
-            }
-            true
-        }
+        Some(env) => same_shard(
+            &env,
+            "is already published (another update, or another error-feedback state)",
+        )?,
         None => {
             let commitment = commitment(&me, &salt, &content);
             commit_then_wait(reg, &target, id, w, &commitment).await?;
@@ -528,15 +584,7 @@ pub async fn publish_model(
                         &expect,
                     )
                     .await?;
-                    if content_hash(env.sections().iter()) != content {
-                        return Err(RoundError::Conflict {
-                            object: object.to_string(),
-                            detail: format!(
-                                "a different shard for window {w} landed meanwhile; the state is unchanged"
-                            ),
-                        });
-                    }
-                    true
+                    same_shard(&env, "landed meanwhile")?
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -642,7 +690,7 @@ pub const SALT_META: &str = "commit_salt";
 /// the run, window and content. Secret until the shard reveals it (only the key can make
 /// it), and the same on every rerun of the same publish (the signature is deterministic), so
 /// a rerun after a kill puts the same commit and shard.
-pub fn commit_salt(id: &Identity, run: &str, w: u64, content: &str) -> String {
+pub(crate) fn commit_salt(id: &Identity, run: &str, w: u64, content: &str) -> String {
     let msg = format!("shardrop commit salt v1\n{run}\n{w}\n{content}");
     blake3::hash(&id.sign(msg.as_bytes())).to_hex().to_string()
 }
@@ -824,26 +872,33 @@ mod tests {
         };
         let fresh = || EfState::default();
         assert_eq!(
-            code(publish(job, Some(3), &update, &mut fresh()).await),
+            code(publish(job, Some(3), Update::file(&update, &mut fresh())).await),
             Some("window_closed")
         );
         assert_eq!(
-            code(publish(job, Some(1000), &update, &mut fresh()).await),
+            code(publish(job, Some(1000), Update::file(&update, &mut fresh())).await),
             Some("window_not_open")
         );
         assert_eq!(
-            code(publish(job, None, &dense("x"), &mut fresh()).await),
+            code(publish(job, None, Update::file(&dense("x"), &mut fresh())).await),
             Some("model_mismatch")
         );
         let mut ahead = fresh();
         ahead.window = Some(50);
         assert_eq!(
-            code(publish(job, None, &update, &mut ahead).await),
+            code(publish(job, None, Update::file(&update, &mut ahead)).await),
             Some("state_ahead")
         );
         let stranger = Identity::generate();
         assert_eq!(
-            code(publish(Job::new(&reg, &stranger, &s3), None, &update, &mut fresh()).await),
+            code(
+                publish(
+                    Job::new(&reg, &stranger, &s3),
+                    None,
+                    Update::file(&update, &mut fresh())
+                )
+                .await
+            ),
             Some("not_registered")
         );
         // Waiting for a window that has already closed is refused, not waited for.

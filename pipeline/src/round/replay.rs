@@ -93,7 +93,7 @@ pub async fn fetch_aggregate(
 /// window order. Stops at the first missing or invalid aggregate, naming the window; every
 /// aggregate is checked whole before it is applied, so `theta` then holds exactly the
 /// windows before it. Starts from zero momentum: a run whose optimizer kept momentum before
-/// `first` is refused (`optimizer_state_missing`); use [`apply_aggregates_with`].
+/// `first` is refused (`optimizer_state_missing`); use [`apply_aggregates_opts`].
 ///
 /// agg-v1: `theta` must hold every tensor; memory is the model plus one aggregate. agg-v2:
 /// `theta` may hold a subset (one rank's tensors) and only their sections are fetched;
@@ -106,7 +106,7 @@ pub async fn apply_aggregates<T: Tensor>(
     last: u64,
 ) -> Result<usize, RoundError> {
     let mut state = OuterState::default();
-    apply_aggregates_with(
+    apply_aggregates_opts(
         reg,
         s3,
         theta,
@@ -139,7 +139,7 @@ pub struct ApplyOptions<'a> {
 ///
 /// A window whose aggregate accepted no shard is no outer step: parameters, momentum and
 /// everything else stay as they are (the schedule still counts it: rates follow windows).
-pub async fn apply_aggregates_with<T: Tensor>(
+pub async fn apply_aggregates_opts<T: Tensor>(
     reg: &Registry,
     s3: &S3Options,
     theta: &mut BTreeMap<String, T>,

@@ -80,7 +80,7 @@ pub async fn store_now_ms(target: &Target, probe_key: &str) -> Result<u64, Store
 /// The latest instant a store time may stand for: a whole-second time (S3's HEAD gives
 /// `Last-Modified` to the second) is read as the end of its second, any finer one as itself.
 /// Rules that must not count a time as earlier than it may have been use it.
-pub fn end_of_second(ms: u64) -> u64 {
+pub(crate) fn end_of_second(ms: u64) -> u64 {
     if ms.is_multiple_of(1000) {
         ms + 999
     } else {

@@ -7,8 +7,8 @@
 //! - `memory://NAME`: a process-wide in-memory store, for unit tests.
 //!
 //! Behaviour is added by wrapping (see [`hooked`]): [`metrics::Metrics`] counts requests and
-//! bytes, [`fault::Faults`] injects failures in tests, [`local::LocalCas`] gives folders
-//! compare-and-swap. Retries and timeouts for S3 are object_store's own client settings
+//! bytes, [`local::LocalCas`] gives folders compare-and-swap (the tests' fault injector
+//! wraps the same way). Retries and timeouts for S3 are object_store's own client settings
 //! (exponential backoff with jitter on 5xx, 429, connection resets and timeouts of safe
 //! requests), configured here.
 //!
@@ -34,7 +34,6 @@
 //! # }
 //! ```
 
-pub mod fault;
 pub mod hooked;
 pub mod local;
 pub mod metrics;
@@ -115,7 +114,7 @@ impl crate::error::Classified for StoreError {
 
 impl StoreError {
     /// Names the object in a store error, and sorts the cases callers act on (missing, taken, changed) from the rest.
-    pub fn from_store(object: &str, source: object_store::Error) -> Self {
+    pub(crate) fn from_store(object: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
                 object: object.to_string(),
@@ -416,7 +415,7 @@ fn s3_store(bucket: &str, o: &S3Options) -> object_store::Result<object_store::a
 }
 
 /// Every object under `dir` (one LIST, paged by the store), naming `dir` in errors.
-pub async fn list_all(
+pub(crate) async fn list_all(
     target: &Target,
     dir: &Path,
 ) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
@@ -460,7 +459,7 @@ impl PutSource for [u8] {
 /// Objects up to this size go up in one create-only PUT; larger ones in multipart parts.
 pub const SINGLE_PUT_MAX: u64 = 32 << 20;
 /// Multipart part size.
-pub const PART_SIZE: usize = 16 << 20;
+pub(crate) const PART_SIZE: usize = 16 << 20;
 /// Parts in flight at once.
 pub const PART_CONCURRENCY: usize = 4;
 
@@ -585,7 +584,7 @@ async fn put_create_large(
 /// Copies the first `len` bytes of `src_path` in `src` to `dst_path` in `dst`, create-only,
 /// holding at most `PART_CONCURRENCY` parts in memory: how an aggregator consolidates
 /// shards of any size. The copy is not trusted for being a copy: callers verify what landed.
-pub async fn copy_object(
+pub(crate) async fn copy_object(
     src: &Target,
     src_path: &Path,
     len: u64,
@@ -651,7 +650,7 @@ pub fn upload_journal(path: &Path) -> Path {
 }
 
 /// Suffix of upload journal objects.
-pub const UPLOAD_JOURNAL_SUFFIX: &str = ".multipart-upload";
+pub(crate) const UPLOAD_JOURNAL_SUFFIX: &str = ".multipart-upload";
 
 /// Aborts the upload a journal names (if the store still has it) and removes the journal.
 async fn abort_journaled(target: &Target, mp: &dyn MultipartStore, journal: &Path) {

@@ -18,13 +18,13 @@ use shardrop::identity::Identity;
 use shardrop::round::RoundError;
 use shardrop::round::accepted::{AcceptedList, LIST_SECTION};
 use shardrop::round::aggregate::{
-    AGG_V2_CODEC, MergeOn, aggregate_commit, aggregate_part, aggregate_window,
+    AGG_V2_CODEC, AggregateOptions, aggregate_commit, aggregate_part, aggregate_window_opts,
 };
 use shardrop::round::merge::prefetch;
-use shardrop::round::publish::{clock, publish_with, shard_builder};
+use shardrop::round::publish::{PublishOptions, Update, clock, publish_opts, shard_builder};
 use shardrop::round::registry::{AggForm, AggregateSpec, Job, Participant, Registry, Role};
 use shardrop::round::replay::{
-    ApplyOptions, Fetched, apply_aggregates, apply_aggregates_with, fetch_aggregate,
+    ApplyOptions, Fetched, apply_aggregates, apply_aggregates_opts, fetch_aggregate,
 };
 use shardrop::round::score::reference::{self, SparseUpdate};
 use shardrop::round::score::{ValidateOptions, validate_window};
@@ -230,12 +230,13 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         futures::future::join_all(who.into_iter().map(move |(i, scale)| async move {
             let mut st = EfState::default();
             let u = update(i as f32 + 10.0 * w as f32, scale);
-            publish_with(
+            publish_opts(
                 Job::new(v2, &miners[i], s3),
                 Some(w),
-                &u,
-                &mut st,
-                small_sections,
+                Update::file(&u, &mut st),
+                PublishOptions {
+                    encoder: Some(&mut small_sections),
+                },
             )
             .await
             .unwrap()
@@ -281,9 +282,13 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
 
     for reg in [&v1, &v2, &by_ref, &merged, &auto] {
         for w in [0, 1] {
-            aggregate_window(Job::new(reg, &aggregator, &s3), w, 3)
-                .await
-                .unwrap();
+            aggregate_window_opts(
+                Job::new(reg, &aggregator, &s3),
+                w,
+                &AggregateOptions::default().with_concurrency(3),
+            )
+            .await
+            .unwrap();
         }
     }
     let l1 = ledger(&area("agg1"), &v1, 0).await;
@@ -363,12 +368,12 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
 
     // The split merge publishes the same list, byte for byte.
     for k in [2usize, 3] {
-        let cpu = MergeOn::default();
+        let cpu = AggregateOptions::default().with_concurrency(3);
         let workers =
-            (0..k).map(|i| aggregate_part(Job::new(&v2, &aggregator, &s3), 0, i, k, 3, &cpu));
+            (0..k).map(|i| aggregate_part(Job::new(&v2, &aggregator, &s3), 0, i, k, &cpu));
         let (parts, commit) = tokio::join!(
             futures::future::join_all(workers),
-            aggregate_commit(Job::new(&v2, &aggregator, &s3), 0, k, 3)
+            aggregate_commit(Job::new(&v2, &aggregator, &s3), 0, k, &cpu)
         );
         assert_eq!(parts.into_iter().map(|p| p.unwrap()).sum::<usize>(), 6);
         assert!(commit.unwrap().already_published, "K={k}: the list differs");
@@ -476,7 +481,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     };
     let mut t = base(&v2);
     let mut outer = Default::default();
-    apply_aggregates_with(&v2, &s3, &mut t, &mut outer, 0, 1, &cached)
+    apply_aggregates_opts(&v2, &s3, &mut t, &mut outer, 0, 1, &cached)
         .await
         .unwrap();
     same_bits(&t, &thetas[1], "applied from the prefetched sections");
@@ -509,7 +514,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
     let mut t = base(&v2);
     let e = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        apply_aggregates_with(&v2, &s3, &mut t, &mut Default::default(), 0, 1, &cached),
+        apply_aggregates_opts(&v2, &s3, &mut t, &mut Default::default(), 0, 1, &cached),
     )
     .await
     .expect("a poisoned prefetch folder hung the reader")
@@ -529,7 +534,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         .unwrap();
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     let mut t = base(&v2);
-    apply_aggregates_with(&v2, &s3, &mut t, &mut Default::default(), 0, 0, &cached)
+    apply_aggregates_opts(&v2, &s3, &mut t, &mut Default::default(), 0, 0, &cached)
         .await
         .unwrap();
     common::report(
@@ -544,7 +549,7 @@ async fn agg_v2_applies_bit_identically_to_agg_v1_and_refuses_bad_lists() {
         std::fs::write(&f, b).unwrap();
     }
     let mut t = base(&v2);
-    let e = apply_aggregates_with(&v2, &s3, &mut t, &mut outer, 1, 1, &cached)
+    let e = apply_aggregates_opts(&v2, &s3, &mut t, &mut outer, 1, 1, &cached)
         .await
         .unwrap_err();
     assert_eq!(reason(&e), "agg_section_mismatch", "{e}");
@@ -615,12 +620,13 @@ async fn a_shard_replaced_after_its_header_was_checked_is_refused() {
         let (reg, s3) = (&reg, &s3);
         async move {
             let u = update(i as f32, 1.0);
-            publish_with(
+            publish_opts(
                 Job::new(reg, id, s3),
                 Some(0),
-                &u,
-                &mut EfState::default(),
-                small_sections,
+                Update::file(&u, &mut EfState::default()),
+                PublishOptions {
+                    encoder: Some(&mut small_sections),
+                },
             )
             .await
             .unwrap()
@@ -650,9 +656,13 @@ async fn a_shard_replaced_after_its_header_was_checked_is_refused() {
     .await
     .unwrap();
     wait_until(&area("op"), clock(&reg).closes(0)).await;
-    let r = aggregate_window(Job::new(&reg, &aggregator, &s3), 0, 3)
-        .await
-        .unwrap();
+    let r = aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        0,
+        &AggregateOptions::default().with_concurrency(3),
+    )
+    .await
+    .unwrap();
     assert_eq!((r.accepted, r.rejected), (2, 1), "{r:?}");
     let rows = ledger(&agg, &reg, 0).await;
     let row = rows
@@ -843,12 +853,13 @@ async fn the_validator_streams_the_reference_statistics_in_every_format() {
     let publish = |w: u64, i: usize, u: Vec<u8>| {
         let (s3, miners) = (&s3, &miners);
         async move {
-            publish_with(
+            publish_opts(
                 Job::new(v2, &miners[i], s3),
                 Some(w),
-                &u,
-                &mut EfState::default(),
-                small_sections,
+                Update::file(&u, &mut EfState::default()),
+                PublishOptions {
+                    encoder: Some(&mut small_sections),
+                },
             )
             .await
             .unwrap()
@@ -861,9 +872,13 @@ async fn the_validator_streams_the_reference_statistics_in_every_format() {
     .await;
     wait_until(&area("op"), clk.closes(0)).await;
     for reg in &regs {
-        aggregate_window(Job::new(reg, &aggregator, &s3), 0, 3)
-            .await
-            .unwrap();
+        aggregate_window_opts(
+            Job::new(reg, &aggregator, &s3),
+            0,
+            &AggregateOptions::default().with_concurrency(3),
+        )
+        .await
+        .unwrap();
     }
     // Window 1: three honest miners; miner 3 re-encodes window 0's aggregate; miner 4, after
     // miner 0, sends miner 0's update scaled (a near copy).
@@ -896,9 +911,13 @@ async fn the_validator_streams_the_reference_statistics_in_every_format() {
     .await;
     publish(1, 4, update(10.0, 3.0)).await;
     wait_until(&area("op"), clk.closes(1)).await;
-    aggregate_window(Job::new(v2, &aggregator, &s3), 1, 3)
-        .await
-        .unwrap();
+    aggregate_window_opts(
+        Job::new(v2, &aggregator, &s3),
+        1,
+        &AggregateOptions::default().with_concurrency(3),
+    )
+    .await
+    .unwrap();
 
     let mut tables = Vec::new();
     for reg in &regs {

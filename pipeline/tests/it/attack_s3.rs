@@ -16,9 +16,10 @@ use shardrop::format::envelope::{
 use shardrop::format::layout;
 use shardrop::identity::Identity;
 use shardrop::round::RoundError;
-use shardrop::round::aggregate::aggregate_window;
+use shardrop::round::aggregate::{AggregateOptions, aggregate_window_opts};
 use shardrop::round::publish::{
-    COMMIT_CODEC, COMMITMENT_META, SALT_META, commitment, content_hash, publish, shard_builder,
+    COMMIT_CODEC, COMMITMENT_META, SALT_META, Update, commitment, content_hash, publish,
+    shard_builder,
 };
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::window::store_now_ms;
@@ -102,8 +103,7 @@ async fn bomb_is_refused_on_its_header() {
     publish(
         Job::new(&reg, &honest, &s3),
         Some(w),
-        &update(1.0),
-        &mut EfState::default(),
+        Update::file(&update(1.0), &mut EfState::default()),
     )
     .await
     .unwrap();
@@ -150,9 +150,13 @@ async fn bomb_is_refused_on_its_header() {
     .await
     .unwrap();
     wait_closed(&reg, &root.join("agg"), w).await;
-    let agg = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
-        .await
-        .unwrap();
+    let agg = aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        w,
+        &AggregateOptions::default().with_concurrency(4),
+    )
+    .await
+    .unwrap();
     assert_eq!(agg.accepted, 1);
     let rows = common::ledger(&root.join("agg"), &reg, w).await;
     // Both refused from the header (before: fetched, inflated, then `section_malformed`).
@@ -342,7 +346,7 @@ async fn copy_rule_holds_with_one_second_timestamps() {
             let victim_area = root_r.join(&format!("victim{i}"));
             let (u, mut st) = (update(i as f32), EfState::default());
             let (published, ()) = tokio::join!(
-                publish(Job::new(reg_r, v, s3_r), Some(w), &u, &mut st),
+                publish(Job::new(reg_r, v, s3_r), Some(w), Update::file(&u, &mut st)),
                 mimic(reg_r, mimic_id, &own, &victim_area, v, w)
             );
             published.unwrap();
@@ -359,9 +363,13 @@ async fn copy_rule_holds_with_one_second_timestamps() {
         copy_as(&reg, &griefers[i], &g, w, &named, &salt, true).await;
     }
     wait_closed(&reg, &root.join("agg"), w).await;
-    aggregate_window(Job::new(&reg, &aggregator, &s3), w, 8)
-        .await
-        .unwrap();
+    aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        w,
+        &AggregateOptions::default().with_concurrency(8),
+    )
+    .await
+    .unwrap();
     let rows = common::ledger(&root.join("agg"), &reg, w).await;
     let held = (0..PAIRS)
         .filter(|&i| {
@@ -453,8 +461,7 @@ async fn a_commit_from_before_the_window_counts_for_nothing() {
     publish(
         Job::new(&reg, &victim, &s3),
         Some(w),
-        &update(7.0),
-        &mut EfState::default(),
+        Update::file(&update(7.0), &mut EfState::default()),
     )
     .await
     .unwrap();
@@ -477,9 +484,13 @@ async fn a_commit_from_before_the_window_counts_for_nothing() {
         .await
         .unwrap();
     wait_closed(&reg, &root.join("agg"), w).await;
-    aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
-        .await
-        .unwrap();
+    aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        w,
+        &AggregateOptions::default().with_concurrency(4),
+    )
+    .await
+    .unwrap();
     let rows = common::ledger(&root.join("agg"), &reg, w).await;
     let v = &rows[&victim.peer_id().to_string()];
     let e = &rows[&early.peer_id().to_string()];
@@ -532,29 +543,45 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let u = update(5.0);
     // Uninterrupted.
     let mut want = EfState::default();
-    publish(Job::new(&reg, &reference, &s3), Some(w), &u, &mut want)
-        .await
-        .unwrap();
+    publish(
+        Job::new(&reg, &reference, &s3),
+        Some(w),
+        Update::file(&u, &mut want),
+    )
+    .await
+    .unwrap();
     assert_eq!(want.window, Some(w));
 
     // Killed after the put, before the state was saved: the rerun starts from the old state,
     // finds its shard and ends with exactly the uninterrupted state.
     let mut first = EfState::default();
-    let p1 = publish(Job::new(&reg, &killed, &s3), Some(w), &u, &mut first)
-        .await
-        .unwrap();
+    let p1 = publish(
+        Job::new(&reg, &killed, &s3),
+        Some(w),
+        Update::file(&u, &mut first),
+    )
+    .await
+    .unwrap();
     let mut rerun = EfState::default();
-    let p2 = publish(Job::new(&reg, &killed, &s3), Some(w), &u, &mut rerun)
-        .await
-        .unwrap();
+    let p2 = publish(
+        Job::new(&reg, &killed, &s3),
+        Some(w),
+        Update::file(&u, &mut rerun),
+    )
+    .await
+    .unwrap();
     assert!(p2.already_published);
     assert_eq!(rerun, want);
     assert_eq!(first, want);
     // Killed after the save: the rerun encodes nothing and leaves the state alone.
     let mut saved = first.clone();
-    let p3 = publish(Job::new(&reg, &killed, &s3), Some(w), &u, &mut saved)
-        .await
-        .unwrap();
+    let p3 = publish(
+        Job::new(&reg, &killed, &s3),
+        Some(w),
+        Update::file(&u, &mut saved),
+    )
+    .await
+    .unwrap();
     assert!(p3.already_published);
     assert_eq!(saved, want);
     // Every report gives the stored object's real size.
@@ -571,8 +598,7 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let refused = publish(
         Job::new(&reg, &killed, &s3),
         Some(w),
-        &update(6.0),
-        &mut old,
+        Update::file(&update(6.0), &mut old),
     )
     .await;
     assert!(
@@ -594,9 +620,13 @@ async fn publish_is_idempotent_after_a_kill_at_each_step() {
     let cpath = sarea.path(&layout::grad_commit(&reg.run, w, &stale.peer_id()));
     sarea.store.put(&cpath, junk.into()).await.unwrap();
     let mut st = EfState::default();
-    publish(Job::new(&reg, &stale, &s3), Some(w), &u, &mut st)
-        .await
-        .unwrap();
+    publish(
+        Job::new(&reg, &stale, &s3),
+        Some(w),
+        Update::file(&u, &mut st),
+    )
+    .await
+    .unwrap();
     assert_eq!(st, want);
     let commit = RemoteEnvelope::open(
         sarea.store.as_ref(),

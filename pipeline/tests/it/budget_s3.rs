@@ -13,8 +13,8 @@ use safetensors::tensor::TensorView;
 use shardrop::format::codec::{self, CodecParams, EfState};
 use shardrop::format::layout;
 use shardrop::identity::Identity;
-use shardrop::round::aggregate::{MergeOn, aggregate_window_on};
-use shardrop::round::publish::publish;
+use shardrop::round::aggregate::{AggregateOptions, aggregate_window_opts};
+use shardrop::round::publish::{Update, publish};
 use shardrop::round::registry::{Credentials, Job, Participant, Registry, Role};
 use shardrop::round::window::store_now_ms;
 use shardrop::store::S3Options;
@@ -169,8 +169,7 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
             publish(
                 Job::new(reg_r, m, s3_r),
                 Some(w),
-                &update(j as f32),
-                &mut EfState::default(),
+                Update::file(&update(j as f32), &mut EfState::default()),
             )
             .await
         }
@@ -199,12 +198,12 @@ async fn a_window_ends_within_its_budget_whatever_the_stores_do() {
         area.store.put(&path, bytes.into()).await.unwrap();
     }
     common::wait_closed(&reg, &root.join("agg"), w).await;
-    let on = MergeOn::default().with_budget(Some(std::time::Duration::from_secs(4)));
+    let on = AggregateOptions::default().with_budget(Some(std::time::Duration::from_secs(4)));
     // A liveness guard, not a speed claim: without a budget this window took minutes.
     let started = std::time::Instant::now();
     let agg = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        aggregate_window_on(Job::new(&reg, &aggregator, &s3), w, 16, &on),
+        aggregate_window_opts(Job::new(&reg, &aggregator, &s3), w, &on),
     )
     .await
     .expect("the aggregator did not finish the window")
@@ -361,18 +360,17 @@ async fn slow_window(
         publish(
             Job::new(&reg_plain, m, plain),
             Some(0),
-            &big_update(j as f32),
-            &mut EfState::default(),
+            Update::file(&big_update(j as f32), &mut EfState::default()),
         )
         .await
     }))
     .await
     .unwrap();
     common::wait_closed(&reg, &root.join("agg"), 0).await;
-    let on = MergeOn::default().with_budget(Some(std::time::Duration::from_secs(4)));
+    let on = AggregateOptions::default().with_budget(Some(std::time::Duration::from_secs(4)));
     let agg = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        aggregate_window_on(Job::new(reg_r, &aggregator, s3_r), 0, 16, &on),
+        aggregate_window_opts(Job::new(reg_r, &aggregator, s3_r), 0, &on),
     )
     .await
     .expect("the aggregator did not finish the window")

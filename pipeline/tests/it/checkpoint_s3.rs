@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::fault::{Calls, FaultAction, FaultRule, Faults};
 use object_store::ObjectStoreExt;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -21,7 +22,6 @@ use shardrop::format::envelope::{Compression, EnvelopeBuilder, Kind};
 use shardrop::format::layout;
 use shardrop::identity::Identity;
 use shardrop::round::registry::{Job, Participant, Registry, Role};
-use shardrop::store::fault::{Calls, FaultAction, FaultRule, Faults};
 use shardrop::store::hooked::Op;
 use shardrop::store::{S3Options, Target};
 

@@ -5,13 +5,13 @@ use crate::common;
 
 use std::sync::Arc;
 
+use crate::common::fault::{Calls, FaultAction, FaultRule, Faults};
 use object_store::{ObjectStoreExt, PutPayload};
 use shardrop::format::envelope::{
     Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind, Limits, Reason, RemoteEnvelope,
     stream_section, verify_sections,
 };
 use shardrop::identity::Identity;
-use shardrop::store::fault::{Calls, FaultAction, FaultRule, Faults};
 use shardrop::store::metrics::Metrics;
 use shardrop::store::{Op, Target, put_create};
 

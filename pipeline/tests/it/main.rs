@@ -27,4 +27,5 @@ mod round_s3;
 mod s3_retry;
 mod store_conformance;
 mod streaming_memory;
+#[cfg(feature = "refmodel")] // validates the reference model's updates
 mod validate_s3;

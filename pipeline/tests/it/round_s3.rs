@@ -17,8 +17,10 @@ use shardrop::format::layout;
 use shardrop::format::tables::read_ledger;
 use shardrop::identity::Identity;
 use shardrop::round::RoundError;
-use shardrop::round::aggregate::{MergeOn, aggregate_commit, aggregate_part, aggregate_window};
-use shardrop::round::publish::{clock, codec_header, publish, shard_builder};
+use shardrop::round::aggregate::{
+    AggregateOptions, aggregate_commit, aggregate_part, aggregate_window_opts,
+};
+use shardrop::round::publish::{Update, clock, codec_header, publish, shard_builder};
 use shardrop::round::registry::{Credentials, Job, Participant, Registry, Role};
 use shardrop::round::replay::apply_aggregates;
 use shardrop::round::window::store_now_ms;
@@ -151,18 +153,26 @@ async fn full_round_on_s3() {
     let w = 0;
     for (id, seed) in [(&honest_a, 1.0), (&honest_b, 2.0)] {
         let mut st = EfState::default();
-        let p = publish(Job::new(&reg, id, &s3), Some(w), &update(seed), &mut st)
-            .await
-            .unwrap();
+        let p = publish(
+            Job::new(&reg, id, &s3),
+            Some(w),
+            Update::file(&update(seed), &mut st),
+        )
+        .await
+        .unwrap();
         assert!(!p.already_published);
         assert!(p.ratio > 10.0);
         // A retry after a "lost response" re-encodes from the old state: accepted as done.
         let mut again = EfState::default();
         assert!(
-            publish(Job::new(&reg, id, &s3), Some(w), &update(seed), &mut again)
-                .await
-                .unwrap()
-                .already_published
+            publish(
+                Job::new(&reg, id, &s3),
+                Some(w),
+                Update::file(&update(seed), &mut again)
+            )
+            .await
+            .unwrap()
+            .already_published
         );
     }
     // The forger writes into its own area a shard signed by someone else's key.
@@ -232,8 +242,7 @@ async fn full_round_on_s3() {
     let refused = publish(
         Job::new(&reg, &late, &s3),
         Some(w),
-        &update(4.0),
-        &mut EfState::default(),
+        Update::file(&update(4.0), &mut EfState::default()),
     )
     .await;
     assert!(
@@ -262,9 +271,13 @@ async fn full_round_on_s3() {
     .await
     .unwrap();
 
-    let r1 = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
-        .await
-        .unwrap();
+    let r1 = aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        w,
+        &AggregateOptions::default().with_concurrency(4),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (r1.accepted, r1.rejected, r1.missing, r1.errors),
         (2, 3, 1, 1),
@@ -344,9 +357,13 @@ async fn full_round_on_s3() {
         .bytes()
         .await
         .unwrap();
-    let r2 = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
-        .await
-        .unwrap();
+    let r2 = aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        w,
+        &AggregateOptions::default().with_concurrency(4),
+    )
+    .await
+    .unwrap();
     assert!(r2.already_published);
     // The split merge (`schemas/round.md`): K workers each check and merge only their tensors, and the
     // commit publishes the same aggregate, byte for byte (its create-only put finds the
@@ -360,13 +377,13 @@ async fn full_round_on_s3() {
         .bytes()
         .await
         .unwrap();
-    let cpu = MergeOn::default();
+    let cpu = AggregateOptions::default().with_concurrency(4);
     for k in [2usize, 3] {
         let workers =
-            (0..k).map(|i| aggregate_part(Job::new(&reg, &aggregator, &s3), w, i, k, 4, &cpu));
+            (0..k).map(|i| aggregate_part(Job::new(&reg, &aggregator, &s3), w, i, k, &cpu));
         let (parts, commit) = tokio::join!(
             futures::future::join_all(workers),
-            aggregate_commit(Job::new(&reg, &aggregator, &s3), w, k, 4)
+            aggregate_commit(Job::new(&reg, &aggregator, &s3), w, k, &cpu)
         );
         let merged: usize = parts.into_iter().map(|p| p.unwrap()).sum();
         assert_eq!(merged, reg.model.tensors.len());
@@ -407,9 +424,13 @@ async fn full_round_on_s3() {
 
     // Window 1 is empty: the aggregate says so; catch-up over it changes nothing, and a
     // missing aggregate (window 2) stops catch-up naming the window.
-    let r = aggregate_window(Job::new(&reg, &aggregator, &s3), 1, 4)
-        .await
-        .unwrap();
+    let r = aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        1,
+        &AggregateOptions::default().with_concurrency(4),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.accepted, 0);
     let snapshot = theta.clone();
     assert_eq!(
@@ -508,8 +529,7 @@ async fn hostile_shards_get_ledger_reasons() {
     publish(
         Job::new(&reg, &ids[0], &s3),
         Some(w),
-        &update(1.0),
-        &mut EfState::default(),
+        Update::file(&update(1.0), &mut EfState::default()),
     )
     .await
     .unwrap();
@@ -600,9 +620,13 @@ async fn hostile_shards_get_ledger_reasons() {
     )
     .await;
 
-    let r = aggregate_window(Job::new(&reg, &aggregator, &s3), w, 4)
-        .await
-        .unwrap();
+    let r = aggregate_window_opts(
+        Job::new(&reg, &aggregator, &s3),
+        w,
+        &AggregateOptions::default().with_concurrency(4),
+    )
+    .await
+    .unwrap();
     let agg_area = area("agg");
     let ledger = read_ledger(
         agg_area

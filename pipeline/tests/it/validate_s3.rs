@@ -17,9 +17,9 @@ use shardrop::format::tables::{ScoreRow, scores_schema};
 use shardrop::identity::Identity;
 use shardrop::refmodel::ReferenceEvaluator;
 use shardrop::refmodel::{LinearTask, TENSOR};
-use shardrop::round::aggregate::aggregate_window;
+use shardrop::round::aggregate::{AggregateOptions, aggregate_window_opts};
 use shardrop::round::evaluate::{CommandEvaluator, Evaluator};
-use shardrop::round::publish::{publish, shard_builder};
+use shardrop::round::publish::{Update, publish, shard_builder};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::replay::apply_aggregates;
 use shardrop::round::score::{
@@ -161,7 +161,9 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
                 .iter()
                 .zip(states.iter_mut())
                 .zip(&updates)
-                .map(|((id, st), u)| publish(Job::new(reg_r, id, s3_r), Some(w), u, st)),
+                .map(|((id, st), u)| {
+                    publish(Job::new(reg_r, id, s3_r), Some(w), Update::file(u, st))
+                }),
         )
         .await
         .unwrap();
@@ -179,8 +181,7 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         publish(
             Job::new(&reg, &noise, &s3),
             Some(w),
-            &task.to_safetensors(&junk).unwrap(),
-            &mut states[n],
+            Update::file(&task.to_safetensors(&junk).unwrap(), &mut states[n]),
         )
         .await
         .unwrap();
@@ -217,9 +218,13 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         .await
         .unwrap();
 
-        aggregate_window(Job::new(&reg, &aggregator, &s3), w, 8)
-            .await
-            .unwrap();
+        aggregate_window_opts(
+            Job::new(&reg, &aggregator, &s3),
+            w,
+            &AggregateOptions::default().with_concurrency(8),
+        )
+        .await
+        .unwrap();
         let v = validate_window(
             Job::new(&reg, &validator, &s3),
             w,

@@ -11,9 +11,9 @@ use pyo3::types::{PyBytes, PyDict};
 use shardrop::format::codec::{CodecLimits, EncodedPart, OwnedShapeInput, SliceInput};
 use shardrop::identity::{Identity, PeerId};
 use shardrop::round::RoundError;
-use shardrop::round::publish::{MinerState, publish_inputs, publish_parts, wait_for_window};
+use shardrop::round::publish::{MinerState, Update, publish, wait_for_window};
 use shardrop::round::registry::{Job, Registry};
-use shardrop::round::replay::{ApplyOptions, apply_aggregates_with, wait_for_aggregate};
+use shardrop::round::replay::{ApplyOptions, apply_aggregates_opts, wait_for_aggregate};
 use shardrop::round::replay::{Coverage, check_params, check_state_window};
 use shardrop::store::S3Options;
 
@@ -87,7 +87,7 @@ impl Run {
         let momentum = &mut st.state;
         let applied = block(
             py,
-            apply_aggregates_with(&reg, s3, &mut theta, momentum, first, last, &opts),
+            apply_aggregates_opts(&reg, s3, &mut theta, momentum, first, last, &opts),
         )?
         .map_err(to_py)?;
         st.run = Some(reg.run.clone());
@@ -409,7 +409,15 @@ impl Miner {
                 true => Some(wait_for_window(Job::new(&reg, id, s3), window).await?),
                 false => window,
             };
-            publish_inputs(Job::new(&reg, id, s3), w, &inputs, state).await
+            publish(
+                Job::new(&reg, id, s3),
+                w,
+                Update::Tensors {
+                    tensors: &inputs,
+                    state,
+                },
+            )
+            .await
         })?;
         let p = res.map_err(to_py)?;
         if self.state.ef.window != before {
@@ -501,7 +509,7 @@ impl Miner {
                 ),
                 false => window,
             };
-            publish_parts(Job::new(&reg, id, s3), w, &decoded).await
+            publish(Job::new(&reg, id, s3), w, Update::Parts(&decoded)).await
         })?
         .map_err(to_py)?;
         report(py, &p, started)

@@ -34,9 +34,9 @@ use shardrop::refmodel::{LinearTask, TENSOR};
 use shardrop::round::aggregate::{Aggregated, aggregate_window};
 use shardrop::round::evaluate::Evaluator;
 use shardrop::round::outer::{OptimizerKind, Outer, OuterState, Schedule, Setting};
-use shardrop::round::publish::{publish, shard_builder};
+use shardrop::round::publish::{Update, publish, shard_builder};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
-use shardrop::round::replay::{ApplyOptions, apply_aggregates_with};
+use shardrop::round::replay::{ApplyOptions, apply_aggregates_opts};
 use shardrop::round::score::{ValidateOptions, Validated, validate_window};
 use shardrop::round::verdict::LedgerReason;
 use shardrop::round::verdict::wait_for_close;
@@ -318,7 +318,7 @@ async fn late_join(
     let from = pulled.window.map_or(0, |x| x + 1);
     let opts = ApplyOptions::default();
     let replayed =
-        apply_aggregates_with(reg, &ctx.s3, &mut t, &mut state, from, w - 1, &opts).await?;
+        apply_aggregates_opts(reg, &ctx.s3, &mut t, &mut state, from, w - 1, &opts).await?;
     let mine = t
         .remove(TENSOR)
         .context("checkpoint lacks the model tensor")?;
@@ -385,7 +385,7 @@ async fn publish_window(
             .iter()
             .zip(miners.states.iter_mut())
             .zip(&updates)
-            .map(|((m, st), u)| publish(Job::new(reg, m, &ctx.s3), Some(w), u, st)),
+            .map(|((m, st), u)| publish(Job::new(reg, m, &ctx.s3), Some(w), Update::file(u, st))),
     );
     let joiner_update = match &miners.joiner_theta {
         Some(jt) => {
@@ -458,7 +458,9 @@ async fn publish_if(
     state: &mut EfState,
 ) -> Result<Option<shardrop::round::publish::Published>, shardrop::round::RoundError> {
     match update {
-        Some(u) => publish(job, Some(w), u, state).await.map(Some),
+        Some(u) => publish(job, Some(w), Update::file(u, state))
+            .await
+            .map(Some),
         None => Ok(None),
     }
 }
@@ -487,7 +489,7 @@ async fn judge(
         cast,
         ..
     } = *scene;
-    let agg = aggregate_window(Job::new(reg, &cast.aggregator, &ctx.s3), w, 8).await?;
+    let agg = aggregate_window(Job::new(reg, &cast.aggregator, &ctx.s3), w).await?;
     let scored = validate_window(
         Job::new(reg, &cast.validator, &ctx.s3),
         w,
@@ -542,7 +544,7 @@ async fn apply_one(
     w: u64,
 ) -> anyhow::Result<()> {
     let mut t: BTreeMap<String, Vec<f32>> = [(TENSOR.to_string(), std::mem::take(theta))].into();
-    apply_aggregates_with(reg, &ctx.s3, &mut t, outer, w, w, &ApplyOptions::default()).await?;
+    apply_aggregates_opts(reg, &ctx.s3, &mut t, outer, w, w, &ApplyOptions::default()).await?;
     *theta = t.remove(TENSOR).context("model tensor")?;
     Ok(())
 }
@@ -575,163 +577,221 @@ struct AdversaryRow {
     caught: bool,
 }
 
-pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
-    if a.miners < 2 || a.windows < 3 {
-        bail!("--miners must be at least 2 and --windows at least 3");
-    }
-    let keys_dir = a.dir.join("keys");
-    let store_url = match &a.store {
-        Some(u) => u.clone(),
-        None => std::path::absolute(a.dir.join("store"))?
-            .display()
-            .to_string(),
-    };
-    let root = store::open(&store_url, &ctx.s3)?;
-    let cast = Cast::load_or_make(&keys_dir, a.miners)?;
-    let started = std::time::Instant::now();
-    let task = LinearTask::standard();
-    let window_secs = a.window_secs.unwrap_or(match store_url.split_once("://") {
-        Some((scheme, _)) if scheme != "file" && scheme != "memory" => 6,
-        _ => 3,
-    });
-    let (mut reg, reg_url) = create_run(ctx, &root, &cast, &task, window_secs).await?;
-    let run = reg.run.clone();
-    let names = cast.names();
-    let name_of = |p: &str| names.get(p).cloned().unwrap_or_else(|| p.to_string());
+/// The demo run, one method per phase: `start` (keys, store, registry), then per window
+/// `change_setting` (the operator's mid-run revision), `late_join`, `window` (publish,
+/// close, judge, apply) and `checkpoint`, and `finish` (chart, summary, verdict).
+struct Demo<'a> {
+    ctx: &'a Ctx,
+    dir: PathBuf,
+    windows: u64,
+    root: Target,
+    cast: Cast,
+    names: BTreeMap<String, String>,
+    task: LinearTask,
+    held_out: Vec<shardrop::refmodel::Sample>,
+    reg: Registry,
+    reg_url: String,
+    /// Everyone's parameters and outer momentum (the joiner keeps its own in `miners`).
+    theta: Vec<f32>,
+    outer: OuterState,
+    joiner_outer: OuterState,
+    miners: Miners,
+    evaluator: ReferenceEvaluator,
+    first_loss: f64,
+    /// From which window the operator lowers the outer learning rate, and when the late
+    /// joiner joins.
+    change_at: u64,
+    join_at: u64,
+    rows: Vec<WindowRow>,
+    series: Vec<(u64, f64, u64)>,
+    caught: u64,
+    joined: Option<Joined>,
+    checkpoints: Vec<serde_json::Value>,
+    started: std::time::Instant,
+}
 
-    let say = |text: &str| {
-        if !ctx.json {
+pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
+    let mut d = Demo::start(ctx, a).await?;
+    for w in 0..d.windows {
+        // Window w's turn starts once w − 1 has closed (its grace is a window), when w + 1
+        // is already open: the change is made at w = change_at − 2, for a window not yet
+        // open.
+        if w + 2 == d.change_at {
+            d.change_setting().await?;
+        }
+        if w == d.join_at {
+            d.late_join(w).await?;
+        }
+        d.window(w).await?;
+    }
+    d.finish()
+}
+
+impl<'a> Demo<'a> {
+    /// Keys (kept in DIR/keys between runs), the store, and a new run's registry.
+    async fn start(ctx: &'a Ctx, a: DemoArgs) -> anyhow::Result<Demo<'a>> {
+        if a.miners < 2 || a.windows < 3 {
+            bail!("--miners must be at least 2 and --windows at least 3");
+        }
+        let store_url = match &a.store {
+            Some(u) => u.clone(),
+            None => std::path::absolute(a.dir.join("store"))?
+                .display()
+                .to_string(),
+        };
+        let root = store::open(&store_url, &ctx.s3)?;
+        let cast = Cast::load_or_make(&a.dir.join("keys"), a.miners)?;
+        let started = std::time::Instant::now();
+        let task = LinearTask::standard();
+        let window_secs = a.window_secs.unwrap_or(match store_url.split_once("://") {
+            Some((scheme, _)) if scheme != "file" && scheme != "memory" => 6,
+            _ => 3,
+        });
+        let (reg, reg_url) = create_run(ctx, &root, &cast, &task, window_secs).await?;
+        let d = Demo {
+            ctx,
+            windows: a.windows,
+            names: cast.names(),
+            held_out: task.held_out(),
+            theta: task.init(),
+            outer: OuterState::default(),
+            joiner_outer: OuterState::default(),
+            miners: Miners {
+                states: (0..a.miners).map(|_| EfState::default()).collect(),
+                adversary: EfState::default(),
+                joiner: EfState::default(),
+                joiner_theta: None,
+            },
+            evaluator: ReferenceEvaluator::new(task.clone(), std::time::Duration::from_secs(10)),
+            first_loss: 0.0,
+            change_at: (a.windows / 2).max(2),
+            join_at: a.windows - 1,
+            rows: Vec::new(),
+            series: Vec::new(),
+            caught: 0,
+            joined: None,
+            checkpoints: Vec::new(),
+            started,
+            dir: a.dir,
+            root,
+            cast,
+            task,
+            reg,
+            reg_url,
+        };
+        let d = Demo {
+            first_loss: d.task.loss(&d.theta, &d.held_out),
+            ..d
+        };
+        d.say(&format!(
+            "run {}: {} honest miners, an adversary (copy, noise, late in turn) and a late joiner (window {}); {} windows of {} s; store {}\n\n",
+            d.reg.run,
+            a.miners,
+            d.join_at,
+            d.windows,
+            window_secs,
+            d.root.url()
+        ));
+        Ok(d)
+    }
+
+    /// Prints progress (not with `--json`, whose one object comes at the end).
+    fn say(&self, text: &str) {
+        if !self.ctx.json {
             use std::io::Write;
             print!("{text}");
             let _ = std::io::stdout().flush();
         }
-    };
-    let join_at = a.windows - 1;
-    // The operator lowers the outer learning rate from the middle window on. Window w's
-    // turn starts once w − 1 has closed (its grace is a window), when w + 1 is already open:
-    // the change is made at w = change_at − 2, for a window not yet open.
-    let change_at = (a.windows / 2).max(2);
-    say(&format!(
-        "run {run}: {} honest miners, an adversary (copy, noise, late in turn) and a late joiner (window {join_at}); {} windows of {} s; store {}\n\n",
-        a.miners,
-        a.windows,
-        window_secs,
-        root.url()
-    ));
-    let held_out = task.held_out();
-    let mut theta = task.init();
-    let mut outer = OuterState::default();
-    let mut joiner_outer = OuterState::default();
-    let mut miners = Miners {
-        states: (0..a.miners).map(|_| EfState::default()).collect(),
-        adversary: EfState::default(),
-        joiner: EfState::default(),
-        joiner_theta: None,
-    };
-    let first_loss = task.loss(&theta, &held_out);
-    let mut evaluator = ReferenceEvaluator::new(task.clone(), std::time::Duration::from_secs(10));
-    let mut windows: Vec<WindowRow> = Vec::new();
-    let mut series = Vec::new();
-    let mut caught = 0u64;
-    let mut joiner_report: Option<Joined> = None;
-    let mut checkpoints = Vec::new();
-    let ckpt_src = a.dir.join("checkpoint-source");
-    std::fs::create_dir_all(&ckpt_src)?;
-    for w in 0..a.windows {
-        if w + 2 == change_at {
-            // `shardrop run set --from-window W --outer-lr 0.6`: signed, compare-and-swap,
-            // only for a window that has not opened.
-            let now = reg
-                .clock_at(&reg_url, &ctx.s3, &cast.operator.peer_id())
-                .await?;
-            // Every participant then reads the new revision, as `--follow` jobs do.
-            reg = Registry::revise(&reg_url, &ctx.s3, &cast.operator, |r| {
-                r.set_from(demo_setting(change_at, 0.6), now)
-            })
+    }
+
+    fn name_of(&self, peer: &str) -> String {
+        self.names
+            .get(peer)
+            .cloned()
+            .unwrap_or_else(|| peer.to_string())
+    }
+
+    /// `shardrop run set --from-window W --outer-lr 0.6`: signed, compare-and-swap, only for
+    /// a window that has not opened; every participant then reads the new revision, as
+    /// `--follow` jobs do.
+    async fn change_setting(&mut self) -> anyhow::Result<()> {
+        let (ctx, change_at) = (self.ctx, self.change_at);
+        let now = self
+            .reg
+            .clock_at(&self.reg_url, &ctx.s3, &self.cast.operator.peer_id())
             .await?;
-            say(&format!(
-                "operator: outer learning rate 1.0 -> 0.6 from window {change_at} (registry revision {})\n\n",
-                reg.revision
-            ));
-        }
-        if w == join_at {
-            let (mine, state, joined) =
-                late_join(ctx, &reg, &a.dir.join("late-joiner"), &theta, &outer, w).await?;
-            say(&format!(
-                "late joiner: checkpoint step {} (window {:?}) + {} aggregate(s) replayed -> parameters {} the others'\n\n",
-                joined.checkpoint_step,
-                joined.checkpoint_window,
-                joined.replayed,
-                if joined.matches {
-                    "bit-identical to"
-                } else {
-                    "DIFFERENT FROM"
-                }
-            ));
-            joiner_report = Some(joined);
-            miners.joiner_theta = Some(mine);
-            joiner_outer = state;
-        }
+        self.reg = Registry::revise(&self.reg_url, &ctx.s3, &self.cast.operator, |r| {
+            r.set_from(demo_setting(change_at, 0.6), now)
+        })
+        .await?;
+        self.say(&format!(
+            "operator: outer learning rate 1.0 -> 0.6 from window {change_at} (registry revision {})\n\n",
+            self.reg.revision
+        ));
+        Ok(())
+    }
+
+    /// The late joiner bootstraps from the latest checkpoint and the aggregates since.
+    async fn late_join(&mut self, w: u64) -> anyhow::Result<()> {
+        let (mine, state, joined) = late_join(
+            self.ctx,
+            &self.reg,
+            &self.dir.join("late-joiner"),
+            &self.theta,
+            &self.outer,
+            w,
+        )
+        .await?;
+        self.say(&format!(
+            "late joiner: checkpoint step {} (window {:?}) + {} aggregate(s) replayed -> parameters {} the others'\n\n",
+            joined.checkpoint_step,
+            joined.checkpoint_window,
+            joined.replayed,
+            if joined.matches {
+                "bit-identical to"
+            } else {
+                "DIFFERENT FROM"
+            }
+        ));
+        self.joined = Some(joined);
+        self.miners.joiner_theta = Some(mine);
+        self.joiner_outer = state;
+        Ok(())
+    }
+
+    /// Window `w`: every miner publishes, the window closes, the aggregator and the
+    /// validator judge it, everyone applies the signed aggregate, and every second window
+    /// the aggregator pushes a checkpoint.
+    async fn window(&mut self, w: u64) -> anyhow::Result<()> {
+        let ctx = self.ctx;
         let scene = Scene {
             ctx,
-            reg: &reg,
-            root: &root,
-            cast: &cast,
-            task: &task,
+            reg: &self.reg,
+            root: &self.root,
+            cast: &self.cast,
+            task: &self.task,
         };
-        let (bytes, dense, late_shard) = publish_window(&scene, &mut miners, &theta, w).await?;
-        wait_for_close(&reg, &root, &cast.operator.peer_id(), w).await?;
+        let (bytes, dense, late_shard) =
+            publish_window(&scene, &mut self.miners, &self.theta, w).await?;
+        wait_for_close(&self.reg, &self.root, &self.cast.operator.peer_id(), w).await?;
         if let Some(s) = late_shard {
-            let adv_area = root.join("adversary");
-            let key = layout::grad(&reg.run, w, &cast.adversary.peer_id());
+            let adv_area = self.root.join("adversary");
+            let key = layout::grad(&self.reg.run, w, &self.cast.adversary.peer_id());
             put_create(&adv_area, &adv_area.path(&key), &s).await?;
         }
-        let j = judge(&scene, &mut evaluator, w).await?;
-        caught += j.caught as u64;
-        // Everyone applies the signed aggregate.
-        apply_one(ctx, &reg, &mut theta, &mut outer, w).await?;
-        if let Some(jt) = miners.joiner_theta.as_mut() {
-            apply_one(ctx, &reg, jt, &mut joiner_outer, w).await?;
+        let j = judge(&scene, &mut self.evaluator, w).await?;
+        self.caught += j.caught as u64;
+        apply_one(ctx, &self.reg, &mut self.theta, &mut self.outer, w).await?;
+        if let Some(jt) = self.miners.joiner_theta.as_mut() {
+            apply_one(ctx, &self.reg, jt, &mut self.joiner_outer, w).await?;
         }
-        let l = task.loss(&theta, &held_out);
-        // A checkpoint every second window, as `shardrop ckpt push` makes it.
-        let mut ckpt = None;
-        if w % 2 == 1 && w + 1 < a.windows {
-            std::fs::write(
-                ckpt_src.join("model.safetensors"),
-                task.to_safetensors(&theta)?,
-            )?;
-            // The outer optimizer's momentum goes into the checkpoint beside the model, as
-            // `apply --optimizer-state` writes it (`outer_momentum.<name>` tensors).
-            let shapes = reg
-                .model
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.shape.clone()))
-                .collect();
-            std::fs::write(
-                ckpt_src.join("outer-state.safetensors"),
-                shardrop::round::outer::state_to_safetensors(&outer, &shapes, &reg.run, Some(w))?,
-            )?;
-            let pushed = push(
-                Job::new(&reg, &cast.aggregator, &ctx.s3),
-                std::slice::from_ref(&ckpt_src),
-                &PushOptions {
-                    step: w + 1,
-                    window: Some(w),
-                    shard_size: 2 << 30,
-                    concurrency: 4,
-                },
-                &|_| {},
-            )
-            .await?;
-            checkpoints.push(
-                serde_json::json!({"step": pushed.step, "window": w, "manifest": pushed.manifest}),
-            );
-            ckpt = Some(pushed.step);
-        }
-        let row = window_row(w, l, bytes, dense, &j, ckpt, &name_of);
-        say(&format!(
+        let l = self.task.loss(&self.theta, &self.held_out);
+        let ckpt = match w % 2 == 1 && w + 1 < self.windows {
+            true => Some(self.checkpoint(w).await?),
+            false => None,
+        };
+        let row = window_row(w, l, bytes, dense, &j, ckpt, &|p| self.name_of(p));
+        self.say(&format!(
             "window {w}: held-out loss {l:.2}, {bytes} bytes published ({:.1}x smaller than dense), {} accepted, {} rejected, {} missing {:?}; adversary {:?}: {} ({}){}\nvalidator scores:\n{}\n",
             row.ratio,
             row.accepted,
@@ -750,66 +810,126 @@ pub async fn demo(ctx: &Ctx, a: DemoArgs) -> anyhow::Result<()> {
                 "NOT CAUGHT"
             },
             ckpt.map_or(String::new(), |s| format!("; checkpoint step {s} pushed")),
-            super::validate::format_rows(&named_rows(&j.scored, &name_of), false)
+            super::validate::format_rows(&named_rows(&j.scored, &|p| self.name_of(p)), false)
         ));
-        series.push((w, l, bytes));
-        windows.push(row);
+        self.series.push((w, l, bytes));
+        self.rows.push(row);
+        Ok(())
     }
-    let final_loss = task.loss(&theta, &held_out);
-    let learned = final_loss < first_loss * 0.5;
-    let joined = joiner_report.as_ref().is_some_and(|j| j.matches);
-    let chart_path = a.dir.join("chart.svg");
-    std::fs::write(&chart_path, chart(&series, first_loss))?;
-    let ok = learned && caught == a.windows && joined;
-    let summary = serde_json::json!({
-        "ok": ok, "run": run, "registry": reg_url, "store": root.url(),
-        "keys": keys_dir.display().to_string(), "initial_loss": first_loss, "final_loss": final_loss,
-        "windows": windows, "adversary": {"peer": cast.adversary.peer_id().to_string(), "caught_windows": caught},
-        "late_joiner": joiner_report, "checkpoints": checkpoints,
-        "chart": chart_path.display().to_string(), "seconds": started.elapsed().as_secs_f64(),
-    });
-    std::fs::write(
-        a.dir.join("summary.json"),
-        serde_json::to_vec_pretty(&summary)?,
-    )?;
-    let text = format!(
-        "{}\nheld-out loss {first_loss:.2} -> {final_loss:.2} ({}); adversary caught in {caught} of {} windows; late joiner {}; {} checkpoint(s); {:.1} s\n\
-         on disk: store {} · keys {} · registry {reg_url}\n         chart {} · summary {} · late joiner's pulled checkpoint {}\n",
-        table(first_loss, &windows),
-        if learned { "learned" } else { "DID NOT LEARN" },
-        a.windows,
-        if joined {
-            "matched the others bit for bit"
-        } else {
-            "DID NOT MATCH"
-        },
-        checkpoints.len(),
-        started.elapsed().as_secs_f64(),
-        root.url(),
-        keys_dir.display(),
-        chart_path.display(),
-        a.dir.join("summary.json").display(),
-        a.dir.join("late-joiner").display(),
-    );
-    out::emit(ctx, &summary, &text);
-    let failed = |m: String| Err(anyhow::Error::new(out::Reported(m)));
-    if !learned {
-        return failed(format!(
-            "training through the pipeline did not reduce the held-out loss ({first_loss:.4} -> {final_loss:.4})"
-        ));
-    }
-    if caught != a.windows {
-        return failed(format!(
-            "the adversary was caught in only {caught} of {} windows",
-            a.windows
-        ));
-    }
-    if !joined {
-        return failed(
-            "the late joiner's parameters differ from the others' after bootstrapping".into(),
+
+    /// A checkpoint after window `w`, as `shardrop ckpt push` makes it: the parameters, and
+    /// the outer optimizer's momentum beside them as `apply --optimizer-state` writes it
+    /// (`outer_momentum.<name>` tensors). Returns its step.
+    async fn checkpoint(&mut self, w: u64) -> anyhow::Result<u64> {
+        let src = self.dir.join("checkpoint-source");
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(
+            src.join("model.safetensors"),
+            self.task.to_safetensors(&self.theta)?,
+        )?;
+        let shapes = self
+            .reg
+            .model
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        std::fs::write(
+            src.join("outer-state.safetensors"),
+            shardrop::round::outer::state_to_safetensors(
+                &self.outer,
+                &shapes,
+                &self.reg.run,
+                Some(w),
+            )?,
+        )?;
+        let pushed = push(
+            Job::new(&self.reg, &self.cast.aggregator, &self.ctx.s3),
+            std::slice::from_ref(&src),
+            &PushOptions {
+                step: w + 1,
+                window: Some(w),
+                shard_size: 2 << 30,
+                concurrency: 4,
+            },
+            &|_| {},
+        )
+        .await?;
+        self.checkpoints.push(
+            serde_json::json!({"step": pushed.step, "window": w, "manifest": pushed.manifest}),
         );
+        Ok(pushed.step)
     }
-    Ok(())
+
+    /// The chart and the summary, then the demo's verdict: it fails loudly if the held-out
+    /// loss did not fall, the adversary was not caught every window, or the late joiner
+    /// does not match.
+    fn finish(self) -> anyhow::Result<()> {
+        let Demo {
+            ctx,
+            dir,
+            windows,
+            first_loss,
+            caught,
+            ..
+        } = &self;
+        let (first_loss, caught, windows) = (*first_loss, *caught, *windows);
+        let final_loss = self.task.loss(&self.theta, &self.held_out);
+        let learned = final_loss < first_loss * 0.5;
+        let joined = self.joined.as_ref().is_some_and(|j| j.matches);
+        let chart_path = dir.join("chart.svg");
+        std::fs::write(&chart_path, chart(&self.series, first_loss))?;
+        let ok = learned && caught == windows && joined;
+        let keys_dir = dir.join("keys");
+        let summary = serde_json::json!({
+            "ok": ok, "run": self.reg.run, "registry": self.reg_url, "store": self.root.url(),
+            "keys": keys_dir.display().to_string(), "initial_loss": first_loss, "final_loss": final_loss,
+            "windows": self.rows, "adversary": {"peer": self.cast.adversary.peer_id().to_string(), "caught_windows": caught},
+            "late_joiner": self.joined, "checkpoints": self.checkpoints,
+            "chart": chart_path.display().to_string(), "seconds": self.started.elapsed().as_secs_f64(),
+        });
+        std::fs::write(
+            dir.join("summary.json"),
+            serde_json::to_vec_pretty(&summary)?,
+        )?;
+        let text = format!(
+            "{}\nheld-out loss {first_loss:.2} -> {final_loss:.2} ({}); adversary caught in {caught} of {windows} windows; late joiner {}; {} checkpoint(s); {:.1} s\n\
+             on disk: store {} · keys {} · registry {}\n         chart {} · summary {} · late joiner's pulled checkpoint {}\n",
+            table(first_loss, &self.rows),
+            if learned { "learned" } else { "DID NOT LEARN" },
+            if joined {
+                "matched the others bit for bit"
+            } else {
+                "DID NOT MATCH"
+            },
+            self.checkpoints.len(),
+            self.started.elapsed().as_secs_f64(),
+            self.root.url(),
+            keys_dir.display(),
+            self.reg_url,
+            chart_path.display(),
+            dir.join("summary.json").display(),
+            dir.join("late-joiner").display(),
+        );
+        out::emit(ctx, &summary, &text);
+        let failed = |m: String| Err(anyhow::Error::new(out::Reported(m)));
+        if !learned {
+            return failed(format!(
+                "training through the pipeline did not reduce the held-out loss ({first_loss:.4} -> {final_loss:.4})"
+            ));
+        }
+        if caught != windows {
+            return failed(format!(
+                "the adversary was caught in only {caught} of {windows} windows"
+            ));
+        }
+        if !joined {
+            return failed(
+                "the late joiner's parameters differ from the others' after bootstrapping".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The summary row of window `w`.

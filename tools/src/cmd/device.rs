@@ -89,13 +89,13 @@ impl Chosen {
     }
 
     /// Where an aggregator's merge runs.
-    pub fn merge_on(self) -> shardrop::round::aggregate::MergeOn {
+    pub fn aggregate_options(self) -> shardrop::round::aggregate::AggregateOptions {
         match self.codec {
-            Codec::Cpu => shardrop::round::aggregate::MergeOn::default(),
+            Codec::Cpu => shardrop::round::aggregate::AggregateOptions::default(),
             #[cfg(feature = "cuda")]
-            Codec::Gpu(g) => shardrop::round::aggregate::MergeOn {
+            Codec::Gpu(g) => shardrop::round::aggregate::AggregateOptions {
                 gpu: Some(std::sync::Arc::new(g)),
-                budget: None,
+                ..Default::default()
             },
         }
     }

@@ -9,13 +9,15 @@ use shardrop::format::codec::{Dense, EfState, dense_to_safetensors, model_of};
 use shardrop::format::layout;
 use shardrop::identity::PeerId;
 use shardrop::round::RoundError;
-use shardrop::round::aggregate::{aggregate_commit, aggregate_part, aggregate_window_on};
+use shardrop::round::aggregate::{aggregate_commit, aggregate_part, aggregate_window_opts};
 use shardrop::round::outer::{OptimizerKind, OuterState, ScheduleKind, Setting};
-use shardrop::round::publish::{clock, publish_inputs, wait_for_window};
+#[cfg(feature = "cuda")]
+use shardrop::round::publish::{PublishOptions, publish_opts};
+use shardrop::round::publish::{Update, clock, publish, wait_for_window};
 use shardrop::round::registry::{
     AggForm, AggregateSpec, Credentials, Job, Participant, Registry, RegistryError, Role,
 };
-use shardrop::round::replay::{ApplyOptions, apply_aggregates_with};
+use shardrop::round::replay::{ApplyOptions, apply_aggregates_opts};
 use shardrop::round::window::store_now_ms;
 use shardrop::store;
 
@@ -533,25 +535,29 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     };
     let waited = started.elapsed().as_secs_f64();
     let job = Job::new(&reg, &id, &ctx.s3);
+    let update = Update::file(&update, &mut state);
     let p = match chosen.codec {
         // The CPU codec encodes from the state read-only and advances it once the shard is
         // stored: no second copy of the state (the GPU path keeps its trial copy).
-        super::device::Codec::Cpu => {
-            let st = safetensors::SafeTensors::deserialize(&update).map_err(|e| {
-                anyhow::anyhow!("{}: not a safetensors file: {e}", a.update.display())
-            })?;
-            let inputs = shardrop::format::codec::inputs_of(&st)
-                .with_context(|| format!("{}: cannot encode", a.update.display()))?;
-            publish_inputs(job, window, &inputs, &mut state).await?
-        }
+        super::device::Codec::Cpu => publish(job, window, update).await,
         #[cfg(feature = "cuda")]
         super::device::Codec::Gpu(_) => {
-            shardrop::round::publish::publish_with(job, window, &update, &mut state, |u, st, o| {
-                chosen.encode_update(u, st, o)
-            })
-            .await?
+            let mut gpu =
+                |u: &[u8], st: &mut EfState, o: &shardrop::format::codec::EncodeOptions| {
+                    chosen.encode_update(u, st, o)
+                };
+            publish_opts(
+                job,
+                window,
+                update,
+                PublishOptions {
+                    encoder: Some(&mut gpu),
+                },
+            )
+            .await
         }
-    };
+    }
+    .with_context(|| format!("{}: cannot publish", a.update.display()))?;
     if state.window != before {
         state
             .save(&a.state)
@@ -582,17 +588,18 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
 
 pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     let (id, mut reg, mut w) = start_job(ctx, &a.job, Role::Aggregator).await?;
-    let concurrency = a.job.concurrency;
     let chosen = super::device::choose(&a.device)?;
     let device = chosen.report();
-    let on = chosen.merge_on().with_budget(a.job.budget());
+    let on = chosen
+        .aggregate_options()
+        .with_budget(a.job.budget())
+        .with_concurrency(a.job.concurrency);
     if let Some(part) = &a.part {
         let (i, k) = part
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
             .with_context(|| format!("--part {part:?}: expected I/K"))?;
-        let tensors =
-            aggregate_part(Job::new(&reg, &id, &ctx.s3), w, i, k, concurrency, &on).await?;
+        let tensors = aggregate_part(Job::new(&reg, &id, &ctx.s3), w, i, k, &on).await?;
         out::emit(
             ctx,
             &serde_json::json!({"window": w, "part": i, "parts": k, "tensors": tensors, "peak_rss_mib": crate::out::peak_rss_mib(), "device": device["device"], "device_fallback": device["device_fallback"]}),
@@ -602,8 +609,8 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
     }
     loop {
         let r = match a.commit {
-            Some(k) => aggregate_commit(Job::new(&reg, &id, &ctx.s3), w, k, concurrency).await?,
-            None => aggregate_window_on(Job::new(&reg, &id, &ctx.s3), w, concurrency, &on).await?,
+            Some(k) => aggregate_commit(Job::new(&reg, &id, &ctx.s3), w, k, &on).await?,
+            None => aggregate_window_opts(Job::new(&reg, &id, &ctx.s3), w, &on).await?,
         };
         let mut json = serde_json::to_value(&r)?;
         json["peak_rss_mib"] = crate::out::peak_rss_mib().into();
@@ -715,7 +722,7 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         cache: a.prefetched.as_deref(),
         wait: a.wait.map(std::time::Duration::from_secs),
     };
-    let applied = apply_aggregates_with(
+    let applied = apply_aggregates_opts(
         &reg, &ctx.s3, &mut theta, &mut state, first, a.through, &opts,
     )
     .await?;

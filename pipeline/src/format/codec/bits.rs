@@ -7,19 +7,19 @@
 #![warn(missing_docs)]
 
 /// Writes LSB-first fields into a zeroed byte slice.
-pub struct BitWriter<'a> {
+pub(super) struct BitWriter<'a> {
     out: &'a mut [u8],
     pos: usize,
 }
 
 impl<'a> BitWriter<'a> {
-    pub fn new(out: &'a mut [u8]) -> Self {
+    pub(super) fn new(out: &'a mut [u8]) -> Self {
         out.fill(0);
         BitWriter { out, pos: 0 }
     }
 
     #[inline]
-    pub fn put(&mut self, value: u32, width: u32) {
+    pub(super) fn put(&mut self, value: u32, width: u32) {
         let mut v = value as u64;
         let mut left = width as usize;
         while left > 0 {
@@ -35,11 +35,11 @@ impl<'a> BitWriter<'a> {
 
     /// Sets the single bit at `bit` (absolute position within this block).
     #[inline]
-    pub fn set_bit(&mut self, bit: usize) {
+    pub(super) fn set_bit(&mut self, bit: usize) {
         self.out[bit / 8] |= 1 << (bit % 8);
     }
 
-    pub fn pos(&self) -> usize {
+    pub(super) fn pos(&self) -> usize {
         self.pos
     }
 }
@@ -47,7 +47,7 @@ impl<'a> BitWriter<'a> {
 /// Reads a `width`-bit field (width ≤ 32) at bit offset `bit`. Callers guarantee the block
 /// is long enough (sizes are validated before any field is read).
 #[inline]
-pub fn get(block: &[u8], bit: usize, width: u32) -> u32 {
+pub(super) fn get(block: &[u8], bit: usize, width: u32) -> u32 {
     if width == 0 {
         return 0;
     }
@@ -61,7 +61,7 @@ pub fn get(block: &[u8], bit: usize, width: u32) -> u32 {
 /// Elias–Fano parameters for `n` sorted values below `universe`: the low-bit width and
 /// the length of the high-bit vector.
 #[inline]
-pub fn ef_shape(n: u32, universe: u32) -> (u32, usize) {
+pub(super) fn ef_shape(n: u32, universe: u32) -> (u32, usize) {
     let low = if universe > n {
         (universe / n).ilog2()
     } else {
@@ -73,7 +73,7 @@ pub fn ef_shape(n: u32, universe: u32) -> (u32, usize) {
 
 /// Bytes of one chunk's index block.
 #[inline]
-pub fn index_block_bytes(compact: bool, n: u32, universe: u32, chunk_log2: u32) -> usize {
+pub(super) fn index_block_bytes(compact: bool, n: u32, universe: u32, chunk_log2: u32) -> usize {
     if n == 0 {
         return 0;
     }
@@ -87,7 +87,13 @@ pub fn index_block_bytes(compact: bool, n: u32, universe: u32, chunk_log2: u32) 
 }
 
 /// Writes sorted indices (strictly increasing, all < universe).
-pub fn write_indices(out: &mut [u8], idx: &[u32], compact: bool, universe: u32, chunk_log2: u32) {
+pub(super) fn write_indices(
+    out: &mut [u8],
+    idx: &[u32],
+    compact: bool,
+    universe: u32,
+    chunk_log2: u32,
+) {
     let mut w = BitWriter::new(out);
     if !compact {
         for &i in idx {
@@ -108,14 +114,14 @@ pub fn write_indices(out: &mut [u8], idx: &[u32], compact: bool, universe: u32, 
 
 /// Why an index block is not acceptable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexFault {
+pub(super) enum IndexFault {
     OutOfRange(u32),
     NotIncreasing(u32),
     Malformed,
 }
 
 /// Decodes `out.len()` indices, checking range and strict order.
-pub fn read_indices(
+pub(super) fn read_indices(
     block: &[u8],
     out: &mut [u32],
     compact: bool,

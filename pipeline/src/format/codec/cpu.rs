@@ -781,7 +781,7 @@ pub fn to_sparse(t: &EncodedTensor) -> Result<(Vec<u64>, Vec<f32>), CodecError> 
 /// [`to_sparse`] of the chunks in `chunks` only, indices counted from the first element of
 /// chunk `chunks.start` (ascending): lets a reader walk a large tensor in slabs with memory
 /// for one slab, not the tensor. A slab spans at most 2³² elements.
-pub fn to_sparse_chunks(
+pub(crate) fn to_sparse_chunks(
     t: &EncodedTensor,
     chunks: Range<usize>,
 ) -> Result<(Vec<u32>, Vec<f32>), CodecError> {

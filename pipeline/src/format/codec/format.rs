@@ -38,7 +38,7 @@ struct SectionMeta {
 
 /// Section name for tensors `first..=last` of the model order: a worker that merges a
 /// tensor range knows which sections to fetch without reading any.
-pub fn section_name(first: usize, last: usize) -> String {
+pub(crate) fn section_name(first: usize, last: usize) -> String {
     format!("t{first:05}-{last:05}")
 }
 
@@ -99,7 +99,7 @@ pub fn read_section(
 
 /// `read_section`, also returning each tensor's squared L2 norm (computed while validating,
 /// so a reader's norm check costs no second decode).
-pub fn read_section_with_norms(
+pub(crate) fn read_section_with_norms(
     bytes: &[u8],
     model: Option<&ModelSpec>,
     limits: &CodecLimits,

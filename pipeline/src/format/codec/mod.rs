@@ -44,23 +44,22 @@ mod quant;
 mod state;
 mod update;
 
+pub(crate) use cpu::to_sparse_chunks;
 pub use cpu::{
     NORM_BLOCK, accumulate, advance_state, encode_tensor, encode_tensor_from, sum_of_squares,
-    to_sparse, to_sparse_chunks, validate,
+    to_sparse, validate,
 };
-pub use format::{
-    SECTION_CODEC, read_section, read_section_with_norms, section_name, section_raw_bound,
-    write_section,
-};
+pub use format::{SECTION_CODEC, read_section, section_raw_bound, write_section};
+pub(crate) use format::{read_section_with_norms, section_name};
 pub use part::{EncodedPart, PartTensor, SliceInput, assemble_parts, encode_part};
-pub use quant::{ValueFormat, bf16_ceil, bf16_to_f32, f32_to_bf16, levels, quantize};
+pub use quant::{ValueFormat, bf16_to_f32, f32_to_bf16, levels, quantize};
 pub use state::{EfState, STATE_FILE, StateLock, lock_dir};
 pub use update::{
     Dense, EncodeOptions, EncodedUpdate, OwnedShapeInput, Pending, UpdateStats, accumulate_section,
-    advance_inputs, dense_from_safetensors, dense_to_safetensors, dense_to_safetensors_with,
-    encode_inputs_scratch, encode_inputs_with, encode_update, encode_update_with, inputs_of,
-    model_of, model_of_inputs, section_ranges,
+    advance_inputs, dense_from_safetensors, dense_to_safetensors, encode_inputs_scratch,
+    encode_inputs_with, encode_update, encode_update_with, model_of,
 };
+pub(crate) use update::{dense_to_safetensors_with, inputs_of, model_of_inputs, section_ranges};
 
 use serde::{Deserialize, Serialize};
 
@@ -197,7 +196,7 @@ impl InDtype {
     }
 
     /// The input dtype of a safetensors dtype; `None` for those the codec does not take.
-    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+    pub(crate) fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
         match d {
             safetensors::Dtype::F32 => Some(InDtype::F32),
             safetensors::Dtype::BF16 => Some(InDtype::Bf16),
@@ -336,12 +335,12 @@ impl ChunkLayout {
     }
 
     /// All index bytes of the tensor.
-    pub fn idx_len(&self) -> usize {
+    pub(crate) fn idx_len(&self) -> usize {
         self.total(self.idx_full, self.idx_last)
     }
 
     /// All value bytes of the tensor.
-    pub fn val_len(&self) -> usize {
+    pub(crate) fn val_len(&self) -> usize {
         self.total(self.val_full, self.val_last)
     }
 
@@ -351,7 +350,7 @@ impl ChunkLayout {
     }
 
     /// Length of chunk `c`.
-    pub fn chunk_len(&self, c: usize) -> u32 {
+    pub(crate) fn chunk_len(&self, c: usize) -> u32 {
         if c + 1 == self.n_chunks {
             self.last_len
         } else {
@@ -360,7 +359,7 @@ impl ChunkLayout {
     }
 
     /// Values kept in chunk `c`.
-    pub fn k_of(&self, c: usize) -> u32 {
+    pub(crate) fn k_of(&self, c: usize) -> u32 {
         if c + 1 == self.n_chunks {
             self.k_last
         } else {

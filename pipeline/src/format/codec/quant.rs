@@ -75,7 +75,7 @@ pub fn bf16_to_f32(h: u16) -> f32 {
 
 /// The smallest bf16 not below `m` (a finite, non-negative f32): a scale that never clips.
 #[inline]
-pub fn bf16_ceil(m: f32) -> u16 {
+pub(crate) fn bf16_ceil(m: f32) -> u16 {
     let b = m.to_bits();
     let hi = (b >> 16) as u16;
     if b & 0xFFFF == 0 { hi } else { hi + 1 }

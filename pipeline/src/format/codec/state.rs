@@ -23,7 +23,7 @@ const WINDOW_KEY: &str = "shardrop_window";
 /// which the next lock of the folder removes.
 const TMP_PREFIX: &str = ".error-feedback.tmp";
 /// The lock file that keeps two publishes from sharing one state folder.
-pub const LOCK_FILE: &str = "state.lock";
+pub(super) const LOCK_FILE: &str = "state.lock";
 
 /// Error-feedback buffers by tensor name.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -71,7 +71,9 @@ pub fn model_of(bytes: &[u8]) -> Result<ModelSpec, CodecError> {
 }
 
 /// The tensors of a safetensors file as codec inputs (borrowing its bytes), in name order.
-pub fn inputs_of<'a>(st: &'a SafeTensors<'a>) -> Result<Vec<OwnedShapeInput<'a>>, CodecError> {
+pub(crate) fn inputs_of<'a>(
+    st: &'a SafeTensors<'a>,
+) -> Result<Vec<OwnedShapeInput<'a>>, CodecError> {
     let mut out: Vec<OwnedShapeInput<'a>> = st
         .iter()
         .map(|(name, v)| {
@@ -121,7 +123,7 @@ impl OwnedShapeInput<'_> {
 }
 
 /// The model description of in-memory inputs, in name order.
-pub fn model_of_inputs(inputs: &[OwnedShapeInput]) -> ModelSpec {
+pub(crate) fn model_of_inputs(inputs: &[OwnedShapeInput]) -> ModelSpec {
     let mut tensors: Vec<TensorSpec> = inputs
         .iter()
         .map(|t| TensorSpec {
@@ -295,7 +297,7 @@ pub fn advance_inputs(
 /// The tensor ranges (model indices) of the sections an honest encoder writes for `model`
 /// under `params`: the same packing rule as `encode_update_with`, computed from shapes alone,
 /// so that a reader can walk a window section by section before it has fetched any shard.
-pub fn section_ranges(
+pub(crate) fn section_ranges(
     model: &ModelSpec,
     params: &CodecParams,
     section_bytes: usize,
@@ -412,7 +414,7 @@ pub fn dense_to_safetensors(dense: &Dense) -> Result<Vec<u8>, CodecError> {
 }
 
 /// `dense_to_safetensors` with the file's `__metadata__` (what a state file says it is).
-pub fn dense_to_safetensors_with(
+pub(crate) fn dense_to_safetensors_with(
     dense: &Dense,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<Vec<u8>, CodecError> {

@@ -84,7 +84,7 @@ pub fn is_ident(s: &str) -> bool {
 }
 
 /// Free-text values: printable ASCII without `"` and `\`, at most 1024 bytes.
-pub fn is_text(s: &str) -> bool {
+pub(super) fn is_text(s: &str) -> bool {
     s.len() <= 1024
         && s.bytes()
             .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')

@@ -60,9 +60,10 @@ mod write;
 
 pub use header::{Compression, Header, SectionEntry, is_ident};
 pub use read::{
-    RemoteEnvelope, fetch_head, read_all_sections, read_sections, read_signed,
-    read_whole_consistent, replaced, stream_section, verify_sections,
+    RemoteEnvelope, fetch_head, read_all_sections, read_sections, replaced, stream_section,
+    verify_sections,
 };
+pub(crate) use read::{read_signed, read_whole_consistent};
 pub use section::SectionVerifier;
 pub use write::{EnvelopeBuilder, SectionData, SignedEnvelope, assemble_raw};
 
@@ -71,14 +72,14 @@ use crate::identity::PeerId;
 /// The 8 bytes every envelope starts with.
 pub const MAGIC: &[u8; 8] = b"SHARDROP";
 /// The envelope format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+pub(crate) const FORMAT_VERSION: u16 = 1;
 /// Bytes before the header: magic, version, kind, header length.
 pub const PREFIX_LEN: usize = 16;
 /// Bytes of the ed25519 signature that follows the header.
-pub const SIG_LEN: usize = 64;
+pub(crate) const SIG_LEN: usize = 64;
 /// Largest integer a header may hold, so that every JSON reader (JavaScript included) reads
 /// it exactly.
-pub const MAX_SAFE_INT: u64 = (1 << 53) - 1;
+pub(crate) const MAX_SAFE_INT: u64 = (1 << 53) - 1;
 
 /// What an object is for. The code sits in the unsigned-looking prefix *and* the name in the
 /// signed header; they must agree, so the prefix cannot be edited to change the meaning.
@@ -126,7 +127,7 @@ impl Kind {
     }
 
     /// The inverse of [`Kind::code`]; `None` for a code this version does not know.
-    pub fn from_code(code: u16) -> Option<Kind> {
+    pub(crate) fn from_code(code: u16) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.code() == code)
     }
 
@@ -369,7 +370,7 @@ pub struct Expect {
 impl Expect {
     /// An object of `kind` that `signer` signed for window `window` of `run`: what every
     /// per-window object of the round is checked against.
-    pub fn in_window(kind: Kind, signer: PeerId, run: &str, window: u64) -> Expect {
+    pub(crate) fn in_window(kind: Kind, signer: PeerId, run: &str, window: u64) -> Expect {
         Expect {
             signer: Some(signer),
             run: Some(run.to_string()),
@@ -462,7 +463,7 @@ impl Head {
     }
 
     /// Total object length the header declares.
-    pub fn declared_len(&self) -> u64 {
+    pub(crate) fn declared_len(&self) -> u64 {
         self.body_start() + self.header.body_len
     }
 

@@ -321,7 +321,7 @@ pub async fn read_all_sections(
 /// a verification failure counts as a rejection only when the object did not change
 /// meanwhile and a second read fails too. Immutable objects take the same path at no cost
 /// (a HEAD and one more read, only on failure).
-pub async fn read_whole_consistent(
+pub(crate) async fn read_whole_consistent(
     store: &dyn ObjectStore,
     path: &Path,
     object: &str,
@@ -369,7 +369,7 @@ pub async fn read_whole_consistent(
 /// Opens the envelope at `key` of `target`, verifies it against `expect` and reads every
 /// section: the common case of a signed object read whole (aggregates, manifests,
 /// pointers, weights, blobs), within `limits` (which bound the memory it takes).
-pub async fn read_signed(
+pub(crate) async fn read_signed(
     target: &crate::store::Target,
     key: &str,
     expect: &Expect,

@@ -41,7 +41,7 @@ impl SectionData {
     }
 
     /// Reads `buf.len()` bytes at `offset` (positional, so parts can be read in parallel).
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         match self {
             SectionData::Bytes(b) => {
                 let start = offset as usize;
@@ -386,7 +386,7 @@ impl SignedEnvelope {
     }
 
     /// Writes the whole object (head, then every section) to `w`.
-    pub fn write_to(&self, mut w: impl Write) -> io::Result<()> {
+    pub(crate) fn write_to(&self, mut w: impl Write) -> io::Result<()> {
         w.write_all(&self.head)?;
         let mut buf = vec![0u8; 1 << 20];
         for part in &self.parts {
@@ -407,7 +407,7 @@ impl SignedEnvelope {
     }
 
     /// Reads `buf.len()` bytes of the object at `offset`, crossing part boundaries.
-    pub fn read_at(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) fn read_at(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
         let head_len = self.head.len() as u64;
         if offset < head_len {
             let n = ((head_len - offset) as usize).min(buf.len());

@@ -14,7 +14,7 @@ mod split;
 mod v2;
 mod weighted;
 
-pub use split::{aggregate_commit, aggregate_part, part_range};
+pub use split::{aggregate_commit, aggregate_part};
 pub use v2::MERGED_CODEC;
 
 use crate::round::verdict::LedgerReason;
@@ -72,11 +72,13 @@ pub struct Aggregated {
     pub phases: BTreeMap<String, f64>,
 }
 
-/// Where an aggregator's weighted merge runs. The GPU's decode-and-accumulate is
-/// bit-identical to the CPU's, so an aggregate's bytes do not depend on the choice (and a
-/// split merge may mix devices).
-#[derive(Clone, Default)]
-pub struct MergeOn {
+/// How an aggregator works; the default is what [`aggregate_window`] does. Neither field
+/// changes an aggregate's bytes: the GPU's decode-and-accumulate is bit-identical to the
+/// CPU's (a split merge may mix devices), and verdicts do not depend on the order reads end.
+#[derive(Clone)]
+pub struct AggregateOptions {
+    /// Miners' shards read at once (16): memory is this many sections in flight.
+    pub concurrency: usize,
     /// The device that merges (the CPU when `None`).
     #[cfg(feature = "cuda")]
     pub gpu: Option<std::sync::Arc<crate::format::codec::gpu::Gpu>>,
@@ -85,10 +87,27 @@ pub struct MergeOn {
     pub budget: Option<Duration>,
 }
 
-impl MergeOn {
+impl Default for AggregateOptions {
+    fn default() -> Self {
+        AggregateOptions {
+            concurrency: 16,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            budget: None,
+        }
+    }
+}
+
+impl AggregateOptions {
     /// The same, with reads of a window ending `budget` after its close.
     pub fn with_budget(mut self, budget: Option<Duration>) -> Self {
         self.budget = budget;
+        self
+    }
+
+    /// The same, reading `n` shards at once.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
         self
     }
 }
@@ -226,26 +245,21 @@ impl Phases {
 
 /// Merges window `w` in one process and publishes its ledger and aggregate into the
 /// aggregator's store.
-pub async fn aggregate_window(
-    job: Job<'_>,
-    w: u64,
-    concurrency: usize,
-) -> Result<Aggregated, RoundError> {
-    aggregate_window_on(job, w, concurrency, &MergeOn::default()).await
+pub async fn aggregate_window(job: Job<'_>, w: u64) -> Result<Aggregated, RoundError> {
+    aggregate_window_opts(job, w, &AggregateOptions::default()).await
 }
 
-/// `aggregate_window` with the merge on `on`.
-pub async fn aggregate_window_on(
+/// [`aggregate_window`] as `opts` says.
+pub async fn aggregate_window_opts(
     job: Job<'_>,
     w: u64,
-    concurrency: usize,
-    on: &MergeOn,
+    opts: &AggregateOptions,
 ) -> Result<Aggregated, RoundError> {
     let Job { reg, id, .. } = job;
     let all = 0..reg.model.tensors.len();
     if reg.aggregate.format == AggFormat::V2 {
         let (open, checks, phases, kept) =
-            check_window_v2(job, w, all, concurrency, on.budget).await?;
+            check_window_v2(job, w, all, opts.concurrency, opts.budget).await?;
         let v = finalize(reg, w, &open.shards, &[checks]);
         let list = accepted_list(reg, w, &open.shards, &v);
         let sample = match kept.iter().any(Option::is_some) {
@@ -260,11 +274,11 @@ pub async fn aggregate_window_on(
         shards,
         deadline,
         ..
-    } = open_window(job, Role::Aggregator, w, concurrency, on.budget).await?;
-    let decoded = check_ranges(reg, &shards, all.clone(), concurrency, deadline).await;
+    } = open_window(job, Role::Aggregator, w, opts.concurrency, opts.budget).await?;
+    let decoded = check_ranges(reg, &shards, all.clone(), opts.concurrency, deadline).await;
     let checks: Vec<RangeCheck> = decoded.iter().map(|(c, _)| c.clone()).collect();
     let v = finalize(reg, w, &shards, &[checks]);
-    let sections = merge_range(reg, all, &v.weights, &decoded, on)?;
+    let sections = merge_range(reg, all, &v.weights, &decoded, opts)?;
     drop(decoded);
     publish_aggregate(reg, id, &target, w, &v, Body::Merged(sections)).await
 }

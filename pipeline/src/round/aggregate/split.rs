@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use super::v2::{check_window_v2, publish_v2};
 use super::weighted::merge_range;
-use super::{Aggregated, Body, MergeOn, Phases, accepted_list, publish_aggregate};
+use super::{AggregateOptions, Aggregated, Body, Phases, accepted_list, publish_aggregate};
 use crate::format::agg_tensor::agg_limits;
 use crate::format::envelope::read_signed;
 use crate::format::envelope::{Compression, EnvelopeBuilder, EnvelopeError, Expect, Kind};
@@ -22,7 +22,7 @@ use crate::round::verdict::{
 use crate::store::{self, Target};
 
 /// Tensor indices of part `i` of `k`: contiguous ranges in model order.
-pub fn part_range(tensors: usize, i: usize, k: usize) -> Range<usize> {
+pub(crate) fn part_range(tensors: usize, i: usize, k: usize) -> Range<usize> {
     (i * tensors / k)..((i + 1) * tensors / k)
 }
 
@@ -79,10 +79,10 @@ pub async fn aggregate_part(
     w: u64,
     i: usize,
     k: usize,
-    concurrency: usize,
-    on: &MergeOn,
+    on: &AggregateOptions,
 ) -> Result<usize, RoundError> {
     let Job { reg, id, .. } = job;
+    let concurrency = on.concurrency;
     if k == 0 || i >= k {
         return Err(RoundError::Caller(format!(
             "part {i}/{k}: expected 0 <= i < k"
@@ -187,9 +187,10 @@ pub async fn aggregate_commit(
     job: Job<'_>,
     w: u64,
     k: usize,
-    concurrency: usize,
+    opts: &AggregateOptions,
 ) -> Result<Aggregated, RoundError> {
     let Job { reg, id, .. } = job;
+    let concurrency = opts.concurrency;
     let OpenWindow {
         me,
         target,

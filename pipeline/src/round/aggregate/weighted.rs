@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use super::{MergeOn, agg_tensor};
+use super::{AggregateOptions, agg_tensor};
 use crate::format::codec::{EncodedTensor, accumulate};
 use crate::round::RoundError;
 use crate::round::registry::Registry;
@@ -15,7 +15,7 @@ pub(super) fn merge_range(
     range: Range<usize>,
     weights: &[f32],
     decoded: &[(RangeCheck, Vec<EncodedTensor>)],
-    on: &MergeOn,
+    on: &AggregateOptions,
 ) -> Result<Vec<(String, Vec<u8>)>, RoundError> {
     use rayon::prelude::*;
     #[cfg(feature = "cuda")]

@@ -115,11 +115,11 @@ pub struct Schedule {
 
 /// The largest base learning rate a reader accepts: far above any useful outer rate
 /// (DiLoCo's is 0.7, Templar's 1), low enough that a registry cannot hold `1e30`.
-pub const MAX_LR: f32 = 1000.0;
+pub(crate) const MAX_LR: f32 = 1000.0;
 
 /// The most windows a warm-up or decay may span (about 190 years of 23-minute windows):
 /// every window count then converts to f64 exactly and `t + 1` cannot overflow.
-pub const MAX_WINDOWS: u64 = 1 << 32;
+pub(crate) const MAX_WINDOWS: u64 = 1 << 32;
 
 /// The outer optimizer of a setting.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -397,7 +397,10 @@ impl OuterState {
     }
 
     /// The buffers as prefixed tensors with the parameters' shapes.
-    pub fn to_dense(&self, shapes: &BTreeMap<String, Vec<u64>>) -> crate::format::codec::Dense {
+    pub(crate) fn to_dense(
+        &self,
+        shapes: &BTreeMap<String, Vec<u64>>,
+    ) -> crate::format::codec::Dense {
         self.momentum
             .iter()
             .filter_map(|(n, v)| {
@@ -409,7 +412,7 @@ impl OuterState {
 }
 
 /// The `format` a state file's safetensors metadata names.
-pub const STATE_FORMAT: &str = "shardrop-outer-state-v1";
+pub(crate) const STATE_FORMAT: &str = "shardrop-outer-state-v1";
 
 /// A state file: the momentum buffers after window `after` (`None`: before window 0) of
 /// `run`, as safetensors (f32 tensors `MOMENTUM_PREFIX + name`; metadata `format`, `run`,
@@ -433,7 +436,7 @@ pub fn state_to_safetensors(
 }
 
 /// Reads a state file: the state, its run and the window it is after (`None`: genesis).
-pub fn state_from_safetensors(
+pub(crate) fn state_from_safetensors(
     bytes: &[u8],
 ) -> Result<(OuterState, String, Option<u64>), crate::format::codec::CodecError> {
     let bad = |d: String| crate::format::codec::CodecError::Malformed(d);

@@ -10,12 +10,10 @@
 //! validator can hold read-only keys per peer bucket.
 
 use crate::round::RoundReason;
-use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::format::codec::{CodecParams, ModelSpec};
 use crate::format::envelope::EnvelopeError;
-use crate::format::layout;
 use crate::identity::PeerId;
 use crate::round::outer::{Outer, Setting};
 use crate::store::{self, S3Options, StoreError, Target};
@@ -201,23 +199,23 @@ impl AggregateSpec {
     }
 
     /// An agg-v1 run (registries without the field).
-    pub fn is_v1(&self) -> bool {
+    pub(crate) fn is_v1(&self) -> bool {
         self.format == AggFormat::V1
     }
 }
 
 /// The section size of runs whose registry does not name one.
-pub const DEFAULT_SECTION_BYTES: u64 = 16 << 20;
+pub(crate) const DEFAULT_SECTION_BYTES: u64 = 16 << 20;
 
 /// The longest window or grace a reader accepts, seconds (136 years: every time in ms
 /// stays far inside u64).
-pub const MAX_SECS: u64 = 1 << 32;
+pub(crate) const MAX_SECS: u64 = 1 << 32;
 
 /// The most elements a model tensor may have (the codec's own limit, 2^36, is lower).
-pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
+pub(crate) const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
 
 /// The largest section size a reader accepts (a section is decompressed whole).
-pub const MAX_SECTION_BYTES: u64 = 1 << 30;
+pub(crate) const MAX_SECTION_BYTES: u64 = 1 << 30;
 
 fn default_section_bytes() -> u64 {
     DEFAULT_SECTION_BYTES
@@ -463,14 +461,6 @@ impl Registry {
             .any(|s| s.from_window < w && s.outer.optimizer.keeps_momentum())
     }
 
-    /// The operator's peer id, parsed.
-    pub fn operator_id(&self) -> Result<PeerId, RegistryError> {
-        PeerId::parse(&self.operator).map_err(|e| RegistryError::Invalid {
-            object: "registry".into(),
-            reason: e.to_string(),
-        })
-    }
-
     /// The participant with this peer id in this role, if registered so.
     pub fn participant(&self, peer: &PeerId, role: Role) -> Option<&Participant> {
         let id = peer.to_string();
@@ -536,11 +526,6 @@ impl Registry {
         }
         store::open(&p.store, &opts)
     }
-}
-
-/// The registry key under a store (for printing URLs).
-pub fn registry_path(target: &Target, run: &str) -> Path {
-    target.path(&layout::registry(run))
 }
 
 /// A registry failure in a round job keeps its class and code: `not_registered` is a
@@ -734,7 +719,7 @@ mod tests {
             Default::default(),
         );
         let url = reg.create(&target, &op).await.unwrap();
-        let path = target.path(&layout::registry("h"));
+        let path = target.path(&crate::format::layout::registry("h"));
         let rev1 = target
             .store
             .get(&path)

@@ -155,13 +155,13 @@ impl Gram {
     }
 
     /// The past aggregates compared (their windows, in `new`'s order).
-    pub fn past_windows(&self) -> impl Iterator<Item = u64> + '_ {
+    pub(crate) fn past_windows(&self) -> impl Iterator<Item = u64> + '_ {
         self.past.iter().map(|(w, _)| *w)
     }
 
     /// Containment of miner `i`'s indices in past aggregate `p`'s support, and the cosine
     /// with the aggregate restricted to them.
-    pub fn to_past(&self, i: usize, p: usize) -> (f64, f64) {
+    pub(crate) fn to_past(&self, i: usize, p: usize) -> (f64, f64) {
         let (n, dot, g_sq) = self.past[p].1[i];
         let containment = if self.support[i] == 0 {
             0.0
@@ -178,7 +178,7 @@ impl Gram {
     }
 
     /// Drops past aggregate `p` (it could not be read whole).
-    pub fn forget_past(&mut self, p: usize) {
+    pub(crate) fn forget_past(&mut self, p: usize) {
         self.past.remove(p);
     }
 

@@ -42,7 +42,7 @@ pub use gram::Gram;
 use pass::{PastAgg, check_and_measure};
 
 /// The codec of a validator's signed weights object.
-pub const WEIGHTS_CODEC: &str = "weights-v1";
+pub(crate) const WEIGHTS_CODEC: &str = "weights-v1";
 
 /// When two updates count as copies. Calibrated on the reference task (see
 /// `schemas/scores.md` for the measured margins).
@@ -118,7 +118,7 @@ pub struct CopyInfo {
 /// `None` without a valid commit). Commit times, not shard times or peer ids, decide who
 /// copied whom: a copier can only commit after it has seen the shard, a whole second after
 /// its publisher's commit.
-pub struct Candidate<'a> {
+pub(crate) struct Candidate<'a> {
     /// The miner.
     pub peer: &'a str,
     /// When its commit landed by the store's clock (`None`: no valid commit), which decides who copied whom.
@@ -131,7 +131,11 @@ pub struct Candidate<'a> {
 /// `k` of `miners` is row `k`). Deterministic: pairs are judged independently, and the later
 /// publisher of a near-identical pair is the copier. Every accepted pair is compared exactly
 /// (the matrix already holds every pair's overlap).
-pub fn detect_copies(miners: &[Candidate], gram: &Gram, th: &CopyThresholds) -> Vec<CopyInfo> {
+pub(crate) fn detect_copies(
+    miners: &[Candidate],
+    gram: &Gram,
+    th: &CopyThresholds,
+) -> Vec<CopyInfo> {
     let n = miners.len();
     let mut out = vec![CopyInfo::default(); n];
     let mut consider = |k: usize, name: String, ov: f64, cos: f64, copy: bool| {
@@ -845,5 +849,7 @@ pub async fn scored_windows(
     Ok(ws)
 }
 
+// The tests score the reference model's updates.
 #[cfg(test)]
+#[cfg(feature = "refmodel")]
 mod tests;

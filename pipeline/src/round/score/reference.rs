@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use crate::format::agg_tensor::AggTensor;
 use crate::format::codec::{CodecError, EncodedTensor, ModelSpec, to_sparse};
 
 /// A decoded update as one sparse vector over the whole model (tensors concatenated in
@@ -61,21 +60,6 @@ impl SparseUpdate {
             );
         }
         Ok(SparseUpdate::from_pairs(pairs))
-    }
-
-    /// From an aggregate's tensors (zeros dropped).
-    pub fn from_aggregate(model: &ModelSpec, tensors: &[AggTensor]) -> SparseUpdate {
-        let off = offsets(model);
-        let mut pairs = Vec::new();
-        for t in tensors {
-            let base = off.get(t.name.as_str()).copied().unwrap_or(0);
-            pairs.extend(
-                t.entries()
-                    .filter(|(_, v)| *v != 0.0)
-                    .map(|(i, v)| (base + i as u64, v)),
-            );
-        }
-        SparseUpdate::from_pairs(pairs)
     }
 }
 

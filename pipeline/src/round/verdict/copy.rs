@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use crate::format::codec::EncodedTensor;
 use crate::format::envelope::{Expect, Kind, RemoteEnvelope};
 use crate::format::layout;
-pub use crate::format::tables::Verdict;
+pub(super) use crate::format::tables::Verdict;
 use crate::identity::PeerId;
 use crate::round::registry::Registry;
 use crate::store::{self, StoreError, Target};

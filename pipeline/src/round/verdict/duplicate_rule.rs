@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-pub use crate::format::tables::Verdict;
+pub(super) use crate::format::tables::Verdict;
 
 use super::*;
 

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::format::codec::{self, SECTION_CODEC};
 use crate::format::envelope::{EnvelopeError, Expect, Kind, Limits, RemoteEnvelope};
 use crate::format::layout;
-pub use crate::format::tables::Verdict;
+pub(super) use crate::format::tables::Verdict;
 use crate::identity::PeerId;
 use crate::round::publish::{clock, codec_header, content_hash};
 use crate::round::registry::{Participant, Registry, Role};
@@ -19,7 +19,12 @@ use super::*;
 
 /// The header pass for one miner: signature, signer, run, window, kind, sizes, timeliness
 /// by the store's `last_modified`, and the codec. No section is fetched.
-pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Options) -> MinerShard {
+pub(crate) async fn check_head(
+    reg: &Registry,
+    miner: &Participant,
+    w: u64,
+    s3: &S3Options,
+) -> MinerShard {
     let mut shard = MinerShard {
         peer: miner.peer.clone(),
         object: String::new(),
@@ -136,7 +141,7 @@ pub async fn check_head(reg: &Registry, miner: &Participant, w: u64, s3: &S3Opti
 /// `last_modified` in milliseconds from a LIST of the object's folder. S3's GET and HEAD
 /// report `Last-Modified` to the second only, which would make deadlines coarse and leave
 /// "who published first" to chance between copies; listings carry milliseconds.
-pub async fn precise_last_modified(
+pub(crate) async fn precise_last_modified(
     target: &Target,
     path: &object_store::path::Path,
 ) -> Option<i64> {

@@ -19,11 +19,11 @@ mod duplicate_rule;
 mod header;
 mod range;
 mod weights;
-pub use copy::*;
+pub(crate) use copy::*;
 pub use deadline::*;
-pub use duplicate_rule::*;
-pub use header::*;
-pub use range::*;
+use duplicate_rule::duplicates;
+pub(crate) use header::*;
+pub(crate) use range::*;
 pub use weights::*;
 
 use crate::format::envelope::{EnvelopeError, Expect, Kind, Limits, RemoteEnvelope};
@@ -92,7 +92,7 @@ impl Exclusion {
     }
 
     /// A store that did not answer within the window's budget.
-    pub fn timed_out() -> Exclusion {
+    pub(crate) fn timed_out() -> Exclusion {
         Exclusion::new(
             Verdict::Error,
             LedgerReason::StoreError.code(),
@@ -116,7 +116,7 @@ impl Exclusion {
 /// One miner's shard after the header pass: one small ranged GET per miner, the same for
 /// every worker of a split merge.
 #[derive(Clone, Debug)]
-pub struct MinerShard {
+pub(crate) struct MinerShard {
     /// The miner's peer id, as the registry lists it.
     pub peer: String,
     /// The shard's URL (empty when its store could not be opened).
@@ -139,7 +139,7 @@ pub struct MinerShard {
 
 impl MinerShard {
     /// A miner whose store did not answer within the window's budget.
-    pub fn timed_out(peer: &str) -> MinerShard {
+    pub(crate) fn timed_out(peer: &str) -> MinerShard {
         MinerShard {
             peer: peer.to_string(),
             object: String::new(),
@@ -164,7 +164,7 @@ impl MinerShard {
     /// commitment is this miner's over the salt the shard reveals and the shard's content,
     /// and it landed inside the window (a commit from before the window opened counts for
     /// nothing: its content was knowable only by guessing it).
-    pub async fn fetch_commit(&mut self, reg: &Registry, w: u64) {
+    pub(crate) async fn fetch_commit(&mut self, reg: &Registry, w: u64) {
         let (Some((target, env)), Some(content)) = (&self.env, &self.content) else {
             return;
         };

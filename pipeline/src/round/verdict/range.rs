@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use crate::format::codec::{self, CodecLimits, EncodedTensor};
 use crate::format::envelope::{RemoteEnvelope, read_sections};
-pub use crate::format::tables::Verdict;
+pub(super) use crate::format::tables::Verdict;
 use crate::round::registry::Registry;
 use crate::store::Target;
 
@@ -17,7 +17,7 @@ use super::*;
 /// What checking one shard's tensors in a range found: the first failing tensor (by model
 /// index) and each tensor's squared norm. Workers of a split merge exchange these.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RangeCheck {
+pub(crate) struct RangeCheck {
     /// The first failing tensor (model index) and why.
     pub fault: Option<(usize, Exclusion)>,
     /// Each checked tensor's squared norm, by model index.
@@ -26,7 +26,7 @@ pub struct RangeCheck {
 
 impl RangeCheck {
     /// The sections of a range were not read within the window's budget.
-    pub fn timed_out(first: usize) -> RangeCheck {
+    pub(crate) fn timed_out(first: usize) -> RangeCheck {
         RangeCheck {
             fault: Some((first, Exclusion::timed_out())),
             sumsq: Vec::new(),
@@ -43,7 +43,7 @@ pub(crate) fn section_range(name: &str) -> Option<(usize, usize)> {
 /// Fetches the sections of a header-valid shard that hold tensors of `range` (model
 /// indices), validates them against the model, and returns the check with the decoded
 /// tensors of the range in model order.
-pub async fn check_range(
+pub(crate) async fn check_range(
     reg: &Registry,
     shard: &MinerShard,
     range: std::ops::Range<usize>,

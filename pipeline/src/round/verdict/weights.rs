@@ -1,7 +1,7 @@
 //! Verdicts from the checks: combined in model order, duplicates settled, norms clipped by the median, weights (`round.md`, "Norms, clipping and weights").
 
 use crate::format::tables::LedgerRow;
-pub use crate::format::tables::Verdict;
+pub(super) use crate::format::tables::Verdict;
 use crate::round::registry::Registry;
 
 use super::*;

@@ -4,6 +4,7 @@
 
 use shardrop::store::{self, S3Options, Target};
 
+pub mod fault;
 mod report;
 #[allow(unused_imports)] // not every test binary writes to the chaos report
 pub use report::report;

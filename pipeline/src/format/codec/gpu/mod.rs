@@ -33,7 +33,7 @@ use super::{
 };
 
 /// The kernel source, compiled by NVRTC when a `Gpu` opens.
-pub const KERNELS: &str = include_str!("kernels.cu");
+pub(crate) const KERNELS: &str = include_str!("kernels.cu");
 
 /// Threads per block of the selection kernel (one block per chunk).
 const SELECT_THREADS: u32 = 256;
@@ -120,14 +120,6 @@ pub struct Gpu {
     k: Kernels,
     name: String,
     arch: String,
-}
-
-/// Parses `cuda` or `cuda:N` (ordinal N); `None` for anything else (`cpu`).
-pub fn parse_device(s: &str) -> Option<usize> {
-    match s {
-        "cuda" => Some(0),
-        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
-    }
 }
 
 fn launch_cfg(grid: usize, threads: u32, shared: u32) -> Result<LaunchConfig, GpuError> {

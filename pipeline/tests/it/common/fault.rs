@@ -1,7 +1,7 @@
 //! Seeded fault injection for tests: fail, delay or truncate chosen calls, so that every
 //! failure path (a lost response, a slow store, a body cut short) is exercised on purpose.
-
-#![warn(missing_docs)]
+//! Built on the library's public wrapping point (`shardrop::store::hooked`), as a user's
+//! own store behaviour would be; not part of the library's API.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use object_store::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::hooked::{Op, StoreHooks};
+use shardrop::store::hooked::{Op, StoreHooks};
 
 /// Which calls a rule applies to.
 #[derive(Clone, Debug)]
