@@ -55,6 +55,9 @@ crate::error::reason_codes! {
         ScoresHashMismatch = "scores_hash_mismatch",
         /// A weights object that is not one.
         WeightsMalformed = "weights_malformed",
+        /// The validator's evaluator failed for an eligible miner: nothing is published for
+        /// the window (an evaluator's failure is the validator's, never the miner's).
+        EvalFailed = "eval_failed",
     }
 }
 

@@ -23,7 +23,7 @@ use shardrop::round::publish::{Update, publish, shard_builder};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::replay::apply_aggregates;
 use shardrop::round::score::{
-    ValidateOptions, read_scored_window, scored_windows, validate_window,
+    OnEvalError, ValidateOptions, read_scored_window, scored_windows, validate_window,
 };
 use shardrop::round::window::store_now_ms;
 use shardrop::store::{S3Options, put_create};
@@ -233,11 +233,46 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
         )
         .await
         .unwrap();
+        // Window 2's evaluator fails for one miner: by default nothing is published
+        // (`eval_failed`, naming it), so the validator's failure costs no miner anything
+        // and a rerun may publish; then it publishes with that miner's standing carried.
+        if w == 2 {
+            let err = validate_window(
+                Job::new(&reg, &validator_b, &s3),
+                w,
+                Some(&mut command as &mut dyn Evaluator),
+                &vopts,
+            )
+            .await
+            .unwrap_err();
+            let text = err.to_string();
+            assert_eq!(
+                shardrop::error::Classified::reason(&err),
+                Some("eval_failed"),
+                "{text}"
+            );
+            assert!(
+                text.contains(&honest[1].peer_id().to_string()) && text.contains("boom"),
+                "{text}"
+            );
+            let entry = reg
+                .participant(&validator_b.peer_id(), Role::Validator)
+                .unwrap();
+            assert_eq!(
+                scored_windows(&reg, entry, &s3).await.unwrap(),
+                [0, 1],
+                "a refused window stores nothing"
+            );
+        }
+        let carry = ValidateOptions {
+            on_eval_error: OnEvalError::Carry,
+            ..ValidateOptions::default()
+        };
         let vb = validate_window(
             Job::new(&reg, &validator_b, &s3),
             w,
             Some(&mut command as &mut dyn Evaluator),
-            &vopts,
+            &carry,
         )
         .await
         .unwrap();
@@ -283,13 +318,20 @@ async fn validator_scores_honest_copier_noise_and_absent_miners() {
     }
     let v = last.unwrap();
     let vb = last_b.unwrap();
-    let before = row(&prev_b.unwrap().rows, &honest[1]).rating;
+    let prev = row(&prev_b.unwrap().rows, &honest[1]).clone();
 
-    // The failing evaluator: recorded, no score, the rating carried over, weight kept.
+    // The failing evaluator, carried: recorded, no score, the rating and the weight exactly
+    // as they were; the others share the rest.
     let f = row(&vb.rows, &honest[1]);
     assert!(f.eval_error.as_deref().unwrap().contains("boom"), "{f:?}");
-    assert_eq!((f.score, f.rating), (None, before), "{f:?}");
-    assert!(before > 0.0 && f.weight > 0.0, "{f:?}");
+    assert_eq!(
+        (f.score, f.rating, f.weight),
+        (None, prev.rating, prev.weight),
+        "{f:?}"
+    );
+    assert!(prev.rating > 0.0 && f.weight > 0.0, "{f:?}");
+    let total_b: f64 = vb.rows.iter().map(|r| r.weight).sum();
+    assert!((total_b - 1.0).abs() < 1e-9, "weights sum to {total_b}");
     let ok = row(&vb.rows, &honest[0]);
     assert!(ok.eval_error.is_none() && ok.score == Some(1.0), "{ok:?}");
     assert!(ok.rating > 0.5 && ok.weight > 0.0, "{ok:?}");

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 __version__: str
 
@@ -192,11 +192,15 @@ class Validator:
         prepare: Optional[Callable[[int], Any]] = None,
         name: str = "python",
         concurrency: int = 16,
+        on_eval_error: Literal["refuse", "carry"] = "refuse",
     ) -> dict[str, Any]:
         """Scores ``window`` once it has closed and publishes the score table and signed
         weights (``shardrop validate``); ``evaluate(peer, update, scale, window) ->
         (loss_before, loss_after)`` measures each eligible miner on your own model,
-        ``prepare(window)`` is called once first."""
+        ``prepare(window)`` is called once first. If ``evaluate`` raises for an eligible
+        miner, ``"refuse"`` publishes nothing and raises ``Refused`` (reason
+        ``eval_failed``): fix it and call again; ``"carry"`` publishes with that miner's
+        rating and weight carried over."""
     def shards(self, window: int, concurrency: int = 16) -> Shards:
         """Waits for ``window`` to close, checks every miner as the aggregator does and
         judges copies and agreement; iterate the result for verdicts and decoded updates."""
@@ -206,6 +210,7 @@ class Validator:
         usefulness: Optional[Mapping[str, Union[float, Tuple[float, float]]]] = None,
         name: str = "python",
         concurrency: int = 16,
+        on_eval_error: Literal["refuse", "carry"] = "refuse",
     ) -> dict[str, Any]:
         """Scores the judged window with ``usefulness`` (peer → (loss_before, loss_after) or
         the usefulness itself) and publishes the table and weights, as ``shardrop

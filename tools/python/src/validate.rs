@@ -15,11 +15,23 @@ use shardrop::identity::{Identity, PeerId};
 use shardrop::round::evaluate::{EvalError, Evaluator, Losses};
 use shardrop::round::registry::{Job, Registry};
 use shardrop::round::score::{
-    JudgedWindow, Usefulness, ValidateOptions, judge_window, publish_judged, validate_window,
+    JudgedWindow, OnEvalError, Usefulness, ValidateOptions, judge_window, publish_judged,
+    validate_window,
 };
 use shardrop::store::S3Options;
 
 use crate::errors::{caller, to_py};
+
+/// `on_eval_error="refuse"|"carry"` (`shardrop validate --on-eval-error`).
+fn on_eval_error_of(s: &str) -> PyResult<OnEvalError> {
+    match s {
+        "refuse" => Ok(OnEvalError::Refuse),
+        "carry" => Ok(OnEvalError::Carry),
+        other => Err(caller(format!(
+            "on_eval_error={other:?}: use \"refuse\" (publish nothing when the evaluator fails for an eligible miner) or \"carry\""
+        ))),
+    }
+}
 use crate::runtime::{block, block_fn};
 
 /// A validator of a run, signing with its key.
@@ -274,7 +286,8 @@ impl Validator {
     /// your model to the window's parameters. Without `evaluate` no usefulness is measured
     /// (what the CLI does for a model it has no evaluator for). Returns the report with its
     /// rows.
-    #[pyo3(signature = (window, evaluate=None, prepare=None, name="python", concurrency=16))]
+    #[pyo3(signature = (window, evaluate=None, prepare=None, name="python", concurrency=16, on_eval_error="refuse"))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn validate<'py>(
         &self,
         py: Python<'py>,
@@ -283,6 +296,7 @@ impl Validator {
         prepare: Option<Py<PyAny>>,
         name: &str,
         concurrency: usize,
+        on_eval_error: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
         if evaluate.is_none() && prepare.is_some() {
             return Err(caller(
@@ -296,6 +310,7 @@ impl Validator {
         });
         let opts = ValidateOptions {
             concurrency: concurrency.max(1),
+            on_eval_error: on_eval_error_of(on_eval_error)?,
             ..ValidateOptions::default()
         };
         let (url, s3, op, id) = (&self.url, &self.s3, self.operator, &self.id);
@@ -339,11 +354,13 @@ impl Validator {
     /// of eligible miners to what you measured: `(loss_before, loss_after)` (the table
     /// records both; the same values an `--eval-cmd` prints give the same table, byte for
     /// byte) or a number (the usefulness itself; the loss columns stay empty). An eligible
-    /// miner left out gets `eval_error` and keeps its rating; values for miners that are not
+    /// miner left out is an evaluator error: by default (`on_eval_error="refuse"`) nothing
+    /// is published and `Refused` (`eval_failed`) names it; with `"carry"` its row gets
+    /// `eval_error` and keeps its rating and weight; values for miners that are not
     /// eligible are ignored (they score 0). Without `usefulness` the score is agreement, as
     /// `shardrop validate` without an evaluator. `name` is recorded in the weights as the
     /// evaluator. Returns the report with its rows.
-    #[pyo3(signature = (window, usefulness=None, name="python", concurrency=16))]
+    #[pyo3(signature = (window, usefulness=None, name="python", concurrency=16, on_eval_error="refuse"))]
     fn publish<'py>(
         &mut self,
         py: Python<'py>,
@@ -351,6 +368,7 @@ impl Validator {
         usefulness: Option<BTreeMap<String, Bound<'py, PyAny>>>,
         name: &str,
         concurrency: usize,
+        on_eval_error: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
         let reg = self.registry(py)?;
         let judged = self.judged(py, &reg, window, concurrency)?;
@@ -382,6 +400,7 @@ impl Validator {
         };
         let opts = ValidateOptions {
             concurrency: concurrency.max(1),
+            on_eval_error: on_eval_error_of(on_eval_error)?,
             ..ValidateOptions::default()
         };
         let evaluator = usefulness.as_ref().map(|_| name.to_string());

@@ -54,9 +54,17 @@ def test_validator_tables_match_the_cli_and_python_measures_usefulness(folder_ru
         raise RuntimeError("model exploded")
 
     m1.publish(update(5), window=w2 + 1, wait=True)
-    v3 = val.validate(w2 + 1, evaluate=broken)
+    # The validator's broken model is its own failure: by default nothing is published
+    # (a weight of 0 for an honest miner could not be taken back) ...
+    with pytest.raises(shardrop.Refused) as e:
+        val.validate(w2 + 1, evaluate=broken)
+    assert e.value.reason == "eval_failed" and "model exploded" in str(e.value)
+    # ... and a rerun may publish, here carrying the miner's standing over.
+    v3 = val.validate(w2 + 1, evaluate=broken, on_eval_error="carry")
     row = next(x for x in v3["rows"] if x["peer"] == r.peers["m1"])
     assert "model exploded" in (row["eval_error"] or "")
+    with pytest.raises(shardrop.Error):
+        val.validate(w2 + 1, evaluate=broken, on_eval_error="ignore")
 
 
 def test_shards_then_publish_gives_the_cli_table_byte_for_byte(folder_run):

@@ -11,11 +11,19 @@ use shardrop::refmodel::ReferenceEvaluator;
 use shardrop::round::evaluate::{CommandEvaluator, Evaluator};
 use shardrop::round::registry::{Job, Participant, Registry, Role};
 use shardrop::round::score::{
-    ValidateOptions, read_scored_window, scored_windows, validate_window,
+    OnEvalError, ValidateOptions, read_scored_window, scored_windows, validate_window,
 };
 
 use super::Ctx;
 use crate::out;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnEvalErrorArg {
+    /// Publish nothing for the window (exit 3, `eval_failed`).
+    Refuse,
+    /// Publish, carrying the failed miners' ratings and weights over.
+    Carry,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EvaluatorKind {
@@ -36,10 +44,21 @@ pub struct ValidateArgs {
     job: super::round::JobArgs,
     #[arg(long, value_enum, default_value = "auto")]
     evaluator: EvaluatorKind,
-    /// Run as `sh -c 'CMD "$@"' shardrop-eval --update FILE --window W --peer P --run R`;
-    /// the last line of its output must be {"loss_before": X, "loss_after": Y}.
+    /// Run once per eligible miner as `sh -c 'CMD "$@"' shardrop-eval --update FILE
+    /// --window W --peer P --run R --scale S`: FILE is the miner's decoded update (safetensors,
+    /// dense f32, the model's names and shapes), S the step it contributes to the aggregate
+    /// (outer lr / eligible miners). The last line of its output must be {"loss_before": X,
+    /// "loss_after": Y}: the loss on its own batch at θ_W and at θ_W − S·update. A non-zero
+    /// exit, a timeout or another line is an evaluator error (see --on-eval-error). A tested
+    /// example: tools/python/tests/eval_norm.py.
     #[arg(long)]
     eval_cmd: Option<String>,
+    /// What an evaluator error for an eligible miner does: `refuse` publishes nothing for the
+    /// window (exit 3, `eval_failed`, naming each miner and error; fix the evaluator and
+    /// rerun), `carry` publishes with that miner's rating and weight carried over from its
+    /// previous table. Never the miner's fault either way.
+    #[arg(long, value_enum, default_value = "refuse")]
+    on_eval_error: OnEvalErrorArg,
     #[arg(long, default_value_t = 120)]
     eval_timeout_secs: u64,
     /// Seed of the reference task (the demo's by default).
@@ -197,6 +216,10 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
         concurrency: a.job.concurrency,
         alpha: a.alpha,
         copy_lookback: a.copy_lookback,
+        on_eval_error: match a.on_eval_error {
+            OnEvalErrorArg::Refuse => OnEvalError::Refuse,
+            OnEvalErrorArg::Carry => OnEvalError::Carry,
+        },
         ..ValidateOptions::default()
     };
     loop {

@@ -85,6 +85,25 @@ pub struct ValidateOptions {
     pub rating_lookback: u64,
     /// How long after the window's close the reads may take (`verdict::window_deadline`).
     pub budget: Option<std::time::Duration>,
+    /// What an evaluator's failure for an eligible miner does (`scores.md` §3).
+    pub on_eval_error: OnEvalError,
+}
+
+/// What a validator does when its evaluator fails for an eligible miner (`scores.md` §3).
+/// Either way the failure is the validator's, never the miner's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnEvalError {
+    /// Publish nothing for the window and refuse (`eval_failed`), naming every miner the
+    /// evaluator failed for and why: a broken evaluator (a script that does not take
+    /// `--scale`, a model that does not load) would otherwise fail for everyone and publish
+    /// weights of 0 for honest miners, which a rerun cannot replace. Nothing is stored, so a
+    /// rerun with a working evaluator publishes.
+    #[default]
+    Refuse,
+    /// Publish: a failed miner's row records `eval_error`, its score is null, and its rating
+    /// and its weight are the ones of its previous table, unchanged; the other eligible
+    /// miners share the rest of the weight by rating.
+    Carry,
 }
 
 impl Default for ValidateOptions {
@@ -96,6 +115,7 @@ impl Default for ValidateOptions {
             copy_lookback: 2,
             rating_lookback: 16,
             budget: None,
+            on_eval_error: OnEvalError::Refuse,
         }
     }
 }
@@ -216,7 +236,7 @@ async fn previous_ratings(
     target: &Target,
     w: u64,
     lookback: u64,
-) -> Result<BTreeMap<String, f64>, RoundError> {
+) -> Result<BTreeMap<String, Previous>, RoundError> {
     for v in (w.saturating_sub(lookback)..w).rev() {
         let path = target.path(&layout::scores(&reg.run, v));
         let url = target.url_of(&path);
@@ -231,13 +251,49 @@ async fn previous_ratings(
                     reason: RoundReason::ScoresMalformed.code(),
                     detail: format!("not a score table: {e}"),
                 })?;
-                return Ok(rows.into_iter().map(|r| (r.peer, r.rating)).collect());
+                return Ok(rows
+                    .into_iter()
+                    .map(|r| {
+                        let prev = Previous {
+                            rating: r.rating,
+                            weight: r.weight,
+                        };
+                        (r.peer, prev)
+                    })
+                    .collect());
             }
             Err(object_store::Error::NotFound { .. }) => continue,
             Err(e) => return Err(StoreError::from_store(&url, e).into()),
         }
     }
     Ok(BTreeMap::new())
+}
+
+/// A miner's rating and weight in this validator's newest earlier table.
+#[derive(Clone, Copy, Debug, Default)]
+struct Previous {
+    rating: f64,
+    weight: f64,
+}
+
+/// The refusal of a window whose evaluator failed for eligible miners (`OnEvalError::Refuse`):
+/// every such miner and its error, and the next step.
+fn eval_refused(w: u64, failed: &[(&str, String)], eligible: usize) -> RoundError {
+    let list: Vec<String> = failed
+        .iter()
+        .map(|(peer, e)| match e.is_empty() {
+            true => format!("{peer}: no measurement"),
+            false => format!("{peer}: {e}"),
+        })
+        .collect();
+    RoundError::Refused {
+        reason: RoundReason::EvalFailed,
+        detail: format!(
+            "window {w}: the evaluator failed for {} of {eligible} eligible miner(s) ({}); nothing was published, since an evaluator's failure is the validator's and must not lower any miner's weight. Fix the evaluator (`shardrop validate --help` gives its arguments, --scale included, and the line it must print) and rerun this window, or publish with their ratings and weights carried over (`--on-eval-error carry`)",
+            failed.len(),
+            list.join("; ")
+        ),
+    }
 }
 
 /// Dense f32 tensors of an update, for evaluators.
@@ -474,6 +530,22 @@ pub async fn publish_judged(
             judged.shards.len()
         )));
     }
+    if evaluator.is_some() && opts.on_eval_error == OnEvalError::Refuse {
+        let failed: Vec<(&str, String)> = judged
+            .shards
+            .iter()
+            .zip(&measured)
+            .zip(&judged.eligible)
+            .filter_map(|((s, m), &eligible)| match (m, eligible) {
+                (Err(e), true) => Some((s.peer.as_str(), e.to_string())),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty() {
+            let eligible = judged.eligible.iter().filter(|&&e| e).count();
+            return Err(eval_refused(w, &failed, eligible));
+        }
+    }
     // Scores, ratings and weights.
     let prev = previous_ratings(reg, &judged.target, w, opts.rating_lookback).await?;
     let j = Judged {
@@ -620,7 +692,7 @@ fn score_rows(
     reg: &Registry,
     w: u64,
     j: &Judged<'_>,
-    prev: &BTreeMap<String, f64>,
+    prev: &BTreeMap<String, Previous>,
     alpha: f64,
 ) -> Vec<ScoreRow> {
     let gain = |k: usize| j.losses[k].as_ref().ok().map(Usefulness::gain);
@@ -640,7 +712,7 @@ fn score_rows(
                 Err(_) => None,
             }
         };
-        let before = prev.get(&s.peer).copied().unwrap_or(0.0);
+        let before = prev.get(&s.peer).map_or(0.0, |p| p.rating);
         let rating = score.map_or(before, |s| (1.0 - alpha) * before + alpha * s);
         let (lb, la, err) = match &j.losses[k] {
             Ok(Usefulness::Losses(x)) => (Some(x.loss_before), Some(x.loss_after), None),
@@ -675,16 +747,28 @@ fn score_rows(
             weight: 0.0,
         });
     }
+    // A miner the evaluator failed for keeps its previous weight (`OnEvalError::Carry`;
+    // a refusing validator never gets here with one); the others share the rest by rating.
+    let carried = |k: usize| j.eligible[k] && j.evaluated && j.losses[k].is_err();
+    let mut kept = 0.0;
+    for (k, r) in rows.iter_mut().enumerate() {
+        if carried(k) {
+            r.weight = prev.get(&r.peer).map_or(0.0, |p| p.weight);
+            kept += r.weight;
+        }
+    }
     let total: f64 = rows
         .iter()
         .enumerate()
-        .filter(|(k, _)| j.eligible[*k])
+        .filter(|(k, _)| j.eligible[*k] && !carried(*k))
         .map(|(_, r)| r.rating)
         .sum();
     if total > 0.0 {
+        let share = (1.0 - kept).max(0.0);
         for (k, r) in rows.iter_mut().enumerate() {
-            if j.eligible[k] {
-                r.weight = r.rating / total;
+            if j.eligible[k] && !carried(k) {
+                // share is 1 when nothing is carried: weight = rating / total exactly.
+                r.weight = share * r.rating / total;
             }
         }
     }
