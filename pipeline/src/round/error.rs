@@ -93,8 +93,11 @@ pub enum RoundError {
     Envelope(#[from] EnvelopeError),
     #[error("codec: {0}")]
     Codec(#[from] codec::CodecError),
-    /// Not (yet) published: callers that replay may wait and retry.
-    #[error("window {window}: no aggregate at {object}")]
+    /// Not (yet) published: callers that replay may wait and retry; a window that was never
+    /// aggregated is published by its aggregator, late (`shardrop aggregate --window W`).
+    #[error(
+        "window {window}: no aggregate at {object} (not published yet: wait for it, e.g. `--wait SECS`; if the window was never aggregated, its aggregator publishes it with `shardrop aggregate --window {window}`)"
+    )]
     NoAggregate { window: u64, object: String },
     /// Reading one window's aggregate failed; the source keeps its class and reason.
     #[error("window {window}: {source}")]

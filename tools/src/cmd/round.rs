@@ -255,11 +255,16 @@ impl JobArgs {
 
 /// A job's start: its key and registry, checked to hold `role`, and the first window to do
 /// (`--window`, or the newest closed one by the store's clock).
+/// The key, the registry and the first window of an aggregator's or a validator's job:
+/// `--window W`, or the newest closed window. Before any window has closed, `--follow`
+/// starts at window 0 (the job waits for its close) and `--once` has nothing to do: it says
+/// so, with when window 0 closes, and `None` tells the caller to exit 0 (a CronJob started
+/// right after `run init` is not a failure).
 pub async fn start_job(
     ctx: &Ctx,
     a: &JobArgs,
     role: Role,
-) -> anyhow::Result<(shardrop::identity::Identity, Registry, u64)> {
+) -> anyhow::Result<Option<(shardrop::identity::Identity, Registry, u64)>> {
     let id = keys::load(&a.key)?;
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let me = id.peer_id();
@@ -268,13 +273,26 @@ pub async fn start_job(
         (Some(w), _) => w,
         (None, true) => {
             let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
-            clock(&reg)
-                .newest_closed(now)
-                .context("no window has closed yet")?
+            match (clock(&reg).newest_closed(now), a.follow) {
+                (Some(w), _) => w,
+                (None, true) => 0,
+                (None, false) => {
+                    let secs = clock(&reg).closes(0).saturating_sub(now) as f64 / 1000.0;
+                    out::emit(
+                        ctx,
+                        &serde_json::json!({"window": null, "run": reg.run, "first_close_in_secs": secs}),
+                        &format!(
+                            "run {}: no window has closed yet (window 0 closes in {secs:.0} s by the store's clock); nothing to do (--follow waits for it)",
+                            reg.run
+                        ),
+                    );
+                    return Ok(None);
+                }
+            }
         }
         (None, false) => bail!("give --window W, --once or --follow"),
     };
-    Ok((id, reg, w))
+    Ok(Some((id, reg, w)))
 }
 
 #[derive(Args)]
@@ -587,7 +605,9 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
 }
 
 pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
-    let (id, mut reg, mut w) = start_job(ctx, &a.job, Role::Aggregator).await?;
+    let Some((id, mut reg, mut w)) = start_job(ctx, &a.job, Role::Aggregator).await? else {
+        return Ok(());
+    };
     let chosen = super::device::choose(&a.device)?;
     let device = chosen.report();
     let on = chosen

@@ -209,7 +209,10 @@ pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
 }
 
 pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
-    let (id, mut reg, mut w) = super::round::start_job(ctx, &a.job, Role::Validator).await?;
+    let Some((id, mut reg, mut w)) = super::round::start_job(ctx, &a.job, Role::Validator).await?
+    else {
+        return Ok(());
+    };
     let mut ev = evaluator(&a, &reg)?;
     let opts = ValidateOptions {
         budget: a.job.budget(),

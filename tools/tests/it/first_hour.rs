@@ -1,0 +1,63 @@
+//! What a newcomer runs in the first hour of a run (#31), as the README has them run it.
+
+use crate::common::{Run, json, ok_json, p, start_and_kill};
+
+/// Right after `run init`, before window 0 has closed: `aggregate --once` and `validate
+/// --once` (a CronJob's first tick) have nothing to do, say so and when, and exit 0;
+/// `aggregate --follow` waits for window 0 instead of stopping; and catch-up from genesis
+/// with window 0 not aggregated names the command that publishes it.
+#[test]
+fn jobs_started_before_the_first_close_wait_or_say_so_and_catch_up_names_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = dir.join("store").display().to_string();
+    let agg_key = dir.join("agg.key");
+    let run = Run::init(dir, &base, "first-hour", 60, &agg_key, &[]);
+    let val_key = run.new_validator(dir);
+    for (cmd, key) in [("aggregate", &agg_key), ("validate", &val_key)] {
+        let once = ok_json(run.run(&[
+            cmd,
+            "--registry",
+            &run.reg,
+            "--key",
+            p(key),
+            "--once",
+            "--json",
+        ]));
+        assert!(once["window"].is_null(), "{cmd}: {once}");
+        let secs = once["first_close_in_secs"].as_f64().unwrap();
+        assert!(secs > 0.0 && secs <= 62.0, "{cmd}: {once}");
+    }
+    let follow = [
+        "aggregate",
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&agg_key),
+        "--follow",
+    ];
+    assert!(
+        !start_and_kill(&follow, &run.env(), 3000),
+        "aggregate --follow stopped before window 0 closed"
+    );
+    let out = run.run(&[
+        "apply",
+        "--registry",
+        &run.reg,
+        "--from",
+        p(&dir.join("model.safetensors")),
+        "--from-window",
+        "genesis",
+        "--through",
+        "0",
+        p(&dir.join("theta.safetensors")),
+        "--json",
+    ]);
+    let doc = json(&out);
+    assert_eq!(doc["class"], "not_found", "{doc}");
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains("shardrop aggregate --window 0") && error.contains("--wait"),
+        "{error}"
+    );
+}
