@@ -11,7 +11,7 @@
 
 use crate::checkpoint::BadObject;
 use crate::checkpoint::CkptReason;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,8 @@ use crate::store::{self, S3Options, StoreError, Target};
 
 const PARTIAL: &str = ".shardrop-partial";
 const STATE: &str = ".shardrop-pull.json";
+/// Where `--force` moves what was in OUT that no earlier pull of the run wrote.
+const DISPLACED: &str = ".shardrop-displaced";
 
 /// Where a checkpoint lives and who must have signed it.
 #[derive(Clone)]
@@ -157,6 +159,10 @@ pub struct PullOptions {
     pub tp: Option<(u64, u64)>,
     /// Ranged GETs in flight.
     pub concurrency: usize,
+    /// Pull into a folder that holds files no earlier pull of this run wrote: they are moved
+    /// into `OUT/.shardrop-displaced/` first (never mixed with the checkpoint's, never
+    /// deleted). Without it such a folder is refused.
+    pub force: bool,
 }
 
 /// What a pull did.
@@ -470,6 +476,7 @@ pub async fn pull(
     let (m, body, murl) = fetch_manifest(loc).await?;
     let selected = select_tensors(&m, &opts.tensors, &murl)?;
     let files = plan_files(&m, &selected, opts)?;
+    let earlier = claim_out(out, &m.run, opts.force)?;
     let partial = prepare_out(out)?;
     let resume = Resume::load(out, &body, opts)?;
     let mut result = Pulled {
@@ -536,7 +543,101 @@ pub async fn pull(
         &serde_json::to_vec_pretty(&local).unwrap_or_default(),
     )?;
     let _ = std::fs::remove_dir(&partial);
+    // What an earlier pull wrote that this one did not (more shards, a file the new
+    // checkpoint lacks) would be mixed with the new files: remove it.
+    let written: BTreeSet<&str> = files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(local.manifest.files.iter().map(|f| f.file.as_str()))
+        .chain([HF_INDEX, LOCAL_MANIFEST])
+        .collect();
+    for name in earlier.iter().filter(|n| !written.contains(n.as_str())) {
+        let path = inside(out, name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path, e)),
+        }
+    }
     Ok(result)
+}
+
+/// What OUT holds before a pull, and whether the pull may write there: an empty or new
+/// folder, or an earlier pull of the same run (finished, or killed and resumed), whose files
+/// this pull replaces. Anything else would mix the checkpoint with files it does not know
+/// (a stale `model.safetensors` beside the new shards is what a loader then reads): refused,
+/// or with `force` moved into `OUT/.shardrop-displaced/`. Returns the names of the files an
+/// earlier pull of the run wrote, for the pull to remove the ones it does not rewrite.
+fn claim_out(out: &Path, run: &str, force: bool) -> Result<BTreeSet<String>, CkptError> {
+    let entries = match std::fs::read_dir(out) {
+        Ok(rd) => rd
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<BTreeSet<String>, _>>()
+            .map_err(|e| io_err(out, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(io_err(out, e)),
+    };
+    let mut earlier = BTreeSet::new();
+    // A finished pull's local manifest names every file it wrote; a killed one's state
+    // names the files it finished (the rest are in the partial folder).
+    if let Ok(Some(lm)) = super::LocalManifest::read(out)
+        && lm.manifest.run == run
+    {
+        let opts = PullOptions {
+            tensors: lm.tensors.clone(),
+            tp: lm.tp,
+            ..PullOptions::default()
+        };
+        let selected = select_tensors(&lm.manifest, &lm.tensors, &lm.source)?;
+        earlier.extend(
+            plan_files(&lm.manifest, &selected, &opts)?
+                .into_iter()
+                .map(|f| f.name),
+        );
+        earlier.extend(lm.manifest.files.iter().map(|f| f.file.clone()));
+        earlier.extend([HF_INDEX.to_string(), LOCAL_MANIFEST.to_string()]);
+    }
+    if let Some(done) = std::fs::read(out.join(STATE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| serde_json::from_value::<BTreeMap<String, String>>(v["done"].clone()).ok())
+    {
+        earlier.extend(done.into_keys());
+    }
+    let ours = [PARTIAL, STATE, DISPLACED];
+    let foreign: Vec<&String> = entries
+        .iter()
+        .filter(|n| !ours.contains(&n.as_str()) && !earlier.contains(*n))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(earlier);
+    }
+    if !force {
+        let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+        return Err(CkptError::Caller(format!(
+            "{}: not empty and not an earlier pull of run {run} (it holds {}{}); a pull here would mix the checkpoint with those files. Pull into an empty or new folder, or pass --force to move them into {}/{DISPLACED}/ first",
+            out.display(),
+            shown.join(", "),
+            if foreign.len() > shown.len() {
+                format!(" and {} more", foreign.len() - shown.len())
+            } else {
+                String::new()
+            },
+            out.display()
+        )));
+    }
+    let displaced = out.join(DISPLACED);
+    std::fs::create_dir_all(&displaced).map_err(|e| io_err(&displaced, e))?;
+    for name in foreign {
+        let mut to = displaced.join(name);
+        let mut n = 1;
+        while std::fs::symlink_metadata(&to).is_ok() {
+            to = displaced.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        std::fs::rename(out.join(name), &to).map_err(|e| io_err(&out.join(name), e))?;
+    }
+    Ok(earlier)
 }
 
 /// The manifest's tensors the `--tensors` globs select (all when there are none); a glob

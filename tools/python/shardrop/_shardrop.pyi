@@ -239,6 +239,7 @@ def ckpt_pull(
     progress_cb: Optional[Callable[[int], Any]] = None,
     endpoint: Optional[str] = None,
     allow_http: Optional[bool] = None,
+    force: bool = False,
 ) -> dict[str, Any]: ...
 def ckpt_ls(
     registry_url: str, endpoint: Optional[str] = None, allow_http: Optional[bool] = None

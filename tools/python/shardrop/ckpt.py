@@ -64,12 +64,16 @@ def pull(
     progress: Optional[Callable[[int], Any]] = None,
     endpoint: Optional[str] = None,
     allow_http: Optional[bool] = None,
+    force: bool = False,
 ) -> dict:
     """Pulls checkpoint ``what`` ("latest" or a manifest URL) into folder ``out``, verified.
 
     The signer is the run's aggregator (``registry_url``) or ``signer`` (a peer id).
     ``tensors``: only those matching these globs (ranged reads); ``tp=(rank, size)``: the
     tensor-parallel slice of each 2-D tensor. Resumable: run it again after an interruption.
+    ``out`` must be empty, new or an earlier pull of the same run (whose files it replaces);
+    a folder holding other files is refused unless ``force``, which moves them into
+    ``out/.shardrop-displaced/`` first.
     Returns what ``shardrop ckpt pull --json`` reports.
     """
     return _shardrop.ckpt_pull(
@@ -83,6 +87,7 @@ def pull(
         progress,
         endpoint,
         allow_http,
+        force,
     )
 
 

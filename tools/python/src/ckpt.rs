@@ -85,7 +85,7 @@ fn ckpt_push<'py>(
 
 /// See `shardrop.ckpt.pull`.
 #[pyfunction]
-#[pyo3(signature = (what, out, registry_url=None, signer=None, tensors=Vec::new(), tp=None, concurrency=16, progress_cb=None, endpoint=None, allow_http=None))]
+#[pyo3(signature = (what, out, registry_url=None, signer=None, tensors=Vec::new(), tp=None, concurrency=16, progress_cb=None, endpoint=None, allow_http=None, force=false))]
 #[allow(clippy::too_many_arguments)]
 fn ckpt_pull<'py>(
     py: Python<'py>,
@@ -99,6 +99,7 @@ fn ckpt_pull<'py>(
     progress_cb: Option<Py<PyAny>>,
     endpoint: Option<String>,
     allow_http: Option<bool>,
+    force: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let s3 = s3_of(endpoint, allow_http);
     let signer = signer
@@ -113,6 +114,7 @@ fn ckpt_pull<'py>(
         tensors,
         tp,
         concurrency,
+        force,
     };
     let report = progress(progress_cb);
     let pulled = block_fn(py, || async {

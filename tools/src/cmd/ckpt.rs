@@ -78,6 +78,11 @@ pub struct PullArgs {
     /// Ranged GETs in flight.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// OUT holds files no earlier pull of this run wrote: move them into
+    /// OUT/.shardrop-displaced/ first (without it such a folder is refused, so a loader never
+    /// reads a stale file beside the checkpoint's).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -200,6 +205,7 @@ async fn pull_cmd(ctx: &Ctx, a: PullArgs) -> anyhow::Result<()> {
         tensors: a.tensors.clone(),
         tp: a.tp_rank.zip(a.tp_size),
         concurrency: a.concurrency,
+        force: a.force,
     };
     let p = pull(&loc, &a.out, &opts, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();

@@ -306,6 +306,15 @@ async fn late_join(
     w: u64,
 ) -> anyhow::Result<(Vec<f32>, OuterState, Joined)> {
     let loc = locate("latest", Some(reg), None, &ctx.s3).await?;
+    // The folder is the demo's own: an earlier demo's joiner pulled another run there.
+    match std::fs::remove_dir_all(out_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(
+                anyhow::Error::new(e).context(format!("{}: cannot clear", out_dir.display()))
+            );
+        }
+        _ => {}
+    }
     let opts = PullOptions {
         concurrency: 8,
         ..Default::default()

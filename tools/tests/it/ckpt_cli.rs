@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{ok_json, shardrop, start_and_kill};
+use crate::common::{json, ok_json, shardrop, start_and_kill, stderr};
 
 use object_store::ObjectStoreExt;
 use safetensors::SafeTensors;
@@ -147,6 +147,86 @@ async fn push_kill_resume_pull_kill_resume_verify_gc_apply() {
         pulled["fetched_bytes"].as_u64().unwrap() + pulled["reused_bytes"].as_u64().unwrap()
             >= 48 << 20
     );
+    // A folder with a user's own model files is refused, untouched: a loader would read the
+    // stale `model.safetensors` beside the new shards. `--force` moves them aside.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::write(mine.join(f), format!("the user's {f}")).unwrap();
+    }
+    let mine_s = mine.display().to_string();
+    let into_mine = [
+        "ckpt",
+        "pull",
+        "latest",
+        &mine_s,
+        "--registry",
+        &reg,
+        "--json",
+    ];
+    let refused = shardrop(&into_mine);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let doc = json(&refused);
+    assert_eq!(doc["class"], "caller", "{doc}");
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains("model.safetensors") && error.contains("--force"),
+        "{error}"
+    );
+    let mut listed: Vec<String> = std::fs::read_dir(&mine)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "config.json",
+            "model.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    let mut forced = into_mine.to_vec();
+    forced.push("--force");
+    ok_json(shardrop(&forced));
+    assert_eq!(tensors(&mine), tensors(&src));
+    assert!(!mine.join("model.safetensors").exists());
+    let displaced = mine.join(".shardrop-displaced");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "model.safetensors.index.json",
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(displaced.join(f)).unwrap(),
+            format!("the user's {f}")
+        );
+    }
+    assert_eq!(
+        std::fs::read(mine.join("config.json")).unwrap(),
+        std::fs::read(src.join("config.json")).unwrap()
+    );
+    // An earlier pull of the run is pulled over: the files of the earlier pull that this one
+    // does not write go (here a shard name the checkpoint does not have, recorded as ours).
+    let lm_path = mine.join("shardrop-manifest.json");
+    let mut lm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&lm_path).unwrap()).unwrap();
+    let mut old_shard = lm["manifest"]["shards"][0].clone();
+    old_shard["file"] = "99999.safetensors".into();
+    lm["manifest"]["shards"]
+        .as_array_mut()
+        .unwrap()
+        .push(old_shard);
+    std::fs::write(&lm_path, serde_json::to_vec(&lm).unwrap()).unwrap();
+    std::fs::write(mine.join("99999.safetensors"), b"an old shard").unwrap();
+    ok_json(shardrop(&into_mine));
+    assert!(!mine.join("99999.safetensors").exists());
+    assert_eq!(tensors(&mine), tensors(&src));
+
     let verified = ok_json(shardrop(&[
         "ckpt",
         "verify",
