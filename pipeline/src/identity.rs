@@ -33,7 +33,8 @@ pub enum IdentityError {
     /// The file is not a shardrop key.
     #[error("{path}: not a shardrop key file ({reason})")]
     Format { path: PathBuf, reason: String },
-    /// The key file could not be read or written.
+    /// The key file could not be read or written (a missing one is the caller's: make it
+    /// with `shardrop keygen --out PATH`).
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -55,6 +56,11 @@ impl crate::error::Classified for IdentityError {
             IdentityError::Permissions { .. }
             | IdentityError::Format { .. }
             | IdentityError::PeerId { .. } => ErrorClass::Caller,
+            // No key at the path given: the call names the wrong file (or `keygen` was not
+            // run); retrying will not help.
+            IdentityError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ErrorClass::Caller
+            }
             IdentityError::Io { .. } => ErrorClass::Store,
         }
     }

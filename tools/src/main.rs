@@ -29,6 +29,16 @@ struct Cli {
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Log lines on stderr (level: SHARDROP_LOG, default warn): `auto` is text on a
+    /// terminal and JSON lines otherwise.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "SHARDROP_LOG_FORMAT"
+    )]
+    log_format: out::LogFormat,
     #[command(flatten)]
     s3: S3Args,
     #[command(subcommand)]
@@ -112,8 +122,11 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    out::init_logging();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return out::report_parse_error(&e),
+    };
+    out::init_logging(cli.log_format);
     let s3 = match cli.s3.options() {
         Ok(s3) => s3,
         Err(e) => {

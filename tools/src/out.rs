@@ -9,17 +9,77 @@ use shardrop::error::ErrorClass;
 
 use crate::cmd::Ctx;
 
-pub fn init_logging() {
+/// How log lines on stderr look (`--log-format`, `SHARDROP_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    // Text on a terminal, JSON lines otherwise (a log collector's input). (Plain comments:
+    // documented variants would turn every command's --help into the long layout.)
+    Auto,
+    Text,
+    Json,
+}
+
+/// Logs go to stderr at `SHARDROP_LOG` (default `warn`), as `format` says. Errors are never
+/// log lines: each command's failure is one plain `shardrop: error:` line (and a JSON
+/// document on stdout with `--json`).
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDROP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.compact().init();
-    } else {
+    let json = match format {
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Text => false,
+        LogFormat::Json => true,
+    };
+    if json {
         builder.json().init();
+    } else {
+        builder.compact().init();
     }
+}
+
+/// A mistake in the command line that clap cannot see (a combination of flags, the form of
+/// a value): exit 2 like clap's own, with class null in the JSON document.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A usage error (exit 2).
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(message.into()))
+}
+
+/// A command line clap refused (or `--help`/`--version`, exit 0): its message on stderr and,
+/// when `--json` was among the arguments, the JSON error document on stdout; exit 2.
+pub fn report_parse_error(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let _ = e.print();
+    if std::env::args().any(|a| a == "--json") {
+        // The message up to clap's usage block, on one line.
+        let text = e.to_string();
+        let line = text
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let line = line.trim_start_matches("error: ");
+        let doc = serde_json::json!({"ok": false, "error": line, "class": null, "reason": null});
+        println!("{doc}");
+    }
+    ExitCode::from(2)
 }
 
 /// Prints the command's result.
@@ -82,12 +142,29 @@ pub fn value_of<T: serde::Serialize>(v: &T) -> anyhow::Result<serde_json::Value>
     Ok(serde_json::from_slice(&serde_json::to_vec(v)?)?)
 }
 
+/// The error and its causes on one line, each cause once: an error whose message already
+/// quotes its source (`path: No such file or directory`) does not repeat it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// One line on stderr; with `--json` also a JSON error document on stdout. The exit code
 /// comes from the error's class: 3 when an object was verified and rejected (its reason
 /// code goes into the JSON), so scripts can tell "bad object" from "could not check"; 1
 /// otherwise.
 pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
-    let line = format!("{e:#}").replace('\n', " ");
+    let line = one_line(e);
     eprintln!("shardrop: error: {line}");
     // An error the CLI raised itself (arguments, local files) has no library class.
     let (class, reason) = classify(e).map_or((None, None), |(c, r)| (Some(c), r));
@@ -101,6 +178,9 @@ pub fn report_error(ctx: &Ctx, e: &anyhow::Error) -> ExitCode {
             "reason": rejection,
         });
         println!("{doc}");
+    }
+    if class.is_none() && e.chain().any(|c| c.downcast_ref::<Usage>().is_some()) {
+        return ExitCode::from(2);
     }
     ExitCode::from(class.map_or(1, ErrorClass::exit_code))
 }

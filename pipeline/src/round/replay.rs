@@ -161,7 +161,7 @@ pub async fn apply_aggregates_opts<T: Tensor>(
                     return Err(RoundError::Refused {
                         reason: RoundReason::OptimizerStateMissing,
                         detail: format!(
-                            "the run's outer optimizer kept momentum before window {first}, and no momentum buffer for {name:?} was given (a checkpoint or state file holds it)"
+                            "the run's outer optimizer kept momentum before window {first}, and no momentum buffer for {name:?} was given. If nothing was applied yet (a peer's first round), replay from the run's start instead (`--from-window genesis` with the run's initial model: momentum starts at zero); otherwise give the state the previous replay wrote (`--optimizer-state PATH`, or a pulled checkpoint's)"
                         ),
                     });
                 }

@@ -96,6 +96,8 @@ def test_publish_and_apply_match_the_cli(nesterov_run, tmp_path):
     with pytest.raises(shardrop.Refused) as e:
         run.apply_(copy(r.theta0), last)
     assert e.value.reason == "optimizer_state_missing" and e.value.kind == "refused"
+    # ... naming the next step: a peer with nothing applied yet starts from genesis.
+    assert "--from-window genesis" in str(e.value) and "--optimizer-state" in str(e.value)
     with pytest.raises(shardrop.Refused) as e:
         run.apply_(copy(r.theta0), last, loaded)
     assert e.value.reason == "optimizer_state_window"

@@ -54,10 +54,14 @@ pub struct PushArgs {
 pub struct From {
     /// `latest` (needs --registry) or a manifest URL (…/runs/RUN/ckpt/STEP/manifest).
     what: String,
-    /// The run's registry: the signer must be its aggregator.
-    #[arg(long)]
+    /// The run's registry: the signer must be its aggregator (needed for `latest`).
+    #[arg(
+        long,
+        required_unless_present = "signer",
+        required_if_eq("what", "latest")
+    )]
     registry: Option<String>,
-    /// Or the signer's peer id.
+    /// Or the signer's peer id (a manifest URL without the registry).
     #[arg(long)]
     signer: Option<String>,
 }

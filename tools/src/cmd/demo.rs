@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use object_store::ObjectStoreExt;
 use shardrop::checkpoint::pull::{PullOptions, locate, pull};
@@ -640,7 +640,9 @@ impl<'a> Demo<'a> {
     /// Keys (kept in DIR/keys between runs), the store, and a new run's registry.
     async fn start(ctx: &'a Ctx, a: DemoArgs) -> anyhow::Result<Demo<'a>> {
         if a.miners < 2 || a.windows < 3 {
-            bail!("--miners must be at least 2 and --windows at least 3");
+            return Err(crate::out::usage(
+                "--miners must be at least 2 and --windows at least 3",
+            ));
         }
         let store_url = match &a.store {
             Some(u) => u.clone(),

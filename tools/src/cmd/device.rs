@@ -2,7 +2,6 @@
 //! the `cuda` feature, no driver, no NVRTC, no such device) is never fatal: the command says
 //! why on stderr, records it in its report, and runs the CPU codec, whose bytes are the same.
 
-use anyhow::bail;
 use shardrop::format::codec::{EfState, EncodeOptions, EncodedUpdate, encode_update};
 use shardrop::round::RoundError;
 
@@ -29,7 +28,9 @@ fn parse(spec: &str) -> anyhow::Result<Option<usize>> {
         "cuda" => Ok(Some(0)),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => Ok(Some(n)),
-            _ => bail!("--device {spec:?}: expected cpu, cuda or cuda:N"),
+            _ => Err(crate::out::usage(format!(
+                "--device {spec:?}: expected cpu, cuda or cuda:N"
+            ))),
         },
     }
 }

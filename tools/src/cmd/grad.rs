@@ -54,7 +54,12 @@ impl CodecArgs {
         let p = CodecParams {
             chunk: self.chunk,
             k,
-            values: ValueFormat::parse(&self.values).context("--values")?,
+            values: ValueFormat::parse(&self.values).ok_or_else(|| {
+                crate::out::usage(format!(
+                    "--values {:?}: expected int2, int4, int8 or bf16",
+                    self.values
+                ))
+            })?,
             scales: if self.scales == "tensor" {
                 ScaleMode::Tensor
             } else {

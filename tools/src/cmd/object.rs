@@ -85,7 +85,9 @@ pub async fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<()> {
     }
     for kv in &a.meta {
         let Some((k, v)) = kv.split_once('=') else {
-            bail!("--meta {kv:?}: expected KEY=VALUE");
+            return Err(crate::out::usage(format!(
+                "--meta {kv:?}: expected KEY=VALUE"
+            )));
         };
         b = b.meta(k, v);
     }
@@ -93,7 +95,9 @@ pub async fn sign(ctx: &Ctx, a: SignArgs) -> anyhow::Result<()> {
         let mut params = std::collections::BTreeMap::new();
         for kv in &a.codec_params {
             let Some((k, v)) = kv.split_once('=') else {
-                bail!("--codec-param {kv:?}: expected KEY=VALUE");
+                return Err(crate::out::usage(format!(
+                    "--codec-param {kv:?}: expected KEY=VALUE"
+                )));
             };
             params.insert(k.to_string(), v.to_string());
         }

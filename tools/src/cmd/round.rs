@@ -78,12 +78,24 @@ impl OuterArgs {
     fn over(&self, base: Setting, from_window: u64) -> anyhow::Result<Setting> {
         let change = shardrop::round::outer::SettingChange {
             optimizer: (self.outer_optimizer.as_deref())
-                .map(|k| OptimizerKind::parse(k).context("--outer-optimizer"))
+                .map(|k| {
+                    OptimizerKind::parse(k).ok_or_else(|| {
+                        crate::out::usage(format!(
+                            "--outer-optimizer {k:?}: expected sgd, momentum or nesterov"
+                        ))
+                    })
+                })
                 .transpose()?,
             lr: self.outer_lr,
             momentum: self.momentum,
             schedule: (self.lr_schedule.as_deref())
-                .map(|k| ScheduleKind::parse(k).context("--lr-schedule"))
+                .map(|k| {
+                    ScheduleKind::parse(k).ok_or_else(|| {
+                        crate::out::usage(format!(
+                            "--lr-schedule {k:?}: expected constant, linear or cosine"
+                        ))
+                    })
+                })
                 .transpose()?,
             warmup: self.warmup_windows,
             decay: self.decay_windows,
@@ -228,7 +240,7 @@ pub struct JobArgs {
     #[arg(long)]
     pub key: PathBuf,
     /// The window to do; with --follow, the first one.
-    #[arg(long, conflicts_with = "once")]
+    #[arg(long, conflicts_with = "once", required_unless_present_any = ["once", "follow"])]
     pub window: Option<u64>,
     /// The newest closed window (for cron).
     #[arg(long, conflicts_with = "follow")]
@@ -290,7 +302,7 @@ pub async fn start_job(
                 }
             }
         }
-        (None, false) => bail!("give --window W, --once or --follow"),
+        (None, false) => return Err(out::usage("give --window W, --once or --follow")),
     };
     Ok(Some((id, reg, w)))
 }
@@ -394,7 +406,12 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
         store_now_ms(&target, &layout::clock_probe(&a.run, &id.peer_id())).await?
     } else {
         chrono::DateTime::parse_from_rfc3339(&a.genesis)
-            .with_context(|| format!("--genesis {:?}", a.genesis))?
+            .map_err(|e| {
+                out::usage(format!(
+                    "--genesis {:?}: {e} (RFC 3339, or `now`)",
+                    a.genesis
+                ))
+            })?
             .timestamp_millis()
             .max(0) as u64
     };
@@ -417,7 +434,12 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
     reg.settings = vec![first];
     reg.aggregate = match a.aggregate.as_str() {
         "agg-v1" => AggregateSpec::default(),
-        _ => AggregateSpec::v2(AggForm::parse(&a.agg_form).context("--agg-form")?),
+        _ => AggregateSpec::v2(AggForm::parse(&a.agg_form).ok_or_else(|| {
+            out::usage(format!(
+                "--agg-form {:?}: expected shards, merged or auto",
+                a.agg_form
+            ))
+        })?),
     };
     let url = reg.create(&target, &id).await?;
     out::emit(
@@ -431,7 +453,12 @@ async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
 async fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<()> {
     let id = keys::load(&a.key)?;
     let peer = PeerId::parse(&a.peer)?;
-    let role = Role::parse(&a.role).context("--role")?;
+    let role = Role::parse(&a.role).ok_or_else(|| {
+        out::usage(format!(
+            "--role {:?}: expected miner, aggregator or validator",
+            a.role
+        ))
+    })?;
     store::open(&a.store, &ctx.s3)?;
     // Compare-and-swap: an operator racing another edit reads the new version and applies
     // the addition to it (a lost race is retried, never reported as tampering).
@@ -501,15 +528,17 @@ async fn show(ctx: &Ctx, a: ShowArgs) -> anyhow::Result<()> {
 }
 
 async fn set(ctx: &Ctx, a: SetArgs) -> anyhow::Result<()> {
-    let id = keys::load(&a.key)?;
-    let (reg, _) = Registry::load(&a.registry, &ctx.s3, Some(id.peer_id())).await?;
-    let now = reg.clock_at(&a.registry, &ctx.s3, &id.peer_id()).await?;
-    let from_window = match a.from_window.as_str() {
-        "next" => reg.next_settable(now),
-        w => w
-            .parse()
-            .with_context(|| format!("--from-window {w:?}: expected a window or `next`"))?,
+    let at: Option<u64> = match a.from_window.as_str() {
+        "next" => None,
+        w => Some(w.parse().map_err(|_| {
+            out::usage(format!("--from-window {w:?}: expected a window or `next`"))
+        })?),
     };
+    let id = keys::load(&a.key)?;
+    // Any key reads the registry; `revise` refuses one that is not the operator's.
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let now = reg.clock_at(&a.registry, &ctx.s3, &id.peer_id()).await?;
+    let from_window = at.unwrap_or_else(|| reg.next_settable(now));
     let reg = Registry::revise(&a.registry, &ctx.s3, &id, |reg| {
         let setting = a
             .outer
@@ -618,7 +647,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
         let (i, k) = part
             .split_once('/')
             .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
-            .with_context(|| format!("--part {part:?}: expected I/K"))?;
+            .ok_or_else(|| out::usage(format!("--part {part:?}: expected I/K")))?;
         let tensors = aggregate_part(Job::new(&reg, &id, &ctx.s3), w, i, k, &on).await?;
         out::emit(
             ctx,

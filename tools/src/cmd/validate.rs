@@ -137,7 +137,7 @@ fn evaluator(a: &ValidateArgs, reg: &Registry) -> anyhow::Result<Option<Box<dyn 
             let cmd = a
                 .eval_cmd
                 .as_deref()
-                .context("--evaluator command needs --eval-cmd")?;
+                .ok_or_else(|| out::usage("--evaluator command needs --eval-cmd"))?;
             Some(Box::new(CommandEvaluator::new(
                 cmd,
                 Duration::from_secs(a.eval_timeout_secs),

@@ -10,6 +10,7 @@ mod chaos;
 mod ckpt_cli;
 mod commands;
 mod deploy;
+mod exit_codes;
 mod first_hour;
 mod grad_cli;
 mod outer_cli;

@@ -22,7 +22,22 @@ impl Registry {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut reg, etag) = Registry::load(url, s3, Some(operator.peer_id())).await?;
+            // Loaded as any reader loads it (its own operator's signature), then the caller
+            // must be that operator: another key is refused as unregistered for the role,
+            // not reported as a registry signed by the wrong key.
+            let (mut reg, etag) = Registry::load(url, s3, None).await?;
+            if reg.operator != operator.peer_id().to_string() {
+                return Err(RegistryError::Refused {
+                    object: url.to_string(),
+                    reason: crate::round::RoundReason::NotRegistered,
+                    detail: format!(
+                        "{} is not the operator of run {} (the operator is {}): only the operator's key edits the registry",
+                        operator.peer_id(),
+                        reg.run,
+                        reg.operator
+                    ),
+                });
+            }
             edit(&mut reg)?;
             match reg.update(url, s3, etag, operator).await {
                 Ok(()) => return Ok(reg),
