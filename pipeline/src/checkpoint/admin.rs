@@ -262,6 +262,10 @@ pub struct GcReport {
     pub deleted_checkpoints: Vec<u64>,
     /// Windows below this had their aggregates, ledgers, scores and gradients removed.
     pub windows_before: Option<u64>,
+    /// Whether a new peer can still catch up from the run's start (`apply --from-window
+    /// genesis`): false once any window's aggregate is deleted; peers then bootstrap from a
+    /// kept checkpoint.
+    pub genesis_catch_up: bool,
     /// Objects deleted in all.
     pub deleted_objects: usize,
     /// Multipart uploads that killed pushes left (journaled over an hour ago), aborted.
@@ -350,6 +354,7 @@ pub async fn gc(
         kept,
         deleted_checkpoints: doomed,
         windows_before,
+        genesis_catch_up: windows_before.is_none_or(|w| w == 0),
         deleted_objects: victims.len(),
         aborted_uploads,
         dry_run,

@@ -89,6 +89,10 @@ pub enum CkptError {
     /// rule): its class and reason code are kept, as every round command reports them.
     #[error(transparent)]
     Registry(#[from] crate::round::registry::RegistryError),
+    /// The folder pushed is not the run's model (`model_mismatch`, as a publish of another
+    /// model is refused): a checkpoint peers bootstrap from must hold exactly its tensors.
+    #[error("{0}")]
+    ModelMismatch(String),
     /// A failure of this program (serialising its own output), not of any input.
     #[error("{0}")]
     Internal(String),
@@ -106,6 +110,7 @@ impl crate::error::Classified for CkptError {
             CkptError::Store(e) => e.class(),
             CkptError::Envelope(e) => e.class(),
             CkptError::Registry(e) => e.class(),
+            CkptError::ModelMismatch(_) => ErrorClass::Refused,
             CkptError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -114,6 +119,7 @@ impl crate::error::Classified for CkptError {
         match self {
             CkptError::Rejected { reason, .. } => Some(reason),
             CkptError::Mismatch(_) => Some(CkptReason::CheckpointMismatch.code()),
+            CkptError::ModelMismatch(_) => Some(crate::round::RoundReason::ModelMismatch.code()),
             CkptError::Envelope(e) => e.reason(),
             CkptError::Registry(e) => e.reason(),
             _ => None,

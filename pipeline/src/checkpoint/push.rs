@@ -33,6 +33,60 @@ pub struct PushOptions {
     pub shard_size: u64,
     /// Shards uploaded at once (each in parallel multipart parts).
     pub concurrency: usize,
+    /// Push tensors that are not the run's model (`--any-model`); by default the folder must
+    /// hold exactly the run's tensors, with their shapes, plus optional `outer_momentum.*`
+    /// buffers of those tensors.
+    pub any_model: bool,
+}
+
+/// The pushed tensors against the run's model: every model tensor once with its shape, and
+/// nothing else but `outer_momentum.<name>` buffers of model tensors (same shape). The first
+/// difference is named, with the shape the run expects.
+fn check_model(
+    reg: &crate::round::registry::Registry,
+    tensors: &[super::packing::SrcTensor],
+) -> Result<(), CkptError> {
+    use crate::round::outer::MOMENTUM_PREFIX;
+    let bad = |m: String| {
+        CkptError::ModelMismatch(format!(
+            "{m}: the folder is not run {}'s model (give the run's model, or --any-model to push it anyway)",
+            reg.run
+        ))
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for t in tensors {
+        let model_name = t.name.strip_prefix(MOMENTUM_PREFIX).unwrap_or(&t.name);
+        match reg.model.get(model_name) {
+            None => {
+                return Err(bad(format!(
+                    "tensor {:?} is not in the run's model",
+                    t.name
+                )));
+            }
+            Some(spec) if spec.shape != t.shape => {
+                return Err(bad(format!(
+                    "tensor {:?} has shape {:?}, the run's model {:?}",
+                    t.name, t.shape, spec.shape
+                )));
+            }
+            Some(_) => {}
+        }
+        if !t.name.starts_with(MOMENTUM_PREFIX) {
+            seen.insert(t.name.as_str());
+        }
+    }
+    match reg
+        .model
+        .tensors
+        .iter()
+        .find(|t| !seen.contains(t.name.as_str()))
+    {
+        Some(t) => Err(bad(format!(
+            "tensor {:?} {:?} of the run's model is missing",
+            t.name, t.shape
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// What a push did.
@@ -164,6 +218,9 @@ pub async fn push(
     let target = job.own_store(Role::Aggregator)?;
     let run = reg.run.clone();
     let inv = inventory(srcs)?;
+    if !opts.any_model {
+        check_model(reg, &inv.tensors)?;
+    }
     let shards = plan(&inv, opts.shard_size.max(1));
     let hashes = hash_shards(&inv, &shards)?;
     let me = id.peer_id();

@@ -164,6 +164,9 @@ fn push_opts(step: u64, window: Option<u64>) -> PushOptions {
     PushOptions {
         step,
         window,
+        // These tests exercise the checkpoint machinery on made-up folders; the model check
+        // is `tools/tests/it/ckpt_cli.rs`'s.
+        any_model: true,
         shard_size: 20 * MIB,
         concurrency: std::env::var("SHARDROP_TEST_PUSH_CONCURRENCY")
             .ok()

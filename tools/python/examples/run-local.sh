@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Makes a run with the CLI on a local folder (the demo's default store, .shardrop-demo/ by
+# Makes a run with the CLI on a local folder (under the demo's folder, shardrop-demo/, by
 # default), then runs an aggregator, two torch miners and the torch validator against it.
 #   tools/python/examples/run-local.sh [DIR] [ROUNDS]
 # Needs: `cargo build --release`, and torch + safetensors + `pip install ./tools/python`.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
-dir="$(realpath -m "${1:-$root/.shardrop-demo/torch}")"
+dir="$(realpath -m "${1:-$root/shardrop-demo/torch}")"
 rounds="${2:-5}"
 sd="${SHARDROP:-$root/target/release/shardrop}"
 py="${PYTHON:-python3}"
@@ -33,5 +33,13 @@ m1=$!
 m2=$!
 "$py" "$here/torch_validator.py" --registry "$reg" --key "$dir/val.key" --init "$dir/model.safetensors" --windows "$rounds" &
 val=$!
-wait $m1 $m2 $val
+# Each job's own status (`wait A B C` returns only the last one's).
+failed=""
+for job in "m1:$m1" "m2:$m2" "validator:$val"; do
+    wait "${job#*:}" || failed="$failed ${job%%:*}(exit $?)"
+done
+if [[ -n "$failed" ]]; then
+    echo "run-local: FAILED:$failed; the aggregator's log is $dir/aggregate.log" >&2
+    exit 1
+fi
 echo "run-local: done; registry $reg"

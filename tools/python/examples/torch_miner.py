@@ -60,13 +60,22 @@ def main() -> None:
             opt.step()
         with torch.no_grad():
             delta = {n: start[n] - t for n, t in theta.items()}
-        rep = miner.publish(delta, window=w, wait=True)
+        try:
+            rep = miner.publish(delta, window=w, wait=True)
+        except shardrop.Refused as e:
+            if e.reason != "window_closed":
+                raise
+            # Training outlasted the window: this round's work is lost, not the run. The
+            # aggregate is applied without it and the next round starts from there.
+            print(f"window {w}: closed before the update was ready; skipped", flush=True)
+            rep = None
         with torch.no_grad():
             for n, t in theta.items():
                 t.copy_(start[n])
         run.apply_(theta, w, outer, wait=run.window_secs + run.grace_secs + 30)
         digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(theta.items()))).hexdigest()[:16]
-        print(f"window {w}: published {rep['bytes']} B ({rep['ratio']:.0f}x smaller), applied; "
+        sent = f"published {rep['bytes']} B ({rep['ratio']:.0f}x smaller)" if rep else "nothing published"
+        print(f"window {w}: {sent}, applied; "
               f"parameters {digest} (the same on every miner), validation loss {eval_loss(model, data):.3f}", flush=True)
         w += 1
 

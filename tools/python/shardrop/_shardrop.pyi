@@ -227,6 +227,7 @@ def ckpt_push(
     progress_cb: Optional[Callable[[int], Any]] = None,
     endpoint: Optional[str] = None,
     allow_http: Optional[bool] = None,
+    any_model: bool = False,
 ) -> dict[str, Any]: ...
 def ckpt_pull(
     what: str,

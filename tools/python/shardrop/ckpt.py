@@ -29,11 +29,14 @@ def push(
     progress: Optional[Callable[[int], Any]] = None,
     endpoint: Optional[str] = None,
     allow_http: Optional[bool] = None,
+    any_model: bool = False,
 ) -> dict:
     """Pushes safetensors files, or one model folder, as checkpoint ``step``.
 
     ``key_path`` is the run's aggregator key (checkpoints go into its store); ``window``
     is the last window whose aggregate the parameters include (catch-up starts after it).
+    The tensors must be the run's model (plus optional ``outer_momentum.*`` buffers), else
+    ``Refused`` (``model_mismatch``) unless ``any_model``.
     Returns what ``shardrop ckpt push --json`` reports.
     """
     if isinstance(sources, (str, os.PathLike)):
@@ -49,6 +52,7 @@ def push(
         progress,
         endpoint,
         allow_http,
+        any_model,
     )
 
 

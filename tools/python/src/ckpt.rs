@@ -51,7 +51,7 @@ fn s3_of(endpoint: Option<String>, allow_http: Option<bool>) -> S3Options {
 
 /// See `shardrop.ckpt.push`.
 #[pyfunction]
-#[pyo3(signature = (registry_url, key_path, sources, step, window=None, shard_size=2u64 << 30, concurrency=4, progress_cb=None, endpoint=None, allow_http=None))]
+#[pyo3(signature = (registry_url, key_path, sources, step, window=None, shard_size=2u64 << 30, concurrency=4, progress_cb=None, endpoint=None, allow_http=None, any_model=false))]
 #[allow(clippy::too_many_arguments)]
 fn ckpt_push<'py>(
     py: Python<'py>,
@@ -65,6 +65,7 @@ fn ckpt_push<'py>(
     progress_cb: Option<Py<PyAny>>,
     endpoint: Option<String>,
     allow_http: Option<bool>,
+    any_model: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let s3 = s3_of(endpoint, allow_http);
     let id = Identity::load(&key_path).map_err(to_py)?;
@@ -73,6 +74,7 @@ fn ckpt_push<'py>(
         window,
         shard_size,
         concurrency,
+        any_model,
     };
     let report = progress(progress_cb);
     let pushed = block_fn(py, || async {

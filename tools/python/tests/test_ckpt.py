@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import shardrop
 from conftest import read_safetensors, write_safetensors
@@ -20,8 +21,13 @@ def test_push_pull_ls_round_trip(folder_run, tmp_path):
     }
     write_safetensors(src / "model.safetensors", tensors)
     pushed_bytes = []
+    # Not the run's model: refused, nothing pushed; any_model pushes it anyway.
+    with pytest.raises(shardrop.Refused) as e:
+        shardrop.ckpt.push(r.registry, r.keys["agg"], src, step=7, window=3)
+    assert e.value.reason == "model_mismatch" and "is not in the run's model" in str(e.value)
+    assert shardrop.ckpt.ls(r.registry) == []
     p = shardrop.ckpt.push(r.registry, r.keys["agg"], src, step=7, window=3,
-                           shard_size=8 << 10, progress=pushed_bytes.append)
+                           shard_size=8 << 10, progress=pushed_bytes.append, any_model=True)
     assert p["step"] == 7 and p["shards"] >= 2 and p["tensors"] == 3
     assert sum(pushed_bytes) > 0
     [info] = shardrop.ckpt.ls(r.registry)

@@ -47,6 +47,11 @@ pub struct PushArgs {
     /// Shards uploaded at once (each in 4 parallel multipart parts).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Push tensors that are not the run's model (by default the folder must hold exactly the
+    /// run's tensors and shapes, plus optional outer_momentum.* buffers; else exit 3,
+    /// model_mismatch, and LATEST does not move).
+    #[arg(long)]
+    any_model: bool,
 }
 
 /// Where a checkpoint is and who signed it.
@@ -138,6 +143,7 @@ async fn push_cmd(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
         window: a.window,
         shard_size: a.shard_size,
         concurrency: a.concurrency,
+        any_model: a.any_model,
     };
     let p = push(Job::new(&reg, &id, &ctx.s3), &a.src, &opts, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();
@@ -308,6 +314,14 @@ async fn gc_cmd(ctx: &Ctx, a: GcArgs) -> anyhow::Result<()> {
             " deleted"
         }
     );
+    let text = match (r.genesis_catch_up, r.windows_before) {
+        (false, Some(w)) => format!(
+            "{text}\nnote: windows 0..{} {} gone, so catch-up from genesis is no longer possible: new peers start from a kept checkpoint (`shardrop ckpt pull latest`, then `apply --from DIR`)",
+            w.saturating_sub(1),
+            if r.dry_run { "would be" } else { "are" }
+        ),
+        _ => text,
+    };
     out::emit(ctx, &serde_json::to_value(&r)?, &text);
     Ok(())
 }

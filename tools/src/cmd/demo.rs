@@ -858,6 +858,7 @@ impl<'a> Demo<'a> {
             Job::new(&self.reg, &self.cast.aggregator, &self.ctx.s3),
             std::slice::from_ref(&src),
             &PushOptions {
+                any_model: false,
                 step: w + 1,
                 window: Some(w),
                 shard_size: 2 << 30,

@@ -222,6 +222,9 @@ fn ckpt_push_and_pull_killed_at_random_points_on_s3() {
         "2",
         "--shard-size",
         "8MiB",
+        // A made-up 30 MB folder, to have several shards to kill between; not the run's
+        // model.
+        "--any-model",
         "--json",
     ];
     let mut trials = 0;

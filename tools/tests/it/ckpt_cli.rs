@@ -137,6 +137,41 @@ async fn push_kill_resume_pull_kill_resume_verify_gc_apply() {
         (Some(5), Some(true), Some(true))
     );
 
+    // A folder that is not the run's model is refused (exit 3, model_mismatch, naming the
+    // tensor and the shape the run expects), and LATEST stays.
+    let wrong = tmp.path().join("wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    let small = vec![0u8; 16];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &small).unwrap();
+    std::fs::write(
+        wrong.join("model.safetensors"),
+        safetensors::serialize([("layer.0.weight".to_string(), view)], None).unwrap(),
+    )
+    .unwrap();
+    let wrong_s = wrong.display().to_string();
+    let refused = shardrop(&[
+        "ckpt",
+        "push",
+        &wrong_s,
+        "--registry",
+        &reg,
+        "--key",
+        &t("agg.key"),
+        "--step",
+        "6",
+        "--json",
+    ]);
+    let doc = json(&refused);
+    assert_eq!(refused.status.code(), Some(3), "{doc}");
+    assert_eq!(doc["reason"], "model_mismatch", "{doc}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("[1024, 4096]"),
+        "{doc}"
+    );
+    let ls = ok_json(shardrop(&["ckpt", "ls", &reg, "--json"]));
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+
     let out = t("out");
     let pull_args = ["ckpt", "pull", "latest", &out, "--registry", &reg, "--json"];
     start_and_kill(&pull_args, &[], 300);
@@ -268,6 +303,9 @@ async fn push_kill_resume_pull_kill_resume_verify_gc_apply() {
     ]));
     assert_eq!(gc["kept"], serde_json::json!([5]));
     assert_eq!(gc["deleted_objects"], 0);
+    // Keeping only step 5 (window 4) would delete windows 0..3: gc says genesis catch-up
+    // ends.
+    assert_eq!(gc["genesis_catch_up"], false, "{gc}");
 
     // The pulled folder is a catch-up base: its manifest names the window.
     let applied = ok_json(shardrop(&[
