@@ -359,7 +359,17 @@ impl MinerState {
                 _lock: None,
             });
         };
-        let lock = codec::lock_dir(&dir).map_err(|e| RoundError::io(&dir, e))?;
+        let lock = codec::lock_dir(&dir).map_err(|e| match e.kind() {
+            // Held by another publisher: not a disk failure a retry fixes.
+            std::io::ErrorKind::WouldBlock => RoundError::Conflict {
+                object: dir.display().to_string(),
+                detail: e
+                    .to_string()
+                    .trim_start_matches(&format!("{}: ", dir.display()))
+                    .to_string(),
+            },
+            _ => RoundError::io(&dir, e),
+        })?;
         let ef = EfState::load(&dir).map_err(|e| RoundError::io(&dir, e))?;
         let path = dir.join(Self::PART_FILE);
         let kept_part = match std::fs::read(&path) {

@@ -42,6 +42,24 @@ def test_publish_refusals_carry_reason_codes(folder_run, tmp_path):
     assert miner.state_window is None, "a refused publish must not advance the state"
 
 
+def test_one_state_folder_has_one_publisher(folder_run, tmp_path):
+    r = folder_run
+    run = shardrop.Run.open(r.registry, operator=r.peers["op"])
+    st = tmp_path / "state"
+    first = run.miner(r.keys["m1"], state=str(st))
+    with pytest.raises(shardrop.Error) as e:
+        run.miner(r.keys["m1"], state=str(st))
+    assert e.value.kind == "conflict", e.value.kind
+    assert "another miner in this one" in str(e.value)
+    assert str(e.value).count(str(st)) == 1, str(e.value)
+    del first
+    import gc
+
+    gc.collect()
+    assert not (st / "state.lock").exists(), "the lock file goes with the lock"
+    run.miner(r.keys["m1"], state=str(st))
+
+
 def test_a_pinned_operator_that_did_not_sign_is_rejected(folder_run):
     r = folder_run
     with pytest.raises(shardrop.Error) as e:

@@ -269,4 +269,6 @@ fn every_role_command_refuses_an_unregistered_key_with_exit_3() {
         assert_eq!(doc["class"], "refused", "{args:?}: {doc}");
         assert_eq!(doc["reason"], "not_registered", "{args:?}: {doc}");
     }
+    // The refused publish left its state folder as it was: no lock file behind.
+    assert!(!state.join("state.lock").exists());
 }

@@ -35,42 +35,61 @@ pub struct EfState {
     pub window: Option<u64>,
 }
 
-/// An exclusive lock on a state folder, held for one publish; released on drop.
+/// An exclusive lock on a state folder, held for one publish; released on drop, which also
+/// removes the lock file (a folder at rest holds only its state).
 pub struct StateLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // Removed while still held: a publisher that opened the old file before this and
+        // locks it after finds it unlinked (`lock_dir` checks) and tries again.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
 }
 
 /// Locks `dir` for one writer (created if missing) and removes the temporary files of
 /// saves that were killed. Refuses when another process holds it.
 pub fn lock_dir(dir: &Path) -> Result<StateLock, std::io::Error> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     std::fs::create_dir_all(dir)?;
     let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .custom_flags(NOFOLLOW)
-        .open(&path)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                format!(
-                    "{}: another process is publishing with this state folder",
-                    dir.display()
-                ),
-            ));
+    let file = loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(NOFOLLOW)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "{}: locked by another publisher (another process, or another miner in this one, using the same state folder); wait for it to finish, or give each publisher its own state folder",
+                        dir.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(e),
-    }
+        // The holder before us removes the file as it lets go: the lock counts only on the
+        // file still at the path.
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.ino() == file.metadata()?.ino() => break file,
+            Ok(_) | Err(_) => continue,
+        }
+    };
     for entry in std::fs::read_dir(dir)?.flatten() {
         if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
-    Ok(StateLock { _file: file })
+    Ok(StateLock { file, path })
 }
 
 /// State files are never opened through a symbolic link.
