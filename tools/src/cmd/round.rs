@@ -37,6 +37,20 @@ pub enum RunCommand {
     /// has not opened yet (operator only; compare-and-swap on the registry). Flags not given
     /// keep the value in force at that window.
     Set(Box<SetArgs>),
+    /// The window open now and the seconds to its deadline and close (by the store's clock
+    /// with --key, else by this machine's).
+    Window(WindowArgs),
+}
+
+#[derive(Args)]
+pub struct WindowArgs {
+    /// The run's registry URL.
+    #[arg(long)]
+    registry: String,
+    /// A participant's key: the time is its own store's clock (the one publishes and
+    /// verdicts use); without it, this machine's clock.
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 /// The outer optimizer and beta, as `run init` and `run set` take them.
@@ -393,7 +407,63 @@ pub async fn run_cmd(ctx: &Ctx, cmd: RunCommand) -> anyhow::Result<()> {
         RunCommand::Add(a) => add(ctx, a).await,
         RunCommand::Show(a) => show(ctx, a).await,
         RunCommand::Set(a) => set(ctx, *a).await,
+        RunCommand::Window(a) => window(ctx, a).await,
     }
+}
+
+/// `run window`: where the run's clock stands.
+async fn window(ctx: &Ctx, a: WindowArgs) -> anyhow::Result<()> {
+    let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
+    let (now, by) = match &a.key {
+        Some(k) => {
+            let id = keys::load(k)?;
+            let me = id.peer_id();
+            let role = [Role::Miner, Role::Aggregator, Role::Validator]
+                .into_iter()
+                .find(|r| reg.participant(&me, *r).is_some())
+                .ok_or_else(|| RegistryError::NotRegistered {
+                    peer: me,
+                    role: Role::Miner,
+                    run: reg.run.clone(),
+                })?;
+            let target = reg.own_store(&id, role, &ctx.s3)?;
+            let now = store_now_ms(&target, &layout::clock_probe(&reg.run, &me)).await?;
+            (now, "store")
+        }
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            (now, "local")
+        }
+    };
+    let clk = clock(&reg);
+    let open = clk.window_at(now);
+    let secs = |t: u64| (t as f64 - now as f64) / 1000.0;
+    let json = serde_json::json!({
+        "run": reg.run, "clock": by, "now_ms": now, "window": open,
+        "secs_to_deadline": open.map(|w| secs(clk.deadline(w))),
+        "secs_to_close": open.map(|w| secs(clk.closes(w))),
+        "newest_closed": clk.newest_closed(now),
+        "secs_to_start": if open.is_none() { Some(secs(clk.start(0))) } else { None },
+    });
+    let text = match open {
+        Some(w) => format!(
+            "run {}: window {w} is open; its deadline is in {:.1} s and it closes (deadline + grace) in {:.1} s ({} clock)",
+            reg.run,
+            secs(clk.deadline(w)),
+            secs(clk.closes(w)),
+            by
+        ),
+        None => format!(
+            "run {}: not started; window 0 opens in {:.1} s ({} clock)",
+            reg.run,
+            secs(clk.start(0)),
+            by
+        ),
+    };
+    out::emit(ctx, &json, &text);
+    Ok(())
 }
 
 async fn init(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {

@@ -103,6 +103,7 @@ fn every_command_exits_2_on_usage_errors_with_a_json_document() {
             ],
         ),
         ("run show", vec!["run", "show"]),
+        ("run window", vec!["run", "window"]),
         (
             "run set",
             vec![

@@ -14,6 +14,29 @@ fn jobs_started_before_the_first_close_wait_or_say_so_and_catch_up_names_the_fix
     let agg_key = dir.join("agg.key");
     let run = Run::init(dir, &base, "first-hour", 60, &agg_key, &[]);
     let val_key = run.new_validator(dir);
+    // Which window is open, and how long it has, by the store's clock and by this machine's.
+    let by_store = ok_json(run.run(&[
+        "run",
+        "window",
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&val_key),
+        "--json",
+    ]));
+    assert_eq!(
+        (by_store["window"].as_u64(), by_store["clock"].as_str()),
+        (Some(0), Some("store")),
+        "{by_store}"
+    );
+    let to_close = by_store["secs_to_close"].as_f64().unwrap();
+    assert!(to_close > 0.0 && to_close <= 62.0, "{by_store}");
+    let by_local = ok_json(run.run(&["run", "window", "--registry", &run.reg, "--json"]));
+    assert_eq!(
+        (by_local["window"].as_u64(), by_local["clock"].as_str()),
+        (Some(0), Some("local")),
+        "{by_local}"
+    );
     for (cmd, key) in [("aggregate", &agg_key), ("validate", &val_key)] {
         let once = ok_json(run.run(&[
             cmd,
