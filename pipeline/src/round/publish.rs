@@ -500,7 +500,13 @@ async fn publish_encoded(
     for t in &model.tensors {
         match reg.model.get(&t.name) {
             Some(spec) if spec.shape == t.shape => {}
-            _ => {
+            Some(spec) => {
+                return Err(mismatch(format!(
+                    "update tensor {:?} has shape {:?}; the run's model has {:?}",
+                    t.name, t.shape, spec.shape
+                )));
+            }
+            None => {
                 return Err(mismatch(format!(
                     "update tensor {:?} {:?} is not in the run's model",
                     t.name, t.shape
@@ -508,9 +514,16 @@ async fn publish_encoded(
             }
         }
     }
-    if model.tensors.len() != reg.model.tensors.len() {
+    if let Some(t) = reg
+        .model
+        .tensors
+        .iter()
+        .find(|t| model.get(&t.name).is_none())
+    {
         return Err(mismatch(format!(
-            "update has {} tensors, the model {}",
+            "the update lacks tensor {:?} {:?} of the run's model ({} of its {} tensors given)",
+            t.name,
+            t.shape,
             model.tensors.len(),
             reg.model.tensors.len()
         )));
@@ -622,12 +635,18 @@ async fn publish_encoded(
 /// `window_closed` after its deadline and grace, `window_not_open` before it starts.
 fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), RoundError> {
     let clk = clock(reg);
+    // In windows and seconds, with the next step: epoch milliseconds say nothing to a reader.
+    let open_now = clk
+        .window_at(now)
+        .map_or("the run has not started".to_string(), |n| {
+            format!("window {n} is open now")
+        });
     if now >= clk.closes(w) {
         return Err(RoundError::Refused {
             reason: RoundReason::WindowClosed,
             detail: format!(
-                "window {w} closed at {} ms (deadline + grace); the store's clock says {now} ms",
-                clk.closes(w)
+                "window {w} closed {:.1} s ago (deadline + grace) by the store's clock; {open_now}: publish into it (leave out the window, or give --window with --wait for a later one)",
+                (now - clk.closes(w)) as f64 / 1000.0
             ),
         });
     }
@@ -635,8 +654,8 @@ fn window_open(reg: &Registry, w: u64, now: u64) -> Result<(), RoundError> {
         return Err(RoundError::Refused {
             reason: RoundReason::WindowNotOpen,
             detail: format!(
-                "window {w} starts at {} ms; the store's clock says {now} ms",
-                clk.start(w)
+                "window {w} opens in {:.1} s by the store's clock ({open_now}); add --wait (Python: wait=True) to wait for it",
+                (clk.start(w) - now) as f64 / 1000.0
             ),
         });
     }

@@ -29,14 +29,19 @@ def test_publish_refusals_carry_reason_codes(folder_run, tmp_path):
     run = shardrop.Run.open(r.registry, operator=r.peers["op"])
     miner = run.miner(r.keys["m1"])
     wait_closed(run, 0)
-    refused(lambda: miner.publish(update(1), window=0), "window_closed")
-    refused(lambda: miner.publish(update(1), window=run.window_now() + 100), "window_not_open")
+    closed = refused(lambda: miner.publish(update(1), window=0), "window_closed")
+    # In windows and seconds, with the next step (not epoch milliseconds).
+    assert "s ago" in str(closed) and "is open now" in str(closed), str(closed)
+    early = refused(lambda: miner.publish(update(1), window=run.window_now() + 100), "window_not_open")
+    assert "opens in" in str(early) and "wait=True" in str(early), str(early)
     bad = update(1)
     bad["a.weight"] = np.zeros((2, 2), np.float32)
-    refused(lambda: miner.publish(bad), "model_mismatch")
+    shape = refused(lambda: miner.publish(bad), "model_mismatch")
+    assert "[2, 2]" in str(shape) and f"{list(SHAPES['a.weight'])}" in str(shape), str(shape)
     missing = update(1)
     del missing["b.bias"]
-    refused(lambda: miner.publish(missing), "model_mismatch")
+    lacks = refused(lambda: miner.publish(missing), "model_mismatch")
+    assert "lacks tensor \"b.bias\"" in str(lacks), str(lacks)
     stranger = run.miner(r.keys["stranger"])
     refused(lambda: stranger.publish(update(1)), "not_registered")
     assert miner.state_window is None, "a refused publish must not advance the state"
