@@ -66,7 +66,7 @@ pub fn report_parse_error(e: &clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let _ = e.print();
-    if std::env::args().any(|a| a == "--json") {
+    if std::env::args_os().any(|a| a == "--json") {
         // The message up to clap's usage block, on one line.
         let text = e.to_string();
         let line = text
@@ -148,7 +148,8 @@ fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string().replace('\n', " ");
-        if text.is_empty() || line.contains(&text) {
+        // A cause its wrapper already quotes at its end (`path: <source>`) is said once.
+        if text.is_empty() || line.ends_with(&text) {
             continue;
         }
         if !line.is_empty() {

@@ -409,6 +409,16 @@ fn check_shard_header(file: &File, m: &Manifest, shard: usize) -> Result<(), Bad
 
 /// A path inside OUT that is not a link (a pull never writes through one).
 fn inside(out: &Path, name: &str) -> Result<PathBuf, CkptError> {
+    // One plain component: never an absolute path, `..` or a sub-folder.
+    let mut parts = Path::new(name).components();
+    if !matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    ) {
+        return Err(CkptError::Caller(format!(
+            "{name:?}: not a plain file name; refusing to write or remove it"
+        )));
+    }
     let p = out.join(name);
     if let Ok(meta) = std::fs::symlink_metadata(&p)
         && (meta.file_type().is_symlink() || meta.is_dir())
@@ -476,9 +486,15 @@ pub async fn pull(
     let (m, body, murl) = fetch_manifest(loc).await?;
     let selected = select_tensors(&m, &opts.tensors, &murl)?;
     let files = plan_files(&m, &selected, opts)?;
-    let earlier = claim_out(out, &m.run, opts.force)?;
+    let planned: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.name.clone())
+        .chain(m.files.iter().map(|f| f.file.clone()))
+        .chain([HF_INDEX.to_string(), LOCAL_MANIFEST.to_string()])
+        .collect();
+    let earlier = claim_out(out, &m.run, &planned, opts.force)?;
     let partial = prepare_out(out)?;
-    let resume = Resume::load(out, &body, opts)?;
+    let resume = Resume::load(out, &m.run, &body, opts)?;
     let mut result = Pulled {
         out: out.display().to_string(),
         step: m.step,
@@ -528,6 +544,10 @@ pub async fn pull(
         return Err(CkptError::Mismatch(bad));
     }
     pull_small_files(loc, &m, out, &partial, &mut result).await?;
+    // Before the new local manifest names this pull's files: a kill here leaves the old one,
+    // naming the leftovers, so a rerun still knows them.
+    let written: BTreeSet<&str> = planned.iter().map(String::as_str).collect();
+    remove_stale(out, &earlier, &written)?;
     let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
     let index = m.hf_index(&entries, files.iter().map(|f| f.size).sum());
     write_replace(&partial, &inside(out, HF_INDEX)?, &index)?;
@@ -543,22 +563,6 @@ pub async fn pull(
         &serde_json::to_vec_pretty(&local).unwrap_or_default(),
     )?;
     let _ = std::fs::remove_dir(&partial);
-    // What an earlier pull wrote that this one did not (more shards, a file the new
-    // checkpoint lacks) would be mixed with the new files: remove it.
-    let written: BTreeSet<&str> = files
-        .iter()
-        .map(|f| f.name.as_str())
-        .chain(local.manifest.files.iter().map(|f| f.file.as_str()))
-        .chain([HF_INDEX, LOCAL_MANIFEST])
-        .collect();
-    for name in earlier.iter().filter(|n| !written.contains(n.as_str())) {
-        let path = inside(out, name)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&path, e)),
-        }
-    }
     Ok(result)
 }
 
@@ -566,20 +570,27 @@ pub async fn pull(
 /// folder, or an earlier pull of the same run (finished, or killed and resumed), whose files
 /// this pull replaces. Anything else would mix the checkpoint with files it does not know
 /// (a stale `model.safetensors` beside the new shards is what a loader then reads): refused,
-/// or with `force` moved into `OUT/.shardrop-displaced/`. Returns the names of the files an
-/// earlier pull of the run wrote, for the pull to remove the ones it does not rewrite.
-fn claim_out(out: &Path, run: &str, force: bool) -> Result<BTreeSet<String>, CkptError> {
+/// or with `force` moved into `OUT/.shardrop-displaced/`. Returns the files an earlier pull
+/// of the run wrote (with their blake3 where it is known), for the pull to remove the ones
+/// it does not rewrite. Names are taken from OUT's own records only when they are plain file
+/// names (`safe_name`): a planted record cannot point outside OUT.
+fn claim_out(
+    out: &Path,
+    run: &str,
+    planned: &BTreeSet<String>,
+    force: bool,
+) -> Result<BTreeMap<String, Option<String>>, CkptError> {
     let entries = match std::fs::read_dir(out) {
         Ok(rd) => rd
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<Result<BTreeSet<String>, _>>()
             .map_err(|e| io_err(out, e))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
         Err(e) => return Err(io_err(out, e)),
     };
-    let mut earlier = BTreeSet::new();
-    // A finished pull's local manifest names every file it wrote; a killed one's state
-    // names the files it finished (the rest are in the partial folder).
+    let ours_by_name = |n: &str| super::safe_name(n) || n == HF_INDEX || n == LOCAL_MANIFEST;
+    let mut earlier: BTreeMap<String, Option<String>> = BTreeMap::new();
+    // A finished pull's local manifest names every file it wrote.
     if let Ok(Some(lm)) = super::LocalManifest::read(out)
         && lm.manifest.run == run
     {
@@ -588,26 +599,47 @@ fn claim_out(out: &Path, run: &str, force: bool) -> Result<BTreeSet<String>, Ckp
             tp: lm.tp,
             ..PullOptions::default()
         };
-        let selected = select_tensors(&lm.manifest, &lm.tensors, &lm.source)?;
-        earlier.extend(
-            plan_files(&lm.manifest, &selected, &opts)?
-                .into_iter()
-                .map(|f| f.name),
-        );
-        earlier.extend(lm.manifest.files.iter().map(|f| f.file.clone()));
-        earlier.extend([HF_INDEX.to_string(), LOCAL_MANIFEST.to_string()]);
+        if let Ok(selected) = select_tensors(&lm.manifest, &lm.tensors, &lm.source)
+            && let Ok(files) = plan_files(&lm.manifest, &selected, &opts)
+        {
+            let whole = lm.tensors.is_empty() && lm.tp.is_none();
+            for f in files {
+                let hash = lm
+                    .manifest
+                    .shards
+                    .iter()
+                    .find(|s| whole && s.file == f.name)
+                    .map(|s| s.blake3.clone());
+                earlier.insert(f.name, hash);
+            }
+        }
+        for f in &lm.manifest.files {
+            earlier.insert(f.file.clone(), Some(f.blake3.clone()));
+        }
+        earlier.insert(HF_INDEX.to_string(), None);
+        earlier.insert(LOCAL_MANIFEST.to_string(), None);
     }
-    if let Some(done) = std::fs::read(out.join(STATE))
+    // A killed pull of the same run: the files it finished, and whatever this pull writes
+    // anyway (its small files and index may have landed before the kill).
+    let state = std::fs::read(out.join(STATE))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| serde_json::from_value::<BTreeMap<String, String>>(v["done"].clone()).ok())
-    {
-        earlier.extend(done.into_keys());
+        .filter(|v| v["run"] == run);
+    if let Some(v) = state {
+        if let Ok(done) = serde_json::from_value::<BTreeMap<String, String>>(v["done"].clone()) {
+            for (name, hash) in done {
+                earlier.insert(name, Some(hash));
+            }
+        }
+        for name in planned {
+            earlier.entry(name.clone()).or_insert(None);
+        }
     }
+    earlier.retain(|n, _| ours_by_name(n));
     let ours = [PARTIAL, STATE, DISPLACED];
     let foreign: Vec<&String> = entries
         .iter()
-        .filter(|n| !ours.contains(&n.as_str()) && !earlier.contains(*n))
+        .filter(|n| !ours.contains(&n.as_str()) && !earlier.contains_key(*n))
         .collect();
     if foreign.is_empty() {
         return Ok(earlier);
@@ -626,18 +658,69 @@ fn claim_out(out: &Path, run: &str, force: bool) -> Result<BTreeSet<String>, Ckp
             out.display()
         )));
     }
-    let displaced = out.join(DISPLACED);
-    std::fs::create_dir_all(&displaced).map_err(|e| io_err(&displaced, e))?;
     for name in foreign {
-        let mut to = displaced.join(name);
-        let mut n = 1;
-        while std::fs::symlink_metadata(&to).is_ok() {
-            to = displaced.join(format!("{name}.{n}"));
-            n += 1;
-        }
-        std::fs::rename(out.join(name), &to).map_err(|e| io_err(&out.join(name), e))?;
+        displace(out, name)?;
     }
     Ok(earlier)
+}
+
+/// Moves `OUT/name` into `OUT/.shardrop-displaced/` (a name already there gets a `.N`
+/// suffix): never deleted, never mixed with a checkpoint's files.
+fn displace(out: &Path, name: &str) -> Result<(), CkptError> {
+    let displaced = out.join(DISPLACED);
+    if std::fs::symlink_metadata(&displaced)
+        .is_ok_and(|m| !m.is_dir() || m.file_type().is_symlink())
+    {
+        return Err(CkptError::Caller(format!(
+            "{}: is a link or a file; refusing to move anything into it",
+            displaced.display()
+        )));
+    }
+    std::fs::create_dir_all(&displaced).map_err(|e| io_err(&displaced, e))?;
+    let mut to = displaced.join(name);
+    let mut n = 1;
+    while std::fs::symlink_metadata(&to).is_ok() {
+        to = displaced.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(out.join(name), &to).map_err(|e| io_err(&out.join(name), e))
+}
+
+/// Removes what an earlier pull of the run wrote and this one did not (more shards, a small
+/// file the new checkpoint lacks), so OUT holds exactly one checkpoint. A file whose bytes
+/// are no longer the ones that pull wrote is someone's own: moved aside, not deleted; a link
+/// is unlinked, never followed.
+fn remove_stale(
+    out: &Path,
+    earlier: &BTreeMap<String, Option<String>>,
+    written: &BTreeSet<&str>,
+) -> Result<(), CkptError> {
+    for (name, hash) in earlier
+        .iter()
+        .filter(|(n, _)| !written.contains(n.as_str()))
+    {
+        let path = out.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let theirs = meta.is_dir()
+            || (!meta.file_type().is_symlink()
+                && hash.as_ref().is_some_and(|h| {
+                    std::fs::read(&path)
+                        .map(|b| blake3::hash(&b).to_hex().as_str() != h)
+                        .unwrap_or(true)
+                }));
+        if theirs {
+            displace(out, name)?;
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path, e)),
+        }
+    }
+    Ok(())
 }
 
 /// The manifest's tensors the `--tensors` globs select (all when there are none); a glob
@@ -715,13 +798,20 @@ fn prepare_out(out: &Path) -> Result<PathBuf, CkptError> {
 /// counts only for the same manifest and selection (its `key`).
 struct Resume {
     key: String,
+    /// The run pulled: a later pull of another run does not count these files as its own.
+    run: String,
     done: BTreeMap<String, String>,
     path: PathBuf,
     partial: PathBuf,
 }
 
 impl Resume {
-    fn load(out: &Path, manifest_body: &[u8], opts: &PullOptions) -> Result<Resume, CkptError> {
+    fn load(
+        out: &Path,
+        run: &str,
+        manifest_body: &[u8],
+        opts: &PullOptions,
+    ) -> Result<Resume, CkptError> {
         let key = blake3::hash(
             format!(
                 "{}|{:?}|{:?}",
@@ -742,6 +832,7 @@ impl Resume {
             .unwrap_or_default();
         Ok(Resume {
             key,
+            run: run.to_string(),
             done,
             path,
             partial: out.join(PARTIAL),
@@ -752,7 +843,7 @@ impl Resume {
     /// new, never half of one).
     fn record(&mut self, file: &str, blake3: String) -> Result<(), CkptError> {
         self.done.insert(file.to_string(), blake3);
-        let doc = serde_json::json!({"key": self.key, "done": self.done});
+        let doc = serde_json::json!({"key": self.key, "run": self.run, "done": self.done});
         write_replace(
             &self.partial,
             &self.path,

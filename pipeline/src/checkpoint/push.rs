@@ -53,10 +53,16 @@ fn check_model(
             reg.run
         ))
     };
+    let model: std::collections::BTreeMap<&str, &crate::format::codec::TensorSpec> = reg
+        .model
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     for t in tensors {
         let model_name = t.name.strip_prefix(MOMENTUM_PREFIX).unwrap_or(&t.name);
-        match reg.model.get(model_name) {
+        match model.get(model_name) {
             None => {
                 return Err(bad(format!(
                     "tensor {:?} is not in the run's model",

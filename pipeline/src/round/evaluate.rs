@@ -40,6 +40,18 @@ pub enum EvalError {
     /// command failed, timed out or printed no losses.
     #[error("{0}")]
     Failed(String),
+    /// The miner's shard could not be read again as it was checked (changed, gone, or not
+    /// served within the window's budget): the miner's doing, not the evaluator's, so it
+    /// scores 0 and never stops a validator from publishing.
+    #[error("{0}")]
+    Shard(String),
+}
+
+impl EvalError {
+    /// Whether the evaluator (the validator's side) failed, rather than the miner's shard.
+    pub fn is_evaluator(&self) -> bool {
+        !matches!(self, EvalError::Shard(_))
+    }
 }
 
 /// Measures how much one miner's update helps.

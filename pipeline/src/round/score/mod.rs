@@ -407,17 +407,17 @@ impl JudgedWindow {
             })?;
         let all = 0..reg.model.tensors.len();
         match tokio::time::timeout_at(self.deadline, check_range(reg, s, all)).await {
-            Err(_) => Err(EvalError::Failed(format!(
+            Err(_) => Err(EvalError::Shard(format!(
                 "{}: not read again within the window's budget",
                 s.object
             ))),
             Ok((check, tensors)) => match (check.fault, dense_of(&tensors)) {
-                (Some((_, f)), _) => Err(EvalError::Failed(format!(
+                (Some((_, f)), _) => Err(EvalError::Shard(format!(
                     "{}: changed since it was checked ({}: {})",
                     s.object, f.reason, f.detail
                 ))),
                 (None, Ok(d)) => Ok(d),
-                (None, Err(e)) => Err(EvalError::Failed(e.to_string())),
+                (None, Err(e)) => Err(EvalError::Shard(e.to_string())),
             },
         }
     }
@@ -537,7 +537,7 @@ pub async fn publish_judged(
             .zip(&measured)
             .zip(&judged.eligible)
             .filter_map(|((s, m), &eligible)| match (m, eligible) {
-                (Err(e), true) => Some((s.peer.as_str(), e.to_string())),
+                (Err(e), true) if e.is_evaluator() => Some((s.peer.as_str(), e.to_string())),
                 _ => None,
             })
             .collect();
@@ -709,6 +709,8 @@ fn score_rows(
         } else {
             match &j.losses[k] {
                 Ok(_) => gain(k).map(|g| if best > 0.0 { g.max(0.0) / best } else { 0.0 }),
+                // Its shard was not there to measure as checked: the miner's doing.
+                Err(e) if !e.is_evaluator() => Some(0.0),
                 Err(_) => None,
             }
         };
@@ -749,7 +751,9 @@ fn score_rows(
     }
     // A miner the evaluator failed for keeps its previous weight (`OnEvalError::Carry`;
     // a refusing validator never gets here with one); the others share the rest by rating.
-    let carried = |k: usize| j.eligible[k] && j.evaluated && j.losses[k].is_err();
+    let carried = |k: usize| {
+        j.eligible[k] && j.evaluated && j.losses[k].as_ref().is_err_and(EvalError::is_evaluator)
+    };
     let mut kept = 0.0;
     for (k, r) in rows.iter_mut().enumerate() {
         if carried(k) {
