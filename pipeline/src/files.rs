@@ -7,11 +7,24 @@ use std::path::Path;
 
 /// Writes `bytes` to `dest` through a new file in `tmp_dir` (created exclusively, so never
 /// through a planted link) renamed over it (a rename replaces a link, never follows it).
-/// `tmp_dir` must be on the same file system as `dest`.
+/// `tmp_dir` must be on the same file system as `dest`. The file gets the mode a plain write
+/// would leave: an existing regular file's own, else `0666` less the umask (a temporary file
+/// is created `0600`, which would make a rewritten state file or model unreadable to the
+/// group that read it before).
 pub fn write_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let mut tmp = tempfile::Builder::new()
         .prefix(".shardrop-write-")
+        .permissions(std::fs::Permissions::from_mode(0o666))
         .tempfile_in(tmp_dir)?;
+    if let Ok(m) = std::fs::symlink_metadata(dest)
+        && m.is_file()
+    {
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(
+                m.permissions().mode() & 0o7777,
+            ))?;
+    }
     io::Write::write_all(&mut tmp, bytes)?;
     tmp.persist(dest).map_err(|e| e.error)?;
     Ok(())
@@ -77,6 +90,25 @@ pub(crate) fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_file_keeps_its_mode_and_a_new_one_gets_the_umasks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let kept = dir.path().join("kept");
+        std::fs::write(&kept, b"old").unwrap();
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_replace_beside(&kept, b"new").unwrap();
+        assert_eq!(std::fs::read(&kept).unwrap(), b"new");
+        assert_eq!(mode(&kept), 0o640);
+        // A new file: what a plain write under the same umask gives (never 0600 by itself).
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let new = dir.path().join("new");
+        write_replace_beside(&new, b"x").unwrap();
+        assert_eq!(mode(&new), mode(&plain));
+    }
 
     #[test]
     fn reads_only_bounded_regular_files() {

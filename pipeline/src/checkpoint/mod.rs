@@ -11,11 +11,15 @@
 //!   already there with the same bytes), manifest, then `LATEST` by compare-and-swap.
 //! - [`pull`]: verify the manifest, fetch and verify, write only inside the target folder.
 //! - [`admin`]: list, full remote verification, retention.
+//! - [`read_momentum`]: a pulled folder's outer-optimizer momentum, checked like a state file.
 
 pub mod admin;
+mod momentum;
 mod packing;
 pub mod pull;
 pub mod push;
+
+pub use momentum::read_momentum;
 
 use std::collections::HashSet;
 
@@ -163,6 +167,9 @@ pub struct LocalManifest {
     pub tensors: Vec<String>,
     /// The `(rank, size)` tensor-parallel slice of the pull, if any.
     pub tp: Option<(u64, u64)>,
+    /// The pull left out the momentum buffers (`--without-momentum`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_momentum: bool,
 }
 
 impl LocalManifest {
@@ -401,10 +408,13 @@ impl Manifest {
             + self.files.iter().map(|f| f.size).sum::<u64>()
     }
 
-    /// The HF index for these tensors (`weight_map`: tensor → file), deterministic.
+    /// The HF index for these tensors (`weight_map`: tensor → file), deterministic. It lists
+    /// the model's tensors only: transformers loads every file the map names and would report
+    /// the momentum buffers as unexpected weights.
     pub(crate) fn hf_index(&self, tensors: &[&TensorEntry], sizes: u64) -> Vec<u8> {
         let map: std::collections::BTreeMap<&str, &str> = tensors
             .iter()
+            .filter(|t| !t.name.starts_with(crate::round::outer::MOMENTUM_PREFIX))
             .map(|t| (t.name.as_str(), self.shards[t.shard].file.as_str()))
             .collect();
         let v = serde_json::json!({"metadata": {"total_size": sizes, "format": "pt"}, "weight_map": map});

@@ -29,7 +29,7 @@ pub(crate) struct Inventory {
 }
 
 /// The tensors of one safetensors file, in data order, with absolute offsets.
-fn read_header(path: &Path, f: &File, fi: usize) -> Result<Vec<SrcTensor>, CkptError> {
+pub(crate) fn read_header(path: &Path, f: &File, fi: usize) -> Result<Vec<SrcTensor>, CkptError> {
     let bad = |m: String| CkptError::Caller(format!("{}: {m}", path.display()));
     let file_len = f.metadata().map_err(|e| io_err(path, e))?.len();
     let mut n8 = [0u8; 8];
@@ -203,36 +203,51 @@ fn shard_header(inv: &Inventory, members: &[usize]) -> (Vec<u8>, Vec<(usize, u64
 }
 
 /// Greedy packing in source order: a new shard starts when the next tensor would take the
-/// current one past `shard_size` (a tensor larger than that gets a shard of its own).
+/// current one past `shard_size` (a tensor larger than that gets a shard of its own). The
+/// model's tensors go into `<nnnnn>.safetensors`, the outer optimizer's momentum buffers
+/// (`MOMENTUM_PREFIX`) into their own `momentum-<nnnnn>.safetensors` after them: a loader of
+/// the model (transformers, `load_state_dict(strict=True)`) then never meets a buffer, and the
+/// buffers stay sharded (a 72 B model's f32 momentum is 288 GB, 135 shards of 2 GiB).
 pub(crate) fn plan(inv: &Inventory, shard_size: u64) -> Vec<PlannedShard> {
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut acc = 0u64;
-    for (i, t) in inv.tensors.iter().enumerate() {
-        let cur = groups.last_mut().map(|g| !g.is_empty()).unwrap_or(false);
-        if cur && acc + t.len > shard_size {
+    let is_momentum = |t: &SrcTensor| t.name.starts_with(crate::round::outer::MOMENTUM_PREFIX);
+    let mut out = Vec::new();
+    for (prefix, momentum) in [("", false), (MOMENTUM_SHARD_PREFIX, true)] {
+        let members: Vec<usize> = (0..inv.tensors.len())
+            .filter(|&i| is_momentum(&inv.tensors[i]) == momentum)
+            .collect();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut acc = 0u64;
+        for i in members {
+            let len = inv.tensors[i].len;
+            match groups.last_mut() {
+                Some(g) if acc + len <= shard_size => g.push(i),
+                _ => {
+                    groups.push(vec![i]);
+                    acc = 0;
+                }
+            }
+            acc += len;
+        }
+        // A checkpoint always has a model shard, even of no tensor (an empty model).
+        if groups.is_empty() && !momentum {
             groups.push(Vec::new());
-            acc = 0;
         }
-        if let Some(g) = groups.last_mut() {
-            g.push(i);
-        }
-        acc += t.len;
-    }
-    groups
-        .iter()
-        .enumerate()
-        .map(|(k, members)| {
+        out.extend(groups.iter().enumerate().map(|(k, members)| {
             let (header, tensors) = shard_header(inv, members);
             let size = tensors.last().map_or(header.len() as u64, |t| t.2);
             PlannedShard {
-                file: format!("{k:05}.safetensors"),
+                file: format!("{prefix}{k:05}.safetensors"),
                 header,
                 tensors,
                 size,
             }
-        })
-        .collect()
+        }));
+    }
+    out
 }
+
+/// Name prefix of the shards that hold the outer optimizer's momentum buffers.
+pub(crate) const MOMENTUM_SHARD_PREFIX: &str = "momentum-";
 
 /// A planned shard as an upload source: reads come from the header or the source files.
 pub(crate) struct ShardSource<'a> {

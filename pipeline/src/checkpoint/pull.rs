@@ -163,6 +163,10 @@ pub struct PullOptions {
     /// into `OUT/.shardrop-displaced/` first (never mixed with the checkpoint's, never
     /// deleted). Without it such a folder is refused.
     pub force: bool,
+    /// Leave out the outer optimizer's momentum buffers (`momentum-*.safetensors`): what a
+    /// post-training team wants (a 72 B model's f32 momentum is 288 GB, twice its bf16
+    /// weights); a peer that replays aggregates with momentum needs them.
+    pub without_momentum: bool,
 }
 
 /// What a pull did.
@@ -484,7 +488,7 @@ pub async fn pull(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Pulled, CkptError> {
     let (m, body, murl) = fetch_manifest(loc).await?;
-    let selected = select_tensors(&m, &opts.tensors, &murl)?;
+    let selected = select(&m, opts, &murl)?;
     let files = plan_files(&m, &selected, opts)?;
     let planned: BTreeSet<String> = files
         .iter()
@@ -556,6 +560,7 @@ pub async fn pull(
         source: murl,
         tensors: opts.tensors.clone(),
         tp: opts.tp,
+        without_momentum: opts.without_momentum,
     };
     write_replace(
         &partial,
@@ -597,19 +602,18 @@ fn claim_out(
         let opts = PullOptions {
             tensors: lm.tensors.clone(),
             tp: lm.tp,
+            without_momentum: lm.without_momentum,
             ..PullOptions::default()
         };
-        if let Ok(selected) = select_tensors(&lm.manifest, &lm.tensors, &lm.source)
+        if let Ok(selected) = select(&lm.manifest, &opts, &lm.source)
             && let Ok(files) = plan_files(&lm.manifest, &selected, &opts)
         {
-            let whole = lm.tensors.is_empty() && lm.tp.is_none();
             for f in files {
-                let hash = lm
-                    .manifest
-                    .shards
-                    .iter()
-                    .find(|s| whole && s.file == f.name)
-                    .map(|s| s.blake3.clone());
+                let hash = match f.plan {
+                    Plan::Whole { shard } => lm.manifest.shards.get(shard),
+                    _ => None,
+                }
+                .map(|s| s.blake3.clone());
                 earlier.insert(f.name, hash);
             }
         }
@@ -725,6 +729,23 @@ fn remove_stale(
 
 /// The manifest's tensors the `--tensors` globs select (all when there are none); a glob
 /// that matches nothing is the caller's mistake, not an empty pull.
+/// The tensors a pull takes: those the globs match, less the momentum buffers when asked.
+pub(crate) fn select(
+    m: &Manifest,
+    opts: &PullOptions,
+    murl: &str,
+) -> Result<Vec<usize>, CkptError> {
+    let mut selected = select_tensors(m, &opts.tensors, murl)?;
+    if opts.without_momentum {
+        selected.retain(|&i| !is_momentum(&m.tensors[i]));
+    }
+    Ok(selected)
+}
+
+fn is_momentum(t: &TensorEntry) -> bool {
+    t.name.starts_with(crate::round::outer::MOMENTUM_PREFIX)
+}
+
 fn select_tensors(m: &Manifest, globs: &[String], murl: &str) -> Result<Vec<usize>, CkptError> {
     if globs.is_empty() {
         return Ok((0..m.tensors.len()).collect());
@@ -769,9 +790,21 @@ fn plan_files(
     if !opts.tensors.is_empty() || opts.tp.is_some() {
         return plan_subset(m, selected, opts.tp);
     }
+    // Whole shards, less those left out whole (a momentum shard without momentum); a shard
+    // that mixes both (pushed before momentum had shards of its own) is cut instead.
+    let wanted: BTreeSet<usize> = selected.iter().copied().collect();
+    let keep: BTreeSet<usize> = selected.iter().map(|&i| m.tensors[i].shard).collect();
+    if m.tensors
+        .iter()
+        .enumerate()
+        .any(|(i, t)| keep.contains(&t.shard) && !wanted.contains(&i))
+    {
+        return plan_subset(m, selected, None);
+    }
     Ok(m.shards
         .iter()
         .enumerate()
+        .filter(|(k, _)| keep.contains(k) || !opts.without_momentum)
         .map(|(k, s)| OutFile {
             name: s.file.clone(),
             size: s.size,
@@ -814,10 +847,11 @@ impl Resume {
     ) -> Result<Resume, CkptError> {
         let key = blake3::hash(
             format!(
-                "{}|{:?}|{:?}",
+                "{}|{:?}|{:?}|{}",
                 blake3::hash(manifest_body).to_hex(),
                 opts.tensors,
-                opts.tp
+                opts.tp,
+                opts.without_momentum
             )
             .as_bytes(),
         )

@@ -1,4 +1,4 @@
-use super::packing::{ShardSource, hash_shard, inventory, plan};
+use super::packing::{PlannedShard, ShardSource, hash_shard, inventory, plan};
 use super::*;
 use crate::store::PutSource;
 
@@ -195,6 +195,45 @@ fn repacked_shards_are_valid_safetensors_with_the_same_tensors() {
     }
     assert_eq!(found.len(), 3);
     assert_eq!(found["z"], (0..1200).map(|i| i as u8).collect::<Vec<_>>());
+}
+
+#[test]
+fn momentum_buffers_get_shards_of_their_own_after_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.safetensors"),
+        st(&[
+            ("outer_momentum.x", 100),
+            ("x", 100),
+            ("outer_momentum.y", 100),
+            ("y", 100),
+        ]),
+    )
+    .unwrap();
+    let inv = inventory(&[dir.path().to_path_buf()]).unwrap();
+    let shards = plan(&inv, 1000);
+    let names = |s: &PlannedShard| -> Vec<String> {
+        s.tensors
+            .iter()
+            .map(|&(i, _, _)| inv.tensors[i].name.clone())
+            .collect()
+    };
+    let files: Vec<&str> = shards.iter().map(|s| s.file.as_str()).collect();
+    assert_eq!(files, ["00000.safetensors", "momentum-00000.safetensors"]);
+    assert_eq!(names(&shards[0]), ["x", "y"]);
+    assert_eq!(names(&shards[1]), ["outer_momentum.x", "outer_momentum.y"]);
+    // Each kind packs on its own: 400-byte tensors in 500-byte shards.
+    let shards = plan(&inv, 500);
+    let files: Vec<&str> = shards.iter().map(|s| s.file.as_str()).collect();
+    assert_eq!(
+        files,
+        [
+            "00000.safetensors",
+            "00001.safetensors",
+            "momentum-00000.safetensors",
+            "momentum-00001.safetensors"
+        ]
+    );
 }
 
 #[test]

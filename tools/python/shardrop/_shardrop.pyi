@@ -33,7 +33,9 @@ class OptimizerState:
     def __init__(self) -> None: ...
     @staticmethod
     def load(path: PathLike) -> OptimizerState:
-        """Reads a state file (``shardrop apply --optimizer-state``'s, or a checkpoint's)."""
+        """Reads a state file (``shardrop apply --optimizer-state``'s), or the momentum of a
+        folder ``shardrop.ckpt.pull`` wrote (the state after its checkpoint's window; no
+        buffer when the checkpoint holds none)."""
     def save(self, path: PathLike) -> None:
         """Writes the state file atomically."""
     @property
@@ -241,6 +243,7 @@ def ckpt_pull(
     endpoint: Optional[str] = None,
     allow_http: Optional[bool] = None,
     force: bool = False,
+    without_momentum: bool = False,
 ) -> dict[str, Any]: ...
 def ckpt_ls(
     registry_url: str, endpoint: Optional[str] = None, allow_http: Optional[bool] = None

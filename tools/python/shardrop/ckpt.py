@@ -69,6 +69,7 @@ def pull(
     endpoint: Optional[str] = None,
     allow_http: Optional[bool] = None,
     force: bool = False,
+    without_momentum: bool = False,
 ) -> dict:
     """Pulls checkpoint ``what`` ("latest" or a manifest URL) into folder ``out``, verified.
 
@@ -77,7 +78,10 @@ def pull(
     tensor-parallel slice of each 2-D tensor. Resumable: run it again after an interruption.
     ``out`` must be empty, new or an earlier pull of the same run (whose files it replaces);
     a folder holding other files is refused unless ``force``, which moves them into
-    ``out/.shardrop-displaced/`` first.
+    ``out/.shardrop-displaced/`` first. The outer optimizer's momentum comes in files of its
+    own (``momentum-*.safetensors``, which the HF index does not list, so ``from_pretrained``
+    and ``load_state_dict`` see only the model); ``OptimizerState.load(out)`` reads it, and
+    ``without_momentum=True`` leaves it out (a model to evaluate or fine-tune).
     Returns what ``shardrop ckpt pull --json`` reports.
     """
     return _shardrop.ckpt_pull(
@@ -92,6 +96,7 @@ def pull(
         endpoint,
         allow_http,
         force,
+        without_momentum,
     )
 
 

@@ -87,7 +87,7 @@ fn ckpt_push<'py>(
 
 /// See `shardrop.ckpt.pull`.
 #[pyfunction]
-#[pyo3(signature = (what, out, registry_url=None, signer=None, tensors=Vec::new(), tp=None, concurrency=16, progress_cb=None, endpoint=None, allow_http=None, force=false))]
+#[pyo3(signature = (what, out, registry_url=None, signer=None, tensors=Vec::new(), tp=None, concurrency=16, progress_cb=None, endpoint=None, allow_http=None, force=false, without_momentum=false))]
 #[allow(clippy::too_many_arguments)]
 fn ckpt_pull<'py>(
     py: Python<'py>,
@@ -102,6 +102,7 @@ fn ckpt_pull<'py>(
     endpoint: Option<String>,
     allow_http: Option<bool>,
     force: bool,
+    without_momentum: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let s3 = s3_of(endpoint, allow_http);
     let signer = signer
@@ -117,6 +118,7 @@ fn ckpt_pull<'py>(
         tp,
         concurrency,
         force,
+        without_momentum,
     };
     let report = progress(progress_cb);
     let pulled = block_fn(py, || async {

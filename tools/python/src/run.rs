@@ -559,13 +559,21 @@ impl OptimizerState {
         OptimizerState::default()
     }
 
-    /// Reads a state file (`shardrop apply --optimizer-state`'s, or the one a checkpoint
-    /// holds).
+    /// Reads a state file (`shardrop apply --optimizer-state`'s), or the momentum of a
+    /// checkpoint folder `shardrop.ckpt.pull` wrote (its `momentum-*.safetensors`; the state
+    /// after the checkpoint's window). A folder whose checkpoint holds no momentum gives a
+    /// fresh state of that run and window.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<OptimizerState> {
         // One checked read: the shapes come from the same bytes as the buffers.
         let f = py
-            .detach(|| shardrop::round::outer::read_state_file(&path, None))
+            .detach(|| {
+                if path.is_dir() {
+                    shardrop::checkpoint::read_momentum(&path, None)
+                } else {
+                    shardrop::round::outer::read_state_file(&path, None)
+                }
+            })
             .map_err(to_py)?;
         let (state, run, after, shapes) = (f.state, f.run, f.after, f.shapes);
         Ok(OptimizerState {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -44,3 +46,48 @@ def test_push_pull_ls_round_trip(folder_run, tmp_path):
     assert set(got) == {"layers.0.mlp.weight", "layers.0.mlp.bias"}
     for k, v in got.items():
         assert v.tobytes() == tensors[k].tobytes(), k
+
+
+def test_momentum_lives_in_its_own_files_that_optimizer_state_reads(folder_run, tmp_path):
+    """A checkpoint's outer momentum never sits in the model's shards: a strict loader sees
+    only the model; OptimizerState.load(folder) reads the buffers; without_momentum=True
+    leaves them out."""
+    r = folder_run
+    src = tmp_path / "with-momentum"
+    src.mkdir()
+    rng = np.random.default_rng(9)
+    model = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in r.theta0.items()}
+    momentum = {
+        "outer_momentum." + k: rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in r.theta0.items()
+    }
+    write_safetensors(src / "model.safetensors", {**model, **momentum})
+    shardrop.ckpt.push(r.registry, r.keys["agg"], src, step=11, window=4)
+    out = tmp_path / "pulled"
+    shardrop.ckpt.pull("latest", out, registry_url=r.registry)
+    names = sorted(f.name for f in out.glob("*.safetensors"))
+    assert names == ["00000.safetensors", "momentum-00000.safetensors"], names
+    # The model's shard holds exactly the model (what load_state_dict(strict=True) needs) and
+    # the HF index lists only it.
+    got = read_safetensors(out / "00000.safetensors")
+    assert set(got) == set(model)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model)
+    state = shardrop.OptimizerState.load(out)
+    assert state.run is not None and state.run in r.registry and state.after == 4
+    assert sorted(state.names) == sorted(model)
+    # What it read is the pushed buffers: saved back, they are the same bytes.
+    state.save(tmp_path / "outer.safetensors")
+    saved = read_safetensors(tmp_path / "outer.safetensors")
+    assert {k: v.tobytes() for k, v in saved.items()} == {k: v.tobytes() for k, v in momentum.items()}
+    # A post-training pull leaves the momentum out (no momentum file is fetched).
+    lean = tmp_path / "lean"
+    q = shardrop.ckpt.pull("latest", lean, registry_url=r.registry, without_momentum=True)
+    assert sorted(f.name for f in lean.glob("*.safetensors")) == ["00000.safetensors"]
+    assert q["tensors"] == len(model)
+    empty = shardrop.OptimizerState.load(lean)
+    assert empty.names == [] and empty.after == 4
+    # A state file is not a folder, and a folder no pull wrote is named as such.
+    with pytest.raises(shardrop.Rejected) as e:
+        shardrop.OptimizerState.load(src)
+    assert e.value.reason == "optimizer_state_invalid" and "shardrop ckpt pull" in str(e.value)

@@ -92,6 +92,11 @@ pub struct PullArgs {
     /// reads a stale file beside the checkpoint's).
     #[arg(long)]
     force: bool,
+    /// Leave out the outer optimizer's momentum (the momentum-*.safetensors shards): for a
+    /// model to evaluate or fine-tune. A peer that replays aggregates with a momentum
+    /// optimizer needs them (apply --from OUT reads them).
+    #[arg(long)]
+    without_momentum: bool,
 }
 
 #[derive(Args)]
@@ -216,6 +221,7 @@ async fn pull_cmd(ctx: &Ctx, a: PullArgs) -> anyhow::Result<()> {
         tp: a.tp_rank.zip(a.tp_size),
         concurrency: a.concurrency,
         force: a.force,
+        without_momentum: a.without_momentum,
     };
     let p = pull(&loc, &a.out, &opts, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();

@@ -320,9 +320,11 @@ async fn late_join(
         ..Default::default()
     };
     let pulled = pull(&loc, out_dir, &opts, &|_| {}).await?;
-    // The checkpoint holds the parameters and the momentum, as `apply --from DIR` reads it.
+    // The checkpoint holds the parameters and, in shards of its own, the momentum, as
+    // `apply --from DIR` reads them.
     let (mut base, _) = super::round::load_base(out_dir)?;
-    let mut state = OuterState::take_from(&mut base);
+    OuterState::take_from(&mut base);
+    let mut state = shardrop::checkpoint::read_momentum(out_dir, Some(&reg.model))?.state;
     let mut t: BTreeMap<String, Vec<f32>> = base.into_iter().map(|(k, (_, v))| (k, v)).collect();
     let from = pulled.window.map_or(0, |x| x + 1);
     let opts = ApplyOptions::default();

@@ -377,7 +377,8 @@ pub struct ApplyArgs {
     wait: Option<u64>,
     /// The outer optimizer's momentum (safetensors): read if the file exists (it must hold
     /// the state after --from-window), written back after --through. Needed once the run
-    /// uses momentum or nesterov; a pulled checkpoint folder holds it already.
+    /// uses momentum or nesterov. A pulled checkpoint folder as --from holds the momentum
+    /// after its window in its momentum-*.safetensors shards: that is read instead.
     #[arg(long, value_name = "PATH")]
     optimizer_state: Option<PathBuf>,
     /// Output: the dense f32 parameters.
@@ -789,7 +790,8 @@ pub fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)>
 pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let (mut base, ckpt_window) = load_base(&a.from)?;
-    // A pulled checkpoint holds the momentum buffers beside the parameters.
+    // A file base may hold momentum beside the parameters (an older checkpoint's layout); a
+    // pulled folder's is read, checked, from its own shards below.
     let mut state = OuterState::take_from(&mut base);
     let from = a
         .from_window
@@ -815,7 +817,28 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
         shardrop::round::replay::Coverage::All,
     )
     .with_context(|| format!("{}", a.from.display()))?;
-    if let Some(path) = a.optimizer_state.as_ref().filter(|p| p.exists()) {
+    // A checkpoint folder's own momentum is the state after its window; a state file is
+    // read only when the folder holds none (it is still written back).
+    let mut from_folder = false;
+    let pulled = a.from.join(shardrop::checkpoint::LOCAL_MANIFEST).exists();
+    let folder = match a.from.is_dir() && pulled {
+        true => Some(shardrop::checkpoint::read_momentum(
+            &a.from,
+            Some(&reg.model),
+        )?),
+        false => None,
+    };
+    if let Some(f) = folder.filter(|f| !f.state.momentum.is_empty()) {
+        shardrop::round::replay::check_state_window(&reg, Some(&f.run), f.after, first)
+            .with_context(|| format!("{}", a.from.display()))?;
+        state = f.state;
+        from_folder = true;
+    }
+    if let Some(path) = a
+        .optimizer_state
+        .as_ref()
+        .filter(|p| !from_folder && p.exists())
+    {
         let f = shardrop::round::outer::read_state_file(path, Some(&reg.model))?;
         shardrop::round::replay::check_state_window(&reg, Some(&f.run), f.after, first)
             .with_context(|| format!("{}", path.display()))?;

@@ -228,6 +228,100 @@ fn a_nesterov_run_changed_mid_run_replays_exactly_across_an_empty_window() {
         "the empty window moved something"
     );
     assert_ne!(tensors(&prev), tensors(&model), "nothing was applied");
+    // A checkpoint after window `changed` (parameters and momentum, as the README's
+    // aggregator pushes them): the momentum lands in files of its own, and a replay from the
+    // pulled folder reads it and ends where the whole replay ended.
+    let (ck, t_last) = (changed.to_string(), last.to_string());
+    ok_json(run.run(&[
+        "ckpt",
+        "push",
+        p(&dir.join(format!("theta-{changed}.safetensors"))),
+        p(&dir.join(format!("state-{changed}"))),
+        "--registry",
+        &run.reg,
+        "--key",
+        p(&agg_key),
+        "--step",
+        "100",
+        "--window",
+        &ck,
+        "--json",
+    ]));
+    let pulled = dir.join("pulled");
+    let pull = |out: &Path, extra: &[&str]| {
+        let mut v = vec![
+            "ckpt",
+            "pull",
+            "latest",
+            p(out),
+            "--registry",
+            &run.reg,
+            "--json",
+        ];
+        v.extend(extra);
+        ok_json(run.run(&v))
+    };
+    pull(&pulled, &[]);
+    let names: Vec<String> = tensors(&pulled.join("00000.safetensors"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| !n.starts_with("outer_momentum.")),
+        "the model's shard holds {names:?}"
+    );
+    assert_eq!(
+        tensors(&pulled.join("momentum-00000.safetensors")),
+        tensors(&dir.join(format!("state-{changed}")))
+    );
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pulled.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let mut listed: Vec<&String> = index["weight_map"].as_object().unwrap().keys().collect();
+    listed.sort();
+    assert_eq!(listed, names.iter().collect::<Vec<_>>());
+    let (resumed, resumed_state) = (dir.join("resumed.safetensors"), dir.join("resumed.opt"));
+    let mut v = vec![
+        "apply",
+        "--registry",
+        &run.reg,
+        "--from",
+        p(&pulled),
+        "--through",
+        &t_last,
+        "--optimizer-state",
+        p(&resumed_state),
+        "--json",
+    ];
+    v.push(p(&resumed));
+    ok_json(run.run(&v));
+    assert_eq!(
+        tensors(&resumed),
+        tensors(&whole),
+        "replay from the checkpoint"
+    );
+    assert_eq!(tensors(&resumed_state), tensors(&whole_state));
+    // Pulled without momentum: no momentum file, and a replay that needs it is refused.
+    let lean = dir.join("lean");
+    pull(&lean, &["--without-momentum"]);
+    assert!(!lean.join("momentum-00000.safetensors").exists());
+    assert!(lean.join("00000.safetensors").exists());
+    let (lean_opt, lean_out) = (dir.join("lean.opt"), dir.join("lean.safetensors"));
+    let mut v = vec![
+        "apply",
+        "--registry",
+        &run.reg,
+        "--from",
+        p(&lean),
+        "--through",
+        &t_last,
+        "--optimizer-state",
+        p(&lean_opt),
+        "--json",
+    ];
+    v.push(p(&lean_out));
+    refused(&run.run(&v), "optimizer_state_missing");
     // Window `changed` ran at the halved rate: with m' = μ·m + a, the step is
     // lr·(a + μ·m'), so lr = −Δθ / (a + μ·m') where that is large.
     let f32s = |path: &Path, name: &str| -> Vec<f32> {

@@ -519,7 +519,7 @@ pub fn step(outer: &Outer, lr: f32, theta: &mut [f32], a: &[f32], m: &mut [f32])
     }
 }
 
-mod state_file;
+pub(crate) mod state_file;
 pub use state_file::{StateFile, read_state_file};
 
 #[cfg(test)]

@@ -15,16 +15,14 @@ use crate::round::outer::OuterState;
 /// model tensor with exactly its shape, and every value finite: NaN momentum would give NaN
 /// parameters to a peer that then publishes from them. `optimizer_state_invalid` otherwise.
 /// Returns the state, its run, the window it is after, and each buffer's shape (by tensor
-/// name, without the prefix), all from the one read that was checked.
+/// name, without the prefix), all from the one read that was checked. A pulled checkpoint
+/// folder is read by [`crate::checkpoint::read_momentum`].
 pub fn read_state_file(
     path: &std::path::Path,
     model: Option<&ModelSpec>,
 ) -> Result<StateFile, RoundError> {
-    let bad = |detail: String| RoundError::Rejected {
-        object: path.display().to_string(),
-        reason: RoundReason::OptimizerStateInvalid.code(),
-        detail,
-    };
+    let object = path.display().to_string();
+    let bad = |detail: String| invalid(&object, detail);
     let max = model.map_or(u64::MAX / 2, |m| {
         m.tensors
             .iter()
@@ -36,44 +34,19 @@ pub fn read_state_file(
     let (state, run, after) =
         crate::round::outer::state_from_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let shapes = header
+    let buffers: Vec<(String, Dtype, Vec<u64>)> = header
         .tensors()
         .into_iter()
         .map(|(k, info)| {
-            let k = k
-                .strip_prefix(crate::round::outer::MOMENTUM_PREFIX)
-                .map(str::to_string)
-                .unwrap_or(k);
-            (k, info.shape.iter().map(|&d| d as u64).collect())
+            (
+                k,
+                info.dtype,
+                info.shape.iter().map(|&d| d as u64).collect(),
+            )
         })
         .collect();
-    if let Some(model) = model {
-        for (name, info) in header.tensors() {
-            let plain = name
-                .strip_prefix(crate::round::outer::MOMENTUM_PREFIX)
-                .unwrap_or(&name);
-            let spec = model.tensors.iter().find(|t| t.name == plain);
-            let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-            match spec {
-                Some(t) if t.shape == shape && info.dtype == Dtype::F32 => {}
-                Some(t) => {
-                    return Err(bad(format!(
-                        "tensor {name:?} is {:?} {shape:?}; the model's {plain:?} is F32 {:?}",
-                        info.dtype, t.shape
-                    )));
-                }
-                None => return Err(bad(format!("tensor {name:?} is not of the run's model"))),
-            }
-        }
-    }
-    for (name, m) in &state.momentum {
-        if let Some(i) = m.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!(
-                "momentum of {name:?} holds {} at element {i}",
-                m[i]
-            )));
-        }
-    }
+    let shapes = check_buffers(&object, &buffers, model)?;
+    check_finite(&object, &state)?;
     Ok(StateFile {
         state,
         run,
@@ -82,7 +55,62 @@ pub fn read_state_file(
     })
 }
 
-/// An outer-optimizer state file as [`read_state_file`] checked it.
+pub(crate) fn invalid(object: &str, detail: String) -> RoundError {
+    RoundError::Rejected {
+        object: object.to_string(),
+        reason: RoundReason::OptimizerStateInvalid.code(),
+        detail,
+    }
+}
+
+/// Every buffer (`outer_momentum.<name>`, its dtype and shape) is F32 and of a model tensor
+/// with exactly its shape (without a model: any). Returns the shapes by plain tensor name.
+pub(crate) fn check_buffers(
+    object: &str,
+    buffers: &[(String, Dtype, Vec<u64>)],
+    model: Option<&ModelSpec>,
+) -> Result<BTreeMap<String, Vec<u64>>, RoundError> {
+    let bad = |detail: String| invalid(object, detail);
+    let specs: Option<BTreeMap<&str, &crate::format::codec::TensorSpec>> =
+        model.map(|m| m.tensors.iter().map(|t| (t.name.as_str(), t)).collect());
+    let mut shapes = BTreeMap::new();
+    for (name, dtype, shape) in buffers {
+        let plain = name
+            .strip_prefix(crate::round::outer::MOMENTUM_PREFIX)
+            .unwrap_or(name);
+        if let Some(specs) = &specs {
+            match specs.get(plain) {
+                Some(t) if t.shape == *shape && *dtype == Dtype::F32 => {}
+                Some(t) => {
+                    return Err(bad(format!(
+                        "tensor {name:?} is {dtype:?} {shape:?}; the model's {plain:?} is F32 {:?}",
+                        t.shape
+                    )));
+                }
+                None => return Err(bad(format!("tensor {name:?} is not of the run's model"))),
+            }
+        } else if *dtype != Dtype::F32 {
+            return Err(bad(format!("tensor {name:?} is {dtype:?}, not F32")));
+        }
+        shapes.insert(plain.to_string(), shape.clone());
+    }
+    Ok(shapes)
+}
+
+/// Every momentum value is finite.
+pub(crate) fn check_finite(object: &str, state: &OuterState) -> Result<(), RoundError> {
+    for (name, m) in &state.momentum {
+        if let Some(i) = m.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(
+                object,
+                format!("momentum of {name:?} holds {} at element {i}", m[i]),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An outer-optimizer state (a state file, or a pulled checkpoint's momentum) as checked.
 pub struct StateFile {
     /// The momentum buffers.
     pub state: OuterState,
