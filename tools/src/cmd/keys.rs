@@ -18,14 +18,16 @@ pub fn keygen(ctx: &Ctx, a: KeygenArgs) -> anyhow::Result<()> {
     let id = Identity::generate();
     id.save_new(&a.out).context("keygen")?;
     let peer = id.peer_id().to_string();
+    // Text: the peer id alone on stdout (PEER=$(shardrop keygen --out k.key)), the note on
+    // stderr.
     out::emit(
         ctx,
         &serde_json::json!({"peer_id": peer, "key_file": a.out.display().to_string()}),
-        &format!(
-            "{peer}\n(secret key written to {}, mode 0600)",
-            a.out.display()
-        ),
+        &peer,
     );
+    if !ctx.json {
+        eprintln!("(secret key written to {}, mode 0600)", a.out.display());
+    }
     Ok(())
 }
 

@@ -51,6 +51,10 @@ pub struct WindowArgs {
     /// verdicts use); without it, this machine's clock.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Print only the open window's number (for scripts: W=$(shardrop run window ... --number));
+    /// before the run starts, exit 1 saying when window 0 opens.
+    #[arg(long)]
+    number: bool,
 }
 
 /// The outer optimizer and beta, as `run init` and `run set` take them.
@@ -463,6 +467,17 @@ async fn window(ctx: &Ctx, a: WindowArgs) -> anyhow::Result<()> {
             by
         ),
     };
+    if a.number {
+        let w = open.with_context(|| {
+            format!(
+                "run {}: not started; window 0 opens in {:.1} s",
+                reg.run,
+                secs(clk.start(0))
+            )
+        })?;
+        println!("{w}");
+        return Ok(());
+    }
     out::emit(ctx, &json, &text);
     Ok(())
 }

@@ -150,8 +150,21 @@ fn shell_commands(origin: &str, text: &str) -> Vec<(String, Vec<String>)> {
             let rest = &seg[at + "shardrop ".len()..];
             let argv: Vec<String> = rest
                 .split_whitespace()
-                .map(|t| t.trim_matches(|c| c == '\'' || c == '"').to_string())
+                .map(|t| t.trim_matches(|c| c == '\'' || c == '"'))
                 .take_while(|t| !t.starts_with('|') && !t.starts_with('>') && !t.starts_with(')'))
+                // The end of a `$(shardrop …)` ends the command too.
+                .scan(false, |ended, t| {
+                    if *ended {
+                        return None;
+                    }
+                    let open = t.matches('(').count();
+                    *ended = t.matches(')').count() > open;
+                    Some(match *ended {
+                        true => t.trim_end_matches(')').to_string(),
+                        false => t.to_string(),
+                    })
+                })
+                .filter(|t| !t.is_empty())
                 .collect();
             if argv.first().is_some_and(|a| {
                 a.starts_with(|c: char| c.is_ascii_lowercase())

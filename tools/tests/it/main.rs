@@ -14,4 +14,5 @@ mod exit_codes;
 mod first_hour;
 mod grad_cli;
 mod outer_cli;
+mod readme;
 mod same_bytes;
