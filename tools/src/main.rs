@@ -59,8 +59,8 @@ pub struct S3Args {
     #[arg(long, global = true)]
     access_key_id: Option<String>,
     /// File holding the secret access key (refused if group or others can read it); a
-    /// file rather than a flag so the secret never shows in a process list
-    /// [env: AWS_SECRET_ACCESS_KEY]
+    /// file rather than a flag so the secret never shows in a process list. Without it, the
+    /// secret itself (not a path) comes from AWS_SECRET_ACCESS_KEY
     #[arg(long, global = true)]
     secret_access_key_file: Option<std::path::PathBuf>,
     /// Allow plain HTTP (implied by an http:// endpoint) [env: AWS_ALLOW_HTTP]
@@ -149,5 +149,31 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => out::report_error(&ctx, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every flag and argument of every command says what it is for (`--help` is the first
+    /// place a newcomer looks).
+    #[test]
+    fn every_argument_of_every_command_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<super::Cli as clap::CommandFactory>::command(),
+            "shardrop",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help: {missing:#?}");
     }
 }

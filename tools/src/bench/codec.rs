@@ -24,6 +24,7 @@ pub struct CodecBench {
     pub(super) size: u64,
     #[command(flatten)]
     pub(super) codec: CodecArgs,
+    /// Error-feedback decay (the run's beta).
     #[arg(long, default_value_t = 0.9)]
     pub(super) beta: f32,
     /// Timed repetitions (the best is reported).

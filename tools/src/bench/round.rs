@@ -30,11 +30,13 @@ pub struct RoundBench {
     /// Store URL [default: $SHARDROP_TEST_S3, else a temporary folder].
     #[arg(long)]
     store: Option<String>,
+    /// Miners publishing into the window.
     #[arg(long, default_value_t = 64)]
     miners: usize,
     /// Model parameters (suffixes K, M allowed), split over 8 tensors.
     #[arg(long, default_value = "100M", value_parser = parse_count)]
     params: u64,
+    /// Miners fetched at once (`aggregate --concurrency`).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// agg-v2's form (`run init --agg-form`).

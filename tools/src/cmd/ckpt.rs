@@ -32,16 +32,19 @@ pub struct PushArgs {
     /// Safetensors files, or one Hugging Face model folder.
     #[arg(required = true)]
     src: Vec<PathBuf>,
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
     /// The aggregator's key (checkpoints go into its store).
     #[arg(long)]
     key: PathBuf,
+    /// The checkpoint's step (its folder name; LATEST moves only to a larger one).
     #[arg(long)]
     step: u64,
     /// The last window whose aggregate these parameters include (catch-up starts after it).
     #[arg(long)]
     window: Option<u64>,
+    /// Target shard size (a tensor larger than this gets a shard of its own).
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     shard_size: u64,
     /// Shards uploaded at once (each in 4 parallel multipart parts).
@@ -80,8 +83,13 @@ pub struct PullArgs {
     /// Only tensors matching these globs (ranged reads of the shards).
     #[arg(long, num_args = 1..)]
     tensors: Vec<String>,
+    /// This rank's tensor-parallel slice (0-based, with --tp-size): each 2-D tensor is cut
+    /// into --tp-size parts along the dimension schemas/checkpoint.md names (1 for
+    /// row-parallel layers such as o_proj and down_proj, else 0) and only this part is
+    /// fetched where it can be.
     #[arg(long, requires = "tp_size")]
     tp_rank: Option<u64>,
+    /// The number of tensor-parallel ranks (with --tp-rank).
     #[arg(long, requires = "tp_rank")]
     tp_size: Option<u64>,
     /// Ranged GETs in flight.
@@ -109,6 +117,7 @@ pub struct LsArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     from: From,
+    /// Shards streamed and checked at once.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
 }
@@ -120,6 +129,7 @@ pub struct GcArgs {
     /// The aggregator's key (gc deletes in its own store only).
     #[arg(long)]
     key: PathBuf,
+    /// How many of the newest complete checkpoints to keep (besides whatever LATEST names).
     #[arg(long)]
     keep: usize,
     /// Say what would be deleted, delete nothing.

@@ -35,8 +35,12 @@ pub struct CodecArgs {
     /// Fraction kept per chunk (k = round(density * C)); default k = 64 at C = 4096.
     #[arg(long)]
     pub density: Option<f64>,
+    /// How each kept value is stored: bf16, or int8/int4/int2 with a scale per chunk or
+    /// tensor (int2: 2 bits a value, 10.25 bits per kept value with its index).
     #[arg(long, default_value = "int2", value_parser = ["bf16", "int8", "int4", "int2"])]
     pub values: String,
+    /// How the kept positions are stored: packed (log2 C bits each) or compact (the codec's
+    /// shorter form, `schemas/gradient.md`).
     #[arg(long, default_value = "compact", value_parser = ["packed", "compact"])]
     pub indices: String,
     /// Scale per chunk or per tensor (integer value formats).

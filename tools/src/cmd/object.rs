@@ -31,12 +31,17 @@ pub struct SignArgs {
     /// Secret key file of the signer.
     #[arg(long)]
     key: PathBuf,
+    /// The envelope kind: gradient, aggregate, ledger, registry, scores, weights, manifest,
+    /// pointer (`schemas/envelope.md`).
     #[arg(long, value_parser = parse_kind)]
     kind: Kind,
+    /// The run name recorded in the signed header.
     #[arg(long)]
     run: String,
+    /// The window recorded in the signed header.
     #[arg(long)]
     window: Option<u64>,
+    /// The step recorded in the signed header.
     #[arg(long)]
     step: Option<u64>,
     /// Section compression.
@@ -56,6 +61,7 @@ pub struct SignArgs {
     /// signed header with its `--codec-param`s.
     #[arg(long)]
     codec: Option<String>,
+    /// A codec parameter, KEY=VALUE (repeatable), signed with --codec.
     #[arg(long = "codec-param", value_name = "KEY=VALUE", requires = "codec")]
     codec_params: Vec<String>,
     /// Files; each becomes one section named after the file.
@@ -152,12 +158,17 @@ pub struct ExpectArgs {
     /// Require this signer (peer id, hex).
     #[arg(long, value_parser = parse_peer)]
     signer: Option<PeerId>,
+    /// Require this run in the signed header.
     #[arg(long)]
     run: Option<String>,
+    /// Require this window in the signed header.
     #[arg(long)]
     window: Option<u64>,
+    /// Require this step in the signed header.
     #[arg(long)]
     step: Option<u64>,
+    /// The envelope kind: gradient, aggregate, ledger, registry, scores, weights, manifest,
+    /// pointer (`schemas/envelope.md`).
     #[arg(long, value_parser = parse_kind)]
     kind: Option<Kind>,
 }

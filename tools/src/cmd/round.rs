@@ -127,6 +127,7 @@ impl OuterArgs {
 
 #[derive(Args)]
 pub struct SetArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
     /// The operator's key.
@@ -142,6 +143,7 @@ pub struct SetArgs {
 
 #[derive(Args)]
 pub struct InitArgs {
+    /// The run's name: its objects go under runs/RUN/ in every participant's store.
     #[arg(long)]
     run: String,
     /// The operator's key: it signs the registry.
@@ -156,8 +158,11 @@ pub struct InitArgs {
     /// RFC 3339 time, or `now` (the store's clock).
     #[arg(long, default_value = "now")]
     genesis: String,
+    /// Seconds per window: miners publish within it, readers start after its close.
     #[arg(long, default_value_t = 60)]
     window_secs: u64,
+    /// Seconds after a window's deadline a shard still counts (clock skew, slow puts); the
+    /// window closes at deadline + grace.
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
     #[command(flatten)]
@@ -177,12 +182,16 @@ pub struct InitArgs {
 
 #[derive(Args)]
 pub struct AddArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
+    /// The operator's key (only the operator may change the registry).
     #[arg(long)]
     key: PathBuf,
+    /// The participant's role.
     #[arg(long, value_parser = ["miner", "aggregator", "validator"])]
     role: String,
+    /// The participant's peer id (what `shardrop keygen` printed on its machine).
     #[arg(long)]
     peer: String,
     /// The participant's store URL.
@@ -195,6 +204,7 @@ pub struct AddArgs {
 
 #[derive(Args)]
 pub struct ShowArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
     /// Require this operator key.
@@ -204,6 +214,7 @@ pub struct ShowArgs {
 
 #[derive(Args)]
 pub struct PublishArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
     /// The miner's key.
@@ -252,6 +263,7 @@ pub struct AggregateArgs {
 /// window(s).
 #[derive(Args)]
 pub struct JobArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     pub registry: String,
     /// The job's own key (its role is looked up in the registry).
@@ -263,8 +275,10 @@ pub struct JobArgs {
     /// The newest closed window (for cron).
     #[arg(long, conflicts_with = "follow")]
     pub once: bool,
-    /// Every window, forever, from --window (default: the newest closed one); a window
-    /// with no shard gets its empty aggregate, so catch-up has no hole.
+    /// Every window, forever, from --window (default: the newest closed one; before any
+    /// has closed, waits for window 0), each as soon as it closes. The aggregator publishes
+    /// an empty aggregate for a window with no shard, so catch-up has no hole; the
+    /// validator publishes each window's scores and weights.
     #[arg(long)]
     pub follow: bool,
     /// Miners fetched at once.
@@ -327,6 +341,7 @@ pub async fn start_job(
 
 #[derive(Args)]
 pub struct PrefetchArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
     /// The window whose shards to fetch (it may still be open: what is there is fetched).
@@ -335,6 +350,7 @@ pub struct PrefetchArgs {
     /// The cache folder (sections named by their blake3); give it to `apply --prefetched`.
     #[arg(long)]
     dir: PathBuf,
+    /// Miners' shards fetched at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
 }
@@ -357,6 +373,7 @@ pub async fn prefetch_cmd(ctx: &Ctx, a: PrefetchArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct ApplyArgs {
+    /// The run's registry URL (what `shardrop run init` printed: …/runs/RUN/registry).
     #[arg(long)]
     registry: String,
     /// Base model holding θ after window --from-window: a safetensors file, or a folder

@@ -42,6 +42,9 @@ pub enum EvaluatorKind {
 pub struct ValidateArgs {
     #[command(flatten)]
     job: super::round::JobArgs,
+    /// How usefulness is measured: `auto` (--eval-cmd when given, the built-in reference
+    /// model when the run's model is it, else none), `command` (--eval-cmd), `reference`
+    /// (the demo's model), or `none` (the score is the agreement alone).
     #[arg(long, value_enum, default_value = "auto")]
     evaluator: EvaluatorKind,
     /// Run once per eligible miner as `sh -c 'CMD "$@"' shardrop-eval --update FILE
@@ -59,6 +62,7 @@ pub struct ValidateArgs {
     /// previous table. Never the miner's fault either way.
     #[arg(long, value_enum, default_value = "refuse")]
     on_eval_error: OnEvalErrorArg,
+    /// Seconds one run of --eval-cmd may take before it counts as an evaluator error.
     #[arg(long, default_value_t = 120)]
     eval_timeout_secs: u64,
     /// Seed of the reference task (the demo's by default).
@@ -93,6 +97,7 @@ pub struct Which {
 pub struct ShowArgs {
     #[command(flatten)]
     which: Which,
+    /// One scored window (default: the newest).
     #[arg(long, conflicts_with = "last")]
     window: Option<u64>,
     /// The last N scored windows (default 1).

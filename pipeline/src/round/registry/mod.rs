@@ -519,12 +519,31 @@ impl Registry {
         let mut opts = base.clone();
         if let Credentials::EnvPrefix { prefix } = &p.credentials {
             let var = |name: &str| std::env::var(format!("{prefix}{name}")).ok();
+            if var("AWS_ACCESS_KEY_ID").is_none() && var("AWS_SECRET_ACCESS_KEY").is_none() {
+                warn_unset_prefix(prefix, &p.store);
+            }
             opts.access_key_id = var("AWS_ACCESS_KEY_ID").or(opts.access_key_id);
             opts.secret_access_key = var("AWS_SECRET_ACCESS_KEY").or(opts.secret_access_key);
             opts.endpoint = var("AWS_ENDPOINT_URL").or(opts.endpoint);
             opts.region = var("AWS_REGION").or(opts.region);
         }
         store::open(&p.store, &opts)
+    }
+}
+
+/// Says once per prefix that a participant's named credentials are not set here, so its
+/// store is read with this machine's own (which may well be refused: a 403 then names the
+/// cause a reader can fix).
+fn warn_unset_prefix(prefix: &str, store: &str) {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    if let Ok(mut w) = WARNED.lock()
+        && w.insert(prefix.to_string())
+    {
+        tracing::warn!(
+            store,
+            "{prefix}AWS_ACCESS_KEY_ID and {prefix}AWS_SECRET_ACCESS_KEY are not set: reading {store} with this machine's own AWS_* credentials (set them to the read-only credentials its owner gave for it)"
+        );
     }
 }
 
