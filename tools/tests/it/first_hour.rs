@@ -84,3 +84,54 @@ fn jobs_started_before_the_first_close_wait_or_say_so_and_catch_up_names_the_fix
         "{error}"
     );
 }
+
+/// A wrong registry URL says what is there instead: the store's runs (a wrong run name),
+/// that the store holds none, or that it cannot be listed (a wrong bucket); a URL that is not
+/// a registry's is refused before anything is fetched (no retries of a server's 500).
+#[test]
+fn a_wrong_registry_url_names_what_is_there_instead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = dir.join("store").display().to_string();
+    let run = Run::init(dir, &base, "urls", 60, &dir.join("agg.key"), &[]);
+    let err = |url: &str| {
+        let out = crate::common::shardrop(&["run", "show", "--registry", url, "--json"]);
+        assert_eq!(out.status.code(), Some(1));
+        json(&out)
+    };
+    let wrong_run = run.reg.replace("/runs/urls/", "/runs/nope/");
+    let doc = err(&wrong_run);
+    assert_eq!(doc["class"], "not_found", "{doc}");
+    let msg = doc["error"].as_str().unwrap();
+    assert!(
+        msg.contains("holds 1 run(s)") && msg.contains(&run.reg),
+        "{msg}"
+    );
+    let doc = err(&format!("{base}/elsewhere/runs/urls/registry"));
+    assert!(
+        doc["error"].as_str().unwrap().contains("holds no run"),
+        "{doc}"
+    );
+    let doc = err(run.reg.trim_end_matches("/registry"));
+    assert_eq!(doc["class"], "caller", "{doc}");
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap()
+            .contains("ends in /runs/RUN/registry"),
+        "{doc}"
+    );
+    // A bucket that does not exist, on the local S3 server.
+    if let Some(s3) = crate::common::s3_base("first-hour", "urls") {
+        let bucket = s3.trim_start_matches("s3://").split('/').next().unwrap();
+        let doc = err(&format!(
+            "{}/runs/r/registry",
+            s3.replace(bucket, "no-such-bucket-shardrop")
+        ));
+        let msg = doc["error"].as_str().unwrap();
+        assert!(
+            msg.contains("cannot be listed") && msg.contains("bucket name"),
+            "{msg}"
+        );
+    }
+}

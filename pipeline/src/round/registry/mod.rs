@@ -315,6 +315,10 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
+    /// No registry at the URL: the detail says what is there instead (the runs the store
+    /// holds, or that it cannot be listed), so a wrong run name or bucket is found at once.
+    #[error("{object}: {detail}")]
+    NotFound { object: String, detail: String },
     /// A registry read from a store breaks a reader rule (`round.md`, "Reader rules"):
     /// refused whole, so nothing is published or applied under it.
     #[error("{object}: {detail} ({reason}); the operator must publish a valid revision")]
@@ -345,6 +349,7 @@ impl crate::error::Classified for RegistryError {
             RegistryError::Envelope(e) => e.class(),
             RegistryError::Store(e) => e.class(),
             RegistryError::Invalid { .. } => crate::error::ErrorClass::Caller,
+            RegistryError::NotFound { .. } => crate::error::ErrorClass::NotFound,
             RegistryError::Rejected { .. } => crate::error::ErrorClass::Rejected,
             RegistryError::Refused { .. } | RegistryError::NotRegistered { .. } => {
                 crate::error::ErrorClass::Refused
@@ -368,6 +373,7 @@ impl crate::error::Classified for RegistryError {
             RegistryError::Envelope(e) => e.object(),
             RegistryError::Store(e) => e.object(),
             RegistryError::Invalid { object, .. }
+            | RegistryError::NotFound { object, .. }
             | RegistryError::Refused { object, .. }
             | RegistryError::Rejected { object, .. } => Some(object),
             RegistryError::NotRegistered { .. } => None,
@@ -573,6 +579,9 @@ impl From<RegistryError> for super::RoundError {
                 detail: format!("{detail} ({reason}); the operator must publish a valid revision"),
             },
             other @ RegistryError::Invalid { .. } => super::RoundError::Caller(other.to_string()),
+            RegistryError::NotFound { object, detail } => {
+                super::RoundError::Missing { object, detail }
+            }
         }
     }
 }

@@ -68,10 +68,25 @@ impl Registry {
         s3: &S3Options,
         operator: Option<PeerId>,
     ) -> Result<(Registry, Option<String>), RegistryError> {
+        if !url.trim_end_matches('/').ends_with("/registry") {
+            return Err(RegistryError::Invalid {
+                object: url.to_string(),
+                reason: "not a registry URL: it ends in /runs/RUN/registry (what `shardrop run init` printed)".into(),
+            });
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (reg, etag, object, json, stored_ms) = Self::load_once(url, s3, operator).await?;
+            let (reg, etag, object, json, stored_ms) =
+                match Self::load_once(url, s3, operator).await {
+                    Err(e)
+                        if crate::error::Classified::class(&e)
+                            == crate::error::ErrorClass::NotFound =>
+                    {
+                        return Err(explain_missing(url, s3).await);
+                    }
+                    r => r?,
+                };
             match reg.check_history(&object, &json, stored_ms) {
                 Ok(()) => return Ok((reg, etag)),
                 Err(RegistryError::Rejected {
@@ -156,5 +171,52 @@ impl Registry {
         let bytes = self.sign(operator)?;
         store::put_cas(&target, &path, Bytes::from(bytes), etag).await?;
         Ok(())
+    }
+}
+
+/// What a reader is told when there is no registry at `url`: the runs the store under it
+/// holds (a wrong run name), or that the store cannot be listed (a wrong bucket or
+/// credentials).
+async fn explain_missing(url: &str, s3: &S3Options) -> RegistryError {
+    let root = url.rsplit_once("/runs/").map_or(url, |(r, _)| r);
+    let listed = match store::open(root, s3) {
+        Ok(t) => t
+            .store
+            .list_with_delimiter(Some(&t.path("runs")))
+            .await
+            .map(|l| {
+                l.common_prefixes
+                    .iter()
+                    .filter_map(|p| p.filename().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let detail = match listed {
+        Ok(runs) if !runs.is_empty() => {
+            let shown: Vec<String> = runs
+                .iter()
+                .take(10)
+                .map(|r| format!("{root}/runs/{r}/registry"))
+                .collect();
+            format!(
+                "no registry here; {root} holds {} run(s): {}{}",
+                runs.len(),
+                shown.join(", "),
+                if runs.len() > 10 { ", …" } else { "" }
+            )
+        }
+        Ok(_) => format!(
+            "no registry here, and {root} holds no run: is it the operator's store (`shardrop run init --store {root}` creates one)?"
+        ),
+        Err(e) => format!(
+            "no registry here, and {root} cannot be listed ({}): check the bucket name, the endpoint and the credentials",
+            e.lines().next().unwrap_or_default()
+        ),
+    };
+    RegistryError::NotFound {
+        object: url.to_string(),
+        detail,
     }
 }
