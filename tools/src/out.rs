@@ -94,6 +94,21 @@ pub fn emit(ctx: &Ctx, json: &serde_json::Value, text: &str) {
     }
 }
 
+/// Says on stderr, one line per miner, that a miner's shard could not be read and was left
+/// out of the window's `what` (already published: it is final), with the store's words and
+/// the usual fix: a store error is often the reader's own credentials for that store. In
+/// `--json` mode the document's `unread` list says the same.
+pub fn warn_unread(ctx: &Ctx, window: u64, unread: &[String], what: &str) {
+    if ctx.json {
+        return;
+    }
+    for u in unread {
+        eprintln!(
+            "shardrop: warning: window {window}: left out of the {what}, its store could not be read: {u} (if it is this machine's access, set the credentials the registry names for that store: `shardrop run show` lists each store's <PREFIX>)"
+        );
+    }
+}
+
 /// An error whose JSON document the command already printed (the demo's summary with
 /// `"ok": false`): `--json` output stays one document.
 #[derive(Debug)]

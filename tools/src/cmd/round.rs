@@ -784,6 +784,7 @@ pub async fn aggregate_cmd(ctx: &Ctx, a: AggregateArgs) -> anyhow::Result<()> {
             }
         );
         out::emit(ctx, &json, &text);
+        out::warn_unread(ctx, r.window, &r.unread, "aggregate");
         if !a.job.follow {
             return Ok(());
         }

@@ -253,6 +253,13 @@ pub async fn validate_cmd(ctx: &Ctx, a: ValidateArgs) -> anyhow::Result<()> {
         let mut json = serde_json::to_value(&v)?;
         json["peak_rss_mib"] = out::peak_rss_mib().into();
         out::emit(ctx, &json, &text);
+        let unread: Vec<String> = v
+            .rows
+            .iter()
+            .filter(|r| r.verdict == shardrop::format::tables::Verdict::Error)
+            .map(|r| format!("{}: {}", r.peer, r.detail))
+            .collect();
+        out::warn_unread(ctx, v.window, &unread, "scores (rated as a store error)");
         if !a.job.follow {
             return Ok(());
         }

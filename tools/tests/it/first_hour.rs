@@ -135,3 +135,85 @@ fn a_wrong_registry_url_names_what_is_there_instead() {
         );
     }
 }
+
+/// A miner's store the aggregator cannot read (its credentials for that store are wrong, or
+/// not set) is never a silent success: each such miner is named on stderr with what the store
+/// said, the JSON lists it under `unread`, and unset `<PREFIX>AWS_*` credentials are warned of.
+#[test]
+fn miners_the_aggregator_cannot_read_are_named_not_only_counted() {
+    let Some(base) = crate::common::s3_base("first-hour", "unread") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agg_key = dir.join("agg.key");
+    let run = Run::init(dir, &base, "unread", 3, &agg_key, &[]);
+    let m1 = run.new_miner(dir, "m1");
+    let mut peers = Vec::new();
+    for (name, prefix) in [("broken", "BROKEN_"), ("unset", "UNSET_")] {
+        let key = dir.join(format!("{name}.key"));
+        let id = ok_json(crate::common::shardrop(&[
+            "keygen",
+            "--out",
+            p(&key),
+            "--json",
+        ]));
+        let peer = id["peer_id"].as_str().unwrap().to_string();
+        ok_json(run.run(&[
+            "run",
+            "add",
+            "--registry",
+            &run.reg,
+            "--key",
+            &run.op_key,
+            "--role",
+            "miner",
+            "--peer",
+            &peer,
+            "--store",
+            &format!("{base}/{name}"),
+            "--credentials-env-prefix",
+            prefix,
+            "--json",
+        ]));
+        peers.push(peer);
+    }
+    let update = dir.join("u.safetensors");
+    crate::common::write_update(&update, 1.0);
+    let state = dir.join("m1-state");
+    ok_json(run.run(&run.publish_args(p(&m1), p(&update), p(&state))));
+    let out = crate::common::shardrop_env(
+        &[
+            "aggregate",
+            "--registry",
+            &run.reg,
+            "--key",
+            p(&agg_key),
+            "--window",
+            "0",
+        ],
+        &[
+            ("BROKEN_AWS_ACCESS_KEY_ID", "not-a-key"),
+            ("BROKEN_AWS_SECRET_ACCESS_KEY", "not-a-secret"),
+        ],
+    );
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        crate::common::stderr(&out),
+    );
+    // The aggregate is published (one miner cannot hold a window hostage), and says so.
+    assert!(out.status.success(), "{se}");
+    assert!(so.contains("1 accepted"), "{so}");
+    let warned: Vec<&str> = se
+        .lines()
+        .filter(|l| l.starts_with("shardrop: warning: window 0: left out of the aggregate"))
+        .collect();
+    assert!(
+        warned.iter().any(|l| l.contains(&peers[0])),
+        "the broken miner is not named: {se}"
+    );
+    assert!(
+        se.contains("UNSET_AWS_ACCESS_KEY_ID and UNSET_AWS_SECRET_ACCESS_KEY are not set"),
+        "{se}"
+    );
+}

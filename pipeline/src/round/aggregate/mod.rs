@@ -60,6 +60,10 @@ pub struct Aggregated {
     pub missing: usize,
     /// Miners whose store could not be read in time.
     pub errors: usize,
+    /// Those miners, each with what the store said (`peer: detail`): left out of this
+    /// aggregate, which is final. Often the reader's own fault (credentials for that store,
+    /// `<PREFIX>AWS_*`), so the CLI prints each on stderr, never only in the ledger.
+    pub unread: Vec<String>,
     /// The aggregate's stored size.
     pub bytes: u64,
     /// The same aggregate was already there (a rerun).
@@ -183,6 +187,12 @@ pub(super) async fn publish_aggregate(
         rejected,
         missing,
         errors,
+        unread: v
+            .rows
+            .iter()
+            .filter(|r| r.verdict == Verdict::Error)
+            .map(|r| format!("{}: {}", r.peer, r.detail))
+            .collect(),
         bytes: signed.len(),
         already_published: outcome == PutOutcome::AlreadyIdentical,
         reasons,
