@@ -77,6 +77,23 @@ pub enum Access {
 }
 
 /// Imports one tensor named `name`.
+/// A DLPack dtype as torch and numpy name it (`float64`, `int32`, …).
+fn dl_name(dt: DLDataType) -> String {
+    let kind = match dt.code.0 {
+        0 => "int",
+        1 => "uint",
+        2 => "float",
+        4 => "bfloat",
+        5 => "complex",
+        6 => "bool",
+        _ => return format!("a DLPack dtype of code {} and {} bits", dt.code.0, dt.bits),
+    };
+    match (kind, dt.bits) {
+        ("bool", _) => "bool".into(),
+        (k, b) => format!("{k}{b}"),
+    }
+}
+
 pub fn import(obj: &Bound<'_, PyAny>, name: &str, access: Access) -> PyResult<Held> {
     if !obj.hasattr("__dlpack__")? {
         return Err(caller(format!(
@@ -113,10 +130,16 @@ pub fn import(obj: &Bound<'_, PyAny>, name: &str, access: Access) -> PyResult<He
         }));
     }
     let dtype = dtype_of(dt).ok_or_else(|| {
-        bad(format!(
-            "has dtype code {} bits {}; updates are f32, bf16 or f16",
-            dt.code.0, dt.bits
-        ))
+        bad(match access {
+            Access::WriteF32 => format!(
+                "is {}; parameters are updated in f32 (every peer's bits must agree): keep an f32 master copy",
+                dl_name(dt)
+            ),
+            Access::Read => format!(
+                "is {}; updates are float32, bfloat16 or float16 (convert it with .float())",
+                dl_name(dt)
+            ),
+        })
     })?;
     if access == Access::WriteF32 && dtype != InDtype::F32 {
         return Err(bad(format!(

@@ -108,6 +108,14 @@ def test_bad_tensors_are_caller_errors(folder_run):
             miner.publish(u)
         assert e.value.kind == "caller", what
         assert e.value.reason is None
+    # Dtypes by the names torch and numpy give them; parameters are not called updates.
+    with pytest.raises(shardrop.Error) as e:
+        miner.publish({**update(1), "b.bias": np.zeros(300, np.float64)})
+    assert "is float64; updates are float32" in str(e.value), str(e.value)
+    wide = {k: np.zeros(s, np.float64) for k, s in SHAPES.items()}
+    with pytest.raises(shardrop.Error) as e:
+        run.apply_(wide, 0)
+    assert "is float64; parameters are updated in f32" in str(e.value), str(e.value)
     frozen = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     frozen["a.weight"].flags.writeable = False
     with pytest.raises(shardrop.Error) as e:
