@@ -145,10 +145,22 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(cmd::run(&ctx, cli.command));
+    let hint = cli.command.interrupted_hint();
+    // Ctrl-C ends the command with a line saying what was kept and how to go on, and the
+    // shell's 130 (128 + SIGINT).
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = cmd::run(&ctx, cli.command) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => out::report_error(&ctx, &e),
+        Some(Ok(())) => ExitCode::SUCCESS,
+        Some(Err(e)) => out::report_error(&ctx, &e),
+        None => {
+            out::report_interrupted(&ctx, &hint);
+            ExitCode::from(130)
+        }
     }
 }
 

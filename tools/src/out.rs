@@ -109,6 +109,19 @@ pub fn warn_unread(ctx: &Ctx, window: u64, unread: &[String], what: &str) {
     }
 }
 
+/// Ctrl-C: one line (or the JSON error document) saying the command was interrupted, what
+/// was kept and how to go on.
+pub fn report_interrupted(ctx: &Ctx, hint: &str) {
+    let msg = format!("interrupted: {hint}");
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": false, "error": msg, "class": null, "reason": null})
+        );
+    }
+    eprintln!("shardrop: {msg}");
+}
+
 /// An error whose JSON document the command already printed (the demo's summary with
 /// `"ok": false`): `--json` output stays one document.
 #[derive(Debug)]

@@ -27,6 +27,22 @@ pub enum CkptCommand {
     Gc(GcArgs),
 }
 
+impl CkptCommand {
+    /// What to tell a user who interrupted this command (Ctrl-C): where its work is kept.
+    pub fn interrupted_hint(&self) -> Option<String> {
+        match self {
+            CkptCommand::Pull(a) => Some(format!(
+                "the chunks already verified are kept in {}/.shardrop-partial: run the same command again to resume (only missing chunks are fetched; chunks that were in flight, up to --concurrency x 16 MiB, are fetched again)",
+                a.out.display()
+            )),
+            CkptCommand::Push(_) => Some(
+                "shards already uploaded stay (create-only) and LATEST has not moved: run the same command again to resume".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct PushArgs {
     /// Safetensors files, or one Hugging Face model folder.

@@ -82,6 +82,20 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
+impl Command {
+    /// What to tell a user who interrupted this command (Ctrl-C): every command is safe to
+    /// run again (create-only puts, idempotent jobs, resumable pushes and pulls).
+    pub fn interrupted_hint(&self) -> String {
+        match self {
+            Command::Ckpt(c) => c.interrupted_hint(),
+            _ => None,
+        }
+        .unwrap_or_else(|| {
+            "nothing half-written is left under a final name: run the same command again".into()
+        })
+    }
+}
+
 pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen(a) => keys::keygen(ctx, a),

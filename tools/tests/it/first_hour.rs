@@ -63,6 +63,26 @@ fn jobs_started_before_the_first_close_wait_or_say_so_and_catch_up_names_the_fix
         !start_and_kill(&follow, &run.env(), 3000),
         "aggregate --follow stopped before window 0 closed"
     );
+    // Ctrl-C: the shell's 130 and a line saying what to do, not a silent death.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args(follow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(
+        said.contains("shardrop: interrupted:") && said.contains("run the same command again"),
+        "{said}"
+    );
     let out = run.run(&[
         "apply",
         "--registry",
