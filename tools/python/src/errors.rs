@@ -79,3 +79,8 @@ pub fn io(path: &std::path::Path, e: impl Display) -> PyErr {
         format!("{}: {e}", path.display()),
     )
 }
+
+/// An optional value as Python's repr shows it (`None`, or the value).
+pub fn py_repr<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("None".to_string(), |v| v.to_string())
+}

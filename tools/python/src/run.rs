@@ -321,7 +321,7 @@ impl Run {
 
     fn __repr__(&self) -> String {
         format!(
-            "Run({:?}, run={:?}, revision={}, tensors={})",
+            "Run('{}', run='{}', revision={}, tensors={})",
             self.url,
             self.reg.run,
             self.reg.revision,
@@ -529,13 +529,11 @@ impl Miner {
 
     fn __repr__(&self) -> String {
         format!(
-            "Miner(peer={}, state_window={:?})",
+            "Miner(peer={}, state_window={})",
             self.id
                 .as_ref()
-                .map_or("(none: encodes parts only)".to_string(), |id| id
-                    .peer_id()
-                    .to_string()),
-            self.state.ef.window
+                .map_or("None".to_string(), |id| format!("'{}'", id.peer_id())),
+            crate::errors::py_repr(self.state.ef.window)
         )
     }
 }
@@ -622,9 +620,9 @@ impl OptimizerState {
 
     fn __repr__(&self) -> String {
         format!(
-            "OptimizerState(run={:?}, after={:?}, buffers={})",
-            self.run,
-            self.after,
+            "OptimizerState(run={}, after={}, buffers={})",
+            crate::errors::py_repr(self.run.as_ref().map(|r| format!("'{r}'"))),
+            crate::errors::py_repr(self.after),
             self.state.momentum.len()
         )
     }

@@ -127,8 +127,11 @@ pub struct Shard {
 impl Shard {
     fn __repr__(&self) -> String {
         format!(
-            "Shard(peer={}, verdict={}, reason={:?}, eligible={})",
-            self.peer, self.verdict, self.reason, self.eligible
+            "Shard(peer='{}', verdict='{}', reason='{}', eligible={})",
+            self.peer,
+            self.verdict,
+            self.reason,
+            if self.eligible { "True" } else { "False" }
         )
     }
 }

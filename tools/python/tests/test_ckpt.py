@@ -75,6 +75,9 @@ def test_momentum_lives_in_its_own_files_that_optimizer_state_reads(folder_run, 
     assert set(index["weight_map"]) == set(model)
     state = shardrop.OptimizerState.load(out)
     assert state.run is not None and state.run in r.registry and state.after == 4
+    # Reprs read as Python, not Rust.
+    assert repr(state) == f"OptimizerState(run='{state.run}', after=4, buffers={len(model)})"
+    assert repr(shardrop.OptimizerState()) == "OptimizerState(run=None, after=None, buffers=0)"
     assert sorted(state.names) == sorted(model)
     # What it read is the pushed buffers: saved back, they are the same bytes.
     state.save(tmp_path / "outer.safetensors")

@@ -86,6 +86,15 @@ enum Attack {
 }
 
 impl Attack {
+    /// As the summary's JSON names it.
+    fn name(self) -> &'static str {
+        match self {
+            Attack::Copy => "copy",
+            Attack::Noise => "noise",
+            Attack::Late => "late",
+        }
+    }
+
     fn of(w: u64) -> Attack {
         [Attack::Copy, Attack::Noise, Attack::Late][(w % 3) as usize]
     }
@@ -141,43 +150,95 @@ fn noise(len: usize, scale: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Loss and bytes per window as a two-panel SVG.
+/// Loss and bytes per window as a two-panel SVG, each with its axes, five labelled ticks on
+/// the value axis, the window under each point and bar, and each value written beside it,
+/// so numbers can be read off the chart, not only its shape.
 fn chart(windows: &[(u64, f64, u64)], first_loss: f64) -> String {
-    let (w, h, pad) = (640.0, 200.0, 40.0);
+    let (w, h, left, pad) = (680.0, 220.0, 70.0, 40.0);
     let n = windows.len().max(1) as f64;
-    let x = |i: f64| pad + (w - 2.0 * pad) * (i + 0.5) / (n + 1.0);
+    let x = |i: f64| left + (w - left - pad) * (i + 0.5) / (n + 1.0);
     let max_loss = first_loss.max(windows.iter().map(|r| r.1).fold(0.0, f64::max));
     let max_bytes = windows.iter().map(|r| r.2).max().unwrap_or(1).max(1) as f64;
-    let ly = |l: f64| pad + (h - 2.0 * pad) * (1.0 - l / max_loss);
-    let mut pts = format!("{:.1},{:.1}", x(0.0), ly(first_loss));
-    for (i, r) in windows.iter().enumerate() {
-        pts += &format!(" {:.1},{:.1}", x(i as f64 + 1.0), ly(r.1));
-    }
+    let (top, bottom) = (pad, h - pad);
+    let ly = |l: f64| top + (bottom - top) * (1.0 - l / max_loss);
     let mut svg = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="11">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{pad}" y="20">held-out loss (start, then after each window's aggregate; max {max_loss:.1})</text>
-<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{pts}"/>
-<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="#999"/>
 "##,
-        2.0 * h,
-        h - pad,
-        w - pad,
-        h - pad
+        2.0 * h
     );
+    // One panel's frame: title, value axis with ticks, window axis.
+    let panel = |svg: &mut String, y0: f64, title: &str, max: f64, unit: &str| {
+        *svg += &format!(
+            "<text x=\"{left}\" y=\"{:.1}\" font-size=\"13\">{title}</text>\n",
+            y0 + 22.0
+        );
+        *svg += &format!(
+            "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{left}\" y2=\"{:.1}\" stroke=\"#333\"/>\n<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\n",
+            y0 + top,
+            y0 + bottom,
+            y0 + bottom,
+            w - pad,
+            y0 + bottom
+        );
+        for k in 0..=4 {
+            let v = max * k as f64 / 4.0;
+            let y = y0 + top + (bottom - top) * (1.0 - k as f64 / 4.0);
+            *svg += &format!(
+                "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}{unit}</text>\n",
+                left,
+                w - pad,
+                left - 6.0,
+                y + 4.0
+            );
+        }
+        *svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">window</text>\n",
+            (left + w - pad) / 2.0,
+            y0 + h - 6.0
+        );
+    };
+    panel(
+        &mut svg,
+        0.0,
+        "held-out loss (at the start, then after each window's aggregate)",
+        max_loss,
+        "",
+    );
+    let mut pts = format!("{:.1},{:.1}", x(0.0), ly(first_loss));
+    let mut labels = vec![("start".to_string(), x(0.0), ly(first_loss), first_loss)];
+    for (i, r) in windows.iter().enumerate() {
+        let (px, py) = (x(i as f64 + 1.0), ly(r.1));
+        pts += &format!(" {px:.1},{py:.1}");
+        labels.push((r.0.to_string(), px, py, r.1));
+    }
     svg += &format!(
-        "<text x=\"{pad}\" y=\"{}\">bytes published per window (max {max_bytes:.0})</text>\n",
-        h + 20.0
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{pts}\"/>\n"
+    );
+    for (name, px, py, v) in &labels {
+        svg += &format!(
+            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3\" fill=\"#1f77b4\"/>\n<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.1}</text>\n<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{name}</text>\n",
+            py - 7.0,
+            bottom + 14.0
+        );
+    }
+    panel(
+        &mut svg,
+        h,
+        "bytes published per window (all miners' shards)",
+        max_bytes,
+        " B",
     );
     for (i, r) in windows.iter().enumerate() {
-        let bh = (h - 2.0 * pad) * r.2 as f64 / max_bytes;
+        let bh = (bottom - top) * r.2 as f64 / max_bytes;
+        let cx = x(i as f64 + 1.0);
         svg += &format!(
-            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#ff7f0e\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
-            x(i as f64 + 1.0) - 10.0,
-            2.0 * h - pad - bh,
-            20.0,
-            x(i as f64 + 1.0) - 4.0,
-            2.0 * h - pad + 14.0,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"20\" height=\"{bh:.1}\" fill=\"#ff7f0e\"/>\n<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            cx - 10.0,
+            h + bottom - bh,
+            h + bottom - bh - 4.0,
+            r.2,
+            h + bottom + 14.0,
             r.0
         );
     }
@@ -756,9 +817,11 @@ impl<'a> Demo<'a> {
         )
         .await?;
         self.say(&format!(
-            "late joiner: checkpoint step {} (window {:?}) + {} aggregate(s) replayed -> parameters {} the others'\n\n",
+            "late joiner: checkpoint step {} (after window {}) + {} aggregate(s) replayed -> parameters {} the others'\n\n",
             joined.checkpoint_step,
-            joined.checkpoint_window,
+            joined
+                .checkpoint_window
+                .map_or("none".to_string(), |w| w.to_string()),
             joined.replayed,
             if joined.matches {
                 "bit-identical to"
@@ -805,13 +868,27 @@ impl<'a> Demo<'a> {
         };
         let row = window_row(w, l, bytes, dense, &j, ckpt, &|p| self.name_of(p));
         self.say(&format!(
-            "window {w}: held-out loss {l:.2}, {bytes} bytes published ({:.1}x smaller than dense), {} accepted, {} rejected, {} missing {:?}; adversary {:?}: {} ({}){}\nvalidator scores:\n{}\n",
+            "window {w}: held-out loss {l:.2}, {bytes} bytes published ({:.1}x smaller than dense), {} accepted{}, {} rejected, {} missing{}; adversary {}: {} ({}){}\nvalidator scores:\n{}\n",
             row.ratio,
             row.accepted,
+            match row.reasons.get("clipped") {
+                Some(n) => format!(" ({n} clipped: merged at the median norm, its noise cut down)"),
+                None => String::new(),
+            },
             row.rejected,
             row.missing,
-            row.reasons,
-            row.adversary.attack,
+            match row.reasons.is_empty() {
+                true => String::new(),
+                false => format!(
+                    " (reasons: {})",
+                    row.reasons
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            row.adversary.attack.name(),
             if j.adversary.reason.is_empty() {
                 j.adversary.verdict.to_string()
             } else {

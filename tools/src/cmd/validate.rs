@@ -152,8 +152,13 @@ fn evaluator(a: &ValidateArgs, reg: &Registry) -> anyhow::Result<Option<Box<dyn 
     })
 }
 
+/// A peer id's first 10 hex digits (enough to tell peers apart); a name (the demo's
+/// `late-joiner`) whole.
 fn short(peer: &str) -> String {
-    peer.chars().take(10).collect()
+    match peer.len() == 64 && peer.bytes().all(|b| b.is_ascii_hexdigit()) {
+        true => peer.chars().take(10).collect(),
+        false => peer.to_string(),
+    }
 }
 
 fn opt(x: Option<f64>, prec: usize) -> String {
@@ -162,12 +167,18 @@ fn opt(x: Option<f64>, prec: usize) -> String {
 
 /// The readable table (also used by the demo).
 pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
+    let pw = rows
+        .iter()
+        .map(|r| short(&r.peer).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     let mut t = format!(
-        "{}{:<10} {:<22} {:>7} {:>6} {:<12} {:>6} {:>10} {:>5} {:>6} {:>6}\n",
+        "{}{:<pw$} {:<22} {:>7} {:>6} {:<12} {:>6} {:>10} {:>5} {:>6} {:>6}\n",
         if with_window { "window " } else { "" },
         "peer",
         "verdict",
-        "early s",
+        "s early",
         "agree",
         "nearest",
         "sim",
@@ -180,10 +191,11 @@ pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
         let verdict = match (r.verdict.as_str(), r.reason.as_str(), r.copier) {
             (_, _, true) if r.verdict == "accepted" => "copier".to_string(),
             (v, "", _) => v.to_string(),
+            (v, reason, _) if v == reason => v.to_string(),
             (v, reason, _) => format!("{v}:{reason}"),
         };
         t += &format!(
-            "{}{:<10} {:<22} {:>7} {:>6} {:<12} {:>6} {:>10} {:>5} {:>6.3} {:>6.3}{}\n",
+            "{}{:<pw$} {:<22} {:>7} {:>6} {:<12} {:>6} {:>10} {:>5} {:>6.3} {:>6.3}{}\n",
             if with_window {
                 format!("{:>6} ", r.window)
             } else {
@@ -210,6 +222,7 @@ pub fn format_rows(rows: &[ScoreRow], with_window: bool) -> String {
                 .map_or(String::new(), |e| format!("  (evaluator: {e})"))
         );
     }
+    t += "(s early: seconds before the deadline the shard landed, negative within the grace after it; agree: agreement with the others; sim: similarity to the nearest; useful: loss drop)\n";
     t
 }
 

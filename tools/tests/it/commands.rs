@@ -344,11 +344,17 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
         windows[3]["accepted"], 4,
         "three miners and the late joiner"
     );
-    assert!(
-        std::fs::read_to_string(dir.join("chart.svg"))
-            .unwrap()
-            .contains("<svg")
-    );
+    // The chart can be read: axes, ticks, and every window's loss and bytes written on it.
+    let svg = std::fs::read_to_string(dir.join("chart.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains(">window</text>"));
+    for w in windows {
+        let loss = format!(">{:.1}</text>", w["loss"].as_f64().unwrap());
+        let bytes = format!(">{}</text>", w["bytes"].as_u64().unwrap());
+        assert!(
+            svg.contains(&loss) && svg.contains(&bytes),
+            "{loss} {bytes}"
+        );
+    }
     assert!(dir.join("keys/operator.key").exists());
     assert!(dir.join("summary.json").exists());
     // The registry it made verifies from the CLI.
@@ -356,6 +362,19 @@ fn demo_trains_through_the_pipeline_on_the_embedded_default() {
     let show = shardrop(&["run", "show", "--registry", reg, "--json"]);
     assert!(show.status.success(), "{}", stderr(&show));
     assert_eq!(json(&show)["participants"].as_array().unwrap().len(), 7);
+    // The score table as a person reads it: a verdict once (`missing`, not
+    // `missing:missing`), and what its columns mean.
+    let shown = shardrop(&["scores", "show", reg, "--last", "6"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        text.contains(" missing ") && !text.contains("missing:missing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(s early: seconds before the deadline"),
+        "{text}"
+    );
     // The validator's tables, read back and verified from the CLI.
     for w in windows {
         let weights = w["weights"].as_object().unwrap();
