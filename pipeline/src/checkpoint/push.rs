@@ -75,6 +75,14 @@ fn check_model(
                     t.name, t.shape, spec.shape
                 )));
             }
+            Some(_) if t.name.starts_with(MOMENTUM_PREFIX) && t.dtype != "F32" => {
+                // A replay reads momentum as f32 (`round.md`, "State"): anything else
+                // would be refused by every peer that pulls it.
+                return Err(bad(format!(
+                    "momentum buffer {:?} is {}, not F32",
+                    t.name, t.dtype
+                )));
+            }
             Some(_) => {}
         }
         if !t.name.starts_with(MOMENTUM_PREFIX) {

@@ -344,6 +344,22 @@ pub struct MinerState {
     _lock: Option<codec::StateLock>,
 }
 
+/// Locks an error-feedback state folder for one publisher: held by another (another
+/// process, or another miner in this one) is a `conflict`, not a disk failure a retry fixes;
+/// the CLI and the Python package both lock through here, so both report it the same way.
+pub fn lock_state(dir: &std::path::Path) -> Result<codec::StateLock, RoundError> {
+    codec::lock_dir(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => RoundError::Conflict {
+            object: dir.display().to_string(),
+            detail: e
+                .to_string()
+                .trim_start_matches(&format!("{}: ", dir.display()))
+                .to_string(),
+        },
+        _ => RoundError::io(dir, e),
+    })
+}
+
 impl MinerState {
     /// The file in a state folder holding the rank's last part.
     pub(crate) const PART_FILE: &'static str = "last-part.bin";
@@ -359,17 +375,7 @@ impl MinerState {
                 _lock: None,
             });
         };
-        let lock = codec::lock_dir(&dir).map_err(|e| match e.kind() {
-            // Held by another publisher: not a disk failure a retry fixes.
-            std::io::ErrorKind::WouldBlock => RoundError::Conflict {
-                object: dir.display().to_string(),
-                detail: e
-                    .to_string()
-                    .trim_start_matches(&format!("{}: ", dir.display()))
-                    .to_string(),
-            },
-            _ => RoundError::io(&dir, e),
-        })?;
+        let lock = lock_state(&dir)?;
         let ef = EfState::load(&dir).map_err(|e| RoundError::io(&dir, e))?;
         let path = dir.join(Self::PART_FILE);
         let kept_part = match std::fs::read(&path) {

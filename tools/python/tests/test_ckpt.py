@@ -61,6 +61,14 @@ def test_momentum_lives_in_its_own_files_that_optimizer_state_reads(folder_run, 
         "outer_momentum." + k: rng.standard_normal(v.shape).astype(np.float32)
         for k, v in r.theta0.items()
     }
+    # Momentum that is not f32 would be refused by every peer that replays from it.
+    half = tmp_path / "half-momentum"
+    half.mkdir()
+    write_safetensors(half / "model.safetensors",
+                      {**model, **{k: v.astype(np.float16) for k, v in momentum.items()}})
+    with pytest.raises(shardrop.Refused) as e:
+        shardrop.ckpt.push(r.registry, r.keys["agg"], half, step=10, window=4)
+    assert e.value.reason == "model_mismatch" and "not F32" in str(e.value)
     write_safetensors(src / "model.safetensors", {**model, **momentum})
     shardrop.ckpt.push(r.registry, r.keys["agg"], src, step=11, window=4)
     out = tmp_path / "pulled"

@@ -672,8 +672,7 @@ pub async fn publish_cmd(ctx: &Ctx, a: PublishArgs) -> anyhow::Result<()> {
     let (reg, _) = Registry::load(&a.registry, &ctx.s3, None).await?;
     let update =
         std::fs::read(&a.update).with_context(|| format!("{}: cannot read", a.update.display()))?;
-    let _lock = shardrop::format::codec::lock_dir(&a.state)
-        .with_context(|| format!("{}: cannot lock the state folder", a.state.display()))?;
+    let _lock = shardrop::round::publish::lock_state(&a.state)?;
     let mut state = EfState::load(&a.state)
         .with_context(|| format!("{}: cannot load state", a.state.display()))?;
     let before = state.window;

@@ -237,3 +237,53 @@ fn miners_the_aggregator_cannot_read_are_named_not_only_counted() {
         "{se}"
     );
 }
+
+/// Two publishers on one state folder: the second is told it is a `conflict` (another
+/// publisher holds it), by the CLI as by the Python package, not a store or disk error.
+#[test]
+fn a_held_state_folder_is_a_conflict_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = dir.join("store").display().to_string();
+    let run = Run::init(dir, &base, "locked", 60, &dir.join("agg.key"), &[]);
+    let key = run.new_miner(dir, "m1");
+    let update = dir.join("u.safetensors");
+    crate::common::write_update(&update, 1.0);
+    let state = dir.join("state");
+    // The first waits for window 3 (minutes away), holding the folder.
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_shardrop"))
+        .args([
+            "publish",
+            "--registry",
+            &run.reg,
+            "--key",
+            p(&key),
+            p(&update),
+            "--state",
+            p(&state),
+            "--window",
+            "3",
+            "--wait",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut doc = serde_json::Value::Null;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let out = run.run(&run.publish_args(p(&key), p(&update), p(&state)));
+        doc = json(&out);
+        if doc["class"] == "conflict" {
+            assert_eq!(out.status.code(), Some(1));
+            break;
+        }
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(doc["class"], "conflict", "{doc}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("another publisher"),
+        "{doc}"
+    );
+}

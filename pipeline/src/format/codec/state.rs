@@ -79,8 +79,10 @@ pub fn lock_dir(dir: &Path) -> Result<StateLock, std::io::Error> {
         }
         // The holder before us removes the file as it lets go: the lock counts only on the
         // file still at the path.
+        let held = file.metadata()?;
         match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.ino() == file.metadata()?.ino() => break file,
+            // The same file: inode numbers are unique only within one file system.
+            Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => break file,
             Ok(_) | Err(_) => continue,
         }
     };
