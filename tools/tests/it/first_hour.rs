@@ -179,23 +179,7 @@ fn miners_the_aggregator_cannot_read_are_named_not_only_counted() {
             "--json",
         ]));
         let peer = id["peer_id"].as_str().unwrap().to_string();
-        ok_json(run.run(&[
-            "run",
-            "add",
-            "--registry",
-            &run.reg,
-            "--key",
-            &run.op_key,
-            "--role",
-            "miner",
-            "--peer",
-            &peer,
-            "--store",
-            &format!("{base}/{name}"),
-            "--credentials-env-prefix",
-            prefix,
-            "--json",
-        ]));
+        run.add_with("miner", &peer, name, &["--credentials-env-prefix", prefix]);
         peers.push(peer);
     }
     let update = dir.join("u.safetensors");

@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Output;
 
-use crate::common::{Run, json, ok_json, p, shardrop, stderr, write_update};
+use crate::common::{Run, json, ok_json, p, shardrop, stderr, tensors, write_update};
 
 fn s3_base(name: &str) -> Option<String> {
     common::s3_base("outer", name)
@@ -20,18 +20,6 @@ fn refused(out: &Output, reason: &str) {
     let doc = json(out);
     assert_eq!(doc["reason"], reason, "{doc}");
     assert_eq!(doc["class"], "refused", "{doc}");
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{self, write_update};
+use crate::common::{self, tensors, write_update};
 
 /// The first ```sh block after the heading.
 fn readme_block(heading: &str) -> String {
@@ -39,18 +39,6 @@ except Exception as e:
     b.objects.all().delete()
 print(f"make_bucket: {name}")
 "#;
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn the_readme_roles_block_runs_as_written_against_the_local_s3_server() {

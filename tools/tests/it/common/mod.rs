@@ -56,6 +56,19 @@ pub fn start_and_kill(args: &[&str], env: &[(&str, &str)], ms: u64) -> bool {
     finished
 }
 
+/// A safetensors file's tensors (name, bytes), sorted by name.
+pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -219,7 +232,13 @@ impl Run {
 
     /// `run add` of `peer` in `role`, its store the area `area` under the run's base.
     pub fn add(&self, role: &str, peer: &str, area: &str) {
-        ok_json(self.run(&[
+        self.add_with(role, peer, area, &[]);
+    }
+
+    /// `add` with more `run add` flags (`--credentials-env-prefix P`).
+    pub fn add_with(&self, role: &str, peer: &str, area: &str, extra: &[&str]) {
+        let store = format!("{}/{area}", self.base);
+        let mut args = vec![
             "run",
             "add",
             "--registry",
@@ -231,9 +250,11 @@ impl Run {
             "--peer",
             peer,
             "--store",
-            &format!("{}/{area}", self.base),
+            &store,
             "--json",
-        ]));
+        ];
+        args.extend_from_slice(extra);
+        ok_json(self.run(&args));
     }
 
     /// A new key in `dir` registered as a miner with its own area; returns the key path.
