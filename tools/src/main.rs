@@ -159,7 +159,10 @@ fn main() -> ExitCode {
         Some(Err(e)) => out::report_error(&ctx, &e),
         None => {
             out::report_interrupted(&ctx, &hint);
-            ExitCode::from(130)
+            // At once: dropping the runtime would wait for blocking work still running (an
+            // encode would finish and write after "interrupted"). Locks and temporary files
+            // left behind are harmless: the next run takes them over.
+            std::process::exit(130)
         }
     }
 }

@@ -177,10 +177,19 @@ impl LocalManifest {
     /// the caller's own (written by a verified pull), so this is a convenience, not a check.
     pub fn read(dir: &std::path::Path) -> Result<Option<LocalManifest>, CkptError> {
         let path = dir.join(LOCAL_MANIFEST);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| CkptError::Caller(format!("{}: {e}", path.display()))),
+        // A regular file (no link followed, no FIFO waited on) of bounded size: a manifest
+        // decompresses to at most 64 MiB, its pretty form with the source and selection
+        // stays well under four times that.
+        match crate::files::read_regular(&path, 256 << 20) {
+            Ok(b) => {
+                let lm: LocalManifest = serde_json::from_slice(&b)
+                    .map_err(|e| CkptError::Caller(format!("{}: {e}", path.display())))?;
+                // Its names are joined to `dir` by readers: the manifest's own rules.
+                lm.manifest
+                    .validate()
+                    .map_err(|e| CkptError::Caller(format!("{}: {e}", path.display())))?;
+                Ok(Some(lm))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path, e)),
         }

@@ -77,6 +77,17 @@ pub fn read_momentum(dir: &Path, model: Option<&ModelSpec>) -> Result<StateFile,
             let mut raw = vec![0u8; src.len as usize];
             file.read_exact_at(&mut raw, src.offset)
                 .map_err(|e| in_file(e.to_string()))?;
+            // The bytes the signed manifest lists (a folder another pull half-replaced holds
+            // a file of another checkpoint under the same name); a tensor-parallel slice was
+            // checked whole when it was cut and is not the listed tensor any more.
+            if lm.tp.is_none()
+                && (src.shape != t.shape || blake3::hash(&raw).to_hex().as_str() != t.blake3)
+            {
+                return Err(in_file(format!(
+                    "tensor {:?} is not the one {LOCAL_MANIFEST} lists (another checkpoint's file, or changed since the pull): pull the checkpoint again",
+                    t.name
+                )));
+            }
             let values = raw
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

@@ -553,7 +553,14 @@ pub async fn pull(
     let written: BTreeSet<&str> = planned.iter().map(String::as_str).collect();
     remove_stale(out, &earlier, &written)?;
     let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
-    let index = m.hf_index(&entries, files.iter().map(|f| f.size).sum());
+    let index = m.hf_index(
+        &entries,
+        files
+            .iter()
+            .filter(|f| !f.name.starts_with(super::packing::MOMENTUM_SHARD_PREFIX))
+            .map(|f| f.size)
+            .sum(),
+    );
     write_replace(&partial, &inside(out, HF_INDEX)?, &index)?;
     let local = super::LocalManifest {
         manifest: m,
@@ -727,8 +734,6 @@ fn remove_stale(
     Ok(())
 }
 
-/// The manifest's tensors the `--tensors` globs select (all when there are none); a glob
-/// that matches nothing is the caller's mistake, not an empty pull.
 /// The tensors a pull takes: those the globs match, less the momentum buffers when asked.
 pub(crate) fn select(
     m: &Manifest,
@@ -746,6 +751,8 @@ fn is_momentum(t: &TensorEntry) -> bool {
     t.name.starts_with(crate::round::outer::MOMENTUM_PREFIX)
 }
 
+/// The manifest's tensors the `--tensors` globs select (all when there are none); a glob
+/// that matches nothing is the caller's mistake, not an empty pull.
 fn select_tensors(m: &Manifest, globs: &[String], murl: &str) -> Result<Vec<usize>, CkptError> {
     if globs.is_empty() {
         return Ok((0..m.tensors.len()).collect());
@@ -847,11 +854,16 @@ impl Resume {
     ) -> Result<Resume, CkptError> {
         let key = blake3::hash(
             format!(
-                "{}|{:?}|{:?}|{}",
+                "{}|{:?}|{:?}{}",
                 blake3::hash(manifest_body).to_hex(),
                 opts.tensors,
                 opts.tp,
-                opts.without_momentum
+                // Only when given: a pull killed before the flag existed keeps its key.
+                if opts.without_momentum {
+                    "|without_momentum"
+                } else {
+                    ""
+                }
             )
             .as_bytes(),
         )

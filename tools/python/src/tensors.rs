@@ -76,7 +76,6 @@ pub enum Access {
     WriteF32,
 }
 
-/// Imports one tensor named `name`.
 /// A DLPack dtype as torch and numpy name it (`float64`, `int32`, …).
 fn dl_name(dt: DLDataType) -> String {
     let kind = match dt.code.0 {
@@ -94,6 +93,7 @@ fn dl_name(dt: DLDataType) -> String {
     }
 }
 
+/// Imports one tensor named `name`.
 pub fn import(obj: &Bound<'_, PyAny>, name: &str, access: Access) -> PyResult<Held> {
     if !obj.hasattr("__dlpack__")? {
         return Err(caller(format!(

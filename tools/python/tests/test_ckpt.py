@@ -91,6 +91,14 @@ def test_momentum_lives_in_its_own_files_that_optimizer_state_reads(folder_run, 
     state.save(tmp_path / "outer.safetensors")
     saved = read_safetensors(tmp_path / "outer.safetensors")
     assert {k: v.tobytes() for k, v in saved.items()} == {k: v.tobytes() for k, v in momentum.items()}
+    # A momentum file that is not the one the local manifest lists (another checkpoint's,
+    # left by a half-finished pull over this one) is refused, never used.
+    kept = (out / "momentum-00000.safetensors").read_bytes()
+    write_safetensors(out / "momentum-00000.safetensors", {k: v + 1 for k, v in momentum.items()})
+    with pytest.raises(shardrop.Rejected) as e:
+        shardrop.OptimizerState.load(out)
+    assert e.value.reason == "optimizer_state_invalid" and "pull the checkpoint again" in str(e.value)
+    (out / "momentum-00000.safetensors").write_bytes(kept)
     # A post-training pull leaves the momentum out (no momentum file is fetched).
     lean = tmp_path / "lean"
     q = shardrop.ckpt.pull("latest", lean, registry_url=r.registry, without_momentum=True)

@@ -810,6 +810,13 @@ pub fn load_base(path: &std::path::Path) -> anyhow::Result<(Dense, Option<u64>)>
         .with_context(|| format!("{}: cannot list", path.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        // The momentum's own shards are read, checked, by `read_momentum`, never as
+        // parameters (nor twice: a 72 B model's momentum is 288 GB).
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("momentum-"))
+        })
         .collect();
     files.sort();
     for f in files {
@@ -825,6 +832,19 @@ pub async fn apply_cmd(ctx: &Ctx, a: ApplyArgs) -> anyhow::Result<()> {
     // A file base may hold momentum beside the parameters (an older checkpoint's layout); a
     // pulled folder's is read, checked, from its own shards below.
     let mut state = OuterState::take_from(&mut base);
+    if a.from.is_dir() && !state.momentum.is_empty() {
+        // Buffers inside a folder's model shards (an older checkpoint's layout): a pulled
+        // folder's are read, checked, below; another folder's are not trusted unchecked.
+        state = OuterState::default();
+        if !a.from.join(shardrop::checkpoint::LOCAL_MANIFEST).exists() {
+            return Err(shardrop::round::RoundError::Caller(format!(
+                "{}: holds outer_momentum.* buffers but no {} (not a folder `shardrop ckpt pull` wrote): pull the checkpoint, or give the buffers as a state file (--optimizer-state)",
+                a.from.display(),
+                shardrop::checkpoint::LOCAL_MANIFEST
+            ))
+            .into());
+        }
+    }
     let from = a
         .from_window
         .or(ckpt_window.map(FromWindow::After))

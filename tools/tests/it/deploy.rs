@@ -152,13 +152,14 @@ fn shell_commands(origin: &str, text: &str) -> Vec<(String, Vec<String>)> {
                 .split_whitespace()
                 .map(|t| t.trim_matches(|c| c == '\'' || c == '"'))
                 .take_while(|t| !t.starts_with('|') && !t.starts_with('>') && !t.starts_with(')'))
-                // The end of a `$(shardrop …)` ends the command too.
-                .scan(false, |ended, t| {
+                // The end of a `$(shardrop …)` ends the command too: parentheses are counted
+                // across tokens, and the command ends where they close below zero.
+                .scan((0i64, false), |(depth, ended), t| {
                     if *ended {
                         return None;
                     }
-                    let open = t.matches('(').count();
-                    *ended = t.matches(')').count() > open;
+                    *depth += t.matches('(').count() as i64 - t.matches(')').count() as i64;
+                    *ended = *depth < 0;
                     Some(match *ended {
                         true => t.trim_end_matches(')').to_string(),
                         false => t.to_string(),
