@@ -419,8 +419,17 @@ impl Manifest {
 
     /// The HF index for these tensors (`weight_map`: tensor → file), deterministic. It lists
     /// the model's tensors only: transformers loads every file the map names and would report
-    /// the momentum buffers as unexpected weights.
-    pub(crate) fn hf_index(&self, tensors: &[&TensorEntry], sizes: u64) -> Vec<u8> {
+    /// the momentum buffers as unexpected weights. `files` are the written files' (name,
+    /// size); `total_size` counts the model's, not the momentum shards.
+    pub(crate) fn hf_index<'a>(
+        &self,
+        tensors: &[&TensorEntry],
+        files: impl Iterator<Item = (&'a str, u64)>,
+    ) -> Vec<u8> {
+        let sizes: u64 = files
+            .filter(|(name, _)| !name.starts_with(packing::MOMENTUM_SHARD_PREFIX))
+            .map(|(_, size)| size)
+            .sum();
         let map: std::collections::BTreeMap<&str, &str> = tensors
             .iter()
             .filter(|t| !t.name.starts_with(crate::round::outer::MOMENTUM_PREFIX))

@@ -553,14 +553,7 @@ pub async fn pull(
     let written: BTreeSet<&str> = planned.iter().map(String::as_str).collect();
     remove_stale(out, &earlier, &written)?;
     let entries: Vec<&TensorEntry> = selected.iter().map(|&i| &m.tensors[i]).collect();
-    let index = m.hf_index(
-        &entries,
-        files
-            .iter()
-            .filter(|f| !f.name.starts_with(super::packing::MOMENTUM_SHARD_PREFIX))
-            .map(|f| f.size)
-            .sum(),
-    );
+    let index = m.hf_index(&entries, files.iter().map(|f| (f.name.as_str(), f.size)));
     write_replace(&partial, &inside(out, HF_INDEX)?, &index)?;
     let local = super::LocalManifest {
         manifest: m,

@@ -279,15 +279,7 @@ pub async fn push(
         store::put_create(&target, &path, b.as_slice()).await?;
     }
     let all: Vec<&TensorEntry> = manifest.tensors.iter().collect();
-    // The index's total is the model's: the momentum shards are not in its map.
-    let index = manifest.hf_index(
-        &all,
-        shards
-            .iter()
-            .filter(|s| !s.file.starts_with(super::packing::MOMENTUM_SHARD_PREFIX))
-            .map(|s| s.size)
-            .sum(),
-    );
+    let index = manifest.hf_index(&all, shards.iter().map(|s| (s.file.as_str(), s.size)));
     store::put_create(
         &target,
         &target.path(&layout::ckpt_object(&run, opts.step, HF_INDEX)),
